@@ -1,0 +1,192 @@
+"""`shoal`: the one command-line entry point.
+
+Every subcommand imports what it needs only when it runs, so `shoal coordinator` and
+`shoal status` work on a machine without torch (the coordinator's tiny VM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _cmd_identity(args: argparse.Namespace) -> int:
+    from protocols.identity import Identity
+
+    if args.action == "new":
+        ident = Identity.generate()
+        ident.save(args.path)
+        print(f"wrote {args.path} (mode 0600); peer id {ident.peer_id}")
+    else:
+        ident = Identity.load(args.path)
+        print(f"{args.path}: peer id {ident.peer_id}, public key {ident.public_key.hex()}")
+    return 0
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    from protocols.auth import new_token
+
+    token = new_token()
+    if args.path:
+        fd = os.open(args.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        print(f"wrote a join token to {args.path} (mode 0600); give it to peers with --token-file")
+    else:
+        print(token)
+    return 0
+
+
+def _cmd_coordinator(args: argparse.Namespace) -> int:
+    from coordinator.main import main as coordinator_main
+
+    return coordinator_main(args)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from coordinator.status_view import main as status_main
+
+    return status_main(args.rest)
+
+
+def _cmd_peer(args: argparse.Namespace) -> int:
+    from peer.daemon import main as peer_main
+
+    return peer_main(args)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from peer.demo import main as demo_main
+
+    return demo_main(args)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from peer.export_cli import export_main
+
+    return export_main(args)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from peer.export_cli import generate_main
+
+    return generate_main(args)
+
+
+def _cmd_lab(args: argparse.Namespace) -> int:
+    print(
+        "shoal lab: the namespace test network is not built yet (issue 'The test network ...').",
+        file=sys.stderr,
+    )
+    return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="shoal",
+        description="Train one model on many unreliable, unequal, poorly connected machines.",
+    )
+    ap.add_argument("--log-format", choices=("text", "json"), default="text")
+    ap.add_argument("--log-level", default=os.environ.get("SHOAL_LOG_LEVEL", "INFO"))
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("demo", help="a coordinator and N peers on this machine, training a small "
+                       "byte-level model on the Python standard library's source")
+    p.add_argument("--peers", type=int, default=4, help="peer processes (default 4)")
+    p.add_argument("--stages", type=int, default=2, help="block stages (default 2)")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    p.add_argument("--sync", default="allreduce", choices=("allreduce", "demo", "diloco", "spsa"))
+    p.add_argument("--config", help="a run spec TOML to start from (flags override it)")
+    p.add_argument("--data", help="your own text files or directory instead of the stdlib")
+    p.add_argument("--out", help="write summary.json, the exported model and logs here")
+    p.add_argument("--http-port", type=int, default=0, help="dashboard port (default: any free)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("coordinator", help="the membership service and dashboard")
+    p.add_argument("--config", help="run spec TOML (first start; a restart keeps the stored one)")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=7000, help="gRPC port (0 = any free)")
+    p.add_argument("--http-port", type=int, default=8080, help="dashboard port (0 = any free)")
+    p.add_argument("--state-dir", default="./shoal-state")
+    p.add_argument("--token-file", help="join token peers must present")
+    p.add_argument("--allow-file", help="hex Ed25519 public keys allowed to join, one a line")
+    p.add_argument("--no-mdns", action="store_true", help="do not announce on the LAN")
+    p.add_argument("--tls-dir", help="serve gRPC over mTLS with the certificates in this folder")
+    p.set_defaults(func=_cmd_coordinator)
+
+    p = sub.add_parser("peer", help="the peer daemon")
+    p.add_argument("--coordinator", default=os.environ.get("SHOAL_COORDINATOR"),
+                   help="HOST:PORT (or env SHOAL_COORDINATOR; default: find it by mDNS)")
+    p.add_argument("--identity", default=os.environ.get("SHOAL_IDENTITY", "./shoal-peer.key"))
+    p.add_argument("--token-file", default=os.environ.get("SHOAL_TOKEN_FILE"))
+    p.add_argument("--data", help="text files or directory for stage 0 (default: stdlib)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on")
+    p.add_argument("--advertise", help="address other peers use to reach this one")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--grace", type=float, default=20.0, help="drain grace period, seconds")
+    p.add_argument("--spot-url", action="append", default=[],
+                   help="spot-interruption endpoint to poll (aws:URL or gcp:URL)")
+    p.add_argument("--throttle", type=float, default=1.0,
+                   help="slow compute down by this factor (tests and benchmarks)")
+    p.add_argument("--stage", type=int, default=-1, help="ask for this stage (default: assigned)")
+    p.add_argument("--snapshot-dir", help="keep periodic safetensors snapshots of the stage here")
+    p.add_argument("--tls-dir")
+    p.set_defaults(func=_cmd_peer)
+
+    p = sub.add_parser("status", help="the swarm at a glance (--json for scripts)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("export", help="pull every stage from live peers into model.safetensors")
+    p.add_argument("--coordinator", default=os.environ.get("SHOAL_COORDINATOR"), required=False)
+    p.add_argument("--identity", default=os.environ.get("SHOAL_IDENTITY", "./shoal-export.key"))
+    p.add_argument("--token-file", default=os.environ.get("SHOAL_TOKEN_FILE"))
+    p.add_argument("--out", required=True, help="folder for model.safetensors and config.json")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("generate", help="sample text from an exported model")
+    p.add_argument("--model", required=True, help="folder written by export or demo --out")
+    p.add_argument("--prompt", default="def ")
+    p.add_argument("--tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip", type=float, default=0.0, help="run only a fraction 1-SKIP of layers")
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("identity", help="make or show an Ed25519 identity key")
+    p.add_argument("action", choices=("new", "show"))
+    p.add_argument("path")
+    p.set_defaults(func=_cmd_identity)
+
+    p = sub.add_parser("token", help="make a join token")
+    p.add_argument("action", choices=("new",))
+    p.add_argument("path", nargs="?", help="write it to this file (mode 0600)")
+    p.set_defaults(func=_cmd_token)
+
+    p = sub.add_parser("lab", help="the namespace test network (root only)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_lab)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from protocols.logs import setup_logging
+
+    setup_logging(args.log_format, args.log_level)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

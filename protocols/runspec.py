@@ -1,0 +1,266 @@
+"""The run spec: one TOML file that describes a training run.
+
+The coordinator owns it and hands its text to every peer at join, so peers need no configuration
+beyond how to reach the coordinator. It is validated once, at load, with errors that name the bad
+key (`RunSpecError: pipeline.stages must be an integer >= 1, got 0`). Unknown keys are errors too:
+a typo must not silently fall back to a default.
+
+Invariant: `RunSpec.from_toml(spec.to_toml()) == spec`, so what the coordinator persists and what a
+peer receives describe the same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+SYNC_MODES = ("allreduce", "demo", "diloco", "spsa")
+ACTIVATION_ENCODINGS = ("fp32", "bf16", "int8")
+AGGREGATORS = ("mean", "clipped_mean", "trimmed_mean")
+
+
+class RunSpecError(ValueError):
+    """The run spec is malformed; the message names the key and what it must be."""
+
+
+@dataclass(frozen=True)
+class RunSection:
+    name: str = "shoal-run"
+    seed: int = 0
+    steps: int = 0  # optimizer steps to train; 0 = until stopped
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    seq_len: int = 64
+    vocab: int = 256
+
+
+@dataclass(frozen=True)
+class PipelineSection:
+    stages: int = 2  # block stages; stage 0 (data, embedding, head, loss) comes on top
+    skip_ratio: float = 0.0
+    microbatch: int = 8
+    target_batch: int = 32  # samples per optimizer step, swarm-wide
+    activations: str = "bf16"  # fp32 | bf16 | int8 (blockwise)
+    full_depth_every: int = 10
+    checkfree_plus: bool = False
+
+
+@dataclass(frozen=True)
+class OptimSection:
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+
+
+@dataclass(frozen=True)
+class AllreduceSection:
+    aggregator: str = "mean"  # mean | clipped_mean | trimmed_mean
+    trim: float = 0.25
+    clip_norm: float = 10.0
+
+
+@dataclass(frozen=True)
+class DemoSection:
+    lr: float = 1e-3
+    beta: float = 0.999
+    topk: int = 32
+    chunk: int = 64
+    weight_decay: float = 0.0
+    sign_bits: bool = False
+    value_bound: float = 1e3
+
+
+@dataclass(frozen=True)
+class DilocoSection:
+    inner_steps: int = 100  # H
+    inner_lr: float = 4e-4
+    inner_weight_decay: float = 0.1
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    quant: str = "int8"  # fp32 | fp16 | int8
+    delayed: bool = False
+    aggregator: str = "mean"
+    trim: float = 0.25
+    clip_norm: float = 10.0
+
+
+@dataclass(frozen=True)
+class SpsaSection:
+    eps: float = 1e-3
+    lr: float = 1e-4
+    samples_per_step: int = 1  # perturbations j per peer and step
+    hash_every: int = 10  # K: replicas compare state hashes every K steps
+
+
+@dataclass(frozen=True)
+class SyncSection:
+    mode: str = "allreduce"
+    timeout_s: float = 30.0
+    allreduce: AllreduceSection = field(default_factory=AllreduceSection)
+    demo: DemoSection = field(default_factory=DemoSection)
+    diloco: DilocoSection = field(default_factory=DilocoSection)
+    spsa: SpsaSection = field(default_factory=SpsaSection)
+
+
+@dataclass(frozen=True)
+class MembershipSection:
+    heartbeat_s: float = 2.0
+    lease_s: float = 10.0
+    certificate_s: float = 600.0
+    rebalance_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    pipeline: PipelineSection = field(default_factory=PipelineSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    sync: SyncSection = field(default_factory=SyncSection)
+    membership: MembershipSection = field(default_factory=MembershipSection)
+
+    @classmethod
+    def from_toml(cls, text: str) -> RunSpec:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise RunSpecError(f"run spec is not valid TOML: {exc}") from exc
+        spec = _build(cls, data, "")
+        spec.validate()
+        return spec
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunSpec:
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as exc:
+            raise RunSpecError(f"cannot read run spec {p}: {exc.strerror}") from exc
+        try:
+            return cls.from_toml(text)
+        except RunSpecError as exc:
+            raise RunSpecError(f"{p}: {exc}") from exc
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(dataclasses.asdict(self))
+
+    def replace(self, **sections: Any) -> RunSpec:
+        """A copy with whole sections or dotted keys replaced: replace(**{"sync.mode": "demo"})."""
+        data = dataclasses.asdict(self)
+        for key, value in sections.items():
+            node = data
+            parts = key.split(".")
+            for part in parts[:-1]:
+                if part not in node or not isinstance(node[part], dict):
+                    raise RunSpecError(f"unknown section {key!r}")
+                node = node[part]
+            if parts[-1] not in node:
+                raise RunSpecError(f"unknown key {key!r}")
+            node[parts[-1]] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+        spec = _build(RunSpec, data, "")
+        spec.validate()
+        return spec
+
+    def validate(self) -> None:
+        m, p, s = self.model, self.pipeline, self.sync
+        _check(m.d_model >= 8, "model.d_model", "an integer >= 8", m.d_model)
+        _check(m.n_heads >= 1, "model.n_heads", "an integer >= 1", m.n_heads)
+        _check(m.d_model % m.n_heads == 0, "model.d_model", "divisible by model.n_heads", m.d_model)
+        _check((m.d_model // m.n_heads) % 2 == 0, "model.d_model",
+               "such that d_model / n_heads is even (rotary embeddings)", m.d_model)
+        _check(m.n_layers >= 1, "model.n_layers", "an integer >= 1", m.n_layers)
+        _check(m.seq_len >= 2, "model.seq_len", "an integer >= 2", m.seq_len)
+        _check(m.vocab == 256, "model.vocab", "256 (the model is byte-level)", m.vocab)
+        _check(p.stages >= 1, "pipeline.stages", "an integer >= 1", p.stages)
+        _check(p.stages <= m.n_layers, "pipeline.stages",
+               f"at most model.n_layers ({m.n_layers}): each stage needs a layer", p.stages)
+        _check(0.0 <= p.skip_ratio < 1.0, "pipeline.skip_ratio", "in [0, 1)", p.skip_ratio)
+        _check(p.microbatch >= 1, "pipeline.microbatch", "an integer >= 1", p.microbatch)
+        _check(p.target_batch >= p.microbatch, "pipeline.target_batch",
+               f">= pipeline.microbatch ({p.microbatch})", p.target_batch)
+        _check(p.activations in ACTIVATION_ENCODINGS, "pipeline.activations",
+               f"one of {ACTIVATION_ENCODINGS}", p.activations)
+        _check(p.full_depth_every >= 1, "pipeline.full_depth_every", "an integer >= 1",
+               p.full_depth_every)
+        _check(s.mode in SYNC_MODES, "sync.mode", f"one of {SYNC_MODES}", s.mode)
+        _check(s.timeout_s > 0, "sync.timeout_s", "> 0", s.timeout_s)
+        _check(s.allreduce.aggregator in AGGREGATORS, "sync.allreduce.aggregator",
+               f"one of {AGGREGATORS}", s.allreduce.aggregator)
+        _check(s.diloco.aggregator in AGGREGATORS, "sync.diloco.aggregator",
+               f"one of {AGGREGATORS}", s.diloco.aggregator)
+        _check(s.diloco.quant in ("fp32", "fp16", "int8"), "sync.diloco.quant",
+               "one of ('fp32', 'fp16', 'int8')", s.diloco.quant)
+        _check(s.diloco.inner_steps >= 1, "sync.diloco.inner_steps", "an integer >= 1",
+               s.diloco.inner_steps)
+        _check(s.demo.topk >= 1, "sync.demo.topk", "an integer >= 1", s.demo.topk)
+        _check(2 <= s.demo.chunk <= 256, "sync.demo.chunk", "in [2, 256]", s.demo.chunk)
+        _check(s.demo.topk <= s.demo.chunk * s.demo.chunk, "sync.demo.topk",
+               "at most chunk * chunk", s.demo.topk)
+        _check(s.spsa.eps > 0, "sync.spsa.eps", "> 0", s.spsa.eps)
+        _check(s.spsa.samples_per_step >= 1, "sync.spsa.samples_per_step", "an integer >= 1",
+               s.spsa.samples_per_step)
+        ms = self.membership
+        _check(ms.heartbeat_s > 0, "membership.heartbeat_s", "> 0", ms.heartbeat_s)
+        _check(ms.lease_s > 2 * ms.heartbeat_s, "membership.lease_s",
+               f"> 2 x membership.heartbeat_s ({ms.heartbeat_s})", ms.lease_s)
+        _check(ms.certificate_s > ms.lease_s, "membership.certificate_s",
+               "> membership.lease_s", ms.certificate_s)
+
+
+def _check(ok: bool, key: str, what: str, got: Any) -> None:
+    if not ok:
+        raise RunSpecError(f"{key} must be {what}, got {got!r}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise RunSpecError(f"{prefix.rstrip('.') or 'run spec'} must be a table")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise RunSpecError(
+            f"unknown key {prefix}{unknown[0]}; known keys here: {', '.join(sorted(known))}"
+        )
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        f = known[name]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        key = prefix + name
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _build(type(default), value, key + ".")
+        else:
+            kwargs[name] = _coerce(key, value, type(default))
+    return cls(**kwargs)
+
+
+def _coerce(key: str, value: Any, want: type) -> Any:
+    if want is bool:
+        if not isinstance(value, bool):
+            raise RunSpecError(f"{key} must be true or false, got {value!r}")
+        return value
+    if want is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RunSpecError(f"{key} must be an integer, got {value!r}")
+        return value
+    if want is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise RunSpecError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise RunSpecError(f"{key} must be finite, got {value!r}")
+        return float(value)
+    if want is str:
+        if not isinstance(value, str):
+            raise RunSpecError(f"{key} must be a string, got {value!r}")
+        return value
+    raise RunSpecError(f"{key}: unsupported type {want.__name__}")
