@@ -297,3 +297,35 @@ class StateRequest(_message.Message):
     include_optimizer: bool
     min_step: int
     def __init__(self, stage: _Optional[int] = ..., include_optimizer: _Optional[bool] = ..., min_step: _Optional[int] = ...) -> None: ...
+
+class StepEnd(_message.Message):
+    __slots__ = ("step", "sender", "microbatches", "samples", "stage0_replicas")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    SENDER_FIELD_NUMBER: _ClassVar[int]
+    MICROBATCHES_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    STAGE0_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    sender: str
+    microbatches: int
+    samples: int
+    stage0_replicas: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, step: _Optional[int] = ..., sender: _Optional[str] = ..., microbatches: _Optional[int] = ..., samples: _Optional[int] = ..., stage0_replicas: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class StepDone(_message.Message):
+    __slots__ = ("step", "stage", "included", "state_hash", "grad_norm", "stepped", "detail")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    INCLUDED_FIELD_NUMBER: _ClassVar[int]
+    STATE_HASH_FIELD_NUMBER: _ClassVar[int]
+    GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    STEPPED_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    stage: int
+    included: int
+    state_hash: str
+    grad_norm: float
+    stepped: bool
+    detail: str
+    def __init__(self, step: _Optional[int] = ..., stage: _Optional[int] = ..., included: _Optional[int] = ..., state_hash: _Optional[str] = ..., grad_norm: _Optional[float] = ..., stepped: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...

@@ -245,6 +245,11 @@ class StageStub:
                 request_serializer=shoal__pb2.TensorChunk.SerializeToString,
                 response_deserializer=shoal__pb2.TensorChunk.FromString,
                 _registered_method=True)
+        self.EndStep = channel.unary_unary(
+                '/shoal.v1.Stage/EndStep',
+                request_serializer=shoal__pb2.StepEnd.SerializeToString,
+                response_deserializer=shoal__pb2.StepDone.FromString,
+                _registered_method=True)
 
 
 class StageServicer:
@@ -262,6 +267,12 @@ class StageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EndStep(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StageServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -274,6 +285,11 @@ def add_StageServicer_to_server(servicer, server):
                     servicer.Backward,
                     request_deserializer=shoal__pb2.TensorChunk.FromString,
                     response_serializer=shoal__pb2.TensorChunk.SerializeToString,
+            ),
+            'EndStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.EndStep,
+                    request_deserializer=shoal__pb2.StepEnd.FromString,
+                    response_serializer=shoal__pb2.StepDone.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -330,6 +346,33 @@ class Stage:
             '/shoal.v1.Stage/Backward',
             shoal__pb2.TensorChunk.SerializeToString,
             shoal__pb2.TensorChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EndStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Stage/EndStep',
+            shoal__pb2.StepEnd.SerializeToString,
+            shoal__pb2.StepDone.FromString,
             options,
             channel_credentials,
             insecure,
