@@ -1,0 +1,213 @@
+// Shoal dashboard: keeps a live copy of the coordinator's /api/status and draws it.
+//
+// Connection: server-sent events on api/events (one status about every second). When the stream
+// errors or goes quiet for more than a few seconds the page polls api/status every 2 s instead,
+// and switches back as soon as events flow again. When neither answers, the banner says so and
+// the page keeps showing the last state it received. URLs are relative, so the page also works
+// behind a reverse proxy that mounts the coordinator under a path.
+//
+// Hooks for tests (keep them stable): #banner (hidden unless the coordinator is lost),
+// body[data-conn] = connecting|live|polling|lost, #stage-map .stage[data-stage][data-state]
+// [data-rebuild], .tile[data-peer-id][data-state], #peer-rows tr[data-peer-id][data-stage]
+// [data-state], #timeline li[data-kind][data-peer-id], #bytes-by-mode li[data-mode], and
+// window.__shoal = {status, conn, renders, lastRenderMs}.
+//
+// Files: app.js (this: connection, drawing order), views.js (summary, stage map, timeline),
+// peers.js (peer table, detail drawer), charts.js (uPlot charts, bytes by sync mode), util.js.
+// Plain ES modules, no build step; the only library is uPlot, vendored in vendor/uplot.
+
+import { Charts, renderBytesByMode } from "./charts.js";
+import { renderPeerDetail, renderPeerTable, setupPeerTable } from "./peers.js";
+import { fmtClock, fmtDuration, Rates, setData, setText, unknown } from "./util.js";
+import { renderStageMap, renderSummary, renderTimeline } from "./views.js";
+
+const POLL_MS = 2000; // polling period while events are not flowing
+const SSE_QUIET_MS = 3500; // events come about every second: this long without one means trouble
+const LOST_MS = 6000; // no successful update for this long: the coordinator is lost
+const FETCH_TIMEOUT_MS = 4000;
+
+const $ = (id) => document.getElementById(id);
+const shoal = (window.__shoal = { status: null, conn: "connecting", renders: 0, lastRenderMs: 0 });
+const rates = new Rates();
+let charts = null;
+let selected = null;
+
+// ---------------------------------------------------------------------------------------------
+// Drawing
+
+function select(peerId) {
+  selected = peerId || null;
+  if (shoal.status) draw(shoal.status, false);
+  if (selected) revealRow(selected);
+}
+
+/** Scroll the peer table (not the page) so that the peer's row shows below the sticky headers. */
+function revealRow(peerId) {
+  const wrap = $("peer-table-wrap");
+  const row = wrap.querySelector(`tr[data-peer-id="${CSS.escape(peerId)}"]`);
+  if (!row) return;
+  const w = wrap.getBoundingClientRect();
+  const r = row.getBoundingClientRect();
+  const group = wrap.querySelector("tr.group");
+  const top = w.top + wrap.querySelector("thead").offsetHeight + (group ? group.offsetHeight : 0);
+  if (r.top < top) wrap.scrollTop -= top - r.top;
+  else if (r.bottom > w.bottom) wrap.scrollTop += r.bottom - w.bottom;
+}
+
+function draw(status, fresh = true) {
+  const t0 = performance.now();
+  if (fresh) rates.update(status.peers ?? [], status.now);
+  renderSummary(status, rates);
+  renderStageMap(status, rates, select, selected);
+  renderPeerTable(status, rates, selected);
+  renderPeerDetail(status, rates, selected);
+  renderTimeline(status, select);
+  charts.update(status.history);
+  renderBytesByMode($("bytes-by-mode"), status.bytes_per_step_by_mode, status.run?.sync_mode);
+  updateTitle();
+  shoal.lastRenderMs = performance.now() - t0;
+  shoal.renders += 1;
+  document.body.dataset.renders = String(shoal.renders);
+}
+
+/** "run · step N · Shoal", with a warning sign while the coordinator is lost. */
+function updateTitle() {
+  const run = shoal.status?.run?.name ?? "Shoal";
+  const step = shoal.status?.totals?.step;
+  const stepText = unknown(step) ? "" : ` · step ${step}`;
+  const title = `${shoal.conn === "lost" ? "⚠ " : ""}${run}${stepText} · Shoal`;
+  if (document.title !== title) document.title = title;
+}
+
+function onStatus(status, via) {
+  if (!status || typeof status !== "object") throw new Error("not a status document");
+  conn.lastOk = Date.now();
+  conn.lastReceived = Date.now();
+  shoal.status = status;
+  setConn(via);
+  draw(status);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connection
+
+const conn = {
+  es: null,
+  lastSse: 0,
+  lastOk: 0,
+  lastPoll: 0,
+  polling: false,
+  lostSince: null,
+  lastReceived: 0,
+};
+
+function setConn(state) {
+  if (state === "lost" && conn.lostSince === null) conn.lostSince = Date.now();
+  if (state !== "lost") conn.lostSince = null;
+  shoal.conn = state;
+  setData(document.body, "conn", state);
+  setData($("conn"), "conn", state);
+  setText(
+    $("conn-text"),
+    { live: "live", polling: "live (polling)", lost: "disconnected", connecting: "connecting…" }[
+      state
+    ],
+  );
+  updateBanner();
+  updateTitle();
+}
+
+function updateBanner() {
+  const banner = $("banner");
+  const lost = shoal.conn === "lost";
+  if (banner.hidden === lost) banner.hidden = !lost;
+  if (!lost) return;
+  const since = conn.lostSince ? fmtDuration((Date.now() - conn.lostSince) / 1000) : "";
+  const silent = fmtDuration((Date.now() - conn.lastReceived) / 1000);
+  setText(
+    $("banner-title"),
+    conn.lastReceived ? "Lost contact with the coordinator" : "Cannot reach the coordinator",
+  );
+  setText(
+    $("banner-detail"),
+    conn.lastReceived
+      ? `No answer for ${silent}; retrying every ${POLL_MS / 1000} s. ` +
+          `What you see is the last state received, at ${fmtClock(conn.lastReceived / 1000)}.`
+      : `Retrying every ${POLL_MS / 1000} s${since ? ` (for ${since})` : ""}. ` +
+          "Is `shoal coordinator` running?",
+  );
+}
+
+function startEvents() {
+  if (!("EventSource" in window)) return;
+  const es = new EventSource("api/events");
+  conn.es = es;
+  const onData = (ev) => {
+    try {
+      conn.lastSse = Date.now();
+      onStatus(JSON.parse(ev.data), "live");
+    } catch (err) {
+      console.warn("shoal: bad event from api/events", err);
+    }
+  };
+  es.onmessage = onData;
+  es.addEventListener("status", onData);
+  es.onerror = () => {
+    conn.lastSse = 0;
+    if (es.readyState === EventSource.CLOSED) {
+      // the browser gave up: open a new stream later
+      conn.es = null;
+      setTimeout(startEvents, POLL_MS);
+    }
+    poll(); // find out now whether the coordinator is gone or only the stream
+  };
+}
+
+async function poll() {
+  if (conn.polling) return;
+  conn.polling = true;
+  conn.lastPoll = Date.now();
+  const ctl = new AbortController();
+  const timer = setTimeout(() => ctl.abort(), FETCH_TIMEOUT_MS);
+  try {
+    const resp = await fetch("api/status", { cache: "no-store", signal: ctl.signal });
+    if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
+    const status = await resp.json();
+    onStatus(status, Date.now() - conn.lastSse < SSE_QUIET_MS ? "live" : "polling");
+  } catch (err) {
+    setConn("lost");
+  } finally {
+    clearTimeout(timer);
+    conn.polling = false;
+  }
+}
+
+function tick() {
+  const now = Date.now();
+  const eventsFlowing = now - conn.lastSse < SSE_QUIET_MS;
+  if (!eventsFlowing && now - conn.lastPoll >= POLL_MS) poll();
+  if (conn.lastOk && now - conn.lastOk > LOST_MS && shoal.conn !== "lost") setConn("lost");
+  if (shoal.conn === "lost") updateBanner();
+  if (conn.lastReceived) {
+    const ago = Math.round((now - conn.lastReceived) / 1000);
+    setText($("updated"), ago <= 1 ? "updated just now" : `updated ${fmtDuration(ago)} ago`);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Start
+
+function main() {
+  charts = new Charts();
+  setupPeerTable(select);
+  $("detail-close").addEventListener("click", () => select(null));
+  document.addEventListener("keydown", (ev) => {
+    if (ev.key === "Escape" && selected) select(null);
+  });
+  setConn("connecting");
+  startEvents();
+  poll(); // the first picture comes from whichever answers first
+  setInterval(tick, 500);
+}
+
+main();

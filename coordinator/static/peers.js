@@ -1,0 +1,328 @@
+// The peer table (sortable, filterable, grouped by stage; stays fast with hundreds of rows because
+// rows are reused by peer id) and the peer detail drawer.
+
+import {
+  departed,
+  el,
+  fmtBytes,
+  fmtClock,
+  fmtDuration,
+  fmtNum,
+  fmtRate,
+  reconcile,
+  setData,
+  setText,
+  shortId,
+  stageOf,
+  toSeconds,
+  unknown,
+} from "./util.js";
+import { STATES } from "./views.js";
+
+const $ = (id) => document.getElementById(id);
+const STATE_RANK = Object.fromEntries(STATES.map((s, i) => [s, i]));
+
+// Each column: header, sort value, cell text. `num` columns are right-aligned.
+function columns(rates, now) {
+  const lease = (p) => {
+    const t = toSeconds(p.lease_expires);
+    return t === null || departed(p) ? null : t - now;
+  };
+  // A departed peer sends nothing: its rate is unknown, not zero.
+  const rate = (p) => (departed(p) ? { up: null, down: null } : rates.get(p.peer_id));
+  return [
+    { key: "peer", label: "Peer", sort: (p) => p.peer_id, text: (p) => shortId(p.peer_id) },
+    {
+      key: "stage",
+      label: "Stage",
+      num: true,
+      sort: (p) => stageOf(p.stage),
+      text: (p) => stageOf(p.stage) ?? "–",
+    },
+    {
+      key: "state",
+      label: "State",
+      sort: (p) => STATE_RANK[p.state] ?? 99,
+      text: (p) => p.state ?? "–",
+    },
+    {
+      key: "sps",
+      label: "Samples/s",
+      num: true,
+      sort: (p) => p.samples_per_s,
+      text: (p) => fmtNum(p.samples_per_s),
+    },
+    { key: "queue", label: "Queue", num: true, sort: (p) => p.queue, text: (p) => p.queue ?? "–" },
+    {
+      key: "rx",
+      label: "Received",
+      num: true,
+      sort: (p) => p.bytes_received,
+      text: (p) => fmtBytes(p.bytes_received),
+    },
+    {
+      key: "tx",
+      label: "Sent",
+      num: true,
+      sort: (p) => p.bytes_sent,
+      text: (p) => fmtBytes(p.bytes_sent),
+    },
+    {
+      key: "down",
+      label: "↓ rate",
+      num: true,
+      sort: (p) => rate(p).down,
+      text: (p) => fmtRate(rate(p).down),
+    },
+    {
+      key: "up",
+      label: "↑ rate",
+      num: true,
+      sort: (p) => rate(p).up,
+      text: (p) => fmtRate(rate(p).up),
+    },
+    {
+      key: "loss",
+      label: "Loss",
+      num: true,
+      sort: (p) => p.loss,
+      text: (p) => (unknown(p.loss) ? "–" : Number(p.loss).toFixed(3)),
+    },
+    { key: "step", label: "Step", num: true, sort: (p) => p.step, text: (p) => p.step ?? "–" },
+    { key: "device", label: "Device", sort: (p) => p.device, text: (p) => p.device ?? "–" },
+    {
+      key: "lease",
+      label: "Lease",
+      num: true,
+      sort: lease,
+      text: (p) => (lease(p) === null ? "–" : `${Math.max(0, lease(p)).toFixed(0)} s`),
+    },
+  ];
+}
+
+/** Table state the user controls; survives every refresh. */
+const view = { sortKey: "stage", sortDir: 1, group: true, filter: "", state: "" };
+let lastArgs = null;
+
+function compare(col, dir) {
+  return (a, b) => {
+    const va = col.sort(a);
+    const vb = col.sort(b);
+    if (unknown(va) !== unknown(vb)) return unknown(va) ? 1 : -1; // unknowns last, both ways
+    if (!unknown(va) && va !== vb) {
+      const c =
+        typeof va === "number" && typeof vb === "number"
+          ? va - vb
+          : String(va).localeCompare(String(vb));
+      if (c) return c * dir;
+    }
+    return String(a.peer_id).localeCompare(String(b.peer_id));
+  };
+}
+
+function matches(p) {
+  if (view.state === "live" && departed(p)) return false;
+  if (view.state && view.state !== "live" && p.state !== view.state) return false;
+  if (!view.filter) return true;
+  const q = view.filter.toLowerCase();
+  return [p.peer_id, p.address, p.device, p.state].some(
+    (v) => !unknown(v) && String(v).toLowerCase().includes(q),
+  );
+}
+
+export function setupPeerTable(onSelect) {
+  $("peer-filter").addEventListener("input", (ev) => {
+    view.filter = ev.target.value.trim();
+    rerender();
+  });
+  $("peer-state-filter").addEventListener("change", (ev) => {
+    view.state = ev.target.value;
+    rerender();
+  });
+  $("group-by-stage").addEventListener("change", (ev) => {
+    view.group = ev.target.checked;
+    rerender();
+  });
+  $("peer-rows").addEventListener("click", (ev) => {
+    const row = ev.target.closest("tr[data-peer-id]");
+    if (row) onSelect(row.dataset.peerId);
+  });
+  $("peer-table")
+    .querySelector("thead")
+    .addEventListener("click", (ev) => {
+      const th = ev.target.closest("th[data-sort]");
+      if (!th) return;
+      if (view.sortKey === th.dataset.sort) view.sortDir = -view.sortDir;
+      else {
+        view.sortKey = th.dataset.sort;
+        view.sortDir = ["sps", "rx", "tx", "down", "up", "queue", "loss"].includes(th.dataset.sort)
+          ? -1
+          : 1;
+      }
+      rerender();
+    });
+}
+
+function rerender() {
+  if (lastArgs) renderPeerTable(...lastArgs);
+}
+
+export function renderPeerTable(s, rates, selected) {
+  lastArgs = [s, rates, selected];
+  const now = toSeconds(s.now) ?? Date.now() / 1000;
+  const cols = columns(rates, now);
+  const head = $("peer-head");
+  reconcile(
+    head,
+    cols,
+    (c) => c.key,
+    (c) => {
+      const th = el("th", c.num ? "num" : "", c.label);
+      th.dataset.sort = c.key;
+      th.tabIndex = 0;
+      th.title = "sort";
+      return th;
+    },
+    (th, c) => {
+      const dir = view.sortKey === c.key ? (view.sortDir > 0 ? "ascending" : "descending") : "none";
+      if (th.getAttribute("aria-sort") !== dir) th.setAttribute("aria-sort", dir);
+    },
+  );
+
+  const peers = s.peers ?? [];
+  const shown = peers.filter(matches);
+  const col = cols.find((c) => c.key === view.sortKey) ?? cols[1];
+  shown.sort(compare(col, view.sortDir));
+  let items = shown.map((p) => ({ p }));
+  if (view.group) {
+    const groups = new Map();
+    for (const p of shown) {
+      const n = stageOf(p.stage);
+      if (!groups.has(n)) groups.set(n, []);
+      groups.get(n).push(p);
+    }
+    const order = [...groups.keys()].sort((a, b) => (a ?? 1e9) - (b ?? 1e9));
+    items = order.flatMap((n) => [
+      { group: n, peers: groups.get(n) },
+      ...groups.get(n).map((p) => ({ p })),
+    ]);
+  }
+  setText(
+    $("peer-count"),
+    shown.length === peers.length
+      ? `${peers.length} peer${peers.length === 1 ? "" : "s"}`
+      : `${shown.length} of ${peers.length} peers`,
+  );
+  setText(
+    $("peer-empty"),
+    peers.length ? (shown.length ? "" : "no peer matches the filter") : "no peers yet",
+  );
+
+  reconcile(
+    $("peer-rows"),
+    items,
+    (it) => ("group" in it ? `g:${it.group}` : `p:${it.p.peer_id}`),
+    (it) => {
+      const tr = el("tr");
+      if ("group" in it) {
+        tr.className = "group";
+        const td = el("td");
+        td.colSpan = cols.length;
+        tr.append(td);
+      } else {
+        for (const c of cols) tr.append(el("td", c.num ? `num c-${c.key}` : `c-${c.key}`));
+        tr.children[2].prepend(el("span", "dot"));
+        tr.children[2].append(el("span", "state-text"));
+      }
+      return tr;
+    },
+    (tr, it) => {
+      if ("group" in it) {
+        const live = it.peers.filter((p) => !departed(p)).length;
+        setData(tr, "groupStage", it.group);
+        setText(
+          tr.firstChild,
+          `${it.group === null ? "no stage" : `Stage ${it.group}`} · ${live} live` +
+            (live === it.peers.length ? "" : ` · ${it.peers.length - live} gone`),
+        );
+        return;
+      }
+      const p = it.p;
+      setData(tr, "peerId", p.peer_id);
+      setData(tr, "stage", stageOf(p.stage));
+      setData(tr, "state", p.state);
+      tr.classList.toggle("departed", departed(p));
+      tr.classList.toggle("selected", p.peer_id === selected);
+      cols.forEach((c, i) => {
+        const td = tr.children[i];
+        if (c.key === "state") setText(td.lastChild, c.text(p));
+        else setText(td, c.text(p));
+      });
+      if (tr.firstChild.title !== p.peer_id) tr.firstChild.title = p.peer_id;
+    },
+  );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Peer detail drawer
+
+export function renderPeerDetail(s, rates, selected) {
+  const drawer = $("peer-detail");
+  const p = (s.peers ?? []).find((x) => x.peer_id === selected);
+  drawer.hidden = !selected;
+  if (!selected) return;
+  setData(drawer, "peerId", selected);
+  setText($("detail-title"), `Peer ${shortId(selected)}`);
+  const r = rates.get(selected);
+  const now = toSeconds(s.now) ?? Date.now() / 1000;
+  const rows = p
+    ? [
+        ["id", p.peer_id],
+        ["state", p.state],
+        ["stage", stageOf(p.stage) ?? "–"],
+        ["address", p.address ?? "–"],
+        ["device", p.device ?? "–"],
+        [
+          "joined",
+          unknown(p.joined_at)
+            ? "–"
+            : `${fmtClock(p.joined_at)} (${fmtDuration(now - toSeconds(p.joined_at))} ago)`,
+        ],
+        ["lease expires", unknown(p.lease_expires) ? "–" : `${fmtClock(p.lease_expires)}`],
+        ...(unknown(p.last_seen)
+          ? []
+          : [
+              [
+                "last seen",
+                `${fmtClock(p.last_seen)} (${fmtDuration(now - toSeconds(p.last_seen))} ago)`,
+              ],
+            ]),
+        ["samples/s", fmtNum(p.samples_per_s)],
+        ["tokens/s", fmtNum(p.tokens_per_s, 0)],
+        ["queue", p.queue ?? "–"],
+        ["step", p.step ?? "–"],
+        ["loss", unknown(p.loss) ? "–" : Number(p.loss).toFixed(4)],
+        ["sent", `${fmtBytes(p.bytes_sent)} (now ${fmtRate(r.up)})`],
+        ["received", `${fmtBytes(p.bytes_received)} (now ${fmtRate(r.down)})`],
+        ["dropped microbatches", p.dropped_microbatches ?? "–"],
+        ...Object.entries(p.bytes_by_kind ?? {}).map(([k, v]) => [`bytes · ${k}`, fmtBytes(v)]),
+      ]
+    : [
+        ["id", selected],
+        ["state", "no longer reported by the coordinator"],
+      ];
+  reconcile(
+    $("detail-fields"),
+    rows,
+    (r2) => r2[0],
+    () => {
+      const div = el("div", "field");
+      div.append(el("dt"), el("dd"));
+      return div;
+    },
+    (div, [k, v]) => {
+      setText(div.firstChild, k);
+      setText(div.lastChild, v);
+    },
+  );
+}

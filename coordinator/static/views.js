@@ -1,0 +1,376 @@
+// The summary cards, the stage map and the timeline. Each render* function takes the whole
+// /api/status document and updates its part of the page in place (keyed by peer id / stage / event)
+// so that a second-by-second refresh neither flickers nor loses hover and scroll.
+
+import {
+  departed,
+  el,
+  fmtBytes,
+  fmtClock,
+  fmtDateTime,
+  fmtDuration,
+  fmtInt,
+  fmtNum,
+  fmtRate,
+  reconcile,
+  setData,
+  setText,
+  shortId,
+  stageOf,
+  toSeconds,
+  unknown,
+} from "./util.js";
+
+export const STATES = ["joining", "syncing", "training", "draining", "lost", "rebuilt", "left"];
+const REBUILD_LABEL = {
+  checkfree: "rebuilt · CheckFree",
+  "checkfree+": "rebuilt · CheckFree+",
+  snapshot: "rebuilt · snapshot",
+  copy: "rebuilt · copy",
+};
+const COMPACT_ABOVE = 12; // tiles per stage beyond which tiles become small squares
+
+const $ = (id) => document.getElementById(id);
+
+/** The latest non-null value of `key` in history. */
+function latest(history, key) {
+  for (let i = (history?.length ?? 0) - 1; i >= 0; i -= 1) {
+    if (!unknown(history[i][key])) return history[i][key];
+  }
+  return null;
+}
+
+export function countStates(peers) {
+  const counts = Object.fromEntries(STATES.map((s) => [s, 0]));
+  for (const p of peers) counts[p.state] = (counts[p.state] ?? 0) + 1;
+  return counts;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Header and summary cards
+
+export function renderSummary(s, rates) {
+  const run = s.run ?? {};
+  const peers = s.peers ?? [];
+  const totals = s.totals ?? {};
+  const history = s.history ?? [];
+  setText($("run-name"), run.name ?? "unnamed run");
+  setText($("swarm-id"), unknown(run.swarm_id) ? "" : `swarm ${run.swarm_id}`);
+  setText($("sync-mode"), unknown(run.sync_mode) ? "sync ?" : `sync ${run.sync_mode}`);
+  setData($("sync-mode"), "mode", run.sync_mode);
+
+  const stageSteps = (s.stages ?? []).map((st) => st.step).filter((v) => !unknown(v));
+  const step = unknown(totals.step)
+    ? stageSteps.length
+      ? Math.max(...stageSteps)
+      : null
+    : totals.step;
+  setText($("m-step"), fmtInt(step));
+  setText($("m-step-sub"), unknown(s.epoch) ? "epoch –" : `epoch ${s.epoch}`);
+
+  let loss = latest(history, "loss");
+  if (unknown(loss)) {
+    const ls = peers.filter((p) => !unknown(p.loss) && !departed(p)).map((p) => p.loss);
+    loss = ls.length ? ls.reduce((a, b) => a + b, 0) / ls.length : null;
+  }
+  setText($("m-loss"), unknown(loss) ? "–" : Number(loss).toFixed(3));
+  const ago = history.length > 50 ? history[history.length - 51].loss : null;
+  setText(
+    $("m-loss-sub"),
+    unknown(ago) || unknown(loss)
+      ? "stage 0, latest"
+      : `${loss <= ago ? "▼" : "▲"} ${Math.abs(loss - ago).toFixed(3)} over 50 points`,
+  );
+
+  const live = peers.filter((p) => !departed(p));
+  const tps = latest(history, "tokens_per_s");
+  setText($("m-tokens"), fmtNum(tps, 0));
+  const sps = live.reduce((a, p) => a + (unknown(p.samples_per_s) ? 0 : p.samples_per_s), 0);
+  setText($("m-tokens-sub"), `Σ ${fmtNum(sps, 1)} samples/s`);
+
+  const counts = countStates(peers);
+  const livePeers = unknown(totals.live_peers) ? live.length : totals.live_peers;
+  const allPeers = unknown(totals.peers) ? peers.length : totals.peers;
+  setText($("m-peers"), `${livePeers} / ${allPeers}`);
+  setText(
+    $("m-peers-sub"),
+    STATES.filter((k) => counts[k])
+      .map((k) => `${counts[k]} ${k}`)
+      .join(" · ") || "no peers yet",
+  );
+
+  let up = 0;
+  let down = 0;
+  for (const p of live) {
+    const r = rates.get(p.peer_id);
+    up += r.up ?? 0;
+    down += r.down ?? 0;
+  }
+  setText($("m-bytes"), `↑ ${fmtBytes(totals.bytes_sent)}  ↓ ${fmtBytes(totals.bytes_received)}`);
+  setText($("m-bytes-sub"), `now ↑ ${fmtRate(up)}  ↓ ${fmtRate(down)}`);
+  setText($("m-dropped"), fmtInt(totals.dropped_microbatches));
+  setText($("m-dropped-sub"), "microbatches");
+
+  const c = s.coordinator ?? {};
+  setText($("m-coord"), fmtDuration(c.uptime_s));
+  const restarts = unknown(c.restarts) ? "–" : c.restarts;
+  setText(
+    $("m-coord-sub"),
+    `up · ${restarts} restart${c.restarts === 1 ? "" : "s"}` +
+      (unknown(c.version) ? "" : ` · v${c.version}`),
+  );
+  setText(
+    $("footer-coord"),
+    [
+      unknown(c.grpc_address) ? null : `gRPC ${c.grpc_address}`,
+      unknown(c.started_at) ? null : `started ${fmtDateTime(c.started_at)}`,
+      unknown(c.version) ? null : `shoal ${c.version}`,
+    ]
+      .filter(Boolean)
+      .join(" · "),
+  );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stage map
+
+function stageColumns(s) {
+  const peers = s.peers ?? [];
+  const byId = new Map(peers.map((p) => [p.peer_id, p]));
+  const cols = new Map();
+  for (const st of s.stages ?? []) {
+    const n = stageOf(st.stage);
+    if (n !== null) cols.set(n, { info: st, peers: [] });
+  }
+  for (const p of peers) {
+    const n = stageOf(p.stage);
+    if (n === null) continue;
+    if (!cols.has(n)) cols.set(n, { info: { stage: n, replicas: [], state: null }, peers: [] });
+    cols.get(n).peers.push(p);
+  }
+  for (const [n, col] of cols) {
+    // replicas the coordinator lists but sent no peer entry for
+    for (const id of col.info.replicas ?? []) {
+      if (!byId.has(id)) col.peers.push({ peer_id: id, stage: n, state: "training" });
+    }
+    col.peers.sort(
+      (a, b) =>
+        departed(a) - departed(b) ||
+        (toSeconds(a.joined_at) ?? 0) - (toSeconds(b.joined_at) ?? 0) ||
+        String(a.peer_id).localeCompare(String(b.peer_id)),
+    );
+  }
+  return [...cols.entries()].sort((a, b) => a[0] - b[0]).map(([n, col]) => ({ n, ...col }));
+}
+
+function tileTitle(p, rates) {
+  const r = rates.get(p.peer_id);
+  return [
+    `${p.peer_id}  (${p.state})`,
+    `stage ${stageOf(p.stage) ?? "–"} · ${p.device ?? "device ?"}`,
+    `${fmtNum(p.samples_per_s)} samples/s · queue ${p.queue ?? "–"}`,
+    `↑ ${fmtRate(r.up)}  ↓ ${fmtRate(r.down)}`,
+    unknown(p.loss) ? null : `loss ${Number(p.loss).toFixed(3)}`,
+  ]
+    .filter(Boolean)
+    .join("\n");
+}
+
+export function renderStageMap(s, rates, onSelect, selected = null) {
+  const cols = stageColumns(s);
+  const map = $("stage-map");
+  const compact = Math.max(0, ...cols.map((c) => c.peers.length)) > COMPACT_ABOVE;
+  map.classList.toggle("compact", compact);
+  map.style.setProperty("--stage-count", String(Math.max(1, cols.length)));
+  setText($("stage-map-empty"), cols.length ? "" : "the coordinator reports no stages yet");
+  reconcile(
+    map,
+    cols,
+    (c) => c.n,
+    (c) => {
+      const col = el("div", "stage");
+      const head = el("div", "stage-head");
+      head.append(
+        el("span", "stage-name"),
+        el("span", "badge state-badge"),
+        el("span", "badge rebuild-badge"),
+      );
+      col.append(
+        head,
+        el("div", "stage-role"),
+        el("div", "stage-meta"),
+        el("div", "tiles"),
+        el("div", "stage-note"),
+      );
+      col.querySelector(".tiles").addEventListener("click", (ev) => {
+        const tile = ev.target.closest(".tile");
+        if (tile) onSelect(tile.dataset.peerId);
+      });
+      return col;
+    },
+    (col, c) => {
+      const info = c.info;
+      const live = c.peers.filter((p) => !departed(p));
+      const state = info.state ?? (live.length ? "ok" : "empty");
+      setData(col, "stage", c.n);
+      setData(col, "state", state);
+      setData(col, "rebuild", info.rebuild);
+      const [name, badge, rebuild] = col.firstChild.children;
+      setText(name, `Stage ${c.n}`);
+      setText(badge, state === "empty" ? "EMPTY" : state);
+      setData(badge, "state", state);
+      setText(
+        rebuild,
+        unknown(info.rebuild) ? "" : (REBUILD_LABEL[info.rebuild] ?? `rebuilt · ${info.rebuild}`),
+      );
+      rebuild.hidden = unknown(info.rebuild);
+      setText(col.children[1], c.n === 0 ? "data · embedding · head · loss" : "block stage");
+      const replicas = (info.replicas ?? live).length;
+      setText(
+        col.children[2],
+        [
+          `${replicas} replica${replicas === 1 ? "" : "s"}`,
+          unknown(info.throughput) ? null : `${fmtNum(info.throughput)} samples/s`,
+          unknown(info.grad_norm) ? null : `‖g‖ ${fmtNum(info.grad_norm, 2)}`,
+          unknown(info.step) ? null : `step ${fmtInt(info.step)}`,
+        ]
+          .filter(Boolean)
+          .join(" · "),
+      );
+      reconcile(
+        col.children[3],
+        c.peers,
+        (p) => p.peer_id,
+        () => {
+          const t = el("button", "tile");
+          t.type = "button";
+          t.append(el("span", "tile-id"), el("span", "tile-sub"));
+          return t;
+        },
+        (t, p) => {
+          setData(t, "peerId", p.peer_id);
+          setData(t, "state", p.state);
+          t.classList.toggle("departed", departed(p));
+          t.classList.toggle("selected", p.peer_id === selected);
+          setText(t.firstChild, shortId(p.peer_id));
+          setText(t.lastChild, departed(p) ? p.state : `${fmtNum(p.samples_per_s)}/s`);
+          const title = tileTitle(p, rates);
+          if (t.title !== title) t.title = title;
+          t.setAttribute("aria-label", `peer ${p.peer_id}, ${p.state}`);
+        },
+      );
+      const note =
+        state === "empty"
+          ? "no live replica: SkipPipe routes around this stage until it is rebuilt"
+          : state === "degraded"
+            ? "one replica or fewer training: a failure here empties the stage"
+            : "";
+      setText(col.children[4], note);
+      col.children[4].hidden = !note;
+    },
+  );
+  renderLegend(countStates(s.peers ?? []));
+}
+
+function renderLegend(counts) {
+  const shown = STATES.filter((k) => k !== "left" || counts[k]); // "left" only once someone left
+  reconcile(
+    $("legend"),
+    shown,
+    (k) => k,
+    (k) => {
+      const item = el("span", "legend-item");
+      item.append(el("span", "swatch"), el("span", "legend-label"));
+      setData(item, "legendState", k);
+      return item;
+    },
+    (item, k) => setText(item.lastChild, `${k} ${counts[k] ?? 0}`),
+  );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Timeline
+
+const KIND_TEXT = {
+  join: "joined",
+  rejoin: "re-joined",
+  leave: "left",
+  expire: "lease expired",
+  drain: "draining",
+  move: "moved",
+  rebuild: "stage rebuilt",
+  restart: "coordinator restarted",
+  skip: "stage skipped",
+  state: "state",
+  start: "run started",
+};
+// Kinds hidden until the user asks: "state" (every joining -> training step) drowns the rest.
+const timelineFilter = new Set(["state"]);
+
+export function renderTimeline(s, onSelect) {
+  const events = (s.events ?? []).slice(-500);
+  const counts = {};
+  for (const e of events) counts[e.kind] = (counts[e.kind] ?? 0) + 1;
+  const kinds = Object.keys(counts).sort();
+  reconcile(
+    $("timeline-kinds"),
+    kinds,
+    (k) => k,
+    (k) => {
+      const b = el("button", "kind-chip");
+      b.type = "button";
+      setData(b, "kind", k);
+      b.addEventListener("click", () => {
+        if (timelineFilter.has(k)) timelineFilter.delete(k);
+        else timelineFilter.add(k);
+        renderTimeline(window.__shoal.status, onSelect);
+      });
+      return b;
+    },
+    (b, k) => {
+      setText(b, `${k} ${counts[k]}`);
+      b.setAttribute("aria-pressed", String(!timelineFilter.has(k)));
+    },
+  );
+  const shown = events
+    .map((e, i) => ({ e, key: `${e.t}|${e.kind}|${e.peer_id ?? ""}|${e.stage ?? ""}|${i}` }))
+    .filter(({ e }) => !timelineFilter.has(e.kind))
+    .reverse()
+    .slice(0, 300);
+  setText($("timeline-empty"), shown.length ? "" : "no events yet");
+  reconcile(
+    $("timeline"),
+    shown,
+    (x) => x.key,
+    () => {
+      const li = el("li", "event");
+      li.append(el("time", "ev-time"), el("span", "ev-kind"), el("span", "ev-text"));
+      li.addEventListener("click", () => li.dataset.peerId && onSelect(li.dataset.peerId));
+      return li;
+    },
+    (li, { e }) => {
+      setData(li, "kind", e.kind);
+      setData(li, "peerId", e.peer_id);
+      setData(li, "stage", stageOf(e.stage));
+      setText(li.children[0], fmtClock(e.t));
+      const when = fmtDateTime(e.t);
+      if (li.children[0].title !== when) li.children[0].title = when;
+      setText(li.children[1], e.kind);
+      const who = [
+        unknown(e.peer_id) ? null : `peer ${shortId(e.peer_id)}`,
+        stageOf(e.stage) === null ? null : `stage ${stageOf(e.stage)}`,
+      ]
+        .filter(Boolean)
+        .join(" · ");
+      const detail = unknown(e.detail)
+        ? ""
+        : typeof e.detail === "string"
+          ? e.detail
+          : JSON.stringify(e.detail);
+      setText(
+        li.children[2],
+        [KIND_TEXT[e.kind] ?? e.kind, who, detail].filter(Boolean).join(" — "),
+      );
+    },
+  );
+}
