@@ -1,0 +1,142 @@
+"""Stage assignment and rebalancing: where a joining peer goes, and when to move one.
+
+Pure functions of the throughput numbers peers report in their heartbeats (samples/second each
+replica served, measured; its join self-benchmark until it has served something), in the shape of
+Petals' block_selection.py. The coordinator calls them; they do no I/O, read no clock and import
+nothing beyond the standard library (coordinator/ never imports torch).
+
+The quantity optimised is the swarm's bottleneck: a pipeline runs no faster than its weakest
+stage, and a stage serves the sum of its replicas' throughputs (SWARM §1). A stage's *capacity* is
+that sum divided by its `visit_share`, the fraction of microbatches that pass through it (1 for
+stage 0 and for every stage of a plain SWARM pipeline; 1 - skip_ratio for block stages under
+SkipPipe), so stages are compared by how many microbatches/second of the whole pipeline they can
+carry.
+
+- `assign_stage`: a joining peer goes to the stage that most needs throughput: an empty stage
+  first, else the one with the least capacity, ties to the lowest index. Adding to the weakest
+  stage is optimal for the bottleneck whatever the newcomer's speed, so its throughput only has
+  to be valid.
+- `plan_rebalance` (SWARM: every few minutes, `rebalance_due`): one peer moves from a stage that
+  can spare it to the weakest stage, only if that raises the bottleneck by more than `min_gain`
+  (relative; a move costs the peer a state download and its old stage a replica, and the EMA
+  estimates are noisy, so tiny gains would make peers thrash) or fills an empty stage. Every
+  stage with more than one replica is a possible donor; the move chosen is the one that leaves
+  the best sorted capacity vector, which usually takes from the stage with the most spare
+  throughput, but also avoids moving a peer so large that its old stage becomes the new
+  bottleneck.
+
+Invariants: a move never leaves a stage empty, so stage 0 always keeps a replica once it has one
+(without stage 0 nothing drives microbatches). Stage 0 is otherwise counted like any stage: it
+gets newcomers when it is the bottleneck and gives peers away when it has spare. An empty stage 0
+is the first stage a joining peer fills (empty first, lowest index). Assumed: a peer serves any
+stage at the throughput it was measured at on its current one (stages are equal slices); the
+coordinator refreshes the number after the move.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+REBALANCE_PERIOD_S = 300.0
+DEFAULT_MIN_GAIN = 0.1
+# A move must beat the bottleneck by this relative margin even with min_gain=0: sums of floats
+# recomputed after a move differ in the last bits, and without a margin two peers can swap
+# places forever over a gain of one ulp (Petals' block_selection keeps epsilons for the same).
+_FLOAT_SLACK = 1e-9
+
+
+@dataclass(frozen=True)
+class StageLoad:
+    """One stage as the coordinator sees it: its replicas' measured throughputs."""
+
+    replicas: Mapping[str, float]  # peer id -> measured samples/second on this stage
+    visit_share: float = 1.0  # fraction of microbatches that visit this stage
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.visit_share <= 1.0:
+            raise ValueError(f"visit_share={self.visit_share} must be in (0, 1]")
+        for peer_id, value in self.replicas.items():
+            if not (value >= 0.0 and math.isfinite(value)):
+                raise ValueError(f"throughput of {peer_id} is {value!r}; report a finite "
+                                 "number >= 0 (samples/second)")
+
+    @property
+    def throughput(self) -> float:
+        return sum(self.replicas.values())
+
+    @property
+    def capacity(self) -> float:
+        """Pipeline microbatches/second this stage can carry."""
+        return self.throughput / self.visit_share
+
+
+@dataclass(frozen=True)
+class Move:
+    """Move `peer_id` from `from_stage` to `to_stage`; the bottleneck goes from before to after."""
+
+    peer_id: str
+    from_stage: int
+    to_stage: int
+    bottleneck_before: float
+    bottleneck_after: float
+
+
+def bottleneck(stages: Mapping[int, StageLoad]) -> float:
+    """The swarm's throughput: the least stage capacity (0 with an empty stage)."""
+    return min((s.capacity for s in stages.values()), default=0.0)
+
+
+def _weakest(stages: Mapping[int, StageLoad]) -> int:
+    """Empty stages first, then least capacity, ties to the lowest index."""
+    if not stages:
+        raise ValueError("no stages: the run spec defines at least stage 0")
+    return min(stages, key=lambda i: (bool(stages[i].replicas), stages[i].capacity, i))
+
+
+def assign_stage(stages: Mapping[int, StageLoad], peer_throughput: float) -> int:
+    """The stage a joining peer with `peer_throughput` samples/second should serve."""
+    if not (peer_throughput > 0.0 and math.isfinite(peer_throughput)):
+        raise ValueError(f"peer_throughput={peer_throughput!r}: the join self-benchmark must "
+                         "report a positive number of samples/second")
+    return _weakest(stages)
+
+
+def plan_rebalance(stages: Mapping[int, StageLoad],
+                   min_gain: float = DEFAULT_MIN_GAIN) -> Move | None:
+    """The one move that best raises the bottleneck, or None when no move is worth it."""
+    if min_gain < 0.0:
+        raise ValueError(f"min_gain={min_gain} must be >= 0 (relative bottleneck gain)")
+    to = _weakest(stages)
+    filling = not stages[to].replicas
+    before = bottleneck(stages)
+    caps = {i: s.capacity for i, s in stages.items()}
+    best: tuple[list[float], float] | None = None
+    best_move: tuple[int, str] | None = None
+    for donor in sorted(stages):
+        load = stages[donor]
+        if donor == to or len(load.replicas) < 2:
+            continue
+        for peer_id in sorted(load.replicas):
+            after = dict(caps)
+            after[donor] -= load.replicas[peer_id] / load.visit_share
+            after[to] += load.replicas[peer_id] / stages[to].visit_share
+            # the best sorted capacity vector; ties to the donor with most spare, then to the
+            # lowest stage index and peer id (strict > keeps the first one met)
+            key = (sorted(after.values()), caps[donor])
+            if best is None or key > best:
+                best, best_move = key, (donor, peer_id)
+    if best is None or best_move is None:
+        return None
+    after_min = best[0][0]
+    if not filling and not after_min > before * (1.0 + min_gain + _FLOAT_SLACK):
+        return None
+    return Move(best_move[1], best_move[0], to, before, after_min)
+
+
+def rebalance_due(last: float | None, now: float, period: float = REBALANCE_PERIOD_S) -> bool:
+    """Whether `period` seconds have passed since the last rebalance (None: never ran)."""
+    if period <= 0.0:
+        raise ValueError(f"period={period} must be positive (SWARM uses 300 s)")
+    return last is None or now - last >= period
