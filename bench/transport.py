@@ -1,0 +1,404 @@
+"""Transport bench: how fast a bulk tensor (a state download) moves between two processes.
+
+    python -m bench.transport [--mib 256] [--repeats 3] [--netns-mib 64] [--rate-mbit 100]
+
+Loopback, server and client in separate processes (spawn, never fork after gRPC):
+  (a)  the project's path: a grpc.aio State.Download answered with a data-plane header, then the
+       payload over raw TCP, SHA-256-checked and decoded (what a joining peer does);
+  (a') the same, but the receiver skips SHA-256 and decoding: a diagnostic that separates the
+       transport from the hash;
+  (b)  a raw TCP socket: connect, read the payload into a fresh buffer (the baseline);
+  (b') the raw socket plus the receiver's SHA-256, hashed as bytes arrive: the least any
+       verified download has to do, so (a)/(b') is the cost of the project's machinery;
+  (c)  synchronous gRPC streaming of ~4 MiB TensorChunks, for reference.
+Paths take turns within each repeat; each row is the median of --repeats runs. Then, as root,
+the project's path across two network namespaces joined by a veth pair whose server side is
+capped by tc tbf, as % of the cap. The last line is `transport: grpc/raw = R`, R = (a) / (b)
+measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import hashlib
+import multiprocessing as mp
+import os
+import queue
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+
+import grpc
+import numpy as np
+
+from protocols import codec, dataplane, tensor_stream
+from protocols import shoal_pb2 as pb
+from protocols import shoal_pb2_grpc as pb_grpc
+
+MIB = 1 << 20
+CLONE_NEWNET = 0x40000000
+PROJECT = "(a) project: gRPC + data plane, SHA-256 checked"
+RAW = "(b) raw TCP socket"
+
+
+# ------------------------------------------------------------------ network namespace helpers
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+
+def enter_netns(name: str) -> None:
+    """Move this (single-threaded, freshly spawned) process into network namespace `name`."""
+    fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
+    try:
+        if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into {name} failed")
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def capped_link(rate_mbit: float, mtu: int = 1500, tag: str = ""
+                ) -> Iterator[tuple[str, str, str, str]]:
+    """Two namespaces joined by a veth pair (MTU `mtu`); side a's egress capped by tbf.
+
+    Yields (ns_a, ns_b, ip_a, ip_b). Nothing is created in the host namespace; both
+    namespaces (and so the veth pair) are deleted on exit, error, SIGTERM or Ctrl-C.
+    """
+    remove_stale_netns()
+    tag = tag or str(os.getpid())
+    ns_a, ns_b = f"shoal-tb-{tag}-a", f"shoal-tb-{tag}-b"
+    ip_a, ip_b = "198.18.0.1", "198.18.0.2"
+    made: list[str] = []
+    previous = {s: signal.signal(s, _raise_exit) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        for ns in (ns_a, ns_b):
+            _ip("netns", "add", ns)
+            made.append(ns)
+        _ip("link", "add", "veth-a", "netns", ns_a, "type", "veth", "peer", "name", "veth-b",
+            "netns", ns_b)
+        for ns, dev, addr in ((ns_a, "veth-a", ip_a), (ns_b, "veth-b", ip_b)):
+            _ip("-n", ns, "addr", "add", f"{addr}/30", "dev", dev)
+            _ip("-n", ns, "link", "set", dev, "mtu", str(mtu), "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+        # burst must hold a GSO super-packet (64 KiB); latency bounds the queue.
+        subprocess.run(["ip", "netns", "exec", ns_a, "tc", "qdisc", "add", "dev", "veth-a",
+                        "root", "tbf", "rate", f"{rate_mbit}mbit", "burst", "128kb",
+                        "latency", "50ms"], check=True, capture_output=True)
+        yield ns_a, ns_b, ip_a, ip_b
+    finally:
+        for ns in reversed(made):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _raise_exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def remove_stale_netns() -> None:
+    """Delete namespaces left by a bench run that was SIGKILLed (its pid is in the name)."""
+    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    for name in re.findall(r"^(shoal-tb-(\d+)-[ab])\b", listing, re.MULTILINE):
+        if not os.path.exists(f"/proc/{name[1]}"):
+            subprocess.run(["ip", "netns", "del", name[0]], capture_output=True)
+
+
+# ------------------------------------------------------------------ the serving process
+
+
+class _InBandState(pb_grpc.StateServicer):
+    """Sync gRPC reference: the whole payload in-band in ~4 MiB chunks."""
+
+    def __init__(self, header: pb.CallHeader, payload: bytes) -> None:
+        self.header, self.payload = header, payload
+
+    def Download(self, request, context):
+        yield from tensor_stream.chunks(self.header, self.payload, tensor_stream.MAX_CHUNK)
+
+
+class _DataPlaneState(pb_grpc.StateServicer):
+    """The project's path: answer with a data-plane header (always, whatever the size)."""
+
+    def __init__(self, plane: dataplane.DataPlaneServer, header: pb.CallHeader,
+                 payload: bytes) -> None:
+        self.plane, self.header, self.payload = plane, header, payload
+
+    async def Download(self, request, context):
+        for chunk in self.plane.respond(self.header, self.payload, min_bytes=0):
+            yield chunk
+
+
+def _raw_server(sock: socket.socket, payload: bytes) -> None:
+    view = memoryview(payload)
+    while True:
+        conn, _ = sock.accept()
+        with conn:
+            conn.recv(1)
+            conn.sendall(view)
+
+
+def serve(ready: mp.Queue, mib: float, host: str, netns: str | None) -> None:
+    """Server process: encode one float32 tensor of `mib` MiB, serve it over every path."""
+    if netns:
+        enter_netns(netns)
+    import uvloop
+
+    parent = os.getppid()
+    array = np.random.default_rng(0).random(int(mib * MIB) // 4, dtype=np.float32)
+    t0 = time.perf_counter()
+    encoded = codec.encode({"weights": array})
+    header = codec.fill_header(pb.CallHeader(kind="state", stage=1), encoded)
+    encode_s = time.perf_counter() - t0
+
+    raw = socket.create_server((host, 0))
+    threading.Thread(target=_raw_server, args=(raw, encoded.payload), daemon=True).start()
+    sync_server = grpc.server(futures.ThreadPoolExecutor(2), options=tensor_stream.grpc_options())
+    pb_grpc.add_StateServicer_to_server(_InBandState(header, encoded.payload), sync_server)
+    sync_port = sync_server.add_insecure_port(f"{host}:0")
+    sync_server.start()
+
+    async def main() -> None:
+        plane = dataplane.DataPlaneServer(host)
+        await plane.start()
+        server = grpc.aio.server(options=tensor_stream.grpc_options())
+        pb_grpc.add_StateServicer_to_server(_DataPlaneState(plane, header, encoded.payload),
+                                            server)
+        port = server.add_insecure_port(f"{host}:0")
+        await server.start()
+        ready.put({"project": port, "raw": raw.getsockname()[1], "grpc": sync_port,
+                   "encode_s": encode_s, "bytes": encoded.total_bytes})
+        while os.getppid() == parent:  # never outlive the bench, even if it was SIGKILLed
+            await asyncio.sleep(1)
+
+    uvloop.run(main())
+
+
+# ------------------------------------------------------------------ the receiving side
+
+
+def _limits(nbytes: int) -> codec.Limits:
+    return codec.Limits(max_total_bytes=nbytes, expected={"weights": ("float32", (nbytes // 4,))})
+
+
+def time_project(host: str, port: int, nbytes: int, repeats: int, verify: bool = True
+                 ) -> list[float]:
+    """Seconds per download over gRPC negotiation + data plane (`verify=False`: skip SHA-256)."""
+    import uvloop
+
+    async def main() -> list[float]:
+        times = []
+        target = f"{host}:{port}"
+        async with grpc.aio.insecure_channel(target, options=tensor_stream.grpc_options()) as ch:
+            await ch.channel_ready()
+            stub = pb_grpc.StateStub(ch)
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                call = stub.Download(pb.StateRequest(stage=1))
+                if verify:
+                    _, arrays = await dataplane.receive(call, _limits(nbytes))
+                    assert arrays["weights"].nbytes == nbytes
+                else:
+                    header = (await anext(aiter(call))).header
+                    await asyncio.to_thread(_fetch_unverified, header)
+                times.append(time.perf_counter() - t0)
+        return times
+
+    return uvloop.run(main())
+
+
+def _fetch_unverified(header: pb.CallHeader) -> None:
+    """The data plane's wire protocol without the receiver's SHA-256: diagnostic only."""
+    host, port, ticket = dataplane.endpoint(header)
+    with socket.create_connection((host, port)) as sock:
+        sock.sendall(dataplane.MAGIC + ticket)
+        _read_into(sock, np.empty(8 + header.total_bytes, np.uint8))
+
+
+def _read_into(sock: socket.socket, buffer: np.ndarray) -> None:
+    view, got = memoryview(buffer), 0
+    while got < len(buffer):
+        n = sock.recv_into(view[got: got + 4 * MIB])
+        if not n:
+            raise ConnectionError(f"closed after {got} of {len(buffer)} bytes")
+        got += n
+
+
+def time_raw(host: str, port: int, nbytes: int, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        with socket.create_connection((host, port)) as sock:
+            sock.sendall(b"x")
+            _read_into(sock, np.empty(nbytes, np.uint8))  # the same buffer policy as (a)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def time_raw_hashed(host: str, port: int, nbytes: int, repeats: int) -> list[float]:
+    """The raw socket plus the receiver's SHA-256, hashed as bytes arrive like (a) does."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        with socket.create_connection((host, port)) as sock:
+            sock.sendall(b"x")
+            dataplane.recv_into_hashing(sock, memoryview(np.empty(nbytes, np.uint8)), "raw")
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def time_grpc_in_band(host: str, port: int, nbytes: int, repeats: int) -> list[float]:
+    times = []
+    with grpc.insecure_channel(f"{host}:{port}", options=tensor_stream.grpc_options()) as ch:
+        grpc.channel_ready_future(ch).result(timeout=30)
+        stub = pb_grpc.StateStub(ch)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            _, arrays = tensor_stream.receive_sync(stub.Download(pb.StateRequest(stage=1)),
+                                                   _limits(nbytes))
+            assert arrays["weights"].nbytes == nbytes
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def _in_netns(result: mp.Queue, netns: str, fn: Callable[..., list[float]], *args: object
+              ) -> None:
+    enter_netns(netns)
+    result.put(fn(*args))
+
+
+@contextlib.contextmanager
+def server_process(ctx: mp.context.SpawnContext, mib: float, host: str = "127.0.0.1",
+                   netns: str | None = None) -> Iterator[dict]:
+    ready = ctx.Queue()
+    proc = ctx.Process(target=serve, args=(ready, mib, host, netns), daemon=True)
+    proc.start()
+    try:
+        while True:
+            try:
+                info = ready.get(timeout=1)
+                break
+            except queue.Empty:
+                if not proc.is_alive():
+                    raise RuntimeError(f"server process exited with code {proc.exitcode}") from None
+        yield info
+    finally:
+        proc.terminate()
+        proc.join(10)
+
+
+# ------------------------------------------------------------------ main
+
+
+def _mbps(nbytes: int, times: list[float]) -> float:
+    return nbytes / statistics.median(times) / 1e6
+
+
+def run_loopback(ctx: mp.context.SpawnContext, mib: float, repeats: int, with_grpc: bool
+                 ) -> list[tuple[str, float, str]]:
+    """Rows of (path, median MB/s, "min-max" MB/s). Paths take turns within each repeat, so a
+    burst of load from other processes on this shared machine hits all of them alike."""
+    with server_process(ctx, mib) as info:
+        n, host = info["bytes"], "127.0.0.1"
+        paths: dict[str, Callable[[], list[float]]] = {
+            PROJECT: lambda: time_project(host, info["project"], n, 1),
+            "(a') data plane, receiver skips SHA-256 (diagnostic)":
+                lambda: time_project(host, info["project"], n, 1, verify=False),
+            RAW: lambda: time_raw(host, info["raw"], n, 1),
+            "(b') raw TCP socket + SHA-256 as it arrives (same work as (a))":
+                lambda: time_raw_hashed(host, info["raw"], n, 1),
+        }
+        if with_grpc:
+            paths["(c) sync gRPC stream, ~4 MiB TensorChunks"] = (
+                lambda: time_grpc_in_band(host, info["grpc"], n, 1))
+        time_raw(host, info["raw"], n, 1)  # warm-up: first-use costs of both processes
+        times: dict[str, list[float]] = {name: [] for name in paths}
+        for _ in range(repeats):
+            for name, run in paths.items():
+                time.sleep(0.25)  # let the previous transfer's teardown finish in both processes
+                times[name] += run()
+    rows = [(name, _mbps(n, seconds), f"{n / max(seconds) / 1e6:.0f}-{n / min(seconds) / 1e6:.0f}")
+            for name, seconds in times.items()]
+    payload = np.zeros(n, np.uint8)
+    t0 = time.perf_counter()
+    hashlib.sha256(payload).digest()
+    rows.append(("SHA-256 alone, one core (context)", n / (time.perf_counter() - t0) / 1e6, ""))
+    rows.append(("encode + SHA-256 at the sender, once per snapshot",
+                 n / info["encode_s"] / 1e6, ""))
+    return rows
+
+
+def run_capped(ctx: mp.context.SpawnContext, mib: float, rate_mbit: float, mtu: int = 1500
+               ) -> str:
+    if os.geteuid() != 0:
+        return "capped link: skipped (needs root for ip netns / tc)"
+    try:
+        with capped_link(rate_mbit, mtu) as (ns_a, ns_b, ip_a, _ip_b), \
+                server_process(ctx, mib, ip_a, ns_a) as info:
+            result = ctx.Queue()
+            client = ctx.Process(target=_in_netns, args=(result, ns_b, time_project, ip_a,
+                                                         info["project"], info["bytes"], 1))
+            client.start()
+            try:
+                (seconds,) = result.get(timeout=600)
+            finally:
+                client.join(10)
+                if client.is_alive():
+                    client.terminate()
+    except (subprocess.CalledProcessError, FileNotFoundError) as exc:
+        return f"capped link: skipped ({exc})"
+    mbit = info["bytes"] * 8 / seconds / 1e6
+    # tbf counts whole frames: at MTU 1500 a 1448-byte TCP segment (timestamps on) is 1514 bytes.
+    framing = (mtu - 52) / (mtu + 14)
+    return (f"capped link: {info['bytes'] / MIB:.0f} MiB over veth (MTU {mtu}) + tbf "
+            f"{rate_mbit:g} Mbit/s in {seconds:.2f} s = {mbit:.1f} Mbit/s of payload = "
+            f"{100 * mbit / rate_mbit:.1f} % of the cap (TCP/IP/Ethernet framing leaves at most "
+            f"{100 * framing:.1f} %; project path end to end)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mib", type=float, default=256, help="tensor size on loopback")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-grpc", action="store_true", help="skip (c), in-band gRPC")
+    parser.add_argument("--netns-mib", type=float, default=64, help="0 skips the capped link")
+    parser.add_argument("--rate-mbit", type=float, default=100)
+    parser.add_argument("--mtu", type=int, default=1500, help="of the capped veth link")
+    args = parser.parse_args(argv)
+    ctx = mp.get_context("spawn")
+    signal.signal(signal.SIGTERM, _raise_exit)  # so finally blocks end children and namespaces
+    try:
+        rows = run_loopback(ctx, args.mib, args.repeats, not args.no_grpc)
+        capped = "capped link: skipped (--netns-mib 0)"
+        if args.netns_mib > 0:
+            capped = run_capped(ctx, args.netns_mib, args.rate_mbit, args.mtu)
+    except KeyboardInterrupt:
+        print("transport bench interrupted; its processes and namespaces are gone", file=sys.stderr)
+        return 130
+    by_name = {name: mbps for name, mbps, _ in rows}
+    raw = by_name[RAW]
+    print(f"transport bench: {args.mib:g} MiB float32, loopback, 2 processes, "
+          f"median of {args.repeats}, {os.cpu_count()} CPUs")
+    print(f"{'path':<62} {'MB/s':>6} {'/ raw':>6}  {'range':>10}")
+    for name, mbps, spread in rows:
+        print(f"{name:<62} {mbps:>6.0f} {mbps / raw:>6.2f}  {spread:>10}")
+    print(capped)
+    ratio = by_name[PROJECT] / raw
+    print(f"transport: grpc/raw = {ratio:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""The tensor codec: every dtype x encoding round-trips, and every malformed payload is refused
+with the specific CodecError before an array is built."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from protocols import codec
+from protocols import shoal_pb2 as pb
+from protocols.codec import (
+    CodecError,
+    DigestMismatch,
+    Limits,
+    MislabeledPayload,
+    NonFinite,
+    OversizedPayload,
+    TruncatedPayload,
+    UnexpectedTensor,
+    UnsupportedEncoding,
+)
+
+RNG = np.random.default_rng(7)
+LOSSY = [pb.FP16, pb.BF16, pb.INT8_BLOCKWISE]
+SHAPES = [(), (0,), (5,), (3, 70), (2, 3, 4, 5)]
+
+
+def sample(label: str, shape: tuple[int, ...]) -> np.ndarray:
+    if label == "bool":
+        return RNG.integers(0, 2, shape).astype(bool)
+    if label == "bfloat16":
+        return codec.float32_to_bf16_bits(RNG.standard_normal(shape).astype(np.float32))
+    dtype = codec.DTYPES[label]
+    if dtype.kind == "f":
+        return (RNG.standard_normal(shape) * 3).astype(dtype)
+    info = np.iinfo(dtype)
+    return RNG.integers(info.min, info.max, shape, dtype=dtype, endpoint=True)
+
+
+def roundtrip(arrays: dict, encoding=pb.RAW, labels=None, limits=None, block_size=64):
+    encoded = codec.encode(arrays, encoding, block_size=block_size, labels=labels)
+    header = codec.fill_header(pb.CallHeader(kind="forward"), encoded)
+    return header, encoded, codec.decode(header, encoded.payload, limits or Limits())
+
+
+def as_float32(array: np.ndarray, label: str) -> np.ndarray:
+    return codec.bf16_bits_to_float32(array) if label == "bfloat16" else array.astype(np.float32)
+
+
+@pytest.mark.parametrize("label", sorted(codec.DTYPES))
+@pytest.mark.parametrize("shape", SHAPES)
+def test_raw_roundtrip_is_exact_for_every_dtype(label: str, shape: tuple[int, ...]) -> None:
+    array = sample(label, shape)
+    header, _, out = roundtrip({"t": array}, labels={"t": label})
+    assert header.tensors[0].dtype == label
+    assert out["t"].dtype == codec.DTYPES[label] and out["t"].shape == shape
+    np.testing.assert_array_equal(out["t"], array)
+
+
+@pytest.mark.parametrize("label", sorted(codec.FLOAT_LABELS))
+@pytest.mark.parametrize("encoding", LOSSY)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_lossy_roundtrip_within_bound(label: str, encoding: int, shape: tuple[int, ...]) -> None:
+    array = sample(label, shape)
+    _, encoded, out = roundtrip({"t": array}, encoding, labels={"t": label}, block_size=16)
+    assert out["t"].dtype == codec.DTYPES[label] and out["t"].shape == shape
+    x, y = as_float32(array, label), as_float32(out["t"], label)
+    if encoding == pb.INT8_BLOCKWISE:
+        flat = np.pad(np.abs(x).reshape(-1), (0, -x.size % 16)).reshape(-1, 16)
+        bound = np.repeat(flat.max(axis=1) / 254, 16)[: x.size].reshape(shape)
+        rounding = {"bfloat16": 2.0**-8, "float16": 2.0**-11}.get(label, 0.0)  # of the target
+        assert np.all(np.abs(x - y) <= bound * 1.001 + np.abs(x) * rounding + 1e-6)
+        assert encoded.total_bytes == x.size + 4 * -(-x.size // 16)
+    else:
+        rel = 2.0**-11 if encoding == pb.FP16 else 2.0**-8
+        np.testing.assert_allclose(y, x, rtol=rel, atol=1e-7)
+        assert encoded.total_bytes == 2 * x.size
+
+
+def test_lossy_encodings_refuse_integers() -> None:
+    for encoding in LOSSY:
+        with pytest.raises(UnsupportedEncoding, match="cannot carry int64"):
+            codec.encode({"ids": np.arange(4)}, encoding)
+
+
+def test_bf16_exact_for_representable_values_and_rounds_to_nearest_even() -> None:
+    bits = RNG.integers(0, 1 << 16, 100_000, dtype=np.uint32).astype(np.uint16)
+    bits = bits[(bits & 0x7F80) != 0x7F80]  # finite bf16 values
+    values = codec.bf16_bits_to_float32(bits)
+    _, _, out = roundtrip({"v": values}, pb.BF16)
+    np.testing.assert_array_equal(out["v"].view(np.uint32), values.view(np.uint32))
+    ties = np.array([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 1 + 2**-8 + 2**-20], np.float32)
+    expect = np.array([1.0, 1 + 2**-6, -1.0, 1 + 2**-7], np.float32)
+    np.testing.assert_array_equal(codec.bf16_bits_to_float32(codec.float32_to_bf16_bits(ties)),
+                                  expect)
+    special = np.array([0x7F800001, 0xFF800000, 0x7F7FFFFF], np.uint32).view(np.float32)
+    rounded = codec.bf16_bits_to_float32(codec.float32_to_bf16_bits(special))
+    assert np.isnan(rounded[0]) and rounded[1] == -np.inf and rounded[2] == np.inf
+
+
+def test_mixed_call_keeps_order_names_and_per_tensor_encodings() -> None:
+    arrays = {"h": sample("float32", (4, 8)), "ids": np.arange(6, dtype=np.int32),
+              "mask": sample("bool", (6,)), "g": sample("bfloat16", (3,))}
+    header, _, out = roundtrip(arrays, {"h": pb.INT8_BLOCKWISE}, labels={"g": "bfloat16"})
+    assert [t.name for t in header.tensors] == list(arrays)
+    assert [t.encoding for t in header.tensors] == [pb.INT8_BLOCKWISE, pb.RAW, pb.RAW, pb.RAW]
+    assert header.total_bytes == sum(t.payload_bytes for t in header.tensors)
+    assert header.sha256 == hashlib.sha256(codec.encode(arrays, {"h": pb.INT8_BLOCKWISE},
+                                                        labels={"g": "bfloat16"}).payload
+                                           ).digest()
+    np.testing.assert_array_equal(out["ids"], arrays["ids"])
+    np.testing.assert_array_equal(out["g"], arrays["g"])
+
+
+def test_encode_refuses_bad_labels_dtypes_and_nan_for_int8() -> None:
+    with pytest.raises(UnsupportedEncoding, match="cannot travel as 'bfloat16'"):
+        codec.encode({"w": np.zeros(3, np.float32)}, labels={"w": "bfloat16"})
+    with pytest.raises(UnsupportedEncoding, match="complex128"):
+        codec.encode({"z": np.zeros(3, complex)})
+    with pytest.raises(NonFinite, match="'a'"):
+        codec.encode({"a": np.array([1.0, np.nan], np.float32)}, pb.INT8_BLOCKWISE)
+
+
+# ------------------------------------------------------------------ refusals
+
+
+@pytest.fixture
+def good() -> tuple[pb.CallHeader, bytes]:
+    encoded = codec.encode({"w": sample("float32", (16, 16)), "ids": np.arange(10)})
+    return codec.fill_header(pb.CallHeader(kind="state"), encoded), encoded.payload
+
+
+def test_truncated_and_oversized_payloads(good) -> None:
+    header, payload = good
+    with pytest.raises(TruncatedPayload, match="1103 bytes, header declares 1104"):
+        codec.decode(header, payload[:-1], Limits())
+    with pytest.raises(OversizedPayload, match="1105 bytes, header declares 1104"):
+        codec.decode(header, payload + b"\0", Limits())
+    with pytest.raises(OversizedPayload, match="limit is 1000"):
+        codec.decode(header, payload, Limits(max_total_bytes=1000))
+    with pytest.raises(OversizedPayload, match="2 tensors declared; limit is 1"):
+        codec.decode(header, payload, Limits(max_tensors=1))
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("shape", [16, 17], r"needs 1088 bytes, header says 1024"),
+    ("shape", [-16, -16], "invalid shape"),
+    ("dtype", "float16", "needs 512 bytes"),
+    ("dtype", "complex64", "unknown dtype"),
+    ("encoding", pb.INT8_BLOCKWISE, "block_size 0"),
+    ("encoding", 9, "encoding #9 cannot carry"),
+    ("payload_bytes", 1028, "needs 1024 bytes, header says 1028"),
+    ("name", "ids", "non-empty and unique"),
+])
+def test_mislabeled_headers(good, field: str, value, message: str) -> None:
+    header, payload = good
+    tensor = header.tensors[0]
+    if field == "shape":
+        del tensor.shape[:]
+        tensor.shape.extend(value)
+    else:
+        setattr(tensor, field, value)
+    with pytest.raises(MislabeledPayload, match=message):
+        codec.decode(header, payload, Limits())
+
+
+def test_total_bytes_must_match_tensors_and_digest_must_be_32_bytes(good) -> None:
+    header, payload = good
+    header.total_bytes += 1
+    with pytest.raises(MislabeledPayload, match="1104 bytes in all, total_bytes says 1105"):
+        codec.decode(header, payload + b"\0", Limits())
+    header.total_bytes -= 1
+    header.sha256 = b"short"
+    with pytest.raises(MislabeledPayload, match="5 bytes, not 32"):
+        codec.decode(header, payload, Limits())
+
+
+def test_digest_mismatch(good) -> None:
+    header, payload = good
+    tampered = bytearray(payload)
+    tampered[100] ^= 1
+    with pytest.raises(DigestMismatch, match="differs from the header"):
+        codec.decode(header, tampered, Limits())
+
+
+@pytest.mark.parametrize("label", ["float32", "float16", "bfloat16"])
+def test_non_finite_refused_naming_the_tensor(label: str) -> None:
+    bad = np.array([1.0, np.inf, np.nan], np.float32)
+    array = codec.float32_to_bf16_bits(bad) if label == "bfloat16" else bad.astype(label)
+    encoded = codec.encode({"ok": np.ones(2, np.float32), "act": array}, labels={"act": label})
+    header = codec.fill_header(pb.CallHeader(), encoded)
+    with pytest.raises(NonFinite, match="tensor 'act': 2 of 3 values are NaN or Inf"):
+        codec.decode(header, encoded.payload, Limits())
+    out = codec.decode(header, encoded.payload, Limits(check_finite=False))
+    assert out["act"].shape == (3,)
+
+
+def test_fp16_overflow_refused_at_the_sender() -> None:
+    with pytest.raises(NonFinite, match="'big': 1 values exceed float16's range"):
+        codec.encode({"big": np.array([1e6, 1.0], np.float32)}, pb.FP16)
+
+
+def test_bool_payload_with_other_bytes_is_refused() -> None:
+    payload = bytes([0, 1, 2])
+    header = pb.CallHeader(total_bytes=3, sha256=hashlib.sha256(payload).digest())
+    header.tensors.add(name="m", dtype="bool", shape=[3], encoding=pb.RAW, payload_bytes=3)
+    with pytest.raises(MislabeledPayload, match="'m': bool tensor holds bytes"):
+        codec.decode(header, payload, Limits())
+
+
+def test_expected_names_dtypes_and_shapes(good) -> None:
+    header, payload = good
+    expected = {"w": ("float32", (16, -1)), "ids": ("int64", (None,))}
+    assert set(codec.decode(header, payload, Limits(expected=expected))) == {"w", "ids"}
+    cases = [
+        ({"w": ("float32", (16, 16))}, "'ids' is not expected"),
+        ({**expected, "b": ("float32", (1,))}, r"\['b'\] are expected but missing"),
+        ({**expected, "w": ("bfloat16", (16, 16))}, "got float32.16, 16., expected bfloat16"),
+        ({**expected, "w": ("float32", (16, 15))}, "expected float32.16, 15."),
+    ]
+    for wanted, message in cases:
+        with pytest.raises(UnexpectedTensor, match=message):
+            codec.decode(header, payload, Limits(expected=wanted))
+
+
+def test_header_checks_run_before_the_payload_is_touched(good) -> None:
+    header, _ = good
+    header.total_bytes = 1 << 40
+    with pytest.raises(OversizedPayload):
+        codec.check_header(header, Limits())
+    assert issubclass(OversizedPayload, CodecError) and issubclass(NonFinite, CodecError)

@@ -1,0 +1,292 @@
+"""Tensor calls over real sockets on 127.0.0.1: in-band grpc.aio streaming, and the raw-TCP data
+plane (good, wrong, used and expired tickets; lying lengths; TLS)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import ssl
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from protocols import codec, dataplane, tensor_stream
+from protocols import shoal_pb2 as pb
+from protocols import shoal_pb2_grpc as pb_grpc
+from protocols.codec import DigestMismatch, Limits, OversizedPayload, TruncatedPayload
+from protocols.dataplane import DataPlaneServer, TicketRefused, TooManyTickets
+
+MIB = 1 << 20
+
+
+def make_call(mib: float, kind: str = "state") -> tuple[pb.CallHeader, bytes, np.ndarray]:
+    array = np.random.default_rng(0).standard_normal(int(mib * MIB) // 4).astype(np.float32)
+    encoded = codec.encode({"w": array})
+    return codec.fill_header(pb.CallHeader(kind=kind, stage=1), encoded), encoded.payload, array
+
+
+def run(coro_fn: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(coro_fn(), 30))
+
+
+# ------------------------------------------------------------------ in-band gRPC streaming
+
+
+class EchoStage(pb_grpc.StageServicer):
+    """Receives a forward call and answers with the same tensors, recording message sizes."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    async def Forward(self, request_iterator, context):
+        async def recorded():
+            async for chunk in request_iterator:
+                self.sizes.append(chunk.ByteSize())
+                yield chunk
+
+        header, arrays = await tensor_stream.receive(recorded(), Limits())
+        encoded = codec.encode(arrays)
+        reply = codec.fill_header(pb.CallHeader(kind="forward", microbatch_id=header.microbatch_id),
+                                  encoded)
+        for chunk in tensor_stream.chunks(reply, encoded.payload, tensor_stream.MAX_CHUNK):
+            yield chunk
+
+
+def test_10_mib_tensor_through_grpc_aio_with_no_message_over_4_mib() -> None:
+    header, payload, array = make_call(10, "forward")
+    header.microbatch_id = "mb-1"
+    four_mib = [("grpc.max_receive_message_length", 4 * MIB)]  # the default: must be enough
+
+    async def main() -> None:
+        servicer = EchoStage()
+        server = grpc.aio.server(options=tensor_stream.grpc_options() + four_mib)
+        pb_grpc.add_StageServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            options = tensor_stream.grpc_options() + four_mib
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+                call = pb_grpc.StageStub(channel).Forward(
+                    tensor_stream.chunks(header, payload, tensor_stream.MAX_CHUNK))
+                reply, arrays = await tensor_stream.receive(call, Limits())
+        finally:
+            await server.stop(None)
+        assert reply.microbatch_id == "mb-1"
+        np.testing.assert_array_equal(arrays["w"], array)
+        assert len(servicer.sizes) == 1 + 3 and max(servicer.sizes) <= 4 * MIB
+
+    run(main)
+
+
+def test_stream_refusals() -> None:
+    header, payload, _ = make_call(10 / 1024)  # 10240 bytes
+    parts = list(tensor_stream.chunks(header, payload, 1024))
+    with pytest.raises(TruncatedPayload, match="ended after 9216 of 10240"):
+        tensor_stream.receive_sync(parts[:-1], Limits())
+    with pytest.raises(OversizedPayload, match="more than the 10240 bytes"):
+        tensor_stream.receive_sync([*parts, parts[1]], Limits())
+    with pytest.raises(OversizedPayload, match="limit is 4096"):  # refused before allocating
+        tensor_stream.receive_sync(iter(parts[:1]), Limits(max_total_bytes=4096))
+    with pytest.raises(tensor_stream.MalformedStream, match="before the CallHeader"):
+        tensor_stream.receive_sync(parts[1:], Limits())
+    with pytest.raises(tensor_stream.MalformedStream, match="second CallHeader"):
+        tensor_stream.receive_sync([parts[0], *parts], Limits())
+    swapped = [parts[0], *parts[1:][::-1]]
+    with pytest.raises(DigestMismatch):
+        tensor_stream.receive_sync(swapped, Limits())
+    with pytest.raises(ValueError, match="chunk_size"):
+        list(tensor_stream.chunks(header, payload, 4 * MIB))
+
+
+def test_grpc_options_disable_reuseport_and_allow_client_pings() -> None:
+    options = dict(tensor_stream.grpc_options())
+    assert options["grpc.so_reuseport"] == 0
+    assert options["grpc.keepalive_time_ms"] >= (
+        options["grpc.http2.min_recv_ping_interval_without_data_ms"])
+
+
+# ------------------------------------------------------------------ data plane
+
+
+async def started(**kwargs) -> DataPlaneServer:
+    server = DataPlaneServer("127.0.0.1", **kwargs)
+    await server.start()
+    return server
+
+
+def test_fetch_with_good_ticket_then_wrong_used_and_expired_are_refused() -> None:
+    header, payload, array = make_call(3)
+
+    async def main() -> None:
+        server = await started()
+        try:
+            answer = server.offer(header, payload)
+            assert answer.meta["dataplane"] == server.address and len(answer.meta["ticket"]) == 64
+            arrays = await dataplane.fetch_async(answer, Limits())
+            np.testing.assert_array_equal(arrays["w"], array)
+
+            with pytest.raises(TicketRefused, match="unknown, used or expired"):
+                await dataplane.fetch_async(answer, Limits())  # used
+            wrong = server.offer(header, payload)
+            wrong.meta["ticket"] = "00" * 32
+            with pytest.raises(TicketRefused):
+                await dataplane.fetch_async(wrong, Limits())
+            expired = server.offer(header, payload, ttl=0.05)
+            await asyncio.sleep(0.1)
+            with pytest.raises(TicketRefused):
+                await dataplane.fetch_async(expired, Limits())
+
+            again = server.offer(header, payload)  # still serving after the refusals
+            np.testing.assert_array_equal((await dataplane.fetch_async(again, Limits()))["w"],
+                                          array)
+            assert (server.served, server.refused) == (2, 3)
+        finally:
+            await server.close()
+
+    run(main)
+
+
+def test_limits_checked_before_connecting_and_tickets_are_bounded() -> None:
+    header, payload, _ = make_call(1)
+
+    async def main() -> None:
+        server = await started(max_tickets=2)
+        try:
+            answer = server.offer(header, payload)
+            with pytest.raises(OversizedPayload, match="limit is 1000"):
+                await dataplane.fetch_async(answer, Limits(max_total_bytes=1000))
+            with pytest.raises(dataplane.DataPlaneError, match=r"expected 10\.0\.0\.9"):
+                await dataplane.fetch_async(answer, Limits(), expect_host="10.0.0.9")
+            _, junk = await asyncio.open_connection("127.0.0.1", server.port)
+            junk.write(b"GET / HTTP/1.1\r\n\r\n" + b"x" * 64)  # not MAGIC + ticket: closed
+            await junk.drain()
+            junk.close()
+            np.testing.assert_array_equal((await dataplane.fetch_async(answer, Limits()))["w"],
+                                          np.frombuffer(payload, np.float32))
+            server.offer(header, payload)
+            server.offer(header, payload)
+            with pytest.raises(TooManyTickets, match="max_tickets=2"):
+                server.offer(header, payload)
+            assert server.outstanding == 2 and (server.served, server.refused) == (1, 1)
+        finally:
+            await server.close()
+
+    run(main)
+
+
+LIES = [
+    ("length +1", lambda p: struct.pack(">Q", len(p) + 1) + p, OversizedPayload, "announces"),
+    ("length -1", lambda p: struct.pack(">Q", len(p) - 1) + p, TruncatedPayload, "announces"),
+    ("short", lambda p: struct.pack(">Q", len(p)) + p[:-5], TruncatedPayload, "closed after"),
+    ("extra", lambda p: struct.pack(">Q", len(p)) + p + b"!", OversizedPayload, "more than"),
+    ("flipped", lambda p: struct.pack(">Q", len(p)) + p[:-1] + b"!", DigestMismatch, "SHA-256"),
+]
+
+
+@pytest.mark.parametrize(("name", "lie", "error", "message"), LIES, ids=[x[0] for x in LIES])
+def test_lying_server_refused(name, lie, error, message) -> None:
+    header, payload, _ = make_call(0.1)
+
+    async def main() -> None:
+        async def liar(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readexactly(36)
+            writer.write(lie(payload))
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(liar, "127.0.0.1", 0)
+        pointer = pb.CallHeader()
+        pointer.CopyFrom(header)
+        pointer.meta["dataplane"] = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        pointer.meta["ticket"] = "ab" * 32
+        try:
+            with pytest.raises(error, match=message):
+                await dataplane.fetch_async(pointer, Limits())
+        finally:
+            server.close()
+
+    run(main)
+
+
+class StateFromMemory(pb_grpc.StateServicer):
+    def __init__(self, plane: DataPlaneServer, header: pb.CallHeader, payload: bytes) -> None:
+        self.plane, self.header, self.payload = plane, header, payload
+
+    async def Download(self, request, context):
+        for chunk in self.plane.respond(self.header, self.payload, min_bytes=1 * MIB):
+            yield chunk
+
+
+@pytest.mark.parametrize("mib", [0.5, 20])
+def test_state_download_in_band_or_via_data_plane(mib: float) -> None:
+    header, payload, array = make_call(mib)
+
+    async def main() -> None:
+        plane = await started()
+        server = grpc.aio.server(options=tensor_stream.grpc_options())
+        pb_grpc.add_StateServicer_to_server(StateFromMemory(plane, header, payload), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}",
+                                                 options=tensor_stream.grpc_options()) as channel:
+                call = pb_grpc.StateStub(channel).Download(pb.StateRequest(stage=1))
+                got, arrays = await dataplane.receive(call, Limits(expected={
+                    "w": ("float32", array.shape)}))
+        finally:
+            await server.stop(None)
+            await plane.close()
+        assert dataplane.is_dataplane(got) == (mib > 1) and plane.served == (mib > 1)
+        np.testing.assert_array_equal(arrays["w"], array)
+
+    run(main)
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "peer-a")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_data_plane_over_tls(tmp_path: Path) -> None:
+    header, payload, array = make_call(2)
+    cert, key = _self_signed(tmp_path)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context(cafile=str(cert))
+
+    async def main() -> None:
+        server = await started(ssl_context=server_ctx)
+        try:
+            answer = server.offer(header, payload)
+            arrays = await dataplane.fetch_async(answer, Limits(), ssl_context=client_ctx)
+            np.testing.assert_array_equal(arrays["w"], array)
+            with pytest.raises(dataplane.DataPlaneError):  # plain TCP against a TLS server
+                await dataplane.fetch_async(server.offer(header, payload), Limits())
+        finally:
+            await server.close()
+
+    run(main)

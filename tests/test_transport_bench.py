@@ -1,0 +1,17 @@
+"""Smoke test of bench/transport.py at a small size: every path runs between two processes and the
+last line is the ratio the project tracks."""
+
+from __future__ import annotations
+
+import re
+
+from bench import transport
+
+
+def test_transport_bench_small(capsys) -> None:
+    assert transport.main(["--mib", "4", "--repeats", "1", "--netns-mib", "0"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert any(line.startswith("(a) project") for line in lines)
+    assert any(line.startswith("(b) raw TCP socket") for line in lines)
+    assert any(line.startswith("(c) sync gRPC") for line in lines)
+    assert re.fullmatch(r"transport: grpc/raw = \d+\.\d\d", lines[-1])
