@@ -135,9 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="spot-interruption endpoint to poll (aws:URL or gcp:URL)")
     p.add_argument("--throttle", type=float, default=1.0,
                    help="slow compute down by this factor (tests and benchmarks)")
+    p.add_argument("--simulate-speed", type=float, default=0.0, metavar="SAMPLES_PER_S",
+                   help="pad compute to this speed, emulating a machine of its own (benchmarks)")
     p.add_argument("--stage", type=int, default=-1, help="ask for this stage (default: assigned)")
     p.add_argument("--snapshot-dir", help="keep periodic safetensors snapshots of the stage here")
     p.add_argument("--tls-dir")
+    p.add_argument("--router", choices=("swarm", "round_robin"), default="swarm",
+                   help="stage 0: how the next replica is chosen (round_robin = the baseline)")
+    p.add_argument("--metrics-file", help="stage 0: append one JSON line per optimizer step")
     p.set_defaults(func=_cmd_peer)
 
     p = sub.add_parser("status", help="the swarm at a glance (--json for scripts)")

@@ -19,9 +19,8 @@ OUTPUTS = ("shoal_pb2.py", "shoal_pb2_grpc.py", "shoal_pb2.pyi")
 
 
 def _generate(out_dir: Path) -> None:
-    from grpc_tools import protoc  # only needed by developers, not at run time
-
     import grpc_tools
+    from grpc_tools import protoc  # only needed by developers, not at run time
 
     include = Path(grpc_tools.__file__).parent / "_proto"
     for proto in sorted(PROTO_DIR.glob("*.proto")):

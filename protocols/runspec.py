@@ -167,7 +167,8 @@ class RunSpec:
                 node = node[part]
             if parts[-1] not in node:
                 raise RunSpecError(f"unknown key {key!r}")
-            node[parts[-1]] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+            is_table = dataclasses.is_dataclass(value)
+            node[parts[-1]] = dataclasses.asdict(value) if is_table else value
         spec = _build(RunSpec, data, "")
         spec.validate()
         return spec

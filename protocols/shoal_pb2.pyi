@@ -299,18 +299,20 @@ class StateRequest(_message.Message):
     def __init__(self, stage: _Optional[int] = ..., include_optimizer: _Optional[bool] = ..., min_step: _Optional[int] = ...) -> None: ...
 
 class StepEnd(_message.Message):
-    __slots__ = ("step", "sender", "microbatches", "samples", "stage0_replicas")
+    __slots__ = ("step", "sender", "microbatches", "samples", "stage0_replicas", "stage_replicas")
     STEP_FIELD_NUMBER: _ClassVar[int]
     SENDER_FIELD_NUMBER: _ClassVar[int]
     MICROBATCHES_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     STAGE0_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    STAGE_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     step: int
     sender: str
     microbatches: int
     samples: int
     stage0_replicas: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, step: _Optional[int] = ..., sender: _Optional[str] = ..., microbatches: _Optional[int] = ..., samples: _Optional[int] = ..., stage0_replicas: _Optional[_Iterable[str]] = ...) -> None: ...
+    stage_replicas: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, step: _Optional[int] = ..., sender: _Optional[str] = ..., microbatches: _Optional[int] = ..., samples: _Optional[int] = ..., stage0_replicas: _Optional[_Iterable[str]] = ..., stage_replicas: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StepDone(_message.Message):
     __slots__ = ("step", "stage", "included", "state_hash", "grad_norm", "stepped", "detail")

@@ -46,7 +46,8 @@ class MalformedStream(CodecError):
 def grpc_options(max_message: int = 8 * MIB) -> list[tuple[str, int]]:
     """Options for both `grpc.aio.server(options=...)` and channels (each side ignores the
     other's keys). Client pings every 20 s (10 s timeout, also without calls); the server
-    accepts pings every 10 s or slower, also without calls."""
+    accepts pings every 10 s or slower, also without calls, and never drops a client for
+    pinging too often."""
     return [
         ("grpc.max_send_message_length", max_message),
         ("grpc.max_receive_message_length", max_message),
@@ -56,7 +57,9 @@ def grpc_options(max_message: int = 8 * MIB) -> list[tuple[str, int]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
-        ("grpc.http2.max_ping_strikes", 2),
+        # 0 = never answer pings with GOAWAY(too_many_pings): a long-lived peer channel saw
+        # that under load (pings queued behind busy streams arrive in bursts).
+        ("grpc.http2.max_ping_strikes", 0),
     ]
 
 

@@ -1,0 +1,395 @@
+"""`shoal coordinator`: start (or restart) the coordinator service.
+
+    shoal coordinator --config run.toml --port 7000 --http-port 8080 --state-dir DIR \\
+        [--token-file F | --allow-file KEYS] [--no-mdns] [--host 0.0.0.0] [--tls-dir DIR]
+    python -m coordinator.main ...          (the same, without the `shoal` wrapper)
+
+One process, one uvloop event loop: gRPC (grpc.aio), HTTP (aiohttp), the once-a-second tick and
+the mDNS announcement share it; SQLite writes run on the journal's one thread.
+
+First start: the run spec comes from --config (RunSpec() defaults without it), a swarm id and
+the coordinator's Ed25519 key (DIR/coordinator.key, mode 0600) are made. Restart: everything
+comes from DIR; --config is then ignored with a warning (a new run needs a new --state-dir). The
+epoch is bumped, members come back with a grace lease and their certificates stay valid.
+
+Admission: --token-file (created with a fresh token when the file does not exist),
+--allow-file (hex Ed25519 public keys, one a line, `#` comments), or both. With neither, the
+token lives in DIR/join.token. There is no open mode.
+
+`serve(...)` does the same in-process for tests and `shoal demo` and returns a handle to stop it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import logging
+import os
+import secrets
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from coordinator.events import Event, EventLog, History
+from coordinator.http import make_app, start_http
+from coordinator.membership import RESTART_EPOCH_GAP, Membership
+from coordinator.service import CoordinatorService
+from coordinator.store import Batch, Journal, Store
+from protocols.auth import Admission, AuthInterceptor, new_token
+from protocols.identity import Identity
+from protocols.runspec import RunSpec
+from protocols.tensor_stream import grpc_options
+
+log = logging.getLogger("shoal.coordinator")
+
+KEY_FILE = "coordinator.key"
+DEFAULT_TOKEN_FILE = "join.token"
+TICK_S = 1.0
+MAX_REQUEST_BYTES = 1 << 20  # nothing a peer sends the coordinator is near this
+
+
+class CoordinatorStartError(RuntimeError):
+    """The coordinator cannot start; the message says what to change."""
+
+
+@dataclass
+class CoordinatorHandle:
+    """A running coordinator. `await handle.stop()` persists everything and closes it."""
+
+    service: CoordinatorService
+    host: str
+    grpc_port: int
+    http_port: int
+    state_dir: Path
+    token_file: Path | None
+    _server: grpc.aio.Server
+    _runner: object
+    _journal: Journal
+    _tasks: list[asyncio.Task] = field(default_factory=list)
+    _announcement: object | None = None
+    _stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def swarm_id(self) -> str:
+        return self.service.swarm_id
+
+    @property
+    def token(self) -> str | None:
+        """The join token peers must present (None with an allow-list only)."""
+        return self.service.admission.token
+
+    @property
+    def grpc_address(self) -> str:
+        return f"{_connect_host(self.host)}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{_connect_host(self.host)}:{self.http_port}/"
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        for task in self._tasks:
+            task.cancel()
+        await self._server.stop(grace_s)
+        await self._runner.cleanup()  # type: ignore[attr-defined]
+        if self._announcement is not None:
+            await self._announcement.close()  # type: ignore[attr-defined]
+        await self._journal.close()
+        log.info("coordinator stopped; state saved in %s", self.state_dir)
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+def _connect_host(host: str) -> str:
+    if host in ("0.0.0.0", "", "::"):
+        from protocols.discovery import local_ipv4_addresses
+
+        lan = local_ipv4_addresses(include_loopback=False)
+        return lan[0] if lan else "127.0.0.1"
+    return host
+
+
+def _admission(state_dir: Path, token_file: str | None, allow_file: str | None
+               ) -> tuple[Admission, Path | None]:
+    token = None
+    path = None
+    if token_file is None and allow_file is None:
+        token_file = str(state_dir / DEFAULT_TOKEN_FILE)
+    if token_file is not None:
+        path = Path(token_file)
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(new_token() + "\n")
+            log.info("wrote a new join token to %s (give it to peers with --token-file)", path)
+        token = path.read_text().strip()
+        if not token:
+            raise CoordinatorStartError(f"token file {path} is empty; delete it to have a new "
+                                        f"token made, or write one (`shoal token new FILE`)")
+    allowed = None
+    if allow_file is not None:
+        allowed = set()
+        try:
+            lines = Path(allow_file).read_text().splitlines()
+        except OSError as exc:
+            raise CoordinatorStartError(f"cannot read allow-list {allow_file}: "
+                                        f"{exc.strerror}") from exc
+        for n, line in enumerate(lines, 1):
+            entry = line.split("#", 1)[0].strip()
+            if not entry:
+                continue
+            try:
+                key = bytes.fromhex(entry)
+            except ValueError:
+                key = b""
+            if len(key) != 32:
+                raise CoordinatorStartError(
+                    f"{allow_file}:{n}: {entry[:80]!r} is not a 64-hex-digit Ed25519 public key "
+                    f"(`shoal identity show KEYFILE` prints one)")
+            allowed.add(key)
+    return Admission(token=token, allowed_keys=allowed), path
+
+
+async def serve(config: str | Path | RunSpec | None = None, port: int = 7000,
+                http_port: int = 8080, state_dir: str | Path = "./shoal-state",
+                token_file: str | None = None, allow_file: str | None = None,
+                mdns: bool = True, host: str = "0.0.0.0", *, tls_dir: str | None = None,
+                clock: Callable[[], float] = time.time) -> CoordinatorHandle:
+    """Start a coordinator on the running event loop; see the module docstring."""
+    state = Path(state_dir)
+    store = Store(state)
+    loop = asyncio.get_running_loop()
+    snapshot = await loop.run_in_executor(None, store.load)
+    identity = Identity.load_or_create(state / KEY_FILE)
+    now = clock()
+    events, history = EventLog(), History()
+    if snapshot is None:
+        spec = config if isinstance(config, RunSpec) else (
+            RunSpec.load(config) if config is not None else RunSpec())
+        swarm_id, epoch, serial, restarts, totals = secrets.token_hex(8), 0, 0, 0, {}
+    else:
+        meta = snapshot.meta
+        spec = RunSpec.from_toml(meta["spec_toml"])
+        if config is not None:
+            given = config if isinstance(config, RunSpec) else RunSpec.load(config)
+            if given != spec:
+                log.warning("--config differs from the run stored in %s; continuing the stored "
+                            "run (start a new run with a new --state-dir)", state)
+        swarm_id = meta["swarm_id"]
+        epoch = int(meta.get("epoch", "0"))
+        serial = int(meta.get("serial", "0")) + 10_000  # renewals may not all have been saved
+        restarts = int(meta.get("restarts", "0")) + 1
+        totals = json.loads(meta.get("totals", "{}"))
+        events.restore(snapshot.events)
+        history.restore(snapshot.history)
+    admission, token_path = _admission(state, token_file, allow_file)
+    membership = Membership(spec, swarm_id, epoch=epoch, events=events, history=history)
+    membership.bytes_sent_total = totals.get("sent", 0)
+    membership.bytes_received_total = totals.get("received", 0)
+    membership.dropped_total = totals.get("dropped", 0)
+    membership.bytes_by_kind_total = dict(totals.get("by_kind", {}))
+    if snapshot is not None:
+        lease = spec.membership.lease_s
+        live = sum(1 for m in snapshot.members if m.live)
+        membership.restore(snapshot.members, now, max(2 * lease, lease + 5.0),
+                           f"restart #{restarts}: {live} live members restored with a grace "
+                           f"lease; epoch {epoch} -> {epoch + RESTART_EPOCH_GAP}")
+    else:
+        membership.events.append(_start_event(now, swarm_id, spec))
+    svc = CoordinatorService(spec=spec, swarm_id=swarm_id, identity=identity,
+                             admission=admission, membership=membership, serial=serial,
+                             clock=clock)
+    svc.restarts = restarts
+
+    def collect(progress: bool) -> Batch:
+        batch = svc.collect(progress)
+        if progress:
+            batch.meta["totals"] = json.dumps({
+                "sent": membership.bytes_sent_total, "received": membership.bytes_received_total,
+                "dropped": membership.dropped_total, "by_kind": membership.bytes_by_kind_total})
+        return batch
+
+    journal = Journal(store, collect)
+    journal.start()
+    svc.journal = journal
+    store_meta = {"restarts": str(restarts)}
+    if snapshot is None:
+        store_meta |= {"spec_toml": spec.to_toml(), "swarm_id": swarm_id,
+                       "created_at": repr(now)}
+    await journal.write(Batch(meta=store_meta))
+    await journal.commit()
+
+    auth = AuthInterceptor(issuer_public_key=lambda: identity.public_key,
+                           swarm_id=lambda: swarm_id, is_member=svc.is_member)
+    options = [o for o in grpc_options(64 << 20) if o[0] != "grpc.max_receive_message_length"]
+    options.append(("grpc.max_receive_message_length", MAX_REQUEST_BYTES))
+    server = grpc.aio.server(interceptors=[auth], options=options)
+    svc.add_to_server(server)
+    try:
+        if tls_dir:
+            from protocols.tls import server_credentials
+
+            bound = server.add_secure_port(f"{host}:{port}", server_credentials(tls_dir))
+        else:
+            bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as exc:
+        bound = 0
+        reason = str(exc)
+    else:
+        reason = "address in use?"
+    if not bound:
+        await journal.close()
+        raise CoordinatorStartError(f"cannot serve gRPC on {host}:{port} ({reason}); pick "
+                                    f"another --port or stop the process holding it")
+    await server.start()
+    try:
+        runner, bound_http = await start_http(make_app(svc, clock), host, http_port)
+    except OSError as exc:
+        await server.stop(0)
+        await journal.close()
+        raise CoordinatorStartError(str(exc.strerror or exc)) from exc
+    handle = CoordinatorHandle(svc, host, bound, bound_http, state, token_path, server, runner,
+                               journal)
+    svc.grpc_address = handle.grpc_address
+    handle._tasks.append(asyncio.create_task(_tick_loop(svc, clock), name="shoal-tick"))
+    handle._tasks.append(asyncio.create_task(_watch_loop_lag(svc), name="shoal-loop-lag"))
+    if mdns:
+        from protocols.discovery import DiscoveryError, announce
+
+        try:
+            handle._announcement = await announce(bound, swarm_id=swarm_id, version=svc.version,
+                                                  public_key=identity.public_key, host=host)
+        except DiscoveryError as exc:
+            log.warning("%s", exc)
+    log.info("coordinator for swarm %s (run %r) at epoch %d: gRPC %s, HTTP %s", swarm_id,
+             spec.run.name, membership.epoch, handle.grpc_address, handle.http_url)
+    return handle
+
+
+def _start_event(now: float, swarm_id: str, spec: RunSpec) -> Event:
+    return Event(now, "start", "", -1, f"swarm {swarm_id}: run {spec.run.name!r}, "
+                 f"{spec.pipeline.stages} block stages, sync {spec.sync.mode}")
+
+
+async def _watch_loop_lag(svc: CoordinatorService, period_s: float = 0.1) -> None:
+    """Measure how late the event loop wakes up: the coordinator's own queueing delay.
+
+    `svc.loop_lag_s` holds the worst lag of the last ten seconds (shown in /metrics); a lag of
+    seconds means something blocks the loop and is logged.
+    """
+    loop = asyncio.get_running_loop()
+    window: list[float] = []
+    while True:
+        t0 = loop.time()
+        await asyncio.sleep(period_s)
+        lag = loop.time() - t0 - period_s
+        window.append(lag)
+        if len(window) > 10 / period_s:
+            window.pop(0)
+        svc.loop_lag_s = max(window)
+        if lag > 1.0:
+            log.warning("the coordinator's event loop stalled for %.1f s", lag)
+
+
+async def _tick_loop(svc: CoordinatorService, clock: Callable[[], float]) -> None:
+    while True:
+        await asyncio.sleep(TICK_S)
+        try:
+            await svc.tick(clock())
+        except Exception:  # the tick must survive anything; the next one retries
+            log.exception("coordinator tick failed")
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The same flags as `shoal coordinator` (peer/cli.py), for `python -m coordinator.main`."""
+    ap = argparse.ArgumentParser(prog="python -m coordinator.main", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="run spec TOML (first start; a restart keeps the stored one)")
+    ap.add_argument("--host", default="0.0.0.0")
+    ap.add_argument("--port", type=int, default=7000, help="gRPC port (0 = any free)")
+    ap.add_argument("--http-port", type=int, default=8080, help="dashboard port (0 = any free)")
+    ap.add_argument("--state-dir", default="./shoal-state")
+    ap.add_argument("--token-file", help="join token peers must present")
+    ap.add_argument("--allow-file", help="hex Ed25519 public keys allowed to join, one a line")
+    ap.add_argument("--no-mdns", action="store_true", help="do not announce on the LAN")
+    ap.add_argument("--tls-dir", help="serve gRPC over mTLS with the certificates in this folder")
+    ap.add_argument("--log-format", choices=("text", "json"), default="text")
+    ap.add_argument("--log-level", default=os.environ.get("SHOAL_LOG_LEVEL", "INFO"))
+    return ap
+
+
+async def _run(args: argparse.Namespace) -> int:
+    try:
+        handle = await serve(args.config, args.port, args.http_port, args.state_dir,
+                             args.token_file, args.allow_file, not args.no_mdns, args.host,
+                             tls_dir=getattr(args, "tls_dir", None))
+    except Exception as exc:  # RunSpecError, StoreError, KeyFileError, CoordinatorStartError
+        print(f"shoal coordinator: {exc}", file=sys.stderr)
+        return 2
+    svc = handle.service
+    tune_interpreter()
+    print(f"shoal coordinator: gRPC listening on {handle.grpc_address} (swarm {svc.swarm_id}, "
+          f"epoch {svc.membership.epoch}, {len(svc.membership.live_members())} live members)",
+          flush=True)
+    print(f"shoal coordinator: dashboard {handle.http_url} (JSON {handle.http_url}api/status, "
+          f"Prometheus {handle.http_url}metrics)", flush=True)
+    if handle.token_file is not None:
+        print(f"shoal coordinator: join token in {handle.token_file}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print("shoal coordinator: stopping (saving state)", flush=True)
+    await handle.stop()
+    return 0
+
+
+def tune_interpreter() -> None:
+    """Settings for a process whose latency is its product (measured in bench/coordinator.py).
+
+    grpc.aio hands every completed call from its poller thread to the event loop thread; with
+    CPython's default 5 ms GIL switch interval each hand-off can wait that long behind a busy
+    loop, which doubled median heartbeat latency at 1000 peers. And a full (generation 2)
+    garbage collection scans every object, grpc's and the stdlib's included: freezing what
+    exists after start-up keeps those pauses to the coordinator's own objects.
+    """
+    sys.setswitchinterval(0.001)
+    gc.collect()
+    gc.freeze()
+
+
+def main(args: argparse.Namespace | list[str] | None = None) -> int:
+    """CLI entry: `shoal coordinator` passes its parsed args; `python -m` passes argv."""
+    if not isinstance(args, argparse.Namespace):
+        args = build_parser().parse_args(args)
+        from protocols.logs import setup_logging
+
+        setup_logging(args.log_format, args.log_level)
+    try:
+        import uvloop
+
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:  # uvloop is optional where it does not exist (Windows)
+        runner = asyncio.Runner()
+    with runner:
+        return runner.run(_run(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

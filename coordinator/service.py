@@ -1,0 +1,414 @@
+"""The Coordinator gRPC service: Join, Heartbeat, Leave, GetSwarmView.
+
+Every call has already passed `protocols.auth.AuthInterceptor` (signature, time, nonce,
+certificate, membership) when a handler here runs; Join is signed by the joining key itself and
+this module decides its admission (join token proof or allow-list). Handlers then validate what
+the interceptor cannot see, the message fields, and refuse nonsense with INVALID_ARGUMENT and a
+message naming the field; a refused call never disturbs the others.
+
+Cost model (the budget is 1000 peers at 1 Hz, p99 < 50 ms on 2 cores): a heartbeat is one dict
+lookup, a stats check and an O(1) update; it writes nothing to disk (the journal saves leases and
+stats every few seconds) and carries the swarm view only when the peer's known epoch is stale.
+Views are built at most every VIEW_MIN_INTERVAL_S (a burst of joins would otherwise rebuild a
+thousand-peer view per heartbeat); a view carries its own epoch, so a peer sent a slightly older
+view simply receives the newer one on a later heartbeat. Each view is serialized once: handlers
+return the reply's bytes, a small reply followed by the cached bytes of its `view` field
+(protobuf merges concatenated messages, so the peer parses an ordinary reply). Copying a
+thousand-peer view into every reply instead costs ~0.3 ms per heartbeat during a join storm.
+Views carry the stats a router needs (state, samples/s, queue, step, loss), not byte counters:
+the full numbers are on the HTTP status API.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf.message import Message
+
+from coordinator.assignment import rebalance_due
+from coordinator.membership import Member, Membership
+from coordinator.store import Batch, Journal, StoreError
+from protocols import shoal_pb2 as pb
+from protocols.auth import Admission, AdmissionDenied, current_caller, issue_certificate
+from protocols.coordinator_client import OBSERVER_STAGE, PEER_STATES, VERSION, Benchmark, PeerStats
+from protocols.identity import Identity, peer_id_of
+from protocols.runspec import RunSpec
+
+log = logging.getLogger("shoal.coordinator")
+
+SERVICE_NAME = "shoal.v1.Coordinator"
+VIEW_MIN_INTERVAL_S = 0.25
+MAX_RATE = 1e9  # samples/s, tokens/s: anything above is a bug or a lie
+MAX_STEP = 2**53
+MAX_KINDS = 32
+_ADDRESS_RE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9._-]+):([0-9]{1,5})$")
+_HEX_RE = re.compile(r"^[0-9a-f]*$")
+
+
+class BadRequest(ValueError):
+    """A field of a request is malformed; the message names the field and the bound."""
+
+
+@dataclass(frozen=True)
+class ViewSnapshot:
+    """One serialized swarm view and the same bytes framed as JoinReply / HeartbeatReply.view."""
+
+    epoch: int
+    built_at: float
+    raw: bytes  # a serialized SwarmView
+    join_field: bytes  # a serialized JoinReply holding only `view`
+    heartbeat_field: bytes  # a serialized HeartbeatReply holding only `view`
+
+
+def _serialize(reply: bytes | Message) -> bytes:
+    return reply if isinstance(reply, bytes) else reply.SerializeToString()
+
+
+class CoordinatorService:
+    """The servicer, plus the periodic tick (expiry, history, rebalancing) and the view cache.
+
+    Handlers return serialized replies (bytes); register them with `add_to_server`.
+    """
+
+    def __init__(self, *, spec: RunSpec, swarm_id: str, identity: Identity,
+                 admission: Admission, membership: Membership, serial: int,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.spec = spec
+        self.spec_toml = spec.to_toml()
+        self.swarm_id = swarm_id
+        self.identity = identity
+        self.admission = admission
+        self.membership = membership
+        self.serial = serial
+        self.observers: dict[str, float] = {}  # peer id -> certificate expiry
+        self.clock = clock
+        self.cert_ttl_s = spec.membership.certificate_s
+        self.started_at = clock()
+        self.restarts = 0
+        self.grpc_address = ""
+        self.version = VERSION
+        self.loop_lag_s = 0.0  # worst event-loop lag of the last seconds (set by main)
+        self.journal: Journal | None = None
+        self.last_rebalance = clock()
+        self.rejected: dict[str, int] = {}  # INVALID_ARGUMENT / PERMISSION_DENIED by method
+        self.heartbeat_seconds = _Histogram((0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05))
+        self._view: ViewSnapshot | None = None
+        self._saved_meta: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ RPCs
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        """Register the four methods of shoal.v1.Coordinator with byte-passing serializers."""
+        def method(handler: Callable, request_type: type[Message]) -> grpc.RpcMethodHandler:
+            return grpc.unary_unary_rpc_method_handler(
+                handler, request_deserializer=request_type.FromString,
+                response_serializer=_serialize)
+
+        handlers = {"Join": method(self.Join, pb.JoinRequest),
+                    "Heartbeat": method(self.Heartbeat, pb.HeartbeatRequest),
+                    "Leave": method(self.Leave, pb.LeaveRequest),
+                    "GetSwarmView": method(self.GetSwarmView, pb.SwarmViewRequest)}
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+    async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> bytes:
+        now = self.clock()
+        caller = current_caller()
+        try:
+            observer = request.stage_hint == OBSERVER_STAGE
+            key = bytes(request.public_key)
+            if len(key) != 32:
+                raise BadRequest(f"public_key must be 32 raw bytes (Ed25519), got {len(key)}")
+            if caller is not None and caller.public_key != key:
+                raise BadRequest("public_key differs from the key that signed the Join call; "
+                                 "sign Join with the key you are joining with")
+            address = "" if observer else _address(request.address)
+            bench = None if observer else _benchmark(request.benchmark)
+            n = self.membership.n_stages
+            if not OBSERVER_STAGE <= request.stage_hint < n:
+                raise BadRequest(f"stage_hint must be -1 (none), -2 (observer) or a stage "
+                                 f"0..{n - 1}, got {request.stage_hint}")
+            if request.step_hint > MAX_STEP:
+                raise BadRequest(f"step_hint must be < 2**53, got {request.step_hint}")
+            _text("version", request.version, 64)
+            self.admission.check(key, bytes(request.token_proof), request.timestamp, now)
+        except BadRequest as exc:
+            await self._refuse(context, "Join", grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except AdmissionDenied as exc:
+            await self._refuse(context, "Join", exc.code, str(exc))
+        peer_id = peer_id_of(key)
+        if request.stage_hint == OBSERVER_STAGE:
+            return self._join_observer(peer_id, key, now)
+        member = self.membership.join(peer_id, key, address, bench, request.stage_hint,
+                                      request.step_hint, now)
+        cert = self._issue(member, now)
+        await self._commit(context)
+        log.info("peer %s joined at %s: stage %d, epoch %d", peer_id, address, member.stage,
+                 self.membership.epoch)
+        reply = pb.JoinReply(
+            certificate=cert, coordinator_public_key=self.identity.public_key,
+            run_spec_toml=self.spec_toml, stage=member.stage, epoch=self.membership.epoch,
+            lease_seconds=self.spec.membership.lease_s,
+            heartbeat_interval=self.spec.membership.heartbeat_s, swarm_id=self.swarm_id)
+        return reply.SerializeToString() + self.view(now).join_field
+
+    def _join_observer(self, peer_id: str, key: bytes, now: float) -> bytes:
+        """An observer (export, inspection) gets a certificate and the view, but no stage."""
+        self.serial += 1
+        cert = issue_certificate(self.identity, key, self.swarm_id, self.cert_ttl_s, now,
+                                 self.serial, role="observer")
+        self.observers[peer_id] = now + self.cert_ttl_s
+        for pid in [p for p, t in self.observers.items() if t < now]:
+            del self.observers[pid]
+        log.info("observer %s joined", peer_id)
+        reply = pb.JoinReply(
+            certificate=cert, coordinator_public_key=self.identity.public_key,
+            run_spec_toml=self.spec_toml, stage=OBSERVER_STAGE, epoch=self.membership.epoch,
+            lease_seconds=self.spec.membership.lease_s,
+            heartbeat_interval=self.spec.membership.heartbeat_s, swarm_id=self.swarm_id)
+        return reply.SerializeToString() + self.view(now).join_field
+
+    def is_member(self, peer_id: str) -> bool:
+        """Members with a live lease, and observers until their certificate expires."""
+        if self.membership.is_member(peer_id):
+            return True
+        until = self.observers.get(peer_id)
+        return until is not None and until >= self.clock()
+
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext
+                        ) -> bytes:
+        t0 = time.perf_counter()
+        now = self.clock()
+        caller = current_caller()
+        if caller is None:  # only without the interceptor (a misconfigured server)
+            await self._refuse(context, "Heartbeat", grpc.StatusCode.UNAUTHENTICATED,
+                               "unsigned heartbeat; sign calls with protocols.auth")
+        try:
+            stats = stats_from_wire(request.stats)
+        except BadRequest as exc:
+            await self._refuse(context, "Heartbeat", grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        epoch_before = self.membership.epoch
+        try:
+            member = self.membership.heartbeat(caller.peer_id, stats, now)
+        except KeyError:
+            await self._refuse(context, "Heartbeat", grpc.StatusCode.PERMISSION_DENIED,
+                               f"peer {caller.peer_id} is not a member (its lease lapsed or it "
+                               f"left); re-join the coordinator")
+        reply = pb.HeartbeatReply(epoch=self.membership.epoch, lease_expires=member.lease_expires,
+                                  stage=member.stage, action=member.pending_action)
+        member.pending_action = ""
+        cert = caller.certificate
+        if cert is not None and cert.not_after - now < self.cert_ttl_s / 3:
+            reply.renewed.CopyFrom(self._issue(member, now))
+        out = reply.SerializeToString()
+        if request.known_epoch != self.membership.epoch:
+            view = self.view(now)
+            if view.epoch != request.known_epoch:
+                out += view.heartbeat_field
+        if self.membership.epoch != epoch_before and self.journal is not None:
+            self.journal.request()  # a state change: persist soon, but do not wait for it
+        self.heartbeat_seconds.observe(time.perf_counter() - t0)
+        return out
+
+    async def Leave(self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext
+                    ) -> Message:
+        caller = current_caller()
+        if caller is None:
+            await self._refuse(context, "Leave", grpc.StatusCode.UNAUTHENTICATED,
+                               "unsigned Leave; sign calls with protocols.auth")
+        try:
+            reason = _text("reason", request.reason, 200) or "leaving"
+        except BadRequest as exc:
+            await self._refuse(context, "Leave", grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if self.observers.pop(caller.peer_id, None) is not None:
+            return pb.LeaveReply()
+        self.membership.leave(caller.peer_id, reason, self.clock())
+        await self._commit(context)
+        log.info("peer %s left: %s", caller.peer_id, reason)
+        return pb.LeaveReply()
+
+    async def GetSwarmView(self, request: pb.SwarmViewRequest,
+                           context: grpc.aio.ServicerContext) -> bytes:
+        return self.view(self.clock(), max_age_s=0.05).raw  # asked for: as fresh as is cheap
+
+    # ------------------------------------------------------------------ periodic work
+
+    async def tick(self, now: float) -> None:
+        """Once a second: expire silent peers, sample the curve, rebalance when due, persist."""
+        m = self.membership
+        expired = m.sweep(now)
+        for peer_id in expired:
+            log.info("peer %s expired (lease lapsed)", peer_id)
+        m.sample_history(now)
+        move = None
+        if rebalance_due(self.last_rebalance, now, self.spec.membership.rebalance_s):
+            self.last_rebalance = now
+            move = m.rebalance(now)
+            if move is not None:
+                log.info("rebalance: peer %s stage %d -> %d", move.peer_id, move.from_stage,
+                         move.to_stage)
+        if expired or move is not None:
+            await self._commit()
+
+    def view(self, now: float, max_age_s: float = VIEW_MIN_INTERVAL_S) -> ViewSnapshot:
+        """The swarm view, rebuilt when the epoch moved (at most every `max_age_s`)."""
+        snap = self._view
+        if snap is None or (snap.epoch != self.membership.epoch
+                            and now - snap.built_at >= max_age_s):
+            view = self.build_view()
+            snap = self._view = ViewSnapshot(
+                view.epoch, now, view.SerializeToString(),
+                pb.JoinReply(view=view).SerializeToString(),
+                pb.HeartbeatReply(view=view).SerializeToString())
+        return snap
+
+    def build_view(self) -> pb.SwarmView:
+        """The current membership as a SwarmView message (live members only)."""
+        m = self.membership
+        view = pb.SwarmView(epoch=m.epoch, swarm_id=self.swarm_id, revoked=m.revoked())
+        for x in m.live_members():
+            view.peers.append(member_to_wire(x, full_stats=False))
+        for s in m.stage_summaries():
+            view.stages.append(pb.StageInfo(stage=s.stage, replicas=s.replicas,
+                                            throughput=s.throughput, grad_norm=s.grad_norm,
+                                            step=s.step, rebuild=s.rebuild))
+        return view
+
+    # ------------------------------------------------------------------ persistence
+
+    def collect(self, progress: bool) -> Batch:
+        """The journal's batch: structural changes always, leases/stats/history when periodic."""
+        changed, deleted, events = self.membership.take_changes()
+        batch = Batch(members=changed, deleted=deleted, events=events)
+        if progress:
+            batch.progress = self.membership.take_progress()
+            batch.history = self.membership.history.take_unsaved()
+        meta = {"epoch": str(self.membership.epoch), "serial": str(self.serial)}
+        batch.meta = {k: v for k, v in meta.items() if self._saved_meta.get(k) != v}
+        self._saved_meta.update(meta)
+        return batch
+
+    async def _commit(self, context: grpc.aio.ServicerContext | None = None) -> None:
+        """Wait until the changes so far are on disk; a failed write refuses the call."""
+        if self.journal is None:
+            return
+        try:
+            await self.journal.commit()
+        except StoreError as exc:
+            if context is None:
+                raise
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"{exc}; the coordinator cannot save state (disk full or "
+                                f"read-only?); retry later")
+
+    # ------------------------------------------------------------------ helpers
+
+    def _issue(self, member: Member, now: float) -> pb.SignedCertificate:
+        self.serial += 1
+        cert = issue_certificate(self.identity, member.public_key, self.swarm_id,
+                                 self.cert_ttl_s, now, self.serial)
+        self.membership.note_certificate(member.peer_id, now + self.cert_ttl_s)
+        return cert
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, method: str,
+                      code: grpc.StatusCode, message: str) -> None:
+        self.rejected[method] = self.rejected.get(method, 0) + 1
+        log.debug("%s refused (%s): %s", method, code.name, message)
+        await context.abort(code, message)
+
+
+def member_to_wire(m: Member, full_stats: bool = True) -> pb.PeerInfo:
+    b, s = m.benchmark, m.stats
+    stats = s.to_proto() if full_stats else pb.PeerStats(
+        state=s.state, samples_per_s=s.samples_per_s, queue=s.queue, step=s.step, loss=s.loss,
+        state_hash=s.state_hash)
+    return pb.PeerInfo(
+        peer_id=m.peer_id, public_key=m.public_key, address=m.address, stage=m.stage,
+        state=m.state, stats=stats, lease_expires=m.lease_expires,
+        joined_at=m.joined_at,
+        benchmark=pb.Benchmark(samples_per_s=b.samples_per_s, bandwidth_mbps=b.bandwidth_mbps,
+                               device=b.device, memory_bytes=b.memory_bytes, declared=b.declared))
+
+
+# ---------------------------------------------------------------------- input checks
+
+
+def _text(name: str, value: str, limit: int) -> str:
+    if len(value) > limit:
+        raise BadRequest(f"{name} is {len(value)} characters; at most {limit} are accepted")
+    if not value.isprintable():
+        raise BadRequest(f"{name} must be printable text")
+    return value
+
+
+def _rate(name: str, value: float, limit: float = MAX_RATE) -> float:
+    if not math.isfinite(value) or value < 0 or value > limit:
+        raise BadRequest(f"{name} must be a finite number in [0, {limit:g}], got {value!r}")
+    return value
+
+
+def _address(value: str) -> str:
+    _text("address", value, 256)
+    match = _ADDRESS_RE.match(value)
+    if not match or not 1 <= int(match.group(2)) <= 65535:
+        raise BadRequest(f"address must be HOST:PORT where other peers reach this one "
+                         f"(port 1-65535), got {value!r:.80}")
+    return value
+
+
+def _benchmark(b: pb.Benchmark) -> Benchmark:
+    if not (math.isfinite(b.samples_per_s) and 0 < b.samples_per_s <= MAX_RATE):
+        raise BadRequest(f"benchmark.samples_per_s must be a finite number in (0, {MAX_RATE:g}]"
+                         f" (run the self-benchmark), got {b.samples_per_s!r}")
+    _rate("benchmark.bandwidth_mbps", b.bandwidth_mbps, 1e7)
+    _text("benchmark.device", b.device, 128)
+    return Benchmark.from_proto(b)
+
+
+def stats_from_wire(s: pb.PeerStats) -> PeerStats:
+    """Validated heartbeat stats. `loss` may be NaN (unknown); nothing else may be."""
+    if s.state not in PEER_STATES:
+        raise BadRequest(f"stats.state must be one of {', '.join(PEER_STATES)}, "
+                         f"got {s.state!r:.40}")
+    _rate("stats.samples_per_s", s.samples_per_s)
+    _rate("stats.tokens_per_s", s.tokens_per_s)
+    _rate("stats.grad_norm", s.grad_norm, 1e30)
+    if not (math.isnan(s.loss) or 0 <= s.loss <= 1e6):
+        raise BadRequest(f"stats.loss must be NaN (unknown) or in [0, 1e6], got {s.loss!r}")
+    if s.step > MAX_STEP:
+        raise BadRequest(f"stats.step must be < 2**53, got {s.step}")
+    if s.queue > 1_000_000:
+        raise BadRequest(f"stats.queue must be <= 1000000, got {s.queue}")
+    if len(s.state_hash) > 128 or not _HEX_RE.match(s.state_hash):
+        raise BadRequest("stats.state_hash must be a lowercase hex digest of at most 128 chars")
+    if len(s.bytes_by_kind) > MAX_KINDS:
+        raise BadRequest(f"stats.bytes_by_kind has {len(s.bytes_by_kind)} kinds; at most "
+                         f"{MAX_KINDS} are accepted")
+    for kind in s.bytes_by_kind:
+        if len(kind) > 64 or not kind.isprintable():
+            raise BadRequest(f"stats.bytes_by_kind key {kind!r:.80} must be printable, <= 64 "
+                             f"characters")
+    return PeerStats.from_proto(s)
+
+
+class _Histogram:
+    """A Prometheus-style cumulative histogram of durations in seconds."""
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.total += seconds
+        for i, bound in enumerate(self.buckets):
+            if seconds <= bound:
+                self.counts[i] += 1
+                return
+        self.counts[-1] += 1

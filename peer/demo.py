@@ -1,0 +1,275 @@
+"""`shoal demo`: a whole swarm on this machine, training where you can watch it.
+
+Starts a coordinator and `--peers` peer daemons as separate processes on 127.0.0.1 (the same
+programs a real deployment runs), shows a progress line (step, loss, tokens/s, bytes/step) from
+the coordinator's status API, prints the dashboard's address, and when the run reaches `--steps`
+exports the model from the live peers, writes `summary.json` and stops everything it started —
+also on Ctrl-C or error. Defaults are sized to learn visibly in a few minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from protocols.runspec import RunSpec
+
+DEMO_DEFAULTS = {
+    "model.d_model": 128, "model.n_layers": 4, "model.n_heads": 4, "model.seq_len": 64,
+    "pipeline.microbatch": 8, "pipeline.target_batch": 32, "optim.lr": 3e-3,
+    "sync.timeout_s": 10.0, "membership.heartbeat_s": 1.0, "membership.lease_s": 6.0,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def demo_spec(args: argparse.Namespace) -> RunSpec:
+    base = RunSpec.load(args.config) if args.config else RunSpec().replace(**DEMO_DEFAULTS)
+    spec = base.replace(**{"pipeline.stages": args.stages, "run.steps": args.steps,
+                           "sync.mode": args.sync, "run.seed": args.seed,
+                           "run.name": f"demo-{args.sync}"})
+    if args.peers < args.stages + 1:
+        raise SystemExit(f"--peers {args.peers} cannot cover {args.stages} block stages plus "
+                         f"stage 0: use at least {args.stages + 1} peers")
+    return spec
+
+
+class Swarm:
+    """The processes of one local swarm; `stop` ends exactly the ones it started."""
+
+    def __init__(self, work: Path, spec: RunSpec, peers: int, data: str | None, device: str):
+        self.work = work
+        self.spec = spec
+        self.n_peers = peers
+        self.data = data
+        self.device = device
+        self.port = free_port()
+        self.http_port = 0
+        self.coordinator: subprocess.Popen | None = None
+        self.peers: list[subprocess.Popen] = []
+        self.logs = work / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.token_file = work / "join.token"
+
+    def _spawn(self, args: list[str], log_name: str, env: dict | None = None) -> subprocess.Popen:
+        with open(self.logs / log_name, "ab") as log:  # the child keeps its own descriptor
+            return subprocess.Popen([sys.executable, "-m", "peer.cli", *args], stdout=log,
+                                    stderr=subprocess.STDOUT,
+                                    env={**os.environ, **(env or {})}, start_new_session=True)
+
+    def start(self, http_port: int) -> None:
+        (self.work / "run.toml").write_text(self.spec.to_toml())
+        if not self.token_file.exists():
+            from protocols.auth import new_token
+
+            fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(new_token() + "\n")
+        self.http_port = http_port or free_port()
+        self.coordinator = self._spawn(
+            ["coordinator", "--config", str(self.work / "run.toml"), "--host", "127.0.0.1",
+             "--port", str(self.port), "--http-port", str(self.http_port), "--state-dir",
+             str(self.work / "coordinator"), "--token-file", str(self.token_file), "--no-mdns"],
+            "coordinator.log")
+        wait_port(self.port, 30, self.coordinator)
+        for i in range(self.n_peers):
+            self.add_peer(i)
+
+    def add_peer(self, i: int, extra: list[str] | None = None) -> subprocess.Popen:
+        keys = self.work / "keys"
+        keys.mkdir(exist_ok=True)
+        args = ["peer", "--coordinator", f"127.0.0.1:{self.port}", "--identity",
+                str(keys / f"peer{i}.key"), "--token-file", str(self.token_file), "--device",
+                self.device, "--metrics-file", str(self.logs / f"peer{i}.metrics.jsonl"),
+                *(extra or [])]
+        if self.data:
+            args += ["--data", self.data]
+        p = self._spawn(args, f"peer{i}.log", env={"SHOAL_TORCH_THREADS": "1"})
+        self.peers.append(p)
+        return p
+
+    def status(self) -> dict | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/api/status",
+                                        timeout=3) as r:
+                return json.load(r)
+        except (OSError, ValueError):
+            return None
+
+    def stop(self, grace: float = 15.0) -> None:
+        procs = [p for p in self.peers if p.poll() is None]
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for p in procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        if self.coordinator and self.coordinator.poll() is None:
+            self.coordinator.send_signal(signal.SIGTERM)
+            try:
+                self.coordinator.wait(10)
+            except subprocess.TimeoutExpired:
+                self.coordinator.kill()
+                self.coordinator.wait()
+
+
+def wait_port(port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise SystemExit(f"the coordinator exited with code {proc.returncode} at start; "
+                             "see its log")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise SystemExit(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
+
+
+def read_metrics(logs: Path) -> list[dict]:
+    rows = []
+    for f in sorted(logs.glob("peer*.metrics.jsonl")):
+        for line in f.read_text().splitlines():
+            if line.strip():
+                rows.append(json.loads(line))
+    return rows
+
+
+def summarize(spec: RunSpec, peers: int, rows: list[dict], status: dict | None,
+              seconds: float) -> dict:
+    by_step: dict[int, list[float]] = {}
+    for r in rows:
+        if r.get("loss") is not None:
+            by_step.setdefault(r["step"], []).append(r["loss"])
+    steps = sorted(by_step)
+    losses = [sum(by_step[s]) / len(by_step[s]) for s in steps]
+    k = min(5, max(1, len(losses) // 10))
+    peers_info = (status or {}).get("peers", [])
+    tokens = sum(r.get("tokens", 0) for r in rows)
+    train_seconds = sum(r.get("seconds", 0.0) for r in rows) / max(1, len({
+        r.get("step") for r in rows}) and 1)
+    bytes_sent = sum(p.get("bytes_sent") or 0 for p in peers_info)
+    return {
+        "peers": peers, "stages": spec.pipeline.stages, "sync": spec.sync.mode,
+        "steps": steps[-1] if steps else 0,
+        "initial_loss": sum(losses[:k]) / k if losses else None,
+        "final_loss": sum(losses[-k:]) / k if losses else None,
+        "loss_by_step": [[s, round(v, 5)] for s, v in zip(steps, losses, strict=True)],
+        "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+        "tokens": tokens, "seconds": round(seconds, 2), "train_seconds": round(train_seconds, 2),
+        "bytes_sent": bytes_sent,
+        "bytes_per_step": bytes_sent / steps[-1] if steps else None,
+        "bytes_by_kind": _sum_kinds(peers_info),
+        "dropped_microbatches": sum(p.get("dropped_microbatches") or 0 for p in peers_info),
+        "stage_hashes": _stage_hashes(peers_info),
+    }
+
+
+def _sum_kinds(peers: list[dict]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for p in peers:
+        for k, v in (p.get("bytes_by_kind") or {}).items():
+            out[k] = out.get(k, 0) + int(v)
+    return out
+
+
+def _stage_hashes(peers: list[dict]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for p in peers:
+        if p.get("state") in ("training", "rebuilt", "draining") and p.get("stage", -1) >= 0:
+            out.setdefault(str(p["stage"]), []).append(p.get("state_hash") or "")
+    return out
+
+
+def _progress(step: int, total: int, loss: float | None, tps: float, bps: float | None,
+              tty: bool) -> str:
+    width = 30
+    done = int(width * min(step, total) / max(total, 1))
+    bar = "#" * done + "-" * (width - done)
+    loss_s = f"{loss:.3f}" if loss is not None and math.isfinite(loss) else "  -  "
+    bps_s = f"{bps / 1e6:.2f} MB" if bps else "-"
+    text = (f"[{bar}] step {step}/{total}  loss {loss_s}  {tps:,.0f} tok/s  "
+            f"{bps_s}/step")
+    return ("\r" + text) if tty else text
+
+
+def main(args: argparse.Namespace) -> int:
+    spec = demo_spec(args)
+    work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="shoal-demo-"))
+    work.mkdir(parents=True, exist_ok=True)
+    swarm = Swarm(work, spec, args.peers, args.data, args.device)
+    tty = sys.stdout.isatty()
+    t_start = time.monotonic()
+    status = None
+    try:
+        swarm.start(args.http_port)
+        print(f"shoal demo: {args.peers} peers, {spec.pipeline.stages} block stages, sync "
+              f"{spec.sync.mode}, {spec.run.steps} steps")
+        print(f"dashboard: http://127.0.0.1:{swarm.http_port}/   logs: {swarm.logs}")
+        last_print = 0.0
+        deadline = time.monotonic() + max(600.0, spec.run.steps * 10.0)
+        while True:
+            time.sleep(1.0)
+            if all(p.poll() is not None for p in swarm.peers):
+                raise SystemExit("every peer exited; see the logs in " + str(swarm.logs))
+            status = swarm.status() or status
+            rows = read_metrics(swarm.logs)
+            step = max((r["step"] for r in rows), default=0)
+            recent = [r for r in rows if r["step"] >= step - 2 and r.get("loss") is not None]
+            loss = sum(r["loss"] for r in recent) / len(recent) if recent else None
+            tps = sum(r["tokens"] for r in rows[-8:]) / max(sum(r["seconds"] for r in rows[-8:])
+                                                           / max(1, len(rows[-8:])) * 8, 1e-6)
+            bps = sum(r["bytes"] for r in rows) / step if step else None
+            if tty or time.monotonic() - last_print > 10:
+                print(_progress(step, spec.run.steps, loss, tps, bps, tty), end="" if tty else
+                      "\n", flush=True)
+                last_print = time.monotonic()
+            if step >= spec.run.steps:
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the run did not reach step {spec.run.steps} in time")
+        if tty:
+            print()
+        seconds = time.monotonic() - t_start
+        time.sleep(spec.membership.heartbeat_s * 2.5)  # let final stats reach the coordinator
+        status = swarm.status() or status
+        from peer.export_cli import export_to
+        from protocols.identity import Identity
+
+        model_dir = work / "model"
+        asyncio.run(export_to(model_dir, f"127.0.0.1:{swarm.port}",
+                              Identity.load_or_create(work / "keys" / "export.key"),
+                              swarm.token_file.read_text().strip()))
+        summary = summarize(spec, args.peers, read_metrics(swarm.logs), status, seconds)
+        summary["model_dir"] = str(model_dir)
+        (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"loss {summary['initial_loss']:.3f} -> {summary['final_loss']:.3f} over "
+              f"{summary['steps']} steps; {summary['tokens_per_s']:,.0f} tokens/s; "
+              f"{summary['bytes_sent'] / 1e6:.1f} MB sent; "
+              f"{summary['dropped_microbatches']} microbatches dropped")
+        print(f"model: {model_dir}   summary: {work / 'summary.json'}")
+        print(f"try:   shoal generate --model {model_dir} --prompt 'def '")
+        return 0
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopping the swarm")
+        return 130
+    finally:
+        swarm.stop()

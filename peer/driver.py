@@ -1,0 +1,244 @@
+"""The stage-0 driver: pushes microbatches through the block stages and closes each step.
+
+One optimizer step on this replica:
+1. refresh the swarm view; shard the corpus by this replica's rank among the stage-0 replicas;
+2. run its share of the swarm-wide target batch as microbatches, several in flight: embed →
+   for each block stage of the path, the replica with the smallest expected finish time
+   (peer/router.py) → head and loss → backward along the *same* hops in reverse → embedding;
+   a hop that fails or times out in the forward pass is resent to the next-best replica (the
+   failing one is banned until its lease would expire); a microbatch whose backward cannot
+   finish (the replica holding its graph is gone) is dropped and counted;
+3. send `EndStep` to every live replica of every block stage and sync stage 0 with the other
+   stage-0 replicas; the step is over when all of them answered (or timed out).
+
+The barrier in step 3 keeps training synchronous: no replica steps while it holds graphs of the
+step, and every replica steps exactly once per step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import time
+from typing import TYPE_CHECKING
+
+import grpc
+import numpy as np
+import torch
+
+from peer import wire
+from peer.data import inputs_targets, load_corpus, shard
+from peer.router import NoReplicaAvailable, RoundRobinRouter, Router
+from protocols import shoal_pb2 as pb
+from protocols import shoal_pb2_grpc as pbg
+
+if TYPE_CHECKING:
+    from peer.daemon import PeerDaemon
+
+log = logging.getLogger("shoal.driver")
+MAX_HOP_ATTEMPTS = 4
+
+
+class MicrobatchDropped(Exception):
+    pass
+
+
+class Driver:
+    def __init__(self, daemon: PeerDaemon, router: Router | None = None) -> None:
+        self.d = daemon
+        rng = random.Random(int(daemon.peer_id, 16))
+        kind = getattr(daemon.args, "router", "swarm")
+        self.router = router or (RoundRobinRouter(rng=rng) if kind == "round_robin"
+                                 else Router(rng=rng))
+        self.corpus = load_corpus([daemon.args.data] if daemon.args.data else None)
+        self._shard_key: tuple[int, int] | None = None
+        self._shard = None
+        self._stop = False
+        self._inflight = 0
+        self.last_loss = math.nan
+        self.tokens_per_s = 0.0
+        self.dropped = 0
+        self.done = 0
+        self._metrics: list[dict] = []
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def busy(self) -> bool:
+        return self._inflight > 0
+
+    def take_metrics(self) -> list[dict]:
+        rows, self._metrics = self._metrics, []
+        return rows
+
+    # ------------------------------------------------------------------ the loop
+
+    async def run(self) -> None:
+        d = self.d
+        spec = d.spec
+        while not self._stop:
+            if spec.run.steps and d.host.step >= spec.run.steps:
+                await asyncio.sleep(0.5)
+                continue
+            if d.state not in ("training", "rebuilt"):
+                await asyncio.sleep(0.2)
+                continue
+            try:
+                await self._one_step()
+            except NoReplicaAvailable as exc:
+                log.warning("step %d waits: %s", d.host.step + 1, exc)
+                await asyncio.sleep(1.0)
+            except Exception:
+                log.exception("step %d failed; retrying", d.host.step + 1)
+                await asyncio.sleep(1.0)
+
+    async def _refresh(self) -> None:
+        d = self.d
+        try:
+            d.view = await d.client.view()
+        except Exception as exc:
+            log.warning("swarm view refresh failed (%s); using the last one", exc)
+        for s in range(1, d.spec.pipeline.stages + 1):
+            seeds = {}
+            for p in d.view.replicas(s):
+                if p.peer_id in d.live_replicas(s):
+                    seeds[p.peer_id] = max(p.stats.samples_per_s, p.benchmark.samples_per_s,
+                                           1e-3)
+            self.router.update_replicas(s, seeds)
+
+    def _my_shard(self):
+        stage0 = sorted(set(self.d.live_replicas(0)) | {self.d.peer_id})
+        key = (stage0.index(self.d.peer_id), len(stage0))
+        if key != self._shard_key:
+            self._shard = shard(self.corpus, key[0], key[1], self.d.spec.model.seq_len)
+            self._shard_key = key
+        return self._shard, stage0
+
+    async def _one_step(self) -> None:
+        d = self.d
+        spec = d.spec
+        await self._refresh()
+        data, stage0 = self._my_shard()
+        step = d.host.step + 1
+        mb = spec.pipeline.microbatch
+        n_mb = max(1, math.ceil(spec.pipeline.target_batch / (len(stage0) * mb)))
+        bytes0 = d.counter.total_sent() + d.counter.total_received()
+        t0 = time.monotonic()
+        window = max(2, 2 * (spec.pipeline.stages + 1))
+        sem = asyncio.Semaphore(window)
+
+        async def one(i: int) -> float | None:
+            async with sem:
+                if self._stop:
+                    return None
+                batch = data.batch(mb, spec.run.seed, step * 10007 + i)
+                return await self._microbatch(step, i, batch)
+
+        losses = [x for x in await asyncio.gather(*(one(i) for i in range(n_mb))) if x is not None]
+        if self._stop and not losses:
+            return
+        await self._end_step(step, stage0, n_mb, len(losses) * mb)
+        dt = time.monotonic() - t0
+        tokens = len(losses) * mb * spec.model.seq_len
+        self.tokens_per_s = tokens / max(dt, 1e-6)
+        if losses:
+            self.last_loss = float(np.mean(losses))
+        wire_bytes = d.counter.total_sent() + d.counter.total_received() - bytes0
+        self._metrics.append({
+            "t": time.time(), "step": step, "loss": self.last_loss if losses else None,
+            "microbatches": n_mb, "completed": len(losses), "tokens": tokens, "seconds": dt,
+            "tokens_per_s": self.tokens_per_s, "bytes": wire_bytes, "dropped": self.dropped,
+        })
+
+    # ------------------------------------------------------------------ one microbatch
+
+    async def _microbatch(self, step: int, i: int, batch: torch.Tensor) -> float | None:
+        d = self.d
+        host = d.host
+        mb_id = f"{d.peer_id[:12]}-{step}-{i}"
+        tokens, targets = inputs_targets(batch)
+        self._inflight += 1
+        hops: list[tuple[int, str]] = []
+        try:
+            h = await host.run(host.embed, mb_id, tokens, step)
+            path = list(range(1, d.spec.pipeline.stages + 1))
+            for hop, s in enumerate(path):
+                h, peer = await self._hop("forward", s, step, mb_id, path, hop, h)
+                hops.append((s, peer))
+            loss, g = await host.run(host.head, mb_id, h, targets)
+            for hop in range(len(hops) - 1, -1, -1):
+                s, peer = hops[hop]
+                g, _ = await self._hop("backward", s, step, mb_id, path, hop, g, peer=peer)
+            await host.run(host.embed_backward, mb_id, g)
+            self.done += 1
+            return loss
+        except MicrobatchDropped as exc:
+            self.dropped += 1
+            host.forget(mb_id)
+            log.info("microbatch %s dropped: %s", mb_id, exc)
+            return None
+        finally:
+            self._inflight -= 1
+
+    async def _hop(self, kind: str, stage: int, step: int, mb_id: str, path: list[int],
+                   hop: int, x: torch.Tensor, peer: str | None = None
+                   ) -> tuple[torch.Tensor, str]:
+        d = self.d
+        samples = int(x.shape[0])
+        tried: set[str] = set()
+        for _ in range(MAX_HOP_ATTEMPTS if peer is None else 1):
+            now = time.monotonic()
+            target = peer or self.router.choose(stage, samples, now, exclude=tried)
+            timeout = self.router.timeout_for(target, samples, backward=kind == "backward")
+            header = pb.CallHeader(kind=kind, microbatch_id=mb_id, step=step, stage=stage,
+                                   path=path, hop=hop, sender=d.peer_id, sent_at=time.time())
+            t0 = time.monotonic()
+            try:
+                stub = pbg.StageStub(d.channel(d.address_of(target)))
+                method = stub.Forward if kind == "forward" else stub.Backward
+                _, arrays = await wire.call_tensors(
+                    method, header, {"x": x.float().numpy()},
+                    encoding=wire.ACTIVATION_ENCODINGS[d.spec.pipeline.activations],
+                    limits=d.activation_limits(), counter=d.counter, kind="activations",
+                    timeout=timeout)
+                self.router.record(target, samples, time.monotonic() - t0, time.monotonic())
+                return torch.from_numpy(arrays["x"].copy()), target
+            except grpc.aio.AioRpcError as exc:
+                tried.add(target)
+                now = time.monotonic()
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    self.router.on_timeout(target, samples, now - t0, now)
+                else:
+                    self.router.ban(target, now + d.spec.membership.lease_s)
+                log.info("%s of %s on %s failed: %s", kind, mb_id, target[:8], exc.code().name)
+            except (KeyError, NoReplicaAvailable) as exc:
+                if peer is not None:
+                    raise MicrobatchDropped(str(exc)) from exc
+                raise MicrobatchDropped(f"stage {stage}: {exc}") from exc
+        raise MicrobatchDropped(f"stage {stage} {kind}: no replica answered ({len(tried)} tried)")
+
+    # ------------------------------------------------------------------ end of step
+
+    async def _end_step(self, step: int, stage0: list[str], n_mb: int, samples: int) -> None:
+        d = self.d
+        timeout = d.spec.sync.timeout_s * 3 + 10
+        replicas = {s: d.live_replicas(s) for s in range(1, d.spec.pipeline.stages + 1)}
+        stage_of = {pid: s for s, pids in replicas.items() for pid in pids}
+
+        async def end(pid: str) -> pb.StepDone | None:
+            req = pb.StepEnd(step=step, sender=d.peer_id, microbatches=n_mb, samples=samples,
+                             stage0_replicas=stage0, stage_replicas=replicas[stage_of[pid]])
+            try:
+                stub = pbg.StageStub(d.channel(d.address_of(pid)))
+                return await stub.EndStep(req, timeout=timeout)
+            except (grpc.aio.AioRpcError, KeyError) as exc:
+                log.warning("EndStep(%d) to %s failed: %s", step, pid[:8], exc)
+                return None
+
+        d.rounds.agreed[step] = stage0
+        results = await asyncio.gather(d.sync_step(step), *(end(p) for p in stage_of))
+        own = results[0]
+        if not own.stepped:
+            log.warning("stage 0 did not step at %d: %s", step, own.detail)

@@ -1,0 +1,163 @@
+"""`shoal export` and `shoal generate`: the swarm's model out into one directory, and text from it.
+
+Export joins the coordinator as an *observer* (it is given no stage and no lease that counts),
+reads the swarm view, downloads each stage from a live replica over `State.Download` (the same
+hash-checked path a joining replica uses), assembles the Decoder state dict and writes
+`model.safetensors` + `config.json` (peer/export.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+
+import grpc
+import torch
+
+from peer import wire
+from peer.export import assemble, decode, generate, kept_layers, load_model, save_model
+from peer.stage_host import model_config, tensor_hash
+from protocols import auth, tensor_stream
+from protocols import shoal_pb2 as pb
+from protocols import shoal_pb2_grpc as pbg
+from protocols.coordinator_client import OBSERVER_STAGE, Benchmark, CoordinatorClient
+from protocols.identity import Identity
+
+log = logging.getLogger("shoal.export")
+
+
+class ExportFailed(RuntimeError):
+    pass
+
+
+async def pull_stage_states(coordinator: str, identity: Identity, token: str | None,
+                            counter: wire.ByteCounter | None = None):
+    """(spec, view, [state dict of stage 0, 1, ..., S]) from live replicas."""
+    counter = counter or wire.ByteCounter()
+    client = CoordinatorClient(coordinator, identity, token=token)
+    try:
+        joined = await client.join(Benchmark(declared=True), "", stage_hint=OBSERVER_STAGE)
+        spec = joined.spec
+        view = await client.view()
+        signer = auth.CallSigner(identity, lambda: client.certificate)
+        states = []
+        channels: list[grpc.aio.Channel] = []
+        limits = wire.limits_for(1 << 34)
+        for stage in range(spec.pipeline.stages + 1):
+            replicas = [p for p in view.replicas(stage) if p.state in ("training", "rebuilt")]
+            if not replicas:
+                raise ExportFailed(f"stage {stage} has no live replica to export from; wait for "
+                                   "a peer to take it (see `shoal status`)")
+            last_error = ""
+            for p in replicas:
+                ch = grpc.aio.insecure_channel(p.address, options=tensor_stream.grpc_options(),
+                                               interceptors=auth.client_interceptors(signer))
+                channels.append(ch)
+                try:
+                    call = pbg.StateStub(ch).Download(
+                        pb.StateRequest(stage=stage, include_optimizer=False), timeout=120)
+                    header, arrays = await wire.receive(call.__aiter__(), limits, counter,
+                                                        "state")
+                except grpc.aio.AioRpcError as exc:
+                    last_error = f"{p.peer_id[:8]}: {exc.details()}"
+                    continue
+                state = {k[6:]: torch.from_numpy(a.copy()) for k, a in arrays.items()
+                         if k.startswith("model.")}
+                params_hash = header.meta.get("state_hash", "")
+                if params_hash and tensor_hash(_params_only(state)) != params_hash:
+                    last_error = f"{p.peer_id[:8]}: state hash mismatch"
+                    continue
+                states.append((state, header.step))
+                break
+            else:
+                raise ExportFailed(f"stage {stage}: no replica gave its state ({last_error})")
+        for ch in channels:
+            await ch.close()
+        return spec, view, states
+    finally:
+        with contextlib.suppress(Exception):
+            await client.leave("export done")
+        await client.close()
+
+
+def _params_only(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if not k.startswith("edge_")}
+
+
+async def export_to(out: str | Path, coordinator: str, identity: Identity,
+                    token: str | None) -> Path:
+    spec, _, states = await pull_stage_states(coordinator, identity, token)
+    full = assemble(states[0][0], [s for s, _ in states[1:]])
+    steps = sorted({step for _, step in states})
+    return save_model(out, model_config(spec), full, metadata={
+        "run": spec.run.name, "sync": spec.sync.mode, "steps": ",".join(map(str, steps)),
+        "run_spec": spec.to_toml(),
+    })
+
+
+async def pipeline_logits(coordinator: str, identity: Identity, token: str | None,
+                          model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits of `tokens` with the block stages computed by the live swarm (one replica each,
+    activations in fp32) and the embedding and head from `model`: for comparing an export with
+    the pipeline it came from."""
+    import torch.nn.functional as F
+
+    client = CoordinatorClient(coordinator, identity, token=token)
+    channels: list[grpc.aio.Channel] = []
+    try:
+        joined = await client.join(Benchmark(declared=True), "", stage_hint=OBSERVER_STAGE)
+        spec = joined.spec
+        view = await client.view()
+        signer = auth.CallSigner(identity, lambda: client.certificate)
+        counter = wire.ByteCounter()
+        with torch.no_grad():
+            h = model.embedding(tokens.long())
+            for stage in range(1, spec.pipeline.stages + 1):
+                live = [p for p in view.replicas(stage) if p.state in ("training", "rebuilt")]
+                if not live:
+                    raise ExportFailed(f"stage {stage} has no live replica")
+                ch = grpc.aio.insecure_channel(live[0].address,
+                                               options=tensor_stream.grpc_options(),
+                                               interceptors=auth.client_interceptors(signer))
+                channels.append(ch)
+                header = pb.CallHeader(kind="forward", microbatch_id="inspect", stage=stage,
+                                       sender=identity.peer_id)
+                header.meta["mode"] = "inference"
+                _, arrays = await wire.call_tensors(
+                    pbg.StageStub(ch).Forward, header, {"x": h.float().numpy()},
+                    encoding=pb.RAW, limits=wire.limits_for(1 << 30), counter=counter,
+                    kind="activations", timeout=60)
+                h = torch.from_numpy(arrays["x"].copy())
+            return F.linear(model.norm(h), model.embedding.weight)
+    finally:
+        for ch in channels:
+            await ch.close()
+        with contextlib.suppress(Exception):
+            await client.leave("inspection done")
+        await client.close()
+
+
+def export_main(args: argparse.Namespace) -> int:
+    if not args.coordinator:
+        raise SystemExit("shoal export: pass --coordinator HOST:PORT (or SHOAL_COORDINATOR)")
+    token = Path(args.token_file).read_text().strip() if args.token_file else None
+    identity = Identity.load_or_create(args.identity)
+    try:
+        out = asyncio.run(export_to(args.out, args.coordinator, identity, token))
+    except ExportFailed as exc:
+        print(f"shoal export: {exc}")
+        return 1
+    print(f"wrote {out}/model.safetensors and {out}/config.json")
+    return 0
+
+
+def generate_main(args: argparse.Namespace) -> int:
+    model = load_model(args.model)
+    layers = kept_layers(model.config.n_layers, args.skip) if args.skip else None
+    text = generate(model, args.prompt.encode(), args.tokens, temperature=args.temperature,
+                    top_k=args.top_k, seed=args.seed, layers=layers)
+    print(args.prompt + decode(text))
+    return 0

@@ -1,0 +1,205 @@
+"""The gRPC services a peer serves: Stage (forward, backward, end of step), Sync, State.
+
+Every handler validates what it receives through the codec (dtype, shape, size, digest,
+finiteness) before torch sees it, answers bad input with INVALID_ARGUMENT and a message, and
+keeps serving. Torch work goes to the StageHost's compute thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import grpc
+import torch
+
+from peer import wire
+from peer.stage_host import StageError
+from protocols import codec
+from protocols import shoal_pb2 as pb
+from protocols import shoal_pb2_grpc as pbg
+
+if TYPE_CHECKING:
+    from peer.daemon import PeerDaemon
+
+log = logging.getLogger("shoal.services")
+
+
+class NotServing(Exception):
+    """This replica does not take the call now (draining, syncing, wrong stage)."""
+
+
+def _error_chunk(text: str) -> pb.TensorChunk:
+    h = pb.CallHeader(kind="error")
+    h.meta["error"] = text
+    return pb.TensorChunk(header=h)
+
+
+@dataclass
+class _StepEnds:
+    """EndStep calls of one step, and the one task that syncs and steps the stage for them."""
+
+    expected: set[str]
+    got: set[str] = field(default_factory=set)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task | None = None
+
+
+class StageService(pbg.StageServicer):
+    def __init__(self, daemon: PeerDaemon) -> None:
+        self.d = daemon
+        self._ends: dict[int, _StepEnds] = {}
+
+    def _check_serving(self, header: pb.CallHeader) -> None:
+        d = self.d
+        if d.draining:
+            raise NotServing(f"peer {d.peer_id[:8]} is draining; send to another replica")
+        if d.host is None or d.state not in ("training", "rebuilt"):
+            raise NotServing(f"peer {d.peer_id[:8]} is {d.state}, not serving yet")
+        if header.stage != d.host.stage:
+            raise NotServing(f"this peer holds stage {d.host.stage}, not {header.stage}")
+        if header.step and header.step != d.host.step + 1:
+            raise NotServing(f"microbatch of step {header.step} but this replica is after step "
+                             f"{d.host.step}")
+
+    async def _tensor_call(
+        self, request_iterator: AsyncIterator[pb.TensorChunk], context, kind: str,
+        work: Callable[[pb.CallHeader, torch.Tensor], torch.Tensor],
+    ) -> AsyncIterator[pb.TensorChunk]:
+        d = self.d
+        try:
+            header, arrays = await wire.receive(request_iterator, d.activation_limits(),
+                                                d.counter, "activations")
+            self._check_serving(header)
+            if set(arrays) != {"x"}:
+                raise StageError(f"{kind} expects one tensor named 'x', got {sorted(arrays)}")
+            x = torch.from_numpy(arrays["x"].copy())
+            d.queue += 1
+            try:
+                t0 = time.monotonic()
+                y = await d.host.run(work, header, x)
+                d.note_compute(int(x.shape[0]), time.monotonic() - t0)
+            finally:
+                d.queue -= 1
+        except codec.CodecError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{kind}: {exc}")
+            return
+        except StageError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{kind}: {exc}")
+            return
+        except NotServing as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            return
+        out = pb.CallHeader(kind=kind, microbatch_id=header.microbatch_id, step=header.step,
+                            stage=d.host.stage, sender=d.peer_id, sent_at=time.time())
+        enc = wire.ACTIVATION_ENCODINGS[d.spec.pipeline.activations]
+        for chunk in wire.encode_chunks(out, {"x": y.numpy()}, enc):
+            d.counter.add("activations", sent=chunk.ByteSize())
+            yield chunk
+
+    async def Forward(self, request_iterator, context):
+        def work(h: pb.CallHeader, x: torch.Tensor) -> torch.Tensor:
+            if h.meta.get("mode") == "inference":
+                return self.d.host.infer(x)
+            return self.d.host.forward(h.microbatch_id, x, h.step)
+
+        async for chunk in self._tensor_call(request_iterator, context, "forward", work):
+            yield chunk
+
+    async def Backward(self, request_iterator, context):
+        async for chunk in self._tensor_call(
+                request_iterator, context, "backward",
+                lambda h, g: self.d.host.backward(h.microbatch_id, g)):
+            yield chunk
+
+    async def EndStep(self, request: pb.StepEnd, context) -> pb.StepDone:
+        d = self.d
+        host = d.host
+        if host is None or host.stage == 0 or d.state not in ("training", "rebuilt"):
+            return pb.StepDone(step=request.step, stepped=False, detail=f"peer is {d.state}")
+        if request.step <= host.step:
+            return pb.StepDone(step=request.step, stage=host.stage, stepped=False,
+                               state_hash=d.state_hash, detail="already past this step")
+        if request.step > host.step + 1:
+            d.fall_behind(f"EndStep({request.step}) while after step {host.step}")
+            return pb.StepDone(step=request.step, stage=host.stage, stepped=False,
+                               detail="behind; re-downloading the stage")
+        ends = self._ends.get(request.step)
+        if ends is None and d.rounds is not None and request.stage_replicas:
+            d.rounds.agreed.setdefault(request.step, list(request.stage_replicas))
+        if ends is None:
+            ends = self._ends[request.step] = _StepEnds(expected=set(request.stage0_replicas))
+            ends.task = asyncio.ensure_future(self._finish(request.step, ends))
+        ends.got.add(request.sender)
+        ends.arrived.set()
+        return await asyncio.shield(ends.task)
+
+    async def _finish(self, step: int, ends: _StepEnds) -> pb.StepDone:
+        d = self.d
+        deadline = time.monotonic() + d.spec.sync.timeout_s
+        while not ends.expected <= ends.got and time.monotonic() < deadline:
+            ends.arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ends.arrived.wait(), max(0.05, deadline - time.monotonic()))
+        reply = await d.sync_step(step)
+        for old in [s for s in self._ends if s < step - 4]:
+            del self._ends[old]
+        return reply
+
+
+class SyncService(pbg.SyncServicer):
+    def __init__(self, daemon: PeerDaemon) -> None:
+        self.d = daemon
+
+    async def Exchange(self, request_iterator, context):
+        d = self.d
+        try:
+            header, arrays = await wire.receive(request_iterator, d.sync_limits(), d.counter,
+                                                f"sync:{d.spec.sync.mode}")
+            if d.rounds is None:
+                raise NotServing("this peer holds no stage yet")
+            result, meta = await d.rounds.serve(header, arrays)
+        except codec.CodecError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"sync: {exc}")
+            return
+        except (NotServing, ValueError) as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"sync: {exc}")
+            return
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "sync round did not complete")
+            return
+        out = pb.CallHeader(kind="sync", step=header.step, stage=header.stage, sender=d.peer_id)
+        out.meta.update(meta)
+        for chunk in wire.encode_chunks(out, result, pb.RAW):
+            d.counter.add(f"sync:{d.spec.sync.mode}", sent=chunk.ByteSize())
+            yield chunk
+
+
+class StateService(pbg.StateServicer):
+    def __init__(self, daemon: PeerDaemon) -> None:
+        self.d = daemon
+
+    async def Download(self, request: pb.StateRequest, context):
+        d = self.d
+        host = d.host
+        if host is None or host.stage != request.stage or d.state not in ("training", "rebuilt",
+                                                                          "draining"):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"this peer does not hold a ready stage {request.stage}")
+            return
+        # Snapshot between steps: the step lock keeps an optimizer step from tearing it.
+        async with d.step_lock:
+            arrays = await host.run(host.state_arrays, request.include_optimizer)
+            state_hash = host.state_hash()
+            step = host.step
+        header = pb.CallHeader(kind="state", step=step, stage=host.stage, sender=d.peer_id)
+        header.meta["state_hash"] = state_hash
+        header.meta["sync_mode"] = d.spec.sync.mode
+        for chunk in wire.encode_chunks(header, arrays, pb.RAW):
+            d.counter.add("state", sent=chunk.ByteSize())
+            yield chunk

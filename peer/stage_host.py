@@ -1,0 +1,317 @@
+"""One replica's stage: its module, its optimizer, and the graphs of its in-flight microbatches.
+
+A `StageHost` is the compute side of a peer, with no network in it: the gRPC services call it,
+and every call that runs torch goes through its single compute thread, so the event loop never
+blocks behind a forward pass and two backward passes never race on `.grad`.
+
+Gradient bookkeeping (what makes the replicas' average correct):
+- every microbatch's loss is backpropagated as a *sum over its samples* (mean loss x batch size),
+  so each replica's `.grad` holds a gradient sum and `samples` counts what went into it;
+- a sync round divides the replicas' summed gradients by their summed sample counts, so the
+  stage steps with the mean gradient of every sample it saw this step, whichever replica saw it.
+
+Invariant: two replicas that start from the same state and apply the same aggregate bytes end
+bit-identical (same ops, same order, on CPU), which `state_hash` lets anyone check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from peer.model import (
+    ModelConfig,
+    StageZero,
+    init_block_stage,
+    stage_layers,
+)
+from protocols.runspec import RunSpec
+
+log = logging.getLogger("shoal.stage")
+T = TypeVar("T")
+
+#: how long a microbatch's graph is kept waiting for its backward pass before it is dropped
+PENDING_TTL_S = 120.0
+
+
+class StageError(RuntimeError):
+    """A request this stage cannot serve (unknown microbatch, wrong shape, behind the swarm)."""
+
+
+@dataclass
+class Pending:
+    """A forward pass waiting for its backward: the input leaf and the output with its graph."""
+
+    inp: torch.Tensor
+    out: torch.Tensor
+    samples: int
+    step: int
+    created: float
+
+
+def model_config(spec: RunSpec) -> ModelConfig:
+    m = spec.model
+    return ModelConfig(d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
+                       seq_len=m.seq_len, seed=spec.run.seed)
+
+
+def build_stage_module(spec: RunSpec, stage: int) -> nn.Module:
+    """The deterministic initial weights of `stage` (0 = embedding/head, 1..S = blocks)."""
+    config = model_config(spec)
+    if stage == 0:
+        return StageZero(config)
+    ranges = stage_layers(config.n_layers, spec.pipeline.stages)
+    if not 1 <= stage <= len(ranges):
+        raise StageError(f"stage {stage} does not exist: the run has stages 0..{len(ranges)}")
+    edge = spec.pipeline.checkfree_plus and stage in (1, len(ranges))
+    return init_block_stage(config, ranges[stage - 1], edge_copy=edge)
+
+
+def tensor_hash(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over names and raw bytes in name order: equal hashes = bit-identical tensors."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class StageHost:
+    """The module of one stage on one replica, plus everything that changes it."""
+
+    def __init__(self, spec: RunSpec, stage: int, device: str = "cpu") -> None:
+        self.spec = spec
+        self.stage = stage
+        self.device = torch.device(device)
+        self.module = build_stage_module(spec, stage).to(self.device)
+        self.step = 0  # optimizer steps applied: the state is "after step `step`"
+        self.lr_scale = 1.0  # CheckFree rebuilds raise it (ALGORITHMS.md §3)
+        self.optimizer = self._make_optimizer()
+        self.pending: dict[str, Pending] = {}
+        self.samples = 0  # samples whose gradient is in .grad since the last step
+        self.microbatches = 0
+        self.last_grad_norm = 0.0
+        self.dropped = 0
+        self.throttle = 1.0  # > 1 makes this replica that many times slower (tests, benchmarks)
+        # Emulated machine speed (samples/s of forward; backward counts double): on a shared
+        # 2-core box the peers' real compute contends for one CPU, so a benchmark of routing
+        # gives each replica a fixed compute time per sample, as if it had its own machine.
+        self.simulated_rate = 0.0
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage{stage}")
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        o = self.spec.optim
+        return torch.optim.AdamW(self.module.parameters(), lr=o.lr * self.lr_scale,
+                                 weight_decay=o.weight_decay, betas=(0.9, 0.95))
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn` on the compute thread (torch off the event loop)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._timed, fn,
+                                                                 args)
+
+    def _timed(self, fn: Callable[..., T], args: tuple) -> T:
+        t0 = self._call_started = time.perf_counter()
+        out = fn(*args)
+        if self.throttle > 1.0:  # a slow machine: the thread stays busy, as real work would
+            time.sleep((self.throttle - 1.0) * (time.perf_counter() - t0))
+        return out
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def params(self) -> dict[str, torch.Tensor]:
+        return dict(self.module.named_parameters())
+
+    # ------------------------------------------------------------------ block stages
+
+    def forward(self, mb_id: str, x: torch.Tensor, step: int) -> torch.Tensor:
+        """Block stage forward; keeps the graph for `backward`. Returns the output, detached."""
+        self._check_activation(x, "forward input")
+        inp = x.to(self.device, torch.float32).requires_grad_(True)
+        with torch.enable_grad():
+            out = self.module(inp)
+        self.pending[mb_id] = Pending(inp, out, int(x.shape[0]), step, time.monotonic())
+        self._pad(inp, 1.0)
+        return out.detach()
+
+    @torch.no_grad()
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        """Forward without keeping a graph (inspection, generation through the swarm)."""
+        self._check_activation(x, "forward input")
+        return self.module(x.to(self.device, torch.float32)).cpu()
+
+    def backward(self, mb_id: str, grad_out: torch.Tensor) -> torch.Tensor:
+        """Backpropagate `grad_out` through the kept graph; returns the gradient of the input."""
+        p = self.pending.pop(mb_id, None)
+        if p is None:
+            raise StageError(f"no forward pass of microbatch {mb_id} is held here (dropped or "
+                             "never seen): resend the whole microbatch")
+        if tuple(grad_out.shape) != tuple(p.out.shape):
+            self.pending[mb_id] = p
+            raise StageError(f"gradient shape {tuple(grad_out.shape)} does not match the "
+                             f"output {tuple(p.out.shape)} of microbatch {mb_id}")
+        self._check_activation(grad_out, "gradient")
+        p.out.backward(grad_out.to(self.device, torch.float32))
+        self.samples += p.samples
+        self.microbatches += 1
+        assert p.inp.grad is not None
+        self._pad(p.inp, 2.0)
+        return p.inp.grad.detach()
+
+    def _pad(self, x: torch.Tensor, cost: float) -> None:
+        """With a simulated speed, hold the compute thread until the call took its share."""
+        if self.simulated_rate > 0:
+            started = getattr(self, "_call_started", None)
+            if started is not None:
+                wait = cost * x.shape[0] / self.simulated_rate - (time.perf_counter() - started)
+                if wait > 0:
+                    time.sleep(wait)
+
+    # ------------------------------------------------------------------ stage 0
+
+    def embed(self, mb_id: str, tokens: torch.Tensor, step: int) -> torch.Tensor:
+        assert isinstance(self.module, StageZero)
+        with torch.enable_grad():
+            h = self.module.embed(tokens.to(self.device))
+        self.pending[mb_id] = Pending(tokens, h, int(tokens.shape[0]), step, time.monotonic())
+        return h.detach()
+
+    def head(self, mb_id: str, h: torch.Tensor, targets: torch.Tensor
+             ) -> tuple[float, torch.Tensor]:
+        """Loss of the microbatch and the gradient of its summed loss w.r.t. the last activation."""
+        assert isinstance(self.module, StageZero)
+        self._check_activation(h, "last activation")
+        leaf = h.to(self.device, torch.float32).requires_grad_(True)
+        with torch.enable_grad():
+            loss, _ = self.module.head_loss(leaf, targets.to(self.device).long())
+            (loss * h.shape[0]).backward()
+        assert leaf.grad is not None
+        return float(loss.detach()), leaf.grad.detach()
+
+    def embed_backward(self, mb_id: str, grad_h: torch.Tensor) -> None:
+        p = self.pending.pop(mb_id, None)
+        if p is None:
+            raise StageError(f"microbatch {mb_id} has no embedding graph here")
+        self._check_activation(grad_h, "gradient")
+        p.out.backward(grad_h.to(self.device, torch.float32))
+        self.samples += p.samples
+        self.microbatches += 1
+
+    def forget(self, mb_id: str) -> None:
+        """Drop a microbatch's graph (its backward will not come)."""
+        if self.pending.pop(mb_id, None) is not None:
+            self.dropped += 1
+
+    def expire_pending(self, now: float | None = None) -> int:
+        now = time.monotonic() if now is None else now
+        old = [k for k, p in self.pending.items() if now - p.created > PENDING_TTL_S]
+        for k in old:
+            self.forget(k)
+        return len(old)
+
+    def _check_activation(self, x: torch.Tensor, what: str) -> None:
+        d = self.spec.model.d_model
+        if x.dim() != 3 or x.shape[-1] != d or x.shape[1] > self.spec.model.seq_len:
+            raise StageError(f"{what} has shape {tuple(x.shape)}; this run expects "
+                             f"[batch, <= {self.spec.model.seq_len}, {d}]")
+        if x.shape[0] > 4 * self.spec.pipeline.target_batch:
+            raise StageError(f"{what} batch {x.shape[0]} exceeds the run's limits")
+        if not torch.isfinite(x).all():
+            raise StageError(f"{what} contains NaN or Inf")
+
+    # ------------------------------------------------------------------ steps
+
+    def grad_sums(self) -> dict[str, torch.Tensor]:
+        """This replica's gradient sums since the last step (zeros where nothing flowed)."""
+        out = {}
+        for name, p in self.module.named_parameters():
+            out[name] = (p.grad.detach().clone() if p.grad is not None
+                         else torch.zeros_like(p, dtype=torch.float32))
+        return out
+
+    def apply_gradient(self, mean_grad: Mapping[str, torch.Tensor]) -> float:
+        """One optimizer step with the stage's averaged gradient; returns its norm (pre-clip)."""
+        params = self.params()
+        if set(mean_grad) != set(params):
+            raise StageError(f"aggregate names {sorted(set(mean_grad) ^ set(params))[:3]} do "
+                             "not match this stage")
+        for name, p in params.items():
+            g = mean_grad[name]
+            if g.shape != p.shape:
+                raise StageError(f"aggregate {name} has shape {tuple(g.shape)}, expected "
+                                 f"{tuple(p.shape)}")
+            p.grad = g.to(p.device, p.dtype).clone()
+        norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()),
+                                                    self.spec.optim.grad_clip))
+        self.optimizer.step()
+        self.finish_step(norm)
+        return norm
+
+    def finish_step(self, grad_norm: float | None = None) -> None:
+        """Close a step: clear gradients and counters, advance the step (also for no-op steps)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.samples = 0
+        self.microbatches = 0
+        self.step += 1
+        if grad_norm is not None:
+            self.last_grad_norm = grad_norm
+
+    def state_hash(self) -> str:
+        return tensor_hash(self.params())
+
+    # ------------------------------------------------------------------ state transfer
+
+    def state_arrays(self, include_optimizer: bool = True) -> dict[str, np.ndarray]:
+        """Parameters, buffers that persist, and optimizer state, as named fp32/int arrays."""
+        out: dict[str, np.ndarray] = {}
+        for name, t in self.module.state_dict().items():
+            out[f"model.{name}"] = t.detach().cpu().float().numpy()
+        if include_optimizer:
+            names = {id(p): n for n, p in self.module.named_parameters()}
+            for p, st in self.optimizer.state.items():
+                for key, value in st.items():
+                    v = value if torch.is_tensor(value) else torch.tensor(value)
+                    out[f"optim.{names[id(p)]}.{key}"] = v.detach().cpu().float().numpy()
+        out["meta.step"] = np.array([self.step], dtype=np.int64)
+        out["meta.lr_scale"] = np.array([self.lr_scale], dtype=np.float64)
+        return out
+
+    def load_state_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Replace this replica's state with `arrays` (from `state_arrays` of another replica)."""
+        model = {k[6:]: torch.from_numpy(np.array(v)) for k, v in arrays.items()
+                 if k.startswith("model.")}
+        try:
+            self.module.load_state_dict(model, strict=True)
+        except RuntimeError as exc:
+            raise StageError(f"downloaded state does not fit stage {self.stage}: {exc}") from exc
+        self.step = int(arrays["meta.step"][0])
+        self.lr_scale = float(arrays["meta.lr_scale"][0]) if "meta.lr_scale" in arrays else 1.0
+        self.optimizer = self._make_optimizer()
+        params = dict(self.module.named_parameters())
+        for name, p in params.items():
+            st = {}
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                a = arrays.get(f"optim.{name}.{key}")
+                if a is not None:
+                    t = torch.from_numpy(np.array(a)).to(p.device)
+                    st[key] = t.reshape(()) if key == "step" else t.reshape(p.shape)
+            if st:
+                self.optimizer.state[p] = st
+        self.pending.clear()
+        self.samples = 0
+        self.microbatches = 0
+        self.optimizer.zero_grad(set_to_none=True)

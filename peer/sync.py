@@ -1,0 +1,231 @@
+"""Sync rounds: how the replicas of one stage agree on one aggregate per optimizer step.
+
+Design (leader-collects, everyone-applies-the-same-bytes):
+- The round's aggregator is the first live replica of the stage in peer-id order. Every other
+  replica sends it its contribution over `Sync.Exchange` and waits for the reply.
+- The aggregator waits until every replica it expects has contributed, or `timeout` passes, or
+  the expected ones leave the swarm view; it then aggregates *in peer-id order* and answers every
+  caller with the same serialized aggregate, and `meta["included"]` naming who is in it. A
+  contribution that arrives after that gets the same aggregate back (its own gradient is lost,
+  its weights stay identical to the others').
+- If the aggregator cannot be reached, a replica tries the next candidate; a candidate that is
+  itself next in line becomes the aggregator. Replicas that disagreed about the view can then end
+  up with two aggregates: the state-hash check in heartbeats catches that, and the replica that is
+  not the lowest id re-downloads its stage.
+
+Invariant: every replica that completes round `step` applies byte-identical aggregate arrays, so
+replicas stay bit-identical. A dead or frozen replica delays a round by at most `timeout`.
+
+The arithmetic of each sync mode lives behind `SyncMode` (allreduce here; the others in optim/).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import grpc
+import numpy as np
+import torch
+
+from peer import wire
+from peer.stage_host import StageHost
+from protocols import shoal_pb2 as pb
+
+log = logging.getLogger("shoal.sync")
+
+Arrays = dict[str, np.ndarray]
+Meta = dict[str, str]
+
+
+class SyncFailed(RuntimeError):
+    """No aggregator could be reached for this round."""
+
+
+class SyncMode(Protocol):
+    name: str
+
+    def contribution(self, host: StageHost) -> tuple[Arrays, Meta]:
+        """This replica's part of the round (runs on the compute thread)."""
+        ...
+
+    def aggregate(self, parts: Mapping[str, tuple[Meta, Arrays]]) -> tuple[Arrays, Meta]:
+        """The round's result from the parts, by peer id; deterministic in the ids' order."""
+        ...
+
+    def apply(self, host: StageHost, result: Arrays, meta: Meta) -> float:
+        """Step the stage with the result (compute thread); returns the gradient norm."""
+        ...
+
+
+class AllreduceMode:
+    """Dense gradients, averaged over every sample the stage saw (the baseline)."""
+
+    name = "allreduce"
+
+    def __init__(self, aggregator: str = "mean", trim: float = 0.25, clip_norm: float = 10.0):
+        self.aggregator = aggregator
+        self.trim = trim
+        self.clip_norm = clip_norm
+
+    def contribution(self, host: StageHost) -> tuple[Arrays, Meta]:
+        return wire.to_arrays(host.grad_sums()), {"samples": str(host.samples)}
+
+    def aggregate(self, parts: Mapping[str, tuple[Meta, Arrays]]) -> tuple[Arrays, Meta]:
+        ids = sorted(p for p, (m, _) in parts.items() if int(m.get("samples", "0")) > 0)
+        total = sum(int(parts[p][0]["samples"]) for p in ids)
+        meta = {"included": ",".join(sorted(parts)), "samples": str(total)}
+        if total == 0:
+            return {}, {**meta, "skip": "1"}
+        names = sorted(parts[ids[0]][1])
+        out: Arrays = {}
+        for name in names:
+            acc = np.zeros_like(parts[ids[0]][1][name], dtype=np.float32)
+            for p in ids:
+                acc += parts[p][1][name]
+            out[name] = acc / np.float32(total)
+        return out, meta
+
+    def apply(self, host: StageHost, result: Arrays, meta: Meta) -> float:
+        if meta.get("skip") == "1" or not result:
+            host.finish_step()
+            return 0.0
+        return host.apply_gradient({k: torch.from_numpy(np.array(v)) for k, v in result.items()})
+
+
+@dataclass
+class _Round:
+    parts: dict[str, tuple[Meta, Arrays]] = field(default_factory=dict)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    result: tuple[Arrays, Meta] | None = None
+    created: float = field(default_factory=time.monotonic)
+
+
+class SyncRounds:
+    """The rounds of one replica's stage; serves `Sync.Exchange` and runs its own side."""
+
+    def __init__(
+        self,
+        *,
+        me: str,
+        stage: int,
+        mode: SyncMode,
+        candidates: Callable[[], list[str]],
+        exchange_stub: Callable[[str], object],
+        departed: Callable[[], set[str]] = set,
+        counter: wire.ByteCounter,
+        timeout: float,
+        max_bytes: int,
+    ) -> None:
+        self.me = me
+        self.stage = stage
+        self.mode = mode
+        self.candidates = candidates  # live replicas of this stage, sorted, including me
+        self.exchange_stub = exchange_stub  # peer id -> stub.Exchange multicallable
+        self.departed = departed  # peers the swarm view says are gone: do not wait for them
+        self.counter = counter
+        self.timeout = timeout
+        self.max_bytes = max_bytes
+        self.kind = f"sync:{mode.name}"
+        self._rounds: dict[int, _Round] = {}
+        self.last_included = 0
+        # step -> the stage's replicas as the stage-0 driver listed them for that step: the
+        # candidates every replica agrees on (its own view may lag). Falls back to `candidates`.
+        self.agreed: dict[int, list[str]] = {}
+
+    def _candidates(self, step: int) -> list[str]:
+        agreed = self.agreed.get(step)
+        if agreed:
+            return sorted(set(agreed) | {self.me})
+        return self.candidates()
+
+    def _round(self, step: int) -> _Round:
+        for old in [s for s in self._rounds if s < step - 4]:
+            del self._rounds[old]
+        for old in [s for s in self.agreed if s < step - 4]:
+            del self.agreed[old]
+        return self._rounds.setdefault(step, _Round())
+
+    # ------------------------------------------------------------------ aggregator side
+
+    async def serve(self, header: pb.CallHeader, arrays: Arrays) -> tuple[Arrays, Meta]:
+        """A contribution from `header.sender` for round `header.step`; returns the result."""
+        if header.stage != self.stage:
+            raise ValueError(f"sync for stage {header.stage} sent to a replica of stage "
+                             f"{self.stage}")
+        rnd = self._round(header.step)
+        if rnd.result is None:
+            rnd.parts[header.sender] = (dict(header.meta), arrays)
+            rnd.arrived.set()
+        await asyncio.wait_for(rnd.done.wait(), self.timeout * 2 + 10)
+        assert rnd.result is not None
+        return rnd.result
+
+    async def _aggregate_as_leader(self, step: int, own: tuple[Meta, Arrays],
+                                   skip: set[str]) -> tuple[Arrays, Meta]:
+        rnd = self._round(step)
+        rnd.parts[self.me] = own
+        deadline = time.monotonic() + self.timeout
+        while True:
+            expected = set(self._candidates(step)) - skip - self.departed()
+            if expected <= set(rnd.parts) or time.monotonic() >= deadline:
+                break
+            rnd.arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(rnd.arrived.wait(), min(0.5, deadline - time.monotonic()))
+        parts = dict(rnd.parts)
+        result = self.mode.aggregate(parts)
+        rnd.result = result
+        rnd.done.set()
+        missing = (set(self._candidates(step)) - skip) - set(parts)
+        if missing:
+            log.warning("stage %d step %d: averaged %d replicas; missing %s", self.stage, step,
+                        len(parts), ",".join(sorted(m[:8] for m in missing)))
+        return result
+
+    # ------------------------------------------------------------------ member side
+
+    async def run(self, step: int, own: tuple[Meta, Arrays]) -> tuple[Arrays, Meta]:
+        """Take part in round `step` with this replica's contribution; returns the aggregate."""
+        tried: set[str] = set()
+        for cand in self._candidates(step):
+            if cand == self.me:
+                result = await self._aggregate_as_leader(step, own, tried)
+                break
+            try:
+                result = await self._send(cand, step, own)
+                break
+            except (grpc.aio.AioRpcError, TimeoutError, ValueError) as exc:
+                log.warning("stage %d step %d: aggregator %s unreachable (%s); trying the next",
+                            self.stage, step, cand[:8], _short(exc))
+                tried.add(cand)
+        else:
+            result = await self._aggregate_as_leader(step, own, tried)
+        self.last_included = len([p for p in result[1].get("included", "").split(",") if p])
+        return result
+
+    async def _send(self, cand: str, step: int, own: tuple[Meta, Arrays]) -> tuple[Arrays, Meta]:
+        meta, arrays = own
+        header = pb.CallHeader(kind="sync", step=step, stage=self.stage, sender=self.me,
+                               sent_at=time.time())
+        header.meta.update(meta)
+        reply, result = await wire.call_tensors(
+            self.exchange_stub(cand), header, arrays, encoding=pb.RAW,
+            limits=wire.limits_for(self.max_bytes), counter=self.counter, kind=self.kind,
+            timeout=self.timeout * 2 + 10,
+        )
+        if reply.kind == "error":
+            raise ValueError(reply.meta.get("error", "aggregator refused"))
+        return result, dict(reply.meta)
+
+
+def _short(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return f"{type(exc).__name__}: {exc}"

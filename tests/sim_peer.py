@@ -1,0 +1,327 @@
+"""Simulated peers and a coordinator process launcher, for the coordinator tests and the bench.
+
+A simulated peer is a real `CoordinatorClient` with its own Ed25519 identity and its own
+channel, signing every call, that reports plausible stats and serves nothing: hundreds fit in
+one process. `SimSwarm` runs many of them on one event loop; a peer can be silenced (it stops
+heartbeating, as a SIGKILLed peer would) or made to leave.
+
+`CoordinatorProcess` starts `python -m coordinator.main` as a real process on 127.0.0.1 (port 0
+unless told otherwise), reads its addresses from the lines it prints, and kills only the process
+it started.
+
+Command line (used by bench/coordinator.py, one or a few of these processes):
+
+    python -m tests.sim_peer --coordinator HOST:PORT --token-file F --peers 500 \\
+        --heartbeat 1.0 --out result.json
+
+joins all peers, prints `joined N` and heartbeats at the given rate until a line `stop` (or EOF)
+arrives on stdin, then writes every heartbeat's (start time, latency) and the error counts to
+--out and prints `done`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from coordinator.main import tune_interpreter
+from protocols.coordinator_client import (
+    Benchmark,
+    CoordinatorClient,
+    CoordinatorError,
+    PeerStats,
+)
+from protocols.identity import Identity
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class SimPeer:
+    """One simulated peer: a client plus what it pretends to be doing."""
+
+    index: int
+    client: CoordinatorClient
+    samples_per_s: float
+    silent: bool = False
+    left: bool = False
+    step: int = 0
+    bytes_sent: int = 0
+    heartbeats: int = 0
+    errors: int = 0
+    moves: int = 0
+    samples: list[tuple[float, float]] = field(default_factory=list)  # (start, latency s)
+
+    @property
+    def peer_id(self) -> str:
+        return self.client.identity.peer_id
+
+    def stats(self) -> PeerStats:
+        self.step += 1
+        self.bytes_sent += 4096
+        stage0 = self.client.stage == 0
+        return PeerStats(
+            state="training", samples_per_s=self.samples_per_s, queue=self.index % 3,
+            bytes_sent=self.bytes_sent, bytes_received=self.bytes_sent // 2,
+            loss=5.0 / math.log(self.step + 2) if stage0 else math.nan, step=self.step,
+            tokens_per_s=self.samples_per_s * 64 if stage0 else 0.0, grad_norm=1.0,
+            bytes_by_kind={"activations": self.bytes_sent // 2, "sync:allreduce":
+                           self.bytes_sent // 2})
+
+
+class SimSwarm:
+    """Many simulated peers on one event loop."""
+
+    def __init__(self, address: str, token: str | None, n: int, *,
+                 heartbeat_s: float | None = None, seed: int = 0, port_base: int = 20_000,
+                 identities: list[Identity] | None = None) -> None:
+        rng = random.Random(seed)
+        ids = identities or [Identity.generate() for _ in range(n)]
+        self.peers = [SimPeer(i, CoordinatorClient(address, ids[i], token),
+                              round(rng.uniform(2.0, 40.0), 2)) for i in range(n)]
+        self.heartbeat_s = heartbeat_s
+        self.port_base = port_base
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+
+    async def join_all(self, concurrency: int = 32, beat: bool = True) -> None:
+        """Join every peer; with `beat`, each starts heartbeating as soon as it has joined
+        (a swarm of thousands takes longer to join than one lease lasts)."""
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(p: SimPeer) -> None:
+            async with sem:
+                await p.client.join(Benchmark(samples_per_s=p.samples_per_s, device="sim"),
+                                    f"127.0.0.1:{self.port_base + p.index}")
+            if beat:
+                self._tasks.append(asyncio.create_task(self._beat(p)))
+
+        await asyncio.gather(*(one(p) for p in self.peers))
+
+    def start(self) -> None:
+        """Start the heartbeat loops of peers joined with `beat=False`."""
+        for p in self.peers:
+            self._tasks.append(asyncio.create_task(self._beat(p)))
+
+    async def _beat(self, p: SimPeer) -> None:
+        period = self.heartbeat_s or p.client.heartbeat_s
+        await asyncio.sleep(period * random.random())  # spread the swarm over one period
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            if not (p.silent or p.left):
+                t0 = time.perf_counter()
+                wall = time.time()
+                try:
+                    result = await p.client.heartbeat(p.stats())
+                except CoordinatorError:
+                    p.errors += 1
+                else:
+                    p.samples.append((wall, time.perf_counter() - t0))
+                    p.heartbeats += 1
+                    p.moves += result.action == "move"
+            next_at += period
+            delay = next_at - time.monotonic()
+            if delay < 0:  # fell behind (the machine is saturated): do not burst to catch up
+                next_at, delay = time.monotonic(), 0.0
+            await asyncio.sleep(delay)  # not wait_for(stop): that costs a task per beat
+
+    def silence(self, k: int) -> list[SimPeer]:
+        """Make the last k talking peers stop heartbeating (as if SIGKILLed)."""
+        chosen = [p for p in self.peers if not (p.silent or p.left)][-k:]
+        for p in chosen:
+            p.silent = True
+        return chosen
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(p.client.close() for p in self.peers), return_exceptions=True)
+
+    def live(self) -> list[SimPeer]:
+        return [p for p in self.peers if not (p.silent or p.left)]
+
+
+# ---------------------------------------------------------------------- coordinator process
+
+
+class CoordinatorProcess:
+    """A real `python -m coordinator.main` process on 127.0.0.1; `kill()` and `stop()` only
+    touch the process id this object started."""
+
+    def __init__(self, state_dir: Path, *, config: Path | None = None, port: int = 0,
+                 http_port: int = 0, extra: list[str] | None = None, mdns: bool = False,
+                 log_level: str = "WARNING") -> None:
+        self.state_dir = Path(state_dir)
+        self.cmd = [sys.executable, "-m", "coordinator.main", "--host", "127.0.0.1",
+                    "--port", str(port), "--http-port", str(http_port),
+                    "--state-dir", str(state_dir), "--log-level", log_level]
+        if config is not None:
+            self.cmd += ["--config", str(config)]
+        if not mdns:
+            self.cmd.append("--no-mdns")
+        self.cmd += extra or []
+        self.proc: subprocess.Popen[str] | None = None
+        self.grpc_address = ""
+        self.http_url = ""
+        self.token_file: Path | None = None
+        self.lines: list[str] = []
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def grpc_port(self) -> int:
+        return int(self.grpc_address.rsplit(":", 1)[1])
+
+    @property
+    def http_port(self) -> int:
+        return int(self.http_url.rstrip("/").rsplit(":", 1)[1])
+
+    def start(self, timeout: float = 30.0) -> CoordinatorProcess:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + timeout
+        assert self.proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"coordinator exited with {self.proc.wait()}:\n"
+                                   + "".join(self.lines))
+            self.lines.append(line)
+            if m := re.search(r"gRPC listening on (\S+)", line):
+                self.grpc_address = m.group(1)
+            elif m := re.search(r"dashboard (http://\S+/)", line):
+                self.http_url = m.group(1)
+            elif m := re.search(r"join token in (\S+)", line):
+                self.token_file = Path(m.group(1))
+            if self.grpc_address and self.http_url and (
+                    self.token_file is not None or "--allow-file" in self.cmd):
+                self._drain()
+                return self
+        self.kill()
+        raise TimeoutError(f"coordinator did not start within {timeout} s:\n" + "".join(self.lines))
+
+    def _drain(self) -> None:
+        """Keep reading its output in the background so a full pipe never blocks it."""
+        import threading
+
+        def pump() -> None:
+            assert self.proc is not None and self.proc.stdout is not None
+            for line in self.proc.stdout:
+                self.lines.append(line)
+
+        threading.Thread(target=pump, daemon=True).start()
+
+    @property
+    def token(self) -> str | None:
+        return self.token_file.read_text().strip() if self.token_file else None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM and wait for the graceful stop; returns the exit code."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode
+
+    def __enter__(self) -> CoordinatorProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+
+# ---------------------------------------------------------------------- command line
+
+
+async def _main(args: argparse.Namespace) -> None:
+    token = Path(args.token_file).read_text().strip() if args.token_file else None
+    swarm = SimSwarm(args.coordinator, token, args.peers, heartbeat_s=args.heartbeat,
+                     seed=args.seed, port_base=args.port_base)
+    t0 = time.time()
+    await swarm.join_all(args.concurrency)
+    print(f"joined {len(swarm.peers)} in {time.time() - t0:.1f} s", flush=True)
+    tune_interpreter()  # the same GIL and GC settings as the coordinator process
+    lags: list[tuple[float, float]] = []
+    watcher = asyncio.create_task(_watch_lag(lags))
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, _wait_for_stop)
+    watcher.cancel()
+    await swarm.stop()
+    result = {"peers": len(swarm.peers), "errors": sum(p.errors for p in swarm.peers),
+              "loop_lags": lags,
+              "rejoins": sum(p.client.rejoins for p in swarm.peers),
+              "samples": [s for p in swarm.peers for s in p.samples]}
+    Path(args.out).write_text(json.dumps(result))
+    print("done", flush=True)
+
+
+async def _watch_lag(lags: list[tuple[float, float]], period_s: float = 0.05) -> None:
+    """Record (time, delay) whenever this process's own event loop wakes up late (> 20 ms):
+    latency a simulated peer measures during such a stall is the simulator's, not the
+    coordinator's."""
+    loop = asyncio.get_running_loop()
+    while True:
+        t0 = loop.time()
+        await asyncio.sleep(period_s)
+        lag = loop.time() - t0 - period_s
+        if lag > 0.02:
+            lags.append((time.time(), lag))
+
+
+def _wait_for_stop() -> None:
+    for line in sys.stdin:
+        if line.strip() == "stop":
+            return
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--coordinator", required=True)
+    ap.add_argument("--token-file")
+    ap.add_argument("--peers", type=int, default=100)
+    ap.add_argument("--heartbeat", type=float, default=None,
+                    help="seconds between heartbeats (default: the run spec's)")
+    ap.add_argument("--concurrency", type=int, default=32, help="joins in flight")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--port-base", type=int, default=20_000)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    try:
+        import uvloop
+
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:
+        runner = asyncio.Runner()
+    with runner:
+        runner.run(_main(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""CoordinatorClient's failure behaviour against real coordinator processes: waiting for a
+coordinator that is not up yet, giving up with a clear error, re-joining when forgotten, and
+following a rebalancing move."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from protocols.coordinator_client import (
+    Benchmark,
+    CoordinatorClient,
+    CoordinatorUnavailable,
+    NotJoined,
+    PeerStats,
+)
+from protocols.identity import Identity
+from protocols.runspec import RunSpec
+from tests.sim_peer import CoordinatorProcess
+
+BENCH = Benchmark(samples_per_s=5.0, device="test")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_spec(path: Path, **changes: object) -> Path:
+    base = {"membership.heartbeat_s": 0.3, "membership.lease_s": 1.0}
+    path.write_text(RunSpec().replace(**{**base, **changes}).to_toml())
+    return path
+
+
+def test_unreachable_coordinator_raises_after_the_retry_budget() -> None:
+    async def scenario() -> None:
+        client = CoordinatorClient(f"127.0.0.1:{free_port()}", Identity.generate(), "t")
+        with pytest.raises(NotJoined):
+            await client.heartbeat(PeerStats())
+        t0 = time.monotonic()
+        with pytest.raises(CoordinatorUnavailable, match="did not answer Join"):
+            await client.join(BENCH, "127.0.0.1:9000", retry_s=1.0)
+        assert time.monotonic() - t0 < 5
+        await client.close()
+
+    asyncio.run(scenario())
+
+
+def test_join_waits_for_a_coordinator_that_starts_later(tmp_path: Path) -> None:
+    port = free_port()
+    token_file = tmp_path / "token"
+    token_file.write_text("a-shared-join-token\n")
+    coord = CoordinatorProcess(tmp_path / "state", port=port,
+                               extra=["--token-file", str(token_file)])
+
+    async def scenario() -> None:
+        client = CoordinatorClient(f"127.0.0.1:{port}", Identity.generate(),
+                                   "a-shared-join-token")
+        joining = asyncio.create_task(client.join(BENCH, "127.0.0.1:9000", retry_s=30))
+        await asyncio.sleep(1.0)
+        assert not joining.done()
+        await asyncio.to_thread(coord.start)
+        result = await asyncio.wait_for(joining, 20)
+        assert result.stage == 0 and result.spec == RunSpec()
+        await client.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        coord.kill()
+
+
+def test_forgotten_peer_rejoins_with_its_stage(tmp_path: Path) -> None:
+    config = write_spec(tmp_path / "run.toml", **{"pipeline.stages": 3})
+    with CoordinatorProcess(tmp_path / "state", config=config) as coord:
+        async def scenario() -> None:
+            clients = [CoordinatorClient(coord.grpc_address, Identity.generate(), coord.token)
+                       for _ in range(3)]
+            for i, c in enumerate(clients):
+                await c.join(BENCH, f"127.0.0.1:{9000 + i}")
+            napper = clients[2]
+            stage = napper.stage
+            assert stage == 2
+            await asyncio.sleep(2.5)  # > lease + one sweep: the coordinator forgets it
+            result = await napper.heartbeat(PeerStats(state="training", step=12))
+            assert result.action == "rejoin" and result.stage == stage
+            assert napper.rejoins == 1
+            again = await napper.heartbeat(PeerStats(state="training", step=13))
+            assert again.action == "" and again.stage == stage
+            for c in clients:
+                await c.close()
+
+        asyncio.run(scenario())
+
+
+def test_rebalancing_moves_a_peer_and_tells_it_by_heartbeat(tmp_path: Path) -> None:
+    config = write_spec(tmp_path / "run.toml", **{
+        "pipeline.stages": 1, "membership.rebalance_s": 1.0, "membership.lease_s": 30.0})
+    with CoordinatorProcess(tmp_path / "state", config=config) as coord:
+        async def scenario() -> None:
+            clients = [CoordinatorClient(coord.grpc_address, Identity.generate(), coord.token)
+                       for _ in range(4)]
+            for i, c in enumerate(clients):  # everyone crowds stage 0; stage 1 stays empty
+                await c.join(BENCH, f"127.0.0.1:{9000 + i}", stage_hint=0)
+            moved: list[tuple[CoordinatorClient, int]] = []
+            stop = asyncio.Event()
+
+            async def watch(c: CoordinatorClient) -> None:
+                def on_reply(result) -> None:
+                    if result.action == "move":
+                        moved.append((c, result.stage))
+                        stop.set()
+
+                await c.run_heartbeats(lambda: PeerStats(state="training", samples_per_s=5.0),
+                                       on_reply, stop)
+
+            tasks = [asyncio.create_task(watch(c)) for c in clients]
+            await asyncio.wait_for(stop.wait(), 10)
+            await asyncio.gather(*tasks)
+            assert len(moved) == 1 and moved[0][1] == 1 and moved[0][0].stage == 1
+            view = await clients[0].view()
+            assert [len(s.replicas) for s in view.stages] == [3, 1]
+            for c in clients:
+                await c.close()
+
+        asyncio.run(scenario())
+
+
+def test_certificates_are_renewed_by_heartbeats(tmp_path: Path) -> None:
+    config = write_spec(tmp_path / "run.toml", **{"membership.certificate_s": 3.0})
+    with CoordinatorProcess(tmp_path / "state", config=config) as coord:
+        async def scenario() -> None:
+            client = CoordinatorClient(coord.grpc_address, Identity.generate(), coord.token)
+            await client.join(BENCH, "127.0.0.1:9000")
+            first = client.certificate_expires
+            deadline = first + 1.0  # well past the first certificate's expiry
+            while time.time() < deadline:
+                result = await client.heartbeat(PeerStats(state="training"))
+                assert result.action == ""  # never had to re-join
+                await asyncio.sleep(0.3)
+            assert client.certificate_expires > first + 1.0 and client.rejoins == 0
+            await client.close()
+
+        asyncio.run(scenario())
+
+
+def test_peer_follows_a_coordinator_that_lost_its_state(tmp_path: Path) -> None:
+    """A wiped state directory means a new coordinator key and swarm: peers re-join it."""
+    port = free_port()
+    config = write_spec(tmp_path / "run.toml", **{"membership.lease_s": 30.0})
+    token = tmp_path / "token"
+    token.write_text("shared-token\n")
+    extra = ["--token-file", str(token)]
+    first = CoordinatorProcess(tmp_path / "a", config=config, port=port, extra=extra).start()
+    second = CoordinatorProcess(tmp_path / "b", config=config, port=port, extra=extra)
+    try:
+        async def scenario() -> None:
+            client = CoordinatorClient(f"127.0.0.1:{port}", Identity.generate(), "shared-token")
+            joined = await client.join(BENCH, "127.0.0.1:9000")
+            await asyncio.to_thread(first.kill)
+            await asyncio.to_thread(second.start)
+            result = await client.heartbeat(PeerStats(state="training", step=5))
+            assert result.action == "rejoin" and result.stage == joined.stage
+            assert client.swarm_id != joined.swarm_id
+            assert client.coordinator_public_key != joined.coordinator_public_key
+            await client.close()
+
+        asyncio.run(scenario())
+    finally:
+        first.kill()
+        second.kill()
+
+
+def test_mtls_coordinator_and_client(tmp_path: Path) -> None:
+    from protocols import tls
+
+    tls.write_tls_dir(tmp_path / "coord-tls", ["127.0.0.1", "localhost"],
+                      common_name="coordinator")
+    tls.write_tls_dir(tmp_path / "peer-tls", [], common_name="peer", ca_dir=tmp_path / "coord-tls")
+    with CoordinatorProcess(tmp_path / "state",
+                            extra=["--tls-dir", str(tmp_path / "coord-tls")]) as coord:
+        async def scenario() -> None:
+            client = CoordinatorClient(coord.grpc_address, Identity.generate(), coord.token,
+                                       tls_dir=str(tmp_path / "peer-tls"))
+            result = await client.join(BENCH, "127.0.0.1:9000")
+            assert result.stage == 0
+            await client.heartbeat(PeerStats(state="training"))
+            await client.close()
+            plain = CoordinatorClient(coord.grpc_address, Identity.generate(), coord.token)
+            with pytest.raises(CoordinatorUnavailable):  # no TLS: the handshake never completes
+                await plain.join(BENCH, "127.0.0.1:9001", retry_s=1.0)
+            await plain.close()
+
+        asyncio.run(scenario())
