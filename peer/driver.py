@@ -162,16 +162,22 @@ class Driver:
         self._inflight += 1
         hops: list[tuple[int, str]] = []
         try:
+            t0 = time.monotonic()
             h = await host.run(host.embed, mb_id, tokens, step)
+            compute = time.monotonic() - t0
             path = list(range(1, d.spec.pipeline.stages + 1))
             for hop, s in enumerate(path):
                 h, peer = await self._hop("forward", s, step, mb_id, path, hop, h)
                 hops.append((s, peer))
+            t0 = time.monotonic()
             loss, g = await host.run(host.head, mb_id, h, targets)
+            compute += time.monotonic() - t0
             for hop in range(len(hops) - 1, -1, -1):
                 s, peer = hops[hop]
                 g, _ = await self._hop("backward", s, step, mb_id, path, hop, g, peer=peer)
+            t0 = time.monotonic()
             await host.run(host.embed_backward, mb_id, g)
+            d.note_compute(int(tokens.shape[0]), compute + time.monotonic() - t0)
             self.done += 1
             return loss
         except MicrobatchDropped as exc:
