@@ -35,9 +35,24 @@ def parse_endpoint(text: str) -> tuple[str, str]:
     return kind, url
 
 
+async def _imds_token(session: aiohttp.ClientSession, url: str) -> str | None:
+    """An IMDSv2 session token (instances that require IMDSv2 refuse plain GETs); None where
+    the endpoint does not issue tokens (IMDSv1, or a test's fake)."""
+    base = url.split("/latest/", 1)[0]
+    try:
+        async with session.put(f"{base}/latest/api/token",
+                               headers={"X-aws-ec2-metadata-token-ttl-seconds": "21600"},
+                               timeout=aiohttp.ClientTimeout(total=2)) as r:
+            return (await r.text()).strip() if r.status == 200 else None
+    except (aiohttp.ClientError, TimeoutError):
+        return None
+
+
 async def check_once(session: aiohttp.ClientSession, kind: str, url: str) -> str | None:
     """The notice's text if the endpoint reports an interruption, else None."""
     headers = {"Metadata-Flavor": "Google"} if kind == "gcp" else {}
+    if kind == "aws" and (token := await _imds_token(session, url)):
+        headers["X-aws-ec2-metadata-token"] = token
     async with session.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=3)) as r:
         body = (await r.text()).strip()
         if kind == "aws":
