@@ -1,4 +1,4 @@
-"""The peer's side of the coordinator protocol, and the in-process shapes of its messages.
+"""The peer's side of the coordinator protocol: join a swarm, keep the lease, leave.
 
 `CoordinatorClient` is what a peer daemon (and `shoal status`, and the simulated peers of the
 tests and the bench) uses to join a swarm, keep its lease with heartbeats and leave. It holds the
@@ -14,22 +14,19 @@ Failure behaviour, the contract a daemon can rely on:
   step as hints, and the heartbeat returns `action="rejoin"` so the daemon knows.
 - Any other refusal raises `CoordinatorRefused` with the server's message.
 
-Messages are dataclasses inside the process; protobuf exists only at the wire (`to_proto` /
-`from_proto`). A `HeartbeatResult` decodes its swarm view lazily: a simulated swarm of thousands
-of peers must not pay for views it never reads.
+Messages are dataclasses inside the process; protobuf exists only at the wire. Their shapes
+(`Benchmark`, `PeerStats`, `SwarmView`, `JoinResult`, `HeartbeatResult`, ...) and the shared
+constants live in protocols.coordinator_types and are re-exported here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
-import math
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -37,204 +34,30 @@ import grpc
 from protocols import shoal_pb2 as pb
 from protocols import shoal_pb2_grpc as pb_grpc
 from protocols.auth import CallSigner, client_interceptors, token_proof, verify_certificate
+from protocols.coordinator_types import (
+    OBSERVER_STAGE,
+    PEER_STATES,
+    VERSION,
+    Benchmark,
+    HeartbeatResult,
+    JoinResult,
+    PeerInfo,
+    PeerStats,
+    StageInfo,
+    SwarmView,
+)
 from protocols.identity import Identity, peer_id_of
 from protocols.runspec import RunSpec
 from protocols.tensor_stream import grpc_options
 
+__all__ = [
+    "FORGOTTEN", "OBSERVER_STAGE", "PEER_STATES", "RETRYABLE", "VERSION", "Benchmark",
+    "CoordinatorClient", "CoordinatorError", "CoordinatorRefused", "CoordinatorUnavailable",
+    "HeartbeatResult", "JoinResult", "NotJoined", "PeerInfo", "PeerStats", "StageInfo",
+    "SwarmView",
+]
+
 log = logging.getLogger("shoal.coordinator_client")
-
-#: stage_hint of a Join that asks to observe (export, inspection): a certificate, no stage, no
-#: lease; the observer can read the view and call peers' State/Stage services, nothing else.
-OBSERVER_STAGE = -2
-PEER_STATES = ("joining", "syncing", "training", "draining", "lost", "rebuilt")
-VERSION = "0.1.0"
-
-
-# ------------------------------------------------------------------------- message shapes
-
-
-@dataclass(frozen=True, slots=True)
-class Benchmark:
-    """What a peer measured (or declared) about itself at start-up."""
-
-    samples_per_s: float = 0.0
-    bandwidth_mbps: float = 0.0
-    device: str = ""
-    memory_bytes: int = 0
-    declared: bool = False
-
-    def to_proto(self) -> pb.Benchmark:
-        return pb.Benchmark(**dataclasses.asdict(self))
-
-    @classmethod
-    def from_proto(cls, m: pb.Benchmark) -> Benchmark:
-        return cls(m.samples_per_s, m.bandwidth_mbps, m.device, m.memory_bytes, m.declared)
-
-
-@dataclass(slots=True)
-class PeerStats:
-    """What a peer reports in each heartbeat. `loss` is NaN when unknown (block stages)."""
-
-    state: str = "joining"
-    samples_per_s: float = 0.0
-    queue: int = 0
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    loss: float = math.nan
-    step: int = 0
-    tokens_per_s: float = 0.0
-    dropped_microbatches: int = 0
-    grad_norm: float = 0.0
-    state_hash: str = ""
-    bytes_by_kind: dict[str, int] = field(default_factory=dict)
-    microbatches_done: int = 0
-
-    def to_proto(self) -> pb.PeerStats:
-        return pb.PeerStats(
-            state=self.state, samples_per_s=self.samples_per_s, queue=self.queue,
-            bytes_sent=self.bytes_sent, bytes_received=self.bytes_received, loss=self.loss,
-            step=self.step, tokens_per_s=self.tokens_per_s,
-            dropped_microbatches=self.dropped_microbatches, grad_norm=self.grad_norm,
-            state_hash=self.state_hash, bytes_by_kind=self.bytes_by_kind,
-            microbatches_done=self.microbatches_done)
-
-    @classmethod
-    def from_proto(cls, m: pb.PeerStats) -> PeerStats:
-        return cls(m.state, m.samples_per_s, m.queue, m.bytes_sent, m.bytes_received, m.loss,
-                   m.step, m.tokens_per_s, m.dropped_microbatches, m.grad_norm, m.state_hash,
-                   dict(m.bytes_by_kind), m.microbatches_done)
-
-    def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict (NaN and infinities become None). Cheap: no deep copy."""
-        d = {k: getattr(self, k) for k in _STATS_FIELDS}
-        d["bytes_by_kind"] = dict(self.bytes_by_kind)
-        for k in _STATS_FLOATS:
-            if not math.isfinite(d[k]):
-                d[k] = None
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> PeerStats:
-        known = {f.name for f in dataclasses.fields(cls)}
-        kw = {k: v for k, v in d.items() if k in known}
-        if kw.get("loss") is None:
-            kw["loss"] = math.nan
-        return cls(**kw)
-
-
-_STATS_FIELDS = tuple(f.name for f in dataclasses.fields(PeerStats))
-_STATS_FLOATS = ("samples_per_s", "loss", "tokens_per_s", "grad_norm")
-
-
-@dataclass(frozen=True, slots=True)
-class PeerInfo:
-    """One member of the swarm as the coordinator describes it to everyone."""
-
-    peer_id: str
-    public_key: bytes
-    address: str
-    stage: int
-    state: str
-    benchmark: Benchmark
-    stats: PeerStats
-    lease_expires: float
-    joined_at: float
-
-    @classmethod
-    def from_proto(cls, m: pb.PeerInfo) -> PeerInfo:
-        return cls(m.peer_id, m.public_key, m.address, m.stage, m.state,
-                   Benchmark.from_proto(m.benchmark), PeerStats.from_proto(m.stats),
-                   m.lease_expires, m.joined_at)
-
-
-@dataclass(frozen=True, slots=True)
-class StageInfo:
-    """One stage: its replicas, their summed throughput, and what CheckFree needs."""
-
-    stage: int
-    replicas: tuple[str, ...]
-    throughput: float
-    grad_norm: float
-    step: int
-    rebuild: str  # "" | "checkfree" | "checkfree+" | "snapshot" | "copy"
-
-    @classmethod
-    def from_proto(cls, m: pb.StageInfo) -> StageInfo:
-        return cls(m.stage, tuple(m.replicas), m.throughput, m.grad_norm, m.step, m.rebuild)
-
-
-@dataclass(frozen=True, slots=True)
-class SwarmView:
-    """The membership at one epoch. Peers route only to `peers`; `revoked` must be refused."""
-
-    epoch: int
-    swarm_id: str
-    peers: tuple[PeerInfo, ...]
-    stages: tuple[StageInfo, ...]
-    revoked: tuple[str, ...]
-
-    @classmethod
-    def from_proto(cls, m: pb.SwarmView) -> SwarmView:
-        return cls(m.epoch, m.swarm_id, tuple(PeerInfo.from_proto(p) for p in m.peers),
-                   tuple(StageInfo.from_proto(s) for s in m.stages), tuple(m.revoked))
-
-    def replicas(self, stage: int) -> list[PeerInfo]:
-        return [p for p in self.peers if p.stage == stage]
-
-    def peer(self, peer_id: str) -> PeerInfo | None:
-        return next((p for p in self.peers if p.peer_id == peer_id), None)
-
-
-@dataclass(slots=True)
-class JoinResult:
-    """What the coordinator answered to Join: the run, this peer's stage, and its certificate.
-
-    `view` is decoded on first use (a thousand-peer view costs milliseconds to convert).
-    """
-
-    certificate: pb.SignedCertificate
-    coordinator_public_key: bytes
-    spec_toml: str
-    spec: RunSpec
-    stage: int
-    epoch: int
-    lease_s: float
-    heartbeat_s: float
-    swarm_id: str
-    view_proto: pb.SwarmView
-    _view: SwarmView | None = None
-
-    @property
-    def view(self) -> SwarmView:
-        if self._view is None:
-            self._view = SwarmView.from_proto(self.view_proto)
-        return self._view
-
-
-@dataclass(slots=True)
-class HeartbeatResult:
-    """What the coordinator answered to a heartbeat.
-
-    `action` is "" normally, "move" when a rebalance gave this peer another stage (`stage`),
-    "rejoin" when the client had to join again (the coordinator had forgotten it), "leave" when
-    the coordinator wants the peer gone. `stage` is authoritative in every reply: a peer whose
-    stage differs from the one it holds must move even if the reply that said "move" was lost.
-    `view` is None unless the epoch moved.
-    """
-
-    epoch: int
-    lease_expires: float
-    stage: int
-    action: str
-    view_proto: pb.SwarmView | None = None
-    _view: SwarmView | None = None
-
-    @property
-    def view(self) -> SwarmView | None:
-        if self._view is None and self.view_proto is not None:
-            self._view = SwarmView.from_proto(self.view_proto)
-        return self._view
-
 
 # ------------------------------------------------------------------------- the client
 
