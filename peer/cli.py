@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=0, help="dashboard port (default: any free)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init-model", help="start from an exported model (a folder with "
+                   "model.safetensors)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("coordinator", help="the membership service and dashboard")
@@ -142,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-dir")
     p.add_argument("--router", choices=("swarm", "round_robin"), default="swarm",
                    help="stage 0: how the next replica is chosen (round_robin = the baseline)")
+    p.add_argument("--init-model", help="first replica of a stage starts from this exported "
+                   "model instead of the seeded initial weights")
     p.add_argument("--metrics-file", help="stage 0: append one JSON line per optimizer step")
     p.set_defaults(func=_cmd_peer)
 

@@ -31,7 +31,8 @@ import torch
 from peer import wire
 from peer.preemption import SpotWatcher
 from peer.stage_host import StageError, StageHost
-from peer.sync import AllreduceMode, SyncFailed, SyncMode, SyncRounds
+from peer.sync import LOCAL_STEP, AllreduceMode, SyncFailed, SyncMode, SyncRounds
+from peer.sync_modes import DemoMode, DilocoMode, RobustAllreduceMode
 from protocols import auth, tensor_stream
 from protocols import shoal_pb2 as pb
 from protocols import shoal_pb2_grpc as pbg
@@ -44,12 +45,19 @@ READY_STATES = ("training", "rebuilt")
 
 
 def make_sync_mode(spec: RunSpec) -> SyncMode:
+    """The run's sync mode (peer/sync.py, peer/sync_modes.py); one per replica and stage."""
     mode = spec.sync.mode
     if mode == "allreduce":
         a = spec.sync.allreduce
+        if a.aggregator != "mean":
+            return RobustAllreduceMode(a.aggregator, a.trim, a.clip_norm)
         return AllreduceMode(a.aggregator, a.trim, a.clip_norm)
+    if mode == "demo":
+        return DemoMode(spec)
+    if mode == "diloco":
+        return DilocoMode(spec)
     raise NotImplementedError(
-        f"sync mode {mode!r} is not wired into the peer yet; use sync.mode = 'allreduce'"
+        f"sync mode {mode!r} is not wired into the peer yet; use allreduce, demo or diloco"
     )
 
 
@@ -229,9 +237,13 @@ class PeerDaemon:
             max_bytes=self.sync_limits().max_total_bytes,
         )
         sources = [p for p in self.live_replicas(stage) if p != self.peer_id]
-        if sources and not await self.download_state(sources):
-            log.warning("stage %d: no replica could give its state; starting from the initial "
-                        "weights", stage)
+        if not (sources and await self.download_state(sources)):
+            if sources:
+                log.warning("stage %d: no replica could give its state", stage)
+            if getattr(self.args, "init_model", None):
+                await self.host.run(self.host.load_exported, self.args.init_model)
+                log.info("stage %d: starting from the exported model in %s", stage,
+                         self.args.init_model)
         self.state_hash = await self.host.run(self.host.state_hash)
         self.state = "training"
         if stage == 0 and self.driver is None:
@@ -285,6 +297,13 @@ class PeerDaemon:
             if step != host.step + 1:
                 return pb.StepDone(step=step, stage=host.stage, stepped=False,
                                    detail=f"replica is after step {host.step}")
+            if not self.mode.exchanges(step):  # a local step (DiLoCo inner): nothing on the wire
+                for mb in list(host.pending):
+                    host.forget(mb)
+                norm = await host.run(self.mode.apply, host, {}, dict(LOCAL_STEP))
+                self.state_hash = await host.run(host.state_hash)
+                return pb.StepDone(step=step, stage=host.stage, included=1,
+                                   state_hash=self.state_hash, grad_norm=norm, stepped=True)
             arrays, meta = await host.run(self.mode.contribution, host)
             try:
                 result, rmeta = await self.rounds.run(step, (meta, arrays))

@@ -40,6 +40,12 @@ def free_port() -> int:
 
 def demo_spec(args: argparse.Namespace) -> RunSpec:
     base = RunSpec.load(args.config) if args.config else RunSpec().replace(**DEMO_DEFAULTS)
+    if args.init_model:  # the model's shape comes from the exported model
+        from peer.export import load_config
+
+        c = load_config(args.init_model)
+        base = base.replace(**{"model.d_model": c.d_model, "model.n_layers": c.n_layers,
+                               "model.n_heads": c.n_heads, "model.seq_len": c.seq_len})
     spec = base.replace(**{"pipeline.stages": args.stages, "run.steps": args.steps,
                            "sync.mode": args.sync, "run.seed": args.seed,
                            "run.name": f"demo-{args.sync}"})
@@ -65,6 +71,7 @@ class Swarm:
         self.logs = work / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.token_file = work / "join.token"
+        self.init_model: str | None = None
 
     def _spawn(self, args: list[str], log_name: str, env: dict | None = None) -> subprocess.Popen:
         with open(self.logs / log_name, "ab") as log:  # the child keeps its own descriptor
@@ -99,6 +106,8 @@ class Swarm:
                 *(extra or [])]
         if self.data:
             args += ["--data", self.data]
+        if self.init_model:
+            args += ["--init-model", self.init_model]
         p = self._spawn(args, f"peer{i}.log", env={"SHOAL_TORCH_THREADS": "1"})
         self.peers.append(p)
         return p
@@ -164,8 +173,6 @@ def summarize(spec: RunSpec, peers: int, rows: list[dict], status: dict | None,
     k = min(5, max(1, len(losses) // 10))
     peers_info = (status or {}).get("peers", [])
     tokens = sum(r.get("tokens", 0) for r in rows)
-    train_seconds = sum(r.get("seconds", 0.0) for r in rows) / max(1, len({
-        r.get("step") for r in rows}) and 1)
     bytes_sent = sum(p.get("bytes_sent") or 0 for p in peers_info)
     return {
         "peers": peers, "stages": spec.pipeline.stages, "sync": spec.sync.mode,
@@ -174,7 +181,7 @@ def summarize(spec: RunSpec, peers: int, rows: list[dict], status: dict | None,
         "final_loss": sum(losses[-k:]) / k if losses else None,
         "loss_by_step": [[s, round(v, 5)] for s, v in zip(steps, losses, strict=True)],
         "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
-        "tokens": tokens, "seconds": round(seconds, 2), "train_seconds": round(train_seconds, 2),
+        "tokens": tokens, "seconds": round(seconds, 2),
         "bytes_sent": bytes_sent,
         "bytes_per_step": bytes_sent / steps[-1] if steps else None,
         "bytes_by_kind": _sum_kinds(peers_info),
@@ -216,6 +223,7 @@ def main(args: argparse.Namespace) -> int:
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="shoal-demo-"))
     work.mkdir(parents=True, exist_ok=True)
     swarm = Swarm(work, spec, args.peers, args.data, args.device)
+    swarm.init_model = args.init_model
     tty = sys.stdout.isatty()
     t_start = time.monotonic()
     status = None

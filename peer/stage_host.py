@@ -12,6 +12,13 @@ Gradient bookkeeping (what makes the replicas' average correct):
 
 Invariant: two replicas that start from the same state and apply the same aggregate bytes end
 bit-identical (same ops, same order, on CPU), which `state_hash` lets anyone check.
+
+Sync-mode state (`mode_state`, the one hook a sync mode gets here): named tensors that a mode
+keeps beside the stage and that must travel with it to a joining replica, e.g. DiLoCo's shared
+weights of the last outer step and its outer momentum (peer/sync_modes.py). They go out as
+`mode.<name>` arrays in `state_arrays` and come back in `load_state_arrays`, dtype kept. Names
+under `shared.` are what the replicas agree on while their parameters legitimately differ
+(DiLoCo between outer steps): when any exist, `state_hash` covers them instead of the parameters.
 """
 
 from __future__ import annotations
@@ -110,6 +117,8 @@ class StageHost:
         # gives each replica a fixed compute time per sample, as if it had its own machine.
         self.simulated_rate = 0.0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stage{stage}")
+        # A sync mode's own tensors that travel with the stage (see the module docstring).
+        self.mode_state: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ plumbing
 
@@ -142,17 +151,18 @@ class StageHost:
         """Block stage forward; keeps the graph for `backward`. Returns the output, detached."""
         self._check_activation(x, "forward input")
         inp = x.to(self.device, torch.float32).requires_grad_(True)
-        with torch.enable_grad():
-            out = self.module(inp)
+        with torch.enable_grad(), self._autocast():
+            out = self.module(inp).float()
         self.pending[mb_id] = Pending(inp, out, int(x.shape[0]), step, time.monotonic())
         self._pad(inp, 1.0)
-        return out.detach()
+        return out.detach().cpu()
 
     @torch.no_grad()
     def infer(self, x: torch.Tensor) -> torch.Tensor:
         """Forward without keeping a graph (inspection, generation through the swarm)."""
         self._check_activation(x, "forward input")
-        return self.module(x.to(self.device, torch.float32)).cpu()
+        with self._autocast():
+            return self.module(x.to(self.device, torch.float32)).float().cpu()
 
     def backward(self, mb_id: str, grad_out: torch.Tensor) -> torch.Tensor:
         """Backpropagate `grad_out` through the kept graph; returns the gradient of the input."""
@@ -170,7 +180,7 @@ class StageHost:
         self.microbatches += 1
         assert p.inp.grad is not None
         self._pad(p.inp, 2.0)
-        return p.inp.grad.detach()
+        return p.inp.grad.detach().cpu()
 
     def _pad(self, x: torch.Tensor, cost: float) -> None:
         """With a simulated speed, hold the compute thread until the call took its share."""
@@ -185,10 +195,10 @@ class StageHost:
 
     def embed(self, mb_id: str, tokens: torch.Tensor, step: int) -> torch.Tensor:
         assert isinstance(self.module, StageZero)
-        with torch.enable_grad():
-            h = self.module.embed(tokens.to(self.device))
+        with torch.enable_grad(), self._autocast():
+            h = self.module.embed(tokens.to(self.device)).float()
         self.pending[mb_id] = Pending(tokens, h, int(tokens.shape[0]), step, time.monotonic())
-        return h.detach()
+        return h.detach().cpu()
 
     def head(self, mb_id: str, h: torch.Tensor, targets: torch.Tensor
              ) -> tuple[float, torch.Tensor]:
@@ -196,11 +206,11 @@ class StageHost:
         assert isinstance(self.module, StageZero)
         self._check_activation(h, "last activation")
         leaf = h.to(self.device, torch.float32).requires_grad_(True)
-        with torch.enable_grad():
+        with torch.enable_grad(), self._autocast():
             loss, _ = self.module.head_loss(leaf, targets.to(self.device).long())
             (loss * h.shape[0]).backward()
         assert leaf.grad is not None
-        return float(loss.detach()), leaf.grad.detach()
+        return float(loss.detach()), leaf.grad.detach().cpu()
 
     def embed_backward(self, mb_id: str, grad_h: torch.Tensor) -> None:
         p = self.pending.pop(mb_id, None)
@@ -222,6 +232,13 @@ class StageHost:
         for k in old:
             self.forget(k)
         return len(old)
+
+    def _autocast(self):
+        """On a GPU, compute in bf16 with the fp32 master weights; on CPU, plain fp32 (so CPU
+        replicas stay bit-exact). The wire format never depends on the device: activations
+        leave as fp32 and the codec encodes them."""
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
+                              enabled=self.device.type == "cuda")
 
     def _check_activation(self, x: torch.Tensor, what: str) -> None:
         d = self.spec.model.d_model
@@ -270,13 +287,35 @@ class StageHost:
         if grad_norm is not None:
             self.last_grad_norm = grad_norm
 
+    def load_exported(self, directory: str) -> None:
+        """Take this stage's slice of an exported model (shoal export / demo --out)."""
+        from peer.export import load_config, load_model
+
+        config = load_config(directory)
+        mine = model_config(self.spec)
+        for key in ("d_model", "n_layers", "n_heads", "seq_len"):
+            if getattr(config, key) != getattr(mine, key):
+                raise StageError(f"{directory}: model {key}={getattr(config, key)} differs from "
+                                 f"the run's {getattr(mine, key)}; use a run spec that matches")
+        full = load_model(directory).state_dict()
+        own = self.module.state_dict()
+        missing = [k for k in own if k not in full and not k.startswith("edge_")]
+        if missing:
+            raise StageError(f"{directory} lacks {missing[:3]} for stage {self.stage}")
+        with torch.no_grad():
+            for k, v in own.items():
+                if k in full:
+                    v.copy_(full[k])
+
     def state_hash(self) -> str:
-        return tensor_hash(self.params())
+        """Hash of what the replicas agree on: the `shared.` mode state if any, else the params."""
+        shared = {k: v for k, v in self.mode_state.items() if k.startswith("shared.")}
+        return tensor_hash(shared or self.params())
 
     # ------------------------------------------------------------------ state transfer
 
     def state_arrays(self, include_optimizer: bool = True) -> dict[str, np.ndarray]:
-        """Parameters, buffers that persist, and optimizer state, as named fp32/int arrays."""
+        """Parameters, persistent buffers, optimizer and sync-mode state, as named arrays."""
         out: dict[str, np.ndarray] = {}
         for name, t in self.module.state_dict().items():
             out[f"model.{name}"] = t.detach().cpu().float().numpy()
@@ -286,6 +325,8 @@ class StageHost:
                 for key, value in st.items():
                     v = value if torch.is_tensor(value) else torch.tensor(value)
                     out[f"optim.{names[id(p)]}.{key}"] = v.detach().cpu().float().numpy()
+            for name, t in self.mode_state.items():
+                out[f"mode.{name}"] = t.detach().cpu().contiguous().numpy()
         out["meta.step"] = np.array([self.step], dtype=np.int64)
         out["meta.lr_scale"] = np.array([self.lr_scale], dtype=np.float64)
         return out
@@ -311,6 +352,8 @@ class StageHost:
                     st[key] = t.reshape(()) if key == "step" else t.reshape(p.shape)
             if st:
                 self.optimizer.state[p] = st
+        self.mode_state = {k[5:]: torch.from_numpy(np.array(v)).to(self.device)
+                           for k, v in arrays.items() if k.startswith("mode.")}
         self.pending.clear()
         self.samples = 0
         self.microbatches = 0

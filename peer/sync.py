@@ -16,7 +16,8 @@ Design (leader-collects, everyone-applies-the-same-bytes):
 Invariant: every replica that completes round `step` applies byte-identical aggregate arrays, so
 replicas stay bit-identical. A dead or frozen replica delays a round by at most `timeout`.
 
-The arithmetic of each sync mode lives behind `SyncMode` (allreduce here; the others in optim/).
+The arithmetic of each sync mode lives behind `SyncMode` (allreduce here; demo, diloco and the
+robust allreduce in peer/sync_modes.py, over the math in optim/).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ log = logging.getLogger("shoal.sync")
 
 Arrays = dict[str, np.ndarray]
 Meta = dict[str, str]
+#: the meta `apply` gets on a step where `exchanges(step)` is False
+LOCAL_STEP: Meta = {"local": "1"}
 
 
 class SyncFailed(RuntimeError):
@@ -49,6 +52,12 @@ class SyncFailed(RuntimeError):
 
 class SyncMode(Protocol):
     name: str
+
+    def exchanges(self, step: int) -> bool:
+        """Whether round `step` puts anything on the wire. When False the daemon skips the round
+        entirely (no contribution, no leader) and calls `apply(host, {}, LOCAL_STEP)`: the mode
+        steps on this replica's own gradients (DiLoCo's inner steps)."""
+        ...
 
     def contribution(self, host: StageHost) -> tuple[Arrays, Meta]:
         """This replica's part of the round (runs on the compute thread)."""
@@ -72,6 +81,9 @@ class AllreduceMode:
         self.aggregator = aggregator
         self.trim = trim
         self.clip_norm = clip_norm
+
+    def exchanges(self, step: int) -> bool:
+        return True
 
     def contribution(self, host: StageHost) -> tuple[Arrays, Meta]:
         return wire.to_arrays(host.grad_sums()), {"samples": str(host.samples)}

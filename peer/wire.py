@@ -50,9 +50,9 @@ class ByteCounter:
         return sum(self.received.values())
 
     def by_kind(self) -> dict[str, int]:
+        """Bytes *sent* by kind: summed over peers, each byte on the wire counts once."""
         with self._lock:
-            keys = set(self.sent) | set(self.received)
-            return {k: self.sent.get(k, 0) + self.received.get(k, 0) for k in sorted(keys)}
+            return {k: self.sent[k] for k in sorted(self.sent)}
 
 
 def to_arrays(tensors: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:

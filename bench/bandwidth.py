@@ -1,0 +1,172 @@
+"""`python -m bench.bandwidth`: sync bytes on the wire per replica and optimizer step, by mode.
+
+One model (d_model 256, 2 layers: 1.6 M parameters in the block stage) and one batch, trained
+under each mode by the same swarm of real coordinator and peer processes on 127.0.0.1: one
+stage-0 driver and two replicas of the block stage, which sync over the wire. (A second stage-0
+driver is left out: the driver cannot yet bring a stage-0 replica that starts a step late back
+into step, so two of them racing at start-up can stall a run.) The figures are the peers' own
+byte counters (peer/wire.py counts every TensorChunk sent or received, per kind) as their
+heartbeats report them in /api/status `bytes_by_kind`, kind `sync:<mode>` only (activations and
+state downloads are other kinds).
+
+Steady state, warm-up skipped, exactly: each mode trains twice from scratch, to step N1 (the
+warm-up) and to step N2, and a block replica's figure is (its sync bytes after N2 steps - after
+N1 steps) / (N2 - N1) / 2. Both counts are taken at rest (every peer idles at the run's last
+step and its counters have stopped), and on loopback every byte one replica sends the other
+receives, so half of a replica's sent+received is what it sends. DiLoCo's two runs end right
+after an outer step (N1 = H, N2 = 2H): its figure is one whole round's bytes over H, the
+amortized per-step cost.
+
+Modes: allreduce (dense fp32 gradients, the baseline); demo with fp32 values (6 bytes per kept
+coefficient) and with sign bits (Psyche's wire: 2 bytes of index, 1 bit of sign, a scale per
+chunk), both chunk 64, k 32; diloco H = 100 with int8 pseudo-gradients. DeMo is an all-gather
+relayed by the round's leader, so each replica downloads every replica's packets. SPSA is not
+wired into the peer yet (its forward-only path needs the stage-0 driver to send +-eps streams).
+
+Last line: `bandwidth: allreduce/demo = A, allreduce/diloco = B, spsa_bytes_per_step = C`
+(A with the sign-bit wire; targets A >= 100, B >= 400, C <= 16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from peer.demo import Swarm, read_metrics
+from protocols.runspec import RunSpec
+
+MODEL = {"model.d_model": 256, "model.n_layers": 2, "model.n_heads": 8, "model.seq_len": 32,
+         "pipeline.stages": 1, "pipeline.microbatch": 2, "pipeline.target_batch": 8,
+         "sync.timeout_s": 20.0, "membership.heartbeat_s": 0.5, "membership.lease_s": 10.0}
+LAYOUT = [0, 1, 1]  # one stage-0 driver, two replicas of the block stage
+
+
+@dataclass
+class Arm:
+    """One mode, trained twice from scratch: `short` steps (the warm-up), then `long` steps."""
+
+    label: str
+    changes: dict
+    short: int
+    long: int
+    final: dict[int, float] = field(default_factory=dict)  # steps -> mean sync bytes per replica
+    loss: float = float("nan")
+
+    @property
+    def kind(self) -> str:
+        return f"sync:{self.changes['sync.mode']}"
+
+    def per_step(self) -> float:
+        """Bytes one block replica sends per step between step `short` and step `long`."""
+        return (self.final[self.long] - self.final[self.short]) / 2 / (self.long - self.short)
+
+
+def start_blocks_first(swarm: Swarm, layout: list[int], timeout: float = 90.0) -> None:
+    """Start the block replicas, wait until they all serve, then the stage-0 drivers.
+
+    A block replica that joins after the drivers' first steps falls behind and catches up by
+    downloading its stage; starting it first keeps every replica in every round from step 1.
+    """
+    blocks = [(i, s) for i, s in enumerate(layout) if s > 0]
+    for i, stage in blocks:
+        swarm.add_peer(i, ["--stage", str(stage), "--grace", "5"])
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        peers = (swarm.status() or {}).get("peers", [])
+        if sum(p.get("state") == "training" for p in peers) >= len(blocks):
+            break
+        time.sleep(0.2)
+    else:
+        raise SystemExit(f"the block replicas did not start in {timeout:.0f} s; see {swarm.logs}")
+    for i, stage in enumerate(layout):
+        if stage == 0:
+            swarm.add_peer(i, ["--stage", "0", "--grace", "5"])
+
+
+def run_arm(work: Path, arm: Arm, steps: int) -> None:
+    """Train `steps` steps; record the block replicas' final sync bytes (and the loss)."""
+    spec = RunSpec().replace(**{**MODEL, **arm.changes, "run.steps": steps})
+    swarm = Swarm(work, spec, 0, None, "cpu")
+    try:
+        swarm.start(0)
+        start_blocks_first(swarm, LAYOUT)
+        deadline = time.monotonic() + 120 + steps * 5
+        final: dict[str, int] | None = None
+        since = time.monotonic()
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            peers = [p for p in (swarm.status() or {}).get("peers", [])
+                     if p.get("state") in ("training", "rebuilt")]
+            if len(peers) < len(LAYOUT) or any(int(p.get("step") or 0) < steps for p in peers):
+                continue
+            now = {p["peer_id"]: int((p.get("bytes_by_kind") or {}).get(arm.kind, 0))
+                   for p in peers if p["stage"] == 1}
+            if now != final:
+                final, since = now, time.monotonic()
+            elif time.monotonic() - since > 8 * MODEL["membership.heartbeat_s"]:
+                break  # every peer idles at the last step and its counters have stopped
+        else:
+            raise SystemExit(f"{arm.label}: the run did not finish {steps} steps in time; "
+                             f"see {swarm.logs}")
+        arm.final[steps] = sum(final.values()) / len(final)
+        rows = [r for r in read_metrics(swarm.logs) if r.get("loss") is not None]
+        arm.loss = sum(r["loss"] for r in rows[-4:]) / max(len(rows[-4:]), 1)
+    finally:
+        swarm.stop(grace=10)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=30, help="steps of the every-step modes")
+    ap.add_argument("--warmup", type=int, default=10, help="steps not counted")
+    ap.add_argument("--inner-steps", type=int, default=100, help="DiLoCo's H")
+    ap.add_argument("--only", help="run only the modes whose label starts with this")
+    args = ap.parse_args(argv)
+    h = args.inner_steps
+    arms = [
+        Arm("allreduce", {"sync.mode": "allreduce"}, args.warmup, args.steps),
+        Arm("demo (fp32 values)", {"sync.mode": "demo"}, args.warmup, args.steps),
+        Arm("demo (sign bits)", {"sync.mode": "demo", "sync.demo.sign_bits": True},
+            args.warmup, args.steps),
+        # both runs end right after an outer step: exactly one round apart
+        Arm(f"diloco (H={h}, int8)", {"sync.mode": "diloco", "sync.diloco.inner_steps": h,
+                                      "sync.diloco.quant": "int8"}, h, 2 * h),
+    ]
+    if args.only:
+        arms = [a for a in arms if a.label.startswith(args.only)]
+    tmp = Path(tempfile.mkdtemp(prefix="shoal-bench-bandwidth-"))
+    for i, arm in enumerate(arms):
+        for steps in (arm.short, arm.long):
+            run_arm(tmp / f"{i}-{steps}", arm, steps)  # on failure the logs stay in tmp
+    shutil.rmtree(tmp, ignore_errors=True)
+    if len(arms) < 4:
+        for arm in arms:
+            print(f"{arm.label}: {arm.per_step():,.0f} B per block replica and step; loss "
+                  f"{arm.loss:.3f}")
+        return 0
+    base = arms[0].per_step()
+    dense = 4 * 1_606_656  # fp32 bytes of the block stage's gradient
+    print(f"bandwidth bench: d_model 256, 2 layers (block stage {dense // 4:,} parameters, "
+          f"{dense:,} B dense fp32), 2 block replicas, batch 8 x 32 tokens; loopback")
+    print("sync bytes sent per block replica per optimizer step (steady state, from the "
+          "peers' wire counters)")
+    print(f"{'mode':<22} {'steps':>9} {'bytes/step':>12} {'vs dense':>9} {'allreduce/x':>12} "
+          f"{'loss':>7}")
+    for arm in arms:
+        b = arm.per_step()
+        print(f"{arm.label:<22} {f'{arm.short}..{arm.long}':>9} {b:>12,.0f} {b / dense:>9.4f} "
+              f"{base / b:>12.1f} {arm.loss:>7.3f}")
+    demo_ratio = base / arms[2].per_step()
+    print(f"(demo with fp32 values: allreduce/demo = {base / arms[1].per_step():.1f}; "
+          "spsa: not wired into the peer)")
+    print(f"bandwidth: allreduce/demo = {demo_ratio:.1f}, allreduce/diloco = "
+          f"{base / arms[3].per_step():.1f}, spsa_bytes_per_step = n/a")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
