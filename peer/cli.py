@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-model", help="first replica of a stage starts from this exported "
                    "model instead of the seeded initial weights")
     p.add_argument("--metrics-file", help="stage 0: append one JSON line per optimizer step")
+    p.add_argument("--progress-s", type=float, default=30.0,
+                   help="log a progress line this often, seconds (0 = never)")
     p.set_defaults(func=_cmd_peer)
 
     p = sub.add_parser("status", help="the swarm at a glance (--json for scripts)")

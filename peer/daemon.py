@@ -30,6 +30,7 @@ import torch
 
 from peer import wire
 from peer.preemption import SpotWatcher
+from peer.progress import ProgressReporter, progress_text
 from peer.stage_host import StageError, StageHost
 from peer.sync import LOCAL_STEP, AllreduceMode, SyncFailed, SyncMode, SyncRounds
 from peer.sync_modes import DemoMode, DilocoMode, RobustAllreduceMode
@@ -91,6 +92,7 @@ class PeerDaemon:
         self.metrics_file = getattr(args, "metrics_file", None)
         self._resync_task: asyncio.Task | None = None
         self._heartbeats: asyncio.Task | None = None
+        self.progress = ProgressReporter(getattr(args, "progress_s", 30.0))
 
     # ------------------------------------------------------------------ limits and stats
 
@@ -333,9 +335,18 @@ class PeerDaemon:
                 self._check_hash()
             except Exception as exc:  # the loop must outlive any one failure
                 log.warning("heartbeat failed: %s", exc)
+            self._report_progress()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopped.wait(), self.spec.membership.heartbeat_s)
             self._write_metrics()
+
+    def _report_progress(self) -> None:
+        if self.host is None:
+            return
+        stats, now = self.stats(), time.monotonic()
+        if self.progress.due(stats, now):
+            fields = self.progress.take(self.host.stage, stats, now)
+            log.info("%s", progress_text(fields), extra={"fields": fields})
 
     def _check_hash(self) -> None:
         """Replicas at the same step must hash equal; the one that is not the lowest id yields."""
