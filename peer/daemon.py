@@ -28,7 +28,7 @@ from pathlib import Path
 import grpc
 import torch
 
-from peer import wire
+from peer import recovery, wire
 from peer.preemption import SpotWatcher
 from peer.stage_host import StageError, StageHost
 from peer.sync import LOCAL_STEP, AllreduceMode, SyncFailed, SyncMode, SyncRounds
@@ -91,6 +91,8 @@ class PeerDaemon:
         self.metrics_file = getattr(args, "metrics_file", None)
         self._resync_task: asyncio.Task | None = None
         self._heartbeats: asyncio.Task | None = None
+        self.recovery = None  # peer/recovery.RecoveryReport of the last rebuild, if any
+        self._snapshot_step = 0
 
     # ------------------------------------------------------------------ limits and stats
 
@@ -126,9 +128,14 @@ class PeerDaemon:
             dropped_microbatches=(driver.dropped if driver else 0) + (h.dropped if h else 0),
             grad_norm=h.last_grad_norm if h else 0.0,
             state_hash=self.state_hash,
-            bytes_by_kind=self.counter.by_kind(),
+            bytes_by_kind={**self.counter.by_kind(), **self._recovery_stat()},
             microbatches_done=driver.done if driver else 0,
         )
+
+    def _recovery_stat(self) -> dict[str, int]:
+        """The last rebuild, for the coordinator's event (peer/recovery.py explains the key)."""
+        r = self.recovery
+        return {r.wire_key(): r.step} if r is not None else {}
 
     # ------------------------------------------------------------------ channels
 
@@ -220,7 +227,9 @@ class PeerDaemon:
                          memory_bytes=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
     async def _take_stage(self, stage: int) -> None:
-        """Hold `stage`: download it from a live replica, or start from the initial weights."""
+        """Hold `stage`: download it from a live replica; or, when the view says the stage lost
+        every replica after training, rebuild it without one (CheckFree / CheckFree+ / snapshot,
+        peer/recovery.py); or start from the initial weights when it is the first holder."""
         if self.host is not None:
             self.host.close()
         self.state = "syncing"
@@ -236,20 +245,38 @@ class PeerDaemon:
             counter=self.counter, timeout=self.spec.sync.timeout_s,
             max_bytes=self.sync_limits().max_total_bytes,
         )
+        rebuilt = False
         sources = [p for p in self.live_replicas(stage) if p != self.peer_id]
-        if not (sources and await self.download_state(sources)):
-            if sources:
+        if stage > 0 and not sources and self._stage_info(stage, "rebuild"):
+            rebuilt = await recovery.rebuild(self)
+        elif not (sources and await self.download_state(sources)):
+            if sources and stage > 0 and self._stage_info(stage, "step"):
+                # The view listed replicas that did not answer: likely dead, lease not yet
+                # expired. Wait for the coordinator to expire them, then rebuild or copy.
+                rebuilt = await recovery.await_sources_or_rebuild(self, stage)
+            elif sources:
                 log.warning("stage %d: no replica could give its state", stage)
-            if getattr(self.args, "init_model", None):
+            if not rebuilt and not sources and getattr(self.args, "init_model", None):
                 await self.host.run(self.host.load_exported, self.args.init_model)
                 log.info("stage %d: starting from the exported model in %s", stage,
                          self.args.init_model)
         self.state_hash = await self.host.run(self.host.state_hash)
-        self.state = "training"
+        self.state = "rebuilt" if rebuilt else "training"
         if stage == 0 and self.driver is None:
             from peer.driver import Driver
 
             self.driver = Driver(self)
+
+    def _stage_info(self, stage: int, field: str) -> object:
+        info = next((s for s in (self.view.stages if self.view else ()) if s.stage == stage),
+                    None)
+        return getattr(info, field) if info is not None else None
+
+    def catch_up(self, step: int) -> bool:
+        """Adopt a later step when this is the stage's only replica (peer/recovery.py)."""
+        from peer.recovery import catch_up
+
+        return catch_up(self, step)
 
     async def download_state(self, sources: list[str]) -> bool:
         host = self.host
@@ -331,6 +358,7 @@ class PeerDaemon:
                     async with self.step_lock:
                         await self._take_stage(res.stage)
                 self._check_hash()
+                await recovery.snapshot_if_due(self)
             except Exception as exc:  # the loop must outlive any one failure
                 log.warning("heartbeat failed: %s", exc)
             with contextlib.suppress(TimeoutError):
