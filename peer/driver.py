@@ -10,9 +10,11 @@ One optimizer step on this replica:
    is planned centrally; two stage-0 peers plan independently. `pipeline.skip_ratio` = 0 gives
    every stage in order on every microbatch (the plain SWARM pipeline); every
    `pipeline.full_depth_every`-th iteration is full depth; with `pipeline.checkfree_plus` odd
-   microbatches swap stages 1<->2 and S-1<->S. A stage with no usable replica (none live, or all
-   banned) is left out of every path (bypassed), so training never stops while a stage is being
-   rebuilt; a stage that dies mid-iteration is bypassed by the forward hops that find it empty;
+   microbatches swap stages 1<->2 and S-1<->S. A stage that has been trained and now has no
+   usable replica (none live, or all banned) is left out of every path (bypassed), so training
+   never stops while a stage is being rebuilt; a stage that dies mid-iteration is bypassed by
+   the forward hops that find it empty. A stage that never had a replica (start of the run) is
+   waited for instead;
 3. run the microbatches, several in flight: embed → for each block stage of the planned path,
    the replica with the smallest expected finish time (peer/router.py; the plan's own replica
    choice is advice only) → head and loss → backward along the *same* hops in reverse →
@@ -36,6 +38,7 @@ import logging
 import math
 import random
 import time
+from collections import Counter
 from typing import TYPE_CHECKING
 
 import grpc
@@ -83,6 +86,7 @@ class Driver:
         self._metrics: list[dict] = []
         self._stage0_s = 0.0  # EMA of this peer's own compute per microbatch (embed, head, loss)
         self.bypassed_hops = 0  # forward hops skipped because their stage had no usable replica
+        self._visits: Counter[int] = Counter()  # block stage -> microbatches through it, this step
 
     def stop(self) -> None:
         self._stop = True
@@ -149,6 +153,10 @@ class Driver:
             for pid in self.router.usable(s, now):
                 forward_s, busy = self.router.planning_timing(pid, mb, now)
                 stages[s].append(ReplicaTiming(pid, forward_s, ready_at=busy))
+            if not stages[s] and not d._stage_info(s, "step"):
+                # Never trained (the swarm is starting): wait for its first replica rather than
+                # train without it. Only a stage that lost its replicas is bypassed.
+                raise NoReplicaAvailable(f"stage {s} has no replica yet")
         origin = ReplicaTiming(d.peer_id, self._stage0_s / 2.5)
         rng = random.Random(f"{d.peer_id}:{step}")
         paths = await asyncio.to_thread(
@@ -167,6 +175,7 @@ class Driver:
         paths = await self.plan(step, n_mb)
         bytes0 = d.counter.total_sent() + d.counter.total_received()
         bypassed0 = self.bypassed_hops
+        self._visits: Counter[int] = Counter()
         t0 = time.monotonic()
         window = max(2, 2 * (spec.pipeline.stages + 1))
         sem = asyncio.Semaphore(window)
@@ -188,14 +197,14 @@ class Driver:
         if losses:
             self.last_loss = float(np.mean(losses))
         wire_bytes = d.counter.total_sent() + d.counter.total_received() - bytes0
-        visits = {s: sum(s in p for p in paths) for s in range(1, spec.pipeline.stages + 1)}
+        visits = {s: self._visits[s] for s in range(1, spec.pipeline.stages + 1)}
         self._metrics.append({
             "t": time.time(), "step": step, "loss": self.last_loss if losses else None,
             "microbatches": n_mb, "completed": len(losses), "tokens": tokens, "seconds": dt,
             "tokens_per_s": self.tokens_per_s, "bytes": wire_bytes, "dropped": self.dropped,
             "skip_ratio": spec.pipeline.skip_ratio,
             "full_depth": all(len(p) == spec.pipeline.stages for p in paths),
-            "visits": {str(s): n for s, n in visits.items()},
+            "visits": {str(s): n for s, n in visits.items()},  # completed microbatches
             "skipped_stages": [s for s, n in visits.items() if n == 0],
             "bypassed_hops": self.bypassed_hops - bypassed0,
         })
@@ -238,6 +247,7 @@ class Driver:
             self._stage0_s = (compute if self._stage0_s == 0
                               else 0.9 * self._stage0_s + 0.1 * compute)
             self.done += 1
+            self._visits.update(s for s, _ in hops)
             return loss
         except MicrobatchDropped as exc:
             self.dropped += 1
@@ -255,7 +265,10 @@ class Driver:
         tried: set[str] = set()
         for _ in range(MAX_HOP_ATTEMPTS if peer is None else 1):
             now = time.monotonic()
-            target = peer or self.router.choose(stage, samples, now, exclude=tried)
+            try:
+                target = peer or self.router.choose(stage, samples, now, exclude=tried)
+            except NoReplicaAvailable as exc:
+                raise StageEmpty(f"stage {stage}: {exc}") from exc
             timeout = self.router.timeout_for(target, samples, backward=kind == "backward")
             header = pb.CallHeader(kind=kind, microbatch_id=mb_id, step=step, stage=stage,
                                    path=path, hop=hop, sender=d.peer_id, sent_at=time.time())

@@ -233,8 +233,11 @@ def catch_up(d: PeerDaemon, step: int) -> bool:
     is exact. Returns False (and changes nothing) when another replica is live (the state must
     then be downloaded) or a step is in progress."""
     host = d.host
-    if (host is None or step <= host.step or d.step_lock.locked()
-            or [p for p in d.live_replicas(host.stage) if p != d.peer_id]):
+    if host is None or step <= host.step or d.step_lock.locked() or d.view is None:
+        return False
+    others = [p for p in d.view.replicas(host.stage)
+              if p.peer_id != d.peer_id and p.state not in ("lost", "left")]
+    if others:  # any other holder, ready or still joining, may hold (or take) those steps
         return False
     log.info("stage %d: sole replica fast-forwards from step %d to %d (the stage had no replica "
              "to update in between)", host.stage, host.step, step)
