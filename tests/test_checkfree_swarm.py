@@ -56,7 +56,8 @@ def test_middle_stage_lost_bypassed_and_rebuilt_by_checkfree(swarm_factory) -> N
     assert all(r["completed"] > 0 for r in bypassed[-3:])
 
     bypass_level = mean_loss(losses(swarm)[-5:])  # stages 1 and 3 kept learning meanwhile
-    swarm.add_peer(7, ["--stage", "2", "--grace", "10"])
+    snaps = swarm.work / "snapshots"
+    swarm.add_peer(7, ["--stage", "2", "--grace", "10", "--snapshot-dir", str(snaps)])
 
     def rebuilt() -> bool:
         evs = (swarm.status() or {}).get("events", [])
@@ -79,3 +80,5 @@ def test_middle_stage_lost_bypassed_and_rebuilt_by_checkfree(swarm_factory) -> N
         return level <= before + 0.02 and level <= bypass_level + 0.05
     wait_for(f"the loss back at its pre-failure level {before:.3f} (and at the bypass level "
              f"{bypass_level:.3f})", recovered, 150, swarm)
+    wait_for("a periodic snapshot of stage 2", lambda: list(snaps.glob("stage2-step*.safetensors")),
+             60, swarm)
