@@ -372,12 +372,15 @@ class Membership:
         def live(i: int) -> bool:
             return 0 <= i <= last and bool(self._stages[i].replicas)
 
+        # CheckFree+ swap partners, as optim/checkfree.plan_recovery pairs them: 1<->2, S-1<->S
+        partner = None
+        if plus and last >= 2:
+            partner = 3 - stage if stage in (1, 2) else (
+                2 * last - 1 - stage if stage in (last - 1, last) else None)
+        if partner is not None:
+            return "checkfree+" if live(partner) else "snapshot"
         if 2 <= stage <= last - 1 and live(stage - 1) and live(stage + 1):
             return "checkfree"
-        if plus and stage == 1 and last >= 2 and live(2):
-            return "checkfree+"
-        if plus and stage == last and last >= 2 and live(last - 1):
-            return "checkfree+"
         return "snapshot"
 
     def _count_bytes(self, old: PeerStats, new: PeerStats) -> None:
