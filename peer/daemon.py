@@ -247,10 +247,10 @@ class PeerDaemon:
         )
         rebuilt = False
         sources = [p for p in self.live_replicas(stage) if p != self.peer_id]
-        if stage > 0 and not sources and self._stage_info(stage, "rebuild"):
+        if stage > 0 and not sources and self.stage_info(stage, "rebuild"):
             rebuilt = await recovery.rebuild(self)
         elif not (sources and await self.download_state(sources)):
-            if sources and stage > 0 and self._stage_info(stage, "step"):
+            if sources and stage > 0 and self.stage_info(stage, "step"):
                 # The view listed replicas that did not answer: likely dead, lease not yet
                 # expired. Wait for the coordinator to expire them, then rebuild or copy.
                 rebuilt = await recovery.await_sources_or_rebuild(self, stage)
@@ -267,7 +267,8 @@ class PeerDaemon:
 
             self.driver = Driver(self)
 
-    def _stage_info(self, stage: int, field: str) -> object:
+    def stage_info(self, stage: int, field: str) -> object:
+        """A field of `stage`'s StageInfo in the current view (rebuild, step, grad_norm, ...)."""
         info = next((s for s in (self.view.stages if self.view else ()) if s.stage == stage),
                     None)
         return getattr(info, field) if info is not None else None

@@ -153,7 +153,7 @@ class Driver:
             for pid in self.router.usable(s, now):
                 forward_s, busy = self.router.planning_timing(pid, mb, now)
                 stages[s].append(ReplicaTiming(pid, forward_s, ready_at=busy))
-            if not stages[s] and not d._stage_info(s, "step"):
+            if not stages[s] and not d.stage_info(s, "step"):
                 # Never trained (the swarm is starting): wait for its first replica rather than
                 # train without it. Only a stage that lost its replicas is bypassed.
                 raise NoReplicaAvailable(f"stage {s} has no replica yet")
@@ -228,6 +228,8 @@ class Driver:
                 try:
                     h, peer = await self._hop("forward", s, step, mb_id, path, len(hops), h)
                 except StageEmpty:
+                    if not d.stage_info(s, "step"):
+                        raise  # never trained: no bypass at the start of a run (see plan)
                     # No usable replica now: bypass it for this microbatch (the planner does
                     # the same from the next iteration on, once the view or the bans show it).
                     path.remove(s)

@@ -202,7 +202,7 @@ async def _load(d: PeerDaemon, report: RecoveryReport, rec: Recovery) -> Recover
 async def rebuild(d: PeerDaemon) -> bool:
     """PeerDaemon._take_stage: the view marks the stage for a rebuild and no replica is live."""
     log.warning("stage %d has no live replica and the coordinator asks for a %s rebuild",
-                d.host.stage, d._stage_info(d.host.stage, "rebuild"))
+                d.host.stage, d.stage_info(d.host.stage, "rebuild"))
     d.recovery = await rebuild_stage(d)
     return True
 
@@ -218,7 +218,7 @@ async def await_sources_or_rebuild(d: PeerDaemon, stage: int) -> bool:
         with contextlib.suppress(Exception):
             d.view = await d.client.view()
         sources = [p for p in d.live_replicas(stage) if p != d.peer_id]
-        if not sources and d._stage_info(stage, "rebuild"):
+        if not sources and d.stage_info(stage, "rebuild"):
             return await rebuild(d)
         if sources and await d.download_state(sources):
             return False
@@ -228,19 +228,23 @@ async def await_sources_or_rebuild(d: PeerDaemon, stage: int) -> bool:
 
 
 def catch_up(d: PeerDaemon, step: int) -> bool:
-    """A later step reached the *only* replica of its stage (just rebuilt, while paths bypassed
-    the stage): no replica existed to apply the steps in between, so adopting the step counter
-    is exact. Returns False (and changes nothing) when another replica is live (the state must
-    then be downloaded) or a step is in progress."""
+    """A later step reached a replica whose whole stage missed the steps in between (it was
+    just rebuilt while paths bypassed it, or every replica missed the same EndSteps): no replica
+    applied those steps, so adopting the step counter is exact. That holds when no other holder
+    of the stage is ahead of this one or differs from it (same step and state hash in the view).
+    Returns False (and changes nothing) otherwise (the state must then be downloaded) or while a
+    step is in progress. A view that lags is caught by the state-hash check of heartbeats."""
     host = d.host
     if host is None or step <= host.step or d.step_lock.locked() or d.view is None:
         return False
     others = [p for p in d.view.replicas(host.stage)
               if p.peer_id != d.peer_id and p.state not in ("lost", "left")]
-    if others:  # any other holder, ready or still joining, may hold (or take) those steps
+    if any(p.state not in ("training", "rebuilt") or p.stats.step > host.step
+           or p.stats.state_hash != d.state_hash for p in others):
         return False
-    log.info("stage %d: sole replica fast-forwards from step %d to %d (the stage had no replica "
-             "to update in between)", host.stage, host.step, step)
+    log.info("stage %d: fast-forwards from step %d to %d (no replica of the stage stepped in "
+             "between; %d other holders at the same state)", host.stage, host.step, step,
+             len(others))
     for mb in list(host.pending):
         host.forget(mb)
     host.optimizer.zero_grad(set_to_none=True)

@@ -29,8 +29,12 @@ class FakeView:
     stages: list[StageInfo]
     holders: dict[int, list[str]] = field(default_factory=dict)
 
+    steps: dict[str, int] = field(default_factory=dict)
+
     def replicas(self, stage: int) -> list[SimpleNamespace]:
-        return [SimpleNamespace(peer_id=p, state="training") for p in self.holders.get(stage, [])]
+        return [SimpleNamespace(peer_id=p, state="training",
+                                stats=SimpleNamespace(step=self.steps.get(p, 0), state_hash="h"))
+                for p in self.holders.get(stage, [])]
 
 
 class FakeDaemon:
@@ -45,6 +49,7 @@ class FakeDaemon:
         self.args = SimpleNamespace(snapshot_dir=snapshot_dir)
         self.step_lock = asyncio.Lock()
         self.recovery = None
+        self.state_hash = ""
         self.view = FakeView(
             [StageInfo(s, (), 1.0, norms.get(s, 0.0), alive[s].step if s in alive else 40, "")
              for s in range(spec.pipeline.stages + 1)],
@@ -53,7 +58,7 @@ class FakeDaemon:
     def live_replicas(self, stage: int) -> list[str]:
         return [f"peer-of-{stage}"] if stage in self.alive else []
 
-    def _stage_info(self, stage: int, name: str) -> object:
+    def stage_info(self, stage: int, name: str) -> object:
         return getattr(self.view.stages[stage], name)
 
 
@@ -157,12 +162,15 @@ def test_load_rebuilt_refuses_a_state_of_the_wrong_stage() -> None:
         host.load_rebuilt(bad, 5, LR_BOOST)
 
 
-def test_catch_up_only_for_the_sole_holder_of_a_stage() -> None:
+def test_catch_up_only_when_no_holder_of_the_stage_stepped_meanwhile() -> None:
     d = FakeDaemon(SPEC, 2, {1: trained(SPEC, 1, 9, 1)}, norms={})
-    d.host.step = 9
-    assert recovery.catch_up(d, 15) and d.host.step == 15
+    d.host.step, d.state_hash = 9, "h"
+    assert recovery.catch_up(d, 15) and d.host.step == 15  # the sole holder
     d.view.holders[2] = ["another-replica"]
-    assert not recovery.catch_up(d, 20) and d.host.step == 15
+    d.view.steps["another-replica"] = 15  # same step, same hash: the stage missed them all
+    assert recovery.catch_up(d, 18) and d.host.step == 18
+    d.view.steps["another-replica"] = 19  # it is ahead: download instead
+    assert not recovery.catch_up(d, 20) and d.host.step == 18
 
 
 def test_coordinator_logs_skip_and_the_rebuild_the_peer_reports() -> None:
