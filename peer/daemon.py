@@ -2,7 +2,9 @@
 
 Life of a peer: find the coordinator (flag, SHOAL_COORDINATOR, or mDNS) → join with its identity
 and self-benchmark → get the run spec and a stage → take the stage's state (download from a live
-replica, hash-checked; or the deterministic initial weights when it is the first) → serve Stage /
+replica, hash-checked; or, when the coordinator marks the stage as lost after training, rebuild
+it without a replica by CheckFree / CheckFree+ / a local snapshot, peer/recovery.py; or the
+deterministic initial weights when it is the first) → serve Stage /
 Sync / State, heartbeat its stats, and on stage 0 drive microbatches (peer/driver.py) → on
 SIGTERM or a spot-interruption notice drain: stop taking work, finish in-flight microbatches
 within the grace period, tell the coordinator, exit 0. SIGKILL loses at most its in-flight
