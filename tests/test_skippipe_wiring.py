@@ -23,7 +23,7 @@ def driver(stages: int, skip: float = 0.0, plus: bool = False, replicas: int = 2
     spec = RunSpec().replace(**{"pipeline.stages": stages, "pipeline.skip_ratio": skip,
                                 "pipeline.checkfree_plus": plus, "pipeline.microbatch": 4})
     daemon = SimpleNamespace(spec=spec, peer_id="0f" * 8,
-                             _stage_info=lambda s, name: 7 if trained else 0)
+                             stage_info=lambda s, name: 7 if trained else 0)
     drv = Driver.__new__(Driver)
     drv.d = daemon
     drv.router = Router(rng=random.Random(0))
