@@ -5,7 +5,8 @@ footprint. Both are also persisted (coordinator/store.py), so the dashboard of a
 coordinator still shows the run so far.
 
 - `EventLog` keeps the last `capacity` events (join, leave, expire, drain, move, rebuild,
-  restart, ...). Events are appended by the membership logic and picked up by the journal that
+  skip: a block stage emptied and paths bypass it, restart, ...). Events are appended by the
+  membership logic and picked up by the journal that
   writes them to SQLite together with the membership change they describe.
 - `History` keeps the loss / throughput curve reported by stage-0 peers. It never drops the start
   of the run: when it is full it halves its resolution (keeps every other point and doubles the
@@ -20,7 +21,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 EVENT_KINDS = (
-    "join", "rejoin", "leave", "expire", "drain", "move", "rebuild", "state", "restart", "start",
+    "join", "rejoin", "leave", "expire", "drain", "move", "rebuild", "skip", "state", "restart",
+    "start",
 )
 
 

@@ -14,8 +14,9 @@ Invariants:
 - Each live member is in exactly one stage's replica set; stages are 0..pipeline.stages.
 - A stage that empties after training (step > 0) gets a `rebuild` method (CheckFree for inner
   block stages with both neighbours live, CheckFree+ for edge stages when the run uses it,
-  otherwise a snapshot) that the next holder reads from the view; it clears when a replica
-  reports "rebuilt" or "training".
+  otherwise a snapshot) that the next holder reads from the view, and a "skip" event (stage-0
+  drivers bypass it meanwhile); it clears when a replica reports "rebuilt" or "training", with a
+  "rebuild" event whose detail says what the peer actually did (its `recovery:` report).
 """
 
 from __future__ import annotations
@@ -194,6 +195,7 @@ class Membership:
         self.counters["heartbeats"] += 1
         m.last_seen = now
         m.lease_expires = now + self.lease_s
+        report = _take_recovery_report(stats)
         self._count_bytes(m.stats, stats)
         st = self._stages[m.stage]
         if stats.step >= st.step:
@@ -201,7 +203,7 @@ class Membership:
             if stats.grad_norm > 0:
                 st.grad_norm = stats.grad_norm
         if stats.state != m.state:
-            self._state_changed(m, stats.state, now)
+            self._state_changed(m, stats.state, now, report)
         m.stats = stats
         self._progressed.add(peer_id)
         return m
@@ -324,13 +326,15 @@ class Membership:
                              1.0 if i == 0 else block_share)
                 for i, st in enumerate(self._stages)}
 
-    def _state_changed(self, m: Member, state: str, now: float) -> None:
+    def _state_changed(self, m: Member, state: str, now: float, report: str = "") -> None:
         st = self._stages[m.stage]
         kind, detail = "state", f"{m.state} -> {state}"
         if state == "draining":
             kind = "drain"
         elif state in ("rebuilt", "training") and st.rebuild:
-            kind, detail = "rebuild", f"stage rebuilt ({st.rebuild})"
+            kind = "rebuild"
+            detail = (f"stage rebuilt ({st.rebuild}): {report}" if report
+                      else f"stage rebuilt ({st.rebuild})")
             st.rebuild = ""
             self.counters["rebuilds"] += 1
         m.state = state
@@ -342,11 +346,17 @@ class Membership:
         m.pending_action = ""
         st = self._stages[m.stage]
         st.replicas.discard(m.peer_id)
-        if not st.replicas and st.step > 0:
+        emptied = not st.replicas and st.step > 0
+        if emptied:
             st.rebuild = self._rebuild_method(m.stage)
         if m.cert_expires > now:
             self._revoked[m.peer_id] = m.cert_expires
         self._changed_member(m, event)
+        if emptied and m.stage > 0:
+            self.events.append(Event(
+                now, "skip", "", m.stage,
+                f"no live replica: paths bypass stage {m.stage} until a new holder rebuilds it "
+                f"({st.rebuild})"))
         departed = [p for p, x in self._members.items() if not x.live]
         for peer_id in departed[: max(0, len(departed) - self.max_departed)]:
             del self._members[peer_id]  # dicts keep insertion order: the oldest go first
@@ -362,12 +372,15 @@ class Membership:
         def live(i: int) -> bool:
             return 0 <= i <= last and bool(self._stages[i].replicas)
 
+        # CheckFree+ swap partners, as optim/checkfree.plan_recovery pairs them: 1<->2, S-1<->S
+        partner = None
+        if plus and last >= 2:
+            partner = 3 - stage if stage in (1, 2) else (
+                2 * last - 1 - stage if stage in (last - 1, last) else None)
+        if partner is not None:
+            return "checkfree+" if live(partner) else "snapshot"
         if 2 <= stage <= last - 1 and live(stage - 1) and live(stage + 1):
             return "checkfree"
-        if plus and stage == 1 and last >= 2 and live(2):
-            return "checkfree+"
-        if plus and stage == last and last >= 2 and live(last - 1):
-            return "checkfree+"
         return "snapshot"
 
     def _count_bytes(self, old: PeerStats, new: PeerStats) -> None:
@@ -377,6 +390,21 @@ class Membership:
         totals = self.bytes_by_kind_total
         for kind, value in new.bytes_by_kind.items():
             totals[kind] = totals.get(kind, 0) + _delta(old.bytes_by_kind.get(kind, 0), value)
+
+
+def _take_recovery_report(stats: PeerStats) -> str:
+    """Remove the `recovery:<method>:<sources>` keys a rebuilt peer puts in bytes_by_kind (the
+    one free-form map of a heartbeat; peer/recovery.py) and describe them; they are not bytes."""
+    keys = [k for k in stats.bytes_by_kind if k.startswith("recovery:")]
+    parts = []
+    for k in keys:
+        step = stats.bytes_by_kind.pop(k)
+        method, _, sources = k[len("recovery:"):].partition(":")
+        text = f"{method or '?'}" + (f" of stages {sources}" if sources else "")
+        if method not in ("weighted_average", "copy_neighbor"):
+            text += " (DEGRADED)"
+        parts.append(f"{text} at step {step}")
+    return "; ".join(parts)
 
 
 def _delta(old: int, new: int) -> int:

@@ -2,7 +2,9 @@
 
 Life of a peer: find the coordinator (flag, SHOAL_COORDINATOR, or mDNS) → join with its identity
 and self-benchmark → get the run spec and a stage → take the stage's state (download from a live
-replica, hash-checked; or the deterministic initial weights when it is the first) → serve Stage /
+replica, hash-checked; or, when the coordinator marks the stage as lost after training, rebuild
+it without a replica by CheckFree / CheckFree+ / a local snapshot, peer/recovery.py; or the
+deterministic initial weights when it is the first) → serve Stage /
 Sync / State, heartbeat its stats, and on stage 0 drive microbatches (peer/driver.py) → on
 SIGTERM or a spot-interruption notice drain: stop taking work, finish in-flight microbatches
 within the grace period, tell the coordinator, exit 0. SIGKILL loses at most its in-flight
@@ -28,7 +30,7 @@ from pathlib import Path
 import grpc
 import torch
 
-from peer import wire
+from peer import recovery, wire
 from peer.preemption import SpotWatcher
 from peer.progress import ProgressReporter, progress_text
 from peer.stage_host import StageError, StageHost
@@ -93,6 +95,8 @@ class PeerDaemon:
         self._resync_task: asyncio.Task | None = None
         self._heartbeats: asyncio.Task | None = None
         self.progress = ProgressReporter(getattr(args, "progress_s", 30.0))
+        self.recovery = None  # peer/recovery.RecoveryReport of the last rebuild, if any
+        self._snapshot_step = 0
 
     # ------------------------------------------------------------------ limits and stats
 
@@ -128,9 +132,14 @@ class PeerDaemon:
             dropped_microbatches=(driver.dropped if driver else 0) + (h.dropped if h else 0),
             grad_norm=h.last_grad_norm if h else 0.0,
             state_hash=self.state_hash,
-            bytes_by_kind=self.counter.by_kind(),
+            bytes_by_kind={**self.counter.by_kind(), **self._recovery_stat()},
             microbatches_done=driver.done if driver else 0,
         )
+
+    def _recovery_stat(self) -> dict[str, int]:
+        """The last rebuild, for the coordinator's event (peer/recovery.py explains the key)."""
+        r = self.recovery
+        return {r.wire_key(): r.step} if r is not None else {}
 
     # ------------------------------------------------------------------ channels
 
@@ -222,7 +231,9 @@ class PeerDaemon:
                          memory_bytes=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
     async def _take_stage(self, stage: int) -> None:
-        """Hold `stage`: download it from a live replica, or start from the initial weights."""
+        """Hold `stage`: download it from a live replica; or, when the view says the stage lost
+        every replica after training, rebuild it without one (CheckFree / CheckFree+ / snapshot,
+        peer/recovery.py); or start from the initial weights when it is the first holder."""
         if self.host is not None:
             self.host.close()
         self.state = "syncing"
@@ -238,20 +249,39 @@ class PeerDaemon:
             counter=self.counter, timeout=self.spec.sync.timeout_s,
             max_bytes=self.sync_limits().max_total_bytes,
         )
+        rebuilt = False
         sources = [p for p in self.live_replicas(stage) if p != self.peer_id]
-        if not (sources and await self.download_state(sources)):
-            if sources:
+        if stage > 0 and not sources and self.stage_info(stage, "rebuild"):
+            rebuilt = await recovery.rebuild(self)
+        elif not (sources and await self.download_state(sources)):
+            if sources and stage > 0 and self.stage_info(stage, "step"):
+                # The view listed replicas that did not answer: likely dead, lease not yet
+                # expired. Wait for the coordinator to expire them, then rebuild or copy.
+                rebuilt = await recovery.await_sources_or_rebuild(self, stage)
+            elif sources:
                 log.warning("stage %d: no replica could give its state", stage)
-            if getattr(self.args, "init_model", None):
+            if not rebuilt and not sources and getattr(self.args, "init_model", None):
                 await self.host.run(self.host.load_exported, self.args.init_model)
                 log.info("stage %d: starting from the exported model in %s", stage,
                          self.args.init_model)
         self.state_hash = await self.host.run(self.host.state_hash)
-        self.state = "training"
+        self.state = "rebuilt" if rebuilt else "training"
         if stage == 0 and self.driver is None:
             from peer.driver import Driver
 
             self.driver = Driver(self)
+
+    def stage_info(self, stage: int, field: str) -> object:
+        """A field of `stage`'s StageInfo in the current view (rebuild, step, grad_norm, ...)."""
+        info = next((s for s in (self.view.stages if self.view else ()) if s.stage == stage),
+                    None)
+        return getattr(info, field) if info is not None else None
+
+    def catch_up(self, step: int) -> bool:
+        """Adopt a later step when this is the stage's only replica (peer/recovery.py)."""
+        from peer.recovery import catch_up
+
+        return catch_up(self, step)
 
     async def download_state(self, sources: list[str]) -> bool:
         host = self.host
@@ -333,6 +363,7 @@ class PeerDaemon:
                     async with self.step_lock:
                         await self._take_stage(res.stage)
                 self._check_hash()
+                await recovery.snapshot_if_due(self)
             except Exception as exc:  # the loop must outlive any one failure
                 log.warning("heartbeat failed: %s", exc)
             self._report_progress()

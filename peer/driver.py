@@ -2,17 +2,33 @@
 
 One optimizer step on this replica:
 1. refresh the swarm view; shard the corpus by this replica's rank among the stage-0 replicas;
-2. run its share of the swarm-wide target batch as microbatches, several in flight: embed →
-   for each block stage of the path, the replica with the smallest expected finish time
-   (peer/router.py) → head and loss → backward along the *same* hops in reverse → embedding;
-   a hop that fails or times out in the forward pass is resent to the next-best replica (the
-   failing one is banned until its lease would expire); a microbatch whose backward cannot
-   finish (the replica holding its graph is gone) is dropped and counted;
-3. send `EndStep` to every live replica of every block stage and sync stage 0 with the other
-   stage-0 replicas; the step is over when all of them answered (or timed out).
+2. plan the iteration's paths (SkipPipe, peer/paths.py; ALGORITHMS.md §2): which block stages
+   each microbatch visits and in which order. The planner runs *here, on each stage-0 peer*,
+   once per iteration, for this peer's own microbatches only: stage 0 owns the microbatches,
+   starts and ends every path, and is where the times a plan needs are measured (the router's
+   per-replica throughput EMAs and outstanding work, this peer's own head/loss time). Nothing
+   is planned centrally; two stage-0 peers plan independently. `pipeline.skip_ratio` = 0 gives
+   every stage in order on every microbatch (the plain SWARM pipeline); every
+   `pipeline.full_depth_every`-th iteration is full depth; with `pipeline.checkfree_plus` odd
+   microbatches swap stages 1<->2 and S-1<->S. A stage that has been trained and now has no
+   usable replica (none live, or all banned) is left out of every path (bypassed), so training
+   never stops while a stage is being rebuilt; a stage that dies mid-iteration is bypassed by
+   the forward hops that find it empty. A stage that never had a replica (start of the run) is
+   waited for instead;
+3. run the microbatches, several in flight: embed → for each block stage of the planned path,
+   the replica with the smallest expected finish time (peer/router.py; the plan's own replica
+   choice is advice only) → head and loss → backward along the *same* hops in reverse →
+   embedding; a hop that fails or times out in the forward pass is resent to the next-best
+   replica (the failing one is banned until its lease would expire); a microbatch whose backward
+   cannot finish (the replica holding its graph is gone) is dropped and counted;
+4. send `EndStep` to every live replica of every block stage, visited or not, and sync stage 0
+   with the other stage-0 replicas; the step is over when all of them answered (or timed out).
 
-The barrier in step 3 keeps training synchronous: no replica steps while it holds graphs of the
-step, and every replica steps exactly once per step.
+The barrier in step 4 keeps training synchronous: no replica steps while it holds graphs of the
+step, and every replica steps exactly once per step. A replica that no path visited this step
+contributes zero samples to its stage's round; a stage no microbatch visited aggregates to
+"skip" and every replica advances its step without an optimizer step (peer/sync.py), so replicas
+of a skipped stage stay bit-identical and in lockstep.
 """
 
 from __future__ import annotations
@@ -22,6 +38,7 @@ import logging
 import math
 import random
 import time
+from collections import Counter
 from typing import TYPE_CHECKING
 
 import grpc
@@ -30,6 +47,7 @@ import torch
 
 from peer import wire
 from peer.data import inputs_targets, load_corpus, shard
+from peer.paths import ReplicaTiming, plan_iteration
 from peer.router import NoReplicaAvailable, RoundRobinRouter, Router
 from protocols import shoal_pb2 as pb
 from protocols import shoal_pb2_grpc as pbg
@@ -43,6 +61,10 @@ MAX_HOP_ATTEMPTS = 4
 
 class MicrobatchDropped(Exception):
     pass
+
+
+class StageEmpty(MicrobatchDropped):
+    """A forward hop found no usable replica of its stage: the microbatch may bypass it."""
 
 
 class Driver:
@@ -62,6 +84,9 @@ class Driver:
         self.dropped = 0
         self.done = 0
         self._metrics: list[dict] = []
+        self._stage0_s = 0.0  # EMA of this peer's own compute per microbatch (embed, head, loss)
+        self.bypassed_hops = 0  # forward hops skipped because their stage had no usable replica
+        self._visits: Counter[int] = Counter()  # block stage -> microbatches through it, this step
 
     def stop(self) -> None:
         self._stop = True
@@ -116,6 +141,29 @@ class Driver:
             self._shard_key = key
         return self._shard, stage0
 
+    async def plan(self, step: int, n_mb: int) -> list[tuple[int, ...]]:
+        """Each microbatch's block stages, in visiting order (see the module docstring)."""
+        d = self.d
+        p = d.spec.pipeline
+        now = time.monotonic()
+        mb = p.microbatch
+        stages: dict[int, list[ReplicaTiming]] = {}
+        for s in range(1, p.stages + 1):
+            stages[s] = []
+            for pid in self.router.usable(s, now):
+                forward_s, busy = self.router.planning_timing(pid, mb, now)
+                stages[s].append(ReplicaTiming(pid, forward_s, ready_at=busy))
+            if not stages[s] and not d.stage_info(s, "step"):
+                # Never trained (the swarm is starting): wait for its first replica rather than
+                # train without it. Only a stage that lost its replicas is bypassed.
+                raise NoReplicaAvailable(f"stage {s} has no replica yet")
+        origin = ReplicaTiming(d.peer_id, self._stage0_s / 2.5)
+        rng = random.Random(f"{d.peer_id}:{step}")
+        paths = await asyncio.to_thread(
+            plan_iteration, step, n_mb, stages, p.skip_ratio, rng, p.full_depth_every or None,
+            2, 3, p.checkfree_plus, origin=origin)
+        return [path.stages for path in paths]
+
     async def _one_step(self) -> None:
         d = self.d
         spec = d.spec
@@ -124,7 +172,10 @@ class Driver:
         step = d.host.step + 1
         mb = spec.pipeline.microbatch
         n_mb = max(1, math.ceil(spec.pipeline.target_batch / (len(stage0) * mb)))
+        paths = await self.plan(step, n_mb)
         bytes0 = d.counter.total_sent() + d.counter.total_received()
+        bypassed0 = self.bypassed_hops
+        self._visits: Counter[int] = Counter()
         t0 = time.monotonic()
         window = max(2, 2 * (spec.pipeline.stages + 1))
         sem = asyncio.Semaphore(window)
@@ -134,7 +185,7 @@ class Driver:
                 if self._stop:
                     return None
                 batch = data.batch(mb, spec.run.seed, step * 10007 + i)
-                return await self._microbatch(step, i, batch)
+                return await self._microbatch(step, i, batch, list(paths[i]))
 
         losses = [x for x in await asyncio.gather(*(one(i) for i in range(n_mb))) if x is not None]
         if self._stop and not losses:
@@ -146,15 +197,22 @@ class Driver:
         if losses:
             self.last_loss = float(np.mean(losses))
         wire_bytes = d.counter.total_sent() + d.counter.total_received() - bytes0
+        visits = {s: self._visits[s] for s in range(1, spec.pipeline.stages + 1)}
         self._metrics.append({
             "t": time.time(), "step": step, "loss": self.last_loss if losses else None,
             "microbatches": n_mb, "completed": len(losses), "tokens": tokens, "seconds": dt,
             "tokens_per_s": self.tokens_per_s, "bytes": wire_bytes, "dropped": self.dropped,
+            "skip_ratio": spec.pipeline.skip_ratio,
+            "full_depth": all(len(p) == spec.pipeline.stages for p in paths),
+            "visits": {str(s): n for s, n in visits.items()},  # completed microbatches
+            "skipped_stages": [s for s, n in visits.items() if n == 0],
+            "bypassed_hops": self.bypassed_hops - bypassed0,
         })
 
     # ------------------------------------------------------------------ one microbatch
 
-    async def _microbatch(self, step: int, i: int, batch: torch.Tensor) -> float | None:
+    async def _microbatch(self, step: int, i: int, batch: torch.Tensor,
+                          planned: list[int]) -> float | None:
         d = self.d
         host = d.host
         mb_id = f"{d.peer_id[:12]}-{step}-{i}"
@@ -165,9 +223,18 @@ class Driver:
             t0 = time.monotonic()
             h = await host.run(host.embed, mb_id, tokens, step)
             compute = time.monotonic() - t0
-            path = list(range(1, d.spec.pipeline.stages + 1))
-            for hop, s in enumerate(path):
-                h, peer = await self._hop("forward", s, step, mb_id, path, hop, h)
+            path = list(planned)
+            for s in planned:
+                try:
+                    h, peer = await self._hop("forward", s, step, mb_id, path, len(hops), h)
+                except StageEmpty:
+                    if not d.stage_info(s, "step"):
+                        raise  # never trained: no bypass at the start of a run (see plan)
+                    # No usable replica now: bypass it for this microbatch (the planner does
+                    # the same from the next iteration on, once the view or the bans show it).
+                    path.remove(s)
+                    self.bypassed_hops += 1
+                    continue
                 hops.append((s, peer))
             t0 = time.monotonic()
             loss, g = await host.run(host.head, mb_id, h, targets)
@@ -177,8 +244,12 @@ class Driver:
                 g, _ = await self._hop("backward", s, step, mb_id, path, hop, g, peer=peer)
             t0 = time.monotonic()
             await host.run(host.embed_backward, mb_id, g)
-            d.note_compute(int(tokens.shape[0]), compute + time.monotonic() - t0)
+            compute += time.monotonic() - t0
+            d.note_compute(int(tokens.shape[0]), compute)
+            self._stage0_s = (compute if self._stage0_s == 0
+                              else 0.9 * self._stage0_s + 0.1 * compute)
             self.done += 1
+            self._visits.update(s for s, _ in hops)
             return loss
         except MicrobatchDropped as exc:
             self.dropped += 1
@@ -196,7 +267,10 @@ class Driver:
         tried: set[str] = set()
         for _ in range(MAX_HOP_ATTEMPTS if peer is None else 1):
             now = time.monotonic()
-            target = peer or self.router.choose(stage, samples, now, exclude=tried)
+            try:
+                target = peer or self.router.choose(stage, samples, now, exclude=tried)
+            except NoReplicaAvailable as exc:
+                raise StageEmpty(f"stage {stage}: {exc}") from exc
             timeout = self.router.timeout_for(target, samples, backward=kind == "backward")
             header = pb.CallHeader(kind=kind, microbatch_id=mb_id, step=step, stage=stage,
                                    path=path, hop=hop, sender=d.peer_id, sent_at=time.time())
@@ -222,7 +296,9 @@ class Driver:
             except (KeyError, NoReplicaAvailable) as exc:
                 if peer is not None:
                     raise MicrobatchDropped(str(exc)) from exc
-                raise MicrobatchDropped(f"stage {stage}: {exc}") from exc
+                raise StageEmpty(f"stage {stage}: {exc}") from exc
+        if peer is None:
+            raise StageEmpty(f"stage {stage} {kind}: no replica answered ({len(tried)} tried)")
         raise MicrobatchDropped(f"stage {stage} {kind}: no replica answered ({len(tried)} tried)")
 
     # ------------------------------------------------------------------ end of step

@@ -245,6 +245,21 @@ class Router:
         expected = max(work_samples, e.outstanding) / e.throughput
         return min(policy.ceiling_s, max(floor, policy.factor * expected))
 
+    def planning_timing(self, peer_id: str, samples: float, now: float) -> tuple[float, float]:
+        """What the SkipPipe planner (peer/paths.py) needs of a replica, from the measurements:
+        (seconds one forward of `samples` takes there, seconds from `now` until the work this
+        sender already has outstanding there should be done). The throughput EMA mixes forward
+        and backward calls, so the first figure is a whole-call estimate, which is what the
+        planner compares replicas and stage sets by."""
+        _check_positive("samples", samples)
+        e = self._replicas[peer_id]
+        return samples / e.throughput, max(0.0, e.expected_finish - now)
+
+    def usable(self, stage: int, now: float) -> list[str]:
+        """Replicas of `stage` in the view that are not banned at `now`."""
+        return [p for p in self._stages.get(stage, [])
+                if self._banned_until.get(p, -math.inf) <= now]
+
     # -- internals ------------------------------------------------------------------------
 
     def _measure(self, e: ReplicaEstimate, samples: float, seconds: float) -> None:

@@ -63,6 +63,8 @@ class StageService(pbg.StageServicer):
             raise NotServing(f"peer {d.peer_id[:8]} is {d.state}, not serving yet")
         if header.stage != d.host.stage:
             raise NotServing(f"this peer holds stage {d.host.stage}, not {header.stage}")
+        if header.step and header.step > d.host.step + 1:
+            d.catch_up(header.step - 1)  # the sole replica of a rebuilt stage adopts the step
         if header.step and header.step != d.host.step + 1:
             raise NotServing(f"microbatch of step {header.step} but this replica is after step "
                              f"{d.host.step}")
@@ -125,7 +127,7 @@ class StageService(pbg.StageServicer):
         if request.step <= host.step:
             return pb.StepDone(step=request.step, stage=host.stage, stepped=False,
                                state_hash=d.state_hash, detail="already past this step")
-        if request.step > host.step + 1:
+        if request.step > host.step + 1 and not d.catch_up(request.step - 1):
             d.fall_behind(f"EndStep({request.step}) while after step {host.step}")
             return pb.StepDone(step=request.step, stage=host.stage, stepped=False,
                                detail="behind; re-downloading the stage")

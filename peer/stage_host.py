@@ -307,6 +307,33 @@ class StageHost:
                 if k in full:
                     v.copy_(full[k])
 
+    def load_rebuilt(self, state: Mapping[str, torch.Tensor], step: int, lr_scale: float) -> None:
+        """Take weights rebuilt without a replica of this stage (CheckFree average, CheckFree+
+        copy, or a snapshot; peer/recovery.py): the parameters named in `state` (all of them),
+        step `step`, a fresh optimizer and the boosted learning rate `lr_scale` from now on.
+        Buffers not in `state` (CheckFree+ edge copies) keep their current values."""
+        params = self.params()
+        if set(state) != set(params):
+            raise StageError(f"rebuilt state names {sorted(set(state) ^ set(params))[:3]} do "
+                             f"not match stage {self.stage}")
+        with torch.no_grad():
+            for name, p in params.items():
+                t = state[name]
+                if tuple(t.shape) != tuple(p.shape):
+                    raise StageError(f"rebuilt {name} has shape {tuple(t.shape)}, the stage "
+                                     f"needs {tuple(p.shape)}")
+                if not bool(torch.isfinite(t).all()):
+                    raise StageError(f"rebuilt {name} holds NaN or Inf")
+                p.copy_(t.to(p.device, p.dtype))
+        self.step = step
+        self.lr_scale = lr_scale
+        self.optimizer = self._make_optimizer()
+        self.mode_state = {}
+        self.pending.clear()
+        self.samples = 0
+        self.microbatches = 0
+        self.optimizer.zero_grad(set_to_none=True)
+
     def state_hash(self) -> str:
         """Hash of what the replicas agree on: the `shared.` mode state if any, else the params."""
         shared = {k: v for k, v in self.mode_state.items() if k.startswith("shared.")}

@@ -22,11 +22,13 @@ import {
 } from "./util.js";
 
 export const STATES = ["joining", "syncing", "training", "draining", "lost", "rebuilt", "left"];
+// A stage's `rebuild` is set while it has no replica (paths bypass it): how its next holder
+// will rebuild it. What the holder actually did shows in the timeline's "rebuild" event.
 const REBUILD_LABEL = {
-  checkfree: "rebuilt · CheckFree",
-  "checkfree+": "rebuilt · CheckFree+",
-  snapshot: "rebuilt · snapshot",
-  copy: "rebuilt · copy",
+  checkfree: "bypassed · to rebuild by CheckFree",
+  "checkfree+": "bypassed · to rebuild by CheckFree+",
+  snapshot: "bypassed · to restore a snapshot (degraded)",
+  copy: "bypassed · to copy",
 };
 const COMPACT_ABOVE = 12; // tiles per stage beyond which tiles become small squares
 
@@ -221,7 +223,7 @@ export function renderStageMap(s, rates, onSelect, selected = null) {
       setData(badge, "state", state);
       setText(
         rebuild,
-        unknown(info.rebuild) ? "" : (REBUILD_LABEL[info.rebuild] ?? `rebuilt · ${info.rebuild}`),
+        unknown(info.rebuild) ? "" : (REBUILD_LABEL[info.rebuild] ?? `to rebuild · ${info.rebuild}`),
       );
       rebuild.hidden = unknown(info.rebuild);
       setText(col.children[1], c.n === 0 ? "data · embedding · head · loss" : "block stage");
@@ -300,7 +302,7 @@ const KIND_TEXT = {
   move: "moved",
   rebuild: "stage rebuilt",
   restart: "coordinator restarted",
-  skip: "stage skipped",
+  skip: "stage bypassed (no live replica)",
   state: "state",
   start: "run started",
 };

@@ -1,0 +1,269 @@
+"""Rebuilding a block stage that lost every replica, without a checkpoint (ALGORITHMS.md §3).
+
+The coordinator marks a stage that empties after training with a `rebuild` method
+(coordinator/membership.py). The next peer that takes the stage finds no replica to copy and
+calls `rebuild_stage` (from PeerDaemon._take_stage), which follows optim/checkfree.plan_recovery:
+
+- inner stage s, both neighbours live (CheckFree): download the parameters of s-1 and s+1 from
+  live replicas (State.Download, every download hash-checked against the state hash the sender
+  claims), average them weighted by each neighbour's last gradient norm *as the coordinator's
+  view reports it* (StageInfo.grad_norm);
+- edge stage with CheckFree+ (stages 1, 2, S-1, S): a copy of its swap partner, which the
+  odd-microbatch swaps trained to stand in for it;
+- otherwise (two adjacent stages lost, an edge stage without CheckFree+, or any failure of the
+  above): the newest local snapshot in `--snapshot-dir` (peer/snapshots.py), else a copy of the
+  nearest live stage, else the initial weights. This is a *degraded* recovery and is logged at
+  ERROR level as such.
+
+Every rebuild starts a fresh optimizer and multiplies the stage's learning rate by
+`optim.checkfree.LR_BOOST` (1.1) for the rest of the run. The step counter is the neighbours'
+(or the swarm's, from the view): the stage had no replica, so no update of it was missed.
+
+What the peer did goes into `RecoveryReport`; the daemon reports it to the coordinator inside
+its heartbeat stats as the bytes_by_kind key `recovery:<method>:<sources>` (value: the step it
+was rebuilt at), the one free-form map the heartbeat has. The coordinator turns it into the
+rebuild event's detail and never counts it as bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import grpc
+import torch
+
+from optim.checkfree import LR_BOOST, Recovery, copy_neighbor, plan_recovery, weighted_average
+from optim.errors import NonFiniteValues, ShapeMismatch, StateMismatch
+from peer import snapshots, wire
+from peer.stage_host import StageError, StageHost
+from protocols import shoal_pb2 as pb
+from protocols import shoal_pb2_grpc as pbg
+
+if TYPE_CHECKING:
+    from peer.daemon import PeerDaemon
+
+log = logging.getLogger("shoal.recovery")
+RECOVERY_KEY = "recovery:"
+
+
+class RebuildFailed(RuntimeError):
+    """A source of the rebuild (a neighbour's download, a snapshot) could not be used."""
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    """How a stage was rebuilt: method is "weighted_average", "copy_neighbor", "snapshot",
+    "copy_nearest" or "initial"; sources are the block stages it came from."""
+
+    stage: int
+    method: str
+    sources: tuple[int, ...]
+    step: int
+    weights: tuple[float, float] | None = None
+    note: str = ""
+
+    @property
+    def degraded(self) -> bool:
+        return self.method not in ("weighted_average", "copy_neighbor")
+
+    def wire_key(self) -> str:
+        """The heartbeat bytes_by_kind key that carries this report (printable, <= 64 chars)."""
+        return f"{RECOVERY_KEY}{self.method}:{','.join(map(str, self.sources))}"[:64]
+
+
+def parse_wire_key(key: str) -> tuple[str, tuple[int, ...]] | None:
+    """(method, sources) of a `recovery:` key, or None if `key` is not one."""
+    if not key.startswith(RECOVERY_KEY):
+        return None
+    method, _, src = key[len(RECOVERY_KEY):].partition(":")
+    try:
+        sources = tuple(int(x) for x in src.split(",") if x)
+    except ValueError:
+        return None
+    return (method, sources) if method else None
+
+
+async def fetch_stage_params(d: PeerDaemon, stage: int) -> tuple[dict[str, torch.Tensor], int]:
+    """The parameters of `stage` and its step, from the first live replica that gives a state
+    whose hash matches what it claims. Raises RebuildFailed when none does."""
+    spec = d.spec
+    errors = []
+    for pid in d.live_replicas(stage):
+        scratch = StageHost(spec, stage, device="cpu")
+        try:
+            stub = pbg.StateStub(d.channel(d.address_of(pid)))
+            call = stub.Download(pb.StateRequest(stage=stage, include_optimizer=True),
+                                 timeout=120)
+            header, arrays = await wire.receive(call.__aiter__(), d.state_limits(), d.counter,
+                                                "state")
+            await scratch.run(scratch.load_state_arrays, arrays)
+            got = await scratch.run(scratch.state_hash)
+            if got != header.meta.get("state_hash"):
+                raise StageError(f"stage {stage} from {pid[:8]} hashes to {got[:12]}, it "
+                                 f"claimed {header.meta.get('state_hash', '')[:12]}")
+            return {k: v.detach().clone() for k, v in scratch.params().items()}, scratch.step
+        except (grpc.aio.AioRpcError, StageError, KeyError, ValueError) as exc:
+            errors.append(f"{pid[:8]}: {exc}")
+            log.warning("stage %d download from %s for a rebuild failed: %s", stage, pid[:8], exc)
+        finally:
+            scratch.close()
+    raise RebuildFailed(f"no live replica of stage {stage} gave a hash-checked state"
+                        + (f" ({'; '.join(errors)})" if errors else " (none in the view)"))
+
+
+def _alive_block_stages(d: PeerDaemon) -> set[int]:
+    return {s for s in range(1, d.spec.pipeline.stages + 1) if d.live_replicas(s)}
+
+
+def _grad_norm(d: PeerDaemon, stage: int) -> float:
+    info = next((s for s in (d.view.stages if d.view else ()) if s.stage == stage), None)
+    return info.grad_norm if info is not None else float("nan")
+
+
+def _swarm_step(d: PeerDaemon) -> int:
+    return max((s.step for s in (d.view.stages if d.view else ())), default=0)
+
+
+async def rebuild_stage(d: PeerDaemon) -> RecoveryReport:
+    """Rebuild the stage `d.host` holds (no replica of it is live) and load it into the host."""
+    host = d.host
+    stage, n = host.stage, d.spec.pipeline.stages
+    alive = _alive_block_stages(d) - {stage}
+    plan = plan_recovery(stage, n, alive, checkfree_plus=d.spec.pipeline.checkfree_plus)
+    like = {k: v.detach() for k, v in host.params().items()}
+    note = plan.note
+    try:
+        if plan.method == "weighted_average":
+            (prev, step_a), (nxt, step_b) = [await fetch_stage_params(d, s) for s in plan.sources]
+            w = (_grad_norm(d, plan.sources[0]), _grad_norm(d, plan.sources[1]))
+            rec = weighted_average(prev, nxt, w[0], w[1], like=like)
+            return await _load(d, RecoveryReport(stage, "weighted_average", plan.sources,
+                                                 max(step_a, step_b), rec.weights, rec.note),
+                               rec)
+        if plan.method == "copy_neighbor":
+            state, step = await fetch_stage_params(d, plan.sources[0])
+            return await _load(d, RecoveryReport(stage, "copy_neighbor", plan.sources, step),
+                               copy_neighbor(state, like=like))
+    except (RebuildFailed, StateMismatch, ShapeMismatch, NonFiniteValues) as exc:
+        note = f"{plan.method} from stages {list(plan.sources)} failed: {exc}"
+    return await _degraded(d, stage, like, alive, note)
+
+
+async def _degraded(d: PeerDaemon, stage: int, like: dict[str, torch.Tensor], alive: set[int],
+                    note: str) -> RecoveryReport:
+    """Snapshot, else a copy of the nearest live stage, else the initial weights; loudly."""
+    directory = getattr(d.args, "snapshot_dir", None)
+    for snap in snapshots.list_snapshots(directory, stage) if directory else []:
+        try:
+            state = await d.host.run(snapshots.load_snapshot, snap, like)
+        except snapshots.SnapshotError as exc:
+            log.error("stage %d: snapshot %s unusable: %s", stage, snap.path.name, exc)
+            continue
+        report = RecoveryReport(stage, "snapshot", (), max(snap.step, _swarm_step(d)),
+                                note=f"{note}; restored {snap.path.name} (step {snap.step})")
+        return await _load(d, report, Recovery(state, "snapshot"))
+    for source in sorted(alive, key=lambda s: (abs(s - stage), s)):
+        try:
+            state, step = await fetch_stage_params(d, source)
+            rec = copy_neighbor(state, like=like)
+        except (RebuildFailed, StateMismatch, ShapeMismatch) as exc:
+            note += f"; copy of stage {source} impossible: {exc}"
+            continue
+        report = RecoveryReport(stage, "copy_nearest", (source,), step,
+                                note=f"{note}; no snapshot, copied stage {source}")
+        return await _load(d, report, rec)
+    report = RecoveryReport(stage, "initial", (), _swarm_step(d),
+                            note=f"{note}; no snapshot and no stage to copy: initial weights")
+    return await _load(d, report, Recovery(like, "initial"))
+
+
+async def _load(d: PeerDaemon, report: RecoveryReport, rec: Recovery) -> RecoveryReport:
+    host = d.host
+    await host.run(host.load_rebuilt, rec.state, report.step, LR_BOOST)
+    if report.degraded:
+        log.error("DEGRADED RECOVERY of stage %d: %s (step %d, lr x%.2f). %s", report.stage,
+                  report.method, report.step, LR_BOOST, report.note)
+    else:
+        log.warning("stage %d rebuilt without a replica: %s from stages %s (weights %s) at step "
+                    "%d, fresh optimizer, lr x%.2f%s", report.stage, report.method,
+                    list(report.sources), report.weights, report.step, LR_BOOST,
+                    f"; {report.note}" if report.note else "")
+    return report
+
+
+# ---------------------------------------------------------------------- daemon-side glue
+
+
+async def rebuild(d: PeerDaemon) -> bool:
+    """PeerDaemon._take_stage: the view marks the stage for a rebuild and no replica is live."""
+    log.warning("stage %d has no live replica and the coordinator asks for a %s rebuild",
+                d.host.stage, d.stage_info(d.host.stage, "rebuild"))
+    d.recovery = await rebuild_stage(d)
+    return True
+
+
+async def await_sources_or_rebuild(d: PeerDaemon, stage: int) -> bool:
+    """Replicas listed in the view did not answer (dead, lease not yet expired): refresh the
+    view until one answers (download) or the stage is marked for a rebuild (rebuild). Returns
+    whether it rebuilt."""
+    wait = 3 * d.spec.membership.lease_s
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        await asyncio.sleep(d.spec.membership.heartbeat_s)
+        with contextlib.suppress(Exception):
+            d.view = await d.client.view()
+        sources = [p for p in d.live_replicas(stage) if p != d.peer_id]
+        if not sources and d.stage_info(stage, "rebuild"):
+            return await rebuild(d)
+        if sources and await d.download_state(sources):
+            return False
+    log.error("stage %d: no replica answered and no rebuild was asked for within %.0f s; "
+              "starting from the initial weights", stage, wait)
+    return False
+
+
+def catch_up(d: PeerDaemon, step: int) -> bool:
+    """A later step reached a replica whose whole stage missed the steps in between (it was
+    just rebuilt while paths bypassed it, or every replica missed the same EndSteps): no replica
+    applied those steps, so adopting the step counter is exact. That holds when no other holder
+    of the stage is ahead of this one or differs from it (same step and state hash in the view).
+    Returns False (and changes nothing) otherwise (the state must then be downloaded) or while a
+    step is in progress. A view that lags is caught by the state-hash check of heartbeats."""
+    host = d.host
+    if host is None or step <= host.step or d.step_lock.locked() or d.view is None:
+        return False
+    others = [p for p in d.view.replicas(host.stage)
+              if p.peer_id != d.peer_id and p.state not in ("lost", "left")]
+    if any(p.state not in ("training", "rebuilt") or p.stats.step > host.step
+           or p.stats.state_hash != d.state_hash for p in others):
+        return False
+    log.info("stage %d: fast-forwards from step %d to %d (no replica of the stage stepped in "
+             "between; %d other holders at the same state)", host.stage, host.step, step,
+             len(others))
+    for mb in list(host.pending):
+        host.forget(mb)
+    host.optimizer.zero_grad(set_to_none=True)
+    host.samples = host.microbatches = 0
+    host.step = step
+    return True
+
+
+async def snapshot_if_due(d: PeerDaemon) -> None:
+    """Every SNAPSHOT_EVERY_STEPS steps, save the stage to --snapshot-dir (heartbeat loop)."""
+    directory = getattr(d.args, "snapshot_dir", None)
+    host = d.host
+    if (not directory or host is None or host.stage == 0 or d.state not in ("training", "rebuilt")
+            or host.step < d._snapshot_step + snapshots.SNAPSHOT_EVERY_STEPS):
+        return
+    async with d.step_lock:
+        state = await host.run(host.module.state_dict)
+        step = host.step
+        path = await host.run(snapshots.save_snapshot, directory, host.stage, step, d.peer_id,
+                              state)
+    d._snapshot_step = step
+    log.info("stage %d: snapshot at step %d in %s", host.stage, step, path)

@@ -1,0 +1,201 @@
+"""The CheckFree wiring of the peer (peer/recovery.py, peer/snapshots.py, StageHost.load_rebuilt)
+and of the coordinator (skip and rebuild events), without a network: neighbours' downloads are
+replaced by real StageHosts of those stages."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from coordinator.membership import Membership
+from optim.checkfree import LR_BOOST, canonical_keys
+from peer import recovery, snapshots
+from peer.stage_host import StageError, StageHost
+from protocols.coordinator_client import Benchmark, PeerStats, StageInfo
+from protocols.runspec import RunSpec
+
+SPEC = RunSpec().replace(**{"model.d_model": 32, "model.n_layers": 4, "model.n_heads": 4,
+                            "model.seq_len": 16, "pipeline.stages": 4, "run.seed": 3})
+
+
+@dataclass
+class FakeView:
+    stages: list[StageInfo]
+    holders: dict[int, list[str]] = field(default_factory=dict)
+
+    steps: dict[str, int] = field(default_factory=dict)
+
+    def replicas(self, stage: int) -> list[SimpleNamespace]:
+        return [SimpleNamespace(peer_id=p, state="training",
+                                stats=SimpleNamespace(step=self.steps.get(p, 0), state_hash="h"))
+                for p in self.holders.get(stage, [])]
+
+
+class FakeDaemon:
+    """What peer/recovery.py reads of a PeerDaemon."""
+
+    def __init__(self, spec: RunSpec, stage: int, alive: dict[int, StageHost],
+                 norms: dict[int, float], snapshot_dir: str | None = None) -> None:
+        self.spec = spec
+        self.peer_id = "ab" * 8
+        self.host = StageHost(spec, stage)
+        self.alive = alive
+        self.args = SimpleNamespace(snapshot_dir=snapshot_dir)
+        self.step_lock = asyncio.Lock()
+        self.recovery = None
+        self.state_hash = ""
+        self.view = FakeView(
+            [StageInfo(s, (), 1.0, norms.get(s, 0.0), alive[s].step if s in alive else 40, "")
+             for s in range(spec.pipeline.stages + 1)],
+            {s: [f"peer-of-{s}"] for s in alive})
+
+    def live_replicas(self, stage: int) -> list[str]:
+        return [f"peer-of-{stage}"] if stage in self.alive else []
+
+    def stage_info(self, stage: int, name: str) -> object:
+        return getattr(self.view.stages[stage], name)
+
+
+def trained(spec: RunSpec, stage: int, step: int, seed: int) -> StageHost:
+    """A stage host whose weights moved away from the initial ones (distinct per stage)."""
+    host = StageHost(spec, stage)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in host.module.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    host.step = step
+    return host
+
+
+@pytest.fixture
+def neighbours(monkeypatch: pytest.MonkeyPatch):
+    def install(d: FakeDaemon) -> None:
+        async def fetch(daemon, stage):
+            h = daemon.alive[stage]
+            return {k: v.detach().clone() for k, v in h.params().items()}, h.step
+        monkeypatch.setattr(recovery, "fetch_stage_params", fetch)
+    return install
+
+
+def by_position(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: state[name] for key, name in canonical_keys(state).items()}
+
+
+def test_inner_stage_is_the_grad_norm_weighted_average(neighbours) -> None:
+    alive = {1: trained(SPEC, 1, 40, 1), 3: trained(SPEC, 3, 41, 3), 4: trained(SPEC, 4, 41, 4)}
+    d = FakeDaemon(SPEC, 2, alive, norms={1: 0.3, 3: 0.1})
+    neighbours(d)
+    report = asyncio.run(recovery.rebuild_stage(d))
+    assert (report.method, report.sources, report.step) == ("weighted_average", (1, 3), 41)
+    a, b = 0.3 + 1e-4, 0.1 + 1e-4
+    prev, nxt = by_position(alive[1].params()), by_position(alive[3].params())
+    for key, got in by_position(d.host.params()).items():
+        want = ((prev[key].double() * a + nxt[key].double() * b) / (a + b)).float()
+        assert torch.equal(got.detach(), want), key
+    assert d.host.step == 41 and d.host.lr_scale == pytest.approx(LR_BOOST)
+    assert d.host.optimizer.param_groups[0]["lr"] == pytest.approx(SPEC.optim.lr * LR_BOOST)
+    assert not d.host.optimizer.state  # fresh optimizer
+    assert not report.degraded
+    assert recovery.parse_wire_key(report.wire_key()) == ("weighted_average", (1, 3))
+
+
+def test_checkfree_plus_edge_stage_copies_its_swap_partner(neighbours) -> None:
+    spec = SPEC.replace(**{"pipeline.checkfree_plus": True})
+    alive = {2: trained(spec, 2, 12, 2), 3: trained(spec, 3, 12, 3), 4: trained(spec, 4, 12, 4)}
+    d = FakeDaemon(spec, 1, alive, norms={2: 0.5})
+    neighbours(d)
+    report = asyncio.run(recovery.rebuild_stage(d))
+    assert (report.method, report.sources) == ("copy_neighbor", (2,))
+    src = by_position(alive[2].params())
+    for key, got in by_position(d.host.params()).items():
+        assert torch.equal(got.detach(), src[key]), key
+    assert d.host.module.holds_edge_copy  # the stage-0 copies it keeps are its own buffers
+
+
+def test_adjacent_losses_restore_the_newest_snapshot_loudly(neighbours, tmp_path, caplog) -> None:
+    lost = trained(SPEC, 2, 30, 22)
+    snapshots.save_snapshot(tmp_path, 2, 20, "cd" * 8, StageHost(SPEC, 2).module.state_dict())
+    snapshots.save_snapshot(tmp_path, 2, 30, "cd" * 8, lost.module.state_dict())
+    alive = {1: trained(SPEC, 1, 35, 1), 4: trained(SPEC, 4, 35, 4)}  # stages 2 and 3 lost
+    d = FakeDaemon(SPEC, 2, alive, norms={}, snapshot_dir=str(tmp_path))
+    neighbours(d)
+    with caplog.at_level(logging.ERROR, logger="shoal.recovery"):
+        report = asyncio.run(recovery.rebuild_stage(d))
+    assert report.method == "snapshot" and report.degraded
+    assert "DEGRADED RECOVERY" in caplog.text and "(step 30)" in report.note
+    for name, p in d.host.params().items():
+        assert torch.equal(p.detach(), lost.params()[name].detach()), name
+    assert d.host.step == 40  # the swarm's step (the view), not the snapshot's
+
+
+def test_adjacent_losses_without_snapshot_copy_the_nearest_stage(neighbours) -> None:
+    alive = {1: trained(SPEC, 1, 35, 1), 4: trained(SPEC, 4, 35, 4)}
+    d = FakeDaemon(SPEC, 3, alive, norms={})
+    neighbours(d)
+    report = asyncio.run(recovery.rebuild_stage(d))
+    assert (report.method, report.sources) == ("copy_nearest", (4,)) and report.degraded
+
+
+def test_snapshots_keep_the_newest_and_refuse_another_stage(tmp_path) -> None:
+    host = StageHost(SPEC, 2)
+    for step in (10, 20, 30):
+        snapshots.save_snapshot(tmp_path, 2, step, "ef" * 8, host.module.state_dict())
+    found = snapshots.list_snapshots(tmp_path, 2)
+    assert [s.step for s in found] == [30, 20]  # KEEP = 2 per writer
+    other = StageHost(SPEC.replace(**{"model.n_layers": 8}), 2)
+    with pytest.raises(snapshots.SnapshotError, match="lacks"):
+        snapshots.load_snapshot(found[0], other.params())
+
+
+def test_load_rebuilt_refuses_a_state_of_the_wrong_stage() -> None:
+    host = StageHost(SPEC, 2)
+    with pytest.raises(StageError, match="do not match"):
+        host.load_rebuilt(StageHost(SPEC, 3).params(), 5, LR_BOOST)
+    bad = {k: torch.full_like(v, math.nan) for k, v in host.params().items()}
+    with pytest.raises(StageError, match="NaN"):
+        host.load_rebuilt(bad, 5, LR_BOOST)
+
+
+def test_catch_up_only_when_no_holder_of_the_stage_stepped_meanwhile() -> None:
+    d = FakeDaemon(SPEC, 2, {1: trained(SPEC, 1, 9, 1)}, norms={})
+    d.host.step, d.state_hash = 9, "h"
+    assert recovery.catch_up(d, 15) and d.host.step == 15  # the sole holder
+    d.view.holders[2] = ["another-replica"]
+    d.view.steps["another-replica"] = 15  # same step, same hash: the stage missed them all
+    assert recovery.catch_up(d, 18) and d.host.step == 18
+    d.view.steps["another-replica"] = 19  # it is ahead: download instead
+    assert not recovery.catch_up(d, 20) and d.host.step == 18
+
+
+def test_coordinator_logs_skip_and_the_rebuild_the_peer_reports() -> None:
+    spec = RunSpec().replace(**{"pipeline.stages": 3})
+    m = Membership(spec, "swarm")
+    bench = Benchmark(samples_per_s=10.0)
+    for i, stage in enumerate([0, 1, 2, 3]):
+        m.join(f"p{i}", b"k", f"127.0.0.1:{9000 + i}", bench, stage, 0, now=0.0)
+        m.heartbeat(f"p{i}", PeerStats(state="training", step=5, grad_norm=0.2), now=1.0)
+    m.sweep(now=1.0)
+    m.heartbeat("p0", PeerStats(state="training", step=6), now=20.0)
+    m.heartbeat("p1", PeerStats(state="training", step=6), now=20.0)
+    m.heartbeat("p3", PeerStats(state="training", step=6), now=20.0)
+    m.sweep(now=20.0 + spec.membership.lease_s - 1)  # p2 silent since t=1: expired
+    st2 = m.stage_summaries()[2]
+    assert (st2.state, st2.rebuild) == ("empty", "checkfree")
+    skip = [e for e in m.events.recent() if e.kind == "skip"]
+    assert [e.stage for e in skip] == [2]
+    t = 30.0
+    m.join("p9", b"k", "127.0.0.1:9009", bench, 2, 0, now=t)
+    report = PeerStats(state="rebuilt", step=7,
+                       bytes_by_kind={"activations": 100, "recovery:weighted_average:1,3": 7})
+    m.heartbeat("p9", report, now=t)
+    rebuild = [e for e in m.events.recent() if e.kind == "rebuild"]
+    assert len(rebuild) == 1 and "weighted_average of stages 1,3 at step 7" in rebuild[0].detail
+    assert m.stage_summaries()[2].rebuild == ""
+    assert "recovery:weighted_average:1,3" not in m.get("p9").stats.bytes_by_kind
+    assert "recovery:weighted_average:1,3" not in m.bytes_by_kind_total
