@@ -58,16 +58,20 @@ async def fetch_ledger(d: PeerDaemon, from_step: int, to_step: int = 0) -> pb.Sp
 
 
 async def post_codes(d: PeerDaemon, step: int, codes: bytes, expect: list[str],
-                     timeout: float) -> pb.SpsaLedgerStep:
-    """Post this replica's codes of `step`; wait until the coordinator closes the step."""
-    req = pb.SpsaPost(step=step, codes=codes, expect=expect)
+                     timeout: float) -> tuple[pb.SpsaLedgerStep, int]:
+    """Post this replica's codes of `step`; wait until the coordinator closes the step.
+
+    Returns the closed step and the ledger's next step. `expect` leaves this replica out (the
+    coordinator adds the poster), so a lone stage-0 replica's post is a step and its codes.
+    """
+    req = pb.SpsaPost(step=step, codes=codes, expect=[p for p in expect if p != d.peer_id])
     reply = await d.client._call("PostSpsa", req, 30.0, 2.0)
     d.counter.add(KIND, sent=req.ByteSize(), received=reply.ByteSize())
     deadline = time.monotonic() + timeout + 10
     while True:
         for st in reply.steps:
             if st.step == step:
-                return st
+                return st, reply.next_step
         if reply.next_step > step or time.monotonic() > deadline:
             raise RuntimeError(f"spsa step {step} is not in the coordinator's ledger "
                                f"(holds {reply.base_step}..{reply.next_step - 1})")
@@ -82,13 +86,15 @@ class SpsaDriver(Driver):
         super().__init__(daemon)
         assert isinstance(daemon.mode, SpsaMode)
         self.mode: SpsaMode = daemon.mode
+        self._ledger_next = 0  # the ledger's next step, as of this replica's last post
 
     async def _one_step(self) -> None:
         d = self.d
         spec = d.spec
         await self._refresh()
-        async with d.step_lock:  # 1. steps the ledger closed without us
-            await self.mode.catch_up(d, 0)
+        if self._ledger_next != d.host.step + 1:  # 1. steps the ledger closed without us
+            async with d.step_lock:
+                await self.mode.catch_up(d, 0)
         data, stage0 = self._my_shard()
         step = d.host.step + 1
         mb = spec.pipeline.microbatch
@@ -129,7 +135,8 @@ class SpsaDriver(Driver):
             codes.append(spsa.encode(g, scale, spsa.dither_for(seed)))
         if self._stop and not losses:
             return
-        closed = await post_codes(d, step, from_codes(codes), stage0, spec.sync.timeout_s)
+        closed, self._ledger_next = await post_codes(d, step, from_codes(codes), stage0,
+                                                     spec.sync.timeout_s)
         await self._end_step(step, closed)
         dt = time.monotonic() - t0
         tokens = done * mb * spec.model.seq_len
