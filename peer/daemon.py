@@ -274,6 +274,7 @@ class PeerDaemon:
                 log.info("stage %d: downloaded state at step %d from %s (hash %s)", host.stage,
                          host.step, pid[:8], got[:12])
                 if hasattr(self.mode, "catch_up"):  # SPSA: replay the ledger from the snapshot
+                    self.mode.forget_checkpoints()
                     await self.mode.catch_up(self, 0)
                 return True
             except (grpc.aio.AioRpcError, StageError, KeyError, ValueError,

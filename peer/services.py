@@ -144,7 +144,16 @@ class StageService(pbg.StageServicer):
                 d.mode.offer(request.step, list(request.stage0_replicas), request.spsa.codes)
             except StageError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"EndStep: {exc}")
-            d.counter.add("sync:spsa", received=pb.StepEnd(spsa=request.spsa).ByteSize())
+            check = pb.StepEnd(spsa_check_step=request.spsa_check_step,
+                               spsa_check_hash=request.spsa_check_hash)
+            d.counter.add("sync:spsa", received=pb.StepEnd(spsa=request.spsa).ByteSize()
+                          + check.ByteSize())
+            if request.spsa_check_step and d.mode.drifted(request.spsa_check_step,
+                                                          request.spsa_check_hash):
+                d.fall_behind(f"spsa hash check: state after step {request.spsa_check_step} "
+                              "differs from the stage's majority")
+                return pb.StepDone(step=request.step, stage=host.stage, stepped=False,
+                                   detail="drifted; re-downloading the stage")
         ends = self._ends.get(request.step)
         if ends is None and d.rounds is not None and request.stage_replicas:
             d.rounds.agreed.setdefault(request.step, list(request.stage_replicas))

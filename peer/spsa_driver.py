@@ -79,6 +79,15 @@ async def post_codes(d: PeerDaemon, step: int, codes: bytes, expect: list[str],
         reply = await fetch_ledger(d, step, step + 1)
 
 
+def majority_hash(hashes: dict[str, str]) -> str:
+    """The hash most replicas report; a tie goes to the lowest peer id's hash."""
+    counts: dict[str, int] = {}
+    for h in hashes.values():
+        counts[h] = counts.get(h, 0) + 1
+    best = max(counts.values())
+    return next(hashes[p] for p in sorted(hashes) if counts[hashes[p]] == best)
+
+
 class SpsaDriver(Driver):
     """Stage 0 of an SPSA run (see the module docstring)."""
 
@@ -87,6 +96,7 @@ class SpsaDriver(Driver):
         assert isinstance(daemon.mode, SpsaMode)
         self.mode: SpsaMode = daemon.mode
         self._ledger_next = 0  # the ledger's next step, as of this replica's last post
+        self._check: dict[int, tuple[int, bytes]] = {}  # stage -> (K-step, majority hash[:16])
 
     async def _one_step(self) -> None:
         d = self.d
@@ -228,12 +238,19 @@ class SpsaDriver(Driver):
         peers = list(closed.peers)
         field_bytes = pb.StepEnd(spsa=closed.codes).ByteSize()
 
+        checks = dict(self._check)
+        self._check.clear()
+
         async def end(pid: str) -> pb.StepDone | None:
             req = pb.StepEnd(step=step, sender=d.peer_id, stage0_replicas=peers,
                              stage_replicas=replicas[stage_of[pid]], spsa=closed.codes)
+            check = pb.StepEnd()
+            if stage_of[pid] in checks:
+                check.spsa_check_step, check.spsa_check_hash = checks[stage_of[pid]]
+                req.MergeFrom(check)
             try:
                 stub = pbg.StageStub(d.channel(d.address_of(pid)))
-                d.counter.add(KIND, sent=field_bytes)
+                d.counter.add(KIND, sent=field_bytes + check.ByteSize())
                 return await stub.EndStep(req, timeout=timeout)
             except (grpc.aio.AioRpcError, KeyError) as exc:
                 log.warning("EndStep(%d) to %s failed: %s", step, pid[:8], exc)
@@ -245,11 +262,12 @@ class SpsaDriver(Driver):
         own = results[0]
         if not own.stepped:
             log.warning("stage 0 did not step at %d: %s", step, own.detail)
-        if step % self.mode.hash_every == 0:  # the K-step hash check, as seen from here
+        if step % self.mode.hash_every == 0:  # the K-step hash check
             for s in replicas:
-                hashes = {r.state_hash for p, r in zip(pids, results[1:], strict=True)
-                          if r is not None and r.stepped and stage_of[p] == s}
-                if len(hashes) > 1:
+                got = {p: r.state_hash for p, r in zip(pids, results[1:], strict=True)
+                       if r is not None and r.stepped and stage_of[p] == s and r.state_hash}
+                if got:
+                    self._check[s] = (step, bytes.fromhex(majority_hash(got))[:16])
+                if len(set(got.values())) > 1:
                     log.warning("spsa step %d: stage %d replicas hash differently (%d hashes); "
-                                "the heartbeat check makes the odd one re-download", step, s,
-                                len(hashes))
+                                "the minority re-downloads", step, s, len(set(got.values())))

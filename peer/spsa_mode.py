@@ -27,8 +27,10 @@ How one step t goes (design):
    with a snapshot. An EndStep needs no other replica's: the closed set is the whole agreement.
 
 Catching up and checking: every `sync.spsa.hash_every` (K) steps a replica keeps a checkpoint of
-its state and its hash (the hash the heartbeat reports; replicas at the same step that hash
-differently are caught by the daemon's heartbeat check, and the one that yields re-downloads).
+its state and its hash, and reports the hash in its StepDone. The stage-0 driver takes each
+block stage's majority hash (a tie goes to the lowest peer id's) and sends its first 16 bytes
+with the next EndStep (`spsa_check_step`, `spsa_check_hash`); a replica whose hash at that step
+differs has drifted: it re-downloads (the daemon's `fall_behind`).
 A joiner or a drifted replica downloads a live replica's checkpoint (StateRequest
 ledger_snapshot) and replays the coordinator's ledger from it (`catch_up`); a replica that
 receives EndStep(t) while after step s < t - 1 replays s+1..t-1 the same way instead of
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
@@ -61,6 +64,8 @@ KIND = "sync:spsa"
 SCALE_KEY = "spsa.scale"
 Z_CACHE_SEEDS = 4  # seeds whose z a replica keeps (one step's J directions, plus slack)
 Z_CACHE_MAX_NUMEL = 50_000_000  # above this, regenerate z per use instead of caching it
+#: test hook (tests/test_spsa_swarm.py): after this step, this replica corrupts one weight once
+DRIFT_ENV = "SHOAL_TEST_SPSA_DRIFT_AT"
 
 
 class CatchUpFailed(RuntimeError):
@@ -102,7 +107,9 @@ class SpsaMode:
             weakref.WeakKeyDictionary())
         self._offered: dict[int, tuple[tuple[str, ...], bytes]] = {}
         self.checkpoint: tuple[int, dict[str, np.ndarray], str] | None = None
+        self.check_hashes: dict[int, str] = {}  # K-multiple step -> this replica's hash there
         self.replayed = 0  # steps applied from the coordinator's ledger (catch-up)
+        self._drift_at = int(os.environ.get(DRIFT_ENV, "0") or 0)
 
     # ------------------------------------------------------------------ SyncMode
 
@@ -165,10 +172,28 @@ class SpsaMode:
                          ) if codes else 0.0
         host.finish_step(norm)
         self._z.pop(host, None)
+        if self._drift_at and host.step == self._drift_at:  # the drift a hash check must catch
+            self._drift_at = 0
+            with torch.no_grad():
+                params[0].view(-1)[0] += 1e-3
+            log.warning("test hook %s: corrupted one weight after step %d", DRIFT_ENV, host.step)
         if host.step % self.hash_every == 0:
             arrays = {k: np.array(v, copy=True) for k, v in host.state_arrays(True).items()}
             self.checkpoint = (host.step, arrays, host.state_hash())
+            self.check_hashes[host.step] = self.checkpoint[2]
+            for old in sorted(self.check_hashes)[:-4]:
+                del self.check_hashes[old]
         return norm
+
+    def drifted(self, step: int, majority: bytes) -> bool:
+        """Whether this replica's hash after `step` differs from the stage's majority."""
+        own = self.check_hashes.get(step)
+        return own is not None and bytes.fromhex(own)[: len(majority)] != majority
+
+    def forget_checkpoints(self) -> None:
+        """After a download: this replica's old checkpoints must not be served any more."""
+        self.checkpoint = None
+        self.check_hashes.clear()
 
     def snapshot(self) -> tuple[int, dict[str, np.ndarray], str] | None:
         """The last checkpoint (step, state arrays, hash), served to joiners (ledger_snapshot)."""

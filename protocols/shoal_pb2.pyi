@@ -301,7 +301,7 @@ class StateRequest(_message.Message):
     def __init__(self, stage: _Optional[int] = ..., include_optimizer: _Optional[bool] = ..., min_step: _Optional[int] = ..., ledger_snapshot: _Optional[bool] = ...) -> None: ...
 
 class StepEnd(_message.Message):
-    __slots__ = ("step", "sender", "microbatches", "samples", "stage0_replicas", "stage_replicas", "spsa")
+    __slots__ = ("step", "sender", "microbatches", "samples", "stage0_replicas", "stage_replicas", "spsa", "spsa_check_step", "spsa_check_hash")
     STEP_FIELD_NUMBER: _ClassVar[int]
     SENDER_FIELD_NUMBER: _ClassVar[int]
     MICROBATCHES_FIELD_NUMBER: _ClassVar[int]
@@ -309,6 +309,8 @@ class StepEnd(_message.Message):
     STAGE0_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     STAGE_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     SPSA_FIELD_NUMBER: _ClassVar[int]
+    SPSA_CHECK_STEP_FIELD_NUMBER: _ClassVar[int]
+    SPSA_CHECK_HASH_FIELD_NUMBER: _ClassVar[int]
     step: int
     sender: str
     microbatches: int
@@ -316,7 +318,9 @@ class StepEnd(_message.Message):
     stage0_replicas: _containers.RepeatedScalarFieldContainer[str]
     stage_replicas: _containers.RepeatedScalarFieldContainer[str]
     spsa: SpsaCodes
-    def __init__(self, step: _Optional[int] = ..., sender: _Optional[str] = ..., microbatches: _Optional[int] = ..., samples: _Optional[int] = ..., stage0_replicas: _Optional[_Iterable[str]] = ..., stage_replicas: _Optional[_Iterable[str]] = ..., spsa: _Optional[_Union[SpsaCodes, _Mapping]] = ...) -> None: ...
+    spsa_check_step: int
+    spsa_check_hash: bytes
+    def __init__(self, step: _Optional[int] = ..., sender: _Optional[str] = ..., microbatches: _Optional[int] = ..., samples: _Optional[int] = ..., stage0_replicas: _Optional[_Iterable[str]] = ..., stage_replicas: _Optional[_Iterable[str]] = ..., spsa: _Optional[_Union[SpsaCodes, _Mapping]] = ..., spsa_check_step: _Optional[int] = ..., spsa_check_hash: _Optional[bytes] = ...) -> None: ...
 
 class StepDone(_message.Message):
     __slots__ = ("step", "stage", "included", "state_hash", "grad_norm", "stepped", "detail")

@@ -3,7 +3,8 @@
 One stage-0 driver and two block stages with two replicas each train forward-only: the loss
 falls, every stage's replicas end at the last step with one state hash, and the sync bytes are
 counted under `sync:spsa` (a few bytes per step). A late joiner downloads a live replica's
-checkpoint and replays the coordinator's ledger from it to the same hash.
+checkpoint and replays the coordinator's ledger from it to the same hash (slow); a replica
+whose weights drift is caught by the hash check and re-downloads (slow).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pytest
 
 from bench.bandwidth import start_blocks_first
 from peer.demo import Swarm, read_metrics
+from peer.spsa_mode import DRIFT_ENV
 from protocols.runspec import RunSpec
 from tests.test_peer_swarm import peers_by_stage, step_of, wait_for
 
@@ -79,6 +81,7 @@ def test_spsa_swarm_trains_and_replicas_agree(swarm_of) -> None:
     assert "re-downloading" not in logs
 
 
+@pytest.mark.slow
 def test_spsa_late_joiner_replays_the_ledger(swarm_of) -> None:
     steps = 300  # long enough that the joiner, started at step 6, arrives mid-run
     swarm = swarm_of(RunSpec().replace(**{**TINY, "run.steps": steps, "pipeline.stages": 1,
@@ -93,3 +96,29 @@ def test_spsa_late_joiner_replays_the_ledger(swarm_of) -> None:
     assert m, log[-2000:]
     assert int(m.group(1)) % 4 == 0 and int(m.group(1)) < steps  # a checkpoint, mid-run
     assert re.search(r"replayed \d+ steps from the ledger", log), log[-2000:]
+
+
+@pytest.mark.slow
+def test_spsa_drifted_replica_is_caught_and_re_downloads(tmp_path: Path, monkeypatch) -> None:
+    steps = 200
+    spec = RunSpec().replace(**{**TINY, "run.steps": steps, "pipeline.stages": 1,
+                                "sync.spsa.hash_every": 4})
+    swarm = Swarm(tmp_path / "drift", spec, 0, None, "cpu")
+    try:
+        swarm.start(0)
+        monkeypatch.setenv(DRIFT_ENV, "9")  # only this replica drifts, once, after step 9
+        swarm.add_peer(1, ["--stage", "1", "--grace", "5"])
+        monkeypatch.delenv(DRIFT_ENV)
+        swarm.add_peer(2, ["--stage", "1", "--grace", "5"])
+        wait_for("two block replicas", lambda: len(peers_by_stage(swarm).get(1, [])) == 2, 90,
+                 swarm)
+        swarm.add_peer(0, ["--stage", "0", "--grace", "5"])
+        by = wait_for("block replicas at the last step with one hash",
+                      lambda: settled(swarm, {0: 1, 1: 2}, steps), 300, swarm)
+        assert isinstance(by, dict)
+        logs = {f.name: f.read_text() for f in swarm.logs.glob("peer*.log")}
+        assert "corrupted one weight" in logs["peer1.log"]
+        assert "spsa hash check" in logs["peer1.log"] or "spsa hash check" in logs["peer2.log"]
+        assert "downloaded state" in logs["peer1.log"] + logs["peer2.log"]
+    finally:
+        swarm.stop(grace=5)
