@@ -10,8 +10,9 @@ peer/spsa_mode.py):
    failed hop goes to the next best), then L+ and L-; a microbatch that cannot finish is dropped
    and counted;
 3. g_j = (mean L+ - mean L-) / 2eps over the finished microbatches, one int8 code each (a
-   direction with no finished microbatch, or a non-finite g, abstains), posted to the
-   coordinator, which answers the step's closed set;
+   non-finite g abstains: the post carries no codes), posted to the coordinator, which answers
+   the step's closed set; a step in which no microbatch finished is not posted at all but
+   retried (the loop waits a second): the other stage-0 replicas close it without this one;
 4. EndStep with the closed set to every live block replica, and the same set applied here.
 
 Bytes on the wire under kind `sync:spsa` (peer/wire.py's counter, in heartbeats and
@@ -143,8 +144,11 @@ class SpsaDriver(Driver):
                 break
             seed = self.mode.seed(step, d.peer_id, j)
             codes.append(spsa.encode(g, scale, spsa.dither_for(seed)))
-        if self._stop and not losses:
-            return
+        if not losses:  # nothing finished: a step without data must not advance the swarm
+            if self._stop:
+                return
+            raise NoReplicaAvailable(f"no microbatch of step {step} finished ({self.dropped} "
+                                     "dropped so far); waiting for the block replicas")
         closed, self._ledger_next = await post_codes(d, step, from_codes(codes), stage0,
                                                      spec.sync.timeout_s)
         await self._end_step(step, closed)
