@@ -6,7 +6,8 @@ codes of step t+1 is a function of M_1..M_t, so two replicas that applied differ
 drift apart for good. This store fixes M_t and keeps the history for replicas that replay it.
 
 Closure rule. A stage-0 replica posts its codes of step t (or abstains, with no codes) together
-with the stage-0 replicas it expects to post t. Step t closes when every expected replica has
+with the stage-0 replicas it expects to post t. The driver sends an empty list, and the
+coordinator's service then fills in the stage-0 members it sees training. Step t closes when every expected replica has
 posted, or `timeout_s` after its first post (a replica that died mid-step is a missing
 direction, nothing worse). Steps close in order; a post for a closed step changes nothing and
 gets the closed set back, so a late replica applies what everyone applied. A post for a step

@@ -257,8 +257,12 @@ class CoordinatorService:
                 raise BadRequest(f"step must be < 2**53, got {request.step}")
             for pid in request.expect:
                 _text("expect", pid, 128)
-            ledger.post(request.step, caller.peer_id, bytes(request.codes),
-                        list(request.expect), time.monotonic())
+            # no list given: the stage-0 replicas this coordinator sees training
+            expect = list(request.expect) or [
+                m.peer_id for m in self.membership.live_members()
+                if m.stage == 0 and m.state in ("training", "rebuilt")]
+            ledger.post(request.step, caller.peer_id, bytes(request.codes), expect,
+                        time.monotonic())
         except (BadRequest, LedgerRefused) as exc:
             await self._refuse(context, "PostSpsa", grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return self._ledger_reply(request.step, 0)

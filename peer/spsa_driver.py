@@ -62,10 +62,11 @@ async def post_codes(d: PeerDaemon, step: int, codes: bytes, expect: list[str],
                      timeout: float) -> tuple[pb.SpsaLedgerStep, int]:
     """Post this replica's codes of `step`; wait until the coordinator closes the step.
 
-    Returns the closed step and the ledger's next step. `expect` leaves this replica out (the
-    coordinator adds the poster), so a lone stage-0 replica's post is a step and its codes.
+    Returns the closed step and the ledger's next step. With `expect` empty (what the driver
+    sends) the coordinator waits for the stage-0 replicas its membership sees training, so a
+    post is a step and its codes.
     """
-    req = pb.SpsaPost(step=step, codes=codes, expect=[p for p in expect if p != d.peer_id])
+    req = pb.SpsaPost(step=step, codes=codes, expect=expect)
     reply = await d.client._call("PostSpsa", req, 30.0, 2.0)
     d.counter.add(KIND, sent=req.ByteSize(), received=reply.ByteSize())
     deadline = time.monotonic() + timeout + 10
@@ -149,7 +150,7 @@ class SpsaDriver(Driver):
                 return
             raise NoReplicaAvailable(f"no microbatch of step {step} finished ({self.dropped} "
                                      "dropped so far); waiting for the block replicas")
-        closed, self._ledger_next = await post_codes(d, step, from_codes(codes), stage0,
+        closed, self._ledger_next = await post_codes(d, step, from_codes(codes), [],
                                                      spec.sync.timeout_s)
         await self._end_step(step, closed)
         dt = time.monotonic() - t0
