@@ -5,14 +5,15 @@ M_t of step t. Every replica of every stage applies M_t (peer/spsa_mode.py), and
 codes of step t+1 is a function of M_1..M_t, so two replicas that applied different sets would
 drift apart for good. This store fixes M_t and keeps the history for replicas that replay it.
 
-Closure rule. A stage-0 replica posts its codes of step t (or abstains, with no codes) together
-with the stage-0 replicas it expects to post t. The driver sends an empty list, and the
-coordinator's service then fills in the stage-0 members it sees training. Step t closes when every expected replica has
-posted, or `timeout_s` after its first post (a replica that died mid-step is a missing
-direction, nothing worse). Steps close in order; a post for a closed step changes nothing and
-gets the closed set back, so a late replica applies what everyone applied. A post for a step
-beyond the next one while nothing is open (the coordinator restarted, or the run resumed from
-exported weights) starts the ledger there: older steps cannot be replayed from this store.
+Closure rule. A stage-0 replica posts its codes of step t (or abstains, with no codes) and the
+stage-0 replicas it expects to post t; the driver sends an empty list, and the coordinator's
+service then fills in the stage-0 members it sees training. Step t closes when every expected
+replica has posted, or `timeout_s` after its first post (a replica that died mid-step is a
+missing direction, nothing worse). Steps close in order; a post for a closed step changes
+nothing and gets the closed set back, so a late replica applies what everyone applied. A post
+for a step beyond the next one while nothing is open (the coordinator restarted, or the run
+resumed from exported weights) starts the ledger there: older steps cannot be replayed from
+this store.
 
 Torch-free, like everything in coordinator/: messages are peer ids and int8 codes, kept as
 bytes. The store is in memory and holds the last `keep_steps` closed steps (a late joiner needs
@@ -24,6 +25,12 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from protocols import shoal_pb2 as pb
+
+if TYPE_CHECKING:
+    from coordinator.membership import Membership
 
 MAX_EXPECT = 4096  # stage-0 replicas one post may name
 
@@ -116,3 +123,18 @@ class SpsaLedger:
         self.base_step = self.next_step = step
         self._closed.clear()
         self._open.clear()
+
+
+def training_stage0(membership: Membership) -> list[str]:
+    """The stage-0 members the coordinator sees training: whom a step waits for by default."""
+    return [m.peer_id for m in membership.live_members()
+            if m.stage == 0 and m.state in ("training", "rebuilt")]
+
+
+def ledger_reply(ledger: SpsaLedger, from_step: int, to_step: int) -> pb.SpsaLedgerReply:
+    """The closed steps [from_step, to_step) as the wire's SpsaLedgerReply."""
+    reply = pb.SpsaLedgerReply(next_step=ledger.next_step, base_step=ledger.base_step)
+    for c in ledger.steps(from_step, to_step):
+        reply.steps.append(pb.SpsaLedgerStep(step=c.step, peers=c.peers,
+                                             codes=pb.SpsaCodes(codes=c.codes)))
+    return reply

@@ -32,7 +32,7 @@ import grpc
 from google.protobuf.message import Message
 
 from coordinator.assignment import rebalance_due
-from coordinator.ledger import LedgerRefused, SpsaLedger
+from coordinator.ledger import LedgerRefused, SpsaLedger, ledger_reply, training_stage0
 from coordinator.membership import Member, Membership
 from coordinator.store import Batch, Journal, StoreError
 from protocols import shoal_pb2 as pb
@@ -257,15 +257,12 @@ class CoordinatorService:
                 raise BadRequest(f"step must be < 2**53, got {request.step}")
             for pid in request.expect:
                 _text("expect", pid, 128)
-            # no list given: the stage-0 replicas this coordinator sees training
-            expect = list(request.expect) or [
-                m.peer_id for m in self.membership.live_members()
-                if m.stage == 0 and m.state in ("training", "rebuilt")]
+            expect = list(request.expect) or training_stage0(self.membership)
             ledger.post(request.step, caller.peer_id, bytes(request.codes), expect,
                         time.monotonic())
         except (BadRequest, LedgerRefused) as exc:
             await self._refuse(context, "PostSpsa", grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        return self._ledger_reply(request.step, 0)
+        return ledger_reply(ledger, request.step, 0)
 
     async def GetSpsaLedger(self, request: pb.SpsaLedgerRequest,
                             context: grpc.aio.ServicerContext) -> Message:
@@ -273,15 +270,7 @@ class CoordinatorService:
             await self._refuse(context, "GetSpsaLedger", grpc.StatusCode.FAILED_PRECONDITION,
                                "this run's sync mode is not spsa: there is no ledger")
         self.spsa_ledger.close_due(time.monotonic())
-        return self._ledger_reply(request.from_step, request.to_step)
-
-    def _ledger_reply(self, from_step: int, to_step: int) -> pb.SpsaLedgerReply:
-        ledger = self.spsa_ledger
-        reply = pb.SpsaLedgerReply(next_step=ledger.next_step, base_step=ledger.base_step)
-        for c in ledger.steps(from_step, to_step):
-            reply.steps.append(pb.SpsaLedgerStep(step=c.step, peers=c.peers,
-                                                 codes=pb.SpsaCodes(codes=c.codes)))
-        return reply
+        return ledger_reply(self.spsa_ledger, request.from_step, request.to_step)
 
     # ------------------------------------------------------------------ periodic work
 
