@@ -125,12 +125,14 @@ class SpsaDriver(Driver):
                 return await self._microbatch(step, i, j, batch)
 
         codes: list[int] = []
-        done = 0
+        done = 0  # forward pairs finished, over every direction
+        unique = 0  # microbatches seen (each direction evaluates the same ones)
         losses: list[float] = []
         for j in range(self.mode.directions):
             pairs = [x for x in await asyncio.gather(*(one(i, j) for i in range(n_mb)))
                      if x is not None]
             done += len(pairs)
+            unique = max(unique, len(pairs))
             if not pairs:
                 codes = []
                 break
@@ -154,7 +156,7 @@ class SpsaDriver(Driver):
                                                      spec.sync.timeout_s)
         await self._end_step(step, closed)
         dt = time.monotonic() - t0
-        tokens = done * mb * spec.model.seq_len
+        tokens = unique * mb * spec.model.seq_len
         self.tokens_per_s = tokens / max(dt, 1e-6)
         if losses:
             self.last_loss = float(np.mean(losses))

@@ -151,3 +151,18 @@ def test_ledger_refuses_bad_posts_and_keeps_a_bounded_history() -> None:
         led.post(s, "a", b"\x01\x02", ["a"], now=0.0)
     assert led.base_step == 15 and [c.step for c in led.steps(0)] == list(range(15, 20))
     assert [c.step for c in led.steps(16, 18)] == [16, 17]
+
+
+def test_several_directions_per_peer_apply_identically() -> None:
+    spec = SPEC.replace(**{"sync.spsa.samples_per_step": 2})
+    hosts = [StageHost(spec, 1) for _ in range(2)]
+    modes = [SpsaMode(spec) for _ in range(2)]
+    step_all(hosts, modes, 1, ["a", "b"], [10, -20, 30, -40])  # a: j=0,1; b: j=0,1
+    assert hosts[0].state_hash() == hosts[1].state_hash()
+    one = StageHost(spec, 1)
+    mode = SpsaMode(spec)
+    mode.offer(1, ["a", "b"], from_codes([10, 0, 30, 0]))  # only the j=0 directions
+    mode.apply(one, {}, dict(LOCAL_STEP))
+    assert one.state_hash() != hosts[0].state_hash()
+    with pytest.raises(StageError):
+        mode.offer(2, ["a"], from_codes([1]))  # J = 2 codes per peer
