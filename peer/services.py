@@ -107,6 +107,8 @@ class StageService(pbg.StageServicer):
             if h.meta.get("mode") == "inference":
                 return self.d.host.infer(x)
             if h.meta.get("mode") == "spsa":  # [h+; h-] under +-eps z (peer/spsa_mode.py)
+                if not hasattr(self.d.mode, "block_pair") or not h.meta.get("j", "0").isdigit():
+                    raise StageError("an spsa forward needs sync.mode = 'spsa' and a direction j")
                 seed = self.d.mode.seed(h.step, h.sender, int(h.meta.get("j", "0")))
                 return self.d.mode.block_pair(self.d.host, seed, x)
             return self.d.host.forward(h.microbatch_id, x, h.step)
