@@ -15,6 +15,10 @@ peer/spsa_mode.py):
    retried (the loop waits a second): the other stage-0 replicas close it without this one;
 4. EndStep with the closed set to every live block replica, and the same set applied here.
 
+Paths are always full depth, whatever `pipeline.skip_ratio` says: every replica of every stage
+applies every code, which is right only for stages the direction's streams went through (a
+skipped stage would need the route in the message; not built).
+
 Bytes on the wire under kind `sync:spsa` (peer/wire.py's counter, in heartbeats and
 summary.json): the serialized PostSpsa request and its reply, and per block replica the `spsa`
 field of StepEnd (tag, length and J bytes per peer). The rest of StepEnd (step, sender, the
