@@ -20,8 +20,16 @@ amortized per-step cost.
 Modes: allreduce (dense fp32 gradients, the baseline); demo with fp32 values (6 bytes per kept
 coefficient) and with sign bits (Psyche's wire: 2 bytes of index, 1 bit of sign, a scale per
 chunk), both chunk 64, k 32; diloco H = 100 with int8 pseudo-gradients. DeMo is an all-gather
-relayed by the round's leader, so each replica downloads every replica's packets. SPSA is not
-wired into the peer yet (its forward-only path needs the stage-0 driver to send +-eps streams).
+relayed by the round's leader, so each replica downloads every replica's packets.
+
+SPSA (J = 1 direction per stage-0 peer and step, forward passes only): its sync bytes are the
+stage-0 driver's, kind `sync:spsa` (peer/spsa_driver.py): per step one PostSpsa to the
+coordinator (step + the int8 code; the closing reply is received, not counted in the sent
+figure) and per block replica the `spsa` field of EndStep (its tag, length and the code). The
+driver's figure S = sent bytes per step (same N1/N2 difference), and the last line's
+C = S / (block replicas + coordinator) = bytes per copy of one peer's message per step: 1 byte
+of payload (the code) plus protobuf framing (field tags, lengths, the step number in the post).
+The peer ids and the step barrier of StepEnd are sent in every mode and counted in none.
 
 Last line: `bandwidth: allreduce/demo = A, allreduce/diloco = B, spsa_bytes_per_step = C`
 (A with the sign-bit wire; targets A >= 100, B >= 400, C <= 16).
@@ -60,9 +68,16 @@ class Arm:
     def kind(self) -> str:
         return f"sync:{self.changes['sync.mode']}"
 
+    @property
+    def stage(self) -> int:
+        """Whose counters count: the block replicas', or SPSA's stage-0 driver's."""
+        return 0 if self.changes["sync.mode"] == "spsa" else 1
+
     def per_step(self) -> float:
-        """Bytes one block replica sends per step between step `short` and step `long`."""
-        return (self.final[self.long] - self.final[self.short]) / 2 / (self.long - self.short)
+        """Bytes one block replica sends per step between step `short` and step `long`
+        (SPSA: the driver's sent bytes per step, S)."""
+        per = (self.final[self.long] - self.final[self.short]) / (self.long - self.short)
+        return per if self.stage == 0 else per / 2
 
 
 def start_blocks_first(swarm: Swarm, layout: list[int], timeout: float = 90.0) -> None:
@@ -104,7 +119,7 @@ def run_arm(work: Path, arm: Arm, steps: int) -> None:
             if len(peers) < len(LAYOUT) or any(int(p.get("step") or 0) < steps for p in peers):
                 continue
             now = {p["peer_id"]: int((p.get("bytes_by_kind") or {}).get(arm.kind, 0))
-                   for p in peers if p["stage"] == 1}
+                   for p in peers if p["stage"] == arm.stage}
             if now != final:
                 final, since = now, time.monotonic()
             elif time.monotonic() - since > 8 * MODEL["membership.heartbeat_s"]:
@@ -135,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         # both runs end right after an outer step: exactly one round apart
         Arm(f"diloco (H={h}, int8)", {"sync.mode": "diloco", "sync.diloco.inner_steps": h,
                                       "sync.diloco.quant": "int8"}, h, 2 * h),
+        Arm("spsa (J=1, int8)", {"sync.mode": "spsa", "sync.spsa.lr": 1e-3}, args.warmup,
+            args.steps),
     ]
     if args.only:
         arms = [a for a in arms if a.label.startswith(args.only)]
@@ -143,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         for steps in (arm.short, arm.long):
             run_arm(tmp / f"{i}-{steps}", arm, steps)  # on failure the logs stay in tmp
     shutil.rmtree(tmp, ignore_errors=True)
-    if len(arms) < 4:
+    if len(arms) < 5:
         for arm in arms:
             print(f"{arm.label}: {arm.per_step():,.0f} B per block replica and step; loss "
                   f"{arm.loss:.3f}")
@@ -161,10 +178,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{arm.label:<22} {f'{arm.short}..{arm.long}':>9} {b:>12,.0f} {b / dense:>9.4f} "
               f"{base / b:>12.1f} {arm.loss:>7.3f}")
     demo_ratio = base / arms[2].per_step()
-    print(f"(demo with fp32 values: allreduce/demo = {base / arms[1].per_step():.1f}; "
-          "spsa: not wired into the peer)")
+    recipients = LAYOUT.count(1) + 1  # the block replicas and the coordinator
+    spsa_c = arms[4].per_step() / recipients
+    print(f"(demo with fp32 values: allreduce/demo = {base / arms[1].per_step():.1f}; spsa: the "
+          f"driver sends {arms[4].per_step():.1f} B per step to {recipients} recipients, "
+          f"{spsa_c:.1f} B per copy of its 1-byte code)")
     print(f"bandwidth: allreduce/demo = {demo_ratio:.1f}, allreduce/diloco = "
-          f"{base / arms[3].per_step():.1f}, spsa_bytes_per_step = n/a")
+          f"{base / arms[3].per_step():.1f}, spsa_bytes_per_step = {spsa_c:.1f}")
     return 0
 
 

@@ -32,6 +32,7 @@ import grpc
 from google.protobuf.message import Message
 
 from coordinator.assignment import rebalance_due
+from coordinator.ledger import LedgerRefused, SpsaLedger, ledger_reply, training_stage0
 from coordinator.membership import Member, Membership
 from coordinator.store import Batch, Journal, StoreError
 from protocols import shoal_pb2 as pb
@@ -100,6 +101,8 @@ class CoordinatorService:
         self.heartbeat_seconds = _Histogram((0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05))
         self._view: ViewSnapshot | None = None
         self._saved_meta: dict[str, str] = {}
+        self.spsa_ledger = (SpsaLedger(spec.sync.spsa.samples_per_step, spec.sync.timeout_s)
+                            if spec.sync.mode == "spsa" else None)
 
     # ------------------------------------------------------------------ RPCs
 
@@ -113,7 +116,9 @@ class CoordinatorService:
         handlers = {"Join": method(self.Join, pb.JoinRequest),
                     "Heartbeat": method(self.Heartbeat, pb.HeartbeatRequest),
                     "Leave": method(self.Leave, pb.LeaveRequest),
-                    "GetSwarmView": method(self.GetSwarmView, pb.SwarmViewRequest)}
+                    "GetSwarmView": method(self.GetSwarmView, pb.SwarmViewRequest),
+                    "PostSpsa": method(self.PostSpsa, pb.SpsaPost),
+                    "GetSpsaLedger": method(self.GetSpsaLedger, pb.SpsaLedgerRequest)}
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
@@ -237,6 +242,36 @@ class CoordinatorService:
                            context: grpc.aio.ServicerContext) -> bytes:
         return self.view(self.clock(), max_age_s=0.05).raw  # asked for: as fresh as is cheap
 
+    async def PostSpsa(self, request: pb.SpsaPost, context: grpc.aio.ServicerContext
+                       ) -> Message:
+        """A stage-0 replica's codes of one SPSA step; answers the closed steps from it on."""
+        caller = current_caller()
+        ledger = self.spsa_ledger
+        member = self.membership.get(caller.peer_id) if caller is not None else None
+        if ledger is None or member is None or member.stage != 0:
+            await self._refuse(context, "PostSpsa", grpc.StatusCode.FAILED_PRECONDITION,
+                               "PostSpsa is for the stage-0 replicas of a run with "
+                               "sync.mode = 'spsa'")
+        try:
+            if request.step > MAX_STEP:
+                raise BadRequest(f"step must be < 2**53, got {request.step}")
+            for pid in request.expect:
+                _text("expect", pid, 128)
+            expect = list(request.expect) or training_stage0(self.membership)
+            ledger.post(request.step, caller.peer_id, bytes(request.codes), expect,
+                        time.monotonic())
+        except (BadRequest, LedgerRefused) as exc:
+            await self._refuse(context, "PostSpsa", grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return ledger_reply(ledger, request.step, 0)
+
+    async def GetSpsaLedger(self, request: pb.SpsaLedgerRequest,
+                            context: grpc.aio.ServicerContext) -> Message:
+        if self.spsa_ledger is None:
+            await self._refuse(context, "GetSpsaLedger", grpc.StatusCode.FAILED_PRECONDITION,
+                               "this run's sync mode is not spsa: there is no ledger")
+        self.spsa_ledger.close_due(time.monotonic())
+        return ledger_reply(self.spsa_ledger, request.from_step, request.to_step)
+
     # ------------------------------------------------------------------ periodic work
 
     async def tick(self, now: float) -> None:
@@ -246,6 +281,8 @@ class CoordinatorService:
         for peer_id in expired:
             log.info("peer %s expired (lease lapsed)", peer_id)
         m.sample_history(now)
+        if self.spsa_ledger is not None:
+            self.spsa_ledger.close_due(time.monotonic())
         move = None
         if rebalance_due(self.last_rebalance, now, self.spec.membership.rebalance_s):
             self.last_rebalance = now

@@ -59,9 +59,11 @@ def make_sync_mode(spec: RunSpec) -> SyncMode:
         return DemoMode(spec)
     if mode == "diloco":
         return DilocoMode(spec)
-    raise NotImplementedError(
-        f"sync mode {mode!r} is not wired into the peer yet; use allreduce, demo or diloco"
-    )
+    if mode == "spsa":
+        from peer.spsa_mode import SpsaMode
+
+        return SpsaMode(spec)
+    raise NotImplementedError(f"sync mode {mode!r} is not wired into the peer")
 
 
 class PeerDaemon:
@@ -269,6 +271,9 @@ class PeerDaemon:
         if stage == 0 and self.driver is None:
             from peer.driver import Driver
 
+            if self.spec.sync.mode == "spsa":
+                from peer.spsa_driver import SpsaDriver as Driver  # forward-only step loop
+
             self.driver = Driver(self)
 
     def stage_info(self, stage: int, field: str) -> object:
@@ -288,8 +293,9 @@ class PeerDaemon:
         for pid in sources:
             try:
                 stub = pbg.StateStub(self.channel(self.address_of(pid)))
-                call = stub.Download(pb.StateRequest(stage=host.stage, include_optimizer=True),
-                                     timeout=120)
+                call = stub.Download(pb.StateRequest(
+                    stage=host.stage, include_optimizer=True,
+                    ledger_snapshot=self.spec.sync.mode == "spsa"), timeout=120)
                 header, arrays = await wire.receive(call.__aiter__(), self.state_limits(),
                                                     self.counter, "state")
                 await host.run(host.load_state_arrays, arrays)
@@ -299,8 +305,12 @@ class PeerDaemon:
                                      f"{header.meta.get('state_hash', '')[:12]}")
                 log.info("stage %d: downloaded state at step %d from %s (hash %s)", host.stage,
                          host.step, pid[:8], got[:12])
+                if hasattr(self.mode, "catch_up"):  # SPSA: replay the ledger from the snapshot
+                    self.mode.forget_checkpoints()
+                    await self.mode.catch_up(self, 0)
                 return True
-            except (grpc.aio.AioRpcError, StageError, KeyError, ValueError) as exc:
+            except (grpc.aio.AioRpcError, StageError, KeyError, ValueError,
+                    RuntimeError) as exc:
                 log.warning("state download from %s failed: %s", pid[:8], exc)
         return False
 

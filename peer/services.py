@@ -108,6 +108,11 @@ class StageService(pbg.StageServicer):
         def work(h: pb.CallHeader, x: torch.Tensor) -> torch.Tensor:
             if h.meta.get("mode") == "inference":
                 return self.d.host.infer(x)
+            if h.meta.get("mode") == "spsa":  # [h+; h-] under +-eps z (peer/spsa_mode.py)
+                if not hasattr(self.d.mode, "block_pair") or not h.meta.get("j", "0").isdigit():
+                    raise StageError("an spsa forward needs sync.mode = 'spsa' and a direction j")
+                seed = self.d.mode.seed(h.step, h.sender, int(h.meta.get("j", "0")))
+                return self.d.mode.block_pair(self.d.host, seed, x)
             return self.d.host.forward(h.microbatch_id, x, h.step)
 
         async for chunk in self._tensor_call(request_iterator, context, "forward", work):
@@ -127,15 +132,39 @@ class StageService(pbg.StageServicer):
         if request.step <= host.step:
             return pb.StepDone(step=request.step, stage=host.stage, stepped=False,
                                state_hash=d.state_hash, detail="already past this step")
-        if request.step > host.step + 1 and not d.catch_up(request.step - 1):
+        spsa = request.HasField("spsa") and hasattr(d.mode, "offer")
+        if request.step > host.step + 1 and spsa:  # SPSA: replay the missed steps instead
+            try:
+                async with d.step_lock:
+                    await d.mode.catch_up(d, request.step - 1)
+            except (RuntimeError, StageError, ValueError) as exc:
+                log.warning("stage %d: ledger replay failed: %s", host.stage, exc)
+        # SPSA never fast-forwards: every code of the ledger must be applied
+        if request.step > host.step + 1 and (spsa or not d.catch_up(request.step - 1)):
             d.fall_behind(f"EndStep({request.step}) while after step {host.step}")
             return pb.StepDone(step=request.step, stage=host.stage, stepped=False,
                                detail="behind; re-downloading the stage")
+        if spsa:  # the closed set is the whole agreement: no other EndStep to wait for
+            try:
+                d.mode.offer(request.step, list(request.stage0_replicas), request.spsa.codes)
+            except StageError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"EndStep: {exc}")
+            check = pb.StepEnd(spsa_check_step=request.spsa_check_step,
+                               spsa_check_hash=request.spsa_check_hash)
+            d.counter.add("sync:spsa", received=pb.StepEnd(spsa=request.spsa).ByteSize()
+                          + check.ByteSize())
+            if request.spsa_check_step and d.mode.drifted(request.spsa_check_step,
+                                                          request.spsa_check_hash):
+                d.fall_behind(f"spsa hash check: state after step {request.spsa_check_step} "
+                              "differs from the stage's majority")
+                return pb.StepDone(step=request.step, stage=host.stage, stepped=False,
+                                   detail="drifted; re-downloading the stage")
         ends = self._ends.get(request.step)
         if ends is None and d.rounds is not None and request.stage_replicas:
             d.rounds.agreed.setdefault(request.step, list(request.stage_replicas))
         if ends is None:
-            ends = self._ends[request.step] = _StepEnds(expected=set(request.stage0_replicas))
+            ends = self._ends[request.step] = _StepEnds(
+                expected=set() if spsa else set(request.stage0_replicas))
             ends.task = asyncio.ensure_future(self._finish(request.step, ends))
         ends.got.add(request.sender)
         ends.arrived.set()
@@ -195,10 +224,15 @@ class StateService(pbg.StateServicer):
                                 f"this peer does not hold a ready stage {request.stage}")
             return
         # Snapshot between steps: the step lock keeps an optimizer step from tearing it.
-        async with d.step_lock:
-            arrays = await host.run(host.state_arrays, request.include_optimizer)
-            state_hash = host.state_hash()
-            step = host.step
+        snapshot = getattr(d.mode, "snapshot", None)
+        checkpoint = snapshot() if request.ledger_snapshot and snapshot else None
+        if checkpoint is not None:  # SPSA: the last hash-checked checkpoint; the joiner replays
+            step, arrays, state_hash = checkpoint
+        else:
+            async with d.step_lock:
+                arrays = await host.run(host.state_arrays, request.include_optimizer)
+                state_hash = host.state_hash()
+                step = host.step
         header = pb.CallHeader(kind="state", step=step, stage=host.stage, sender=d.peer_id)
         header.meta["state_hash"] = state_hash
         header.meta["sync_mode"] = d.spec.sync.mode

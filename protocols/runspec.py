@@ -98,9 +98,10 @@ class DilocoSection:
 @dataclass(frozen=True)
 class SpsaSection:
     eps: float = 1e-3
-    lr: float = 1e-4
+    lr: float = 1e-4  # per message (n-SPSA's linear scaling: more peers per step move further)
     samples_per_step: int = 1  # perturbations j per peer and step
-    hash_every: int = 10  # K: replicas compare state hashes every K steps
+    hash_every: int = 10  # K: replicas keep a hash-checked checkpoint every K steps
+    initial_scale: float = 1.0  # scale of the int8 codes until the ledger has adapted it
 
 
 @dataclass(frozen=True)
@@ -209,6 +210,10 @@ class RunSpec:
         _check(s.demo.topk <= s.demo.chunk * s.demo.chunk, "sync.demo.topk",
                "at most chunk * chunk", s.demo.topk)
         _check(s.spsa.eps > 0, "sync.spsa.eps", "> 0", s.spsa.eps)
+        _check(s.spsa.lr > 0, "sync.spsa.lr", "> 0", s.spsa.lr)
+        _check(s.spsa.hash_every >= 1, "sync.spsa.hash_every", "an integer >= 1",
+               s.spsa.hash_every)
+        _check(s.spsa.initial_scale > 0, "sync.spsa.initial_scale", "> 0", s.spsa.initial_scale)
         _check(s.spsa.samples_per_step >= 1, "sync.spsa.samples_per_step", "an integer >= 1",
                s.spsa.samples_per_step)
         ms = self.membership

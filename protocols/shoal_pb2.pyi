@@ -289,30 +289,38 @@ class TensorChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[CallHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class StateRequest(_message.Message):
-    __slots__ = ("stage", "include_optimizer", "min_step")
+    __slots__ = ("stage", "include_optimizer", "min_step", "ledger_snapshot")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     MIN_STEP_FIELD_NUMBER: _ClassVar[int]
+    LEDGER_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     stage: int
     include_optimizer: bool
     min_step: int
-    def __init__(self, stage: _Optional[int] = ..., include_optimizer: _Optional[bool] = ..., min_step: _Optional[int] = ...) -> None: ...
+    ledger_snapshot: bool
+    def __init__(self, stage: _Optional[int] = ..., include_optimizer: _Optional[bool] = ..., min_step: _Optional[int] = ..., ledger_snapshot: _Optional[bool] = ...) -> None: ...
 
 class StepEnd(_message.Message):
-    __slots__ = ("step", "sender", "microbatches", "samples", "stage0_replicas", "stage_replicas")
+    __slots__ = ("step", "sender", "microbatches", "samples", "stage0_replicas", "stage_replicas", "spsa", "spsa_check_step", "spsa_check_hash")
     STEP_FIELD_NUMBER: _ClassVar[int]
     SENDER_FIELD_NUMBER: _ClassVar[int]
     MICROBATCHES_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     STAGE0_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     STAGE_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    SPSA_FIELD_NUMBER: _ClassVar[int]
+    SPSA_CHECK_STEP_FIELD_NUMBER: _ClassVar[int]
+    SPSA_CHECK_HASH_FIELD_NUMBER: _ClassVar[int]
     step: int
     sender: str
     microbatches: int
     samples: int
     stage0_replicas: _containers.RepeatedScalarFieldContainer[str]
     stage_replicas: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, step: _Optional[int] = ..., sender: _Optional[str] = ..., microbatches: _Optional[int] = ..., samples: _Optional[int] = ..., stage0_replicas: _Optional[_Iterable[str]] = ..., stage_replicas: _Optional[_Iterable[str]] = ...) -> None: ...
+    spsa: SpsaCodes
+    spsa_check_step: int
+    spsa_check_hash: bytes
+    def __init__(self, step: _Optional[int] = ..., sender: _Optional[str] = ..., microbatches: _Optional[int] = ..., samples: _Optional[int] = ..., stage0_replicas: _Optional[_Iterable[str]] = ..., stage_replicas: _Optional[_Iterable[str]] = ..., spsa: _Optional[_Union[SpsaCodes, _Mapping]] = ..., spsa_check_step: _Optional[int] = ..., spsa_check_hash: _Optional[bytes] = ...) -> None: ...
 
 class StepDone(_message.Message):
     __slots__ = ("step", "stage", "included", "state_hash", "grad_norm", "stepped", "detail")
@@ -331,3 +339,47 @@ class StepDone(_message.Message):
     stepped: bool
     detail: str
     def __init__(self, step: _Optional[int] = ..., stage: _Optional[int] = ..., included: _Optional[int] = ..., state_hash: _Optional[str] = ..., grad_norm: _Optional[float] = ..., stepped: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class SpsaCodes(_message.Message):
+    __slots__ = ("codes",)
+    CODES_FIELD_NUMBER: _ClassVar[int]
+    codes: bytes
+    def __init__(self, codes: _Optional[bytes] = ...) -> None: ...
+
+class SpsaPost(_message.Message):
+    __slots__ = ("step", "codes", "expect")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    CODES_FIELD_NUMBER: _ClassVar[int]
+    EXPECT_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    codes: bytes
+    expect: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, step: _Optional[int] = ..., codes: _Optional[bytes] = ..., expect: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SpsaLedgerRequest(_message.Message):
+    __slots__ = ("from_step", "to_step")
+    FROM_STEP_FIELD_NUMBER: _ClassVar[int]
+    TO_STEP_FIELD_NUMBER: _ClassVar[int]
+    from_step: int
+    to_step: int
+    def __init__(self, from_step: _Optional[int] = ..., to_step: _Optional[int] = ...) -> None: ...
+
+class SpsaLedgerStep(_message.Message):
+    __slots__ = ("step", "peers", "codes")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    CODES_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    peers: _containers.RepeatedScalarFieldContainer[str]
+    codes: SpsaCodes
+    def __init__(self, step: _Optional[int] = ..., peers: _Optional[_Iterable[str]] = ..., codes: _Optional[_Union[SpsaCodes, _Mapping]] = ...) -> None: ...
+
+class SpsaLedgerReply(_message.Message):
+    __slots__ = ("steps", "next_step", "base_step")
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_STEP_FIELD_NUMBER: _ClassVar[int]
+    BASE_STEP_FIELD_NUMBER: _ClassVar[int]
+    steps: _containers.RepeatedCompositeFieldContainer[SpsaLedgerStep]
+    next_step: int
+    base_step: int
+    def __init__(self, steps: _Optional[_Iterable[_Union[SpsaLedgerStep, _Mapping]]] = ..., next_step: _Optional[int] = ..., base_step: _Optional[int] = ...) -> None: ...

@@ -54,6 +54,16 @@ class CoordinatorStub:
                 request_serializer=shoal__pb2.SwarmViewRequest.SerializeToString,
                 response_deserializer=shoal__pb2.SwarmView.FromString,
                 _registered_method=True)
+        self.PostSpsa = channel.unary_unary(
+                '/shoal.v1.Coordinator/PostSpsa',
+                request_serializer=shoal__pb2.SpsaPost.SerializeToString,
+                response_deserializer=shoal__pb2.SpsaLedgerReply.FromString,
+                _registered_method=True)
+        self.GetSpsaLedger = channel.unary_unary(
+                '/shoal.v1.Coordinator/GetSpsaLedger',
+                request_serializer=shoal__pb2.SpsaLedgerRequest.SerializeToString,
+                response_deserializer=shoal__pb2.SpsaLedgerReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -83,6 +93,20 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PostSpsa(self, request, context):
+        """Shared-seed SPSA (sync.mode = "spsa"): a stage-0 replica posts its codes of a step; the
+        reply holds the closed steps from that step on (the ledger, coordinator/ledger.py).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSpsaLedger(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +129,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.GetSwarmView,
                     request_deserializer=shoal__pb2.SwarmViewRequest.FromString,
                     response_serializer=shoal__pb2.SwarmView.SerializeToString,
+            ),
+            'PostSpsa': grpc.unary_unary_rpc_method_handler(
+                    servicer.PostSpsa,
+                    request_deserializer=shoal__pb2.SpsaPost.FromString,
+                    response_serializer=shoal__pb2.SpsaLedgerReply.SerializeToString,
+            ),
+            'GetSpsaLedger': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSpsaLedger,
+                    request_deserializer=shoal__pb2.SpsaLedgerRequest.FromString,
+                    response_serializer=shoal__pb2.SpsaLedgerReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +249,60 @@ class Coordinator:
             '/shoal.v1.Coordinator/GetSwarmView',
             shoal__pb2.SwarmViewRequest.SerializeToString,
             shoal__pb2.SwarmView.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PostSpsa(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Coordinator/PostSpsa',
+            shoal__pb2.SpsaPost.SerializeToString,
+            shoal__pb2.SpsaLedgerReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSpsaLedger(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shoal.v1.Coordinator/GetSpsaLedger',
+            shoal__pb2.SpsaLedgerRequest.SerializeToString,
+            shoal__pb2.SpsaLedgerReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,140 @@
+"""The SPSA ledger the coordinator keeps: which (step, peer, codes) messages each step contains.
+
+Shared-seed SPSA (ALGORITHMS.md §4) needs exactly one piece of agreement: the *set* of messages
+M_t of step t. Every replica of every stage applies M_t (peer/spsa_mode.py), and the scale of the
+codes of step t+1 is a function of M_1..M_t, so two replicas that applied different sets would
+drift apart for good. This store fixes M_t and keeps the history for replicas that replay it.
+
+Closure rule. A stage-0 replica posts its codes of step t (or abstains, with no codes) and the
+stage-0 replicas it expects to post t; the driver sends an empty list, and the coordinator's
+service then fills in the stage-0 members it sees training. Step t closes when every expected
+replica has posted, or `timeout_s` after its first post (a replica that died mid-step is a
+missing direction, nothing worse). Steps close in order; a post for a closed step changes
+nothing and gets the closed set back, so a late replica applies what everyone applied. A post
+for a step beyond the next one while nothing is open (the coordinator restarted, or the run
+resumed from exported weights) starts the ledger there: older steps cannot be replayed from
+this store.
+
+Torch-free, like everything in coordinator/: messages are peer ids and int8 codes, kept as
+bytes. The store is in memory and holds the last `keep_steps` closed steps (a late joiner needs
+only the steps since the replica snapshot it downloads, at most sync.spsa.hash_every old); it is
+not persisted: after a coordinator restart the ledger starts again at the next posted step.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from protocols import shoal_pb2 as pb
+
+if TYPE_CHECKING:
+    from coordinator.membership import Membership
+
+MAX_EXPECT = 4096  # stage-0 replicas one post may name
+
+
+class LedgerRefused(ValueError):
+    """A post the ledger cannot take (bad codes, bad step); the message says why."""
+
+
+@dataclass(frozen=True)
+class ClosedStep:
+    """The message set of one closed step: peers in sorted order, J codes each."""
+
+    step: int
+    peers: tuple[str, ...]
+    codes: bytes  # len(peers) * directions int8 codes, peer-major
+
+
+@dataclass
+class _OpenStep:
+    opened_at: float
+    expected: set[str] = field(default_factory=set)
+    posted: dict[str, bytes] = field(default_factory=dict)
+
+
+class SpsaLedger:
+    """Closes SPSA steps and keeps the recent history (see the module docstring)."""
+
+    def __init__(self, directions: int, timeout_s: float, keep_steps: int = 10_000) -> None:
+        if directions < 1:
+            raise ValueError(f"directions must be >= 1, got {directions}")
+        self.directions = directions
+        self.timeout_s = timeout_s
+        self.keep_steps = keep_steps
+        self.base_step = 1  # first step held
+        self.next_step = 1  # first step not closed
+        self._closed: list[ClosedStep] = []  # increasing steps
+        self._open: dict[int, _OpenStep] = {}
+        self.started = False
+
+    def post(self, step: int, peer: str, codes: bytes, expect: list[str], now: float) -> None:
+        """Record `peer`'s codes for `step` (empty codes: it abstains). Closed steps ignore it."""
+        if len(codes) not in (0, self.directions):
+            raise LedgerRefused(f"codes must be {self.directions} bytes (one int8 per direction, "
+                                f"sync.spsa.samples_per_step) or empty, got {len(codes)}")
+        if len(expect) > MAX_EXPECT:
+            raise LedgerRefused(f"expect names {len(expect)} replicas; at most {MAX_EXPECT}")
+        if step < 1:
+            raise LedgerRefused(f"step must be >= 1, got {step}")
+        if not self.started or (step > self.next_step and not self._open):
+            self._restart_at(step)
+        self.close_due(now)
+        if step < self.next_step:
+            return  # closed already: the poster will apply the closed set
+        rnd = self._open.setdefault(step, _OpenStep(opened_at=now))
+        rnd.posted[peer] = bytes(codes)
+        rnd.expected.update(expect)
+        rnd.expected.add(peer)
+        self.close_due(now)
+
+    def close_due(self, now: float) -> None:
+        """Close the next steps, in order, while they are complete or past their deadline."""
+        while True:
+            rnd = self._open.get(self.next_step)
+            if rnd is None:
+                return
+            if not (rnd.expected <= set(rnd.posted) or now - rnd.opened_at >= self.timeout_s):
+                return
+            peers = tuple(sorted(p for p, c in rnd.posted.items() if c))
+            codes = b"".join(rnd.posted[p] for p in peers)
+            self._closed.append(ClosedStep(self.next_step, peers, codes))
+            del self._open[self.next_step]
+            self.next_step += 1
+            if len(self._closed) > self.keep_steps:
+                drop = len(self._closed) - self.keep_steps
+                del self._closed[:drop]
+                self.base_step = self._closed[0].step
+
+    def steps(self, from_step: int, to_step: int = 0, limit: int = 1000) -> list[ClosedStep]:
+        """Closed steps in [from_step, to_step) (to_step 0: to the newest), at most `limit`."""
+        i = bisect.bisect_left([c.step for c in self._closed], from_step)
+        out = []
+        for c in self._closed[i:]:
+            if (to_step and c.step >= to_step) or len(out) >= limit:
+                break
+            out.append(c)
+        return out
+
+    def _restart_at(self, step: int) -> None:
+        self.started = True
+        self.base_step = self.next_step = step
+        self._closed.clear()
+        self._open.clear()
+
+
+def training_stage0(membership: Membership) -> list[str]:
+    """The stage-0 members the coordinator sees training: whom a step waits for by default."""
+    return [m.peer_id for m in membership.live_members()
+            if m.stage == 0 and m.state in ("training", "rebuilt")]
+
+
+def ledger_reply(ledger: SpsaLedger, from_step: int, to_step: int) -> pb.SpsaLedgerReply:
+    """The closed steps [from_step, to_step) as the wire's SpsaLedgerReply."""
+    reply = pb.SpsaLedgerReply(next_step=ledger.next_step, base_step=ledger.base_step)
+    for c in ledger.steps(from_step, to_step):
+        reply.steps.append(pb.SpsaLedgerStep(step=c.step, peers=c.peers,
+                                             codes=pb.SpsaCodes(codes=c.codes)))
+    return reply
