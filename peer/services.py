@@ -63,8 +63,10 @@ class StageService(pbg.StageServicer):
             raise NotServing(f"peer {d.peer_id[:8]} is {d.state}, not serving yet")
         if header.stage != d.host.stage:
             raise NotServing(f"this peer holds stage {d.host.stage}, not {header.stage}")
-        if header.step and header.step > d.host.step + 1:
-            d.catch_up(header.step - 1)  # the sole replica of a rebuilt stage adopts the step
+        if header.step and header.step > d.host.step + 1 and not hasattr(d.mode, "offer"):
+            # the sole replica of a rebuilt stage adopts the step (never under SPSA, where every
+            # step's codes must be applied: it replays the ledger at EndStep instead)
+            d.catch_up(header.step - 1)
         if header.step and header.step != d.host.step + 1:
             raise NotServing(f"microbatch of step {header.step} but this replica is after step "
                              f"{d.host.step}")
