@@ -40,6 +40,19 @@ SPSA_DEMO_DEFAULTS = {"model.d_model": 64, "model.n_layers": 2, "model.n_heads":
                       "sync.spsa.samples_per_step": 2}
 
 
+def demo_inner_steps(steps: int) -> int:
+    """DiLoCo's H for a demo of `steps` steps: about a tenth of the run, and a divisor of it.
+
+    The paper's H (100-500) is for runs of many thousand steps; a demo of 100 steps with H = 100
+    would show one outer step, at the very end. A tenth gives ~10 outer steps, and a divisor
+    makes the run's last step an outer one, where the replicas' hashes must agree (unless the
+    nearest divisor is under half the target, e.g. a prime step count: then the tenth it is).
+    """
+    target = max(1, steps // 10)
+    divisor = max(d for d in range(1, target + 1) if steps % d == 0)
+    return divisor if 2 * divisor >= target else target
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -51,6 +64,8 @@ def demo_spec(args: argparse.Namespace) -> RunSpec:
     if args.sync == "spsa" and not args.config and not args.init_model:
         base = base.replace(**{**SPSA_DEMO_DEFAULTS,
                                "model.n_layers": max(2, args.stages)})
+    if args.sync == "diloco" and not args.config:
+        base = base.replace(**{"sync.diloco.inner_steps": demo_inner_steps(args.steps)})
     if args.init_model:  # the model's shape comes from the exported model
         from peer.export import load_config
 

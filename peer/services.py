@@ -232,8 +232,11 @@ class StateService(pbg.StateServicer):
             step, arrays, state_hash = checkpoint
         else:
             async with d.step_lock:
-                arrays = await host.run(host.state_arrays, request.include_optimizer)
-                state_hash = host.state_hash()
+                if request.include_optimizer:  # a joining replica: everything, as it is
+                    arrays = await host.run(host.state_arrays, True)
+                    state_hash = host.state_hash()
+                else:  # export / inference: the agreed weights, hashed as sent
+                    arrays, state_hash = await host.run(host.agreed_arrays)
                 step = host.step
         header = pb.CallHeader(kind="state", step=step, stage=host.stage, sender=d.peer_id)
         header.meta["state_hash"] = state_hash

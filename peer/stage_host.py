@@ -341,6 +341,24 @@ class StageHost:
 
     # ------------------------------------------------------------------ state transfer
 
+    def agreed_arrays(self) -> tuple[dict[str, np.ndarray], str]:
+        """The weights every replica agrees on (for export and inference) and their hash.
+
+        For most modes these are the live parameters. Under DiLoCo the live parameters are this
+        replica's own inner-step drift; the model the replicas share is the one of the last outer
+        step (mode state `shared.param.*`), so an export between outer steps still gets one
+        model whichever replica it asks. The hash covers exactly the `model.*` arrays sent,
+        minus CheckFree+'s `edge_` copies, which is what `shoal export` checks.
+        """
+        arrays = self.state_arrays(include_optimizer=False)
+        prefix = "shared.param."
+        for key, t in self.mode_state.items():
+            if key.startswith(prefix):
+                arrays[f"model.{key[len(prefix):]}"] = t.detach().cpu().float().numpy()
+        params = {k[6:]: torch.from_numpy(a) for k, a in arrays.items()
+                  if k.startswith("model.") and not k[6:].startswith("edge_")}
+        return arrays, tensor_hash(params)
+
     def state_arrays(self, include_optimizer: bool = True) -> dict[str, np.ndarray]:
         """Parameters, persistent buffers, optimizer and sync-mode state, as named arrays."""
         out: dict[str, np.ndarray] = {}

@@ -128,3 +128,27 @@ def test_a_stage_can_start_from_an_exported_model(tmp_path) -> None:
     save_model(tmp_path / "big", bigger, Decoder(bigger).state_dict())
     with pytest.raises(StageError, match="d_model"):
         StageHost(SPEC, 1).load_exported(str(tmp_path / "big"))
+
+
+def test_agreed_arrays_are_the_shared_weights_under_diloco() -> None:
+    """An export between DiLoCo outer steps gets the shared model, hashed as sent."""
+    from peer.stage_host import tensor_hash
+
+    host = StageHost(RunSpec().replace(**{"pipeline.stages": 2, "model.d_model": 32,
+                                          "model.n_heads": 4, "model.n_layers": 2}), 1)
+    arrays, h = host.agreed_arrays()
+    params = {k[6:]: torch.from_numpy(a) for k, a in arrays.items() if k.startswith("model.")}
+    assert h == tensor_hash(params) == host.state_hash()
+    name, p = next(iter(host.params().items()))
+    host.mode_state[f"shared.param.{name}"] = p.detach().clone() + 1.0  # inner steps drifted
+    arrays, h2 = host.agreed_arrays()
+    assert np.array_equal(arrays[f"model.{name}"], (p.detach() + 1.0).numpy())
+    assert h2 != h
+    host.close()
+
+
+def test_demo_inner_steps_divides_the_run() -> None:
+    from peer.demo import demo_inner_steps
+
+    assert demo_inner_steps(100) == 10 and demo_inner_steps(60) == 6
+    assert demo_inner_steps(97) == 9 and demo_inner_steps(5) == 1
