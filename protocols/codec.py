@@ -2,8 +2,11 @@
 
 Every tensor-carrying call (activations, gradients, sync payloads, stage states) describes its
 tensors in a `CallHeader` (a `TensorHeader` per tensor: name, dtype, shape, encoding,
-payload_bytes, block_size; `total_bytes`; `sha256` over the whole payload) and then ships one
-payload: the tensors' encoded bytes concatenated in header order, with no padding.
+payload_bytes, block_size; `total_bytes`; `sha256`, the payload digest) and then ships one
+payload: the tensors' encoded bytes concatenated in header order, with no padding. The digest
+is SHA-256-based but not one flat SHA-256: it is the SHA-256 over the SHA-256 of each 1 MiB leaf
+of the payload, with the length bound in (defined exactly in protocols.digest), so that
+receivers can hash a bulk payload on several threads while it arrives.
 
 Encodings (one `Codec` subclass each: `RAW`, `FP16`, `BF16`, `INT8_BLOCKWISE`) live in
 protocols.encodings, with the table of what each carries and the `CodecError` hierarchy; this
@@ -17,13 +20,12 @@ it as `np.uint16` and the header says "bfloat16"). Peers convert torch tensors a
 Nothing from the network is trusted: `check_header` validates the header alone (known dtype and
 encoding, shapes, each payload_bytes against what its encoding needs, their sum against
 total_bytes, size limits, expected names/dtypes/shapes) so a receiver can refuse before it
-allocates; `decode` then checks the payload's length and SHA-256, and only then builds arrays,
+allocates; `decode` then checks the payload's length and digest, and only then builds arrays,
 checking finiteness when asked. Each refusal is a specific `CodecError` naming what was wrong.
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import math
 from collections.abc import Mapping, Sequence
@@ -32,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from protocols import shoal_pb2 as pb
+from protocols.digest import payload_digest
 from protocols.encodings import (
     CODECS,
     DEFAULT_BLOCK_SIZE,
@@ -75,7 +78,7 @@ MAX_NDIM = 32
 
 @dataclass
 class Encoded:
-    """What `encode` produced: the TensorHeaders, the payload, and its SHA-256."""
+    """What `encode` produced: the TensorHeaders, the payload, and its digest (protocols.digest)."""
 
     tensors: list[pb.TensorHeader]
     payload: bytes
@@ -89,7 +92,7 @@ class Encoded:
 def encode(arrays: Mapping[str, np.ndarray], encoding: Encoding | Mapping[str, Encoding] = pb.RAW,
            block_size: int = DEFAULT_BLOCK_SIZE, labels: Mapping[str, str] | None = None
            ) -> Encoded:
-    """Encode named arrays, in mapping order, into TensorHeaders + one payload + its SHA-256.
+    """Encode named arrays, in mapping order, into TensorHeaders + one payload + its digest.
 
     Args:
         arrays: name -> array (any layout; copied once into the payload).
@@ -125,7 +128,7 @@ def encode(arrays: Mapping[str, np.ndarray], encoding: Encoding | Mapping[str, E
             name=name, dtype=label, shape=array.shape, encoding=enc, payload_bytes=data.nbytes,
             block_size=block_size if enc == pb.INT8_BLOCKWISE else 0))
     payload = b"".join(parts)
-    return Encoded(tensors, payload, hashlib.sha256(payload).digest())
+    return Encoded(tensors, payload, payload_digest(payload))
 
 
 def fill_header(header: pb.CallHeader, encoded: Encoded) -> pb.CallHeader:
@@ -217,8 +220,9 @@ def decode(header: pb.CallHeader, payload: bytes | bytearray | memoryview, limit
     """Validate header and payload, then rebuild the arrays (views into `payload` where possible).
 
     Args:
-        computed_sha256: the SHA-256 of `payload` when the caller hashed it while it arrived
-            (tensor_stream, dataplane), to save a second pass; it is still compared to the header.
+        computed_sha256: the digest of `payload` (`protocols.digest`) when the caller hashed it
+            while it arrived (tensor_stream, dataplane), to save a second pass; it is still
+            compared to the header's.
     Returns arrays, read-only when `payload` is bytes; bfloat16 arrives as np.uint16.
     Raises the CodecError subclass that names the first problem found.
     """
@@ -227,10 +231,11 @@ def decode(header: pb.CallHeader, payload: bytes | bytearray | memoryview, limit
     if len(view) != header.total_bytes:
         error = TruncatedPayload if len(view) < header.total_bytes else OversizedPayload
         raise error(f"payload has {len(view)} bytes, header declares {header.total_bytes}")
-    digest = computed_sha256 if computed_sha256 is not None else hashlib.sha256(view).digest()
+    digest = computed_sha256 if computed_sha256 is not None else payload_digest(view)
     if not hmac.compare_digest(digest, header.sha256):
-        raise DigestMismatch(f"payload SHA-256 {digest.hex()[:16]}… differs from the header's "
-                             f"{header.sha256.hex()[:16]}…")
+        raise DigestMismatch(f"payload SHA-256 tree digest {digest.hex()[:16]}… differs from the "
+                             f"header's {header.sha256.hex()[:16]}…: corrupted or tampered in "
+                             "transit (or the sender is not using digest v1); ask again")
     out: dict[str, np.ndarray] = {}
     offset = 0
     for t in header.tensors:

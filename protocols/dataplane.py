@@ -23,12 +23,14 @@ Protocol:
        big-endian length and then the payload, then closes.
     4. The receiver refuses a length other than the header's total_bytes, reads exactly that into
        a buffer preallocated from the header (recv_into), refuses extra bytes, and checks the
-       SHA-256 from the header (hashed in a second thread while bytes arrive) before decoding.
+       header's payload digest (`protocols.digest`: SHA-256 over the SHA-256 of each 1 MiB leaf;
+       each leaf is hashed on a worker thread as soon as it has arrived) before decoding, so no
+       array is built from bytes that are unverified, short, long or of the wrong size.
 
-Integrity comes from the SHA-256 in the gRPC header, so plain TCP cannot be tampered with
-undetected; secrecy needs TLS: pass an `ssl.SSLContext` to both ends (the mTLS contexts of
-`protocols.tls`). The ticket is a bearer secret for one payload: it is only as private as the
-gRPC channel that carried it.
+Integrity comes from the SHA-256-based digest in the gRPC header, so plain TCP cannot be tampered
+with undetected (a flipped, swapped, missing or extra byte changes the digest); secrecy needs
+TLS: pass an `ssl.SSLContext` to both ends (the mTLS contexts of `protocols.tls`). The ticket
+is a bearer secret for one payload: it is only as private as the gRPC channel that carried it.
 
 The server runs on the caller's asyncio loop (uvloop in peers) beside grpc.aio and writes
 memoryview slices of the registered payload (no copy in Python); the receiver runs its blocking
@@ -39,8 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import queue
 import secrets
 import socket
 import ssl
@@ -60,6 +60,7 @@ from protocols.codec import (
     check_header,
     decode,
 )
+from protocols.digest import HASH_THREADS, LeafPool
 from protocols.tensor_stream import DEFAULT_CHUNK, MalformedStream, chunks
 from protocols.tensor_stream import receive as receive_in_band
 
@@ -71,7 +72,7 @@ LENGTH = struct.Struct(">Q")
 DATAPLANE_MIN_BYTES = 8 << 20  # smaller payloads go in-band: a second connection costs more
 WRITE_CHUNK = 4 << 20  # per transport.write + drain on the serving loop
 RECV_CHUNK = 1 << 20  # per recv_into; hashed while still warm in cache (measured best of 0.25-4)
-HASH_THREAD_MIN_BYTES = 16 << 20
+HASH_THREADS_MIN_BYTES = 16 << 20  # smaller payloads: one hash thread beside the recv loop
 
 
 class DataPlaneError(ConnectionError):
@@ -251,29 +252,6 @@ def endpoint(header: pb.CallHeader) -> tuple[str, int, bytes]:
     return host, port_number, ticket
 
 
-class _Sha256Worker:
-    """SHA-256 over a buffer as it fills, on a second thread (hashlib releases the GIL), so the
-    hash overlaps the network instead of following it."""
-
-    def __init__(self) -> None:
-        self._sha = hashlib.sha256()
-        self._queue: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (part := self._queue.get()) is not None:
-            self._sha.update(part)
-
-    def update(self, part: memoryview) -> None:
-        self._queue.put(part)
-
-    def digest(self) -> bytes:
-        self._queue.put(None)
-        self._thread.join()
-        return self._sha.digest()
-
-
 def _recv_exact(sock: socket.socket, view: memoryview) -> int:
     got = 0
     while got < len(view):
@@ -352,11 +330,12 @@ def _open(host: str, port: int, ticket: bytes, ssl_context: ssl.SSLContext | Non
 
 
 def recv_into_hashing(sock: socket.socket, view: memoryview, where: str) -> bytes:
-    """Fill `view` from `sock`, hashing as it fills (on a second thread for big buffers);
-    returns the SHA-256. Raises TruncatedPayload at EOF, DataPlaneError on socket errors."""
+    """Fill `view` from `sock` and return its payload digest (protocols.digest), each 1 MiB leaf
+    hashed on a worker thread as soon as it has arrived, so hashing overlaps the network and
+    uses more than one core. Raises TruncatedPayload at EOF, DataPlaneError on socket errors."""
     total = len(view)
-    worker = _Sha256Worker() if total >= HASH_THREAD_MIN_BYTES else None
-    got = hashed = 0
+    pool = LeafPool(view, HASH_THREADS if total >= HASH_THREADS_MIN_BYTES else 1)
+    got = 0
     try:
         while got < total:
             n = sock.recv_into(view[got: min(total, got + RECV_CHUNK)])
@@ -364,17 +343,13 @@ def recv_into_hashing(sock: socket.socket, view: memoryview, where: str) -> byte
                 raise TruncatedPayload(f"data plane at {where} closed after {got} of {total} "
                                        "bytes")
             got += n
-            if worker is not None and got - hashed >= RECV_CHUNK:
-                worker.update(view[hashed:got])
-                hashed = got
+            pool.filled(got)
+        return pool.digest()
     except OSError as exc:
         raise DataPlaneError(f"data plane at {where} failed after {got} of {total} bytes: "
                              f"{exc}") from exc
     finally:
-        if worker is not None:  # always stop the thread, also on error
-            worker.update(view[hashed:got])
-            digest = worker.digest()
-    return digest if worker is not None else hashlib.sha256(view).digest()
+        pool.close()  # stops the hash threads also on error
 
 
 async def fetch_async(header: pb.CallHeader, limits: Limits, **kwargs: object

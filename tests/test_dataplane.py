@@ -8,6 +8,7 @@ import datetime
 import ipaddress
 import ssl
 import struct
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -188,29 +189,62 @@ LIES = [
 ]
 
 
+async def fetch_from_liar(header: pb.CallHeader, answer: bytes) -> dict[str, np.ndarray]:
+    """Fetch `header`'s payload from a server that reads the ticket and sends `answer`."""
+    async def liar(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(36)
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(liar, "127.0.0.1", 0)
+    pointer = pb.CallHeader()
+    pointer.CopyFrom(header)
+    pointer.meta["dataplane"] = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    pointer.meta["ticket"] = "ab" * 32
+    try:
+        return await dataplane.fetch_async(pointer, Limits())
+    finally:
+        server.close()
+
+
 @pytest.mark.parametrize(("name", "lie", "error", "message"), LIES, ids=[x[0] for x in LIES])
 def test_lying_server_refused(name, lie, error, message) -> None:
     header, payload, _ = make_call(0.1)
 
     async def main() -> None:
-        async def liar(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await reader.readexactly(36)
-            writer.write(lie(payload))
-            await writer.drain()
-            writer.close()
-
-        server = await asyncio.start_server(liar, "127.0.0.1", 0)
-        pointer = pb.CallHeader()
-        pointer.CopyFrom(header)
-        pointer.meta["dataplane"] = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
-        pointer.meta["ticket"] = "ab" * 32
-        try:
-            with pytest.raises(error, match=message):
-                await dataplane.fetch_async(pointer, Limits())
-        finally:
-            server.close()
+        with pytest.raises(error, match=message):
+            await fetch_from_liar(header, lie(payload))
 
     run(main)
+
+
+def _flip(payload: bytes, at: int) -> bytes:
+    return payload[:at] + bytes([payload[at] ^ 0x01]) + payload[at + 1:]
+
+
+BIG_LIES = [  # 20 MiB: leaves hashed on several threads while bytes arrive
+    ("one bit in leaf 7", lambda p: _flip(p, 7 * MIB + 12345), DigestMismatch, "differs"),
+    ("two leaves swapped", lambda p: p[MIB: 2 * MIB] + p[:MIB] + p[2 * MIB:], DigestMismatch,
+     "differs"),
+    ("last leaf short", lambda p: p[:-1], TruncatedPayload, "closed after"),
+    ("cut mid-leaf", lambda p: p[: 11 * MIB + 77], TruncatedPayload, "closed after"),
+]
+
+
+@pytest.mark.parametrize(("name", "lie", "error", "message"), BIG_LIES,
+                         ids=[x[0] for x in BIG_LIES])
+def test_big_payload_corruption_and_truncation_refused(name, lie, error, message) -> None:
+    header, payload, _ = make_call(20)
+    threads_before = threading.active_count()
+
+    async def main() -> None:
+        body = lie(payload)
+        with pytest.raises(error, match=message):
+            await fetch_from_liar(header, struct.pack(">Q", len(payload)) + body)
+
+    run(main)
+    assert threading.active_count() == threads_before  # the hash threads stopped too
 
 
 class StateFromMemory(pb_grpc.StateServicer):
