@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import hmac
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,7 +63,8 @@ from protocols.encodings import (
 
 __all__ = [
     "CODECS", "DEFAULT_BLOCK_SIZE", "DTYPES", "FLOAT_LABELS", "MAX_BLOCK_SIZE", "MAX_NDIM",
-    "Bf16Codec", "Codec", "CodecError", "DigestMismatch", "Encoded", "Encoding", "Fp16Codec",
+    "Bf16Codec", "Codec", "CodecError", "DigestMismatch", "Encoded", "Encoding",
+    "FiniteScan", "Fp16Codec",
     "Int8BlockwiseCodec", "Limits", "MislabeledPayload", "NonFinite", "OversizedPayload",
     "RawCodec", "Shape", "TruncatedPayload", "UnexpectedTensor", "UnsupportedEncoding",
     "bf16_bits_to_float32", "check_header", "decode", "encode", "fill_header",
@@ -216,13 +218,17 @@ def _check_expected(header: pb.CallHeader,
 
 
 def decode(header: pb.CallHeader, payload: bytes | bytearray | memoryview, limits: Limits, *,
-           computed_sha256: bytes | None = None) -> dict[str, np.ndarray]:
+           computed_sha256: bytes | None = None,
+           non_finite: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
     """Validate header and payload, then rebuild the arrays (views into `payload` where possible).
 
     Args:
         computed_sha256: the digest of `payload` (`protocols.digest`) when the caller hashed it
             while it arrived (tensor_stream, dataplane), to save a second pass; it is still
             compared to the header's.
+        non_finite: NaN/Inf counts per tensor that the caller took from these same bytes while
+            they arrived (`FiniteScan`); those tensors are not scanned again, and a count above
+            zero is refused here, after the digest matched, exactly as a scan here would.
     Returns arrays, read-only when `payload` is bytes; bfloat16 arrives as np.uint16.
     Raises the CodecError subclass that names the first problem found.
     """
@@ -244,20 +250,76 @@ def decode(header: pb.CallHeader, payload: bytes | bytearray | memoryview, limit
         try:
             out[t.name] = CODECS[t.encoding].decode(part, t.dtype, tuple(t.shape), t.block_size)
             if limits.check_finite:
-                _check_finite(out[t.name], t.dtype)
+                bad = (non_finite[t.name] if non_finite is not None and t.name in non_finite
+                       else _count_non_finite(out[t.name], t.dtype))
+                if bad:
+                    raise NonFinite(f"{bad} of {out[t.name].size} values are NaN or Inf")
         except CodecError as exc:
             raise type(exc)(f"tensor {t.name!r}: {exc}") from None
     return out
 
 
-def _check_finite(array: np.ndarray, label: str) -> None:
-    """Raise NonFinite on NaN/Inf; 1M-value slices keep the temporaries small."""
+def _count_non_finite(array: np.ndarray, label: str) -> int:
+    """NaN/Inf values in a decoded (or RAW) array; 1M-value slices keep the temporaries small."""
     if label not in FLOAT_LABELS:
-        return
+        return 0
     flat, bad = array.reshape(-1), 0
     for start in range(0, flat.size, 1 << 20):
         part = flat[start: start + (1 << 20)]
         bad += (np.count_nonzero(part & 0x7F80 == 0x7F80) if label == "bfloat16"
                 else part.size - np.count_nonzero(np.isfinite(part)))
-    if bad:
-        raise NonFinite(f"{bad} of {flat.size} values are NaN or Inf")
+    return bad
+
+
+class FiniteScan:
+    """Counts NaN/Inf in a payload's RAW float tensors while the payload is still arriving.
+
+    A bulk receiver (protocols.dataplane) calls `filled(k)` whenever the first k bytes of
+    `buffer` are final; each newly complete stretch of whole values (about SCAN_BYTES, or up to
+    a tensor's end) is counted by `submit` (a worker thread), so the check overlaps the network
+    instead of following it. Only counts are taken: the verdict is given by `decode(...,
+    non_finite=counts())` after the digest matched, and no array leaves the receiver before.
+    Tensors of other encodings are still checked by `decode` after they are decoded.
+    """
+
+    SCAN_BYTES = 1 << 20
+
+    def __init__(self, header: pb.CallHeader, limits: Limits, buffer: memoryview,
+                 submit: Callable[..., Future[int]]) -> None:
+        self._view, self._submit = buffer, submit
+        self._todo: list[list] = []  # [name, label, next byte, end byte]
+        offset = 0
+        for t in header.tensors:
+            if limits.check_finite and t.encoding == pb.RAW and t.dtype in FLOAT_LABELS:
+                self._todo.append([t.name, t.dtype, offset, offset + t.payload_bytes])
+            offset += t.payload_bytes
+        self._names = [entry[0] for entry in self._todo]
+        self._jobs: list[tuple[str, Future[int]]] = []
+
+    def filled(self, upto: int) -> None:
+        while self._todo:
+            name, label, start, end = self._todo[0]
+            item = DTYPES[label].itemsize
+            stop = start + (min(end, upto) - start) // item * item
+            if stop < end and stop - start < self.SCAN_BYTES:
+                return
+            if stop > start:
+                self._jobs.append((name, self._submit(_count_raw, self._view[start:stop],
+                                                      label)))
+            if stop < end:
+                self._todo[0][2] = stop
+                return
+            self._todo.pop(0)
+
+    def counts(self) -> dict[str, int]:
+        """NaN/Inf per scanned tensor (waits for the workers); only once all bytes were filled."""
+        if self._todo:
+            raise ValueError(f"tensor {self._todo[0][0]!r} was not filled completely")
+        counts = dict.fromkeys(self._names, 0)
+        for name, job in self._jobs:
+            counts[name] += job.result()
+        return counts
+
+
+def _count_raw(part: memoryview, label: str) -> int:
+    return _count_non_finite(np.frombuffer(part, DTYPES[label]), label)

@@ -25,7 +25,9 @@ Protocol:
        a buffer preallocated from the header (recv_into), refuses extra bytes, and checks the
        header's payload digest (`protocols.digest`: SHA-256 over the SHA-256 of each 1 MiB leaf;
        each leaf is hashed on a worker thread as soon as it has arrived) before decoding, so no
-       array is built from bytes that are unverified, short, long or of the wrong size.
+       array is built from bytes that are unverified, short, long or of the wrong size. The
+       same workers count NaN/Inf in RAW float tensors as their bytes land (`FiniteScan`); that
+       verdict too is given only after the digest matched.
 
 Integrity comes from the SHA-256-based digest in the gRPC header, so plain TCP cannot be tampered
 with undetected (a flipped, swapped, missing or extra byte changes the digest); secrecy needs
@@ -54,6 +56,7 @@ import numpy as np
 
 from protocols import shoal_pb2 as pb
 from protocols.codec import (
+    FiniteScan,
     Limits,
     OversizedPayload,
     TruncatedPayload,
@@ -303,12 +306,16 @@ def fetch(
             error = OversizedPayload if length > total else TruncatedPayload
             raise error(f"data plane at {where} announces {length} bytes, header declares {total}")
         buffer = np.empty(total, np.uint8)  # untouched pages: no memset before recv_into
-        digest = recv_into_hashing(sock, memoryview(buffer), where)
+        view = memoryview(buffer)
+        pool = _pool_for(view)
+        scan = FiniteScan(header, limits, view, pool.submit)  # NaN/Inf counted as bytes land
+        pool.watch(scan.filled)
+        digest = _fill(sock, view, where, pool)
         with contextlib.suppress(OSError):
             if sock.recv(1):
                 raise OversizedPayload(f"data plane at {where} sent more than the {total} bytes "
                                        "declared")
-    return decode(header, buffer, limits, computed_sha256=digest)
+    return decode(header, buffer, limits, computed_sha256=digest, non_finite=scan.counts())
 
 
 def _open(host: str, port: int, ticket: bytes, ssl_context: ssl.SSLContext | None,
@@ -333,9 +340,16 @@ def recv_into_hashing(sock: socket.socket, view: memoryview, where: str) -> byte
     """Fill `view` from `sock` and return its payload digest (protocols.digest), each 1 MiB leaf
     hashed on a worker thread as soon as it has arrived, so hashing overlaps the network and
     uses more than one core. Raises TruncatedPayload at EOF, DataPlaneError on socket errors."""
-    total = len(view)
-    pool = LeafPool(view, HASH_THREADS if total >= HASH_THREADS_MIN_BYTES else 1)
-    got = 0
+    return _fill(sock, view, where, _pool_for(view))
+
+
+def _pool_for(view: memoryview) -> LeafPool:
+    return LeafPool(view, HASH_THREADS if len(view) >= HASH_THREADS_MIN_BYTES else 1)
+
+
+def _fill(sock: socket.socket, view: memoryview, where: str, pool: LeafPool) -> bytes:
+    """The receive loop of `recv_into_hashing`, telling `pool` (and its watchers) what landed."""
+    total, got = len(view), 0
     try:
         while got < total:
             n = sock.recv_into(view[got: min(total, got + RECV_CHUNK)])
@@ -349,7 +363,7 @@ def recv_into_hashing(sock: socket.socket, view: memoryview, where: str) -> byte
         raise DataPlaneError(f"data plane at {where} failed after {got} of {total} bytes: "
                              f"{exc}") from exc
     finally:
-        pool.close()  # stops the hash threads also on error
+        pool.close()  # stops the worker threads also on error
 
 
 async def fetch_async(header: pb.CallHeader, limits: Limits, **kwargs: object

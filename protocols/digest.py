@@ -28,7 +28,10 @@ import hashlib
 import itertools
 import os
 import struct
+from collections.abc import Callable
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 LEAF_BYTES = 1 << 20
 DOMAIN = b"shoal/payload-sha256-tree/v1\0"
@@ -104,7 +107,9 @@ class LeafPool:
     Call `filled(k)` whenever the first k bytes are final; each leaf that became complete is
     handed to a worker thread at once (the last, short leaf once k reaches the end). `digest()`
     waits for the workers and returns the payload digest; `close()` (also on error) stops them.
-    The buffer must not change after `filled` covered it.
+    The buffer must not change after `filled` covered it. Other checks of the arriving bytes
+    can share the workers: `watch(fn)` has `fn(k)` called on every `filled(k)`, and `submit`
+    runs a job on the pool; `digest()` also waits for those jobs.
     """
 
     def __init__(self, buffer: memoryview, threads: int = HASH_THREADS) -> None:
@@ -113,6 +118,8 @@ class LeafPool:
         self._count = leaf_count(self._n)
         self._next = 0
         self._jobs: list[Future[bytes]] = []
+        self._extra: list[Future[Any]] = []
+        self._watchers: list[Callable[[int], None]] = []
         self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="sha256-leaf")
 
     def filled(self, upto: int) -> None:
@@ -120,19 +127,28 @@ class LeafPool:
         while self._next < complete:
             self._jobs.append(self._pool.submit(_leaf, self._view, self._next))
             self._next += 1
+        for watcher in self._watchers:
+            watcher(upto)
+
+    def watch(self, watcher: Callable[[int], None]) -> None:
+        self._watchers.append(watcher)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        job = self._pool.submit(fn, *args)
+        self._extra.append(job)
+        return job
 
     def digest(self) -> bytes:
         if self._next != self._count:
             raise ValueError(f"only {self._next} of {self._count} leaves were filled")
         try:
+            futures.wait(self._extra)
             return root(self._n, [job.result() for job in self._jobs])
         finally:
             self.close()
 
     def close(self) -> None:
-        for job in self._jobs:
-            job.cancel()
-        self._pool.shutdown(wait=True)
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 __all__ = ["DOMAIN", "LEAF_BYTES", "LeafPool", "TreeHasher", "leaf_count", "payload_digest",
