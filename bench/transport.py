@@ -1,6 +1,6 @@
 """Transport bench: how fast a bulk tensor (a state download) moves between two processes.
 
-    python -m bench.transport [--mib 256] [--repeats 3] [--netns-mib 64] [--rate-mbit 100]
+    python -m bench.transport [--mib 256] [--repeats 5] [--netns-mib 64] [--rate-mbit 100]
 
 Loopback, server and client in separate processes (spawn, never fork after gRPC):
   (a)  the project's path: a grpc.aio State.Download answered with a data-plane header, then the
@@ -379,7 +379,7 @@ def run_capped(ctx: mp.context.SpawnContext, mib: float, rate_mbit: float, mtu: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=float, default=256, help="tensor size on loopback")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-grpc", action="store_true", help="skip (c), in-band gRPC")
     parser.add_argument("--netns-mib", type=float, default=64, help="0 skips the capped link")
     parser.add_argument("--rate-mbit", type=float, default=100)

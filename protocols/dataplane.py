@@ -4,13 +4,18 @@ Why (measured first, on this 2-core machine, two processes on loopback, 256 MiB,
 sync gRPC streaming 2 MiB chunks with an identity serializer ~0.6 GB/s and as protobuf
 TensorChunks ~0.4 GB/s (grpc.aio lower still, ALGORITHMS.md §7), against ~2.4 GB/s for a raw TCP
 socket: gRPC/raw ~0.25, and grpcio copies every message. Chosen: gRPC only negotiates and
-authenticates; the bytes take one raw TCP connection. `python -m bench.transport` then measured
-(quiet moments; the machine is shared and runs vary by 2x): the data plane alone moves the body
-as fast as the raw socket (~98 ms for 256 MiB, both); end to end with the receiver's SHA-256
-check and decode it reaches ~1.1-1.3 GB/s = 0.45-0.6 of raw, because one core hashes SHA-256 at
-only ~1.5 GB/s; a bare socket that hashes what it receives gets ~1.35-1.5 GB/s. Over a
-100 Mbit/s tbf-capped veth it fills the link (94-95.5 % of the cap as payload; framing leaves
-95.6 %).
+authenticates; the bytes take one raw TCP connection.
+
+Where a verified download's time goes (CPU seconds per 256 MiB, both processes): sender ~0.03,
+receiver's recv_into ~0.07 (kernel copy, first touch of fresh pages: the raw socket pays both),
+SHA-256 ~0.17 (SHA-NI, ~1.5 GB/s on one core), finiteness ~0.02; the gRPC call ~1.5 ms. A flat
+SHA-256 is serial, so it capped downloads at one core's ~1.5 GB/s against ~2.1-2.4 GB/s raw
+(gRPC/raw <= ~0.7 idle, 0.45-0.6 measured). Hence the payload digest is a SHA-256 tree
+(protocols.digest) whose 1 MiB leaves worker threads hash as they land, and the finiteness
+count rides on the same workers. The CPU remains: a verified download needs ~3x a bare
+socket's, so on a machine saturated by other work (this one is shared) the ratio tends to ~0.35
+whatever the parallelism. Over a 100 Mbit/s tbf-capped veth the path fills the link (95.4-95.6 %
+of the cap as payload; framing leaves 95.6 %).
 
 Protocol:
     1. The serving peer answers the (authenticated, signed) gRPC call with the usual CallHeader
