@@ -156,9 +156,11 @@ def run(peers: int, seconds: float, procs: int, heartbeat_s: float, warmup_s: fl
     handled = handled1[1] - handled0[1]
     handler_ms = 1000 * (handled1[0] - handled0[0]) / handled if handled else float("nan")
     print(f"the epoch settled {settle_s:.1f} s after the last join (views delivered)")
+    per_beat_ms = 1000 * (cpu1 - cpu0) / handled if handled else float("nan")
     print(f"inside the coordinator the heartbeat handler took {handler_ms:.3f} ms on average "
-          f"({handled} handled); the rest of the latency is signing, gRPC both ways, "
-          f"authentication and waiting for a core")
+          f"({handled} handled); the process spent {per_beat_ms:.2f} ms of CPU per heartbeat "
+          f"(gRPC, authentication, the handler); the rest of the latency is signing, gRPC on "
+          f"the peer's side and waiting for a core")
     print(f"worst event-loop stall: coordinator {coord_lag * 1000:.0f} ms (last 10 s), "
           f"simulated peers {sim_lag * 1000:.0f} ms (whole window)")
     other = busy - cpu - sim_cpu
