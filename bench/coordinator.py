@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -144,6 +145,7 @@ def run(peers: int, seconds: float, procs: int, heartbeat_s: float, warmup_s: fl
             if sim.poll() is None:
                 sim.kill()
         coord.stop()
+        shutil.rmtree(tmp, ignore_errors=True)  # state, token, results: nothing is left behind
     lat_ms = sorted(x * 1000 for x in samples)
     p50, p90, p99 = (_percentile(lat_ms, q) for q in (0.5, 0.9, 0.99))
     cpu = 100 * (cpu1 - cpu0) / (t1 - t0)
