@@ -2,8 +2,11 @@
 
 Every tensor-carrying call (activations, gradients, sync payloads, stage states) describes its
 tensors in a `CallHeader` (a `TensorHeader` per tensor: name, dtype, shape, encoding,
-payload_bytes, block_size; `total_bytes`; `sha256` over the whole payload) and then ships one
-payload: the tensors' encoded bytes concatenated in header order, with no padding.
+payload_bytes, block_size; `total_bytes`; `sha256`, the payload digest) and then ships one
+payload: the tensors' encoded bytes concatenated in header order, with no padding. The digest
+is SHA-256-based but not one flat SHA-256: it is the SHA-256 over the SHA-256 of each 1 MiB leaf
+of the payload, with the length bound in (defined exactly in protocols.digest), so that
+receivers can hash a bulk payload on several threads while it arrives.
 
 Encodings (one `Codec` subclass each: `RAW`, `FP16`, `BF16`, `INT8_BLOCKWISE`) live in
 protocols.encodings, with the table of what each carries and the `CodecError` hierarchy; this
@@ -17,21 +20,22 @@ it as `np.uint16` and the header says "bfloat16"). Peers convert torch tensors a
 Nothing from the network is trusted: `check_header` validates the header alone (known dtype and
 encoding, shapes, each payload_bytes against what its encoding needs, their sum against
 total_bytes, size limits, expected names/dtypes/shapes) so a receiver can refuse before it
-allocates; `decode` then checks the payload's length and SHA-256, and only then builds arrays,
+allocates; `decode` then checks the payload's length and digest, and only then builds arrays,
 checking finiteness when asked. Each refusal is a specific `CodecError` naming what was wrong.
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
 
 from protocols import shoal_pb2 as pb
+from protocols.digest import payload_digest
 from protocols.encodings import (
     CODECS,
     DEFAULT_BLOCK_SIZE,
@@ -59,7 +63,8 @@ from protocols.encodings import (
 
 __all__ = [
     "CODECS", "DEFAULT_BLOCK_SIZE", "DTYPES", "FLOAT_LABELS", "MAX_BLOCK_SIZE", "MAX_NDIM",
-    "Bf16Codec", "Codec", "CodecError", "DigestMismatch", "Encoded", "Encoding", "Fp16Codec",
+    "Bf16Codec", "Codec", "CodecError", "DigestMismatch", "Encoded", "Encoding",
+    "FiniteScan", "Fp16Codec",
     "Int8BlockwiseCodec", "Limits", "MislabeledPayload", "NonFinite", "OversizedPayload",
     "RawCodec", "Shape", "TruncatedPayload", "UnexpectedTensor", "UnsupportedEncoding",
     "bf16_bits_to_float32", "check_header", "decode", "encode", "fill_header",
@@ -75,7 +80,7 @@ MAX_NDIM = 32
 
 @dataclass
 class Encoded:
-    """What `encode` produced: the TensorHeaders, the payload, and its SHA-256."""
+    """What `encode` produced: the TensorHeaders, the payload, and its digest (protocols.digest)."""
 
     tensors: list[pb.TensorHeader]
     payload: bytes
@@ -89,7 +94,7 @@ class Encoded:
 def encode(arrays: Mapping[str, np.ndarray], encoding: Encoding | Mapping[str, Encoding] = pb.RAW,
            block_size: int = DEFAULT_BLOCK_SIZE, labels: Mapping[str, str] | None = None
            ) -> Encoded:
-    """Encode named arrays, in mapping order, into TensorHeaders + one payload + its SHA-256.
+    """Encode named arrays, in mapping order, into TensorHeaders + one payload + its digest.
 
     Args:
         arrays: name -> array (any layout; copied once into the payload).
@@ -125,7 +130,7 @@ def encode(arrays: Mapping[str, np.ndarray], encoding: Encoding | Mapping[str, E
             name=name, dtype=label, shape=array.shape, encoding=enc, payload_bytes=data.nbytes,
             block_size=block_size if enc == pb.INT8_BLOCKWISE else 0))
     payload = b"".join(parts)
-    return Encoded(tensors, payload, hashlib.sha256(payload).digest())
+    return Encoded(tensors, payload, payload_digest(payload))
 
 
 def fill_header(header: pb.CallHeader, encoded: Encoded) -> pb.CallHeader:
@@ -213,12 +218,17 @@ def _check_expected(header: pb.CallHeader,
 
 
 def decode(header: pb.CallHeader, payload: bytes | bytearray | memoryview, limits: Limits, *,
-           computed_sha256: bytes | None = None) -> dict[str, np.ndarray]:
+           computed_sha256: bytes | None = None,
+           non_finite: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
     """Validate header and payload, then rebuild the arrays (views into `payload` where possible).
 
     Args:
-        computed_sha256: the SHA-256 of `payload` when the caller hashed it while it arrived
-            (tensor_stream, dataplane), to save a second pass; it is still compared to the header.
+        computed_sha256: the digest of `payload` (`protocols.digest`) when the caller hashed it
+            while it arrived (tensor_stream, dataplane), to save a second pass; it is still
+            compared to the header's.
+        non_finite: NaN/Inf counts per tensor that the caller took from these same bytes while
+            they arrived (`FiniteScan`); those tensors are not scanned again, and a count above
+            zero is refused here, after the digest matched, exactly as a scan here would.
     Returns arrays, read-only when `payload` is bytes; bfloat16 arrives as np.uint16.
     Raises the CodecError subclass that names the first problem found.
     """
@@ -227,10 +237,11 @@ def decode(header: pb.CallHeader, payload: bytes | bytearray | memoryview, limit
     if len(view) != header.total_bytes:
         error = TruncatedPayload if len(view) < header.total_bytes else OversizedPayload
         raise error(f"payload has {len(view)} bytes, header declares {header.total_bytes}")
-    digest = computed_sha256 if computed_sha256 is not None else hashlib.sha256(view).digest()
+    digest = computed_sha256 if computed_sha256 is not None else payload_digest(view)
     if not hmac.compare_digest(digest, header.sha256):
-        raise DigestMismatch(f"payload SHA-256 {digest.hex()[:16]}… differs from the header's "
-                             f"{header.sha256.hex()[:16]}…")
+        raise DigestMismatch(f"payload SHA-256 tree digest {digest.hex()[:16]}… differs from the "
+                             f"header's {header.sha256.hex()[:16]}…: corrupted or tampered in "
+                             "transit (or the sender is not using digest v1); ask again")
     out: dict[str, np.ndarray] = {}
     offset = 0
     for t in header.tensors:
@@ -239,20 +250,76 @@ def decode(header: pb.CallHeader, payload: bytes | bytearray | memoryview, limit
         try:
             out[t.name] = CODECS[t.encoding].decode(part, t.dtype, tuple(t.shape), t.block_size)
             if limits.check_finite:
-                _check_finite(out[t.name], t.dtype)
+                bad = (non_finite[t.name] if non_finite is not None and t.name in non_finite
+                       else _count_non_finite(out[t.name], t.dtype))
+                if bad:
+                    raise NonFinite(f"{bad} of {out[t.name].size} values are NaN or Inf")
         except CodecError as exc:
             raise type(exc)(f"tensor {t.name!r}: {exc}") from None
     return out
 
 
-def _check_finite(array: np.ndarray, label: str) -> None:
-    """Raise NonFinite on NaN/Inf; 1M-value slices keep the temporaries small."""
+def _count_non_finite(array: np.ndarray, label: str) -> int:
+    """NaN/Inf values in a decoded (or RAW) array; 1M-value slices keep the temporaries small."""
     if label not in FLOAT_LABELS:
-        return
+        return 0
     flat, bad = array.reshape(-1), 0
     for start in range(0, flat.size, 1 << 20):
         part = flat[start: start + (1 << 20)]
         bad += (np.count_nonzero(part & 0x7F80 == 0x7F80) if label == "bfloat16"
                 else part.size - np.count_nonzero(np.isfinite(part)))
-    if bad:
-        raise NonFinite(f"{bad} of {flat.size} values are NaN or Inf")
+    return bad
+
+
+class FiniteScan:
+    """Counts NaN/Inf in a payload's RAW float tensors while the payload is still arriving.
+
+    A bulk receiver (protocols.dataplane) calls `filled(k)` whenever the first k bytes of
+    `buffer` are final; each newly complete stretch of whole values (about SCAN_BYTES, or up to
+    a tensor's end) is counted by `submit` (a worker thread), so the check overlaps the network
+    instead of following it. Only counts are taken: the verdict is given by `decode(...,
+    non_finite=counts())` after the digest matched, and no array leaves the receiver before.
+    Tensors of other encodings are still checked by `decode` after they are decoded.
+    """
+
+    SCAN_BYTES = 1 << 20
+
+    def __init__(self, header: pb.CallHeader, limits: Limits, buffer: memoryview,
+                 submit: Callable[..., Future[int]]) -> None:
+        self._view, self._submit = buffer, submit
+        self._todo: list[list] = []  # [name, label, next byte, end byte]
+        offset = 0
+        for t in header.tensors:
+            if limits.check_finite and t.encoding == pb.RAW and t.dtype in FLOAT_LABELS:
+                self._todo.append([t.name, t.dtype, offset, offset + t.payload_bytes])
+            offset += t.payload_bytes
+        self._names = [entry[0] for entry in self._todo]
+        self._jobs: list[tuple[str, Future[int]]] = []
+
+    def filled(self, upto: int) -> None:
+        while self._todo:
+            name, label, start, end = self._todo[0]
+            item = DTYPES[label].itemsize
+            stop = start + (min(end, upto) - start) // item * item
+            if stop < end and stop - start < self.SCAN_BYTES:
+                return
+            if stop > start:
+                self._jobs.append((name, self._submit(_count_raw, self._view[start:stop],
+                                                      label)))
+            if stop < end:
+                self._todo[0][2] = stop
+                return
+            self._todo.pop(0)
+
+    def counts(self) -> dict[str, int]:
+        """NaN/Inf per scanned tensor (waits for the workers); only once all bytes were filled."""
+        if self._todo:
+            raise ValueError(f"tensor {self._todo[0][0]!r} was not filled completely")
+        counts = dict.fromkeys(self._names, 0)
+        for name, job in self._jobs:
+            counts[name] += job.result()
+        return counts
+
+
+def _count_raw(part: memoryview, label: str) -> int:
+    return _count_non_finite(np.frombuffer(part, DTYPES[label]), label)

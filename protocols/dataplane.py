@@ -4,13 +4,18 @@ Why (measured first, on this 2-core machine, two processes on loopback, 256 MiB,
 sync gRPC streaming 2 MiB chunks with an identity serializer ~0.6 GB/s and as protobuf
 TensorChunks ~0.4 GB/s (grpc.aio lower still, ALGORITHMS.md §7), against ~2.4 GB/s for a raw TCP
 socket: gRPC/raw ~0.25, and grpcio copies every message. Chosen: gRPC only negotiates and
-authenticates; the bytes take one raw TCP connection. `python -m bench.transport` then measured
-(quiet moments; the machine is shared and runs vary by 2x): the data plane alone moves the body
-as fast as the raw socket (~98 ms for 256 MiB, both); end to end with the receiver's SHA-256
-check and decode it reaches ~1.1-1.3 GB/s = 0.45-0.6 of raw, because one core hashes SHA-256 at
-only ~1.5 GB/s; a bare socket that hashes what it receives gets ~1.35-1.5 GB/s. Over a
-100 Mbit/s tbf-capped veth it fills the link (94-95.5 % of the cap as payload; framing leaves
-95.6 %).
+authenticates; the bytes take one raw TCP connection.
+
+Where a verified download's time goes (CPU seconds per 256 MiB, both processes): sender ~0.03,
+receiver's recv_into ~0.07 (kernel copy, first touch of fresh pages: the raw socket pays both),
+SHA-256 ~0.17 (SHA-NI, ~1.5 GB/s on one core), finiteness ~0.02; the gRPC call ~1.5 ms. A flat
+SHA-256 is serial, so it capped downloads at one core's ~1.5 GB/s against ~2.1-2.4 GB/s raw
+(gRPC/raw <= ~0.7 idle, 0.45-0.6 measured). Hence the payload digest is a SHA-256 tree
+(protocols.digest) whose 1 MiB leaves worker threads hash as they land, and the finiteness
+count rides on the same workers. The CPU remains: a verified download needs ~3x a bare
+socket's, so on a machine saturated by other work (this one is shared) the ratio tends to ~0.35
+whatever the parallelism. Over a 100 Mbit/s tbf-capped veth the path fills the link (95.4-95.6 %
+of the cap as payload; framing leaves 95.6 %).
 
 Protocol:
     1. The serving peer answers the (authenticated, signed) gRPC call with the usual CallHeader
@@ -23,12 +28,16 @@ Protocol:
        big-endian length and then the payload, then closes.
     4. The receiver refuses a length other than the header's total_bytes, reads exactly that into
        a buffer preallocated from the header (recv_into), refuses extra bytes, and checks the
-       SHA-256 from the header (hashed in a second thread while bytes arrive) before decoding.
+       header's payload digest (`protocols.digest`: SHA-256 over the SHA-256 of each 1 MiB leaf;
+       each leaf is hashed on a worker thread as soon as it has arrived) before decoding, so no
+       array is built from bytes that are unverified, short, long or of the wrong size. The
+       same workers count NaN/Inf in RAW float tensors as their bytes land (`FiniteScan`); that
+       verdict too is given only after the digest matched.
 
-Integrity comes from the SHA-256 in the gRPC header, so plain TCP cannot be tampered with
-undetected; secrecy needs TLS: pass an `ssl.SSLContext` to both ends (the mTLS contexts of
-`protocols.tls`). The ticket is a bearer secret for one payload: it is only as private as the
-gRPC channel that carried it.
+Integrity comes from the SHA-256-based digest in the gRPC header, so plain TCP cannot be tampered
+with undetected (a flipped, swapped, missing or extra byte changes the digest); secrecy needs
+TLS: pass an `ssl.SSLContext` to both ends (the mTLS contexts of `protocols.tls`). The ticket
+is a bearer secret for one payload: it is only as private as the gRPC channel that carried it.
 
 The server runs on the caller's asyncio loop (uvloop in peers) beside grpc.aio and writes
 memoryview slices of the registered payload (no copy in Python); the receiver runs its blocking
@@ -39,8 +48,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import queue
 import secrets
 import socket
 import ssl
@@ -54,12 +61,14 @@ import numpy as np
 
 from protocols import shoal_pb2 as pb
 from protocols.codec import (
+    FiniteScan,
     Limits,
     OversizedPayload,
     TruncatedPayload,
     check_header,
     decode,
 )
+from protocols.digest import HASH_THREADS, LeafPool
 from protocols.tensor_stream import DEFAULT_CHUNK, MalformedStream, chunks
 from protocols.tensor_stream import receive as receive_in_band
 
@@ -71,7 +80,7 @@ LENGTH = struct.Struct(">Q")
 DATAPLANE_MIN_BYTES = 8 << 20  # smaller payloads go in-band: a second connection costs more
 WRITE_CHUNK = 4 << 20  # per transport.write + drain on the serving loop
 RECV_CHUNK = 1 << 20  # per recv_into; hashed while still warm in cache (measured best of 0.25-4)
-HASH_THREAD_MIN_BYTES = 16 << 20
+HASH_THREADS_MIN_BYTES = 16 << 20  # smaller payloads: one hash thread beside the recv loop
 
 
 class DataPlaneError(ConnectionError):
@@ -251,29 +260,6 @@ def endpoint(header: pb.CallHeader) -> tuple[str, int, bytes]:
     return host, port_number, ticket
 
 
-class _Sha256Worker:
-    """SHA-256 over a buffer as it fills, on a second thread (hashlib releases the GIL), so the
-    hash overlaps the network instead of following it."""
-
-    def __init__(self) -> None:
-        self._sha = hashlib.sha256()
-        self._queue: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (part := self._queue.get()) is not None:
-            self._sha.update(part)
-
-    def update(self, part: memoryview) -> None:
-        self._queue.put(part)
-
-    def digest(self) -> bytes:
-        self._queue.put(None)
-        self._thread.join()
-        return self._sha.digest()
-
-
 def _recv_exact(sock: socket.socket, view: memoryview) -> int:
     got = 0
     while got < len(view):
@@ -325,12 +311,16 @@ def fetch(
             error = OversizedPayload if length > total else TruncatedPayload
             raise error(f"data plane at {where} announces {length} bytes, header declares {total}")
         buffer = np.empty(total, np.uint8)  # untouched pages: no memset before recv_into
-        digest = recv_into_hashing(sock, memoryview(buffer), where)
+        view = memoryview(buffer)
+        pool = _pool_for(view)
+        scan = FiniteScan(header, limits, view, pool.submit)  # NaN/Inf counted as bytes land
+        pool.watch(scan.filled)
+        digest = _fill(sock, view, where, pool)
         with contextlib.suppress(OSError):
             if sock.recv(1):
                 raise OversizedPayload(f"data plane at {where} sent more than the {total} bytes "
                                        "declared")
-    return decode(header, buffer, limits, computed_sha256=digest)
+    return decode(header, buffer, limits, computed_sha256=digest, non_finite=scan.counts())
 
 
 def _open(host: str, port: int, ticket: bytes, ssl_context: ssl.SSLContext | None,
@@ -352,11 +342,19 @@ def _open(host: str, port: int, ticket: bytes, ssl_context: ssl.SSLContext | Non
 
 
 def recv_into_hashing(sock: socket.socket, view: memoryview, where: str) -> bytes:
-    """Fill `view` from `sock`, hashing as it fills (on a second thread for big buffers);
-    returns the SHA-256. Raises TruncatedPayload at EOF, DataPlaneError on socket errors."""
-    total = len(view)
-    worker = _Sha256Worker() if total >= HASH_THREAD_MIN_BYTES else None
-    got = hashed = 0
+    """Fill `view` from `sock` and return its payload digest (protocols.digest), each 1 MiB leaf
+    hashed on a worker thread as soon as it has arrived, so hashing overlaps the network and
+    uses more than one core. Raises TruncatedPayload at EOF, DataPlaneError on socket errors."""
+    return _fill(sock, view, where, _pool_for(view))
+
+
+def _pool_for(view: memoryview) -> LeafPool:
+    return LeafPool(view, HASH_THREADS if len(view) >= HASH_THREADS_MIN_BYTES else 1)
+
+
+def _fill(sock: socket.socket, view: memoryview, where: str, pool: LeafPool) -> bytes:
+    """The receive loop of `recv_into_hashing`, telling `pool` (and its watchers) what landed."""
+    total, got = len(view), 0
     try:
         while got < total:
             n = sock.recv_into(view[got: min(total, got + RECV_CHUNK)])
@@ -364,17 +362,13 @@ def recv_into_hashing(sock: socket.socket, view: memoryview, where: str) -> byte
                 raise TruncatedPayload(f"data plane at {where} closed after {got} of {total} "
                                        "bytes")
             got += n
-            if worker is not None and got - hashed >= RECV_CHUNK:
-                worker.update(view[hashed:got])
-                hashed = got
+            pool.filled(got)
+        return pool.digest()
     except OSError as exc:
         raise DataPlaneError(f"data plane at {where} failed after {got} of {total} bytes: "
                              f"{exc}") from exc
     finally:
-        if worker is not None:  # always stop the thread, also on error
-            worker.update(view[hashed:got])
-            digest = worker.digest()
-    return digest if worker is not None else hashlib.sha256(view).digest()
+        pool.close()  # stops the worker threads also on error
 
 
 async def fetch_async(header: pb.CallHeader, limits: Limits, **kwargs: object

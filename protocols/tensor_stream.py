@@ -8,7 +8,8 @@ Chunks stay below gRPC's default 4 MiB message limit (`MAX_CHUNK` leaves room fo
 framing), so a peer with default limits can still talk to us. grpcio and protobuf take only
 `bytes` for a message's bytes field (memoryview and bytearray raise TypeError), so one copy per
 chunk on send is unavoidable; on receive each chunk is copied once into a buffer preallocated
-from the header's `total_bytes` (after the header passed the limits), hashed as it arrives, and
+from the header's `total_bytes` (after the header passed the limits), hashed as it arrives
+(the payload digest of protocols.digest, leaf by leaf), and
 decoded in place (the arrays are views of that buffer).
 
 `grpc_options()` is the one place channel and server options are set: message limits, no
@@ -18,7 +19,6 @@ clients ping every 20 s and the server does not answer that with GOAWAY `too_man
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import AsyncIterable, Iterable, Iterator
 
 import numpy as np
@@ -32,6 +32,7 @@ from protocols.codec import (
     check_header,
     decode,
 )
+from protocols.digest import TreeHasher
 
 MIB = 1 << 20
 DEFAULT_CHUNK = 2 * MIB
@@ -99,7 +100,7 @@ class Assembler:
         self.header: pb.CallHeader | None = None
         self._buffer = memoryview(bytearray())
         self._filled = 0
-        self._sha = hashlib.sha256()
+        self._digest = TreeHasher()
 
     def add(self, chunk: pb.TensorChunk) -> None:
         part = chunk.WhichOneof("part")
@@ -119,7 +120,7 @@ class Assembler:
                 raise OversizedPayload(f"stream sent more than the {len(self._buffer)} bytes "
                                        f"its header declares")
             self._buffer[self._filled: end] = data
-            self._sha.update(data)
+            self._digest.update(data)
             self._filled = end
         else:
             raise MalformedStream("an empty TensorChunk arrived")
@@ -131,7 +132,7 @@ class Assembler:
             raise TruncatedPayload(f"stream ended after {self._filled} of "
                                    f"{len(self._buffer)} declared bytes")
         arrays = decode(self.header, self._buffer, self.limits,
-                        computed_sha256=self._sha.digest())
+                        computed_sha256=self._digest.digest())
         return self.header, arrays
 
 

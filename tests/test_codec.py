@@ -39,6 +39,14 @@ def sample(label: str, shape: tuple[int, ...]) -> np.ndarray:
     return RNG.integers(info.min, info.max, shape, dtype=dtype, endpoint=True)
 
 
+def spec_digest(payload: bytes) -> bytes:
+    """The payload digest written out from its definition in protocols/digest.py's docstring."""
+    leaves = b"".join(hashlib.sha256(payload[i: i + (1 << 20)]).digest()
+                      for i in range(0, len(payload), 1 << 20))
+    return hashlib.sha256(b"shoal/payload-sha256-tree/v1\0" + len(payload).to_bytes(8, "big")
+                          + (1 << 20).to_bytes(4, "big") + leaves).digest()
+
+
 def roundtrip(arrays: dict, encoding=pb.RAW, labels=None, limits=None, block_size=64):
     encoded = codec.encode(arrays, encoding, block_size=block_size, labels=labels)
     header = codec.fill_header(pb.CallHeader(kind="forward"), encoded)
@@ -107,9 +115,8 @@ def test_mixed_call_keeps_order_names_and_per_tensor_encodings() -> None:
     assert [t.name for t in header.tensors] == list(arrays)
     assert [t.encoding for t in header.tensors] == [pb.INT8_BLOCKWISE, pb.RAW, pb.RAW, pb.RAW]
     assert header.total_bytes == sum(t.payload_bytes for t in header.tensors)
-    assert header.sha256 == hashlib.sha256(codec.encode(arrays, {"h": pb.INT8_BLOCKWISE},
-                                                        labels={"g": "bfloat16"}).payload
-                                           ).digest()
+    assert header.sha256 == spec_digest(codec.encode(arrays, {"h": pb.INT8_BLOCKWISE},
+                                                     labels={"g": "bfloat16"}).payload)
     np.testing.assert_array_equal(out["ids"], arrays["ids"])
     np.testing.assert_array_equal(out["g"], arrays["g"])
 
@@ -204,7 +211,7 @@ def test_fp16_overflow_refused_at_the_sender() -> None:
 
 def test_bool_payload_with_other_bytes_is_refused() -> None:
     payload = bytes([0, 1, 2])
-    header = pb.CallHeader(total_bytes=3, sha256=hashlib.sha256(payload).digest())
+    header = pb.CallHeader(total_bytes=3, sha256=spec_digest(payload))
     header.tensors.add(name="m", dtype="bool", shape=[3], encoding=pb.RAW, payload_bytes=3)
     with pytest.raises(MislabeledPayload, match="'m': bool tensor holds bytes"):
         codec.decode(header, payload, Limits())

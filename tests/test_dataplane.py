@@ -8,6 +8,7 @@ import datetime
 import ipaddress
 import ssl
 import struct
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -188,27 +189,139 @@ LIES = [
 ]
 
 
+async def fetch_from_liar(header: pb.CallHeader, answer: bytes) -> dict[str, np.ndarray]:
+    """Fetch `header`'s payload from a server that reads the ticket and sends `answer`."""
+    async def liar(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(36)
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(liar, "127.0.0.1", 0)
+    pointer = pb.CallHeader()
+    pointer.CopyFrom(header)
+    pointer.meta["dataplane"] = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    pointer.meta["ticket"] = "ab" * 32
+    try:
+        return await dataplane.fetch_async(pointer, Limits())
+    finally:
+        server.close()
+
+
 @pytest.mark.parametrize(("name", "lie", "error", "message"), LIES, ids=[x[0] for x in LIES])
 def test_lying_server_refused(name, lie, error, message) -> None:
     header, payload, _ = make_call(0.1)
 
     async def main() -> None:
-        async def liar(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await reader.readexactly(36)
-            writer.write(lie(payload))
-            await writer.drain()
-            writer.close()
+        with pytest.raises(error, match=message):
+            await fetch_from_liar(header, lie(payload))
 
-        server = await asyncio.start_server(liar, "127.0.0.1", 0)
-        pointer = pb.CallHeader()
-        pointer.CopyFrom(header)
-        pointer.meta["dataplane"] = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
-        pointer.meta["ticket"] = "ab" * 32
+    run(main)
+
+
+def _flip(payload: bytes, at: int) -> bytes:
+    return payload[:at] + bytes([payload[at] ^ 0x01]) + payload[at + 1:]
+
+
+BIG_LIES = [  # 20 MiB: leaves hashed on several threads while bytes arrive
+    ("one bit in leaf 7", lambda p: _flip(p, 7 * MIB + 12345), DigestMismatch, "differs"),
+    ("two leaves swapped", lambda p: p[MIB: 2 * MIB] + p[:MIB] + p[2 * MIB:], DigestMismatch,
+     "differs"),
+    ("last leaf short", lambda p: p[:-1], TruncatedPayload, "closed after"),
+    ("cut mid-leaf", lambda p: p[: 11 * MIB + 77], TruncatedPayload, "closed after"),
+]
+
+
+@pytest.mark.parametrize(("name", "lie", "error", "message"), BIG_LIES,
+                         ids=[x[0] for x in BIG_LIES])
+def test_big_payload_corruption_and_truncation_refused(name, lie, error, message) -> None:
+    header, payload, _ = make_call(20)
+    threads_before = threading.active_count()
+
+    async def main() -> None:
+        body = lie(payload)
+        with pytest.raises(error, match=message):
+            await fetch_from_liar(header, struct.pack(">Q", len(payload)) + body)
+
+    run(main)
+    assert threading.active_count() == threads_before  # the hash threads stopped too
+
+
+def _mixed_with_non_finite() -> tuple[dict[str, np.ndarray], dict, dict]:
+    """Tensors whose byte ranges are not value-aligned to leaves (an odd-length bf16 first), with
+    NaN/Inf on both sides of 1 MiB boundaries, beside a non-RAW tensor."""
+    rng = np.random.default_rng(3)
+    bf16 = codec.float32_to_bf16_bits(rng.standard_normal(300_001).astype(np.float32))
+    bf16[[5, 300_000]] = 0x7FC0  # NaN bits
+    big = rng.standard_normal(5 * MIB // 4 + 3).astype(np.float32)
+    big[[0, MIB // 4 - 1, MIB // 4, 4 * MIB // 4 + 1]] = [np.inf, np.nan, -np.inf, np.nan]
+    half = rng.standard_normal(1001).astype(np.float16)
+    half[1000] = np.inf
+    blockwise = rng.standard_normal(4096).astype(np.float32)  # INT8_BLOCKWISE: finite only
+    arrays = {"g": bf16, "w": big, "h": half, "q": blockwise,
+              "ids": np.arange(7, dtype=np.int64)}
+    return arrays, {"q": pb.INT8_BLOCKWISE}, {"g": "bfloat16"}
+
+
+def test_non_finite_values_refused_with_the_same_verdict_as_in_memory_decode() -> None:
+    arrays, encoding, labels = _mixed_with_non_finite()
+    encoded = codec.encode(arrays, encoding, labels=labels)
+    header = codec.fill_header(pb.CallHeader(kind="state"), encoded)
+    only = {name: value for name, value in arrays.items() if name in ("w", "ids")}
+    encoded_w = codec.encode(only)
+    header_w = codec.fill_header(pb.CallHeader(kind="state"), encoded_w)
+
+    async def main() -> None:
+        server = await started()
         try:
-            with pytest.raises(error, match=message):
-                await dataplane.fetch_async(pointer, Limits())
+            with pytest.raises(codec.NonFinite, match="tensor 'g': 2 of 300001 values"):
+                await dataplane.fetch_async(server.offer(header, encoded.payload), Limits())
+            with pytest.raises(codec.NonFinite, match="tensor 'w': 4 of 1310723 values"):
+                await dataplane.fetch_async(server.offer(header_w, encoded_w.payload), Limits())
+            with pytest.raises(codec.NonFinite, match="tensor 'w': 4 of 1310723 values"):
+                codec.decode(header_w, encoded_w.payload, Limits())  # the in-memory verdict
+            got = await dataplane.fetch_async(server.offer(header, encoded.payload),
+                                              Limits(check_finite=False))
+            np.testing.assert_array_equal(got["w"], arrays["w"])
+            np.testing.assert_array_equal(got["g"], arrays["g"])
         finally:
-            server.close()
+            await server.close()
+
+    run(main)
+
+
+def test_non_finite_scan_counts_every_tensor_exactly() -> None:
+    arrays, encoding, labels = _mixed_with_non_finite()
+    encoded = codec.encode(arrays, encoding, labels=labels)
+    header = codec.fill_header(pb.CallHeader(), encoded)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        view = memoryview(encoded.payload)
+        scan = codec.FiniteScan(header, Limits(), view, pool.submit)
+        for upto in [*range(0, len(view), 77_777), len(view)]:
+            scan.filled(upto)
+        assert scan.counts() == {"g": 2, "w": 4, "h": 1}  # "q" is checked after decoding
+        partial = codec.FiniteScan(header, Limits(), view, pool.submit)
+        partial.filled(2 * MIB)  # inside "w"
+        with pytest.raises(ValueError, match="'w' was not filled completely"):
+            partial.counts()
+    # decode takes the counts it is given for those tensors and scans only the others
+    out = codec.decode(header, encoded.payload, Limits(), non_finite={"g": 0, "w": 0, "h": 0})
+    assert set(out) == set(arrays)
+    with pytest.raises(codec.NonFinite, match="tensor 'h': 3 of 1001"):
+        codec.decode(header, encoded.payload, Limits(), non_finite={"g": 0, "w": 0, "h": 3})
+
+
+def test_corruption_wins_over_non_finite() -> None:
+    arrays, encoding, labels = _mixed_with_non_finite()
+    encoded = codec.encode(arrays, encoding, labels=labels)
+    header = codec.fill_header(pb.CallHeader(), encoded)
+
+    async def main() -> None:
+        body = _flip(encoded.payload, len(encoded.payload) // 2)
+        with pytest.raises(DigestMismatch):  # never a NonFinite verdict on unverified bytes
+            await fetch_from_liar(header, struct.pack(">Q", len(body)) + body)
 
     run(main)
 
