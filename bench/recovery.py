@@ -73,19 +73,22 @@ RECOVERY_ARMS = ("checkfree", "uniform", "copy", "random")
 ARMS = ("no_failure", *RECOVERY_ARMS)
 CONTROL_ARM = "none"  # branches from the snapshot, rebuilds nothing
 BETAS = (0.9, 0.95)  # StageHost's AdamW
+DECAY_TO = 0.1
 
 
 @dataclass(frozen=True)
 class Setting:
-    d_model: int = 128
+    d_model: int = 64
     n_layers: int = 8
     n_heads: int = 4
     seq_len: int = 64
     stages: int = 4  # block stages; stage 0 (embedding, head) never fails
     lost: int = 2  # the block stage that fails, 1-based; it needs two live neighbours
     batch: int = 16
-    steps: int = 600
-    fail_at: int = 400
+    steps: int = 450
+    fail_at: int = 300
+    decay: int = 150  # the last `decay` steps decay the lr linearly to DECAY_TO of it
+    early: int = 25  # steps after the rebuild at which the recovery is also evaluated
     lr: float = 3e-3
     grad_clip: float = 1.0
     eval_batches: int = 8
@@ -101,10 +104,21 @@ class Setting:
                              f"{self.stages}: neighbours must hold as many layers as the lost one")
         if not 0 < self.fail_at < self.steps:
             raise SystemExit(f"--fail-at {self.fail_at} must lie in 1..{self.steps - 1}")
+        if not 0 <= self.decay <= self.steps:
+            raise SystemExit(f"--decay {self.decay} must lie in 0..{self.steps}")
+        if not 0 < self.early <= self.steps - self.fail_at:
+            raise SystemExit(f"--early {self.early} must lie in 1..{self.steps - self.fail_at}")
         if unknown := sorted(set(self.arms) - {*ARMS, CONTROL_ARM}):
             raise SystemExit(f"unknown arms {unknown}; choose from {[*ARMS, CONTROL_ARM]}")
         if "no_failure" not in self.arms:
             raise SystemExit("the no_failure arm is the baseline every gap is measured against")
+
+    def schedule(self, step: int) -> float:
+        """Warm-up-free WSD: 1 until the decay phase, then linearly down to DECAY_TO."""
+        start = self.steps - self.decay
+        if step < start:
+            return 1.0
+        return 1.0 - (1.0 - DECAY_TO) * (step - start + 1) / self.decay
 
     def model(self, seed: int) -> ModelConfig:
         return ModelConfig(d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads,
@@ -121,26 +135,29 @@ class Trainee:
 
     modules: list[nn.Module]
     optimizers: list[torch.optim.Optimizer]
+    lr: float  # the base learning rate, before the schedule and a stage's boost
     grad_clip: float
+    lr_scale: list[float] = field(default_factory=list)  # 1.0, or the boost of a rebuilt stage
     last_norms: list[float] = field(default_factory=list)  # pre-clip, per stage, last step
 
     @classmethod
     def build(cls, config: ModelConfig, n_stages: int, lr: float, grad_clip: float) -> Trainee:
         stage_zero, blocks = split(config, n_stages)
         modules: list[nn.Module] = [stage_zero, *blocks]
-        return cls(modules, [_adamw(m, lr) for m in modules], grad_clip,
-                   [0.0] * len(modules))
+        return cls(modules, [_adamw(m, lr) for m in modules], lr, grad_clip,
+                   [1.0] * len(modules), [0.0] * len(modules))
 
-    def loss(self, batch: torch.Tensor) -> torch.Tensor:
+    def loss(self, batch: torch.Tensor, skip: int | None = None) -> torch.Tensor:
         x, y = inputs_targets(batch)
         stage_zero = self.modules[0]
         assert isinstance(stage_zero, StageZero)
-        blocks = [m for m in self.modules[1:] if isinstance(m, BlockStage)]
+        blocks = [m for s, m in enumerate(self.modules) if isinstance(m, BlockStage) and s != skip]
         loss, _ = run_pipeline(stage_zero, blocks, x, y)
         return loss
 
-    def train_step(self, batch: torch.Tensor) -> float:
-        """One optimizer step for every stage; each clips its own gradient (StageHost's order)."""
+    def train_step(self, batch: torch.Tensor, schedule: float = 1.0) -> float:
+        """One optimizer step for every stage at ``lr * schedule * lr_scale[stage]``; each
+        stage clips its own gradient and records its pre-clip norm (StageHost's order)."""
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         loss = self.loss(batch)
@@ -148,19 +165,23 @@ class Trainee:
         for s, (module, opt) in enumerate(zip(self.modules, self.optimizers, strict=True)):
             norm = torch.nn.utils.clip_grad_norm_(list(module.parameters()), self.grad_clip)
             self.last_norms[s] = float(norm)
+            for group in opt.param_groups:
+                group["lr"] = self.lr * schedule * self.lr_scale[s]
             opt.step()
         return float(loss.detach())
 
     @torch.no_grad()
-    def evaluate(self, batches: Sequence[torch.Tensor]) -> float:
-        return statistics.fmean(float(self.loss(b)) for b in batches)
+    def evaluate(self, batches: Sequence[torch.Tensor], skip: int | None = None) -> float:
+        """Mean held-out loss; ``skip`` leaves that block stage out of the path (SkipPipe)."""
+        return statistics.fmean(float(self.loss(b, skip)) for b in batches)
 
     def replace(self, stage: int, state: dict[str, torch.Tensor], module: BlockStage,
-                lr: float) -> None:
-        """Install a rebuilt stage: its new weights and a fresh optimizer at ``lr``."""
+                lr_scale: float) -> None:
+        """Install a rebuilt stage: its new weights, a fresh optimizer, its lr boost."""
         module.load_state_dict(state, strict=True)
         self.modules[stage] = module
-        self.optimizers[stage] = _adamw(module, lr)
+        self.lr_scale[stage] = lr_scale
+        self.optimizers[stage] = _adamw(module, self.lr * lr_scale)
 
 
 def _adamw(module: nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -192,7 +213,7 @@ def rebuild(arm: str, trainee: Trainee, setting: Setting, config: ModelConfig,
         rec = random_reinit(like, seed=seed * 100003 + setting.fail_at)
     else:
         raise ValueError(f"arm {arm!r} rebuilds nothing")
-    trainee.replace(s, rec.state, fresh, boosted_lr(setting.lr, cfg))
+    trainee.replace(s, rec.state, fresh, boosted_lr(1.0, cfg))
     return rec
 
 
@@ -201,10 +222,11 @@ class ArmResult:
     arm: str
     seed: int
     after_rebuild: float  # held-out loss right after the rebuild (the jump)
-    midway: float
+    early: float  # held-out loss `early` steps after the rebuild
     final: float
     train_losses: list[float]  # steps fail_at..steps-1
     weights: tuple[float, float] | None = None
+    skipped: float = math.nan  # no_failure only: the loss at fail_at with the lost stage skipped
 
 
 def run_seed(setting: Setting, seed: int, log: bool = True) -> dict[str, ArmResult]:
@@ -216,32 +238,37 @@ def run_seed(setting: Setting, seed: int, log: bool = True) -> dict[str, ArmResu
     held = holdout(corpus, setting.seq_len)
     evals = [held.batch(setting.batch, seed, i) for i in range(setting.eval_batches)]
     batches = [train.batch(setting.batch, seed, i) for i in range(setting.steps)]
-    mid = (setting.fail_at + setting.steps) // 2
+    early_step = setting.fail_at + setting.early
 
     trunk = Trainee.build(config, setting.stages, setting.lr, setting.grad_clip)
     t0 = time.perf_counter()
     for step in range(setting.fail_at):
-        trunk.train_step(batches[step])
+        trunk.train_step(batches[step], setting.schedule(step))
     snapshot = copy.deepcopy(trunk)
+    skipped = trunk.evaluate(evals, skip=setting.lost)
     if log:
         print(f"  seed {seed}: {setting.fail_at} steps in {time.perf_counter() - t0:.0f} s, "
-              f"held-out loss {trunk.evaluate(evals):.4f} at the failure; last gradient norms "
+              f"held-out loss {trunk.evaluate(evals):.4f} at the failure ({skipped:.4f} with "
+              f"stage {setting.lost} skipped); last gradient norms by stage "
               + " ".join(f"{n:.3f}" for n in trunk.last_norms), flush=True)
 
     def finish(arm: str, trainee: Trainee, weights: tuple[float, float] | None) -> ArmResult:
         after = trainee.evaluate(evals)
-        losses, midway = [], math.nan
+        losses, early = [], math.nan
         for step in range(setting.fail_at, setting.steps):
-            if step == mid:
-                midway = trainee.evaluate(evals)
-            losses.append(trainee.train_step(batches[step]))
-        result = ArmResult(arm, seed, after, midway, trainee.evaluate(evals), losses, weights)
+            if step == early_step:
+                early = trainee.evaluate(evals)
+            losses.append(trainee.train_step(batches[step], setting.schedule(step)))
+        final = trainee.evaluate(evals)
+        early = final if math.isnan(early) else early  # early == steps - fail_at
+        result = ArmResult(arm, seed, after, early, final, losses, weights)
         if log:
             print(f"  seed {seed} {arm:<10} after rebuild {after:.4f}  final {result.final:.4f}",
                   flush=True)
         return result
 
     results = {"no_failure": finish("no_failure", trunk, None)}
+    results["no_failure"].skipped = skipped
     for arm in setting.arms:
         if arm == "no_failure":
             continue
@@ -254,21 +281,28 @@ def run_seed(setting: Setting, seed: int, log: bool = True) -> dict[str, ArmResu
 
 
 def summarize(setting: Setting, runs: list[dict[str, ArmResult]]) -> tuple[list[str], str]:
-    """The table rows (mean over seeds) and the ratio line."""
-    base = [r["no_failure"].final for r in runs]
-    rows = [f"{'arm':<11} {'after rebuild':>13} {'midway':>8} {'final':>8} {'gap':>8} "
-            f"{'gap sd':>7}"]
+    """The table rows (means over seeds, gaps to the no-failure arm) and the ratio line."""
+
+    def mean_gap(arm: str, what: str) -> tuple[float, float]:
+        per_seed = [getattr(r[arm], what) - getattr(r["no_failure"], what) for r in runs]
+        sd = statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0
+        return statistics.fmean(per_seed), sd
+
+    rows = [f"{'arm':<11} {'jump':>8} {f'gap@+{setting.early}':>9} {'final':>8} "
+            f"{'gap':>8} {'gap sd':>7}"]
     gaps: dict[str, float] = {}
     for arm in setting.arms:
-        per_seed = [r[arm].final - b for r, b in zip(runs, base, strict=True)]
-        gaps[arm] = statistics.fmean(per_seed)
-        sd = statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0
-        rows.append(f"{arm:<11} {statistics.fmean(r[arm].after_rebuild for r in runs):>13.4f} "
-                    f"{statistics.fmean(r[arm].midway for r in runs):>8.4f} "
+        gaps[arm], sd = mean_gap(arm, "final")
+        rows.append(f"{arm:<11} {mean_gap(arm, 'after_rebuild')[0]:>+8.4f} "
+                    f"{mean_gap(arm, 'early')[0]:>+9.4f} "
                     f"{statistics.fmean(r[arm].final for r in runs):>8.4f} "
                     f"{gaps[arm]:>+8.4f} {sd:>7.4f}")
+    skip_jump = statistics.fmean(r["no_failure"].skipped - r["no_failure"].after_rebuild
+                                 for r in runs)
+    rows.append(f"(reference: skipping stage {setting.lost} at step {setting.fail_at} instead of "
+                f"rebuilding it: jump {skip_jump:+.4f})")
     ranked = sorted((a for a in RECOVERY_ARMS if a in gaps), key=lambda a: gaps[a])
-    rows.append("measured ordering (smallest gap first): " + " < ".join(ranked))
+    rows.append("measured ordering by final gap (smallest first): " + " < ".join(ranked))
     if "checkfree" in gaps and "random" in gaps:
         cf, rnd = gaps["checkfree"], gaps["random"]
         ratio = f"{rnd / cf:.2f}" if cf > 0 else "inf"
@@ -282,6 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     d = Setting()
     ap.add_argument("--steps", type=int, default=d.steps)
     ap.add_argument("--fail-at", type=int, default=d.fail_at)
+    ap.add_argument("--decay", type=int, default=d.decay,
+                    help="final steps whose lr decays linearly to 10%%")
+    ap.add_argument("--early", type=int, default=d.early,
+                    help="also evaluate this many steps after the rebuild")
     ap.add_argument("--d-model", type=int, default=d.d_model)
     ap.add_argument("--layers", type=int, default=d.n_layers)
     ap.add_argument("--heads", type=int, default=d.n_heads)
@@ -300,13 +338,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     setting = Setting(d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
                       seq_len=args.seq, stages=args.stages, lost=args.lost, batch=args.batch,
-                      steps=args.steps, fail_at=args.fail_at, lr=args.lr,
+                      steps=args.steps, fail_at=args.fail_at, decay=args.decay,
+                      early=args.early, lr=args.lr,
                       eval_batches=args.eval_batches,
                       corpus_bytes=int(args.corpus_mib * 2**20), arms=tuple(args.arms))
     print(f"recovery bench: d_model {setting.d_model}, {setting.n_layers} layers in "
           f"{setting.stages} block stages, block stage {setting.lost} lost at step "
           f"{setting.fail_at} of {setting.steps}; seq {setting.seq_len}, batch {setting.batch}, "
-          f"AdamW lr {setting.lr:g} (rebuilt stage x{CheckFreeConfig().lr_boost:g}); "
+          f"AdamW lr {setting.lr:g}, the last {setting.decay} steps decaying to "
+          f"{DECAY_TO:g}x (rebuilt stage x{CheckFreeConfig().lr_boost:g}); "
           f"seeds {args.seeds}; held-out loss in nats/byte over {setting.eval_batches} batches",
           flush=True)
     start = time.perf_counter()

@@ -12,8 +12,9 @@ import torch
 
 from bench import recovery
 
-TINY = ["--steps", "12", "--fail-at", "6", "--d-model", "32", "--layers", "4", "--heads", "2",
-        "--stages", "4", "--lost", "2", "--seq", "16", "--batch", "4", "--eval-batches", "2",
+TINY = ["--steps", "12", "--fail-at", "6", "--decay", "4", "--early", "3", "--d-model", "32",
+        "--layers", "4", "--heads", "2", "--stages", "4", "--lost", "2", "--seq", "16",
+        "--batch", "4", "--eval-batches", "2",
         "--corpus-mib", "1", "--seeds", "0"]
 
 
@@ -27,19 +28,20 @@ def test_main_prints_every_arm_and_the_ratio_line(capsys) -> None:
         values = [float(c) for c in cells]
         assert all(math.isfinite(v) for v in values), (arm, cells)
     assert float(table["no_failure"][3]) == 0.0  # its own gap
-    assert lines[-2].startswith("measured ordering (smallest gap first): ")
+    assert lines[-2].startswith("measured ordering by final gap (smallest first): ")
     assert re.fullmatch(r"recovery: random/checkfree = (-?\d+\.\d\d|inf)", lines[-1])
 
 
 def test_an_arm_without_a_loss_event_matches_no_failure_exactly() -> None:
     setting = recovery.Setting(d_model=32, n_layers=4, n_heads=2, seq_len=16, stages=4, lost=2,
-                               batch=4, steps=8, fail_at=4, eval_batches=2, corpus_bytes=2**20,
+                               batch=4, steps=8, fail_at=4, decay=3, early=2, eval_batches=2,
+                               corpus_bytes=2**20,
                                arms=("no_failure", recovery.CONTROL_ARM, "checkfree"))
     results = recovery.run_seed(setting, seed=3, log=False)
     base, control = results["no_failure"], results[recovery.CONTROL_ARM]
     assert control.train_losses == base.train_losses
-    assert (control.after_rebuild, control.midway, control.final) == (
-        base.after_rebuild, base.midway, base.final)
+    assert (control.after_rebuild, control.early, control.final) == (
+        base.after_rebuild, base.early, base.final)
     # A real rebuild does change the run (so the equality above is not vacuous).
     assert results["checkfree"].train_losses != base.train_losses
     assert results["checkfree"].weights is not None
@@ -47,7 +49,8 @@ def test_an_arm_without_a_loss_event_matches_no_failure_exactly() -> None:
 
 def test_rebuilt_stage_gets_the_recovered_weights_and_a_boosted_fresh_optimizer() -> None:
     setting = recovery.Setting(d_model=32, n_layers=4, n_heads=2, seq_len=16, stages=4, lost=2,
-                               batch=4, steps=4, fail_at=2, corpus_bytes=2**20)
+                               batch=4, steps=4, fail_at=2, decay=2, early=1,
+                               corpus_bytes=2**20)
     config = setting.model(0)
     trainee = recovery.Trainee.build(config, setting.stages, setting.lr, setting.grad_clip)
     batch = torch.randint(0, 256, (4, 17))
@@ -60,8 +63,11 @@ def test_rebuilt_stage_gets_the_recovered_weights_and_a_boosted_fresh_optimizer(
         assert torch.equal(rebuilt[key.replace("layers.0.", "layers.1.")], value)
     opt = trainee.optimizers[2]
     assert not opt.state
-    assert opt.param_groups[0]["lr"] == pytest.approx(setting.lr * 1.1)
-    assert trainee.optimizers[1].param_groups[0]["lr"] == setting.lr
+    assert {id(p) for p in opt.param_groups[0]["params"]} == {
+        id(p) for p in trainee.modules[2].parameters()}
+    trainee.train_step(batch, schedule=0.5)
+    assert opt.param_groups[0]["lr"] == pytest.approx(setting.lr * 1.1 * 0.5)
+    assert trainee.optimizers[1].param_groups[0]["lr"] == pytest.approx(setting.lr * 0.5)
 
 
 def test_lost_edge_stage_is_refused() -> None:
