@@ -35,7 +35,8 @@ Default setting, and why. d_model 64, 8 layers cut into 4 block stages of 2 laye
 stage 3 is lost (neighbours 2 and 4); seq 64, batch 16, AdamW lr 3e-3 (the run spec's); 450
 steps, the failure at step 300, the last 150 steps decaying linearly to 0.1x lr (a warm-up-free
 WSD schedule, the same in every arm); seeds 0 and 1. About 0.1 s of CPU a step, so
-2 x (300 + 5 x 150) steps is ~3.5 min on one free core (23 min on this shared 2-core box).
+2 x (300 + 5 x 150) steps took 4 min (3.3 CPU-min) on this shared 2-core box when it was
+quiet, 23 min when five jobs shared it.
 - The lr decay after the failure: with a constant lr the arms' end losses wander by +-0.01 nats
   (the runs diverge chaotically after the rebuild), as large as the gaps being compared; the
   decay settles them, so the final gap measures what the rebuild lost, not noise.
