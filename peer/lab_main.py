@@ -48,6 +48,10 @@ from peer.lab_scenario import ScenarioError, ScenarioRunner, chaos, parse, parse
 from peer.lab_swarm import COORD_HOST, LabSwarm
 from protocols.runspec import RunSpec, RunSpecError
 
+# The demo's small model, with leases long enough for a machine whose cores are shared by many
+# hosts (a lab of 8 peers on 2 cores starves heartbeats for seconds while torch starts).
+LAB_DEFAULTS = {**DEMO_DEFAULTS, "membership.lease_s": 15.0}
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hosts", type=int, default=4, help="peer hosts (default 4), plus `coord`")
@@ -83,7 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def lab_spec(args: argparse.Namespace) -> RunSpec:
-    base = RunSpec.load(args.config) if args.config else RunSpec().replace(**DEMO_DEFAULTS)
+    base = RunSpec.load(args.config) if args.config else RunSpec().replace(**LAB_DEFAULTS)
     spec = base.replace(**{"pipeline.stages": args.stages, "run.steps": args.steps,
                            "sync.mode": args.sync, "run.seed": args.seed,
                            "run.name": f"lab-{args.sync}"})

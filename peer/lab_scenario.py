@@ -115,7 +115,7 @@ def parse(text: str) -> list[Fault]:
 
 
 def chaos(n_peers: int, steps: int, seed: int, *, respawn_s: float = 20.0,
-          grace_s: float = 8.0, partition_s: float = 15.0) -> str:
+          grace_s: float = 8.0, partition_s: float = 20.0, freeze_s: float = 8.0) -> str:
     """The chaos scenario as text: seeded, so a failing run can be replayed exactly."""
     rng = random.Random(seed)
     lo, hi = max(2, steps // 5), max(3, (steps * 7) // 10)
@@ -129,10 +129,11 @@ def chaos(n_peers: int, steps: int, seed: int, *, respawn_s: float = 20.0,
             lines.append(f"at step {step} kill {h} respawn={respawn_s:g}")
         else:
             lines.append(f"at step {step} preempt {h} grace={grace_s:g} respawn={respawn_s:g}")
-    if others:
-        lines.append(f"at step {rng.randint(lo, hi)} partition {rng.choice(others)} "
-                     f"for={partition_s:g}")
-        lines.append(f"at step {rng.randint(lo, hi)} freeze {rng.choice(others)} for=8")
+    cut, frozen = (rng.sample(others, 2) + others)[:2] if others else ("", "")
+    if cut:
+        lines.append(f"at step {rng.randint(lo, hi)} partition {cut} for={partition_s:g}")
+    if frozen and frozen != cut:
+        lines.append(f"at step {rng.randint(lo, hi)} freeze {frozen} for={freeze_s:g}")
     lines.append(f"at step {rng.randint(lo, hi)} restart coordinator")
     return "\n".join(lines) + "\n"
 
