@@ -62,6 +62,7 @@ class LabSwarm(Swarm):
         self.relays: list[subprocess.Popen] = []
         self.others: list[subprocess.Popen] = []
         self.frozen: set[str] = set()
+        self.killed: list[str] = []  # "host-generation" of every peer killed with SIGKILL
 
     @property
     def coordinator_address(self) -> str:
@@ -159,7 +160,10 @@ class LabSwarm(Swarm):
 
     def kill(self, host: str) -> int:
         self.frozen.discard(host)
-        return self._signal(host, signal.SIGKILL)
+        pid = self._signal(host, signal.SIGKILL)
+        if host != COORD_HOST:
+            self.killed.append(f"{host}-{self.generation[host]}")
+        return pid
 
     def preempt(self, host: str, grace_s: float) -> int:
         """SIGTERM now; SIGKILL after `grace_s` if the peer has not left by then."""
