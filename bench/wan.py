@@ -1,6 +1,6 @@
 """Time to a target loss over thin, slow links: Shoal's sync modes against PyTorch DDP (gloo).
 
-    python3 -m bench.wan [--target-loss 2.6] [--mbit 25] [--delay-ms 40] [--modes ...]
+    python3 -m bench.wan [--target-loss 2.8] [--mbit 25] [--delay-ms 40] [--modes ...]
 
 Every run uses the same lab (peer/lab.py): 4 hosts on one bridge, each capped at `--mbit` Mbit/s
 both ways (tbf, ifb for ingress), with `--delay-ms` added one way to every TCP connection by the
@@ -179,7 +179,7 @@ def _fmt(x: float | None, spec: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python3 -m bench.wan", description=__doc__.split("\n")[0])
-    ap.add_argument("--target-loss", type=float, default=2.6)
+    ap.add_argument("--target-loss", type=float, default=2.8)
     ap.add_argument("--mbit", type=float, default=25.0)
     ap.add_argument("--delay-ms", type=float, default=40.0)
     ap.add_argument("--max-steps", type=int, default=200)

@@ -123,9 +123,9 @@ def chaos(n_peers: int, steps: int, seed: int, *, respawn_s: float = 20.0,
     victims = rng.sample(hosts, max(1, round(n_peers / 3)))
     others = [h for h in hosts if h not in victims]
     lines = [f"# chaos seed {seed}: {len(victims)} of {n_peers} peers killed or preempted"]
-    for h in victims:
+    for i, h in enumerate(victims):  # the first is killed, the second preempted, then random
         step = rng.randint(lo, hi)
-        if rng.random() < 0.5:
+        if i == 0 or (i > 1 and rng.random() < 0.5):
             lines.append(f"at step {step} kill {h} respawn={respawn_s:g}")
         else:
             lines.append(f"at step {step} preempt {h} grace={grace_s:g} respawn={respawn_s:g}")
