@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Callable
 
 Command = Callable[[argparse.Namespace], int]
@@ -78,11 +77,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_lab(args: argparse.Namespace) -> int:
-    print(
-        "shoal lab: the namespace test network is not built yet (issue 'The test network ...').",
-        file=sys.stderr,
-    )
-    return 2
+    from peer.lab_main import main as lab_main
+
+    return lab_main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,8 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", nargs="?", help="write it to this file (mode 0600)")
     p.set_defaults(func=_cmd_token)
 
-    p = sub.add_parser("lab", help="the namespace test network (root only)")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p = sub.add_parser("lab", help="a swarm on a namespace test network: hosts, bandwidth "
+                       "caps, latency, faults (root only)")
+    from peer.lab_main import add_arguments as add_lab_arguments
+
+    add_lab_arguments(p)
     p.set_defaults(func=_cmd_lab)
     return ap
 

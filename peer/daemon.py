@@ -400,6 +400,25 @@ class PeerDaemon:
         if differing and min(p.peer_id for p in peers) < self.peer_id:
             self.fall_behind(f"state hash differs from {differing[0].peer_id[:8]} at step "
                              f"{self.host.step}")
+            return
+        # A replica that joined mid-step (or missed rounds) may be steps behind the others of
+        # its stage for good: callers refuse its step. Two steps is not a race of one round.
+        ahead = [p for p in self.view.replicas(self.host.stage) if p.state in READY_STATES
+                 and p.peer_id != self.peer_id and p.stats.step >= self.host.step + 2]
+        if ahead:
+            self.fall_behind(f"{ahead[0].peer_id[:8]} is at step {ahead[0].stats.step}, this "
+                             f"replica after step {self.host.step}")
+            return
+        # No replica of this stage is newer, but the other stages are steps ahead (the newer
+        # replicas of this stage died): no download can help, and every caller refuses this
+        # step, so the swarm would stall. Carry on at the swarm's step with these weights.
+        # (Never under SPSA: its replicas must replay the ledger's codes instead.)
+        swarm_step = max((p.stats.step for p in self.view.peers if p.state in READY_STATES
+                          and p.stage != self.host.stage), default=0)
+        if swarm_step >= self.host.step + 2 and not hasattr(self.mode, "offer"):
+            log.warning("stage %d: every replica is behind the swarm (after step %d, the others "
+                        "after %d)", self.host.stage, self.host.step, swarm_step)
+            self.catch_up(swarm_step)  # peer/recovery.catch_up: under the same conditions
 
     def _write_metrics(self) -> None:
         if not self.metrics_file or not self.driver:

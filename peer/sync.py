@@ -213,7 +213,8 @@ class SyncRounds:
             try:
                 result = await self._send(cand, step, own)
                 break
-            except (grpc.aio.AioRpcError, TimeoutError, ValueError) as exc:
+            except (grpc.aio.AioRpcError, TimeoutError, ValueError, KeyError) as exc:
+                # KeyError: the candidate left the swarm view (killed) since the round began
                 log.warning("stage %d step %d: aggregator %s unreachable (%s); trying the next",
                             self.stage, step, cand[:8], _short(exc))
                 tried.add(cand)

@@ -1,0 +1,230 @@
+"""Time to a target loss over thin, slow links: Shoal's sync modes against PyTorch DDP (gloo).
+
+    python3 -m bench.wan [--target-loss 2.8] [--mbit 25] [--delay-ms 40] [--modes ...]
+
+Every run uses the same lab (peer/lab.py): 4 hosts on one bridge, each capped at `--mbit` Mbit/s
+both ways (tbf, ifb for ingress), with `--delay-ms` added one way to every TCP connection by the
+lab's delay relay (so 2x that to each round trip), the same model (a byte-level Llama-style
+decoder, d_model 192, 4 layers), the same corpus and the same global batch (32 sequences of 64
+bytes per optimizer step). For each Shoal mode (allreduce, demo, diloco; spsa where the peer
+supports it) the real coordinator runs on host `coord` and one real peer on each of 4 hosts (2
+replicas of stage 0, 2 of the one block stage). The outside baseline is torch.distributed DDP
+with the gloo backend, one process per host, ranks meeting over the same capped, delayed links
+(gloo's sockets go through the same relays: the lab's iptables REDIRECT catches every incoming
+TCP connection). Each rank trains on its own shard with batch 32 / 4, AdamW at the same lr.
+
+Measured for each: seconds from the first optimizer step to the first step whose loss (mean
+over the stage-0 replicas or ranks, smoothed over 3 steps) is at or below the target, the steps
+that took, and bytes per step. The last line is `wan: ddp/demo = A, ddp/diloco = B` (time of
+DDP over time of the mode; > 1 means the mode gets there sooner). Root only; minutes of runtime.
+On this project's 2-core machine the hosts share the CPUs, so compute is slower than on real
+machines and the ratios understate what the links alone would give.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from peer.lab import LabNetwork, netns_available
+
+HOSTS = ("coord", "peer1", "peer2", "peer3", "peer4")
+MODEL = {"model.d_model": 192, "model.n_layers": 4, "model.n_heads": 4, "model.seq_len": 64,
+         "pipeline.microbatch": 8, "pipeline.target_batch": 32, "pipeline.stages": 1,
+         "optim.lr": 3e-3, "sync.timeout_s": 30.0, "membership.heartbeat_s": 1.0,
+         "membership.lease_s": 20.0,
+         "diloco.inner_steps": 10, "diloco.inner_lr": 3e-3, "diloco.inner_weight_decay": 0.0}
+SMOOTH = 3
+
+
+@dataclass
+class Result:
+    name: str
+    seconds: float | None  # to the target; None = not reached
+    steps: int | None
+    steps_run: int
+    last_loss: float | None
+    bytes_per_step: float | None
+    note: str = ""
+
+
+def spec_for(mode: str, steps: int):
+    from protocols.runspec import RunSpec
+
+    sections = {k.replace("diloco.", "sync.diloco."): v for k, v in MODEL.items()}
+    return RunSpec().replace(**sections, **{"sync.mode": mode, "run.steps": steps,
+                                            "run.name": f"wan-{mode}"})
+
+
+def crossing(rows: list[dict], target: float) -> tuple[float | None, int | None, float | None]:
+    """(seconds from the first step's start, step) where the smoothed loss reaches `target`."""
+    by_step: dict[int, list[dict]] = {}
+    for r in rows:
+        if r.get("loss") is not None and math.isfinite(r["loss"]):
+            by_step.setdefault(int(r["step"]), []).append(r)
+    if not by_step:
+        return None, None, None
+    steps = sorted(by_step)
+    t0 = min(r["t"] - r.get("seconds", 0.0) for r in by_step[steps[0]])
+    losses = [sum(r["loss"] for r in by_step[s]) / len(by_step[s]) for s in steps]
+    for i, s in enumerate(steps):
+        window = losses[max(0, i - SMOOTH + 1): i + 1]
+        if len(window) == SMOOTH and sum(window) / SMOOTH <= target:
+            return max(r["t"] for r in by_step[s]) - t0, s, losses[i]
+    return None, None, losses[-1]
+
+
+def _lab(mbit: float) -> LabNetwork:
+    net = LabNetwork(list(HOSTS), mbit=mbit)
+    net.create()
+    return net
+
+
+def shoal_run(mode: str, args: argparse.Namespace, work: Path) -> Result:
+    from peer.demo import read_metrics
+    from peer.lab_swarm import LabSwarm
+
+    spec = spec_for(mode, args.max_steps)
+    net = _lab(args.mbit)
+    swarm = LabSwarm(work / mode, spec, net, delay_ms=args.delay_ms)
+    try:
+        swarm.start()
+        deadline = time.monotonic() + args.max_seconds + 180  # + start-up
+        started: float | None = None
+        while time.monotonic() < deadline:
+            time.sleep(1.0)
+            rows = read_metrics(swarm.logs)
+            if rows and started is None:
+                started = time.monotonic()
+                deadline = started + args.max_seconds
+            seconds, step, _ = crossing(rows, args.target_loss)
+            if step is not None or (rows and max(r["step"] for r in rows) >= args.max_steps):
+                break
+            if all(p.poll() is not None for p in swarm.peers):
+                break
+        rows = read_metrics(swarm.logs)
+        status = swarm.status() or {}
+    finally:
+        swarm.stop(grace=5.0)
+        net.destroy()
+    seconds, step, last = crossing(rows, args.target_loss)
+    steps_run = max((r["step"] for r in rows), default=0)
+    sent = (status.get("totals") or {}).get("bytes_sent")
+    return Result(mode, seconds, step, steps_run, last,
+                  sent / steps_run if sent and steps_run else None)
+
+
+def ddp_run(args: argparse.Namespace, work: Path) -> Result:
+    from peer.lab_swarm import LabSwarm
+
+    out = work / "ddp"
+    spec = spec_for("allreduce", args.max_steps)
+    net = _lab(args.mbit)
+    swarm = LabSwarm(out, spec, net, delay_ms=args.delay_ms)
+    swarm.peer_hosts = []
+    master = f"{net.hosts['peer1'].address}:29500"
+    ranks = HOSTS[1:]
+    try:
+        if args.delay_ms > 0:
+            swarm._start_relays()
+        for rank, host in enumerate(ranks):
+            swarm.others.append(swarm.spawn(
+                host, [sys.executable, "-m", "bench.wan_ddp", "--rank", str(rank), "--world",
+                       str(len(ranks)), "--master", master, "--steps", str(args.max_steps),
+                       "--max-seconds", str(args.max_seconds), "--target-loss",
+                       str(args.target_loss), "--spec", spec.to_toml(), "--out",
+                       str(swarm.logs / f"ddp{rank}.jsonl")],
+                f"ddp{rank}.log", env={"GLOO_SOCKET_IFNAME": "eth0", "OMP_NUM_THREADS": "1"}))
+        deadline = time.monotonic() + args.max_seconds + 240
+        while time.monotonic() < deadline and any(p.poll() is None for p in swarm.others):
+            time.sleep(1.0)
+        rows = []
+        for f in sorted(swarm.logs.glob("ddp*.jsonl")):
+            rows += [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+    finally:
+        swarm.stop(grace=5.0)
+        net.destroy()
+    seconds, step, last = crossing(rows, args.target_loss)
+    steps_run = max((r["step"] for r in rows), default=0)
+    per_step = [r["bytes"] for r in rows if "bytes" in r]
+    note = "" if rows else f"no DDP rows; see {out / 'logs'}"
+    return Result("ddp (gloo)", seconds, step, steps_run, last,
+                  sum(per_step) / steps_run if per_step and steps_run else None, note)
+
+
+def spsa_available() -> str | None:
+    """None if the peer can run sync = spsa, else why not."""
+    from peer.daemon import make_sync_mode
+
+    try:
+        make_sync_mode(spec_for("spsa", 1))
+    except NotImplementedError as exc:
+        return str(exc)
+    except Exception:
+        return None  # it exists; it may want a stage host to be built
+    return None
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    width = int(spec.split(".")[0].rstrip("df") or 0)
+    return "-".rjust(width) if x is None else format(x, spec)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python3 -m bench.wan", description=__doc__.split("\n")[0])
+    ap.add_argument("--target-loss", type=float, default=2.8)
+    ap.add_argument("--mbit", type=float, default=25.0)
+    ap.add_argument("--delay-ms", type=float, default=40.0)
+    ap.add_argument("--max-steps", type=int, default=200)
+    ap.add_argument("--max-seconds", type=float, default=300.0,
+                    help="training time allowed per run before it counts as not reached")
+    ap.add_argument("--modes", nargs="+", default=["ddp", "allreduce", "demo", "diloco", "spsa"])
+    ap.add_argument("--out", help="keep the runs' logs here")
+    args = ap.parse_args(argv)
+    why = netns_available()
+    if why:
+        print(f"bench.wan: {why}", file=sys.stderr)
+        return 2
+    work = Path(args.out or tempfile.mkdtemp(prefix="shoal-bench-wan-"))
+    results: dict[str, Result] = {}
+    for mode in args.modes:
+        if mode == "spsa" and (why := spsa_available()):
+            print(f"spsa: skipped — {why}")
+            continue
+        t = time.monotonic()
+        r = ddp_run(args, work) if mode == "ddp" else shoal_run(mode, args, work)
+        results[mode] = r
+        print(f"{r.name}: target {'reached' if r.seconds is not None else 'NOT reached'} "
+              f"({time.monotonic() - t:.0f} s wall) {r.note}", flush=True)
+    print(f"\n4 hosts, {args.mbit:g} Mbit/s each way, +{args.delay_ms:g} ms each way, target loss "
+          f"{args.target_loss:g} (smoothed over {SMOOTH} steps); logs: {work}")
+    print(f"{'run':<12} {'s to target':>12} {'steps':>6} {'s/step':>7} {'steps run':>10} "
+          f"{'last loss':>10} {'MB/step':>8}")
+    for r in results.values():
+        per = r.seconds / r.steps if r.seconds is not None and r.steps else None
+        print(f"{r.name:<12} {_fmt(r.seconds, '12.1f')} {_fmt(r.steps, '6d')} "
+              f"{_fmt(per, '7.2f')} {r.steps_run:>10} {_fmt(r.last_loss, '10.3f')} "
+              f"{_fmt(r.bytes_per_step and r.bytes_per_step / 1e6, '8.2f')}")
+
+    def ratio(mode: str) -> str:
+        d, m = results.get("ddp"), results.get(mode)
+        if d is None or m is None or m.seconds is None:
+            return "n/a"
+        if d.seconds is None:
+            return f">{args.max_seconds / m.seconds:.2f} (ddp did not reach the target)"
+        return f"{d.seconds / m.seconds:.2f}"
+
+    print(f"wan: ddp/demo = {ratio('demo')}, ddp/diloco = {ratio('diloco')}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    raise SystemExit(main())

@@ -1,0 +1,283 @@
+"""`shoal lab`: a swarm on a namespace test network — many hosts on one machine, thin links,
+added latency and faults on command (root only).
+
+    shoal lab --hosts 4 --mbit 25 --delay-ms 40 --steps 50            a scripted run
+    shoal lab --hosts 8 --chaos 7 --out DIR                           seeded chaos, report kept
+    shoal lab --hosts 4 --fault 'at step 10 kill peer2 respawn=20' --fault 'at 60s restart'
+    shoal lab --hosts 4 --scenario faults.txt --interactive            + commands typed on stdin
+    shoal lab --clean                                                 remove labs left by dead runs
+
+Design. Three layers, one file each, so each can be used alone (tests and bench.wan do):
+- peer/lab.py — the network: a switch namespace with a bridge, one namespace per host with an
+  address in 198.18.0.0/15, tbf caps both ways per host (ingress through ifb), an iptables
+  REDIRECT that sends incoming TCP to the host's delay relay, partitions by switch port.
+- peer/lab_relay.py — the delay relay (asyncio): holds each chunk `--delay-ms` in each direction.
+- peer/lab_swarm.py — processes inside the hosts: the real `shoal coordinator` on host `coord`,
+  one real `shoal peer` on each host `peerN` (with `--mdns` they find the coordinator by
+  zeroconf across the bridge instead of being told its address), the relays, and the faults
+  (kill -9, SIGTERM with grace, SIGSTOP/SIGCONT, link down/up, coordinator restart, respawn).
+- peer/lab_scenario.py — the fault language, the seeded chaos generator and the runner.
+This module ties them into a run: build the network, start the swarm, follow the steps, fire
+faults when due, export the model at the end (from inside `coord`, over the capped links), load
+it back, and write `summary.json`: the demo's summary plus the lab's settings, every fault fired,
+dropped microbatches (count and share of those planned) and rebuilt stages.
+
+Everything this run made — processes, namespaces (and with them veths, ifbs, qdiscs, iptables
+rules) — is removed on exit, on error, on Ctrl-C and on SIGTERM; names carry a per-run prefix so
+parallel or leftover labs never collide and cleanup touches only its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import queue
+import signal
+import sys
+import tempfile
+import threading
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from peer.demo import DEMO_DEFAULTS, _progress, read_metrics, summarize
+from peer.lab import LabError, LabNetwork, check_root, clean_stale
+from peer.lab_scenario import ScenarioError, ScenarioRunner, chaos, parse, parse_line
+from peer.lab_swarm import COORD_HOST, LabSwarm
+from protocols.runspec import RunSpec, RunSpecError
+
+# The demo's small model, with leases long enough for a machine whose cores are shared by many
+# hosts (a lab of 8 peers on 2 cores starves heartbeats for seconds while torch starts).
+LAB_DEFAULTS = {**DEMO_DEFAULTS, "membership.lease_s": 15.0}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hosts", type=int, default=4, help="peer hosts (default 4), plus `coord`")
+    p.add_argument("--mbit", type=float, default=25.0,
+                   help="cap per host and direction, Mbit/s (default 25; 0 = none)")
+    p.add_argument("--delay-ms", type=float, default=40.0,
+                   help="added one-way latency per connection, ms (default 40; 0 = none)")
+    p.add_argument("--steps", type=int, default=50, help="optimizer steps (default 50)")
+    p.add_argument("--stages", type=int, default=2, help="block stages (default 2)")
+    p.add_argument("--sync", default="allreduce", help="allreduce | demo | diloco | spsa")
+    p.add_argument("--config", help="a run spec TOML to start from (flags override it)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a run spec key, e.g. --set model.d_model=64 (TOML values)")
+    p.add_argument("--scenario", help="a file of fault commands (see peer/lab_scenario.py)")
+    p.add_argument("--fault", action="append", default=[], metavar="CMD",
+                   help="one fault command, e.g. 'at step 10 kill random respawn=20'")
+    p.add_argument("--chaos", type=int, metavar="SEED",
+                   help="add the seeded chaos scenario (a third of the peers killed or "
+                        "preempted, a partition, a freeze, a coordinator restart)")
+    p.add_argument("--interactive", action="store_true",
+                   help="also read fault commands from stdin while the run goes")
+    p.add_argument("--mdns", action="store_true",
+                   help="peers find the coordinator by mDNS instead of --coordinator")
+    p.add_argument("--grace", type=float, default=10.0, help="peers' drain grace, s")
+    p.add_argument("--data", help="text files or directory for stage 0 (default: stdlib)")
+    p.add_argument("--out", help="keep summary.json, the model and the logs here")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=0.0,
+                   help="give up after this many seconds (default: 600 + 10 s per step)")
+    p.add_argument("--no-export", action="store_true", help="skip the export at the end")
+    p.add_argument("--clean", action="store_true",
+                   help="only remove namespaces left by lab runs whose process is gone")
+
+
+def lab_spec(args: argparse.Namespace) -> RunSpec:
+    base = RunSpec.load(args.config) if args.config else RunSpec().replace(**LAB_DEFAULTS)
+    spec = base.replace(**{"pipeline.stages": args.stages, "run.steps": args.steps,
+                           "sync.mode": args.sync, "run.seed": args.seed,
+                           "run.name": f"lab-{args.sync}"})
+    overrides: dict[str, Any] = {}
+    for item in args.set:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"--set {item!r}: write KEY=VALUE, e.g. model.d_model=64")
+        try:
+            overrides[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            overrides[key.strip()] = value  # a bare word: a string
+    try:
+        spec = spec.replace(**overrides) if overrides else spec
+    except RunSpecError as exc:
+        raise SystemExit(f"--set: {exc}") from None
+    if args.hosts < spec.pipeline.stages + 1:
+        raise SystemExit(f"--hosts {args.hosts} cannot cover {spec.pipeline.stages} block stages "
+                         f"plus stage 0: use at least {spec.pipeline.stages + 1} hosts")
+    return spec
+
+
+def _faults(args: argparse.Namespace) -> list:
+    text = ""
+    if args.scenario:
+        text += Path(args.scenario).read_text() + "\n"
+    if args.chaos is not None:
+        text += chaos(args.hosts, args.steps, args.chaos, grace_s=args.grace) + "\n"
+    text += "\n".join(args.fault)
+    try:
+        return parse(text)
+    except ScenarioError as exc:
+        raise SystemExit(f"scenario: {exc}") from None
+
+
+def _stdin_commands(into: queue.Queue) -> None:
+    for line in sys.stdin:
+        into.put(line)
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        check_root()
+    except LabError as exc:
+        print(f"shoal lab: {exc}", file=sys.stderr)
+        return 2
+    if args.clean:
+        gone = clean_stale()
+        print(f"removed {len(gone)} namespaces of finished labs" + (
+            ": " + ", ".join(gone) if gone else ""))
+        return 0
+    spec = lab_spec(args)
+    faults = _faults(args)
+    work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="shoal-lab-"))
+    work.mkdir(parents=True, exist_ok=True)
+    old_term = signal.signal(signal.SIGTERM, _on_sigterm)
+    net = LabNetwork([COORD_HOST, *(f"peer{i}" for i in range(1, args.hosts + 1))],
+                     mbit=args.mbit)
+    swarm: LabSwarm | None = None
+    try:
+        net.create()
+        swarm = LabSwarm(work, spec, net, delay_ms=args.delay_ms, mdns=args.mdns,
+                         data=args.data, grace_s=args.grace)
+        print(f"shoal lab {net.prefix}: {args.hosts} peer hosts + coord on 198.18.0.0/15, "
+              f"{args.mbit:g} Mbit/s each way, +{args.delay_ms:g} ms each way "
+              f"({'every TCP connection' if net.transparent else 'peer ports only'}), "
+              f"{len(faults)} faults scheduled; logs: {swarm.logs}")
+        swarm.start()
+        summary = follow(swarm, spec, faults, args)
+        (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"loss {summary['initial_loss']} -> {summary['final_loss']} over "
+              f"{summary['steps']} steps; dropped {summary['dropped_microbatches']} of "
+              f"{summary['planned_microbatches']} microbatches "
+              f"({100 * summary['dropped_ratio']:.1f} %); {summary['rebuilt_stages']} stages "
+              f"rebuilt; {len(summary['faults'])} faults; summary: {work / 'summary.json'}")
+        return 0 if summary["completed"] else 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: removing the lab")
+        return 130
+    except (LabError, ScenarioError) as exc:
+        print(f"shoal lab: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if swarm is not None:
+            with contextlib.suppress(Exception):
+                swarm.stop(grace=5.0)
+        net.destroy()
+        signal.signal(signal.SIGTERM, old_term)
+
+
+def microbatch_counts(swarm: LabSwarm) -> tuple[int, int]:
+    """(planned, completed) microbatches over the run, from the stage-0 drivers' step rows.
+
+    A microbatch is dropped when its gradient never reached the step: planned - completed. A
+    stage-0 peer killed mid-step writes no row for that step, so each killed driver adds its
+    last step's microbatches as planned and none completed (an upper bound for what it lost).
+    The coordinator's `dropped_microbatches` total is a different count, kept as
+    `discarded_graphs`: every stage adds the graphs it threw away, so a microbatch dropped
+    after two hops counts up to three times, and a hop that was retried elsewhere (the
+    microbatch completed) still leaves a discarded graph on the slow replica.
+    """
+    planned = completed = 0
+    for f in sorted(swarm.logs.glob("peer*.metrics.jsonl")):
+        rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+        planned += sum(int(r.get("microbatches", 0)) for r in rows)
+        completed += sum(int(r.get("completed", 0)) for r in rows)
+        if rows and f.name.removesuffix(".metrics.jsonl") in swarm.killed:
+            planned += int(rows[-1].get("microbatches", 0))
+    return planned, completed
+
+
+def follow(swarm: LabSwarm, spec: RunSpec, faults: list, args: argparse.Namespace) -> dict:
+    """Run to `spec.run.steps`, firing faults; export; return the summary."""
+    runner = ScenarioRunner(swarm, faults, seed=args.seed)
+    typed: queue.Queue = queue.Queue()
+    if args.interactive:
+        threading.Thread(target=_stdin_commands, args=(typed,), daemon=True).start()
+    tty = sys.stdout.isatty()
+    t_start = time.monotonic()
+    t_train: float | None = None
+    deadline = t_start + (args.timeout or 600.0 + 10.0 * spec.run.steps)
+    status: dict | None = None
+    rebuilds: set[tuple] = set()
+    last_print = 0.0
+    step = 0
+    while True:
+        time.sleep(0.5)
+        status = swarm.status() or status
+        for e in (status or {}).get("events", []):
+            if e.get("kind") == "rebuild":
+                rebuilds.add((e.get("t"), e.get("peer_id"), e.get("stage")))
+        rows = read_metrics(swarm.logs)
+        step = max((r["step"] for r in rows), default=0)
+        if step > 0 and t_train is None:
+            t_train = time.monotonic()
+        t = time.monotonic() - (t_train or time.monotonic())
+        while not typed.empty():
+            with contextlib.suppress(ScenarioError):
+                f = parse_line(typed.get())
+                if f is not None:
+                    runner.add(f)
+        if t_train is not None or any(f.at_step is None and f.at_s is None
+                                      for f in runner.pending):
+            for rec in runner.poll(step, t):
+                print(f"\n[{rec.t:7.1f} s, step {rec.step}] {rec.action} {rec.target} "
+                      f"{rec.detail}", flush=True)
+        recent = [r for r in rows if r["step"] >= step - 2 and r.get("loss") is not None]
+        loss = sum(r["loss"] for r in recent) / len(recent) if recent else None
+        if tty or time.monotonic() - last_print > 10:
+            print(_progress(step, spec.run.steps, loss, 0.0, None, tty),
+                  end="" if tty else "\n", flush=True)
+            last_print = time.monotonic()
+        if step >= spec.run.steps or time.monotonic() > deadline:
+            break
+    if tty:
+        print()
+    seconds = time.monotonic() - (t_train or t_start)
+    time.sleep(spec.membership.heartbeat_s * 2.5)  # let the last stats reach the coordinator
+    status = swarm.status() or status
+    for e in (status or {}).get("events", []):
+        if e.get("kind") == "rebuild":
+            rebuilds.add((e.get("t"), e.get("peer_id"), e.get("stage")))
+    rows = read_metrics(swarm.logs)
+    summary = summarize(spec, args.hosts, rows, status, seconds)
+    planned, completed = microbatch_counts(swarm)
+    coord_dropped = int(((status or {}).get("totals") or {}).get("dropped_microbatches") or 0)
+    dropped = planned - completed
+    summary.update({
+        "lab": {"prefix": swarm.net.prefix, "hosts": args.hosts, "mbit": args.mbit,
+                "delay_ms": args.delay_ms, "transparent_relay": swarm.net.transparent,
+                "mdns": args.mdns},
+        "completed": summary["steps"] >= spec.run.steps,
+        "planned_microbatches": planned, "completed_microbatches": completed,
+        "dropped_microbatches": dropped, "discarded_graphs": coord_dropped,
+        "dropped_ratio": dropped / planned if planned else 0.0,
+        "rebuilt_stages": len(rebuilds),
+        "coordinator_restarts": ((status or {}).get("coordinator") or {}).get("restarts"),
+        "faults": [vars(r) for r in runner.log],
+        "faults_not_fired": [f.line for f in runner.pending],
+    })
+    if summary["completed"] and not args.no_export:
+        from peer.export import load_model
+
+        model_dir = swarm.work / "model"
+        swarm.export(model_dir)
+        model = load_model(model_dir)
+        summary["model_dir"] = str(model_dir)
+        summary["export_parameters"] = sum(p.numel() for p in model.parameters())
+    return summary

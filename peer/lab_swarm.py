@@ -1,0 +1,283 @@
+"""The lab's processes: a real coordinator and real peers inside the lab's hosts, and the faults.
+
+`LabSwarm` is peer/demo.py's `Swarm` moved onto the lab network: the same programs
+(`python -m peer.cli coordinator|peer ...`), logs, token and metrics files, and the same `stop`,
+but each process is started with `ip netns exec HOST` (which execs, so the recorded pid is the
+program itself and signals reach it directly). Host `coord` (198.18.0.1) runs the coordinator
+and nothing else; hosts `peer1..peerN` run one peer each at a time, and a delay relay each
+(peer/lab_relay.py) when the lab adds latency.
+
+Peers either get `--coordinator 198.18.0.1:7000` or, with `mdns=True`, no address at all: they
+find the coordinator by zeroconf across the bridge, as on a LAN.
+
+Faults act on recorded pids and on the network only: `kill` (SIGKILL), `preempt` (SIGTERM; the
+peer drains within its grace, then SIGKILL if it is still there), `freeze`/`thaw`
+(SIGSTOP/SIGCONT: a peer that holds its connections but answers nothing), `partition`/`heal`
+(the host's switch port down/up), `restart_coordinator` (SIGTERM, then the same command and state
+directory again: peers reconnect), `spawn` (a fresh peer with a new identity on a host whose peer
+is gone — a replacement spot instance). The orchestrator itself stays in the machine's own
+namespace and reaches the coordinator's HTTP API through a socket made inside `coord`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from peer.demo import Swarm
+from peer.lab import RELAY_PORT, LabNetwork, in_netns
+from protocols.runspec import RunSpec
+
+COORD_HOST = "coord"
+GRPC_PORT = 7000
+HTTP_PORT = 8080
+PEER_PORT = 7100
+
+
+class LabSwarm(Swarm):
+    """A coordinator and peers on a LabNetwork; `stop` ends exactly what it started."""
+
+    def __init__(self, work: Path, spec: RunSpec, net: LabNetwork, *, delay_ms: float = 0.0,
+                 mdns: bool = False, data: str | None = None, peer_args: list[str] | None = None,
+                 grace_s: float = 10.0) -> None:
+        peer_hosts = [n for n in net.names if n != COORD_HOST]
+        super().__init__(work, spec, len(peer_hosts), data, "cpu")
+        self.net = net
+        self.peer_hosts = peer_hosts
+        self.delay_ms = delay_ms
+        self.mdns = mdns
+        self.peer_args = peer_args or []
+        self.grace_s = grace_s
+        self.port = GRPC_PORT
+        self.http_port = HTTP_PORT
+        self.on_host: dict[str, subprocess.Popen] = {}
+        self.generation: dict[str, int] = {}
+        self.relays: list[subprocess.Popen] = []
+        self.others: list[subprocess.Popen] = []
+        self.frozen: set[str] = set()
+        self.killed: list[str] = []  # "host-generation" of every peer killed with SIGKILL
+
+    @property
+    def coordinator_address(self) -> str:
+        return f"{self.net.hosts[COORD_HOST].address}:{GRPC_PORT}"
+
+    # ------------------------------------------------------------------ processes
+
+    def spawn(self, host: str, argv: list[str], log_name: str,
+              env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start `argv` inside `host`, output appended to logs/`log_name`."""
+        import os
+
+        with open(self.logs / log_name, "ab") as log:
+            return subprocess.Popen([*self.net.exec_prefix(host), *argv], stdout=log,
+                                    stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                    start_new_session=True)
+
+    def _cli(self, host: str, args: list[str], log_name: str,
+             env: dict[str, str] | None = None) -> subprocess.Popen:
+        return self.spawn(host, [sys.executable, "-m", "peer.cli", *args], log_name, env)
+
+    def start(self, http_port: int = 0) -> None:  # the lab's ports are fixed per host
+        (self.work / "run.toml").write_text(self.spec.to_toml())
+        if not self.token_file.exists():
+            from protocols.auth import new_token
+
+            self.token_file.write_text(new_token() + "\n")
+            self.token_file.chmod(0o600)
+        if self.delay_ms > 0:
+            self._start_relays()
+        self.start_coordinator()
+        for host in self.peer_hosts:
+            self.spawn_peer(host)
+
+    def _start_relays(self) -> None:
+        for name, h in self.net.hosts.items():
+            if self.net.transparent:
+                listen, target = f"0.0.0.0:{RELAY_PORT}", []
+            elif name == COORD_HOST:
+                continue  # without iptables only the peers' advertised ports are relayed
+            else:
+                listen, target = f"{h.address}:{PEER_PORT}", ["--to", f"127.0.0.1:{PEER_PORT}"]
+            self.relays.append(self.spawn(
+                name, [sys.executable, "-m", "peer.lab_relay", "--listen", listen, *target,
+                       "--delay-ms", str(self.delay_ms), "--stats",
+                       str(self.logs / f"{name}.relay.json")], f"{name}.relay.log"))
+
+    def start_coordinator(self) -> None:
+        args = ["coordinator", "--config", str(self.work / "run.toml"), "--host", "0.0.0.0",
+                "--port", str(GRPC_PORT), "--http-port", str(HTTP_PORT), "--state-dir",
+                str(self.work / "coordinator"), "--token-file", str(self.token_file)]
+        if not self.mdns:
+            args.append("--no-mdns")
+        self.coordinator = self._cli(COORD_HOST, args, "coordinator.log")
+        self.wait_port(COORD_HOST, GRPC_PORT, 60, self.coordinator)
+        self.wait_port(COORD_HOST, HTTP_PORT, 30, self.coordinator)
+
+    def spawn_peer(self, host: str, extra: list[str] | None = None) -> subprocess.Popen:
+        """A fresh peer (new identity) on `host`; the host's previous one must be gone."""
+        old = self.on_host.get(host)
+        if old is not None and old.poll() is None:
+            raise ValueError(f"{host} still runs peer pid {old.pid}; kill or preempt it first")
+        gen = self.generation[host] = self.generation.get(host, 0) + 1
+        keys = self.work / "keys"
+        keys.mkdir(exist_ok=True)
+        addr = self.net.hosts[host].address
+        listen = "127.0.0.1" if (self.delay_ms > 0 and not self.net.transparent) else "0.0.0.0"
+        args = ["peer", "--identity", str(keys / f"{host}-{gen}.key"), "--token-file",
+                str(self.token_file), "--host", listen, "--advertise", addr, "--port",
+                str(PEER_PORT), "--grace", str(self.grace_s), "--metrics-file",
+                str(self.logs / f"{host}-{gen}.metrics.jsonl"), *self.peer_args, *(extra or [])]
+        if not self.mdns:
+            args += ["--coordinator", self.coordinator_address]
+        if self.data:
+            args += ["--data", self.data]
+        if self.init_model:
+            args += ["--init-model", self.init_model]
+        p = self._cli(host, args, f"{host}.log", env={"SHOAL_TORCH_THREADS": "1"})
+        self.peers.append(p)
+        self.on_host[host] = p
+        return p
+
+    def live_peer_hosts(self) -> list[str]:
+        return [h for h in self.peer_hosts
+                if h in self.on_host and self.on_host[h].poll() is None]
+
+    # ------------------------------------------------------------------ faults
+
+    def _signal(self, host: str, sig: signal.Signals) -> int:
+        p = self.coordinator if host == COORD_HOST else self.on_host.get(host)
+        if p is None or p.poll() is not None:
+            raise ValueError(f"{host} runs no live process to send {sig.name} to")
+        p.send_signal(sig)
+        return p.pid
+
+    def kill(self, host: str) -> int:
+        self.frozen.discard(host)
+        pid = self._signal(host, signal.SIGKILL)
+        if host != COORD_HOST:
+            self.killed.append(f"{host}-{self.generation[host]}")
+        return pid
+
+    def preempt(self, host: str, grace_s: float) -> int:
+        """SIGTERM now; SIGKILL after `grace_s` if the peer has not left by then."""
+        if host in self.frozen:
+            self.thaw(host)
+        pid = self._signal(host, signal.SIGTERM)
+        p = self.on_host[host]
+        deadline = time.monotonic() + grace_s
+
+        def reaper() -> None:
+            try:
+                p.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+        import threading
+
+        threading.Thread(target=reaper, daemon=True, name=f"reap-{host}").start()
+        return pid
+
+    def freeze(self, host: str) -> int:
+        self.frozen.add(host)
+        return self._signal(host, signal.SIGSTOP)
+
+    def thaw(self, host: str) -> int:
+        self.frozen.discard(host)
+        return self._signal(host, signal.SIGCONT)
+
+    def partition(self, host: str) -> None:
+        self.net.set_link(host, False)
+
+    def heal(self, host: str) -> None:
+        self.net.set_link(host, True)
+
+    def restart_coordinator(self) -> None:
+        c = self.coordinator
+        if c is not None and c.poll() is None:
+            c.send_signal(signal.SIGTERM)
+            try:
+                c.wait(20)
+            except subprocess.TimeoutExpired:
+                c.kill()
+                c.wait()
+        self.start_coordinator()
+
+    def stop(self, grace: float = 15.0) -> None:
+        for host in list(self.frozen):  # a stopped process cannot drain
+            with contextlib.suppress(ValueError, ProcessLookupError):
+                self.thaw(host)
+        for name, h in self.net.hosts.items():
+            if not h.up:
+                with contextlib.suppress(Exception):
+                    self.heal(name)
+        super().stop(grace)
+        for p in [*self.others, *self.relays]:
+            if p.poll() is None:
+                p.terminate()
+        for p in [*self.others, *self.relays]:
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    # ------------------------------------------------------------------ reaching the hosts
+
+    def connect(self, host: str, address: str, port: int, timeout: float = 5.0
+                ) -> socket.socket:
+        """A TCP connection made from inside `host`."""
+        return in_netns(self.net.hosts[host].netns,
+                        lambda: socket.create_connection((address, port), timeout=timeout))
+
+    def wait_port(self, host: str, port: int, timeout: float,
+                  proc: subprocess.Popen | None = None) -> None:
+        addr = self.net.hosts[host].address
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise SystemExit(f"the process on {host} exited with code {proc.returncode} at "
+                                 f"start; see its log in {self.logs}")
+            with contextlib.suppress(OSError):
+                self.connect(host, addr, port, 1.0).close()
+                return
+            time.sleep(0.2)
+        raise SystemExit(f"nothing listens on {host} {addr}:{port} after {timeout:.0f} s")
+
+    def status(self) -> dict | None:
+        """The coordinator's /api/status, fetched from inside `coord`; None if unreachable."""
+        addr = self.net.hosts[COORD_HOST].address
+        try:
+            conn = http.client.HTTPConnection(addr, HTTP_PORT, timeout=5)
+            conn.sock = self.connect(COORD_HOST, addr, HTTP_PORT)
+            conn.request("GET", "/api/status")
+            r = conn.getresponse()
+            body = r.read()
+            conn.close()
+            return json.loads(body) if r.status == 200 else None
+        except (OSError, ValueError, http.client.HTTPException):
+            return None
+
+    def export(self, out: Path, timeout: float = 300) -> None:
+        """`shoal export` from inside `coord`, as a user on that host would run it."""
+        p = self._cli(COORD_HOST, ["export", "--coordinator", self.coordinator_address,
+                                   "--identity", str(self.work / "keys" / "export.key"),
+                                   "--token-file", str(self.token_file), "--out", str(out)],
+                      "export.log")
+        self.others.append(p)
+        try:
+            rc = p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+            raise SystemExit(f"shoal export did not finish in {timeout:.0f} s; see "
+                             f"{self.logs / 'export.log'}") from None
+        if rc != 0:
+            raise SystemExit(f"shoal export failed ({rc}); see {self.logs / 'export.log'}")
