@@ -58,6 +58,10 @@ def make_sync_mode(spec: RunSpec) -> SyncMode:
     if mode == "demo":
         return DemoMode(spec)
     if mode == "diloco":
+        if spec.sync.diloco.delayed:
+            from peer.diloco_async import DelayedDilocoMode
+
+            return DelayedDilocoMode(spec)
         return DilocoMode(spec)
     if mode == "spsa":
         from peer.spsa_mode import SpsaMode
@@ -346,6 +350,10 @@ class PeerDaemon:
                 self.state_hash = await host.run(host.state_hash)
                 return pb.StepDone(step=step, stage=host.stage, included=1,
                                    state_hash=self.state_hash, grad_norm=norm, stepped=True)
+            if getattr(self.mode, "delayed", False):  # async DiLoCo: the round runs behind
+                from peer.diloco_async import outer_step_async
+
+                return await outer_step_async(self, step)
             arrays, meta = await host.run(self.mode.contribution, host)
             try:
                 result, rmeta = await self.rounds.run(step, (meta, arrays))

@@ -338,11 +338,26 @@ class DilocoMode:
                                   "detail": agg.detail, "samples": str(samples)}
 
     def apply(self, host: StageHost, result: Arrays, meta: Meta) -> float:
-        local = self._state(host)
         if meta.get("local") == "1":  # an inner step: nothing was exchanged
             norm = self._inner_step(host)
             host.finish_step(norm)
             return norm
+        self.outer_step(host, result, meta)
+        return self.restart_round(host)
+
+    def restart_round(self, host: StageHost) -> float:
+        """Every replica starts the next round from the shared weights; the step is over."""
+        local = self._state(host)
+        with torch.no_grad():
+            for p, s in zip(host.module.parameters(), self.shared_params(host), strict=True):
+                p.copy_(s)
+        local.round_samples = 0
+        host.finish_step(local.norm)
+        return local.norm
+
+    def outer_step(self, host: StageHost, result: Arrays, meta: Meta) -> None:
+        """The outer Nesterov step of the shared weights on one round's average (none when the
+        round was skipped or its average is unusable: every replica decides alike)."""
         params = list(host.module.parameters())
         shared = self.shared_params(host)
         avg = None
@@ -368,12 +383,6 @@ class DilocoMode:
                 # 1-element, not 0-d: the state hash views every tensor as bytes
                 host.mode_state[f"shared.outer.{key}"] = value.reshape(value.shape or (1,)).to(
                     params[0].device)
-        with torch.no_grad():
-            for p, s in zip(params, shared, strict=True):
-                p.copy_(s)
-        local.round_samples = 0
-        host.finish_step(local.norm)
-        return local.norm
 
 
 # ---------------------------------------------------------------------------------- allreduce

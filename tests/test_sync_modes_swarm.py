@@ -95,3 +95,16 @@ def test_bandwidth_bench_small(capsys) -> None:
     assert m, lines[-1]
     assert float(m.group(1)) > 50 and float(m.group(2)) > 3 * 0.9 * 3
     assert 0 < float(m.group(3)) <= 16
+
+
+def test_async_diloco_swarm_trains_and_replicas_agree_after_the_flush(swarm_of) -> None:
+    """sync.diloco.delayed: each outer round runs behind the next inner steps and lands one
+    round late; the run's last outer step flushes, so the replicas end on one hash."""
+    spec = RunSpec().replace(**{**TINY, "run.steps": STEPS, "sync.mode": "diloco",
+                                "sync.diloco.inner_steps": 5, "sync.diloco.inner_lr": 3e-3,
+                                "sync.diloco.inner_weight_decay": 0.0,
+                                "sync.diloco.delayed": True})
+    swarm = swarm_of(spec)
+    train_and_check(swarm, drop=0.3)
+    logs = "".join(f.read_text() for f in swarm.logs.glob("peer*.log"))
+    assert "re-downloading" not in logs
