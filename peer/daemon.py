@@ -86,7 +86,8 @@ class PeerDaemon:
         self.rounds: SyncRounds | None = None
         self.view: SwarmView | None = None
         self.state = "joining"
-        self.state_hash = ""
+        self._state_hash: tuple[int, str] = (-1, "")  # (the step it was computed after, hash)
+        self._step_seen: tuple[int, float] = (-1, 0.0)  # (step, when it was first seen)
         self.draining = False
         self.queue = 0
         self.step_lock = asyncio.Lock()
@@ -105,6 +106,20 @@ class PeerDaemon:
         self._snapshot_step = 0
 
     # ------------------------------------------------------------------ limits and stats
+
+    @property
+    def state_hash(self) -> str:
+        """The stage's state hash, or "" while it is not known for the current step.
+
+        A step advances the step counter on the compute thread before the new hash is computed;
+        a heartbeat in between must not pair the new step with the old hash (a false drift).
+        """
+        step, value = self._state_hash
+        return value if self.host is not None and step == self.host.step else ""
+
+    @state_hash.setter
+    def state_hash(self, value: str) -> None:
+        self._state_hash = (self.host.step if self.host is not None else -1, value)
 
     def activation_limits(self):
         m, p = self.spec.model, self.spec.pipeline
@@ -244,6 +259,7 @@ class PeerDaemon:
             self.host.close()
         self.state = "syncing"
         self.host = StageHost(self.spec, stage, device=_device(self.args.device))
+        self._state_hash = (-1, "")
         self.host.throttle = max(self.args.throttle, 1.0)
         self.host.simulated_rate = getattr(self.args, "simulate_speed", 0.0)
         self.mode = make_sync_mode(self.spec)
@@ -399,7 +415,8 @@ class PeerDaemon:
 
     def _check_hash(self) -> None:
         """Replicas at the same step must hash equal; the one that is not the lowest id yields."""
-        if self.view is None or self.host is None or self.state not in READY_STATES:
+        if (self.view is None or self.host is None or self.state not in READY_STATES
+                or not self.state_hash):
             return
         peers = [p for p in self.view.replicas(self.host.stage)
                  if p.state in READY_STATES and p.stats.step == self.host.step
@@ -408,6 +425,15 @@ class PeerDaemon:
         if differing and min(p.peer_id for p in peers) < self.peer_id:
             self.fall_behind(f"state hash differs from {differing[0].peer_id[:8]} at step "
                              f"{self.host.step}")
+            return
+        # The two rules below act only on a replica whose step has not moved for a while: the
+        # view's steps are heartbeat snapshots, and a swarm that steps several times a second
+        # shows replicas "two steps apart" that are only reporting at different moments.
+        now = time.monotonic()
+        if self._step_seen[0] != self.host.step:
+            self._step_seen = (self.host.step, now)
+        if now - self._step_seen[1] < max(3 * self.spec.membership.heartbeat_s,
+                                          self.spec.sync.timeout_s):
             return
         # A replica that joined mid-step (or missed rounds) may be steps behind the others of
         # its stage for good: callers refuse its step. Two steps is not a race of one round.

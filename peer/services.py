@@ -54,6 +54,7 @@ class StageService(pbg.StageServicer):
     def __init__(self, daemon: PeerDaemon) -> None:
         self.d = daemon
         self._ends: dict[int, _StepEnds] = {}
+        self._abstaining: set[asyncio.Task] = set()
 
     def _check_serving(self, header: pb.CallHeader) -> None:
         d = self.d
@@ -126,10 +127,25 @@ class StageService(pbg.StageServicer):
                 lambda h, g: self.d.host.backward(h.microbatch_id, g)):
             yield chunk
 
+    def _abstain(self, request: pb.StepEnd) -> None:
+        """This replica will not contribute to round `request.step` (it is re-downloading): tell
+        the round's aggregator, which may be this very replica (the lowest id), so that neither
+        the round nor the download, which waits for the step, sits out the sync timeout."""
+        d = self.d
+        if (d.rounds is None or not request.stage_replicas or hasattr(d.mode, "offer")
+                or d.mode is None or not d.mode.exchanges(request.step)):
+            return
+        d.rounds.agreed.setdefault(request.step, list(request.stage_replicas))
+        task = asyncio.ensure_future(d.rounds.abstain(request.step))
+        self._abstaining.add(task)  # held until done (the loop keeps only weak references)
+        task.add_done_callback(self._abstaining.discard)
+
     async def EndStep(self, request: pb.StepEnd, context) -> pb.StepDone:
         d = self.d
         host = d.host
         if host is None or host.stage == 0 or d.state not in ("training", "rebuilt"):
+            if d.state == "syncing" and host is not None and host.stage != 0:
+                self._abstain(request)
             return pb.StepDone(step=request.step, stepped=False, detail=f"peer is {d.state}")
         if request.step <= host.step:
             return pb.StepDone(step=request.step, stage=host.stage, stepped=False,
@@ -144,6 +160,7 @@ class StageService(pbg.StageServicer):
         # SPSA never fast-forwards: every code of the ledger must be applied
         if request.step > host.step + 1 and (spsa or not d.catch_up(request.step - 1)):
             d.fall_behind(f"EndStep({request.step}) while after step {host.step}")
+            self._abstain(request)
             return pb.StepDone(step=request.step, stage=host.stage, stepped=False,
                                detail="behind; re-downloading the stage")
         if spsa:  # the closed set is the whole agreement: no other EndStep to wait for

@@ -44,6 +44,8 @@ Arrays = dict[str, np.ndarray]
 Meta = dict[str, str]
 #: the meta `apply` gets on a step where `exchanges(step)` is False
 LOCAL_STEP: Meta = {"local": "1"}
+#: the contribution of a replica that sits a round out (see `SyncRounds.abstain`)
+ABSTAIN: Meta = {"abstain": "1", "samples": "0"}
 
 
 class SyncFailed(RuntimeError):
@@ -191,11 +193,12 @@ class SyncRounds:
             rnd.arrived.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(rnd.arrived.wait(), min(0.5, deadline - time.monotonic()))
-        parts = dict(rnd.parts)
+        # an abstaining replica (re-downloading its stage) said so: not waited for, not averaged
+        parts = {r: p for r, p in rnd.parts.items() if p[0].get("abstain") != "1"}
         result = self.mode.aggregate(parts)
         rnd.result = result
         rnd.done.set()
-        missing = (set(self._candidates(step)) - skip) - set(parts)
+        missing = (set(self._candidates(step)) - skip) - set(rnd.parts)
         if missing:
             log.warning("stage %d step %d: averaged %d replicas; missing %s", self.stage, step,
                         len(parts), ",".join(sorted(m[:8] for m in missing)))
@@ -222,6 +225,16 @@ class SyncRounds:
             result = await self._aggregate_as_leader(step, own, tried)
         self.last_included = len([p for p in result[1].get("included", "").split(",") if p])
         return result
+
+    async def abstain(self, step: int) -> None:
+        """Tell round `step`'s aggregator not to wait for this replica, which is re-downloading
+        its stage and will not contribute: without it the round would wait out its timeout, the
+        download (which waits for the step to end) with it, and the replica would be a step
+        behind again when it is done. Best effort: the timeout still bounds the round."""
+        try:
+            await self.run(step, (dict(ABSTAIN), {}))
+        except Exception as exc:  # the round goes on without this replica either way
+            log.debug("stage %d step %d: abstaining failed: %s", self.stage, step, _short(exc))
 
     async def _send(self, cand: str, step: int, own: tuple[Meta, Arrays]) -> tuple[Arrays, Meta]:
         meta, arrays = own

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import signal
 import subprocess
 import threading
@@ -165,11 +166,25 @@ def test_late_joiner_matches_its_source(swarm_factory) -> None:
     wait_for("4 steps", lambda: step_of(swarm) >= 4, 120, swarm)
     swarm.add_peer(5, ["--stage", "2", "--grace", "10"])
 
-    def joined_and_equal() -> bool:
+    def joined() -> bool:
         reps = [p for p in peers_by_stage(swarm).get(2, []) if p["state"] == "training"]
-        return len(reps) == 2 and reps[0]["step"] == reps[1]["step"] and \
-            reps[0]["state_hash"] == reps[1]["state_hash"] != ""
-    wait_for("the late joiner at its source's step and hash", joined_and_equal, 90, swarm)
+        return len(reps) == 2 and min(p["step"] for p in reps) > 0
+    wait_for("the late joiner training", joined, 90, swarm)
+    at = step_of(swarm)
+    wait_for("5 more steps with the joiner", lambda: step_of(swarm) >= at + 5, 60, swarm)
+    # Replicas step many times a second here, so two heartbeats rarely show one step. Freeze
+    # the stage-0 driver (SIGSTOP): no step can then start, and both replicas must settle on
+    # the same step with the same hash.
+    driver = swarm.peers[0]
+    os.kill(driver.pid, signal.SIGSTOP)
+    try:
+        def equal() -> bool:
+            reps = [p for p in peers_by_stage(swarm).get(2, []) if p["state"] == "training"]
+            return len(reps) == 2 and reps[0]["step"] == reps[1]["step"] and \
+                reps[0]["state_hash"] == reps[1]["state_hash"] != ""
+        wait_for("the late joiner at its source's step and hash", equal, 60, swarm)
+    finally:
+        os.kill(driver.pid, signal.SIGCONT)
     log = (swarm.logs / "peer5.log").read_text()
     assert "downloaded state" in log
 
