@@ -31,6 +31,17 @@ SPEC = {"model.d_model": 64, "model.n_layers": 4, "model.n_heads": 4, "model.seq
 FAST_RATE = 40.0
 
 
+def wait_for_steps(swarm: Swarm, steps: int, seconds: float, arm: str) -> None:
+    """Until the stage-0 metrics reach `steps`; SystemExit naming the logs after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        rows = read_metrics(swarm.logs)
+        if rows and rows[-1]["step"] >= steps:
+            return
+        time.sleep(1.0)
+    raise SystemExit(f"{arm}: the run did not finish {steps} steps in time; see {swarm.logs}")
+
+
 def run_arm(work: Path, router: str, steps: int, warmup: int, throttle: float) -> dict:
     spec = RunSpec().replace(**{**SPEC, "run.steps": steps})
     swarm = Swarm(work, spec, 0, None, "cpu")
@@ -45,15 +56,7 @@ def run_arm(work: Path, router: str, steps: int, warmup: int, throttle: float) -
             if stage == 0:
                 extra += ["--router", router]
             swarm.add_peer(i, extra)
-        deadline = time.monotonic() + 60 + steps * 30
-        while time.monotonic() < deadline:
-            rows = read_metrics(swarm.logs)
-            if rows and rows[-1]["step"] >= steps:
-                break
-            time.sleep(1.0)
-        else:
-            raise SystemExit(f"{router}: the run did not finish {steps} steps in time; see "
-                             f"{swarm.logs}")
+        wait_for_steps(swarm, steps, 60 + steps * 30, router)
         rows = [r for r in read_metrics(swarm.logs) if r["step"] > warmup]
         samples = sum(r["completed"] * spec.pipeline.microbatch for r in rows)
         seconds = sum(r["seconds"] for r in rows)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from bench.pipeline import wait_for_steps
 from peer.demo import Swarm, read_metrics
 from protocols.runspec import RunSpec
 
@@ -69,15 +70,7 @@ def run_arm(work: Path, name: str, skip: float, steps: int, warmup: int) -> dict
             if stage > 0:
                 extra += ["--simulate-speed", str(FAST_RATE / slow)]
             swarm.add_peer(i, extra)
-        deadline = time.monotonic() + 90 + steps * 20
-        while time.monotonic() < deadline:
-            rows = read_metrics(swarm.logs)
-            if rows and rows[-1]["step"] >= steps:
-                break
-            time.sleep(1.0)
-        else:
-            raise SystemExit(f"{name}: the run did not finish {steps} steps in time; see "
-                             f"{swarm.logs}")
+        wait_for_steps(swarm, steps, 90 + steps * 20, name)
         time.sleep(spec.membership.heartbeat_s * 2)
         asyncio.run(export_to(work / "model", f"127.0.0.1:{swarm.port}",
                               Identity.load_or_create(work / "export.key"),

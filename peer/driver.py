@@ -259,6 +259,16 @@ class Driver:
         finally:
             self._inflight -= 1
 
+    def hop_failed(self, target: str, samples: int, t0: float, exc: grpc.aio.AioRpcError
+                   ) -> None:
+        """A timed-out hop slows the replica's estimate; any other error bans it until its
+        lease would expire (ALGORITHMS.md §1)."""
+        now = time.monotonic()
+        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            self.router.on_timeout(target, samples, now - t0, now)
+        else:
+            self.router.ban(target, now + self.d.spec.membership.lease_s)
+
     async def _hop(self, kind: str, stage: int, step: int, mb_id: str, path: list[int],
                    hop: int, x: torch.Tensor, peer: str | None = None
                    ) -> tuple[torch.Tensor, str]:
@@ -287,11 +297,7 @@ class Driver:
                 return torch.from_numpy(arrays["x"].copy()), target
             except grpc.aio.AioRpcError as exc:
                 tried.add(target)
-                now = time.monotonic()
-                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    self.router.on_timeout(target, samples, now - t0, now)
-                else:
-                    self.router.ban(target, now + d.spec.membership.lease_s)
+                self.hop_failed(target, samples, t0, exc)
                 log.info("%s of %s on %s failed: %s", kind, mb_id, target[:8], exc.code().name)
             except (KeyError, NoReplicaAvailable) as exc:
                 if peer is not None:

@@ -230,11 +230,7 @@ class SpsaDriver(Driver):
                 return torch.from_numpy(arrays["x"].copy())
             except grpc.aio.AioRpcError as exc:
                 tried.add(target)
-                now = time.monotonic()
-                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    self.router.on_timeout(target, samples, now - t0, now)
-                else:
-                    self.router.ban(target, now + d.spec.membership.lease_s)
+                self.hop_failed(target, samples, t0, exc)
                 log.info("spsa forward of %s on %s failed: %s", mb_id, target[:8],
                          exc.code().name)
         raise MicrobatchDropped(f"stage {stage}: no replica answered ({len(tried)} tried)")
