@@ -7,7 +7,7 @@ import torch
 from optim import diloco
 from peer.diloco_async import SKIPPED, DelayedDilocoMode
 from peer.stage_host import StageHost
-from peer.sync_modes import DilocoMode
+from peer.sync_modes import DilocoMode, delta_to_wire
 from protocols.runspec import RunSpec
 
 SPEC = RunSpec().replace(**{"pipeline.stages": 2, "model.d_model": 32, "model.n_heads": 4,
@@ -25,8 +25,6 @@ def _round(mode: DilocoMode, host: StageHost, seed: int):
             p.add_(torch.randn(p.shape, generator=gen) * 1e-2)
     delta = diloco.pseudo_gradient(mode.shared_params(host), list(host.module.parameters()))
     flat = torch.cat([d.reshape(-1) for d in delta])
-    from peer.sync_modes import delta_to_wire
-
     arrays = delta_to_wire(diloco.quantize(flat, "fp32", mode.outer.int8_block))
     return mode.aggregate({"a": ({"samples": "4"}, arrays)})
 

@@ -10,38 +10,21 @@ whose weights drift is caught by the hash check and re-downloads (slow).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from bench.bandwidth import start_blocks_first
 from peer.demo import Swarm, read_metrics
 from peer.spsa_mode import DRIFT_ENV
 from protocols.runspec import RunSpec
 from tests.test_peer_swarm import peers_by_stage, step_of, wait_for
+from tests.test_sync_modes_swarm import swarm_of  # noqa: F401 (a fixture)
 
 TINY = {"model.d_model": 32, "model.n_layers": 2, "model.n_heads": 4, "model.seq_len": 32,
         "pipeline.stages": 2, "pipeline.microbatch": 8, "pipeline.target_batch": 16,
         "sync.timeout_s": 5.0, "membership.heartbeat_s": 0.5, "membership.lease_s": 8.0,
         "sync.mode": "spsa", "sync.spsa.lr": 3e-3, "sync.spsa.hash_every": 5}
 LAYOUT = [0, 1, 1, 2, 2]
-
-
-@pytest.fixture
-def swarm_of(tmp_path: Path) -> Iterator[Callable[[RunSpec, list[int]], Swarm]]:
-    made: list[Swarm] = []
-
-    def make(spec: RunSpec, layout: list[int]) -> Swarm:
-        s = Swarm(tmp_path / f"swarm{len(made)}", spec, 0, None, "cpu")
-        s.start(0)
-        made.append(s)
-        start_blocks_first(s, layout)
-        return s
-
-    yield make
-    for s in made:
-        s.stop(grace=5)
 
 
 def settled(swarm: Swarm, counts: dict[int, int], steps: int) -> dict[int, list[dict]] | None:
@@ -61,7 +44,7 @@ def losses(swarm: Swarm) -> list[float]:
     return [r["loss"] for r in rows]
 
 
-def test_spsa_swarm_trains_and_replicas_agree(swarm_of) -> None:
+def test_spsa_swarm_trains_and_replicas_agree(swarm_of) -> None:  # noqa: F811
     steps = 60
     swarm = swarm_of(RunSpec().replace(**{**TINY, "run.steps": steps}), LAYOUT)
     wait_for(f"{steps} spsa steps", lambda: step_of(swarm) >= steps, 240, swarm)
@@ -82,7 +65,7 @@ def test_spsa_swarm_trains_and_replicas_agree(swarm_of) -> None:
 
 
 @pytest.mark.slow
-def test_spsa_late_joiner_replays_the_ledger(swarm_of) -> None:
+def test_spsa_late_joiner_replays_the_ledger(swarm_of) -> None:  # noqa: F811
     steps = 300  # long enough that the joiner, started at step 6, arrives mid-run
     swarm = swarm_of(RunSpec().replace(**{**TINY, "run.steps": steps, "pipeline.stages": 1,
                                           "sync.spsa.hash_every": 4}), [0, 1])

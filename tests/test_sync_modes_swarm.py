@@ -29,14 +29,15 @@ LAYOUT = [0, 1, 1, 2, 2]
 
 
 @pytest.fixture
-def swarm_of(tmp_path: Path) -> Iterator[Callable[[RunSpec], Swarm]]:
+def swarm_of(tmp_path: Path) -> Iterator[Callable[..., Swarm]]:
+    """Makes swarms of real processes (blocks first, then stage 0); stops them all after."""
     made: list[Swarm] = []
 
-    def make(spec: RunSpec) -> Swarm:
-        s = Swarm(tmp_path / spec.sync.mode, spec, 0, None, "cpu")
+    def make(spec: RunSpec, layout: list[int] = LAYOUT) -> Swarm:
+        s = Swarm(tmp_path / f"{spec.sync.mode}{len(made)}", spec, 0, None, "cpu")
         s.start(0)
         made.append(s)
-        start_blocks_first(s, LAYOUT)
+        start_blocks_first(s, layout)
         return s
 
     yield make
