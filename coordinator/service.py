@@ -16,7 +16,9 @@ return the reply's bytes, a small reply followed by the cached bytes of its `vie
 (protobuf merges concatenated messages, so the peer parses an ordinary reply). Copying a
 thousand-peer view into every reply instead costs ~0.3 ms per heartbeat during a join storm.
 Views carry the stats a router needs (state, samples/s, queue, step, loss), not byte counters:
-the full numbers are on the HTTP status API.
+the full numbers are on the HTTP status API. Stats change without moving the epoch, so a view
+asked for by GetSwarmView is also rebuilt once it is VIEW_STATS_MAX_AGE_S old (a swarm whose
+membership never changes would otherwise serve the steps and gradient norms of its start).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ log = logging.getLogger("shoal.coordinator")
 
 SERVICE_NAME = "shoal.v1.Coordinator"
 VIEW_MIN_INTERVAL_S = 0.25
+VIEW_STATS_MAX_AGE_S = 1.0
 MAX_RATE = 1e9  # samples/s, tokens/s: anything above is a bug or a lie
 MAX_STEP = 2**53
 MAX_KINDS = 32
@@ -240,7 +243,8 @@ class CoordinatorService:
 
     async def GetSwarmView(self, request: pb.SwarmViewRequest,
                            context: grpc.aio.ServicerContext) -> bytes:
-        return self.view(self.clock(), max_age_s=0.05).raw  # asked for: as fresh as is cheap
+        # Asked for: as fresh as is cheap, stats included.
+        return self.view(self.clock(), max_age_s=0.05, stats_max_age_s=VIEW_STATS_MAX_AGE_S).raw
 
     async def PostSpsa(self, request: pb.SpsaPost, context: grpc.aio.ServicerContext
                        ) -> Message:
@@ -293,11 +297,14 @@ class CoordinatorService:
         if expired or move is not None:
             await self._commit()
 
-    def view(self, now: float, max_age_s: float = VIEW_MIN_INTERVAL_S) -> ViewSnapshot:
-        """The swarm view, rebuilt when the epoch moved (at most every `max_age_s`)."""
+    def view(self, now: float, max_age_s: float = VIEW_MIN_INTERVAL_S,
+             stats_max_age_s: float = math.inf) -> ViewSnapshot:
+        """The swarm view, rebuilt when the epoch moved (at most every `max_age_s`) or when its
+        stats are older than `stats_max_age_s`."""
         snap = self._view
-        if snap is None or (snap.epoch != self.membership.epoch
-                            and now - snap.built_at >= max_age_s):
+        if snap is None or (now - snap.built_at >= max_age_s
+                            and (snap.epoch != self.membership.epoch
+                                 or now - snap.built_at >= stats_max_age_s)):
             view = self.build_view()
             snap = self._view = ViewSnapshot(
                 view.epoch, now, view.SerializeToString(),

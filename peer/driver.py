@@ -141,6 +141,12 @@ class Driver:
             self._shard_key = key
         return self._shard, stage0
 
+    def has_trained(self, stage: int) -> bool:
+        """Whether `stage` ever took part in a step. A step needs every stage until each has
+        trained (see plan), so any step of this driver's own says yes; the view's step says so
+        for a driver that has none yet."""
+        return self.d.host.step > 0 or bool(self.d.stage_info(stage, "step"))
+
     async def plan(self, step: int, n_mb: int) -> list[tuple[int, ...]]:
         """Each microbatch's block stages, in visiting order (see the module docstring)."""
         d = self.d
@@ -153,7 +159,7 @@ class Driver:
             for pid in self.router.usable(s, now):
                 forward_s, busy = self.router.planning_timing(pid, mb, now)
                 stages[s].append(ReplicaTiming(pid, forward_s, ready_at=busy))
-            if not stages[s] and not d.stage_info(s, "step"):
+            if not stages[s] and not self.has_trained(s):
                 # Never trained (the swarm is starting): wait for its first replica rather than
                 # train without it. Only a stage that lost its replicas is bypassed.
                 raise NoReplicaAvailable(f"stage {s} has no replica yet")
@@ -228,7 +234,7 @@ class Driver:
                 try:
                     h, peer = await self._hop("forward", s, step, mb_id, path, len(hops), h)
                 except StageEmpty:
-                    if not d.stage_info(s, "step"):
+                    if not self.has_trained(s):
                         raise  # never trained: no bypass at the start of a run (see plan)
                     # No usable replica now: bypass it for this microbatch (the planner does
                     # the same from the next iteration on, once the view or the bans show it).

@@ -131,6 +131,33 @@ def test_rebalancing_moves_a_peer_and_tells_it_by_heartbeat(tmp_path: Path) -> N
         asyncio.run(scenario())
 
 
+def test_view_carries_fresh_stats_without_a_membership_change(tmp_path: Path) -> None:
+    """Steps and gradient norms move without moving the epoch; the view must not keep serving
+    the ones of the swarm's start (a driver decides from them whether a stage ever trained)."""
+    config = write_spec(tmp_path / "run.toml", **{"pipeline.stages": 1, "membership.lease_s": 30.0})
+    with CoordinatorProcess(tmp_path / "state", config=config) as coord:
+        async def scenario() -> None:
+            c = CoordinatorClient(coord.grpc_address, Identity.generate(), coord.token)
+            await c.join(BENCH, "127.0.0.1:9000", stage_hint=1)
+            await c.heartbeat(PeerStats(state="training", samples_per_s=5.0, step=1))
+            await asyncio.sleep(0.3)  # the state change moved the epoch; let the view follow
+            epoch = (await c.view()).epoch
+            await c.heartbeat(PeerStats(state="training", samples_per_s=5.0, step=7,
+                                        grad_norm=0.5))
+            deadline = time.monotonic() + 10
+            while True:
+                view = await c.view()
+                stage = next(s for s in view.stages if s.stage == 1)
+                if stage.step == 7 or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.2)
+            assert view.epoch == epoch, "the test needs a membership that did not change"
+            assert (stage.step, stage.grad_norm) == (7, 0.5), stage
+            await c.close()
+
+        asyncio.run(scenario())
+
+
 def test_certificates_are_renewed_by_heartbeats(tmp_path: Path) -> None:
     config = write_spec(tmp_path / "run.toml", **{"membership.certificate_s": 3.0})
     with CoordinatorProcess(tmp_path / "state", config=config) as coord:
