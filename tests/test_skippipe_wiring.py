@@ -19,11 +19,12 @@ from protocols.runspec import RunSpec
 
 
 def driver(stages: int, skip: float = 0.0, plus: bool = False, replicas: int = 2,
-           trained: bool = True) -> Driver:
+           trained: bool = True, own_step: int = 0) -> Driver:
     spec = RunSpec().replace(**{"pipeline.stages": stages, "pipeline.skip_ratio": skip,
                                 "pipeline.checkfree_plus": plus, "pipeline.microbatch": 4})
     daemon = SimpleNamespace(spec=spec, peer_id="0f" * 8,
-                             stage_info=lambda s, name: 7 if trained else 0)
+                             stage_info=lambda s, name: 7 if trained else 0,
+                             host=SimpleNamespace(step=own_step))
     drv = Driver.__new__(Driver)
     drv.d = daemon
     drv.router = Router(rng=random.Random(0))
@@ -65,6 +66,12 @@ def test_a_lost_stage_is_bypassed_and_a_never_trained_one_waited_for() -> None:
         fresh.router.ban(r, until=1e18)
     with pytest.raises(NoReplicaAvailable):
         plan(fresh, 1, 4)
+    # The view's steps can be stale (0 in a swarm whose membership never changed); a driver that
+    # has stepped itself knows every stage trained.
+    stale = driver(3, trained=False, own_step=40)
+    for r in stale.router.replicas(2):
+        stale.router.ban(r, until=1e18)
+    assert plan(stale, 41, 4) == [(1, 3)] * 4
 
 
 def _grads(host: StageHost, seed: int) -> None:
