@@ -371,6 +371,7 @@ class PeerDaemon:
 
                 return await outer_step_async(self, step)
             arrays, meta = await host.run(self.mode.contribution, host)
+            meta = {**meta, "state_hash": self.state_hash}  # of step - 1: compared in the round
             try:
                 result, rmeta = await self.rounds.run(step, (meta, arrays))
             except SyncFailed as exc:
@@ -380,6 +381,9 @@ class PeerDaemon:
                 host.forget(mb)
             norm = await host.run(self.mode.apply, host, result, rmeta)
             self.state_hash = await host.run(host.state_hash)
+            if self.peer_id in rmeta.get("diverged", "").split(","):
+                self.fall_behind(f"round {step} began from other weights than the stage's "
+                                 "lowest-id replica")
             return pb.StepDone(step=step, stage=host.stage, included=self.rounds.last_included,
                                state_hash=self.state_hash, grad_norm=norm, stepped=True)
 

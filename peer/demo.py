@@ -113,13 +113,23 @@ class Swarm:
             fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(new_token() + "\n")
-        self.http_port = http_port or free_port()
-        self.coordinator = self._spawn(
-            ["coordinator", "--config", str(self.work / "run.toml"), "--host", "127.0.0.1",
-             "--port", str(self.port), "--http-port", str(self.http_port), "--state-dir",
-             str(self.work / "coordinator"), "--token-file", str(self.token_file), "--no-mdns"],
-            "coordinator.log")
-        wait_port(self.port, 30, self.coordinator)
+        for attempt in range(3):
+            self.http_port = http_port or free_port()
+            self.coordinator = self._spawn(
+                ["coordinator", "--config", str(self.work / "run.toml"), "--host", "127.0.0.1",
+                 "--port", str(self.port), "--http-port", str(self.http_port), "--state-dir",
+                 str(self.work / "coordinator"), "--token-file", str(self.token_file),
+                 "--no-mdns"], "coordinator.log")
+            try:
+                wait_port(self.port, 30, self.coordinator)
+                break
+            except SystemExit:
+                # A free port found by bind(0) can be taken (as another connection's local
+                # port) before the coordinator binds it: pick new ones, unless the user chose.
+                log = (self.logs / "coordinator.log").read_text(errors="replace")[-2000:]
+                if attempt == 2 or http_port or "address already in use" not in log:
+                    raise
+                self.port = free_port()
         for i in range(self.n_peers):
             self.add_peer(i)
 

@@ -146,6 +146,7 @@ class StageService(pbg.StageServicer):
         if host is None or host.stage == 0 or d.state not in ("training", "rebuilt"):
             if d.state == "syncing" and host is not None and host.stage != 0:
                 self._abstain(request)
+                self._ended(request, spsa=False)  # this sender will not send it again
             return pb.StepDone(step=request.step, stepped=False, detail=f"peer is {d.state}")
         if request.step <= host.step:
             return pb.StepDone(step=request.step, stage=host.stage, stepped=False,
@@ -161,6 +162,7 @@ class StageService(pbg.StageServicer):
         if request.step > host.step + 1 and (spsa or not d.catch_up(request.step - 1)):
             d.fall_behind(f"EndStep({request.step}) while after step {host.step}")
             self._abstain(request)
+            self._ended(request, spsa)
             return pb.StepDone(step=request.step, stage=host.stage, stepped=False,
                                detail="behind; re-downloading the stage")
         if spsa:  # the closed set is the whole agreement: no other EndStep to wait for
@@ -178,21 +180,39 @@ class StageService(pbg.StageServicer):
                               "differs from the stage's majority")
                 return pb.StepDone(step=request.step, stage=host.stage, stepped=False,
                                    detail="drifted; re-downloading the stage")
-        ends = self._ends.get(request.step)
-        if ends is None and d.rounds is not None and request.stage_replicas:
+        if d.rounds is not None and request.stage_replicas:
             d.rounds.agreed.setdefault(request.step, list(request.stage_replicas))
+        ends = self._ended(request, spsa)
+        if ends.task is None:
+            ends.task = asyncio.ensure_future(self._finish(request.step, ends))
+        return await asyncio.shield(ends.task)
+
+    def _ended(self, request: pb.StepEnd, spsa: bool) -> _StepEnds:
+        """Count `request.sender` as having ended `request.step` here, also when this replica
+        could not take part (it was re-downloading): the sender does not send it again, and the
+        step's later EndSteps must not wait for it."""
+        ends = self._ends.get(request.step)
         if ends is None:
             ends = self._ends[request.step] = _StepEnds(
                 expected=set() if spsa else set(request.stage0_replicas))
-            ends.task = asyncio.ensure_future(self._finish(request.step, ends))
         ends.got.add(request.sender)
         ends.arrived.set()
-        return await asyncio.shield(ends.task)
+        for step, earlier in self._ends.items():  # a sender that moved on is not coming back
+            if step < request.step:
+                earlier.arrived.set()
+        return ends
+
+    def _moved_on(self, step: int) -> set[str]:
+        """Stage-0 replicas that already ended a later step here: they ended `step` without this
+        replica (their view did not list it yet, as at a swarm's start), so waiting for them
+        would wait out the sync timeout, and hold up the replica that did list it."""
+        return {s for st, e in self._ends.items() if st > step for s in e.got}
 
     async def _finish(self, step: int, ends: _StepEnds) -> pb.StepDone:
         d = self.d
         deadline = time.monotonic() + d.spec.sync.timeout_s
-        while not ends.expected <= ends.got and time.monotonic() < deadline:
+        while (not ends.expected - self._moved_on(step) <= ends.got
+               and time.monotonic() < deadline):
             ends.arrived.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(ends.arrived.wait(), max(0.05, deadline - time.monotonic()))

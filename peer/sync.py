@@ -12,6 +12,14 @@ Design (leader-collects, everyone-applies-the-same-bytes):
   itself next in line becomes the aggregator. Replicas that disagreed about the view can then end
   up with two aggregates: the state-hash check in heartbeats catches that, and the replica that is
   not the lowest id re-downloads its stage.
+- A replica whose view left the aggregator out finishes the round alone; the aggregator stops
+  waiting for it as soon as it contributes to a later round (at a swarm's start, when views
+  differ for a second, this used to cost one full timeout).
+
+- Each part carries its sender's state hash from before the round. Replicas at the same step must
+  hash equal; the aggregator names those that do not (`meta["diverged"]`, all but the lowest
+  id's hash) and they re-download the stage after applying the round. This catches what the
+  heartbeat check cannot see on a peer whose swarm view is old (its stats are snapshots).
 
 Invariant: every replica that completes round `step` applies byte-identical aggregate arrays, so
 replicas stay bit-identical. A dead or frozen replica delays a round by at most `timeout`.
@@ -187,7 +195,7 @@ class SyncRounds:
         rnd.parts[self.me] = own
         deadline = time.monotonic() + self.timeout
         while True:
-            expected = set(self._candidates(step)) - skip - self.departed()
+            expected = set(self._candidates(step)) - skip - self.departed() - self._past(step)
             if expected <= set(rnd.parts) or time.monotonic() >= deadline:
                 break
             rnd.arrived.clear()
@@ -195,14 +203,26 @@ class SyncRounds:
                 await asyncio.wait_for(rnd.arrived.wait(), min(0.5, deadline - time.monotonic()))
         # an abstaining replica (re-downloading its stage) said so: not waited for, not averaged
         parts = {r: p for r, p in rnd.parts.items() if p[0].get("abstain") != "1"}
-        result = self.mode.aggregate(parts)
-        rnd.result = result
+        arrays, meta = self.mode.aggregate(parts)
+        diverged = _diverged({r: p[0].get("state_hash", "") for r, p in parts.items()})
+        if diverged:
+            meta = {**meta, "diverged": ",".join(diverged)}
+            log.warning("stage %d step %d: %s started the round from other weights than %s; "
+                        "they re-download the stage", self.stage, step,
+                        ",".join(r[:8] for r in diverged), min(parts)[:8])
+        result = rnd.result = (arrays, meta)
         rnd.done.set()
         missing = (set(self._candidates(step)) - skip) - set(rnd.parts)
         if missing:
             log.warning("stage %d step %d: averaged %d replicas; missing %s", self.stage, step,
                         len(parts), ",".join(sorted(m[:8] for m in missing)))
         return result
+
+    def _past(self, step: int) -> set[str]:
+        """Replicas that already sent a part for a later round: they finished round `step`
+        without this aggregator (their view left it out), so waiting for them is waiting out the
+        timeout. Replicas run their rounds in order, so this never drops one still coming."""
+        return {sender for s, r in self._rounds.items() if s > step for sender in r.parts}
 
     # ------------------------------------------------------------------ member side
 
@@ -249,6 +269,17 @@ class SyncRounds:
         if reply.kind == "error":
             raise ValueError(reply.meta.get("error", "aggregator refused"))
         return result, dict(reply.meta)
+
+
+def _diverged(hashes: Mapping[str, str]) -> list[str]:
+    """The replicas whose state hash before the round differs from the lowest id's (the one
+    that keeps its weights, as in the heartbeat check); replicas that sent no hash are not
+    judged."""
+    known = {r: h for r, h in hashes.items() if h}
+    if len(set(known.values())) < 2:
+        return []
+    reference = known[min(known)]
+    return sorted(r for r, h in known.items() if h != reference)
 
 
 def _short(exc: BaseException) -> str:

@@ -1,0 +1,88 @@
+"""SyncRounds' aggregator side (peer/sync.py) without a network: parts are handed to `serve` as
+the Sync.Exchange handler would."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from peer import wire
+from peer.sync import SyncRounds
+
+
+class CountingMode:
+    """A sync mode whose aggregate names who was in it."""
+
+    name = "count"
+
+    def aggregate(self, parts):
+        return {"n": np.asarray([len(parts)])}, {"included": ",".join(sorted(parts))}
+
+
+def rounds(me: str, timeout: float) -> SyncRounds:
+    return SyncRounds(me=me, stage=1, mode=CountingMode(), candidates=lambda: ["a", "b"],
+                      exchange_stub=lambda pid: None, counter=wire.ByteCounter(),
+                      timeout=timeout, max_bytes=1 << 20)
+
+
+def header(sender: str, step: int, **meta: str):
+    from protocols import shoal_pb2 as pb
+
+    h = pb.CallHeader(kind="sync", step=step, stage=1, sender=sender)
+    h.meta.update(meta)
+    return h
+
+
+def test_aggregator_stops_waiting_for_a_replica_that_moved_on() -> None:
+    """b's view left a out at step 1, so b finished round 1 alone; its part for round 2 shows
+    that, and a closes round 1 without b instead of waiting out the timeout."""
+    async def scenario() -> None:
+        a = rounds("a", timeout=60.0)
+        a.agreed[1] = ["a", "b"]
+        leader = asyncio.create_task(a.run(1, ({}, {})))
+        await asyncio.sleep(0.3)
+        assert not leader.done()  # still waiting for b: nothing says b is not coming
+        late = asyncio.create_task(a.serve(header("b", 2), {}))
+        _, meta = await asyncio.wait_for(leader, 10)  # well inside the 60 s timeout
+        assert meta["included"] == "a"
+        late.cancel()
+
+    asyncio.run(scenario())
+
+
+def test_aggregator_waits_for_a_replica_that_is_still_coming() -> None:
+    async def scenario() -> None:
+        a = rounds("a", timeout=60.0)
+        a.agreed[1] = ["a", "b"]
+        leader = asyncio.create_task(a.run(1, ({}, {})))
+        await asyncio.sleep(0.6)
+        assert not leader.done()
+        served = asyncio.create_task(a.serve(header("b", 1), {}))
+        _, meta = await asyncio.wait_for(leader, 10)
+        assert meta["included"] == "a,b"
+        assert (await served)[1]["included"] == "a,b"
+
+    asyncio.run(scenario())
+
+
+def test_aggregator_names_the_replicas_that_began_from_other_weights() -> None:
+    async def scenario() -> None:
+        a = rounds("a", timeout=60.0)
+        a.agreed[1] = ["a", "b", "c"]
+        leader = asyncio.create_task(a.run(1, ({"state_hash": "h1"}, {})))
+        b = asyncio.create_task(a.serve(header("b", 1, state_hash="h2"), {}))
+        c = asyncio.create_task(a.serve(header("c", 1, state_hash="h1"), {}))
+        _, meta = await asyncio.wait_for(leader, 10)
+        assert meta["included"] == "a,b,c" and meta["diverged"] == "b"
+        assert (await b)[1]["diverged"] == (await c)[1]["diverged"] == "b"  # the same bytes
+
+    asyncio.run(scenario())
+
+
+def test_no_verdict_without_hashes_or_when_they_agree() -> None:
+    from peer.sync import _diverged
+
+    assert _diverged({"a": "h", "b": "h"}) == []
+    assert _diverged({"a": "", "b": "h"}) == []  # a replica that does not know its hash yet
+    assert _diverged({"b": "h1", "a": "h2", "c": "h2"}) == ["b"]
