@@ -222,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             return "n/a"
         if d.seconds is None:
             return f">{args.max_seconds / m.seconds:.2f} (ddp did not reach the target)"
-        return f"{d.seconds / m.seconds:.2f}"
+        # Rounded down: 2.997 against a target of 3 must not print as "3.00".
+        return f"{math.floor(100 * d.seconds / m.seconds) / 100:.2f}"
 
     print(f"wan: ddp/demo = {ratio('demo')}, ddp/diloco = {ratio('diloco')}")
     return 0
