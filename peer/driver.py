@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("shoal.driver")
 MAX_HOP_ATTEMPTS = 4
+START_GRACE_S = 10.0  # the first step waits at most this long for peers still starting
 
 
 class MicrobatchDropped(Exception):
@@ -87,6 +88,7 @@ class Driver:
         self._stage0_s = 0.0  # EMA of this peer's own compute per microbatch (embed, head, loss)
         self.bypassed_hops = 0  # forward hops skipped because their stage had no usable replica
         self._visits: Counter[int] = Counter()  # block stage -> microbatches through it, this step
+        self._start_wait: float | None = None  # when the first step began to wait for peers
 
     def stop(self) -> None:
         self._stop = True
@@ -147,11 +149,31 @@ class Driver:
         for a driver that has none yet."""
         return self.d.host.step > 0 or bool(self.d.stage_info(stage, "step"))
 
+    def _still_starting(self, now: float) -> str | None:
+        """Before the run's first step: a member of the view that is still starting (joining or
+        syncing), for at most START_GRACE_S. Peers that start together then all take part in
+        step 1; without the wait, drivers whose views differ by a second listed different
+        replicas for it, and a replica left out sat out a sync timeout or fell a step behind."""
+        view = getattr(self.d, "view", None)
+        if self.d.host.step > 0 or view is None:
+            return None
+        if self._start_wait is None:
+            self._start_wait = now
+        if now - self._start_wait > START_GRACE_S:
+            return None
+        late = [p for p in view.peers if p.state in ("joining", "syncing")
+                and p.peer_id not in view.revoked]
+        return f"stage {late[0].stage} replica {late[0].peer_id[:8]} is {late[0].state}" if late \
+            else None
+
     async def plan(self, step: int, n_mb: int) -> list[tuple[int, ...]]:
         """Each microbatch's block stages, in visiting order (see the module docstring)."""
         d = self.d
         p = d.spec.pipeline
         now = time.monotonic()
+        starting = self._still_starting(now)
+        if starting:
+            raise NoReplicaAvailable(f"the first step waits for the starting peers: {starting}")
         mb = p.microbatch
         stages: dict[int, list[ReplicaTiming]] = {}
         for s in range(1, p.stages + 1):
