@@ -45,6 +45,7 @@ MODEL = {"model.d_model": 192, "model.n_layers": 4, "model.n_heads": 4, "model.s
          # (python -m bench.diloco_outer measures the steps to the target for both).
          "diloco.outer_momentum": 0.5}
 SMOOTH = 3
+STAGES = {"peer1": 1, "peer2": 1, "peer3": 0, "peer4": 0}  # 2 drivers, 2 block replicas
 
 
 @dataclass
@@ -98,7 +99,9 @@ def shoal_run(mode: str, args: argparse.Namespace, work: Path) -> Result:
     net = _lab(args.mbit)
     swarm = LabSwarm(work / mode, spec, net, delay_ms=args.delay_ms)
     try:
-        swarm.start()
+        # Pinned: left to the coordinator's assignment (from self-benchmarks on shared cores),
+        # one allreduce run got 3 drivers and 1 block replica, a different workload.
+        swarm.start(stages=STAGES)
         deadline = time.monotonic() + args.max_seconds + 180  # + start-up
         started: float | None = None
         while time.monotonic() < deadline:

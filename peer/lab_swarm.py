@@ -84,7 +84,9 @@ class LabSwarm(Swarm):
              env: dict[str, str] | None = None) -> subprocess.Popen:
         return self.spawn(host, [sys.executable, "-m", "peer.cli", *args], log_name, env)
 
-    def start(self, http_port: int = 0) -> None:  # the lab's ports are fixed per host
+    def start(self, http_port: int = 0, stages: dict[str, int] | None = None) -> None:
+        """Coordinator, relays and one peer per host (`stages`: host -> --stage; by default the
+        coordinator assigns them). The lab's ports are fixed per host: `http_port` is unused."""
         (self.work / "run.toml").write_text(self.spec.to_toml())
         if not self.token_file.exists():
             from protocols.auth import new_token
@@ -95,7 +97,8 @@ class LabSwarm(Swarm):
             self._start_relays()
         self.start_coordinator()
         for host in self.peer_hosts:
-            self.spawn_peer(host)
+            stage = (stages or {}).get(host)
+            self.spawn_peer(host, None if stage is None else ["--stage", str(stage)])
 
     def _start_relays(self) -> None:
         for name, h in self.net.hosts.items():
