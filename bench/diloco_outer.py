@@ -26,7 +26,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from bench.wan import SMOOTH, spec_for
+from bench.wan import first_smoothed_below, spec_for
 from optim import diloco
 from peer.data import inputs_targets, load_corpus, shard
 from peer.model import Decoder
@@ -89,10 +89,9 @@ def train(steps: int, seed: int, outer: tuple[float, float] | None) -> list[floa
 
 
 def crossing(losses: list[float], target: float) -> int | None:
-    for i in range(SMOOTH - 1, len(losses)):
-        if sum(losses[i - SMOOTH + 1: i + 1]) / SMOOTH <= target:
-            return i + 1
-    return None
+    """The step (1-based) at which the smoothed loss first reaches `target`, as bench.wan."""
+    i = first_smoothed_below(losses, target)
+    return None if i is None else i + 1
 
 
 def main() -> int:

@@ -78,11 +78,18 @@ def crossing(rows: list[dict], target: float) -> tuple[float | None, int | None,
     steps = sorted(by_step)
     t0 = min(r["t"] - r.get("seconds", 0.0) for r in by_step[steps[0]])
     losses = [sum(r["loss"] for r in by_step[s]) / len(by_step[s]) for s in steps]
-    for i, s in enumerate(steps):
-        window = losses[max(0, i - SMOOTH + 1): i + 1]
-        if len(window) == SMOOTH and sum(window) / SMOOTH <= target:
-            return max(r["t"] for r in by_step[s]) - t0, s, losses[i]
-    return None, None, losses[-1]
+    i = first_smoothed_below(losses, target)
+    if i is None:
+        return None, None, losses[-1]
+    return max(r["t"] for r in by_step[steps[i]]) - t0, steps[i], losses[i]
+
+
+def first_smoothed_below(losses: list[float], target: float) -> int | None:
+    """Index of the first loss whose mean with the SMOOTH - 1 before it is <= `target`."""
+    for i in range(SMOOTH - 1, len(losses)):
+        if sum(losses[i - SMOOTH + 1: i + 1]) / SMOOTH <= target:
+            return i
+    return None
 
 
 def _lab(mbit: float) -> LabNetwork:
