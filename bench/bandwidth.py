@@ -5,7 +5,7 @@ under each mode by the same swarm of real coordinator and peer processes on 127.
 stage-0 driver and two replicas of the block stage, which sync over the wire. (A second stage-0
 driver is left out: the driver cannot yet bring a stage-0 replica that starts a step late back
 into step, so two of them racing at start-up can stall a run.) The figures are the peers' own
-byte counters (peer/wire.py counts every TensorChunk sent or received, per kind) as their
+byte counters (peer/pipeline/wire.py counts every TensorChunk sent or received, per kind) as their
 heartbeats report them in /api/status `bytes_by_kind`, kind `sync:<mode>` only (activations and
 state downloads are other kinds).
 
@@ -23,7 +23,7 @@ chunk), both chunk 64, k 32; diloco H = 100 with int8 pseudo-gradients. DeMo is 
 relayed by the round's leader, so each replica downloads every replica's packets.
 
 SPSA (J = 1 direction per stage-0 peer and step, forward passes only): its sync bytes are the
-stage-0 driver's, kind `sync:spsa` (peer/spsa_driver.py): per step one PostSpsa to the
+stage-0 driver's, kind `sync:spsa` (peer/sync/spsa_driver.py): per step one PostSpsa to the
 coordinator (step + the int8 code; the closing reply is received, not counted in the sent
 figure) and per block replica the `spsa` field of EndStep (its tag, length and the code). The
 driver's figure S = sent bytes per step (same N1/N2 difference), and the last line's
@@ -44,8 +44,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peer.demo import Swarm, read_metrics
 from protocols.runspec import RunSpec
+from shoal.local import Swarm, read_metrics
 
 MODEL = {"model.d_model": 256, "model.n_layers": 2, "model.n_heads": 8, "model.seq_len": 32,
          "pipeline.stages": 1, "pipeline.microbatch": 2, "pipeline.target_batch": 8,

@@ -2,14 +2,14 @@
 
     python -m bench.diloco_outer [--steps 80] [--seeds 1,2,3] [--target-loss 2.8]
 
-bench.wan's model, data and batch (peer/model.py's Decoder, the embedded corpus, 32 sequences per
-step), without a network: 2 replicas each run H = 10 inner AdamW steps on 16 sequences of their
-own shard, then the average pseudo-gradient goes through the wire's int8 quantisation and
-optim.diloco.OuterOptimizer (the peer's own code) steps the shared weights. Each outer setting
-runs the same seeds; the reference is one model trained on the whole batch with the same AdamW
-(what DDP computes). Reported per setting: the step at which the loss (mean over the replicas,
-smoothed over 3 steps as in bench.wan) first reaches the target, for each seed, and the mean
-loss over the last 10 steps.
+bench.wan's model, data and batch (peer/pipeline/model.py's Decoder, the embedded corpus, 32
+sequences per step), without a network: 2 replicas each run H = 10 inner AdamW steps on 16
+sequences of their own shard, then the average pseudo-gradient goes through the wire's int8
+quantisation and optim.diloco.OuterOptimizer (the peer's own code) steps the shared weights. Each
+outer setting runs the same seeds; the reference is one model trained on the whole batch with the
+same AdamW (what DDP computes). Reported per setting: the step at which the loss (mean over the
+replicas, smoothed over 3 steps as in bench.wan) first reaches the target, for each seed, and the
+mean loss over the last 10 steps.
 
 Why it exists: the DiLoCo paper's outer SGD (lr 0.7, Nesterov momentum 0.9) is tuned for H = 500;
 its momentum multiplies a round's update by up to 1/(1 - 0.9) = 10, which for a 10-step round
@@ -28,9 +28,9 @@ import torch.nn.functional as F
 
 from bench.wan import first_smoothed_below, spec_for
 from optim import diloco
-from peer.data import inputs_targets, load_corpus, shard
-from peer.model import Decoder
-from peer.stage_host import model_config
+from peer.pipeline.data import inputs_targets, load_corpus, shard
+from peer.pipeline.model import Decoder
+from peer.pipeline.stage_host import model_config
 
 REPLICAS = 2
 SETTINGS = ((0.7, 0.9), (0.7, 0.5), (0.8, 0.3), (1.0, 0.0))  # (outer lr, momentum); paper first

@@ -20,8 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from peer.demo import Swarm, read_metrics
 from protocols.runspec import RunSpec
+from shoal.local import Swarm, read_metrics
 
 SPEC = {"model.d_model": 64, "model.n_layers": 4, "model.n_heads": 4, "model.seq_len": 32,
         "pipeline.stages": 2, "pipeline.microbatch": 4, "pipeline.target_batch": 64,

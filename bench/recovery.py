@@ -2,10 +2,10 @@
 
 CheckFree (ALGORITHMS.md §3) rebuilds a block stage that lost every replica from its two
 neighbours, weighted by their last gradient norms. This bench measures recovery *quality*, not
-transport, so it runs in one process: the real model (peer/model.py, cut by ``split``), the real
-corpus loader (peer/data.py: the stdlib's sources, a training shard and the holdout) and the real
-recovery math (optim/checkfree.py: ``plan_recovery``, ``weighted_average``, ``uniform_average``,
-``copy_neighbor``, ``random_reinit``, ``boosted_lr``).
+transport, so it runs in one process: the real model (peer/pipeline/model.py, cut by ``split``),
+the real corpus loader (peer/pipeline/data.py: the stdlib's sources, a training shard and the
+holdout) and the real recovery math (optim/checkfree.py: ``plan_recovery``, ``weighted_average``,
+``uniform_average``, ``copy_neighbor``, ``random_reinit``, ``boosted_lr``).
 
 What one seed does:
 
@@ -85,8 +85,15 @@ from optim.checkfree import (
     uniform_average,
     weighted_average,
 )
-from peer.data import Shard, holdout, inputs_targets, load_corpus, shard
-from peer.model import BlockStage, ModelConfig, StageZero, init_block_stage, run_pipeline, split
+from peer.pipeline.data import Shard, holdout, inputs_targets, load_corpus, shard
+from peer.pipeline.model import (
+    BlockStage,
+    ModelConfig,
+    StageZero,
+    init_block_stage,
+    run_pipeline,
+    split,
+)
 
 RECOVERY_ARMS = ("checkfree", "uniform", "copy", "random")
 ARMS = ("no_failure", *RECOVERY_ARMS)

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from bench.pipeline import wait_for_steps
-from peer.demo import Swarm, read_metrics
 from protocols.runspec import RunSpec
+from shoal.local import Swarm, read_metrics
 
 SPEC = {"model.d_model": 64, "model.n_layers": 4, "model.n_heads": 4, "model.seq_len": 32,
         "pipeline.stages": 4, "pipeline.microbatch": 4, "pipeline.target_batch": 64,
@@ -44,8 +44,8 @@ ARMS = (("full", 0.0), ("skip25", 0.25), ("skip50", 0.5))
 
 
 def holdout_loss(model_dir: Path, seq_len: int, batches: int = 8, size: int = 32) -> float:
-    from peer.data import holdout, inputs_targets, load_corpus
-    from peer.export import load_model
+    from peer.pipeline.checkpoint import load_model
+    from peer.pipeline.data import holdout, inputs_targets, load_corpus
 
     model = load_model(model_dir)
     held = holdout(load_corpus(None), seq_len)
@@ -58,8 +58,8 @@ def holdout_loss(model_dir: Path, seq_len: int, batches: int = 8, size: int = 32
 
 
 def run_arm(work: Path, name: str, skip: float, steps: int, warmup: int) -> dict:
-    from peer.export_cli import export_to
     from protocols.identity import Identity
+    from shoal.export import export_to
 
     spec = RunSpec().replace(**{**SPEC, "run.steps": steps, "pipeline.skip_ratio": skip})
     swarm = Swarm(work, spec, 0, None, "cpu")

@@ -2,9 +2,9 @@
 
     python3 -m bench.wan [--target-loss 2.8] [--mbit 25] [--delay-ms 40] [--modes ...]
 
-Every run uses the same lab (peer/lab.py): 4 hosts on one bridge, each capped at `--mbit` Mbit/s
-both ways (tbf, ifb for ingress), with `--delay-ms` added one way to every TCP connection by the
-lab's delay relay (so 2x that to each round trip), the same model (a byte-level Llama-style
+Every run uses the same lab (shoal/lab/network.py): 4 hosts on one bridge, each capped at `--mbit`
+Mbit/s both ways (tbf, ifb for ingress), with `--delay-ms` added one way to every TCP connection by
+the lab's delay relay (so 2x that to each round trip), the same model (a byte-level Llama-style
 decoder, d_model 192, 4 layers), the same corpus and the same global batch (32 sequences of 64
 bytes per optimizer step). For each Shoal mode (allreduce, demo, diloco; spsa where the peer
 supports it) the real coordinator runs on host `coord` and one real peer on each of 4 hosts (2
@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from peer.lab import LabNetwork, netns_available
+from shoal.lab.network import LabNetwork, netns_available
 
 HOSTS = ("coord", "peer1", "peer2", "peer3", "peer4")
 MODEL = {"model.d_model": 192, "model.n_layers": 4, "model.n_heads": 4, "model.seq_len": 64,
@@ -99,8 +99,8 @@ def _lab(mbit: float) -> LabNetwork:
 
 
 def shoal_run(mode: str, args: argparse.Namespace, work: Path) -> Result:
-    from peer.demo import read_metrics
-    from peer.lab_swarm import LabSwarm
+    from shoal.lab.swarm import LabSwarm
+    from shoal.local import read_metrics
 
     spec = spec_for(mode, args.max_steps)
     net = _lab(args.mbit)
@@ -135,7 +135,7 @@ def shoal_run(mode: str, args: argparse.Namespace, work: Path) -> Result:
 
 
 def ddp_run(args: argparse.Namespace, work: Path) -> Result:
-    from peer.lab_swarm import LabSwarm
+    from shoal.lab.swarm import LabSwarm
 
     out = work / "ddp"
     spec = spec_for("allreduce", args.max_steps)

@@ -3,9 +3,9 @@
     ip netns exec HOST python -m bench.wan_ddp --rank R --world W --master ADDR:PORT \\
         --spec "$(cat run.toml)" --steps N --max-seconds S --target-loss L --out rows.jsonl
 
-The whole model (peer/model.py's Decoder) on every rank, the run spec's AdamW settings and grad
-clip, the rank's own shard of the same corpus, `pipeline.target_batch / W` sequences per rank and
-step (the same global batch as the Shoal runs). DDP averages the gradients with gloo's allreduce
+The whole model (peer/pipeline/model.py's Decoder) on every rank, the run spec's AdamW settings and
+grad clip, the rank's own shard of the same corpus, `pipeline.target_batch / W` sequences per rank
+and step (the same global batch as the Shoal runs). DDP averages the gradients with gloo's allreduce
 over TCP; in the lab those connections cross the capped links and the delay relays like Shoal's.
 Each step appends {"t", "step", "loss", "seconds", "bytes"} to --out (bytes: this rank's share of
 a ring allreduce of the fp32 gradients, 2 (W-1)/W of their size). Ranks stop together: every
@@ -26,9 +26,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from peer.data import inputs_targets, load_corpus, shard
-from peer.model import Decoder
-from peer.stage_host import model_config
+from peer.pipeline.data import inputs_targets, load_corpus, shard
+from peer.pipeline.model import Decoder
+from peer.pipeline.stage_host import model_config
 from protocols.runspec import RunSpec
 
 

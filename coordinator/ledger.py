@@ -1,7 +1,7 @@
 """The SPSA ledger the coordinator keeps: which (step, peer, codes) messages each step contains.
 
 Shared-seed SPSA (ALGORITHMS.md §4) needs exactly one piece of agreement: the *set* of messages
-M_t of step t. Every replica of every stage applies M_t (peer/spsa_mode.py), and the scale of the
+M_t of step t. Every replica of every stage applies M_t (peer/sync/spsa.py), and the scale of the
 codes of step t+1 is a function of M_1..M_t, so two replicas that applied different sets would
 drift apart for good. This store fixes M_t and keeps the history for replicas that replay it.
 

@@ -315,7 +315,7 @@ async def _tick_loop(svc: CoordinatorService, clock: Callable[[], float]) -> Non
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The same flags as `shoal coordinator` (peer/cli.py), for `python -m coordinator.main`."""
+    """The same flags as `shoal coordinator` (shoal/cli.py), for `python -m coordinator.main`."""
     ap = argparse.ArgumentParser(prog="python -m coordinator.main", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="run spec TOML (first start; a restart keeps the stored one)")

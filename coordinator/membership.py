@@ -394,7 +394,8 @@ class Membership:
 
 def _take_recovery_report(stats: PeerStats) -> str:
     """Remove the `recovery:<method>:<sources>` keys a rebuilt peer puts in bytes_by_kind (the
-    one free-form map of a heartbeat; peer/recovery.py) and describe them; they are not bytes."""
+    one free-form map of a heartbeat; peer/recovery/rebuild.py) and describe them; they are not
+    bytes."""
     keys = [k for k in stats.bytes_by_kind if k.startswith("recovery:")]
     parts = []
     for k in keys:

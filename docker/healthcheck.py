@@ -46,7 +46,7 @@ def probe_tcp(address: str, timeout: float) -> tuple[bool, str]:
 
 
 def find_shoal(proc: Path = Path("/proc")) -> list[str] | None:
-    """argv of the shoal process (the console script or `python -m peer.cli`), lowest pid first."""
+    """argv of the shoal process (the console script or `python -m shoal.cli`), lowest pid first."""
     me = os.getpid()
     pids = sorted(int(p.name) for p in proc.iterdir() if p.name.isdigit())
     for pid in pids:
@@ -58,7 +58,7 @@ def find_shoal(proc: Path = Path("/proc")) -> list[str] | None:
             continue
         argv = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
         for i, arg in enumerate(argv[:3]):
-            if os.path.basename(arg) == "shoal" or arg == "peer.cli":
+            if os.path.basename(arg) == "shoal" or arg == "shoal.cli":
                 return argv[i + 1:]
     return None
 

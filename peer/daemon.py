@@ -3,9 +3,9 @@
 Life of a peer: find the coordinator (flag, SHOAL_COORDINATOR, or mDNS) → join with its identity
 and self-benchmark → get the run spec and a stage → take the stage's state (download from a live
 replica, hash-checked; or, when the coordinator marks the stage as lost after training, rebuild
-it without a replica by CheckFree / CheckFree+ / a local snapshot, peer/recovery.py; or the
+it without a replica by CheckFree / CheckFree+ / a local snapshot, peer/recovery/rebuild.py; or the
 deterministic initial weights when it is the first) → serve Stage /
-Sync / State, heartbeat its stats, and on stage 0 drive microbatches (peer/driver.py) → on
+Sync / State, heartbeat its stats, and on stage 0 drive microbatches (peer/pipeline/driver.py) → on
 SIGTERM or a spot-interruption notice drain: stop taking work, finish in-flight microbatches
 within the grace period, tell the coordinator, exit 0. SIGKILL loses at most its in-flight
 microbatches: the coordinator expires its lease and routers resend elsewhere.
@@ -30,12 +30,13 @@ from pathlib import Path
 import grpc
 import torch
 
-from peer import recovery, wire
+from peer.pipeline import wire
+from peer.pipeline.stage_host import StageError, StageHost
 from peer.preemption import SpotWatcher
 from peer.progress import ProgressReporter, progress_text
-from peer.stage_host import StageError, StageHost
-from peer.sync import LOCAL_STEP, AllreduceMode, SyncFailed, SyncMode, SyncRounds
-from peer.sync_modes import DemoMode, DilocoMode, RobustAllreduceMode
+from peer.recovery import rebuild as recovery
+from peer.sync.modes import DemoMode, DilocoMode, RobustAllreduceMode
+from peer.sync.rounds import LOCAL_STEP, AllreduceMode, SyncFailed, SyncMode, SyncRounds
 from protocols import auth, tensor_stream
 from protocols import shoal_pb2 as pb
 from protocols import shoal_pb2_grpc as pbg
@@ -48,7 +49,7 @@ READY_STATES = ("training", "rebuilt")
 
 
 def make_sync_mode(spec: RunSpec) -> SyncMode:
-    """The run's sync mode (peer/sync.py, peer/sync_modes.py); one per replica and stage."""
+    """The run's sync mode (peer/sync/rounds.py, peer/sync/modes.py); one per replica and stage."""
     mode = spec.sync.mode
     if mode == "allreduce":
         a = spec.sync.allreduce
@@ -59,12 +60,12 @@ def make_sync_mode(spec: RunSpec) -> SyncMode:
         return DemoMode(spec)
     if mode == "diloco":
         if spec.sync.diloco.delayed:
-            from peer.diloco_async import DelayedDilocoMode
+            from peer.sync.diloco_delayed import DelayedDilocoMode
 
             return DelayedDilocoMode(spec)
         return DilocoMode(spec)
     if mode == "spsa":
-        from peer.spsa_mode import SpsaMode
+        from peer.sync.spsa import SpsaMode
 
         return SpsaMode(spec)
     raise NotImplementedError(f"sync mode {mode!r} is not wired into the peer")
@@ -158,7 +159,8 @@ class PeerDaemon:
         )
 
     def _recovery_stat(self) -> dict[str, int]:
-        """The last rebuild, for the coordinator's event (peer/recovery.py explains the key)."""
+        """The last rebuild, for the coordinator's event (peer/recovery/rebuild.py explains the
+        key)."""
         r = self.recovery
         return {r.wire_key(): r.step} if r is not None else {}
 
@@ -254,7 +256,7 @@ class PeerDaemon:
     async def _take_stage(self, stage: int) -> None:
         """Hold `stage`: download it from a live replica; or, when the view says the stage lost
         every replica after training, rebuild it without one (CheckFree / CheckFree+ / snapshot,
-        peer/recovery.py); or start from the initial weights when it is the first holder."""
+        peer/recovery/rebuild.py); or start from the initial weights when it is the first holder."""
         if self.host is not None:
             self.host.close()
         self.state = "syncing"
@@ -289,10 +291,10 @@ class PeerDaemon:
         self.state_hash = await self.host.run(self.host.state_hash)
         self.state = "rebuilt" if rebuilt else "training"
         if stage == 0 and self.driver is None:
-            from peer.driver import Driver
+            from peer.pipeline.driver import Driver
 
             if self.spec.sync.mode == "spsa":
-                from peer.spsa_driver import SpsaDriver as Driver  # forward-only step loop
+                from peer.sync.spsa_driver import SpsaDriver as Driver  # forward-only step loop
 
             self.driver = Driver(self)
 
@@ -303,8 +305,8 @@ class PeerDaemon:
         return getattr(info, field) if info is not None else None
 
     def catch_up(self, step: int) -> bool:
-        """Adopt a later step when this is the stage's only replica (peer/recovery.py)."""
-        from peer.recovery import catch_up
+        """Adopt a later step when this is the stage's only replica (peer/recovery/rebuild.py)."""
+        from peer.recovery.rebuild import catch_up
 
         return catch_up(self, step)
 
@@ -367,7 +369,7 @@ class PeerDaemon:
                 return pb.StepDone(step=step, stage=host.stage, included=1,
                                    state_hash=self.state_hash, grad_norm=norm, stepped=True)
             if getattr(self.mode, "delayed", False):  # async DiLoCo: the round runs behind
-                from peer.diloco_async import outer_step_async
+                from peer.sync.diloco_delayed import outer_step_async
 
                 return await outer_step_async(self, step)
             arrays, meta = await host.run(self.mode.contribution, host)

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 import grpc
 import torch
 
-from peer import wire
-from peer.stage_host import StageError
+from peer.pipeline import wire
+from peer.pipeline.stage_host import StageError
 from protocols import codec
 from protocols import shoal_pb2 as pb
 from protocols import shoal_pb2_grpc as pbg
@@ -111,7 +111,7 @@ class StageService(pbg.StageServicer):
         def work(h: pb.CallHeader, x: torch.Tensor) -> torch.Tensor:
             if h.meta.get("mode") == "inference":
                 return self.d.host.infer(x)
-            if h.meta.get("mode") == "spsa":  # [h+; h-] under +-eps z (peer/spsa_mode.py)
+            if h.meta.get("mode") == "spsa":  # [h+; h-] under +-eps z (peer/sync/spsa.py)
                 if not hasattr(self.d.mode, "block_pair") or not h.meta.get("j", "0").isdigit():
                     raise StageError("an spsa forward needs sync.mode = 'spsa' and a direction j")
                 seed = self.d.mode.seed(h.step, h.sender, int(h.meta.get("j", "0")))

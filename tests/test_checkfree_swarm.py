@@ -12,7 +12,7 @@ import signal
 
 import pytest
 
-from peer.demo import read_metrics
+from shoal.local import read_metrics
 from tests.test_peer_swarm import spec_with, step_of, swarm_factory, wait_for  # noqa: F401
 
 # 3 block stages of one layer each: stage 2's neighbours have the same layout, so they average.

@@ -1,6 +1,6 @@
-"""The CheckFree wiring of the peer (peer/recovery.py, peer/snapshots.py, StageHost.load_rebuilt)
-and of the coordinator (skip and rebuild events), without a network: neighbours' downloads are
-replaced by real StageHosts of those stages."""
+"""The CheckFree wiring of the peer (peer/recovery/rebuild.py, peer/recovery/snapshots.py,
+StageHost.load_rebuilt) and of the coordinator (skip and rebuild events), without a network:
+neighbours' downloads are replaced by real StageHosts of those stages."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ import torch
 
 from coordinator.membership import Membership
 from optim.checkfree import LR_BOOST, canonical_keys
-from peer import recovery, snapshots
-from peer.stage_host import StageError, StageHost
+from peer.pipeline.stage_host import StageError, StageHost
+from peer.recovery import rebuild as recovery
+from peer.recovery import snapshots
 from protocols.coordinator_client import Benchmark, PeerStats, StageInfo
 from protocols.runspec import RunSpec
 
@@ -38,7 +39,7 @@ class FakeView:
 
 
 class FakeDaemon:
-    """What peer/recovery.py reads of a PeerDaemon."""
+    """What peer/recovery/rebuild.py reads of a PeerDaemon."""
 
     def __init__(self, spec: RunSpec, stage: int, alive: dict[int, StageHost],
                  norms: dict[int, float], snapshot_dir: str | None = None) -> None:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from peer.demo import Swarm
 from protocols.runspec import RunSpec
+from shoal.local import Swarm
 from tests.test_dashboard import MS, browser, open_dashboard, page, sel, shot  # noqa: F401
 from tests.test_peer_swarm import TINY, step_of, wait_for
 

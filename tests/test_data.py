@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from peer.data import (
+from peer.pipeline.data import (
     FILE_SEPARATOR,
     HOLDOUT_EVERY,
     Corpus,

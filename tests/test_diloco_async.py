@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from optim import diloco
-from peer.diloco_async import SKIPPED, DelayedDilocoMode
-from peer.stage_host import StageHost
-from peer.sync_modes import DilocoMode, delta_to_wire
+from peer.pipeline.stage_host import StageHost
+from peer.sync.diloco_delayed import SKIPPED, DelayedDilocoMode
+from peer.sync.modes import DilocoMode, delta_to_wire
 from protocols.runspec import RunSpec
 
 SPEC = RunSpec().replace(**{"pipeline.stages": 2, "model.d_model": 32, "model.n_heads": 4,

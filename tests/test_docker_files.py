@@ -471,7 +471,7 @@ def test_healthcheck_auto_finds_the_daemon(hc: ModuleType, http_port: int,
                                               "coordinator", "--http-port", str(http_port)])
     ok, why = hc.probe_auto(2.0, proc=coord)
     assert ok, why
-    peer = _fake_proc(tmp_path / "b", ["python3", "-m", "peer.cli", "peer", "--host", "0.0.0.0",
+    peer = _fake_proc(tmp_path / "b", ["python3", "-m", "shoal.cli", "peer", "--host", "0.0.0.0",
                                        f"--port={_closed_port()}"])
     ok, why = hc.probe_auto(2.0, proc=peer)
     assert not ok and "refused" in why.lower()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from peer.export import (
+from peer.pipeline.checkpoint import (
     ExportError,
     assemble,
     decode,
@@ -18,7 +18,7 @@ from peer.export import (
     load_model,
     save_model,
 )
-from peer.model import Decoder, ModelConfig, split
+from peer.pipeline.model import Decoder, ModelConfig, split
 
 TINY = ModelConfig(d_model=32, n_layers=4, n_heads=4, seq_len=16, ffn_multiple_of=16, seed=3)
 

@@ -17,9 +17,9 @@ import time
 
 import pytest
 
-from peer.lab import LabNetwork, netns_available
-from peer.lab_swarm import COORD_HOST, LabSwarm
 from protocols.runspec import RunSpec
+from shoal.lab.network import LabNetwork, netns_available
+from shoal.lab.swarm import COORD_HOST, LabSwarm
 
 pytestmark = pytest.mark.root
 CAP_MBIT = 25.0

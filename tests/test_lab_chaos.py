@@ -6,7 +6,7 @@ chaos scenario kills or preempts a third of the peers (each replaced 20 s later 
 with a new identity), partitions one host for 20 s (longer than its lease) and heals it,
 freezes one peer (SIGSTOP/SIGCONT), and restarts the coordinator once. The run must reach its
 steps, the exported model must load, fewer than 5 % of the planned microbatches may be dropped
-(end to end: their gradient never reached a step; see peer/lab_main.py's microbatch_counts,
+(end to end: their gradient never reached a step; see shoal/lab/command.py's microbatch_counts,
 which also says why the coordinator's per-stage `discarded_graphs` is larger), and the report
 counts the stages that were rebuilt. Nothing of the lab may be left behind.
 
@@ -22,7 +22,7 @@ import sys
 
 import pytest
 
-from peer.lab import netns_available
+from shoal.lab.network import netns_available
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
 PEERS = 8
@@ -36,7 +36,7 @@ def test_chaos_run_completes_and_exports(tmp_path):
     if why:
         pytest.skip(why)
     out = tmp_path / "lab"
-    cmd = [sys.executable, "-m", "peer.cli", "lab", "--hosts", str(PEERS), "--stages", "2",
+    cmd = [sys.executable, "-m", "shoal.cli", "lab", "--hosts", str(PEERS), "--stages", "2",
            "--steps", str(STEPS), "--mbit", "25", "--delay-ms", "40", "--chaos", str(SEED),
            "--mdns", "--grace", "8", "--out", str(out), "--timeout", "900",
            "--set", "model.d_model=64", "--set", "model.n_layers=2", "--set", "model.seq_len=32"]

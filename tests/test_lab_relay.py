@@ -9,7 +9,7 @@ import asyncio
 import hashlib
 import os
 
-from peer.lab_relay import DelayRelay
+from shoal.lab.relay import DelayRelay
 
 
 async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -9,8 +9,9 @@ import argparse
 
 import pytest
 
-from peer import lab, lab_main
-from peer.lab_scenario import ScenarioError, ScenarioRunner, chaos, parse, parse_line
+from shoal.lab import command as lab_main
+from shoal.lab import network as lab
+from shoal.lab.scenario import ScenarioError, ScenarioRunner, chaos, parse, parse_line
 
 
 def test_lines_parse_into_faults():

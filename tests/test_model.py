@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from peer.data import holdout, inputs_targets, load_corpus, shard
-from peer.model import (
+from peer.pipeline.data import holdout, inputs_targets, load_corpus, shard
+from peer.pipeline.model import (
     Decoder,
     ModelConfig,
     block_stage_from_state,

@@ -1,4 +1,4 @@
-"""peer/paths.py: every SkipPipe rule holds in every plan of random swarms, and collision
+"""peer/pipeline/paths.py: every SkipPipe rule holds in every plan of random swarms, and collision
 avoidance shortens the planned iteration on a heterogeneous swarm."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from peer.paths import (
+from peer.pipeline.paths import (
     Link,
     Path,
     PlanError,

@@ -1,6 +1,6 @@
 """Real swarms on 127.0.0.1: a coordinator and peer daemons as separate processes.
 
-Each test starts its own swarm (peer/demo.py's `Swarm`) with a tiny model and stops exactly the
+Each test starts its own swarm (shoal/local.py's `Swarm`) with a tiny model and stops exactly the
 processes it started. What is checked: the loss falls; replicas of a stage stay bit-identical;
 kill -9 of a block replica mid-run does not stop training and its lost work is counted; SIGTERM
 and a faked spot notice drain cleanly within the grace period; a late joiner's state equals its
@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from peer.demo import Swarm, read_metrics
 from protocols.runspec import RunSpec
+from shoal.local import Swarm, read_metrics
 
 TINY = {"model.d_model": 32, "model.n_layers": 4, "model.n_heads": 4, "model.seq_len": 32,
         "pipeline.stages": 2, "pipeline.microbatch": 4, "pipeline.target_batch": 16,
@@ -190,9 +190,9 @@ def test_late_joiner_matches_its_source(swarm_factory) -> None:
 
 
 def test_export_gives_the_pipeline_logits(swarm_factory, tmp_path: Path) -> None:
-    from peer.export import load_model
-    from peer.export_cli import export_to, pipeline_logits
+    from peer.pipeline.checkpoint import load_model
     from protocols.identity import Identity
+    from shoal.export import export_to, pipeline_logits
 
     swarm = swarm_factory(spec_with(**{"run.steps": 6, "pipeline.activations": "fp32"}),
                           [0, 1, 2])
@@ -209,9 +209,9 @@ def test_export_gives_the_pipeline_logits(swarm_factory, tmp_path: Path) -> None
 
 
 def test_generate_prints_text(tmp_path: Path) -> None:
-    from peer.export import save_model
-    from peer.model import Decoder
-    from peer.stage_host import model_config
+    from peer.pipeline.checkpoint import save_model
+    from peer.pipeline.model import Decoder
+    from peer.pipeline.stage_host import model_config
 
     config = model_config(spec_with())
     save_model(tmp_path / "m", config, Decoder(config).state_dict())

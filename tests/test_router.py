@@ -1,4 +1,5 @@
-"""peer/router.py: SWARM replica choice, throughput EMA, adaptive timeouts, bans, view changes."""
+"""peer/pipeline/router.py: SWARM replica choice, throughput EMA, adaptive timeouts, bans, view
+changes."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from peer.router import (
+from peer.pipeline.router import (
     NoReplicaAvailable,
     RoundRobinRouter,
     Router,

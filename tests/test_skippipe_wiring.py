@@ -11,10 +11,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from peer.driver import Driver
-from peer.router import NoReplicaAvailable, Router
-from peer.stage_host import StageHost
-from peer.sync import AllreduceMode
+from peer.pipeline.driver import Driver
+from peer.pipeline.router import NoReplicaAvailable, Router
+from peer.pipeline.stage_host import StageHost
+from peer.sync.rounds import AllreduceMode
 from protocols.runspec import RunSpec
 
 

@@ -1,4 +1,4 @@
-"""peer/spsa_mode.py on StageHost objects and coordinator/ledger.py, without a network.
+"""peer/sync/spsa.py on StageHost objects and coordinator/ledger.py, without a network.
 
 Checked: the perturbed forward of a block stage restores its fp32 weights bit for bit and runs
 h+ and h- under opposite perturbations; replicas applying the same closed sets (peers listed in
@@ -17,9 +17,9 @@ import torch
 from coordinator.ledger import LedgerRefused, SpsaLedger
 from optim import spsa
 from peer.daemon import make_sync_mode
-from peer.spsa_mode import SCALE_KEY, SpsaMode, from_codes, tensor_ids
-from peer.stage_host import StageError, StageHost
-from peer.sync import LOCAL_STEP
+from peer.pipeline.stage_host import StageError, StageHost
+from peer.sync.rounds import LOCAL_STEP
+from peer.sync.spsa import SCALE_KEY, SpsaMode, from_codes, tensor_ids
 from protocols.runspec import RunSpec
 
 SPEC = RunSpec().replace(**{"model.d_model": 32, "model.n_layers": 2, "model.n_heads": 4,

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from peer.demo import Swarm, read_metrics
-from peer.spsa_mode import DRIFT_ENV
+from peer.sync.spsa import DRIFT_ENV
 from protocols.runspec import RunSpec
+from shoal.local import Swarm, read_metrics
 from tests.test_peer_swarm import peers_by_stage, step_of, wait_for
 from tests.test_sync_modes_swarm import swarm_of  # noqa: F401 (a fixture)
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from peer import wire
-from peer.model import Decoder
-from peer.stage_host import StageError, StageHost, model_config
-from peer.sync import AllreduceMode
+from peer.pipeline import wire
+from peer.pipeline.model import Decoder
+from peer.pipeline.stage_host import StageError, StageHost, model_config
+from peer.sync.rounds import AllreduceMode
 from protocols.runspec import RunSpec
 
 SPEC = RunSpec().replace(**{"model.d_model": 32, "model.n_layers": 4, "model.n_heads": 4,
@@ -114,7 +114,7 @@ def test_wire_counter_counts_by_kind() -> None:
 
 
 def test_a_stage_can_start_from_an_exported_model(tmp_path) -> None:
-    from peer.export import save_model
+    from peer.pipeline.checkpoint import save_model
 
     other = model_config(SPEC.replace(**{"run.seed": 7}))
     trained = Decoder(other).state_dict()
@@ -132,7 +132,7 @@ def test_a_stage_can_start_from_an_exported_model(tmp_path) -> None:
 
 def test_agreed_arrays_are_the_shared_weights_under_diloco() -> None:
     """An export between DiLoCo outer steps gets the shared model, hashed as sent."""
-    from peer.stage_host import tensor_hash
+    from peer.pipeline.stage_host import tensor_hash
 
     host = StageHost(RunSpec().replace(**{"pipeline.stages": 2, "model.d_model": 32,
                                           "model.n_heads": 4, "model.n_layers": 2}), 1)
@@ -148,7 +148,7 @@ def test_agreed_arrays_are_the_shared_weights_under_diloco() -> None:
 
 
 def test_demo_inner_steps_divides_the_run() -> None:
-    from peer.demo import demo_inner_steps
+    from shoal.local import demo_inner_steps
 
     assert demo_inner_steps(100) == 10 and demo_inner_steps(60) == 6
     assert demo_inner_steps(97) == 9 and demo_inner_steps(5) == 1

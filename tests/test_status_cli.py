@@ -1,4 +1,4 @@
-"""`shoal status` (coordinator/status_view.py) against the fake status server and a closed port."""
+"""`shoal status` (shoal/status.py) against the fake status server and a closed port."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.status_view import main, render, status_url
+from shoal.status import main, render, status_url
 from tests.fake_status import FakeStatusServer, lose_peer, make_status
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,12 +87,12 @@ def test_something_else_on_the_port_exits_2(fake: FakeStatusServer, capsys) -> N
 
 
 def test_exit_status_of_the_real_process(fake: FakeStatusServer) -> None:
-    ok = subprocess.run([sys.executable, "-m", "coordinator.status_view", "--coordinator-http",
+    ok = subprocess.run([sys.executable, "-m", "shoal.status", "--coordinator-http",
                          f"127.0.0.1:{fake.port}"], cwd=ROOT, capture_output=True, text=True,
                         timeout=30)
     assert ok.returncode == 0, ok.stderr
     assert "PEER" in ok.stdout
-    gone = subprocess.run([sys.executable, "-m", "coordinator.status_view", "--coordinator-http",
+    gone = subprocess.run([sys.executable, "-m", "shoal.status", "--coordinator-http",
                            f"127.0.0.1:{free_port()}"], cwd=ROOT, capture_output=True, text=True,
                           timeout=30)
     assert gone.returncode == 2

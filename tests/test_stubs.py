@@ -13,7 +13,7 @@ def test_generated_stubs_are_fresh() -> None:
 
 def test_shoal_help_lists_every_subcommand() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "peer.cli", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "shoal.cli", "--help"], capture_output=True, text=True, check=True
     ).stdout
     for cmd in ("demo", "coordinator", "peer", "status", "export", "generate", "identity",
                 "token", "lab"):

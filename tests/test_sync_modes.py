@@ -1,6 +1,6 @@
-"""The sync modes of peer/sync_modes.py on StageHost objects, without a network.
+"""The sync modes of peer/sync/modes.py on StageHost objects, without a network.
 
-Rounds are run by hand the way peer/sync.py's SyncRounds runs them (contribution on every
+Rounds are run by hand the way peer/sync/rounds.py's SyncRounds runs them (contribution on every
 replica, aggregate of the parts by peer id, apply of the same bytes everywhere). Checked: replicas
 end bit-identical; an aggregate does not depend on the order parts arrived in; a NaN or huge
 replica is dropped or bounded by the robust rules; DiLoCo exchanges only every H steps, its
@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from peer.daemon import make_sync_mode
-from peer.stage_host import StageHost
-from peer.sync import LOCAL_STEP, AllreduceMode
-from peer.sync_modes import DemoMode, DilocoMode, RobustAllreduceMode, trim_count
+from peer.pipeline.stage_host import StageHost
+from peer.sync.modes import DemoMode, DilocoMode, RobustAllreduceMode, trim_count
+from peer.sync.rounds import LOCAL_STEP, AllreduceMode
 from protocols.runspec import RunSpec
 
 BASE = {"model.d_model": 64, "model.n_layers": 2, "model.n_heads": 4, "model.seq_len": 8,

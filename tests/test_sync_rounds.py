@@ -1,5 +1,5 @@
-"""SyncRounds' aggregator side (peer/sync.py) without a network: parts are handed to `serve` as
-the Sync.Exchange handler would."""
+"""SyncRounds' aggregator side (peer/sync/rounds.py) without a network: parts are handed to `serve`
+as the Sync.Exchange handler would."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import asyncio
 
 import numpy as np
 
-from peer import wire
-from peer.sync import SyncRounds
+from peer.pipeline import wire
+from peer.sync.rounds import SyncRounds
 
 
 class CountingMode:
@@ -81,7 +81,7 @@ def test_aggregator_names_the_replicas_that_began_from_other_weights() -> None:
 
 
 def test_no_verdict_without_hashes_or_when_they_agree() -> None:
-    from peer.sync import _diverged
+    from peer.sync.rounds import _diverged
 
     assert _diverged({"a": "h", "b": "h"}) == []
     assert _diverged({"a": "", "b": "h"}) == []  # a replica that does not know its hash yet

@@ -2,7 +2,7 @@
 
 The math is optim/spsa.py (counter-hash Rademacher z, int8 codes on a ledger-derived scale,
 int32 accumulation); this module is what a replica of any stage does with it. The step loop of
-stage 0 is peer/spsa_driver.py; the store that fixes each step's message set is
+stage 0 is peer/sync/spsa_driver.py; the store that fixes each step's message set is
 coordinator/ledger.py.
 
 How one step t goes (design):
@@ -52,8 +52,8 @@ import numpy as np
 import torch
 
 from optim import spsa
-from peer.stage_host import StageError, StageHost
-from peer.sync import LOCAL_STEP, Arrays, Meta
+from peer.pipeline.stage_host import StageError, StageHost
+from peer.sync.rounds import LOCAL_STEP, Arrays, Meta
 from protocols.runspec import RunSpec
 
 if TYPE_CHECKING:
@@ -207,7 +207,7 @@ class SpsaMode:
         Call with the daemon's step lock held (or before the replica serves). Returns the steps
         replayed; raises CatchUpFailed when the ledger lacks them.
         """
-        from peer.spsa_driver import fetch_ledger
+        from peer.sync.spsa_driver import fetch_ledger
 
         host, done = d.host, 0
         while True:

@@ -15,7 +15,7 @@ bit-identical (same ops, same order, on CPU), which `state_hash` lets anyone che
 
 Sync-mode state (`mode_state`, the one hook a sync mode gets here): named tensors that a mode
 keeps beside the stage and that must travel with it to a joining replica, e.g. DiLoCo's shared
-weights of the last outer step and its outer momentum (peer/sync_modes.py). They go out as
+weights of the last outer step and its outer momentum (peer/sync/modes.py). They go out as
 `mode.<name>` arrays in `state_arrays` and come back in `load_state_arrays`, dtype kept. Names
 under `shared.` are what the replicas agree on while their parameters legitimately differ
 (DiLoCo between outer steps): when any exist, `state_hash` covers them instead of the parameters.
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from peer.model import (
+from peer.pipeline.model import (
     ModelConfig,
     StageZero,
     init_block_stage,
@@ -289,7 +289,7 @@ class StageHost:
 
     def load_exported(self, directory: str) -> None:
         """Take this stage's slice of an exported model (shoal export / demo --out)."""
-        from peer.export import load_config, load_model
+        from peer.pipeline.checkpoint import load_config, load_model
 
         config = load_config(directory)
         mine = model_config(self.spec)
@@ -309,8 +309,8 @@ class StageHost:
 
     def load_rebuilt(self, state: Mapping[str, torch.Tensor], step: int, lr_scale: float) -> None:
         """Take weights rebuilt without a replica of this stage (CheckFree average, CheckFree+
-        copy, or a snapshot; peer/recovery.py): the parameters named in `state` (all of them),
-        step `step`, a fresh optimizer and the boosted learning rate `lr_scale` from now on.
+        copy, or a snapshot; peer/recovery/rebuild.py): the parameters named in `state` (all of
+        them), step `step`, a fresh optimizer and the boosted learning rate `lr_scale` from now on.
         Buffers not in `state` (CheckFree+ edge copies) keep their current values."""
         params = self.params()
         if set(state) != set(params):

@@ -51,7 +51,7 @@ own view, so the per-replica memory bound and the collision avoidance hold only 
 peer's traffic (feed `ReplicaTiming.ready_at` from measured queues to account for the others),
 and the equal share holds per stage-0 peer, so across k of them the visit counts of an iteration
 differ by at most k. At run time the plan's replicas are advice: the SWARM router
-(peer/router.py) still resends a timed-out hop to another replica of the same stage.
+(peer/pipeline/router.py) still resends a timed-out hop to another replica of the same stage.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """The lab's delay relay: an asyncio TCP relay that holds every chunk for a fixed one-way delay.
 
-    python -m peer.lab_relay --listen 0.0.0.0:7999 --delay-ms 40            (transparent)
-    python -m peer.lab_relay --listen 198.18.0.2:7100 --to 127.0.0.1:7100 --delay-ms 40
+    python -m shoal.lab.relay --listen 0.0.0.0:7999 --delay-ms 40            (transparent)
+    python -m shoal.lab.relay --listen 198.18.0.2:7100 --to 127.0.0.1:7100 --delay-ms 40
 
-It runs inside one lab host (peer/lab.py). In transparent mode an iptables REDIRECT sends every
-TCP connection arriving on eth0 here and the relay dials the connection's original destination
+It runs inside one lab host (shoal/lab/network.py). In transparent mode an iptables REDIRECT sends
+every TCP connection arriving on eth0 here and the relay dials the connection's original destination
 (SO_ORIGINAL_DST) from inside the host; with `--to` it dials a fixed target instead (the
 fallback where iptables is missing: the peer listens on loopback and advertises the relay).
 
@@ -163,7 +163,7 @@ def _addr(text: str) -> tuple[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m peer.lab_relay", description=__doc__.split(
+    ap = argparse.ArgumentParser(prog="python -m shoal.lab.relay", description=__doc__.split(
         "\n")[0])
     ap.add_argument("--listen", type=_addr, required=True, help="HOST:PORT to accept on")
     ap.add_argument("--to", type=_addr, help="fixed target (default: the original destination)")

@@ -1,11 +1,11 @@
 """The lab's processes: a real coordinator and real peers inside the lab's hosts, and the faults.
 
-`LabSwarm` is peer/demo.py's `Swarm` moved onto the lab network: the same programs
-(`python -m peer.cli coordinator|peer ...`), logs, token and metrics files, and the same `stop`,
+`LabSwarm` is shoal/local.py's `Swarm` moved onto the lab network: the same programs
+(`python -m shoal.cli coordinator|peer ...`), logs, token and metrics files, and the same `stop`,
 but each process is started with `ip netns exec HOST` (which execs, so the recorded pid is the
 program itself and signals reach it directly). Host `coord` (198.18.0.1) runs the coordinator
 and nothing else; hosts `peer1..peerN` run one peer each at a time, and a delay relay each
-(peer/lab_relay.py) when the lab adds latency.
+(shoal/lab/relay.py) when the lab adds latency.
 
 Peers either get `--coordinator 198.18.0.1:7000` or, with `mdns=True`, no address at all: they
 find the coordinator by zeroconf across the bridge, as on a LAN.
@@ -31,9 +31,9 @@ import sys
 import time
 from pathlib import Path
 
-from peer.demo import Swarm
-from peer.lab import RELAY_PORT, LabNetwork, in_netns
 from protocols.runspec import RunSpec
+from shoal.lab.network import RELAY_PORT, LabNetwork, in_netns
+from shoal.local import Swarm
 
 COORD_HOST = "coord"
 GRPC_PORT = 7000
@@ -82,7 +82,7 @@ class LabSwarm(Swarm):
 
     def _cli(self, host: str, args: list[str], log_name: str,
              env: dict[str, str] | None = None) -> subprocess.Popen:
-        return self.spawn(host, [sys.executable, "-m", "peer.cli", *args], log_name, env)
+        return self.spawn(host, [sys.executable, "-m", "shoal.cli", *args], log_name, env)
 
     def start(self, http_port: int = 0, stages: dict[str, int] | None = None) -> None:
         """Coordinator, relays and one peer per host (`stages`: host -> --stage; by default the
@@ -109,7 +109,7 @@ class LabSwarm(Swarm):
             else:
                 listen, target = f"{h.address}:{PEER_PORT}", ["--to", f"127.0.0.1:{PEER_PORT}"]
             self.relays.append(self.spawn(
-                name, [sys.executable, "-m", "peer.lab_relay", "--listen", listen, *target,
+                name, [sys.executable, "-m", "shoal.lab.relay", "--listen", listen, *target,
                        "--delay-ms", str(self.delay_ms), "--stats",
                        str(self.logs / f"{name}.relay.json")], f"{name}.relay.log"))
 

@@ -11,9 +11,9 @@ calls `rebuild_stage` (from PeerDaemon._take_stage), which follows optim/checkfr
 - edge stage with CheckFree+ (stages 1, 2, S-1, S): a copy of its swap partner, which the
   odd-microbatch swaps trained to stand in for it;
 - otherwise (two adjacent stages lost, an edge stage without CheckFree+, or any failure of the
-  above): the newest local snapshot in `--snapshot-dir` (peer/snapshots.py), else a copy of the
-  nearest live stage, else the initial weights. This is a *degraded* recovery and is logged at
-  ERROR level as such.
+  above): the newest local snapshot in `--snapshot-dir` (peer/recovery/snapshots.py), else a copy
+  of the nearest live stage, else the initial weights. This is a *degraded* recovery and is logged
+  at ERROR level as such.
 
 Every rebuild starts a fresh optimizer and multiplies the stage's learning rate by
 `optim.checkfree.LR_BOOST` (1.1) for the rest of the run. The step counter is the neighbours'
@@ -39,8 +39,9 @@ import torch
 
 from optim.checkfree import LR_BOOST, Recovery, copy_neighbor, plan_recovery, weighted_average
 from optim.errors import NonFiniteValues, ShapeMismatch, StateMismatch
-from peer import snapshots, wire
-from peer.stage_host import StageError, StageHost
+from peer.pipeline import wire
+from peer.pipeline.stage_host import StageError, StageHost
+from peer.recovery import snapshots
 from protocols import shoal_pb2 as pb
 from protocols import shoal_pb2_grpc as pbg
 

@@ -67,7 +67,7 @@ def demo_spec(args: argparse.Namespace) -> RunSpec:
     if args.sync == "diloco" and not args.config:
         base = base.replace(**{"sync.diloco.inner_steps": demo_inner_steps(args.steps)})
     if args.init_model:  # the model's shape comes from the exported model
-        from peer.export import load_config
+        from peer.pipeline.checkpoint import load_config
 
         c = load_config(args.init_model)
         base = base.replace(**{"model.d_model": c.d_model, "model.n_layers": c.n_layers,
@@ -101,7 +101,7 @@ class Swarm:
 
     def _spawn(self, args: list[str], log_name: str, env: dict | None = None) -> subprocess.Popen:
         with open(self.logs / log_name, "ab") as log:  # the child keeps its own descriptor
-            return subprocess.Popen([sys.executable, "-m", "peer.cli", *args], stdout=log,
+            return subprocess.Popen([sys.executable, "-m", "shoal.cli", *args], stdout=log,
                                     stderr=subprocess.STDOUT,
                                     env={**os.environ, **(env or {})}, start_new_session=True)
 
@@ -295,8 +295,8 @@ def main(args: argparse.Namespace) -> int:
         seconds = time.monotonic() - t_start
         time.sleep(spec.membership.heartbeat_s * 2.5)  # let final stats reach the coordinator
         status = swarm.status() or status
-        from peer.export_cli import export_to
         from protocols.identity import Identity
+        from shoal.export import export_to
 
         model_dir = work / "model"
         asyncio.run(export_to(model_dir, f"127.0.0.1:{swarm.port}",

@@ -3,7 +3,7 @@
 Export joins the coordinator as an *observer* (it is given no stage and no lease that counts),
 reads the swarm view, downloads each stage from a live replica over `State.Download` (the same
 hash-checked path a joining replica uses), assembles the Decoder state dict and writes
-`model.safetensors` + `config.json` (peer/export.py).
+`model.safetensors` + `config.json` (peer/pipeline/checkpoint.py).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from pathlib import Path
 import grpc
 import torch
 
-from peer import wire
-from peer.export import assemble, decode, generate, kept_layers, load_model, save_model
-from peer.stage_host import model_config, tensor_hash
+from peer.pipeline import wire
+from peer.pipeline.checkpoint import assemble, decode, generate, kept_layers, load_model, save_model
+from peer.pipeline.stage_host import model_config, tensor_hash
 from protocols import auth, tensor_stream
 from protocols import shoal_pb2 as pb
 from protocols import shoal_pb2_grpc as pbg

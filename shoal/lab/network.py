@@ -15,7 +15,7 @@ removes the labs whose owning process is gone (`shoal lab --clean`).
 Per host and direction the link is a token bucket (tc tbf): egress on eth0, ingress redirected to
 ifb0 (ingress qdisc + u32 match-all + mirred) and shaped there. These are the qdiscs this kernel
 has; netem, fq, fq_codel, cake, red and the police action are not available, so latency comes
-from the delay relay (peer/lab_relay.py): an iptables REDIRECT in each host sends every incoming
+from the delay relay (shoal/lab/relay.py): an iptables REDIRECT in each host sends every incoming
 TCP connection on eth0 to the host's relay, which holds each chunk for the one-way delay in both
 directions before passing it on to the original destination. Each connection thus crosses
 exactly one relay: RTT grows by twice the delay. Without iptables (nat table) the lab falls back

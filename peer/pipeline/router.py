@@ -54,7 +54,8 @@ _MIN_SECONDS = 1e-6
 
 class NoReplicaAvailable(LookupError):
     """Every replica of the stage is banned, excluded or unknown: the caller must wait for a new
-    swarm view (`update_replicas`) or bypass the stage (peer/paths.py plans around empty stages)."""
+    swarm view (`update_replicas`) or bypass the stage (peer/pipeline/paths.py plans around empty
+    stages)."""
 
 
 @dataclass(frozen=True)
@@ -246,10 +247,10 @@ class Router:
         return min(policy.ceiling_s, max(floor, policy.factor * expected))
 
     def planning_timing(self, peer_id: str, samples: float, now: float) -> tuple[float, float]:
-        """What the SkipPipe planner (peer/paths.py) needs of a replica, from the measurements:
-        (seconds one forward of `samples` takes there, seconds from `now` until the work this
-        sender already has outstanding there should be done). The throughput EMA mixes forward
-        and backward calls, so the first figure is a whole-call estimate, which is what the
+        """What the SkipPipe planner (peer/pipeline/paths.py) needs of a replica, from the
+        measurements: (seconds one forward of `samples` takes there, seconds from `now` until the
+        work this sender already has outstanding there should be done). The throughput EMA mixes
+        forward and backward calls, so the first figure is a whole-call estimate, which is what the
         planner compares replicas and stage sets by."""
         _check_positive("samples", samples)
         e = self._replicas[peer_id]

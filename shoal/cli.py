@@ -47,7 +47,7 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from coordinator.status_view import main as status_main
+    from shoal.status import main as status_main
 
     return status_main(args.rest)
 
@@ -59,25 +59,25 @@ def _cmd_peer(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from peer.demo import main as demo_main
+    from shoal.local import main as demo_main
 
     return demo_main(args)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from peer.export_cli import export_main
+    from shoal.export import export_main
 
     return export_main(args)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from peer.export_cli import generate_main
+    from shoal.export import generate_main
 
     return generate_main(args)
 
 
 def _cmd_lab(args: argparse.Namespace) -> int:
-    from peer.lab_main import main as lab_main
+    from shoal.lab.command import main as lab_main
 
     return lab_main(args)
 
@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("lab", help="a swarm on a namespace test network: hosts, bandwidth "
                        "caps, latency, faults (root only)")
-    from peer.lab_main import add_arguments as add_lab_arguments
+    from shoal.lab.command import add_arguments as add_lab_arguments
 
     add_lab_arguments(p)
     p.set_defaults(func=_cmd_lab)

@@ -23,14 +23,14 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from peer.sync import Arrays, Meta, SyncFailed
-from peer.sync_modes import DilocoMode
+from peer.sync.modes import DilocoMode
+from peer.sync.rounds import Arrays, Meta, SyncFailed
 from protocols import shoal_pb2 as pb
 from protocols.runspec import RunSpec
 
 if TYPE_CHECKING:
     from peer.daemon import PeerDaemon
-    from peer.stage_host import StageHost
+    from peer.pipeline.stage_host import StageHost
 
 RoundResult = tuple[Arrays, Meta]
 SKIPPED: RoundResult = ({}, {"skip": "1"})

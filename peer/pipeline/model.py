@@ -15,7 +15,7 @@ Invariants the rest of Shoal relies on:
   ``split`` cuts out of the full model.
 - Parameter names are global: ``embedding.weight``, ``norm.weight``, ``layers.<i>.<...>`` with
   ``i`` the layer's index in the full model, wherever the tensor lives. Stage state dicts merge
-  back into a full one by union (``peer.export.assemble``).
+  back into a full one by union (``peer.pipeline.checkpoint.assemble``).
 - Stages run in order are the ``Decoder``: the same modules, the same ops in the same order, so
   logits and gradients are bit-identical on CPU.
 - Rotary cos/sin tables are non-persistent buffers: recomputed, never saved or sent.

@@ -1,6 +1,6 @@
 """The low-bandwidth sync modes of the peer daemon: DeMo, DiLoCo, and robust allreduce.
 
-Each class implements peer/sync.py's `SyncMode` over the math in optim/ (nothing re-derived
+Each class implements peer/sync/rounds.py's `SyncMode` over the math in optim/ (nothing re-derived
 here): `contribution` (this replica, compute thread) -> `aggregate` (the round's leader,
 deterministic in peer-id order) -> `apply` (every replica, the same aggregate bytes).
 
@@ -57,8 +57,8 @@ import torch
 
 from optim import demo, diloco, robust
 from optim.errors import OptimError, ShapeMismatch
-from peer.stage_host import StageHost
-from peer.sync import AllreduceMode, Arrays, Meta
+from peer.pipeline.stage_host import StageHost
+from peer.sync.rounds import AllreduceMode, Arrays, Meta
 from protocols.runspec import RunSpec
 
 log = logging.getLogger("shoal.sync")

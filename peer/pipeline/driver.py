@@ -2,8 +2,8 @@
 
 One optimizer step on this replica:
 1. refresh the swarm view; shard the corpus by this replica's rank among the stage-0 replicas;
-2. plan the iteration's paths (SkipPipe, peer/paths.py; ALGORITHMS.md §2): which block stages
-   each microbatch visits and in which order. The planner runs *here, on each stage-0 peer*,
+2. plan the iteration's paths (SkipPipe, peer/pipeline/paths.py; ALGORITHMS.md §2): which block
+   stages each microbatch visits and in which order. The planner runs *here, on each stage-0 peer*,
    once per iteration, for this peer's own microbatches only: stage 0 owns the microbatches,
    starts and ends every path, and is where the times a plan needs are measured (the router's
    per-replica throughput EMAs and outstanding work, this peer's own head/loss time). Nothing
@@ -16,8 +16,8 @@ One optimizer step on this replica:
    the forward hops that find it empty. A stage that never had a replica (start of the run) is
    waited for instead;
 3. run the microbatches, several in flight: embed → for each block stage of the planned path,
-   the replica with the smallest expected finish time (peer/router.py; the plan's own replica
-   choice is advice only) → head and loss → backward along the *same* hops in reverse →
+   the replica with the smallest expected finish time (peer/pipeline/router.py; the plan's own
+   replica choice is advice only) → head and loss → backward along the *same* hops in reverse →
    embedding; a hop that fails or times out in the forward pass is resent to the next-best
    replica (the failing one is banned until its lease would expire); a microbatch whose backward
    cannot finish (the replica holding its graph is gone) is dropped and counted;
@@ -27,8 +27,8 @@ One optimizer step on this replica:
 The barrier in step 4 keeps training synchronous: no replica steps while it holds graphs of the
 step, and every replica steps exactly once per step. A replica that no path visited this step
 contributes zero samples to its stage's round; a stage no microbatch visited aggregates to
-"skip" and every replica advances its step without an optimizer step (peer/sync.py), so replicas
-of a skipped stage stay bit-identical and in lockstep.
+"skip" and every replica advances its step without an optimizer step (peer/sync/rounds.py), so
+replicas of a skipped stage stay bit-identical and in lockstep.
 """
 
 from __future__ import annotations
@@ -45,10 +45,10 @@ import grpc
 import numpy as np
 import torch
 
-from peer import wire
-from peer.data import inputs_targets, load_corpus, shard
-from peer.paths import ReplicaTiming, plan_iteration
-from peer.router import NoReplicaAvailable, RoundRobinRouter, Router
+from peer.pipeline import wire
+from peer.pipeline.data import inputs_targets, load_corpus, shard
+from peer.pipeline.paths import ReplicaTiming, plan_iteration
+from peer.pipeline.router import NoReplicaAvailable, RoundRobinRouter, Router
 from protocols import shoal_pb2 as pb
 from protocols import shoal_pb2_grpc as pbg
 

@@ -8,15 +8,15 @@ added latency and faults on command (root only).
     shoal lab --clean                                                 remove labs left by dead runs
 
 Design. Three layers, one file each, so each can be used alone (tests and bench.wan do):
-- peer/lab.py — the network: a switch namespace with a bridge, one namespace per host with an
-  address in 198.18.0.0/15, tbf caps both ways per host (ingress through ifb), an iptables
+- shoal/lab/network.py — the network: a switch namespace with a bridge, one namespace per host with
+  an address in 198.18.0.0/15, tbf caps both ways per host (ingress through ifb), an iptables
   REDIRECT that sends incoming TCP to the host's delay relay, partitions by switch port.
-- peer/lab_relay.py — the delay relay (asyncio): holds each chunk `--delay-ms` in each direction.
-- peer/lab_swarm.py — processes inside the hosts: the real `shoal coordinator` on host `coord`,
+- shoal/lab/relay.py — the delay relay (asyncio): holds each chunk `--delay-ms` in each direction.
+- shoal/lab/swarm.py — processes inside the hosts: the real `shoal coordinator` on host `coord`,
   one real `shoal peer` on each host `peerN` (with `--mdns` they find the coordinator by
   zeroconf across the bridge instead of being told its address), the relays, and the faults
   (kill -9, SIGTERM with grace, SIGSTOP/SIGCONT, link down/up, coordinator restart, respawn).
-- peer/lab_scenario.py — the fault language, the seeded chaos generator and the runner.
+- shoal/lab/scenario.py — the fault language, the seeded chaos generator and the runner.
 This module ties them into a run: build the network, start the swarm, follow the steps, fire
 faults when due, export the model at the end (from inside `coord`, over the capped links), load
 it back, and write `summary.json`: the demo's summary plus the lab's settings, every fault fired,
@@ -42,11 +42,11 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from peer.demo import DEMO_DEFAULTS, _progress, read_metrics, summarize
-from peer.lab import LabError, LabNetwork, check_root, clean_stale
-from peer.lab_scenario import ScenarioError, ScenarioRunner, chaos, parse, parse_line
-from peer.lab_swarm import COORD_HOST, LabSwarm
 from protocols.runspec import RunSpec, RunSpecError
+from shoal.lab.network import LabError, LabNetwork, check_root, clean_stale
+from shoal.lab.scenario import ScenarioError, ScenarioRunner, chaos, parse, parse_line
+from shoal.lab.swarm import COORD_HOST, LabSwarm
+from shoal.local import DEMO_DEFAULTS, _progress, read_metrics, summarize
 
 # The demo's small model, with leases long enough for a machine whose cores are shared by many
 # hosts (a lab of 8 peers on 2 cores starves heartbeats for seconds while torch starts).
@@ -65,7 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="a run spec TOML to start from (flags override it)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a run spec key, e.g. --set model.d_model=64 (TOML values)")
-    p.add_argument("--scenario", help="a file of fault commands (see peer/lab_scenario.py)")
+    p.add_argument("--scenario", help="a file of fault commands (see shoal/lab/scenario.py)")
     p.add_argument("--fault", action="append", default=[], metavar="CMD",
                    help="one fault command, e.g. 'at step 10 kill random respawn=20'")
     p.add_argument("--chaos", type=int, metavar="SEED",
@@ -273,7 +273,7 @@ def follow(swarm: LabSwarm, spec: RunSpec, faults: list, args: argparse.Namespac
         "faults_not_fired": [f.line for f in runner.pending],
     })
     if summary["completed"] and not args.no_export:
-        from peer.export import load_model
+        from peer.pipeline.checkpoint import load_model
 
         model_dir = swarm.work / "model"
         swarm.export(model_dir)

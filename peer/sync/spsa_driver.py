@@ -1,8 +1,8 @@
 """The stage-0 step loop of `sync.mode = "spsa"`: forward passes only, one byte per direction.
 
-`SpsaDriver` takes the place of peer/driver.py's `Driver` on a stage-0 replica of an SPSA run
-and reuses its loop, swarm view refresh and data shard; one step is (design in
-peer/spsa_mode.py):
+`SpsaDriver` takes the place of peer/pipeline/driver.py's `Driver` on a stage-0 replica of an SPSA
+run and reuses its loop, swarm view refresh and data shard; one step is (design in
+peer/sync/spsa.py):
 1. catch up first: if the coordinator's ledger already closed steps this replica has not
    applied (it joined late, or a post of its own came too late), apply them;
 2. for each direction j and microbatch: embed under +-eps z (stacked [h+; h-]), one Forward
@@ -19,7 +19,7 @@ Paths are always full depth, whatever `pipeline.skip_ratio` says: every replica 
 applies every code, which is right only for stages the direction's streams went through (a
 skipped stage would need the route in the message; not built).
 
-Bytes on the wire under kind `sync:spsa` (peer/wire.py's counter, in heartbeats and
+Bytes on the wire under kind `sync:spsa` (peer/pipeline/wire.py's counter, in heartbeats and
 summary.json): the serialized PostSpsa request and its reply, and per block replica the `spsa`
 field of StepEnd (tag, length and J bytes per peer). The rest of StepEnd (step, sender, the
 replica lists) is the step barrier every sync mode sends, counted nowhere, as for the others.
@@ -39,11 +39,11 @@ import torch
 
 from optim import spsa
 from optim.errors import NonFiniteValues
-from peer import wire
-from peer.data import inputs_targets
-from peer.driver import MAX_HOP_ATTEMPTS, Driver, MicrobatchDropped
-from peer.router import NoReplicaAvailable
-from peer.spsa_mode import KIND, SpsaMode, from_codes
+from peer.pipeline import wire
+from peer.pipeline.data import inputs_targets
+from peer.pipeline.driver import MAX_HOP_ATTEMPTS, Driver, MicrobatchDropped
+from peer.pipeline.router import NoReplicaAvailable
+from peer.sync.spsa import KIND, SpsaMode, from_codes
 from protocols import shoal_pb2 as pb
 from protocols import shoal_pb2_grpc as pbg
 

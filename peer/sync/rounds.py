@@ -25,7 +25,7 @@ Invariant: every replica that completes round `step` applies byte-identical aggr
 replicas stay bit-identical. A dead or frozen replica delays a round by at most `timeout`.
 
 The arithmetic of each sync mode lives behind `SyncMode` (allreduce here; demo, diloco and the
-robust allreduce in peer/sync_modes.py, over the math in optim/).
+robust allreduce in peer/sync/modes.py, over the math in optim/).
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ import grpc
 import numpy as np
 import torch
 
-from peer import wire
-from peer.stage_host import StageHost
+from peer.pipeline import wire
+from peer.pipeline.stage_host import StageHost
 from protocols import shoal_pb2 as pb
 
 log = logging.getLogger("shoal.sync")
