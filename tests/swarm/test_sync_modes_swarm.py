@@ -19,7 +19,7 @@ import pytest
 from bench.bandwidth import start_blocks_first
 from protocols.runspec import RunSpec
 from shoal.local import Swarm, read_metrics
-from tests.test_peer_swarm import peers_by_stage, step_of, wait_for
+from tests.swarm.test_peer_swarm import peers_by_stage, step_of, wait_for
 
 TINY = {"model.d_model": 32, "model.n_layers": 2, "model.n_heads": 4, "model.seq_len": 32,
         "pipeline.stages": 2, "pipeline.microbatch": 4, "pipeline.target_batch": 16,

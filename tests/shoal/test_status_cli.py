@@ -14,7 +14,7 @@ import pytest
 from shoal.status import main, render, status_url
 from tests.fake_status import FakeStatusServer, lose_peer, make_status
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

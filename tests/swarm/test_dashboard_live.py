@@ -16,8 +16,8 @@ import pytest
 
 from protocols.runspec import RunSpec
 from shoal.local import Swarm
-from tests.test_dashboard import MS, browser, open_dashboard, page, sel, shot  # noqa: F401
-from tests.test_peer_swarm import TINY, step_of, wait_for
+from tests.coordinator.test_dashboard import MS, browser, open_dashboard, page, sel, shot  # noqa: F401
+from tests.swarm.test_peer_swarm import TINY, step_of, wait_for
 
 pytestmark = pytest.mark.browser
 

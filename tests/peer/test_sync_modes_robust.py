@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from tests.test_sync_modes import params_equal, replicas, spec_with, train_microbatch
+from tests.peer.test_sync_modes import params_equal, replicas, spec_with, train_microbatch
 
 
 def _demo_parts(spec, n: int = 3):

@@ -13,7 +13,7 @@ import signal
 import pytest
 
 from shoal.local import read_metrics
-from tests.test_peer_swarm import spec_with, step_of, swarm_factory, wait_for  # noqa: F401
+from tests.swarm.test_peer_swarm import spec_with, step_of, swarm_factory, wait_for  # noqa: F401
 
 # 3 block stages of one layer each: stage 2's neighbours have the same layout, so they average.
 # Leases long enough that a stalled shared machine does not expire the survivors too.

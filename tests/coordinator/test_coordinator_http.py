@@ -135,7 +135,7 @@ def test_events_stream_pushes_status(coord: CoordinatorProcess) -> None:
 def test_dashboard_and_static_files_are_served(coord: CoordinatorProcess) -> None:
     kind, body = fetch(coord.http_url)
     assert kind.startswith("text/html") and "<html" in body.lower()
-    static = Path(__file__).resolve().parents[1] / "coordinator" / "static"
+    static = Path(__file__).resolve().parents[2] / "coordinator" / "static"
     for f in sorted(static.glob("*.js"))[:1]:
         kind, body = fetch(coord.http_url + "static/" + f.name)
         assert body == f.read_text()

@@ -17,8 +17,8 @@ import pytest
 from peer.sync.spsa import DRIFT_ENV
 from protocols.runspec import RunSpec
 from shoal.local import Swarm, read_metrics
-from tests.test_peer_swarm import peers_by_stage, step_of, wait_for
-from tests.test_sync_modes_swarm import swarm_of  # noqa: F401 (a fixture)
+from tests.swarm.test_peer_swarm import peers_by_stage, step_of, wait_for
+from tests.swarm.test_sync_modes_swarm import swarm_of  # noqa: F401 (a fixture)
 
 TINY = {"model.d_model": 32, "model.n_layers": 2, "model.n_heads": 4, "model.seq_len": 32,
         "pipeline.stages": 2, "pipeline.microbatch": 8, "pipeline.target_batch": 16,
