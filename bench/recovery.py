@@ -86,14 +86,8 @@ from optim.checkfree import (
     weighted_average,
 )
 from peer.pipeline.data import Shard, holdout, inputs_targets, load_corpus, shard
-from peer.pipeline.model import (
-    BlockStage,
-    ModelConfig,
-    StageZero,
-    init_block_stage,
-    run_pipeline,
-    split,
-)
+from peer.pipeline.model import ModelConfig
+from peer.pipeline.stages import BlockStage, StageZero, init_block_stage, run_pipeline, split
 
 RECOVERY_ARMS = ("checkfree", "uniform", "copy", "random")
 ARMS = ("no_failure", *RECOVERY_ARMS)

@@ -26,7 +26,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from peer.pipeline.model import EDGE_COPY_KEYS, Decoder, ModelConfig, count_params, layer_of
+from peer.pipeline.model import EDGE_COPY_KEYS, Decoder, ModelConfig
+from peer.pipeline.stages import count_params, layer_of
 
 FORMAT = "shoal-decoder"
 VERSION = 1

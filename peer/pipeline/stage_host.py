@@ -36,12 +36,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from peer.pipeline.model import (
-    ModelConfig,
-    StageZero,
-    init_block_stage,
-    stage_layers,
-)
+from peer.pipeline.model import ModelConfig
+from peer.pipeline.stages import StageZero, init_block_stage, stage_layers
 from protocols.runspec import RunSpec
 
 log = logging.getLogger("shoal.stage")

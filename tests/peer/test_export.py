@@ -18,7 +18,8 @@ from peer.pipeline.checkpoint import (
     load_model,
     save_model,
 )
-from peer.pipeline.model import Decoder, ModelConfig, split
+from peer.pipeline.model import Decoder, ModelConfig
+from peer.pipeline.stages import split
 
 TINY = ModelConfig(d_model=32, n_layers=4, n_heads=4, seq_len=16, ffn_multiple_of=16, seed=3)
 

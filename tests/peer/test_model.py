@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from peer.pipeline.data import holdout, inputs_targets, load_corpus, shard
-from peer.pipeline.model import (
-    Decoder,
-    ModelConfig,
+from peer.pipeline.model import Decoder, ModelConfig
+from peer.pipeline.stages import (
     block_stage_from_state,
     count_params,
     init_block_stage,
