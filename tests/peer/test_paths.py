@@ -21,8 +21,8 @@ from peer.pipeline.paths import (
     is_full_depth,
     makespan,
     path_length,
-    plan_iteration,
 )
+from peer.pipeline.planner import plan_iteration
 
 EPS = 1e-9
 
