@@ -47,7 +47,8 @@ import torch
 
 from peer.pipeline import wire
 from peer.pipeline.data import inputs_targets, load_corpus, shard
-from peer.pipeline.paths import ReplicaTiming, plan_iteration
+from peer.pipeline.paths import ReplicaTiming
+from peer.pipeline.planner import plan_iteration
 from peer.pipeline.router import NoReplicaAvailable, RoundRobinRouter, Router
 from protocols import shoal_pb2 as pb
 from protocols import shoal_pb2_grpc as pbg
