@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,10 +35,19 @@ from google.protobuf.message import Message
 from coordinator.assignment import rebalance_due
 from coordinator.ledger import LedgerRefused, SpsaLedger, ledger_reply, training_stage0
 from coordinator.membership import Member, Membership
+from coordinator.messages import (
+    MAX_STEP,
+    BadRequest,
+    check_address,
+    check_benchmark,
+    check_text,
+    member_to_wire,
+    stats_from_wire,
+)
 from coordinator.store import Batch, Journal, StoreError
 from protocols import shoal_pb2 as pb
 from protocols.auth import Admission, AdmissionDenied, current_caller, issue_certificate
-from protocols.coordinator_client import OBSERVER_STAGE, PEER_STATES, VERSION, Benchmark, PeerStats
+from protocols.coordinator_client import OBSERVER_STAGE, VERSION
 from protocols.identity import Identity, peer_id_of
 from protocols.runspec import RunSpec
 
@@ -48,15 +56,6 @@ log = logging.getLogger("shoal.coordinator")
 SERVICE_NAME = "shoal.v1.Coordinator"
 VIEW_MIN_INTERVAL_S = 0.25
 VIEW_STATS_MAX_AGE_S = 1.0
-MAX_RATE = 1e9  # samples/s, tokens/s: anything above is a bug or a lie
-MAX_STEP = 2**53
-MAX_KINDS = 32
-_ADDRESS_RE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9._-]+):([0-9]{1,5})$")
-_HEX_RE = re.compile(r"^[0-9a-f]*$")
-
-
-class BadRequest(ValueError):
-    """A field of a request is malformed; the message names the field and the bound."""
 
 
 @dataclass(frozen=True)
@@ -136,15 +135,15 @@ class CoordinatorService:
             if caller is not None and caller.public_key != key:
                 raise BadRequest("public_key differs from the key that signed the Join call; "
                                  "sign Join with the key you are joining with")
-            address = "" if observer else _address(request.address)
-            bench = None if observer else _benchmark(request.benchmark)
+            address = "" if observer else check_address(request.address)
+            bench = None if observer else check_benchmark(request.benchmark)
             n = self.membership.n_stages
             if not OBSERVER_STAGE <= request.stage_hint < n:
                 raise BadRequest(f"stage_hint must be -1 (none), -2 (observer) or a stage "
                                  f"0..{n - 1}, got {request.stage_hint}")
             if request.step_hint > MAX_STEP:
                 raise BadRequest(f"step_hint must be < 2**53, got {request.step_hint}")
-            _text("version", request.version, 64)
+            check_text("version", request.version, 64)
             self.admission.check(key, bytes(request.token_proof), request.timestamp, now)
         except BadRequest as exc:
             await self._refuse(context, "Join", grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -231,7 +230,7 @@ class CoordinatorService:
             await self._refuse(context, "Leave", grpc.StatusCode.UNAUTHENTICATED,
                                "unsigned Leave; sign calls with protocols.auth")
         try:
-            reason = _text("reason", request.reason, 200) or "leaving"
+            reason = check_text("reason", request.reason, 200) or "leaving"
         except BadRequest as exc:
             await self._refuse(context, "Leave", grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if self.observers.pop(caller.peer_id, None) is not None:
@@ -260,7 +259,7 @@ class CoordinatorService:
             if request.step > MAX_STEP:
                 raise BadRequest(f"step must be < 2**53, got {request.step}")
             for pid in request.expect:
-                _text("expect", pid, 128)
+                check_text("expect", pid, 128)
             expect = list(request.expect) or training_stage0(self.membership)
             ledger.post(request.step, caller.peer_id, bytes(request.codes), expect,
                         time.monotonic())
@@ -365,80 +364,6 @@ class CoordinatorService:
         self.rejected[method] = self.rejected.get(method, 0) + 1
         log.debug("%s refused (%s): %s", method, code.name, message)
         await context.abort(code, message)
-
-
-def member_to_wire(m: Member, full_stats: bool = True) -> pb.PeerInfo:
-    b, s = m.benchmark, m.stats
-    stats = s.to_proto() if full_stats else pb.PeerStats(
-        state=s.state, samples_per_s=s.samples_per_s, queue=s.queue, step=s.step, loss=s.loss,
-        state_hash=s.state_hash)
-    return pb.PeerInfo(
-        peer_id=m.peer_id, public_key=m.public_key, address=m.address, stage=m.stage,
-        state=m.state, stats=stats, lease_expires=m.lease_expires,
-        joined_at=m.joined_at,
-        benchmark=pb.Benchmark(samples_per_s=b.samples_per_s, bandwidth_mbps=b.bandwidth_mbps,
-                               device=b.device, memory_bytes=b.memory_bytes, declared=b.declared))
-
-
-# ---------------------------------------------------------------------- input checks
-
-
-def _text(name: str, value: str, limit: int) -> str:
-    if len(value) > limit:
-        raise BadRequest(f"{name} is {len(value)} characters; at most {limit} are accepted")
-    if not value.isprintable():
-        raise BadRequest(f"{name} must be printable text")
-    return value
-
-
-def _rate(name: str, value: float, limit: float = MAX_RATE) -> float:
-    if not math.isfinite(value) or value < 0 or value > limit:
-        raise BadRequest(f"{name} must be a finite number in [0, {limit:g}], got {value!r}")
-    return value
-
-
-def _address(value: str) -> str:
-    _text("address", value, 256)
-    match = _ADDRESS_RE.match(value)
-    if not match or not 1 <= int(match.group(2)) <= 65535:
-        raise BadRequest(f"address must be HOST:PORT where other peers reach this one "
-                         f"(port 1-65535), got {value!r:.80}")
-    return value
-
-
-def _benchmark(b: pb.Benchmark) -> Benchmark:
-    if not (math.isfinite(b.samples_per_s) and 0 < b.samples_per_s <= MAX_RATE):
-        raise BadRequest(f"benchmark.samples_per_s must be a finite number in (0, {MAX_RATE:g}]"
-                         f" (run the self-benchmark), got {b.samples_per_s!r}")
-    _rate("benchmark.bandwidth_mbps", b.bandwidth_mbps, 1e7)
-    _text("benchmark.device", b.device, 128)
-    return Benchmark.from_proto(b)
-
-
-def stats_from_wire(s: pb.PeerStats) -> PeerStats:
-    """Validated heartbeat stats. `loss` may be NaN (unknown); nothing else may be."""
-    if s.state not in PEER_STATES:
-        raise BadRequest(f"stats.state must be one of {', '.join(PEER_STATES)}, "
-                         f"got {s.state!r:.40}")
-    _rate("stats.samples_per_s", s.samples_per_s)
-    _rate("stats.tokens_per_s", s.tokens_per_s)
-    _rate("stats.grad_norm", s.grad_norm, 1e30)
-    if not (math.isnan(s.loss) or 0 <= s.loss <= 1e6):
-        raise BadRequest(f"stats.loss must be NaN (unknown) or in [0, 1e6], got {s.loss!r}")
-    if s.step > MAX_STEP:
-        raise BadRequest(f"stats.step must be < 2**53, got {s.step}")
-    if s.queue > 1_000_000:
-        raise BadRequest(f"stats.queue must be <= 1000000, got {s.queue}")
-    if len(s.state_hash) > 128 or not _HEX_RE.match(s.state_hash):
-        raise BadRequest("stats.state_hash must be a lowercase hex digest of at most 128 chars")
-    if len(s.bytes_by_kind) > MAX_KINDS:
-        raise BadRequest(f"stats.bytes_by_kind has {len(s.bytes_by_kind)} kinds; at most "
-                         f"{MAX_KINDS} are accepted")
-    for kind in s.bytes_by_kind:
-        if len(kind) > 64 or not kind.isprintable():
-            raise BadRequest(f"stats.bytes_by_kind key {kind!r:.80} must be printable, <= 64 "
-                             f"characters")
-    return PeerStats.from_proto(s)
 
 
 class _Histogram:
