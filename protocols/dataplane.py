@@ -1,21 +1,10 @@
 """The bulk data plane: payloads negotiated over gRPC, delivered over one raw TCP connection.
 
-Why (measured first, on this 2-core machine, two processes on loopback, 256 MiB, median of 3):
-sync gRPC streaming 2 MiB chunks with an identity serializer ~0.6 GB/s and as protobuf
-TensorChunks ~0.4 GB/s (grpc.aio lower still, ALGORITHMS.md §7), against ~2.4 GB/s for a raw TCP
-socket: gRPC/raw ~0.25, and grpcio copies every message. Chosen: gRPC only negotiates and
-authenticates; the bytes take one raw TCP connection.
-
-Where a verified download's time goes (CPU seconds per 256 MiB, both processes): sender ~0.03,
-receiver's recv_into ~0.07 (kernel copy, first touch of fresh pages: the raw socket pays both),
-SHA-256 ~0.17 (SHA-NI, ~1.5 GB/s on one core), finiteness ~0.02; the gRPC call ~1.5 ms. A flat
-SHA-256 is serial, so it capped downloads at one core's ~1.5 GB/s against ~2.1-2.4 GB/s raw
-(gRPC/raw <= ~0.7 idle, 0.45-0.6 measured). Hence the payload digest is a SHA-256 tree
-(protocols.digest) whose 1 MiB leaves worker threads hash as they land, and the finiteness
-count rides on the same workers. The CPU remains: a verified download needs ~3x a bare
-socket's, so on a machine saturated by other work (this one is shared) the ratio tends to ~0.35
-whatever the parallelism. Over a 100 Mbit/s tbf-capped veth the path fills the link (95.4-95.6 %
-of the cap as payload; framing leaves 95.6 %).
+Why: gRPC streaming copies every message and reached a quarter of a raw TCP socket's rate on
+loopback here, so gRPC only negotiates and authenticates and the bytes take one raw connection.
+A verified download costs ~3x a bare socket's CPU (mostly SHA-256), so the payload digest is a
+SHA-256 tree (protocols.digest) whose 1 MiB leaves worker threads hash as they land, and the
+finiteness count rides on the same workers. Measured figures: docs/benchmarks.md (transport).
 
 Protocol:
     1. The serving peer answers the (authenticated, signed) gRPC call with the usual CallHeader
