@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from optim import demo
+from optim import dct, demo
 from optim.demo import Chunking, DemoConfig, DemoPacket, DemoState
 from optim.errors import ConfigError, NoContributions, PacketRejected
 
@@ -28,7 +28,7 @@ def _grads(params: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
 def test_chunk_size_is_largest_divisor_up_to_target() -> None:
     cases = {128: 64, 96: 48, 100: 50, 37: 37, 64: 64, 50257: 29, 67: 1, 1: 1}
     for n, want in cases.items():
-        assert demo.chunk_size(n, 64) == want
+        assert dct.chunk_size(n, 64) == want
 
 
 def test_dct_is_orthonormal_dct_ii_and_inverts() -> None:
@@ -111,7 +111,7 @@ def test_average_is_over_the_replicas_that_chose_each_index() -> None:
     agg = demo.aggregate(packets, [(8,)], cfg)
     coeffs = torch.zeros(8, dtype=torch.float64)
     coeffs[0], coeffs[3], coeffs[5] = 1.0, (2.0 + 4.0) / 2, -6.0  # not /W: 0.5, 3, -3
-    basis = demo._basis(8, torch.float64)
+    basis = dct.dct_basis(8, torch.float64)
     torch.testing.assert_close(agg.tensors[0], basis.T @ coeffs, rtol=0, atol=1e-15)
     assert agg.included == ("a", "b") and agg.count == 2
 
