@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable
 
 Command = Callable[[argparse.Namespace], int]
@@ -18,7 +19,13 @@ def _cmd_identity(args: argparse.Namespace) -> int:
 
     if args.action == "new":
         ident = Identity.generate()
-        ident.save(args.path)
+        try:
+            ident.save(args.path)
+        except FileExistsError:
+            print(f"shoal identity: {args.path} exists; an identity key is never overwritten "
+                  "(its peer id would change): remove it first or pick another name",
+                  file=sys.stderr)
+            return 1
         print(f"wrote {args.path} (mode 0600); peer id {ident.peer_id}")
     else:
         ident = Identity.load(args.path)
@@ -31,7 +38,13 @@ def _cmd_token(args: argparse.Namespace) -> int:
 
     token = new_token()
     if args.path:
-        fd = os.open(args.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fd = os.open(args.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            print(f"shoal token: {args.path} exists; a token file is never overwritten (peers "
+                  "that hold it would be locked out): remove it first or pick another name",
+                  file=sys.stderr)
+            return 1
         with os.fdopen(fd, "w") as f:
             f.write(token + "\n")
         print(f"wrote a join token to {args.path} (mode 0600); give it to peers with --token-file")
@@ -47,12 +60,23 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from shoal.status import main as status_main
+    from shoal.status import run as status_run
 
-    return status_main(args.rest)
+    return status_run(args)
 
 
 def _cmd_peer(args: argparse.Namespace) -> int:
+    if args.tls_dir:
+        # The coordinator serves mTLS (`shoal coordinator --tls-dir`), but the peer daemon's
+        # channels (to the coordinator and to other peers) and its own gRPC server are plaintext
+        # with signed calls: accepting the flag and ignoring it would promise an encryption that
+        # does not happen.
+        print("shoal peer: --tls-dir is not supported yet: mTLS between peers (and from a peer "
+              "to the coordinator) is not wired into the peer daemon; every call is signed with "
+              "the peer's Ed25519 identity (protocols/auth.py) but travels unencrypted. Run "
+              "without --tls-dir on a network you trust, or over a VPN/WireGuard tunnel.",
+              file=sys.stderr)
+        return 2
     from peer.daemon import main as peer_main
 
     return peer_main(args)
@@ -71,7 +95,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from shoal.export import generate_main
+    from shoal.generate import generate_main
 
     return generate_main(args)
 
@@ -93,16 +117,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="a coordinator and N peers on this machine, training a small "
                        "byte-level model on the Python standard library's source")
+    # --stages, --steps, --sync and --seed default to None: an explicit flag wins over the
+    # --config file, and the file wins over the built-in default (shoal/local.py's demo_spec).
     p.add_argument("--peers", type=int, default=4, help="peer processes (default 4)")
-    p.add_argument("--stages", type=int, default=2, help="block stages (default 2)")
-    p.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
-    p.add_argument("--sync", default="allreduce", choices=("allreduce", "demo", "diloco", "spsa"))
-    p.add_argument("--config", help="a run spec TOML to start from (flags override it)")
+    p.add_argument("--stages", type=int, help="block stages (default: --config's, else 2)")
+    p.add_argument("--steps", type=int, help="optimizer steps (default: --config's, else 100)")
+    p.add_argument("--sync", choices=("allreduce", "demo", "diloco", "spsa"),
+                   help="how replicas stay equal (default: --config's, else allreduce)")
+    p.add_argument("--config", help="a run spec TOML to start from (explicit flags override it; "
+                   "it overrides the flags' defaults)")
     p.add_argument("--data", help="your own text files or directory instead of the stdlib")
-    p.add_argument("--out", help="write summary.json, the exported model and logs here")
+    p.add_argument("--out", help="write summary.json, the exported model and logs here (a new "
+                   "or empty folder)")
     p.add_argument("--http-port", type=int, default=0, help="dashboard port (default: any free)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="run seed (default: --config's, else 0)")
     p.add_argument("--init-model", help="start from an exported model (a folder with "
                    "model.safetensors)")
     p.set_defaults(func=_cmd_demo)
@@ -138,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pad compute to this speed, emulating a machine of its own (benchmarks)")
     p.add_argument("--stage", type=int, default=-1, help="ask for this stage (default: assigned)")
     p.add_argument("--snapshot-dir", help="keep periodic safetensors snapshots of the stage here")
-    p.add_argument("--tls-dir")
+    p.add_argument("--tls-dir", help="not supported yet (mTLS between peers is not wired): "
+                   "refused with an error")
     p.add_argument("--router", choices=("swarm", "round_robin"), default="swarm",
                    help="stage 0: how the next replica is chosen (round_robin = the baseline)")
     p.add_argument("--init-model", help="first replica of a stage starts from this exported "
@@ -149,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_peer)
 
     p = sub.add_parser("status", help="the swarm at a glance (--json for scripts)")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+    from shoal.status import add_arguments as add_status_arguments
+
+    add_status_arguments(p)
     p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("export", help="pull every stage from live peers into model.safetensors")

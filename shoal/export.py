@@ -1,4 +1,4 @@
-"""`shoal export` and `shoal generate`: the swarm's model out into one directory, and text from it.
+"""`shoal export`: the swarm's model out into one directory (`shoal generate` reads it).
 
 Export joins the coordinator as an *observer* (it is given no stage and no lease that counts),
 reads the swarm view, downloads each stage from a live replica over `State.Download` (the same
@@ -18,7 +18,7 @@ import grpc
 import torch
 
 from peer.pipeline import wire
-from peer.pipeline.checkpoint import assemble, decode, generate, kept_layers, load_model, save_model
+from peer.pipeline.checkpoint import assemble, save_model
 from peer.pipeline.stage_host import model_config, tensor_hash
 from protocols import auth, tensor_stream
 from protocols import shoal_pb2 as pb
@@ -151,13 +151,4 @@ def export_main(args: argparse.Namespace) -> int:
         print(f"shoal export: {exc}")
         return 1
     print(f"wrote {out}/model.safetensors and {out}/config.json")
-    return 0
-
-
-def generate_main(args: argparse.Namespace) -> int:
-    model = load_model(args.model)
-    layers = kept_layers(model.config.n_layers, args.skip) if args.skip else None
-    text = generate(model, args.prompt.encode(), args.tokens, temperature=args.temperature,
-                    top_k=args.top_k, seed=args.seed, layers=layers)
-    print(args.prompt + decode(text))
     return 0

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import urllib.request
 from pathlib import Path
 
@@ -59,26 +60,90 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The flags that are also run-spec keys, with their built-in defaults. Precedence, highest first:
+# an explicit flag, then the --config file, then these defaults (the flags default to None).
+FLAG_KEYS = {"stages": ("pipeline.stages", 2), "steps": ("run.steps", 100),
+             "sync": ("sync.mode", "allreduce"), "seed": ("run.seed", 0)}
+
+
+def _dotted_keys(table: dict, prefix: str = "") -> dict[str, object]:
+    """A TOML table's leaves by dotted key: {"model": {"d_model": 8}} -> {"model.d_model": 8}."""
+    out: dict[str, object] = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            out.update(_dotted_keys(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def demo_spec(args: argparse.Namespace) -> RunSpec:
-    base = RunSpec.load(args.config) if args.config else RunSpec().replace(**DEMO_DEFAULTS)
-    if args.sync == "spsa" and not args.config and not args.init_model:
-        base = base.replace(**{**SPSA_DEMO_DEFAULTS,
-                               "model.n_layers": max(2, args.stages)})
-    if args.sync == "diloco" and not args.config:
-        base = base.replace(**{"sync.diloco.inner_steps": demo_inner_steps(args.steps)})
+    """The run spec of a demo: explicit flags > the --config file > the demo's defaults.
+
+    A key the file sets is never replaced by a default (neither a flag's nor DEMO_DEFAULTS');
+    a key it leaves out gets the demo's default, as without --config. An --init-model fixes the
+    model's shape (the weights decide it).
+    """
+    from_file: dict[str, object] = {}
+    if args.config:
+        from protocols.runspec import RunSpecError
+
+        try:
+            RunSpec.load(args.config)  # the file must be a valid spec on its own
+            with open(args.config, "rb") as f:
+                from_file = _dotted_keys(tomllib.load(f))
+        except (RunSpecError, OSError, tomllib.TOMLDecodeError) as exc:
+            raise SystemExit(f"shoal demo: --config: {exc}") from None
+
+    def resolve(flag: str) -> object:
+        explicit = getattr(args, flag, None)
+        key, default = FLAG_KEYS[flag]
+        return explicit if explicit is not None else from_file.get(key, default)
+
+    stages, steps, sync, seed = (resolve(f) for f in ("stages", "steps", "sync", "seed"))
+    defaults: dict[str, object] = dict(DEMO_DEFAULTS)
+    if sync == "spsa" and not args.init_model:
+        defaults.update({**SPSA_DEMO_DEFAULTS, "model.n_layers": max(2, int(stages))})
+    if sync == "diloco":
+        defaults["sync.diloco.inner_steps"] = demo_inner_steps(int(steps))
+    defaults["run.name"] = f"demo-{sync}"
+    values = {**defaults, **from_file}
     if args.init_model:  # the model's shape comes from the exported model
         from peer.pipeline.checkpoint import load_config
 
         c = load_config(args.init_model)
-        base = base.replace(**{"model.d_model": c.d_model, "model.n_layers": c.n_layers,
-                               "model.n_heads": c.n_heads, "model.seq_len": c.seq_len})
-    spec = base.replace(**{"pipeline.stages": args.stages, "run.steps": args.steps,
-                           "sync.mode": args.sync, "run.seed": args.seed,
-                           "run.name": f"demo-{args.sync}"})
-    if args.peers < args.stages + 1:
-        raise SystemExit(f"--peers {args.peers} cannot cover {args.stages} block stages plus "
-                         f"stage 0: use at least {args.stages + 1} peers")
+        values.update({"model.d_model": c.d_model, "model.n_layers": c.n_layers,
+                       "model.n_heads": c.n_heads, "model.seq_len": c.seq_len})
+    values.update({"pipeline.stages": stages, "run.steps": steps, "sync.mode": sync,
+                   "run.seed": seed})
+    spec = RunSpec().replace(**values)
+    if args.peers < spec.pipeline.stages + 1:
+        raise SystemExit(f"--peers {args.peers} cannot cover {spec.pipeline.stages} block stages "
+                         f"plus stage 0: use at least {spec.pipeline.stages + 1} peers")
+    if spec.run.steps <= 0:
+        raise SystemExit(f"shoal demo: run.steps is {spec.run.steps}: a demo needs a number of "
+                         "steps to stop at (--steps N)")
     return spec
+
+
+def out_dir(path: str | None) -> Path:
+    """The demo's working folder: --out when given (new or empty), else a fresh temporary one.
+
+    A folder with an earlier run in it is refused: the coordinator would resume its stored state
+    (the old swarm's members and leases) and the metrics files would get the new run appended,
+    so the summary mixes two runs and the export waits on replicas that no longer exist.
+    """
+    if not path:
+        return Path(tempfile.mkdtemp(prefix="shoal-demo-"))
+    work = Path(path)
+    if work.exists() and not work.is_dir():
+        raise SystemExit(f"shoal demo: --out {work} is a file; name a new or empty folder")
+    if work.is_dir() and any(work.iterdir()):
+        raise SystemExit(f"shoal demo: --out {work} is not empty (an earlier run's state, logs "
+                         "and model are there, and a demo does not resume one): name a new or "
+                         "empty folder, or remove this one")
+    work.mkdir(parents=True, exist_ok=True)
+    return work
 
 
 class Swarm:
@@ -254,10 +319,39 @@ def _progress(step: int, total: int, loss: float | None, tps: float, bps: float 
     return ("\r" + text) if tty else text
 
 
+def check_data(data: str | None) -> None:
+    """Read --data here first: a path that is missing or holds no text fails now, with the
+    peers' own message, not as a stage-0 peer that dies while the others wait for it."""
+    if not data:
+        return
+    from peer.pipeline.data import CorpusError, load_corpus
+
+    try:
+        load_corpus([data])
+    except CorpusError as exc:
+        raise SystemExit(f"shoal demo: --data: {exc}") from None
+
+
+def _dead_peer(swarm: Swarm) -> str | None:
+    """A message naming the first peer that exited with an error, and its log's last lines."""
+    for i, p in enumerate(swarm.peers):
+        if p.poll() not in (None, 0):
+            log = swarm.logs / f"peer{i}.log"
+            tail = log.read_text(errors="replace").strip().splitlines()[-5:] if log.exists() else []
+            return (f"peer {i} exited with code {p.returncode} before the run ended (log: {log}):"
+                    "\n  " + "\n  ".join(tail))
+    return None
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # the same clean stop as Ctrl-C: every process started is ended
+
+
 def main(args: argparse.Namespace) -> int:
     spec = demo_spec(args)
-    work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="shoal-demo-"))
-    work.mkdir(parents=True, exist_ok=True)
+    check_data(args.data)
+    work = out_dir(args.out)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     swarm = Swarm(work, spec, args.peers, args.data, args.device)
     swarm.init_model = args.init_model
     tty = sys.stdout.isatty()
@@ -274,6 +368,8 @@ def main(args: argparse.Namespace) -> int:
             time.sleep(1.0)
             if all(p.poll() is not None for p in swarm.peers):
                 raise SystemExit("every peer exited; see the logs in " + str(swarm.logs))
+            if dead := _dead_peer(swarm):
+                raise SystemExit(f"shoal demo: {dead}")
             status = swarm.status() or status
             rows = read_metrics(swarm.logs)
             step = max((r["step"] for r in rows), default=0)
@@ -313,7 +409,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"try:   shoal generate --model {model_dir} --prompt 'def '")
         return 0
     except KeyboardInterrupt:
-        print("\ninterrupted: stopping the swarm")
+        print("\ninterrupted: stopping the swarm", flush=True)
         return 130
     finally:
         swarm.stop()

@@ -224,18 +224,18 @@ def _use_color(stream: TextIO) -> bool:
             and os.environ.get("TERM", "") not in ("", "dumb"))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`shoal status [--coordinator-http HOST:PORT] [--json]`; returns the exit status."""
-    ap = argparse.ArgumentParser(prog="shoal status",
-                                 description="The swarm at a glance, from the coordinator.")
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The flags of `shoal status`, on `shoal`'s subparser or on this module's own parser."""
     ap.add_argument("--coordinator-http", metavar="HOST:PORT",
                     default=os.environ.get("SHOAL_HTTP") or DEFAULT_HTTP,
                     help="the coordinator's HTTP (dashboard) port "
                          f"(default: $SHOAL_HTTP or {DEFAULT_HTTP})")
     ap.add_argument("--json", action="store_true", help="print the /api/status document as JSON")
     ap.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
-    args = ap.parse_args(list(argv) if argv is not None else None)
 
+
+def run(args: argparse.Namespace) -> int:
+    """Fetch and print the status for parsed flags; returns the exit status (0, or 2)."""
     url = status_url(args.coordinator_http)
     try:
         status = fetch_status(url, args.timeout)
@@ -248,6 +248,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         sys.stdout.write(render(status, color=_use_color(sys.stdout)))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`shoal status [--coordinator-http HOST:PORT] [--json]`; returns the exit status."""
+    ap = argparse.ArgumentParser(prog="shoal status",
+                                 description="The swarm at a glance, from the coordinator.")
+    add_arguments(ap)
+    return run(ap.parse_args(list(argv) if argv is not None else None))
 
 
 if __name__ == "__main__":
