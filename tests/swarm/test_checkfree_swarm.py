@@ -13,7 +13,7 @@ import signal
 import pytest
 
 from shoal.local import read_metrics
-from tests.swarm.test_peer_swarm import spec_with, step_of, swarm_factory, wait_for  # noqa: F401
+from tests.swarm.local_swarm import spec_with, step_of, wait_for
 
 # 3 block stages of one layer each: stage 2's neighbours have the same layout, so they average.
 # Leases long enough that a stalled shared machine does not expire the survivors too.
@@ -35,7 +35,7 @@ def stage_state(swarm, stage: int) -> dict:
 
 
 @pytest.mark.slow
-def test_middle_stage_lost_bypassed_and_rebuilt_by_checkfree(swarm_factory) -> None:  # noqa: F811
+def test_middle_stage_lost_bypassed_and_rebuilt_by_checkfree(swarm_factory) -> None:
     swarm = swarm_factory(spec_with(**SPEC), [0, 1, 2, 2, 3])
     wait_for("30 steps", lambda: step_of(swarm) >= 30, 240, swarm)
     before = mean_loss(losses(swarm)[-5:])

@@ -17,7 +17,7 @@ import pytest
 from protocols.runspec import RunSpec
 from shoal.local import Swarm
 from tests.coordinator.test_dashboard import MS, browser, open_dashboard, page, sel, shot  # noqa: F401
-from tests.swarm.test_peer_swarm import TINY, step_of, wait_for
+from tests.swarm.local_swarm import TINY, step_of, wait_for
 
 pytestmark = pytest.mark.browser
 

@@ -1,10 +1,12 @@
 """Real swarms on 127.0.0.1: a coordinator and peer daemons as separate processes.
 
-Each test starts its own swarm (shoal/local.py's `Swarm`) with a tiny model and stops exactly the
-processes it started. What is checked: the loss falls; replicas of a stage stay bit-identical;
-kill -9 of a block replica mid-run does not stop training and its lost work is counted; SIGTERM
-and a faked spot notice drain cleanly within the grace period; a late joiner's state equals its
-source replica's; the exported model gives the pipeline's logits.
+Each test starts its own swarm (shoal/local.py's `Swarm`, via tests/swarm/conftest.py) with a
+tiny model and stops exactly the processes it started. What is checked: the loss falls; after a
+kill -9 of a block replica, or its SIGTERM drain, microbatches complete again through every
+stage (not only steps: a step counts even when all of its microbatches were dropped) and none is
+silently lost; a faked spot notice drains; a late joiner's state equals its source replica's;
+the exported model gives the pipeline's logits. Every test ends with each stage's replicas at
+one step with one non-empty state hash (tests/swarm/local_swarm.py's `replicas_agree`).
 """
 
 from __future__ import annotations
@@ -12,117 +14,106 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import signal
 import subprocess
 import threading
-import time
-from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
-import pytest
 import torch
 
-from protocols.runspec import RunSpec
 from shoal.local import Swarm, read_metrics
-
-TINY = {"model.d_model": 32, "model.n_layers": 4, "model.n_heads": 4, "model.seq_len": 32,
-        "pipeline.stages": 2, "pipeline.microbatch": 4, "pipeline.target_batch": 16,
-        "optim.lr": 3e-3, "sync.timeout_s": 5.0, "membership.heartbeat_s": 0.5,
-        "membership.lease_s": 4.0}
-
-
-def spec_with(**changes: object) -> RunSpec:
-    return RunSpec().replace(**{**TINY, **changes})
-
-
-def wait_for(what: str, pred: Callable[[], object], timeout: float, swarm: Swarm) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.3)
-    logs = "\n".join(f"--- {f.name}\n" + f.read_text()[-1500:]
-                     for f in sorted(swarm.logs.glob("*.log")))
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{logs}")
-
-
-def peers_by_stage(swarm: Swarm) -> dict[int, list[dict]]:
-    status = swarm.status() or {}
-    out: dict[int, list[dict]] = {}
-    for p in status.get("peers", []):
-        out.setdefault(p["stage"], []).append(p)
-    return out
-
-
-def step_of(swarm: Swarm) -> int:
-    return max((r["step"] for r in read_metrics(swarm.logs)), default=0)
-
-
-@pytest.fixture
-def swarm_factory(tmp_path: Path) -> Iterator[Callable[..., Swarm]]:
-    made: list[Swarm] = []
-
-    def make(spec: RunSpec, stages: list[int], name: str = "swarm") -> Swarm:
-        s = Swarm(tmp_path / name, spec, 0, None, "cpu")
-        s.start(0)
-        for i, stage in enumerate(stages):
-            s.add_peer(i, ["--stage", str(stage), "--grace", "10"])
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        s.stop(grace=5)
+from tests.swarm.local_swarm import (
+    check_replicas_of_an_endless_run,
+    holders,
+    spec_with,
+    step_of,
+    wait_for,
+    wait_replicas_agree,
+)
 
 
 def test_loss_falls_and_replicas_stay_identical(swarm_factory) -> None:
-    swarm = swarm_factory(spec_with(**{"run.steps": 40}), [0, 1, 1, 2])
-    wait_for("40 steps", lambda: step_of(swarm) >= 40, 240, swarm)
+    steps = 40
+    swarm = swarm_factory(spec_with(**{"run.steps": steps}), [0, 1, 1, 2])
+    wait_for(f"{steps} steps", lambda: step_of(swarm) >= steps, 240, swarm)
     rows = [r for r in read_metrics(swarm.logs) if r.get("loss") is not None]
     first = sum(r["loss"] for r in rows[:3]) / 3
     last = sum(r["loss"] for r in rows[-3:]) / 3
     assert last < first - 0.3, (first, last)
-
-    def hashes_settled() -> bool:
-        by = peers_by_stage(swarm)
-        reps = by.get(1, [])
-        return len(reps) == 2 and len({(p["step"], p["state_hash"]) for p in reps}) == 1
-    wait_for("both stage-1 replicas at the same step and hash", hashes_settled, 20, swarm)
+    wait_replicas_agree(swarm, {0: 1, 1: 2, 2: 1}, 30, step=steps)
 
 
-def test_kill_block_replica_training_continues(swarm_factory) -> None:
-    swarm = swarm_factory(spec_with(), [0, 1, 1, 2])
+def driver_rows(swarm: Swarm) -> list[dict]:
+    """The stage-0 driver's step rows (peer0 is the driver in these tests), by step."""
+    path = swarm.logs / "peer0.metrics.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return sorted(rows, key=lambda r: r["step"])
+
+
+def completes_again(swarm: Swarm, after_step: int, stages: int, n: int = 3) -> bool:
+    """`n` steps in a row after `after_step` in which every planned microbatch completed and
+    went through every block stage (none dropped, none bypassed)."""
+    rows = [r for r in driver_rows(swarm) if r["step"] > after_step]
+    run = 0
+    for r in rows:
+        whole = r["completed"] == r["microbatches"] > 0 and all(
+            r["visits"][str(s)] == r["completed"] for s in range(1, stages + 1))
+        run = run + 1 if whole else 0
+        if run >= n:
+            return True
+    return False
+
+
+def microbatches_done(swarm: Swarm) -> int:
+    """What the driver reported to the coordinator (PeerStats.microbatches_done)."""
+    return max((p["microbatches_done"] for p in holders(swarm).get(0, [])), default=-1)
+
+
+def check_microbatches_complete_after(swarm: Swarm, what: str, at_step: int) -> None:
+    """After `what` at step `at_step`: whole steps again (the driver's metrics), the
+    coordinator sees the driver's completed microbatches grow, and every microbatch is either
+    completed or counted as dropped (none silently lost)."""
+    stages = swarm.spec.pipeline.stages
+    done_at = microbatches_done(swarm)
+    wait_for(f"3 steps in a row after {what} (step {at_step}) with every microbatch completed "
+             "through every stage", lambda: completes_again(swarm, at_step, stages), 120, swarm)
+    after = sum(r["completed"] for r in driver_rows(swarm) if r["step"] > at_step)
+    wait_for(f"the coordinator to see {after} more completed microbatches than its "
+             f"{done_at} at {what}", lambda: microbatches_done(swarm) >= done_at + after, 30,
+             swarm)
+    rows = driver_rows(swarm)
+    completed = sum(r["completed"] for r in rows)
+    attempted = sum(r["microbatches"] for r in rows)
+    dropped = rows[-1]["dropped"]
+    assert completed + dropped == attempted, (completed, dropped, attempted)
+
+
+def test_kill_block_replica_microbatches_complete_again(swarm_factory) -> None:
+    swarm = swarm_factory(spec_with(), [0, 1, 1, 1, 2])
     wait_for("5 steps", lambda: step_of(swarm) >= 5, 120, swarm)
     victim = swarm.peers[1]
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    at_kill = step_of(swarm)
-    wait_for("10 more steps after kill -9", lambda: step_of(swarm) >= at_kill + 10, 120, swarm)
-    rows = read_metrics(swarm.logs)
-    completed = sum(r["completed"] for r in rows)
-    attempted = sum(r["microbatches"] for r in rows)
-    dropped = rows[-1]["dropped"]
-    # every microbatch is either completed or counted as dropped: none silently lost
-    assert completed + dropped == attempted, (completed, dropped, attempted)
+    check_microbatches_complete_after(swarm, "the kill -9 of a stage-1 replica", step_of(swarm))
+    # the two survivors of stage 1 are still one replica
+    check_replicas_of_an_endless_run(swarm, swarm.peers[:1], {0: 1, 1: 2, 2: 1})
 
 
-def test_sigterm_drains_within_grace(swarm_factory) -> None:
-    swarm = swarm_factory(spec_with(), [0, 1, 1, 2])
+def test_sigterm_drains_and_microbatches_complete_again(swarm_factory) -> None:
+    swarm = swarm_factory(spec_with(), [0, 1, 1, 1, 2])
     wait_for("3 steps", lambda: step_of(swarm) >= 3, 120, swarm)
     p = swarm.peers[2]
     p.send_signal(signal.SIGTERM)
-    # the daemon's default grace is 20 s; the wait's bound only catches a hang (the drain's own
+    # the daemon's grace here is 10 s; the wait's bound only catches a hang (the drain's own
     # budget is enforced in PeerDaemon.drain and reported in its log, not timed here)
     assert p.wait(timeout=90) == 0
     log = (swarm.logs / "peer2.log").read_text()
     assert "draining (SIGTERM)" in log and "drained in" in log, log[-2000:]
-    at = step_of(swarm)
-    wait_for("training after the drain", lambda: step_of(swarm) >= at + 5, 90, swarm)
     events = (swarm.status() or {}).get("events", [])
     assert any(e["kind"] in ("leave", "drain") for e in events), events
+    check_microbatches_complete_after(swarm, "the drain of a stage-1 replica", step_of(swarm))
+    check_replicas_of_an_endless_run(swarm, swarm.peers[:1], {0: 1, 1: 2, 2: 1})
 
 
 class _Spot(BaseHTTPRequestHandler):
@@ -156,6 +147,8 @@ def test_spot_notice_drains(swarm_factory) -> None:
         assert extra.wait(timeout=30) == 0
         log = (swarm.logs / "peer9.log").read_text()
         assert "spot" in log.lower() and "draining" in log.lower()
+        check_microbatches_complete_after(swarm, "the spot drain", step_of(swarm))
+        check_replicas_of_an_endless_run(swarm, swarm.peers[:1], {0: 1, 1: 1, 2: 1})
     finally:
         _Spot.armed = False
         server.shutdown()
@@ -167,24 +160,15 @@ def test_late_joiner_matches_its_source(swarm_factory) -> None:
     swarm.add_peer(5, ["--stage", "2", "--grace", "10"])
 
     def joined() -> bool:
-        reps = [p for p in peers_by_stage(swarm).get(2, []) if p["state"] == "training"]
+        reps = holders(swarm).get(2, [])
         return len(reps) == 2 and min(p["step"] for p in reps) > 0
     wait_for("the late joiner training", joined, 90, swarm)
     at = step_of(swarm)
     wait_for("5 more steps with the joiner", lambda: step_of(swarm) >= at + 5, 60, swarm)
-    # Replicas step many times a second here, so two heartbeats rarely show one step. Freeze
-    # the stage-0 driver (SIGSTOP): no step can then start, and both replicas must settle on
+    # Replicas step many times a second here, so two heartbeats rarely show one step: the
+    # check freezes the stage-0 driver (SIGSTOP), and both replicas of stage 2 must settle on
     # the same step with the same hash.
-    driver = swarm.peers[0]
-    os.kill(driver.pid, signal.SIGSTOP)
-    try:
-        def equal() -> bool:
-            reps = [p for p in peers_by_stage(swarm).get(2, []) if p["state"] == "training"]
-            return len(reps) == 2 and reps[0]["step"] == reps[1]["step"] and \
-                reps[0]["state_hash"] == reps[1]["state_hash"] != ""
-        wait_for("the late joiner at its source's step and hash", equal, 60, swarm)
-    finally:
-        os.kill(driver.pid, signal.SIGCONT)
+    check_replicas_of_an_endless_run(swarm, swarm.peers[:1], {0: 1, 1: 1, 2: 2})
     log = (swarm.logs / "peer5.log").read_text()
     assert "downloaded state" in log
 
@@ -197,6 +181,7 @@ def test_export_gives_the_pipeline_logits(swarm_factory, tmp_path: Path) -> None
     swarm = swarm_factory(spec_with(**{"run.steps": 6, "pipeline.activations": "fp32"}),
                           [0, 1, 2])
     wait_for("6 steps", lambda: step_of(swarm) >= 6, 120, swarm)
+    wait_replicas_agree(swarm, {0: 1, 1: 1, 2: 1}, 30, step=6)
     ident = Identity.load_or_create(tmp_path / "x.key")
     token = swarm.token_file.read_text().strip()
     asyncio.run(export_to(tmp_path / "model", f"127.0.0.1:{swarm.port}", ident, token))

@@ -17,8 +17,7 @@ import pytest
 from peer.sync.spsa import DRIFT_ENV
 from protocols.runspec import RunSpec
 from shoal.local import Swarm, read_metrics
-from tests.swarm.test_peer_swarm import peers_by_stage, step_of, wait_for
-from tests.swarm.test_sync_modes_swarm import swarm_of  # noqa: F401 (a fixture)
+from tests.swarm.local_swarm import holders, replicas_agree, step_of, wait_for
 
 TINY = {"model.d_model": 32, "model.n_layers": 2, "model.n_heads": 4, "model.seq_len": 32,
         "pipeline.stages": 2, "pipeline.microbatch": 8, "pipeline.target_batch": 16,
@@ -29,13 +28,7 @@ LAYOUT = [0, 1, 1, 2, 2]
 
 def settled(swarm: Swarm, counts: dict[int, int], steps: int) -> dict[int, list[dict]] | None:
     """Every stage's replicas at `steps` with one non-empty hash, or None."""
-    by = peers_by_stage(swarm)
-    for s, n in counts.items():
-        reps = by.get(s, [])
-        if len(reps) != n or {(p["step"], p["state_hash"]) for p in reps} != {
-                (steps, reps[0]["state_hash"])} or not reps[0]["state_hash"]:
-            return None
-    return by
+    return replicas_agree(swarm, counts, steps)
 
 
 def losses(swarm: Swarm) -> list[float]:
@@ -44,7 +37,7 @@ def losses(swarm: Swarm) -> list[float]:
     return [r["loss"] for r in rows]
 
 
-def test_spsa_swarm_trains_and_replicas_agree(swarm_of) -> None:  # noqa: F811
+def test_spsa_swarm_trains_and_replicas_agree(swarm_of) -> None:
     steps = 60
     swarm = swarm_of(RunSpec().replace(**{**TINY, "run.steps": steps}), LAYOUT)
     wait_for(f"{steps} spsa steps", lambda: step_of(swarm) >= steps, 240, swarm)
@@ -65,7 +58,7 @@ def test_spsa_swarm_trains_and_replicas_agree(swarm_of) -> None:  # noqa: F811
 
 
 @pytest.mark.slow
-def test_spsa_late_joiner_replays_the_ledger(swarm_of) -> None:  # noqa: F811
+def test_spsa_late_joiner_replays_the_ledger(swarm_of) -> None:
     steps = 300  # long enough that the joiner, started at step 6, arrives mid-run
     swarm = swarm_of(RunSpec().replace(**{**TINY, "run.steps": steps, "pipeline.stages": 1,
                                           "sync.spsa.hash_every": 4}), [0, 1])
@@ -93,7 +86,7 @@ def test_spsa_drifted_replica_is_caught_and_re_downloads(tmp_path: Path, monkeyp
         swarm.add_peer(1, ["--stage", "1", "--grace", "5"])
         monkeypatch.delenv(DRIFT_ENV)
         swarm.add_peer(2, ["--stage", "1", "--grace", "5"])
-        wait_for("two block replicas", lambda: len(peers_by_stage(swarm).get(1, [])) == 2, 90,
+        wait_for("two block replicas", lambda: len(holders(swarm).get(1, [])) == 2, 90,
                  swarm)
         swarm.add_peer(0, ["--stage", "0", "--grace", "5"])
         by = wait_for("block replicas at the last step with one hash",

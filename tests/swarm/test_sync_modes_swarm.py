@@ -11,38 +11,18 @@ steps by design, are never taken for drifted ones.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
-from bench.bandwidth import start_blocks_first
 from protocols.runspec import RunSpec
 from shoal.local import Swarm, read_metrics
-from tests.swarm.test_peer_swarm import peers_by_stage, step_of, wait_for
+from tests.swarm.conftest import LAYOUT
+from tests.swarm.local_swarm import step_of, wait_for, wait_replicas_agree
 
 TINY = {"model.d_model": 32, "model.n_layers": 2, "model.n_heads": 4, "model.seq_len": 32,
         "pipeline.stages": 2, "pipeline.microbatch": 4, "pipeline.target_batch": 16,
         "sync.timeout_s": 5.0, "membership.heartbeat_s": 0.5, "membership.lease_s": 8.0}
 STEPS = 30
-LAYOUT = [0, 1, 1, 2, 2]
-
-
-@pytest.fixture
-def swarm_of(tmp_path: Path) -> Iterator[Callable[..., Swarm]]:
-    """Makes swarms of real processes (blocks first, then stage 0); stops them all after."""
-    made: list[Swarm] = []
-
-    def make(spec: RunSpec, layout: list[int] = LAYOUT) -> Swarm:
-        s = Swarm(tmp_path / f"{spec.sync.mode}{len(made)}", spec, 0, None, "cpu")
-        s.start(0)
-        made.append(s)
-        start_blocks_first(s, layout)
-        return s
-
-    yield make
-    for s in made:
-        s.stop(grace=5)
 
 
 def train_and_check(swarm: Swarm, drop: float) -> dict[int, list[dict]]:
@@ -54,14 +34,7 @@ def train_and_check(swarm: Swarm, drop: float) -> dict[int, list[dict]]:
     last = sum(r["loss"] for r in rows[-4:]) / 4
     assert last < first - drop, (mode, first, last)
 
-    def settled() -> dict[int, list[dict]] | None:
-        by = peers_by_stage(swarm)
-        ok = all(len(reps) == LAYOUT.count(s) and {(p["step"], p["state_hash"]) for p in reps} ==
-                 {(STEPS, reps[0]["state_hash"])} and reps[0]["state_hash"]
-                 for s, reps in ((s, by.get(s, [])) for s in (0, 1, 2)))
-        return by if ok else None
-    by = wait_for("every stage's replicas at the last step with one hash", settled, 20, swarm)
-    assert isinstance(by, dict)
+    by = wait_replicas_agree(swarm, {s: LAYOUT.count(s) for s in (0, 1, 2)}, 20, step=STEPS)
     for stage in (1, 2):
         for p in by[stage]:
             assert p["bytes_by_kind"].get(f"sync:{mode}", 0) > 0, p
