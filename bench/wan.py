@@ -174,7 +174,7 @@ def ddp_run(args: argparse.Namespace, work: Path) -> Result:
 
 def spsa_available() -> str | None:
     """None if the peer can run sync = spsa, else why not."""
-    from peer.daemon import make_sync_mode
+    from peer.sync.registry import make_sync_mode
 
     try:
         make_sync_mode(spec_for("spsa", 1))

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from coordinator.assignment import Move, StageLoad, assign_stage, plan_rebalance
 from coordinator.events import Event, EventLog, History, HistoryPoint
 from protocols.coordinator_client import Benchmark, PeerStats
+from protocols.recovery_report import describe, is_report_key
 from protocols.runspec import RunSpec
 
 HEALTHY_STATES = frozenset({"training", "rebuilt"})
@@ -396,16 +397,8 @@ def _take_recovery_report(stats: PeerStats) -> str:
     """Remove the `recovery:<method>:<sources>` keys a rebuilt peer puts in bytes_by_kind (the
     one free-form map of a heartbeat; peer/recovery/rebuild.py) and describe them; they are not
     bytes."""
-    keys = [k for k in stats.bytes_by_kind if k.startswith("recovery:")]
-    parts = []
-    for k in keys:
-        step = stats.bytes_by_kind.pop(k)
-        method, _, sources = k[len("recovery:"):].partition(":")
-        text = f"{method or '?'}" + (f" of stages {sources}" if sources else "")
-        if method not in ("weighted_average", "copy_neighbor"):
-            text += " (DEGRADED)"
-        parts.append(f"{text} at step {step}")
-    return "; ".join(parts)
+    keys = [k for k in stats.bytes_by_kind if is_report_key(k)]
+    return "; ".join(describe(k, stats.bytes_by_kind.pop(k)) for k in keys)
 
 
 def _delta(old: int, new: int) -> int:

@@ -5,6 +5,7 @@ holds and whether it moves. `ProgressReporter.due()` decides when the next line 
 `every_s` seconds, and at once when the state changes); `progress_fields()` is a pure function of
 two successive stats snapshots, so rates are measured over the interval, not since start-up.
 With `--log-format json` the same fields travel as JSON keys (protocols/logs.py `fields`).
+`peer_stats` assembles what a heartbeat reports from the daemon's parts.
 """
 
 from __future__ import annotations
@@ -12,7 +13,35 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from peer.pipeline.driver import Driver
+from peer.pipeline.stage_host import StageHost
+from peer.pipeline.wire import ByteCounter
 from protocols.coordinator_client import PeerStats
+from protocols.recovery_report import RecoveryReport
+
+
+def peer_stats(state: str, samples_per_s: float, queue: int, counter: ByteCounter,
+               host: StageHost | None, driver: Driver | None, state_hash: str,
+               recovery: RecoveryReport | None) -> PeerStats:
+    """What one heartbeat reports: the counters of the host, the driver (stage 0) and the wire;
+    the last rebuild travels as its `recovery:` key (protocols/recovery_report.py)."""
+    h = host
+    return PeerStats(
+        state=state,
+        samples_per_s=samples_per_s,
+        queue=queue,
+        bytes_sent=counter.total_sent(),
+        bytes_received=counter.total_received(),
+        loss=driver.last_loss if driver else math.nan,
+        step=h.step if h else 0,
+        tokens_per_s=driver.tokens_per_s if driver else 0.0,
+        dropped_microbatches=(driver.dropped if driver else 0) + (h.dropped if h else 0),
+        grad_norm=h.last_grad_norm if h else 0.0,
+        state_hash=state_hash,
+        bytes_by_kind={**counter.by_kind(),
+                       **({recovery.wire_key(): recovery.step} if recovery is not None else {})},
+        microbatches_done=driver.done if driver else 0,
+    )
 
 
 def _mb(n: float) -> str:

@@ -3,6 +3,10 @@
 Every handler validates what it receives through the codec (dtype, shape, size, digest,
 finiteness) before torch sees it, answers bad input with INVALID_ARGUMENT and a message, and
 keeps serving. Torch work goes to the StageHost's compute thread.
+
+The services see the peer as a `ServiceContext` (a `PeerContext` plus the replica's sync mode
+and rounds), never the daemon; what depends on the sync mode is asked of the mode's hooks
+(peer/sync/base.py).
 """
 
 from __future__ import annotations
@@ -13,21 +17,39 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import grpc
 import torch
 
+from peer.consistency import READY_STATES
+from peer.context import PeerContext
 from peer.pipeline import wire
 from peer.pipeline.stage_host import StageError
-from protocols import codec
+from peer.recovery.rebuild import catch_up
+from peer.sync.base import SyncMode
+from peer.sync.registry import FORWARD_KINDS
+from peer.sync.rounds import SyncRounds
+from protocols import auth, codec, tensor_stream
 from protocols import shoal_pb2 as pb
 from protocols import shoal_pb2_grpc as pbg
 
-if TYPE_CHECKING:
-    from peer.daemon import PeerDaemon
-
 log = logging.getLogger("shoal.services")
+INFERENCE = "inference"  # the Forward meta "mode" of an inference call (no graph kept)
+
+
+class ServiceContext(PeerContext, Protocol):
+    """What the services use of the peer: a `PeerContext` plus the replica's sync objects and
+    its serving state (all read and written on the event loop)."""
+
+    #: the sync mode of the stage held now (None before the first stage); replaced on a move
+    mode: SyncMode | None
+    #: the sync rounds of the stage held now (None before the first stage)
+    rounds: SyncRounds | None
+    #: set once a drain began: no new work is taken
+    draining: bool
+    #: microbatches being computed here now (the services count them; heartbeats report it)
+    queue: int
 
 
 class NotServing(Exception):
@@ -51,8 +73,8 @@ class _StepEnds:
 
 
 class StageService(pbg.StageServicer):
-    def __init__(self, daemon: PeerDaemon) -> None:
-        self.d = daemon
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.d = ctx
         self._ends: dict[int, _StepEnds] = {}
         self._abstaining: set[asyncio.Task] = set()
 
@@ -60,14 +82,15 @@ class StageService(pbg.StageServicer):
         d = self.d
         if d.draining:
             raise NotServing(f"peer {d.peer_id[:8]} is draining; send to another replica")
-        if d.host is None or d.state not in ("training", "rebuilt"):
+        if d.host is None or d.state not in READY_STATES:
             raise NotServing(f"peer {d.peer_id[:8]} is {d.state}, not serving yet")
         if header.stage != d.host.stage:
             raise NotServing(f"this peer holds stage {d.host.stage}, not {header.stage}")
-        if header.step and header.step > d.host.step + 1 and not hasattr(d.mode, "offer"):
+        if (header.step and header.step > d.host.step + 1 and d.mode is not None
+                and d.mode.fast_forwards):
             # the sole replica of a rebuilt stage adopts the step (never under SPSA, where every
             # step's codes must be applied: it replays the ledger at EndStep instead)
-            d.catch_up(header.step - 1)
+            catch_up(d, header.step - 1)
         if header.step and header.step != d.host.step + 1:
             raise NotServing(f"microbatch of step {header.step} but this replica is after step "
                              f"{d.host.step}")
@@ -109,13 +132,11 @@ class StageService(pbg.StageServicer):
 
     async def Forward(self, request_iterator, context):
         def work(h: pb.CallHeader, x: torch.Tensor) -> torch.Tensor:
-            if h.meta.get("mode") == "inference":
+            kind = h.meta.get("mode")
+            if kind == INFERENCE:
                 return self.d.host.infer(x)
-            if h.meta.get("mode") == "spsa":  # [h+; h-] under +-eps z (peer/sync/spsa.py)
-                if not hasattr(self.d.mode, "block_pair") or not h.meta.get("j", "0").isdigit():
-                    raise StageError("an spsa forward needs sync.mode = 'spsa' and a direction j")
-                seed = self.d.mode.seed(h.step, h.sender, int(h.meta.get("j", "0")))
-                return self.d.mode.block_pair(self.d.host, seed, x)
+            if kind in FORWARD_KINDS:  # a sync mode's own stream (SPSA's [h+; h-] pairs)
+                return self.d.mode.serve_forward(self.d.host, h, x)
             return self.d.host.forward(h.microbatch_id, x, h.step)
 
         async for chunk in self._tensor_call(request_iterator, context, "forward", work):
@@ -132,8 +153,8 @@ class StageService(pbg.StageServicer):
         the round's aggregator, which may be this very replica (the lowest id), so that neither
         the round nor the download, which waits for the step, sits out the sync timeout."""
         d = self.d
-        if (d.rounds is None or not request.stage_replicas or hasattr(d.mode, "offer")
-                or d.mode is None or not d.mode.exchanges(request.step)):
+        if (d.rounds is None or not request.stage_replicas or d.mode is None
+                or not d.mode.exchanges(request.step)):
             return
         d.rounds.agreed.setdefault(request.step, list(request.stage_replicas))
         task = asyncio.ensure_future(d.rounds.abstain(request.step))
@@ -143,58 +164,54 @@ class StageService(pbg.StageServicer):
     async def EndStep(self, request: pb.StepEnd, context) -> pb.StepDone:
         d = self.d
         host = d.host
-        if host is None or host.stage == 0 or d.state not in ("training", "rebuilt"):
+        if host is None or host.stage == 0 or d.state not in READY_STATES:
             if d.state == "syncing" and host is not None and host.stage != 0:
                 self._abstain(request)
-                self._ended(request, spsa=False)  # this sender will not send it again
+                self._ended(request, carried=False)  # this sender will not send it again
             return pb.StepDone(step=request.step, stepped=False, detail=f"peer is {d.state}")
         if request.step <= host.step:
             return pb.StepDone(step=request.step, stage=host.stage, stepped=False,
                                state_hash=d.state_hash, detail="already past this step")
-        spsa = request.HasField("spsa") and hasattr(d.mode, "offer")
-        if request.step > host.step + 1 and spsa:  # SPSA: replay the missed steps instead
+        # SPSA: the closed set rides on EndStep, and missed steps are replayed, not skipped
+        carried = d.mode is not None and d.mode.carries_step(request)
+        if request.step > host.step + 1 and carried:  # replay the missed steps instead
             try:
                 async with d.step_lock:
-                    await d.mode.catch_up(d, request.step - 1)
+                    await d.mode.replay(d, request.step - 1)
             except (RuntimeError, StageError, ValueError) as exc:
                 log.warning("stage %d: ledger replay failed: %s", host.stage, exc)
-        # SPSA never fast-forwards: every code of the ledger must be applied
-        if request.step > host.step + 1 and (spsa or not d.catch_up(request.step - 1)):
+        # a carried step never fast-forwards: every step's update must be applied
+        if request.step > host.step + 1 and (carried or not catch_up(d, request.step - 1)):
             d.fall_behind(f"EndStep({request.step}) while after step {host.step}")
             self._abstain(request)
-            self._ended(request, spsa)
+            self._ended(request, carried)
             return pb.StepDone(step=request.step, stage=host.stage, stepped=False,
                                detail="behind; re-downloading the stage")
-        if spsa:  # the closed set is the whole agreement: no other EndStep to wait for
+        if carried:  # the closed set is the whole agreement: no other EndStep to wait for
             try:
-                d.mode.offer(request.step, list(request.stage0_replicas), request.spsa.codes)
+                drifted = d.mode.take_step_end(d, request)
             except StageError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"EndStep: {exc}")
-            check = pb.StepEnd(spsa_check_step=request.spsa_check_step,
-                               spsa_check_hash=request.spsa_check_hash)
-            d.counter.add("sync:spsa", received=pb.StepEnd(spsa=request.spsa).ByteSize()
-                          + check.ByteSize())
-            if request.spsa_check_step and d.mode.drifted(request.spsa_check_step,
-                                                          request.spsa_check_hash):
-                d.fall_behind(f"spsa hash check: state after step {request.spsa_check_step} "
-                              "differs from the stage's majority")
+                raise  # abort raises; this keeps a fake context from going on
+            if drifted:
+                d.fall_behind(drifted)
                 return pb.StepDone(step=request.step, stage=host.stage, stepped=False,
                                    detail="drifted; re-downloading the stage")
         if d.rounds is not None and request.stage_replicas:
             d.rounds.agreed.setdefault(request.step, list(request.stage_replicas))
-        ends = self._ended(request, spsa)
+        ends = self._ended(request, carried)
         if ends.task is None:
             ends.task = asyncio.ensure_future(self._finish(request.step, ends))
         return await asyncio.shield(ends.task)
 
-    def _ended(self, request: pb.StepEnd, spsa: bool) -> _StepEnds:
+    def _ended(self, request: pb.StepEnd, carried: bool) -> _StepEnds:
         """Count `request.sender` as having ended `request.step` here, also when this replica
         could not take part (it was re-downloading): the sender does not send it again, and the
         step's later EndSteps must not wait for it."""
         ends = self._ends.get(request.step)
         if ends is None:
             ends = self._ends[request.step] = _StepEnds(
-                expected=set() if spsa else set(request.stage0_replicas))
+                expected=set() if carried else set(request.stage0_replicas))
         ends.got.add(request.sender)
         ends.arrived.set()
         for step, earlier in self._ends.items():  # a sender that moved on is not coming back
@@ -223,8 +240,8 @@ class StageService(pbg.StageServicer):
 
 
 class SyncService(pbg.SyncServicer):
-    def __init__(self, daemon: PeerDaemon) -> None:
-        self.d = daemon
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.d = ctx
 
     async def Exchange(self, request_iterator, context):
         d = self.d
@@ -251,20 +268,20 @@ class SyncService(pbg.SyncServicer):
 
 
 class StateService(pbg.StateServicer):
-    def __init__(self, daemon: PeerDaemon) -> None:
-        self.d = daemon
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.d = ctx
 
     async def Download(self, request: pb.StateRequest, context):
         d = self.d
         host = d.host
-        if host is None or host.stage != request.stage or d.state not in ("training", "rebuilt",
+        if host is None or host.stage != request.stage or d.state not in (*READY_STATES,
                                                                           "draining"):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"this peer does not hold a ready stage {request.stage}")
             return
         # Snapshot between steps: the step lock keeps an optimizer step from tearing it.
-        snapshot = getattr(d.mode, "snapshot", None)
-        checkpoint = snapshot() if request.ledger_snapshot and snapshot else None
+        checkpoint = (d.mode.joiner_checkpoint() if request.ledger_snapshot and d.mode is not None
+                      else None)
         if checkpoint is not None:  # SPSA: the last hash-checked checkpoint; the joiner replays
             step, arrays, state_hash = checkpoint
         else:
@@ -281,3 +298,23 @@ class StateService(pbg.StateServicer):
         for chunk in wire.encode_chunks(header, arrays, pb.RAW):
             d.counter.add("state", sent=chunk.ByteSize())
             yield chunk
+
+
+def serve(ctx: ServiceContext, address: str) -> tuple[grpc.aio.Server, int]:
+    """A gRPC server with the Stage, Sync and State services of `ctx`, listening on `address`
+    (HOST:PORT, port 0: any); every call is authenticated against the swarm's coordinator (its
+    key and swarm id from `ctx.client` once joined) and refused from revoked peers. Returns the
+    server (not started) and its port (0 when the address is in use)."""
+    server = grpc.aio.server(
+        options=tensor_stream.grpc_options(),
+        interceptors=[auth.AuthInterceptor(
+            issuer_public_key=lambda: ctx.client.coordinator_public_key if ctx.client else b"",
+            swarm_id=lambda: ctx.client.swarm_id if ctx.client else "",
+            is_member=lambda pid: not (ctx.view and pid in ctx.view.revoked),
+            key_only_methods=frozenset(),
+        )],
+    )
+    pbg.add_StageServicer_to_server(StageService(ctx), server)
+    pbg.add_SyncServicer_to_server(SyncService(ctx), server)
+    pbg.add_StateServicer_to_server(StateService(ctx), server)
+    return server, server.add_insecure_port(address)

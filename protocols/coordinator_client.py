@@ -37,6 +37,7 @@ from protocols.auth import CallSigner, client_interceptors, token_proof, verify_
 from protocols.coordinator_types import (
     OBSERVER_STAGE,
     PEER_STATES,
+    READY_STATES,
     VERSION,
     Benchmark,
     HeartbeatResult,
@@ -51,7 +52,8 @@ from protocols.runspec import RunSpec
 from protocols.tensor_stream import grpc_options
 
 __all__ = [
-    "FORGOTTEN", "OBSERVER_STAGE", "PEER_STATES", "RETRYABLE", "VERSION", "Benchmark",
+    "FORGOTTEN", "OBSERVER_STAGE", "PEER_STATES", "READY_STATES", "RETRYABLE", "VERSION",
+    "Benchmark",
     "CoordinatorClient", "CoordinatorError", "CoordinatorRefused", "CoordinatorUnavailable",
     "HeartbeatResult", "JoinResult", "NotJoined", "PeerInfo", "PeerStats", "StageInfo",
     "SwarmView",
@@ -226,6 +228,17 @@ class CoordinatorClient:
         reply = await self._call("GetSwarmView", pb.SwarmViewRequest(), retry_s, 5.0)
         self.known_epoch = max(self.known_epoch, reply.epoch)
         return SwarmView.from_proto(reply)
+
+    async def spsa_ledger(self, request: pb.SpsaLedgerRequest, *, retry_s: float = 30.0
+                          ) -> pb.SpsaLedgerReply:
+        """Closed SPSA steps [from_step, to_step) of the coordinator's ledger (to_step 0: to the
+        newest)."""
+        return await self._call("GetSpsaLedger", request, retry_s, 2.0)
+
+    async def post_spsa(self, request: pb.SpsaPost, *, retry_s: float = 30.0
+                        ) -> pb.SpsaLedgerReply:
+        """Post this stage-0 replica's SPSA codes of one step; the reply is the ledger's tail."""
+        return await self._call("PostSpsa", request, retry_s, 2.0)
 
     async def run_heartbeats(self, stats: Callable[[], PeerStats],
                              on_reply: Callable[[HeartbeatResult], Awaitable[None] | None]

@@ -22,6 +22,8 @@ from protocols.runspec import RunSpec
 #: lease; the observer can read the view and call peers' State/Stage services, nothing else.
 OBSERVER_STAGE = -2
 PEER_STATES = ("joining", "syncing", "training", "draining", "lost", "rebuilt")
+#: the states in which a peer serves its stage and counts as one of its live replicas
+READY_STATES = ("training", "rebuilt")
 VERSION = "0.1.0"
 
 

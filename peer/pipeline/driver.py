@@ -34,27 +34,27 @@ replicas of a skipped stage stay bit-identical and in lockstep.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import random
 import time
 from collections import Counter
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Mapping
 
 import grpc
 import numpy as np
 import torch
 
 from peer.pipeline import wire
+from peer.pipeline.context import DriverContext
 from peer.pipeline.data import inputs_targets, load_corpus, shard
 from peer.pipeline.paths import ReplicaTiming
 from peer.pipeline.planner import plan_iteration
 from peer.pipeline.router import NoReplicaAvailable, RoundRobinRouter, Router
 from protocols import shoal_pb2 as pb
 from protocols import shoal_pb2_grpc as pbg
-
-if TYPE_CHECKING:
-    from peer.daemon import PeerDaemon
+from protocols.coordinator_client import READY_STATES
 
 log = logging.getLogger("shoal.driver")
 MAX_HOP_ATTEMPTS = 4
@@ -70,13 +70,13 @@ class StageEmpty(MicrobatchDropped):
 
 
 class Driver:
-    def __init__(self, daemon: PeerDaemon, router: Router | None = None) -> None:
-        self.d = daemon
-        rng = random.Random(int(daemon.peer_id, 16))
-        kind = getattr(daemon.args, "router", "swarm")
-        self.router = router or (RoundRobinRouter(rng=rng) if kind == "round_robin"
+    def __init__(self, ctx: DriverContext, data: str | None = None, router_kind: str = "swarm",
+                 router: Router | None = None) -> None:
+        self.d = ctx
+        rng = random.Random(int(ctx.peer_id, 16))
+        self.router = router or (RoundRobinRouter(rng=rng) if router_kind == "round_robin"
                                  else Router(rng=rng))
-        self.corpus = load_corpus([daemon.args.data] if daemon.args.data else None)
+        self.corpus = load_corpus([data] if data else None)
         self._shard_key: tuple[int, int] | None = None
         self._shard = None
         self._stop = False
@@ -101,6 +101,14 @@ class Driver:
         rows, self._metrics = self._metrics, []
         return rows
 
+    def append_metrics(self, path: str) -> None:
+        """Append the steps' metrics rows taken since the last call to `path` (JSON lines)."""
+        rows = self.take_metrics()
+        if rows:
+            with open(path, "a") as f:
+                for r in rows:
+                    f.write(json.dumps(r) + "\n")
+
     # ------------------------------------------------------------------ the loop
 
     async def run(self) -> None:
@@ -110,7 +118,7 @@ class Driver:
             if spec.run.steps and d.host.step >= spec.run.steps:
                 await asyncio.sleep(0.5)
                 continue
-            if d.state not in ("training", "rebuilt"):
+            if d.state not in READY_STATES:
                 await asyncio.sleep(0.2)
                 continue
             try:
@@ -125,7 +133,7 @@ class Driver:
     async def _refresh(self) -> None:
         d = self.d
         try:
-            d.view = await d.client.view()
+            await d.refresh_view()
         except Exception as exc:
             log.warning("swarm view refresh failed (%s); using the last one", exc)
         for s in range(1, d.spec.pipeline.stages + 1):
@@ -155,7 +163,7 @@ class Driver:
         syncing), for at most START_GRACE_S. Peers that start together then all take part in
         step 1; without the wait, drivers whose views differ by a second listed different
         replicas for it, and a replica left out sat out a sync timeout or fell a step behind."""
-        view = getattr(self.d, "view", None)
+        view = self.d.view
         if self.d.host.step > 0 or view is None:
             return None
         if self._start_wait is None:
@@ -299,8 +307,11 @@ class Driver:
             self.router.ban(target, now + self.d.spec.membership.lease_s)
 
     async def _hop(self, kind: str, stage: int, step: int, mb_id: str, path: list[int],
-                   hop: int, x: torch.Tensor, peer: str | None = None
-                   ) -> tuple[torch.Tensor, str]:
+                   hop: int, x: torch.Tensor, peer: str | None = None,
+                   meta: Mapping[str, str] | None = None) -> tuple[torch.Tensor, str]:
+        """One forward or backward hop of a microbatch, retried on the next-best replica (a
+        forward hop; a backward hop must reach the `peer` holding its graph). `meta` goes into
+        the call header (SPSA's perturbed streams say so there)."""
         d = self.d
         samples = int(x.shape[0])
         tried: set[str] = set()
@@ -313,6 +324,7 @@ class Driver:
             timeout = self.router.timeout_for(target, samples, backward=kind == "backward")
             header = pb.CallHeader(kind=kind, microbatch_id=mb_id, step=step, stage=stage,
                                    path=path, hop=hop, sender=d.peer_id, sent_at=time.time())
+            header.meta.update(meta or {})
             t0 = time.monotonic()
             try:
                 stub = pbg.StageStub(d.channel(d.address_of(target)))
@@ -338,24 +350,45 @@ class Driver:
 
     # ------------------------------------------------------------------ end of step
 
-    async def _end_step(self, step: int, stage0: list[str], n_mb: int, samples: int) -> None:
+    def block_replicas(self) -> dict[int, list[str]]:
+        """The live replicas of every block stage, by stage: who gets this step's EndStep."""
+        return {s: self.d.live_replicas(s) for s in range(1, self.d.spec.pipeline.stages + 1)}
+
+    async def close_step(self, step: int, replicas: dict[int, list[str]],
+                         request_for: Callable[[str, int], pb.StepEnd],
+                         own: Awaitable[pb.StepDone],
+                         on_send: Callable[[str, pb.StepEnd], None] | None = None,
+                         ) -> dict[str, pb.StepDone | None]:
+        """End `step`: EndStep (`request_for(peer, stage)`) to every replica in `replicas`, at
+        the same time as this replica's own sync (`own`); returns each replica's answer (None
+        when it failed). `on_send` sees each request as it goes out (SPSA counts its bytes)."""
         d = self.d
         timeout = d.spec.sync.timeout_s * 3 + 10
-        replicas = {s: d.live_replicas(s) for s in range(1, d.spec.pipeline.stages + 1)}
         stage_of = {pid: s for s, pids in replicas.items() for pid in pids}
 
         async def end(pid: str) -> pb.StepDone | None:
-            req = pb.StepEnd(step=step, sender=d.peer_id, microbatches=n_mb, samples=samples,
-                             stage0_replicas=stage0, stage_replicas=replicas[stage_of[pid]])
+            req = request_for(pid, stage_of[pid])
             try:
                 stub = pbg.StageStub(d.channel(d.address_of(pid)))
+                if on_send is not None:
+                    on_send(pid, req)
                 return await stub.EndStep(req, timeout=timeout)
             except (grpc.aio.AioRpcError, KeyError) as exc:
                 log.warning("EndStep(%d) to %s failed: %s", step, pid[:8], exc)
                 return None
 
-        d.rounds.agreed[step] = stage0
-        results = await asyncio.gather(d.sync_step(step), *(end(p) for p in stage_of))
-        own = results[0]
-        if not own.stepped:
-            log.warning("stage 0 did not step at %d: %s", step, own.detail)
+        results = await asyncio.gather(own, *(end(p) for p in stage_of))
+        mine = results[0]
+        if not mine.stepped:
+            log.warning("stage 0 did not step at %d: %s", step, mine.detail)
+        return dict(zip(stage_of, results[1:], strict=True))
+
+    async def _end_step(self, step: int, stage0: list[str], n_mb: int, samples: int) -> None:
+        d = self.d
+        replicas = self.block_replicas()
+        await self.close_step(
+            step, replicas,
+            lambda pid, stage: pb.StepEnd(step=step, sender=d.peer_id, microbatches=n_mb,
+                                          samples=samples, stage0_replicas=stage0,
+                                          stage_replicas=replicas[stage]),
+            d.sync_step(step, stage0))

@@ -15,7 +15,7 @@ bit-identical (same ops, same order, on CPU), which `state_hash` lets anyone che
 
 Sync-mode state (`mode_state`, the one hook a sync mode gets here): named tensors that a mode
 keeps beside the stage and that must travel with it to a joining replica, e.g. DiLoCo's shared
-weights of the last outer step and its outer momentum (peer/sync/modes.py). They go out as
+weights of the last outer step and its outer momentum (peer/sync/diloco.py). They go out as
 `mode.<name>` arrays in `state_arrays` and come back in `load_state_arrays`, dtype kept. Names
 under `shared.` are what the replicas agree on while their parameters legitimately differ
 (DiLoCo between outer steps): when any exist, `state_hash` covers them instead of the parameters.
@@ -42,9 +42,7 @@ from protocols.runspec import RunSpec
 
 log = logging.getLogger("shoal.stage")
 T = TypeVar("T")
-
-#: how long a microbatch's graph is kept waiting for its backward pass before it is dropped
-PENDING_TTL_S = 120.0
+PENDING_TTL_S = 120.0  # how long a microbatch's graph waits for its backward before it is dropped
 
 
 class StageError(RuntimeError):
@@ -145,9 +143,9 @@ class StageHost:
 
     def forward(self, mb_id: str, x: torch.Tensor, step: int) -> torch.Tensor:
         """Block stage forward; keeps the graph for `backward`. Returns the output, detached."""
-        self._check_activation(x, "forward input")
+        self.check_activation(x, "forward input")
         inp = x.to(self.device, torch.float32).requires_grad_(True)
-        with torch.enable_grad(), self._autocast():
+        with torch.enable_grad(), self.autocast():
             out = self.module(inp).float()
         self.pending[mb_id] = Pending(inp, out, int(x.shape[0]), step, time.monotonic())
         self._pad(inp, 1.0)
@@ -156,8 +154,8 @@ class StageHost:
     @torch.no_grad()
     def infer(self, x: torch.Tensor) -> torch.Tensor:
         """Forward without keeping a graph (inspection, generation through the swarm)."""
-        self._check_activation(x, "forward input")
-        with self._autocast():
+        self.check_activation(x, "forward input")
+        with self.autocast():
             return self.module(x.to(self.device, torch.float32)).float().cpu()
 
     def backward(self, mb_id: str, grad_out: torch.Tensor) -> torch.Tensor:
@@ -170,7 +168,7 @@ class StageHost:
             self.pending[mb_id] = p
             raise StageError(f"gradient shape {tuple(grad_out.shape)} does not match the "
                              f"output {tuple(p.out.shape)} of microbatch {mb_id}")
-        self._check_activation(grad_out, "gradient")
+        self.check_activation(grad_out, "gradient")
         p.out.backward(grad_out.to(self.device, torch.float32))
         self.samples += p.samples
         self.microbatches += 1
@@ -191,7 +189,7 @@ class StageHost:
 
     def embed(self, mb_id: str, tokens: torch.Tensor, step: int) -> torch.Tensor:
         assert isinstance(self.module, StageZero)
-        with torch.enable_grad(), self._autocast():
+        with torch.enable_grad(), self.autocast():
             h = self.module.embed(tokens.to(self.device)).float()
         self.pending[mb_id] = Pending(tokens, h, int(tokens.shape[0]), step, time.monotonic())
         return h.detach().cpu()
@@ -200,9 +198,9 @@ class StageHost:
              ) -> tuple[float, torch.Tensor]:
         """Loss of the microbatch and the gradient of its summed loss w.r.t. the last activation."""
         assert isinstance(self.module, StageZero)
-        self._check_activation(h, "last activation")
+        self.check_activation(h, "last activation")
         leaf = h.to(self.device, torch.float32).requires_grad_(True)
-        with torch.enable_grad(), self._autocast():
+        with torch.enable_grad(), self.autocast():
             loss, _ = self.module.head_loss(leaf, targets.to(self.device).long())
             (loss * h.shape[0]).backward()
         assert leaf.grad is not None
@@ -212,7 +210,7 @@ class StageHost:
         p = self.pending.pop(mb_id, None)
         if p is None:
             raise StageError(f"microbatch {mb_id} has no embedding graph here")
-        self._check_activation(grad_h, "gradient")
+        self.check_activation(grad_h, "gradient")
         p.out.backward(grad_h.to(self.device, torch.float32))
         self.samples += p.samples
         self.microbatches += 1
@@ -229,14 +227,15 @@ class StageHost:
             self.forget(k)
         return len(old)
 
-    def _autocast(self):
+    def autocast(self):
         """On a GPU, compute in bf16 with the fp32 master weights; on CPU, plain fp32 (so CPU
         replicas stay bit-exact). The wire format never depends on the device: activations
         leave as fp32 and the codec encodes them."""
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
                               enabled=self.device.type == "cuda")
 
-    def _check_activation(self, x: torch.Tensor, what: str) -> None:
+    def check_activation(self, x: torch.Tensor, what: str) -> None:
+        """Refuse (StageError) an activation or gradient that does not fit this run (any thread)."""
         d = self.spec.model.d_model
         if x.dim() != 3 or x.shape[-1] != d or x.shape[1] > self.spec.model.seq_len:
             raise StageError(f"{what} has shape {tuple(x.shape)}; this run expects "

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
+import grpc
 import numpy as np
 import torch
 
 from protocols import codec, tensor_stream
 from protocols import shoal_pb2 as pb
+from protocols.runspec import RunSpec
 
 ACTIVATION_ENCODINGS = {
     "fp32": pb.RAW,
@@ -124,3 +126,40 @@ async def call_tensors(
 
 def limits_for(max_bytes: int, check_finite: bool = True) -> codec.Limits:
     return codec.Limits(max_total_bytes=max_bytes, max_tensors=4096, check_finite=check_finite)
+
+
+def activation_limits(spec: RunSpec) -> codec.Limits:
+    """One activation or gradient message of a run: a few microbatches' worth, with slack."""
+    m, p = spec.model, spec.pipeline
+    return limits_for(4 * p.target_batch * m.seq_len * m.d_model * 4 + 4096)
+
+
+def sync_limits(n_params: int) -> codec.Limits:
+    """One sync round's message for a stage of `n_params` parameters (dense fp32 and slack)."""
+    return limits_for(8 * n_params + (1 << 20))
+
+
+def state_limits(spec: RunSpec) -> codec.Limits:
+    """One stage state download of a run (weights, optimizer state, mode state)."""
+    return limits_for(64 * spec.model.d_model ** 2 * spec.model.n_layers * 16 + (64 << 20))
+
+
+class Channels:
+    """This peer's gRPC channels to other peers, one per address, made with the client
+    interceptors `interceptors()` gives (protocols.auth: each call signed). Event loop only."""
+
+    def __init__(self, interceptors: Callable[[], list]) -> None:
+        self._interceptors = interceptors
+        self._by_address: dict[str, grpc.aio.Channel] = {}
+
+    def get(self, address: str) -> grpc.aio.Channel:
+        ch = self._by_address.get(address)
+        if ch is None:
+            ch = grpc.aio.insecure_channel(address, options=tensor_stream.grpc_options(),
+                                           interceptors=self._interceptors())
+            self._by_address[address] = ch
+        return ch
+
+    async def close(self) -> None:
+        for ch in self._by_address.values():
+            await ch.close()

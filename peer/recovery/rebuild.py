@@ -2,12 +2,13 @@
 
 The coordinator marks a stage that empties after training with a `rebuild` method
 (coordinator/membership.py). The next peer that takes the stage finds no replica to copy and
-calls `rebuild_stage` (from PeerDaemon._take_stage), which follows optim/checkfree.plan_recovery:
+calls `rebuild_stage` (from the daemon's `_take_stage`), which follows
+optim/checkfree.plan_recovery:
 
 - inner stage s, both neighbours live (CheckFree): download the parameters of s-1 and s+1 from
-  live replicas (State.Download, every download hash-checked against the state hash the sender
-  claims), average them weighted by each neighbour's last gradient norm *as the coordinator's
-  view reports it* (StageInfo.grad_norm);
+  live replicas (peer/recovery/transfer.py: every download hash-checked against the state hash
+  the sender claims), average them weighted by each neighbour's last gradient norm *as the
+  coordinator's view reports it* (StageInfo.grad_norm);
 - edge stage with CheckFree+ (stages 1, 2, S-1, S): a copy of its swap partner, which the
   odd-microbatch swaps trained to stand in for it;
 - otherwise (two adjacent stages lost, an edge stage without CheckFree+, or any failure of the
@@ -19,10 +20,12 @@ Every rebuild starts a fresh optimizer and multiplies the stage's learning rate 
 `optim.checkfree.LR_BOOST` (1.1) for the rest of the run. The step counter is the neighbours'
 (or the swarm's, from the view): the stage had no replica, so no update of it was missed.
 
-What the peer did goes into `RecoveryReport`; the daemon reports it to the coordinator inside
-its heartbeat stats as the bytes_by_kind key `recovery:<method>:<sources>` (value: the step it
-was rebuilt at), the one free-form map the heartbeat has. The coordinator turns it into the
-rebuild event's detail and never counts it as bytes.
+What the peer did goes into a `RecoveryReport` (protocols/recovery_report.py); the daemon
+reports it to the coordinator inside its heartbeat stats as the bytes_by_kind key
+`recovery:<method>:<sources>` (value: the step it was rebuilt at). The coordinator turns it into
+the rebuild event's detail and never counts it as bytes.
+
+Collaborators get a `PeerContext` (peer/context.py), never the daemon.
 """
 
 from __future__ import annotations
@@ -31,65 +34,28 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import grpc
 import torch
 
 from optim.checkfree import LR_BOOST, Recovery, copy_neighbor, plan_recovery, weighted_average
 from optim.errors import NonFiniteValues, ShapeMismatch, StateMismatch
-from peer.pipeline import wire
+from peer.consistency import READY_STATES, may_fast_forward, swarm_step
+from peer.context import PeerContext
 from peer.pipeline.stage_host import StageError, StageHost
 from peer.recovery import snapshots
-from protocols import shoal_pb2 as pb
-from protocols import shoal_pb2_grpc as pbg
-
-if TYPE_CHECKING:
-    from peer.daemon import PeerDaemon
+from peer.recovery.transfer import download_state, fetch_state
+from peer.sync.base import SyncMode, forget_pending
+from protocols.recovery_report import RecoveryReport
 
 log = logging.getLogger("shoal.recovery")
-RECOVERY_KEY = "recovery:"
 
 
 class RebuildFailed(RuntimeError):
     """A source of the rebuild (a neighbour's download, a snapshot) could not be used."""
 
 
-@dataclass(frozen=True)
-class RecoveryReport:
-    """How a stage was rebuilt: method is "weighted_average", "copy_neighbor", "snapshot",
-    "copy_nearest" or "initial"; sources are the block stages it came from."""
-
-    stage: int
-    method: str
-    sources: tuple[int, ...]
-    step: int
-    weights: tuple[float, float] | None = None
-    note: str = ""
-
-    @property
-    def degraded(self) -> bool:
-        return self.method not in ("weighted_average", "copy_neighbor")
-
-    def wire_key(self) -> str:
-        """The heartbeat bytes_by_kind key that carries this report (printable, <= 64 chars)."""
-        return f"{RECOVERY_KEY}{self.method}:{','.join(map(str, self.sources))}"[:64]
-
-
-def parse_wire_key(key: str) -> tuple[str, tuple[int, ...]] | None:
-    """(method, sources) of a `recovery:` key, or None if `key` is not one."""
-    if not key.startswith(RECOVERY_KEY):
-        return None
-    method, _, src = key[len(RECOVERY_KEY):].partition(":")
-    try:
-        sources = tuple(int(x) for x in src.split(",") if x)
-    except ValueError:
-        return None
-    return (method, sources) if method else None
-
-
-async def fetch_stage_params(d: PeerDaemon, stage: int) -> tuple[dict[str, torch.Tensor], int]:
+async def fetch_stage_params(d: PeerContext, stage: int) -> tuple[dict[str, torch.Tensor], int]:
     """The parameters of `stage` and its step, from the first live replica that gives a state
     whose hash matches what it claims. Raises RebuildFailed when none does."""
     spec = d.spec
@@ -97,16 +63,7 @@ async def fetch_stage_params(d: PeerDaemon, stage: int) -> tuple[dict[str, torch
     for pid in d.live_replicas(stage):
         scratch = StageHost(spec, stage, device="cpu")
         try:
-            stub = pbg.StateStub(d.channel(d.address_of(pid)))
-            call = stub.Download(pb.StateRequest(stage=stage, include_optimizer=True),
-                                 timeout=120)
-            header, arrays = await wire.receive(call.__aiter__(), d.state_limits(), d.counter,
-                                                "state")
-            await scratch.run(scratch.load_state_arrays, arrays)
-            got = await scratch.run(scratch.state_hash)
-            if got != header.meta.get("state_hash"):
-                raise StageError(f"stage {stage} from {pid[:8]} hashes to {got[:12]}, it "
-                                 f"claimed {header.meta.get('state_hash', '')[:12]}")
+            await fetch_state(d, pid, scratch)
             return {k: v.detach().clone() for k, v in scratch.params().items()}, scratch.step
         except (grpc.aio.AioRpcError, StageError, KeyError, ValueError) as exc:
             errors.append(f"{pid[:8]}: {exc}")
@@ -117,20 +74,16 @@ async def fetch_stage_params(d: PeerDaemon, stage: int) -> tuple[dict[str, torch
                         + (f" ({'; '.join(errors)})" if errors else " (none in the view)"))
 
 
-def _alive_block_stages(d: PeerDaemon) -> set[int]:
+def _alive_block_stages(d: PeerContext) -> set[int]:
     return {s for s in range(1, d.spec.pipeline.stages + 1) if d.live_replicas(s)}
 
 
-def _grad_norm(d: PeerDaemon, stage: int) -> float:
-    info = next((s for s in (d.view.stages if d.view else ()) if s.stage == stage), None)
-    return info.grad_norm if info is not None else float("nan")
+def _grad_norm(d: PeerContext, stage: int) -> float:
+    norm = d.stage_info(stage, "grad_norm")
+    return float(norm) if isinstance(norm, (int, float)) else float("nan")
 
 
-def _swarm_step(d: PeerDaemon) -> int:
-    return max((s.step for s in (d.view.stages if d.view else ())), default=0)
-
-
-async def rebuild_stage(d: PeerDaemon) -> RecoveryReport:
+async def rebuild_stage(d: PeerContext) -> RecoveryReport:
     """Rebuild the stage `d.host` holds (no replica of it is live) and load it into the host."""
     host = d.host
     stage, n = host.stage, d.spec.pipeline.stages
@@ -155,17 +108,17 @@ async def rebuild_stage(d: PeerDaemon) -> RecoveryReport:
     return await _degraded(d, stage, like, alive, note)
 
 
-async def _degraded(d: PeerDaemon, stage: int, like: dict[str, torch.Tensor], alive: set[int],
+async def _degraded(d: PeerContext, stage: int, like: dict[str, torch.Tensor], alive: set[int],
                     note: str) -> RecoveryReport:
     """Snapshot, else a copy of the nearest live stage, else the initial weights; loudly."""
-    directory = getattr(d.args, "snapshot_dir", None)
+    directory = d.snapshot_dir
     for snap in snapshots.list_snapshots(directory, stage) if directory else []:
         try:
             state = await d.host.run(snapshots.load_snapshot, snap, like)
         except snapshots.SnapshotError as exc:
             log.error("stage %d: snapshot %s unusable: %s", stage, snap.path.name, exc)
             continue
-        report = RecoveryReport(stage, "snapshot", (), max(snap.step, _swarm_step(d)),
+        report = RecoveryReport(stage, "snapshot", (), max(snap.step, swarm_step(d.view)),
                                 note=f"{note}; restored {snap.path.name} (step {snap.step})")
         return await _load(d, report, Recovery(state, "snapshot"))
     for source in sorted(alive, key=lambda s: (abs(s - stage), s)):
@@ -178,12 +131,12 @@ async def _degraded(d: PeerDaemon, stage: int, like: dict[str, torch.Tensor], al
         report = RecoveryReport(stage, "copy_nearest", (source,), step,
                                 note=f"{note}; no snapshot, copied stage {source}")
         return await _load(d, report, rec)
-    report = RecoveryReport(stage, "initial", (), _swarm_step(d),
+    report = RecoveryReport(stage, "initial", (), swarm_step(d.view),
                             note=f"{note}; no snapshot and no stage to copy: initial weights")
     return await _load(d, report, Recovery(like, "initial"))
 
 
-async def _load(d: PeerDaemon, report: RecoveryReport, rec: Recovery) -> RecoveryReport:
+async def _load(d: PeerContext, report: RecoveryReport, rec: Recovery) -> RecoveryReport:
     host = d.host
     await host.run(host.load_rebuilt, rec.state, report.step, LR_BOOST)
     if report.degraded:
@@ -200,54 +153,81 @@ async def _load(d: PeerDaemon, report: RecoveryReport, rec: Recovery) -> Recover
 # ---------------------------------------------------------------------- daemon-side glue
 
 
-async def rebuild(d: PeerDaemon) -> bool:
-    """PeerDaemon._take_stage: the view marks the stage for a rebuild and no replica is live."""
+async def take_state(d: PeerContext, mode: SyncMode, stage: int, init_model: str | None = None
+                     ) -> RecoveryReport | None:
+    """Fill a new holder's `d.host` (of `stage`): download it from a live replica; or, when the
+    view says the stage lost every replica after training, rebuild it without one; or start from
+    the exported model `init_model` / the initial weights when it is the first holder. Returns the
+    rebuild's report, or None when nothing was rebuilt. Event loop, before the replica serves."""
+    host = d.host
+    assert host is not None
+    report = None
+    sources = [p for p in d.live_replicas(stage) if p != d.peer_id]
+    if stage > 0 and not sources and d.stage_info(stage, "rebuild"):
+        report = await rebuild(d)
+    elif not (sources and await download_state(d, mode, sources)):
+        if sources and stage > 0 and d.stage_info(stage, "step"):
+            # The view listed replicas that did not answer: likely dead, lease not yet
+            # expired. Wait for the coordinator to expire them, then rebuild or copy.
+            report = await await_sources_or_rebuild(d, mode, stage)
+        elif sources:
+            log.warning("stage %d: no replica could give its state", stage)
+        if report is None and not sources and init_model:
+            await host.run(host.load_exported, init_model)
+            log.info("stage %d: starting from the exported model in %s", stage, init_model)
+    return report
+
+
+async def rebuild(d: PeerContext) -> RecoveryReport:
+    """The daemon's `_take_stage`: the view marks the stage for a rebuild and no replica is
+    live. Returns what was done, for the heartbeats' report."""
+    host = d.host
+    assert host is not None
     log.warning("stage %d has no live replica and the coordinator asks for a %s rebuild",
-                d.host.stage, d.stage_info(d.host.stage, "rebuild"))
-    d.recovery = await rebuild_stage(d)
-    return True
+                host.stage, d.stage_info(host.stage, "rebuild"))
+    return await rebuild_stage(d)
 
 
-async def await_sources_or_rebuild(d: PeerDaemon, stage: int) -> bool:
+async def await_sources_or_rebuild(d: PeerContext, mode: SyncMode, stage: int
+                                   ) -> RecoveryReport | None:
     """Replicas listed in the view did not answer (dead, lease not yet expired): refresh the
     view until one answers (download) or the stage is marked for a rebuild (rebuild). Returns
-    whether it rebuilt."""
+    the rebuild's report, or None when it downloaded or gave up."""
     wait = 3 * d.spec.membership.lease_s
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         await asyncio.sleep(d.spec.membership.heartbeat_s)
         with contextlib.suppress(Exception):
-            d.view = await d.client.view()
+            await d.refresh_view()
         sources = [p for p in d.live_replicas(stage) if p != d.peer_id]
         if not sources and d.stage_info(stage, "rebuild"):
             return await rebuild(d)
-        if sources and await d.download_state(sources):
-            return False
+        if sources and await download_state(d, mode, sources):
+            return None
     log.error("stage %d: no replica answered and no rebuild was asked for within %.0f s; "
               "starting from the initial weights", stage, wait)
-    return False
+    return None
 
 
-def catch_up(d: PeerDaemon, step: int) -> bool:
+def catch_up(d: PeerContext, step: int) -> bool:
     """A later step reached a replica whose whole stage missed the steps in between (it was
     just rebuilt while paths bypassed it, or every replica missed the same EndSteps): no replica
     applied those steps, so adopting the step counter is exact. That holds when no other holder
-    of the stage is ahead of this one or differs from it (same step and state hash in the view).
-    Returns False (and changes nothing) otherwise (the state must then be downloaded) or while a
-    step is in progress. A view that lags is caught by the state-hash check of heartbeats."""
+    of the stage is ahead of this one or differs from it (peer/consistency.py's
+    `may_fast_forward`). Returns False (and changes nothing) otherwise (the state must then be
+    downloaded) or while a step is in progress. A view that lags is caught by the state-hash
+    check of heartbeats."""
     host = d.host
     if host is None or step <= host.step or d.step_lock.locked() or d.view is None:
         return False
+    if not may_fast_forward(d.view, d.peer_id, host.stage, host.step, d.state_hash):
+        return False
     others = [p for p in d.view.replicas(host.stage)
               if p.peer_id != d.peer_id and p.state not in ("lost", "left")]
-    if any(p.state not in ("training", "rebuilt") or p.stats.step > host.step
-           or p.stats.state_hash != d.state_hash for p in others):
-        return False
     log.info("stage %d: fast-forwards from step %d to %d (no replica of the stage stepped in "
              "between; %d other holders at the same state)", host.stage, host.step, step,
              len(others))
-    for mb in list(host.pending):
-        host.forget(mb)
+    forget_pending(host)
     host.optimizer.zero_grad(set_to_none=True)
     host.samples = host.microbatches = 0
     unchanged = d.state_hash  # the weights do not change, only the step they are at
@@ -256,17 +236,18 @@ def catch_up(d: PeerDaemon, step: int) -> bool:
     return True
 
 
-async def snapshot_if_due(d: PeerDaemon) -> None:
-    """Every SNAPSHOT_EVERY_STEPS steps, save the stage to --snapshot-dir (heartbeat loop)."""
-    directory = getattr(d.args, "snapshot_dir", None)
+async def snapshot_if_due(d: PeerContext, last_step: int) -> int:
+    """Every SNAPSHOT_EVERY_STEPS steps after `last_step`, save the stage to the snapshot folder
+    (heartbeat loop). Returns the step of the newest snapshot (`last_step` when none was due)."""
+    directory = d.snapshot_dir
     host = d.host
-    if (not directory or host is None or host.stage == 0 or d.state not in ("training", "rebuilt")
-            or host.step < d._snapshot_step + snapshots.SNAPSHOT_EVERY_STEPS):
-        return
+    if (not directory or host is None or host.stage == 0 or d.state not in READY_STATES
+            or host.step < last_step + snapshots.SNAPSHOT_EVERY_STEPS):
+        return last_step
     async with d.step_lock:
         state = await host.run(host.module.state_dict)
         step = host.step
         path = await host.run(snapshots.save_snapshot, directory, host.stage, step, d.peer_id,
                               state)
-    d._snapshot_step = step
     log.info("stage %d: snapshot at step %d in %s", host.stage, step, path)
+    return step

@@ -21,25 +21,21 @@ extra state transfer per such join; no silent drift).
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
 
-from peer.sync.modes import DilocoMode
-from peer.sync.rounds import Arrays, Meta, SyncFailed
+from peer.context import PeerContext
+from peer.pipeline.stage_host import StageHost
+from peer.sync.base import forget_pending
+from peer.sync.diloco import DilocoMode
+from peer.sync.rounds import Arrays, Meta, SyncFailed, SyncRounds
 from protocols import shoal_pb2 as pb
 from protocols.runspec import RunSpec
-
-if TYPE_CHECKING:
-    from peer.daemon import PeerDaemon
-    from peer.pipeline.stage_host import StageHost
 
 RoundResult = tuple[Arrays, Meta]
 SKIPPED: RoundResult = ({}, {"skip": "1"})
 
 
 class DelayedDilocoMode(DilocoMode):
-    """DiLoCo with one-round-delayed outer updates; the daemon calls `outer_step_async`."""
-
-    delayed = True
+    """DiLoCo with one-round-delayed outer updates: its outer steps override `round_step`."""
 
     def __init__(self, spec: RunSpec) -> None:
         super().__init__(spec)
@@ -55,31 +51,30 @@ class DelayedDilocoMode(DilocoMode):
             self.outer_step(host, result, meta)
         return self.restart_round(host)
 
-
-async def outer_step_async(d: PeerDaemon, step: int) -> pb.StepDone:
-    """The outer step `step` of a DelayedDilocoMode replica (the caller holds the step lock)."""
-    host, mode = d.host, d.mode
-    assert isinstance(mode, DelayedDilocoMode) and host is not None
-    arrays, meta = await host.run(mode.contribution, host)  # the inner step, then delta_r
-    current = asyncio.ensure_future(d.rounds.run(step, (meta, arrays)))
-    previous, mode.pending = mode.pending, (step, current)
-    awaited = [previous] if previous is not None else []
-    if mode.is_last_outer_step(step):
-        awaited.append(mode.pending)
-        mode.pending = None
-    rounds: list[RoundResult] = [] if previous is not None else [SKIPPED]
-    for round_step, task in awaited:
-        try:
-            rounds.append(await task)
-        except SyncFailed as exc:
-            if mode.pending is not None and not mode.pending[1].done():
-                mode.pending[1].cancel()
-            mode.pending = None
-            d.fall_behind(f"outer round of step {round_step}: {exc}")
-            return pb.StepDone(step=step, stage=host.stage, stepped=False, detail=str(exc))
-    for mb in list(host.pending):  # graphs of this step cannot outlive its weights
-        host.forget(mb)
-    norm = await host.run(mode.apply_rounds, host, rounds)
-    d.state_hash = await host.run(host.state_hash)
-    return pb.StepDone(step=step, stage=host.stage, included=d.rounds.last_included,
-                       state_hash=d.state_hash, grad_norm=norm, stepped=True)
+    async def round_step(self, ctx: PeerContext, rounds: SyncRounds, step: int) -> pb.StepDone:
+        """The outer step `step`: start its round in the background, apply the previous one's
+        (event loop, step lock held; see the module docstring)."""
+        host = ctx.host
+        assert host is not None
+        arrays, meta = await host.run(self.contribution, host)  # the inner step, then delta_r
+        current = asyncio.ensure_future(rounds.run(step, (meta, arrays)))
+        previous, self.pending = self.pending, (step, current)
+        awaited = [previous] if previous is not None else []
+        if self.is_last_outer_step(step):
+            awaited.append(self.pending)
+            self.pending = None
+        results: list[RoundResult] = [] if previous is not None else [SKIPPED]
+        for round_step, task in awaited:
+            try:
+                results.append(await task)
+            except SyncFailed as exc:
+                if self.pending is not None and not self.pending[1].done():
+                    self.pending[1].cancel()
+                self.pending = None
+                ctx.fall_behind(f"outer round of step {round_step}: {exc}")
+                return pb.StepDone(step=step, stage=host.stage, stepped=False, detail=str(exc))
+        forget_pending(host)  # graphs of this step cannot outlive its weights
+        norm = await host.run(self.apply_rounds, host, results)
+        ctx.state_hash = await host.run(host.state_hash)
+        return pb.StepDone(step=step, stage=host.stage, included=rounds.last_included,
+                           state_hash=ctx.state_hash, grad_norm=norm, stepped=True)

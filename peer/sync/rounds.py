@@ -24,8 +24,9 @@ Design (leader-collects, everyone-applies-the-same-bytes):
 Invariant: every replica that completes round `step` applies byte-identical aggregate arrays, so
 replicas stay bit-identical. A dead or frozen replica delays a round by at most `timeout`.
 
-The arithmetic of each sync mode lives behind `SyncMode` (allreduce here; demo, diloco and the
-robust allreduce in peer/sync/modes.py, over the math in optim/).
+The arithmetic of each round-based sync mode lives behind `RoundMode` (peer/sync/base.py; the
+modes in allreduce.py, demo.py and diloco.py, over the math in optim/); this module knows only its
+`aggregate`.
 """
 
 from __future__ import annotations
@@ -40,10 +41,9 @@ from typing import Protocol
 
 import grpc
 import numpy as np
-import torch
 
+from peer.consistency import leader_order, lowest_id
 from peer.pipeline import wire
-from peer.pipeline.stage_host import StageHost
 from protocols import shoal_pb2 as pb
 
 log = logging.getLogger("shoal.sync")
@@ -60,64 +60,13 @@ class SyncFailed(RuntimeError):
     """No aggregator could be reached for this round."""
 
 
-class SyncMode(Protocol):
+class RoundAggregator(Protocol):
+    """What the rounds use of a sync mode: its name (the byte counter's `sync:<name>`) and its
+    aggregate (peer/sync/base.py's `RoundMode.aggregate` documents the contract)."""
+
     name: str
 
-    def exchanges(self, step: int) -> bool:
-        """Whether round `step` puts anything on the wire. When False the daemon skips the round
-        entirely (no contribution, no leader) and calls `apply(host, {}, LOCAL_STEP)`: the mode
-        steps on this replica's own gradients (DiLoCo's inner steps)."""
-        ...
-
-    def contribution(self, host: StageHost) -> tuple[Arrays, Meta]:
-        """This replica's part of the round (runs on the compute thread)."""
-        ...
-
-    def aggregate(self, parts: Mapping[str, tuple[Meta, Arrays]]) -> tuple[Arrays, Meta]:
-        """The round's result from the parts, by peer id; deterministic in the ids' order."""
-        ...
-
-    def apply(self, host: StageHost, result: Arrays, meta: Meta) -> float:
-        """Step the stage with the result (compute thread); returns the gradient norm."""
-        ...
-
-
-class AllreduceMode:
-    """Dense gradients, averaged over every sample the stage saw (the baseline)."""
-
-    name = "allreduce"
-
-    def __init__(self, aggregator: str = "mean", trim: float = 0.25, clip_norm: float = 10.0):
-        self.aggregator = aggregator
-        self.trim = trim
-        self.clip_norm = clip_norm
-
-    def exchanges(self, step: int) -> bool:
-        return True
-
-    def contribution(self, host: StageHost) -> tuple[Arrays, Meta]:
-        return wire.to_arrays(host.grad_sums()), {"samples": str(host.samples)}
-
-    def aggregate(self, parts: Mapping[str, tuple[Meta, Arrays]]) -> tuple[Arrays, Meta]:
-        ids = sorted(p for p, (m, _) in parts.items() if int(m.get("samples", "0")) > 0)
-        total = sum(int(parts[p][0]["samples"]) for p in ids)
-        meta = {"included": ",".join(sorted(parts)), "samples": str(total)}
-        if total == 0:
-            return {}, {**meta, "skip": "1"}
-        names = sorted(parts[ids[0]][1])
-        out: Arrays = {}
-        for name in names:
-            acc = np.zeros_like(parts[ids[0]][1][name], dtype=np.float32)
-            for p in ids:
-                acc += parts[p][1][name]
-            out[name] = acc / np.float32(total)
-        return out, meta
-
-    def apply(self, host: StageHost, result: Arrays, meta: Meta) -> float:
-        if meta.get("skip") == "1" or not result:
-            host.finish_step()
-            return 0.0
-        return host.apply_gradient({k: torch.from_numpy(np.array(v)) for k, v in result.items()})
+    def aggregate(self, parts: Mapping[str, tuple[Meta, Arrays]]) -> tuple[Arrays, Meta]: ...
 
 
 @dataclass
@@ -137,7 +86,7 @@ class SyncRounds:
         *,
         me: str,
         stage: int,
-        mode: SyncMode,
+        mode: RoundAggregator,
         candidates: Callable[[], list[str]],
         exchange_stub: Callable[[str], object],
         departed: Callable[[], set[str]] = set,
@@ -164,7 +113,7 @@ class SyncRounds:
     def _candidates(self, step: int) -> list[str]:
         agreed = self.agreed.get(step)
         if agreed:
-            return sorted(set(agreed) | {self.me})
+            return leader_order(set(agreed) | {self.me})
         return self.candidates()
 
     def _round(self, step: int) -> _Round:
@@ -209,7 +158,7 @@ class SyncRounds:
             meta = {**meta, "diverged": ",".join(diverged)}
             log.warning("stage %d step %d: %s started the round from other weights than %s; "
                         "they re-download the stage", self.stage, step,
-                        ",".join(r[:8] for r in diverged), min(parts)[:8])
+                        ",".join(r[:8] for r in diverged), lowest_id(parts)[:8])
         result = rnd.result = (arrays, meta)
         rnd.done.set()
         missing = (set(self._candidates(step)) - skip) - set(rnd.parts)
@@ -278,7 +227,7 @@ def _diverged(hashes: Mapping[str, str]) -> list[str]:
     known = {r: h for r, h in hashes.items() if h}
     if len(set(known.values())) < 2:
         return []
-    reference = known[min(known)]
+    reference = known[lowest_id(known)]
     return sorted(r for r, h in known.items() if h != reference)
 
 

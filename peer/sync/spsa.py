@@ -14,6 +14,7 @@ How one step t goes (design):
    (`block_pair`), runs h+ under +eps z and h- under -eps z, and restores the exact saved bytes of
    its fp32 weights after each (never +eps, -2eps, +eps). Tensor ids are "<stage>:<parameter
    name>" (block names hold the global layer index), the same on every replica of a stage.
+   The Forward header's meta "mode" is `FORWARD_KIND`: the mode owns the name of its stream.
 2. Stage 0 computes L+ and L- (`loss_pair`), averages them over its microbatches, takes
    g = (L+ - L-) / 2eps and encodes it as one int8 code on the ledger's scale for step t, with
    the seed's dither (unbiased stochastic rounding).
@@ -44,23 +45,23 @@ import math
 import os
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from optim import spsa
+from peer.context import PeerContext
 from peer.pipeline.stage_host import StageError, StageHost
+from peer.sync.base import Checkpoint, SyncMode
 from peer.sync.rounds import LOCAL_STEP, Arrays, Meta
+from protocols import shoal_pb2 as pb
 from protocols.runspec import RunSpec
-
-if TYPE_CHECKING:
-    from peer.daemon import PeerDaemon
 
 log = logging.getLogger("shoal.spsa")
 KIND = "sync:spsa"
+FORWARD_KIND = "spsa"  # the Forward meta "mode" of a perturbed [h+; h-] stream
 SCALE_KEY = "spsa.scale"
 Z_CACHE_SEEDS = 4  # seeds whose z a replica keeps (one step's J directions, plus slack)
 Z_CACHE_MAX_NUMEL = 50_000_000  # above this, regenerate z per use instead of caching it
@@ -90,10 +91,25 @@ def from_codes(codes: Sequence[int]) -> bytes:
     return np.asarray(codes, dtype=np.int8).tobytes()
 
 
-class SpsaMode:
-    """The replica side of shared-seed SPSA (see the module docstring)."""
+async def fetch_ledger(ctx: PeerContext, from_step: int, to_step: int = 0
+                       ) -> pb.SpsaLedgerReply:
+    """Closed steps [from_step, to_step) from the coordinator (counted under sync:spsa)."""
+    req = pb.SpsaLedgerRequest(from_step=from_step, to_step=to_step)
+    reply = await ctx.client.spsa_ledger(req)
+    ctx.counter.add(KIND, sent=req.ByteSize(), received=reply.ByteSize())
+    return reply
+
+
+class SpsaMode(SyncMode):
+    """The replica side of shared-seed SPSA (see the module docstring): no rounds; each step's
+    closed message set comes with EndStep (`carries_step`, `take_step_end`) and every step is
+    applied locally (`exchanges` stays False), so it never fast-forwards; joiners start from a
+    hash-checked checkpoint and replay the ledger (`joiner_checkpoint`, `after_download`)."""
 
     name = "spsa"
+    joins_from_checkpoint = True
+    fast_forwards = False
+    forward_kinds = frozenset({FORWARD_KIND})
 
     def __init__(self, spec: RunSpec) -> None:
         s = spec.sync.spsa
@@ -111,16 +127,45 @@ class SpsaMode:
         self.replayed = 0  # steps applied from the coordinator's ledger (catch-up)
         self._drift_at = int(os.environ.get(DRIFT_ENV, "0") or 0)
 
-    # ------------------------------------------------------------------ SyncMode
+    # ------------------------------------------------------------------ SyncMode hooks
 
-    def exchanges(self, step: int) -> bool:
-        return False  # no gradient round: the closed set comes with EndStep
+    def joiner_checkpoint(self) -> Checkpoint | None:
+        """The last checkpoint (step, state arrays, hash), served to joiners (ledger_snapshot)."""
+        return self.checkpoint
 
-    def contribution(self, host: StageHost) -> tuple[Arrays, Meta]:
-        raise StageError("spsa replicas exchange no contributions; codes come with EndStep")
+    async def after_download(self, ctx: PeerContext) -> None:
+        """Replay the ledger from the downloaded checkpoint; old checkpoints are void."""
+        self.forget_checkpoints()
+        await self.catch_up(ctx, 0)
 
-    def aggregate(self, parts: Mapping[str, tuple[Meta, Arrays]]) -> tuple[Arrays, Meta]:
-        raise StageError("spsa replicas exchange no contributions; codes come with EndStep")
+    def carries_step(self, request: pb.StepEnd) -> bool:
+        return request.HasField("spsa")
+
+    async def replay(self, ctx: PeerContext, to_step: int) -> int:
+        return await self.catch_up(ctx, to_step)
+
+    def take_step_end(self, ctx: PeerContext, request: pb.StepEnd) -> str | None:
+        """Offer the closed set; count its bytes; check the hash the driver sent along."""
+        self.offer(request.step, list(request.stage0_replicas), request.spsa.codes)
+        check = pb.StepEnd(spsa_check_step=request.spsa_check_step,
+                           spsa_check_hash=request.spsa_check_hash)
+        ctx.counter.add(KIND, received=pb.StepEnd(spsa=request.spsa).ByteSize()
+                        + check.ByteSize())
+        if request.spsa_check_step and self.drifted(request.spsa_check_step,
+                                                    request.spsa_check_hash):
+            return (f"spsa hash check: state after step {request.spsa_check_step} differs "
+                    "from the stage's majority")
+        return None
+
+    def serve_forward(self, host: StageHost, header: pb.CallHeader, x: torch.Tensor
+                      ) -> torch.Tensor:
+        """A block stage's [h+; h-] under +-eps z of direction j (the seed is derived here)."""
+        if header.meta.get("mode") != FORWARD_KIND or not header.meta.get("j", "0").isdigit():
+            return super().serve_forward(host, header, x)
+        seed = self.seed(header.step, header.sender, int(header.meta.get("j", "0")))
+        return self.block_pair(host, seed, x)
+
+    # ------------------------------------------------------------------ the ledger
 
     def seed(self, step: int, peer: str, j: int) -> int:
         return spsa.seed_for(self.run_id, step, peer, j)
@@ -195,23 +240,18 @@ class SpsaMode:
         self.checkpoint = None
         self.check_hashes.clear()
 
-    def snapshot(self) -> tuple[int, dict[str, np.ndarray], str] | None:
-        """The last checkpoint (step, state arrays, hash), served to joiners (ledger_snapshot)."""
-        return self.checkpoint
-
     # ------------------------------------------------------------------ catching up
 
-    async def catch_up(self, d: PeerDaemon, to_step: int) -> int:
+    async def catch_up(self, ctx: PeerContext, to_step: int) -> int:
         """Replay the coordinator's ledger until this replica is after `to_step` (0: newest).
 
         Call with the daemon's step lock held (or before the replica serves). Returns the steps
         replayed; raises CatchUpFailed when the ledger lacks them.
         """
-        from peer.sync.spsa_driver import fetch_ledger
-
-        host, done = d.host, 0
+        host, done = ctx.host, 0
+        assert host is not None
         while True:
-            reply = await fetch_ledger(d, host.step + 1, to_step + 1 if to_step else 0)
+            reply = await fetch_ledger(ctx, host.step + 1, to_step + 1 if to_step else 0)
             if to_step == 0:
                 to_step = reply.next_step - 1
             if host.step >= to_step:
@@ -265,14 +305,14 @@ class SpsaMode:
     @torch.no_grad()
     def block_pair(self, host: StageHost, seed: int, x2: torch.Tensor) -> torch.Tensor:
         """A block stage on [h+; h-]: h+ under theta + eps z, h- under theta - eps z."""
-        host._check_activation(x2, "spsa forward input")
+        host.check_activation(x2, "spsa forward input")
         if x2.shape[0] % 2:
             raise StageError(f"spsa forward needs [h+; h-] stacked, got batch {x2.shape[0]}")
         n = x2.shape[0] // 2
         x = x2.to(host.device, torch.float32)
         outs = []
         for sign, half in ((1, x[:n]), (-1, x[n:])):
-            with self.perturbed(host, seed, sign), host._autocast():
+            with self.perturbed(host, seed, sign), host.autocast():
                 outs.append(host.module(half).float())
         return torch.cat(outs).cpu()
 
@@ -281,7 +321,7 @@ class SpsaMode:
         """Stage 0: [embed+(tokens); embed-(tokens)]."""
         outs = []
         for sign in (1, -1):
-            with self.perturbed(host, seed, sign), host._autocast():
+            with self.perturbed(host, seed, sign), host.autocast():
                 outs.append(host.module.embed(tokens.to(host.device)).float())
         return torch.cat(outs).cpu()
 
@@ -289,7 +329,7 @@ class SpsaMode:
     def loss_pair(self, host: StageHost, seed: int, h2: torch.Tensor, targets: torch.Tensor
                   ) -> tuple[float, float]:
         """Stage 0: (L+, L-) of [h+; h-], each head under its own perturbation."""
-        host._check_activation(h2, "spsa last activation")
+        host.check_activation(h2, "spsa last activation")
         n = targets.shape[0]
         if h2.shape[0] != 2 * n:
             raise StageError(f"spsa head got batch {h2.shape[0]} for {n} targets")
@@ -297,7 +337,7 @@ class SpsaMode:
         t = targets.to(host.device).long()
         losses = []
         for sign, half in ((1, h[:n]), (-1, h[n:])):
-            with self.perturbed(host, seed, sign), host._autocast():
+            with self.perturbed(host, seed, sign), host.autocast():
                 loss, _ = host.module.head_loss(half, t)
             losses.append(float(loss))
         return losses[0], losses[1]

@@ -31,38 +31,25 @@ import asyncio
 import logging
 import math
 import time
-from typing import TYPE_CHECKING
 
-import grpc
 import numpy as np
 import torch
 
 from optim import spsa
 from optim.errors import NonFiniteValues
-from peer.pipeline import wire
+from peer.consistency import lowest_id
+from peer.context import PeerContext
 from peer.pipeline.data import inputs_targets
-from peer.pipeline.driver import MAX_HOP_ATTEMPTS, Driver, MicrobatchDropped
+from peer.pipeline.driver import Driver, MicrobatchDropped
 from peer.pipeline.router import NoReplicaAvailable
-from peer.sync.spsa import KIND, SpsaMode, from_codes
+from peer.sync.spsa import FORWARD_KIND, KIND, SpsaMode, fetch_ledger, from_codes
 from protocols import shoal_pb2 as pb
-from protocols import shoal_pb2_grpc as pbg
-
-if TYPE_CHECKING:
-    from peer.daemon import PeerDaemon
 
 log = logging.getLogger("shoal.spsa")
 POLL_S = 0.05
 
 
-async def fetch_ledger(d: PeerDaemon, from_step: int, to_step: int = 0) -> pb.SpsaLedgerReply:
-    """Closed steps [from_step, to_step) from the coordinator (counted under sync:spsa)."""
-    req = pb.SpsaLedgerRequest(from_step=from_step, to_step=to_step)
-    reply = await d.client._call("GetSpsaLedger", req, 30.0, 2.0)
-    d.counter.add(KIND, sent=req.ByteSize(), received=reply.ByteSize())
-    return reply
-
-
-async def post_codes(d: PeerDaemon, step: int, codes: bytes, expect: list[str],
+async def post_codes(d: PeerContext, step: int, codes: bytes, expect: list[str],
                      timeout: float) -> tuple[pb.SpsaLedgerStep, int]:
     """Post this replica's codes of `step`; wait until the coordinator closes the step.
 
@@ -71,7 +58,7 @@ async def post_codes(d: PeerDaemon, step: int, codes: bytes, expect: list[str],
     post is a step and its codes.
     """
     req = pb.SpsaPost(step=step, codes=codes, expect=expect)
-    reply = await d.client._call("PostSpsa", req, 30.0, 2.0)
+    reply = await d.client.post_spsa(req)
     d.counter.add(KIND, sent=req.ByteSize(), received=reply.ByteSize())
     deadline = time.monotonic() + timeout + 10
     while True:
@@ -91,16 +78,17 @@ def majority_hash(hashes: dict[str, str]) -> str:
     for h in hashes.values():
         counts[h] = counts.get(h, 0) + 1
     best = max(counts.values())
-    return next(hashes[p] for p in sorted(hashes) if counts[hashes[p]] == best)
+    return hashes[lowest_id(p for p in hashes if counts[hashes[p]] == best)]
 
 
 class SpsaDriver(Driver):
     """Stage 0 of an SPSA run (see the module docstring)."""
 
-    def __init__(self, daemon: PeerDaemon) -> None:
-        super().__init__(daemon)
-        assert isinstance(daemon.mode, SpsaMode)
-        self.mode: SpsaMode = daemon.mode
+    def __init__(self, ctx: PeerContext, mode: SpsaMode, data: str | None = None,
+                 router_kind: str = "swarm") -> None:
+        super().__init__(ctx, data, router_kind)
+        self.d: PeerContext = ctx
+        self.mode = mode
         self._ledger_next = 0  # the ledger's next step, as of this replica's last post
         self._check: dict[int, tuple[int, bytes]] = {}  # stage -> (K-step, majority hash[:16])
 
@@ -188,8 +176,9 @@ class SpsaDriver(Driver):
             h = await host.run(mode.embed_pair, host, seed, tokens)
             compute = time.monotonic() - t0
             path = list(range(1, d.spec.pipeline.stages + 1))
+            meta = {"mode": FORWARD_KIND, "j": str(j)}
             for hop, s in enumerate(path):
-                h = await self._spsa_hop(s, step, j, mb_id, path, hop, h)
+                h, _ = await self._hop("forward", s, step, mb_id, path, hop, h, meta=meta)
             t0 = time.monotonic()
             pair = await host.run(mode.loss_pair, host, seed, h, targets)
             d.note_compute(int(tokens.shape[0]), compute + time.monotonic() - t0)
@@ -202,77 +191,34 @@ class SpsaDriver(Driver):
         finally:
             self._inflight -= 1
 
-    async def _spsa_hop(self, stage: int, step: int, j: int, mb_id: str, path: list[int],
-                        hop: int, x: torch.Tensor) -> torch.Tensor:
-        d = self.d
-        samples = int(x.shape[0])
-        tried: set[str] = set()
-        for _ in range(MAX_HOP_ATTEMPTS):
-            now = time.monotonic()
-            try:
-                target = self.router.choose(stage, samples, now, exclude=tried)
-                address = d.address_of(target)
-            except (KeyError, NoReplicaAvailable) as exc:
-                raise MicrobatchDropped(f"stage {stage}: {exc}") from exc
-            header = pb.CallHeader(kind="forward", microbatch_id=mb_id, step=step, stage=stage,
-                                   path=path, hop=hop, sender=d.peer_id, sent_at=time.time())
-            header.meta["mode"] = "spsa"
-            header.meta["j"] = str(j)
-            t0 = time.monotonic()
-            try:
-                _, arrays = await wire.call_tensors(
-                    pbg.StageStub(d.channel(address)).Forward, header,
-                    {"x": x.float().numpy()},
-                    encoding=wire.ACTIVATION_ENCODINGS[d.spec.pipeline.activations],
-                    limits=d.activation_limits(), counter=d.counter, kind="activations",
-                    timeout=self.router.timeout_for(target, samples, backward=False))
-                self.router.record(target, samples, time.monotonic() - t0, time.monotonic())
-                return torch.from_numpy(arrays["x"].copy())
-            except grpc.aio.AioRpcError as exc:
-                tried.add(target)
-                self.hop_failed(target, samples, t0, exc)
-                log.info("spsa forward of %s on %s failed: %s", mb_id, target[:8],
-                         exc.code().name)
-        raise MicrobatchDropped(f"stage {stage}: no replica answered ({len(tried)} tried)")
-
     # ------------------------------------------------------------------ end of step
 
     async def _end_step(self, step: int, closed: pb.SpsaLedgerStep) -> None:
         d = self.d
-        timeout = d.spec.sync.timeout_s * 3 + 10
-        replicas = {s: d.live_replicas(s) for s in range(1, d.spec.pipeline.stages + 1)}
-        stage_of = {pid: s for s, pids in replicas.items() for pid in pids}
+        replicas = self.block_replicas()
         peers = list(closed.peers)
         field_bytes = pb.StepEnd(spsa=closed.codes).ByteSize()
-
         checks = dict(self._check)
         self._check.clear()
 
-        async def end(pid: str) -> pb.StepDone | None:
+        def request(pid: str, stage: int) -> pb.StepEnd:
             req = pb.StepEnd(step=step, sender=d.peer_id, stage0_replicas=peers,
-                             stage_replicas=replicas[stage_of[pid]], spsa=closed.codes)
-            check = pb.StepEnd()
-            if stage_of[pid] in checks:
-                check.spsa_check_step, check.spsa_check_hash = checks[stage_of[pid]]
-                req.MergeFrom(check)
-            try:
-                stub = pbg.StageStub(d.channel(d.address_of(pid)))
-                d.counter.add(KIND, sent=field_bytes + check.ByteSize())
-                return await stub.EndStep(req, timeout=timeout)
-            except (grpc.aio.AioRpcError, KeyError) as exc:
-                log.warning("EndStep(%d) to %s failed: %s", step, pid[:8], exc)
-                return None
+                             stage_replicas=replicas[stage], spsa=closed.codes)
+            if stage in checks:
+                req.spsa_check_step, req.spsa_check_hash = checks[stage]
+            return req
+
+        def count(pid: str, req: pb.StepEnd) -> None:
+            check = pb.StepEnd(spsa_check_step=req.spsa_check_step,
+                               spsa_check_hash=req.spsa_check_hash)
+            d.counter.add(KIND, sent=field_bytes + check.ByteSize())
 
         self.mode.offer(step, peers, closed.codes.codes)
-        pids = list(stage_of)
-        results = await asyncio.gather(d.sync_step(step), *(end(p) for p in pids))
-        own = results[0]
-        if not own.stepped:
-            log.warning("stage 0 did not step at %d: %s", step, own.detail)
+        answers = await self.close_step(step, replicas, request, d.sync_step(step), count)
         if step % self.mode.hash_every == 0:  # the K-step hash check
-            for s in replicas:
-                got = {p: r.state_hash for p, r in zip(pids, results[1:], strict=True)
-                       if r is not None and r.stepped and stage_of[p] == s and r.state_hash}
+            for s, pids in replicas.items():
+                got = {p: r.state_hash for p, r in answers.items()
+                       if r is not None and r.stepped and p in pids and r.state_hash}
                 if got:
                     self._check[s] = (step, bytes.fromhex(majority_hash(got))[:16])
                 if len(set(got.values())) > 1:

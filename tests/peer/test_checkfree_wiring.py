@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,49 +16,26 @@ from optim.checkfree import LR_BOOST, canonical_keys
 from peer.pipeline.stage_host import StageError, StageHost
 from peer.recovery import rebuild as recovery
 from peer.recovery import snapshots
-from protocols.coordinator_client import Benchmark, PeerStats, StageInfo
+from protocols.coordinator_client import Benchmark, PeerStats
+from protocols.recovery_report import parse_wire_key
 from protocols.runspec import RunSpec
+from tests.fakes import FakePeer, FakeView, stage_infos
 
 SPEC = RunSpec().replace(**{"model.d_model": 32, "model.n_layers": 4, "model.n_heads": 4,
                             "model.seq_len": 16, "pipeline.stages": 4, "run.seed": 3})
 
 
-@dataclass
-class FakeView:
-    stages: list[StageInfo]
-    holders: dict[int, list[str]] = field(default_factory=dict)
-
-    steps: dict[str, int] = field(default_factory=dict)
-
-    def replicas(self, stage: int) -> list[SimpleNamespace]:
-        return [SimpleNamespace(peer_id=p, state="training",
-                                stats=SimpleNamespace(step=self.steps.get(p, 0), state_hash="h"))
-                for p in self.holders.get(stage, [])]
-
-
-class FakeDaemon:
-    """What peer/recovery/rebuild.py reads of a PeerDaemon."""
-
-    def __init__(self, spec: RunSpec, stage: int, alive: dict[int, StageHost],
-                 norms: dict[int, float], snapshot_dir: str | None = None) -> None:
-        self.spec = spec
-        self.peer_id = "ab" * 8
-        self.host = StageHost(spec, stage)
-        self.alive = alive
-        self.args = SimpleNamespace(snapshot_dir=snapshot_dir)
-        self.step_lock = asyncio.Lock()
-        self.recovery = None
-        self.state_hash = ""
-        self.view = FakeView(
-            [StageInfo(s, (), 1.0, norms.get(s, 0.0), alive[s].step if s in alive else 40, "")
-             for s in range(spec.pipeline.stages + 1)],
-            {s: [f"peer-of-{s}"] for s in alive})
-
-    def live_replicas(self, stage: int) -> list[str]:
-        return [f"peer-of-{stage}"] if stage in self.alive else []
-
-    def stage_info(self, stage: int, name: str) -> object:
-        return getattr(self.view.stages[stage], name)
+def FakeDaemon(spec: RunSpec, stage: int, alive: dict[int, StageHost],
+               norms: dict[int, float], snapshot_dir: str | None = None) -> FakePeer:
+    """The peer rebuilding `stage` (tests/fakes.py), with the `alive` stages' holders in its
+    view; the `neighbours` fixture downloads from `alive`."""
+    view = FakeView(stage_infos(spec.pipeline.stages,
+                                step=lambda s: alive[s].step if s in alive else 40,
+                                grad_norm=lambda s: norms.get(s, 0.0)),
+                    {s: [f"peer-of-{s}"] for s in alive})
+    d = FakePeer(spec, StageHost(spec, stage), view, snapshot_dir=snapshot_dir)
+    d.alive = alive  # type: ignore[attr-defined]
+    return d
 
 
 def trained(spec: RunSpec, stage: int, step: int, seed: int) -> StageHost:
@@ -76,7 +51,7 @@ def trained(spec: RunSpec, stage: int, step: int, seed: int) -> StageHost:
 
 @pytest.fixture
 def neighbours(monkeypatch: pytest.MonkeyPatch):
-    def install(d: FakeDaemon) -> None:
+    def install(d: FakePeer) -> None:
         async def fetch(daemon, stage):
             h = daemon.alive[stage]
             return {k: v.detach().clone() for k, v in h.params().items()}, h.step
@@ -103,7 +78,7 @@ def test_inner_stage_is_the_grad_norm_weighted_average(neighbours) -> None:
     assert d.host.optimizer.param_groups[0]["lr"] == pytest.approx(SPEC.optim.lr * LR_BOOST)
     assert not d.host.optimizer.state  # fresh optimizer
     assert not report.degraded
-    assert recovery.parse_wire_key(report.wire_key()) == ("weighted_average", (1, 3))
+    assert parse_wire_key(report.wire_key()) == ("weighted_average", (1, 3))
 
 
 def test_checkfree_plus_edge_stage_copies_its_swap_partner(neighbours) -> None:

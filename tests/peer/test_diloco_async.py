@@ -6,8 +6,8 @@ import torch
 
 from optim import diloco
 from peer.pipeline.stage_host import StageHost
+from peer.sync.diloco import DilocoMode, delta_to_wire
 from peer.sync.diloco_delayed import SKIPPED, DelayedDilocoMode
-from peer.sync.modes import DilocoMode, delta_to_wire
 from protocols.runspec import RunSpec
 
 SPEC = RunSpec().replace(**{"pipeline.stages": 2, "model.d_model": 32, "model.n_heads": 4,

@@ -14,21 +14,21 @@ import torch
 from peer.pipeline.driver import Driver
 from peer.pipeline.router import NoReplicaAvailable, Router
 from peer.pipeline.stage_host import StageHost
-from peer.sync.rounds import AllreduceMode
+from peer.sync.allreduce import AllreduceMode
 from protocols.runspec import RunSpec
+from tests.fakes import FakePeer, FakeView, stage_infos
 
 
 def driver(stages: int, skip: float = 0.0, plus: bool = False, replicas: int = 2,
            trained: bool = True, own_step: int = 0) -> Driver:
     spec = RunSpec().replace(**{"pipeline.stages": stages, "pipeline.skip_ratio": skip,
                                 "pipeline.checkfree_plus": plus, "pipeline.microbatch": 4})
-    daemon = SimpleNamespace(spec=spec, peer_id="0f" * 8,
-                             stage_info=lambda s, name: 7 if trained else 0,
-                             host=SimpleNamespace(step=own_step))
+    view = FakeView(stage_infos(stages, step=7 if trained else 0))
     drv = Driver.__new__(Driver)
-    drv.d = daemon
+    drv.d = FakePeer(spec, SimpleNamespace(step=own_step), view, peer_id="0f" * 8)
     drv.router = Router(rng=random.Random(0))
     drv._stage0_s = 0.01
+    drv._start_wait = None
     for s in range(1, stages + 1):
         drv.router.update_replicas(s, {f"s{s}r{i}": 10.0 * (i + 1) for i in range(replicas)})
     return drv

@@ -16,8 +16,8 @@ import torch
 
 from coordinator.ledger import LedgerRefused, SpsaLedger
 from optim import spsa
-from peer.daemon import make_sync_mode
 from peer.pipeline.stage_host import StageError, StageHost
+from peer.sync.registry import make_sync_mode
 from peer.sync.rounds import LOCAL_STEP
 from peer.sync.spsa import SCALE_KEY, SpsaMode, from_codes, tensor_ids
 from protocols.runspec import RunSpec

@@ -9,7 +9,7 @@ import torch
 from peer.pipeline import wire
 from peer.pipeline.model import Decoder
 from peer.pipeline.stage_host import StageError, StageHost, model_config
-from peer.sync.rounds import AllreduceMode
+from peer.sync.allreduce import AllreduceMode
 from protocols.runspec import RunSpec
 
 SPEC = RunSpec().replace(**{"model.d_model": 32, "model.n_layers": 4, "model.n_heads": 4,

@@ -1,4 +1,4 @@
-"""The sync modes of peer/sync/modes.py on StageHost objects, without a network.
+"""The sync modes of peer/sync/ (allreduce, demo, diloco) on StageHost objects, no network.
 
 Rounds are run by hand the way peer/sync/rounds.py's SyncRounds runs them (contribution on every
 replica, aggregate of the parts by peer id, apply of the same bytes everywhere). Checked: replicas
@@ -15,10 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from peer.daemon import make_sync_mode
 from peer.pipeline.stage_host import StageHost
-from peer.sync.modes import DemoMode, DilocoMode, RobustAllreduceMode, trim_count
-from peer.sync.rounds import LOCAL_STEP, AllreduceMode
+from peer.sync.allreduce import AllreduceMode, RobustAllreduceMode
+from peer.sync.base import trim_count
+from peer.sync.demo import DemoMode
+from peer.sync.diloco import DilocoMode
+from peer.sync.registry import make_sync_mode
+from peer.sync.rounds import LOCAL_STEP
 from protocols.runspec import RunSpec
 
 BASE = {"model.d_model": 64, "model.n_layers": 2, "model.n_heads": 4, "model.seq_len": 8,
