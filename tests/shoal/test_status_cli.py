@@ -13,6 +13,7 @@ import pytest
 
 from shoal.status import main, render, status_url
 from tests.fake_status import FakeStatusServer, lose_peer, make_status
+from tests.shoal.entry import shoal
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -86,17 +87,28 @@ def test_something_else_on_the_port_exits_2(fake: FakeStatusServer, capsys) -> N
     assert "answered HTTP 404" in err and "--coordinator-http" in err
 
 
-def test_exit_status_of_the_real_process(fake: FakeStatusServer) -> None:
-    ok = subprocess.run([sys.executable, "-m", "shoal.status", "--coordinator-http",
-                         f"127.0.0.1:{fake.port}"], cwd=ROOT, capture_output=True, text=True,
-                        timeout=30)
+def test_through_the_shoal_entry_point(fake: FakeStatusServer) -> None:
+    """`shoal status --coordinator-http ... [--json]` as a user types it (these flags once made
+    `shoal` exit 2: its subparser passed them on as a REMAINDER that argparse never filled)."""
+    ok = shoal("status", "--coordinator-http", f"127.0.0.1:{fake.port}", timeout=30)
     assert ok.returncode == 0, ok.stderr
     assert "PEER" in ok.stdout
-    gone = subprocess.run([sys.executable, "-m", "shoal.status", "--coordinator-http",
-                           f"127.0.0.1:{free_port()}"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=30)
-    assert gone.returncode == 2
+    js = shoal("status", "--json", "--coordinator-http", f"127.0.0.1:{fake.port}", timeout=30)
+    assert js.returncode == 0, js.stderr
+    assert json.loads(js.stdout) == fake.status
+    gone = shoal("status", "--coordinator-http", f"127.0.0.1:{free_port()}", "--json",
+                 timeout=30)
+    assert gone.returncode == 2 and gone.stdout == ""
     assert "no coordinator answers at" in gone.stderr
+
+
+def test_status_runs_without_torch(fake: FakeStatusServer) -> None:
+    """The coordinator's tiny VM has no torch: `shoal status` must not import it."""
+    code = ("import sys; sys.modules['torch'] = None; from shoal.cli import main; "
+            f"sys.exit(main(['status', '--json', '--coordinator-http', '127.0.0.1:{fake.port}']))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 0, done.stderr
 
 
 def test_address_forms() -> None:
