@@ -9,8 +9,10 @@ import socket
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 
+from protocols import shoal_pb2_grpc as pb_grpc
 from protocols.coordinator_client import (
     Benchmark,
     CoordinatorClient,
@@ -37,16 +39,64 @@ def write_spec(path: Path, **changes: object) -> Path:
     return path
 
 
+class ManualClock:
+    """The client's clock: it moves only when the test moves it."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Unavailable(pb_grpc.CoordinatorServicer):
+    """A coordinator that answers every Join with UNAVAILABLE (it is "not up yet") and counts
+    the attempts; at the `spend_at`-th it moves the client's clock past its retry budget."""
+
+    def __init__(self, clock: ManualClock, spend_at: int) -> None:
+        self.clock = clock
+        self.spend_at = spend_at
+        self.attempts = 0
+
+    async def Join(self, request, context):
+        self.attempts += 1
+        if self.attempts == self.spend_at:
+            self.clock.now += 3600.0
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "starting")
+
+
 def test_unreachable_coordinator_raises_after_the_retry_budget() -> None:
+    """The retry budget is counted on the client's clock, not by attempts or wall time: while
+    the clock stands still the client keeps retrying; the attempt after which the clock is past
+    the budget is the last one, and the error says so."""
     async def scenario() -> None:
-        client = CoordinatorClient(f"127.0.0.1:{free_port()}", Identity.generate(), "t")
-        with pytest.raises(NotJoined):
-            await client.heartbeat(PeerStats())
-        t0 = time.monotonic()
-        with pytest.raises(CoordinatorUnavailable, match="did not answer Join"):
-            await client.join(BENCH, "127.0.0.1:9000", retry_s=1.0)
-        assert time.monotonic() - t0 < 5
-        await client.close()
+        clock = ManualClock()
+        coordinator = Unavailable(clock, spend_at=4)
+        server = grpc.aio.server()
+        pb_grpc.add_CoordinatorServicer_to_server(coordinator, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            client = CoordinatorClient(f"127.0.0.1:{port}", Identity.generate(), "t",
+                                       clock=clock)
+            with pytest.raises(NotJoined):
+                await client.heartbeat(PeerStats())
+            with pytest.raises(CoordinatorUnavailable, match="did not answer Join for 60 s"):
+                await client.join(BENCH, "127.0.0.1:9000", retry_s=60.0)
+            assert coordinator.attempts == 4
+            await client.close()
+            # and nothing answers at all (no server): the same error, on the same clock
+            gone = CoordinatorClient(f"127.0.0.1:{free_port()}", Identity.generate(), "t",
+                                     clock=clock)
+            joining = asyncio.create_task(gone.join(BENCH, "127.0.0.1:9000", retry_s=60.0))
+            await asyncio.sleep(0.5)
+            assert not joining.done()  # the clock stands still: the budget is not spent
+            clock.now += 3600.0
+            with pytest.raises(CoordinatorUnavailable, match="did not answer Join"):
+                await joining
+            await gone.close()
+        finally:
+            await server.stop(None)
 
     asyncio.run(scenario())
 
