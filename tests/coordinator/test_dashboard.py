@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,6 +102,12 @@ def open_dashboard(page: Any, url: str) -> dict:
     page.goto(url + "/")
     page.wait_for_function("window.__shoal && window.__shoal.renders > 0", timeout=10 * MS)
     return page.evaluate("window.__shoal.status")
+
+
+def served_step(url: str) -> int:
+    """The swarm's step in the status the server serves now."""
+    with urllib.request.urlopen(url + "/api/status", timeout=10) as resp:
+        return int(json.loads(resp.read())["totals"]["step"])
 
 
 def shot(page: Any, name: str, full_page: bool = True) -> None:
@@ -228,19 +233,20 @@ def test_200_peers_render_and_stay_usable(fake, page) -> None:
                            f" === {len(lost)}", timeout=5 * MS)
     page.select_option("#peer-state-filter", "")
 
-    # Live updates every half second keep the page responsive and fast to redraw.
+    # Live updates every half second: the page keeps redrawing, its step moves on with the
+    # swarm's and catches up with the step the server serves, and it stays usable (the clicks
+    # below land while it updates). How long a redraw of 200 peers takes is a figure for a
+    # benchmark, not a test.
     fake.configure(animate=True, interval=0.5)
     renders = page.evaluate("window.__shoal.renders")
-    worst = 0.0
-    for _ in range(10):
-        t0 = time.monotonic()
-        page.evaluate("1")
-        worst = max(worst, time.monotonic() - t0)
-        time.sleep(0.3)
+    step_js = "(window.__shoal.status?.totals?.step ?? -1)"
+    shown = [page.evaluate(step_js)]
+    for _ in range(3):
+        page.wait_for_function(f"{step_js} > {shown[-1]}", timeout=10 * MS)
+        shown.append(page.evaluate(step_js))
+    served = served_step(fake.url)
+    page.wait_for_function(f"{step_js} >= {served}", timeout=10 * MS)
     assert page.evaluate("window.__shoal.renders") >= renders + 3
-    assert worst < 0.5, f"page took {worst:.2f} s to answer while updating"
-    render_ms = page.evaluate("window.__shoal.lastRenderMs")
-    assert render_ms < 500, f"one refresh of 200 peers took {render_ms:.0f} ms"
 
     # Clicking a tile opens that peer's details and marks its row.
     page.click("#stage-map " + sel(".tile", target))
