@@ -1,6 +1,7 @@
 """`python -m bench.bandwidth`: sync bytes on the wire per replica and optimizer step, by mode.
 
-One model (d_model 256, 2 layers: 1.6 M parameters in the block stage) and one batch, trained
+One model (d_model 256, 2 layers: 1.6 M parameters in the block stage; the table's header counts
+them from the model itself) and one batch, trained
 under each mode by the same swarm of real coordinator and peer processes on 127.0.0.1: one
 stage-0 driver and two replicas of the block stage, which sync over the wire. (A second stage-0
 driver is left out: the driver cannot yet bring a stage-0 replica that starts a step late back
@@ -32,7 +33,8 @@ of payload (the code) plus protobuf framing (field tags, lengths, the step numbe
 The peer ids and the step barrier of StepEnd are sent in every mode and counted in none.
 
 Last line: `bandwidth: allreduce/demo = A, allreduce/diloco = B, spsa_bytes_per_step = C`
-(A with the sign-bit wire; targets A >= 100, B >= 400, C <= 16).
+(A with the sign-bit wire; targets A >= 100, B >= 400, C <= 16; each rounded toward missing its
+target, A and B down, C up: bench/report.py; the line above holds the verdicts).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.report import Target, machine, targets_line
 from protocols.runspec import RunSpec
 from shoal.local import Swarm, read_metrics
 
@@ -51,6 +54,16 @@ MODEL = {"model.d_model": 256, "model.n_layers": 2, "model.n_heads": 8, "model.s
          "pipeline.stages": 1, "pipeline.microbatch": 2, "pipeline.target_batch": 8,
          "sync.timeout_s": 20.0, "membership.heartbeat_s": 0.5, "membership.lease_s": 10.0}
 LAYOUT = [0, 1, 1]  # one stage-0 driver, two replicas of the block stage
+TARGETS = (Target("allreduce/demo", 100.0, digits=1), Target("allreduce/diloco", 400.0, digits=1),
+           Target("spsa_bytes_per_step", 16.0, at_least=False, digits=1))
+
+
+def block_stage_params(spec: RunSpec) -> int:
+    """Parameters of block stage 1 as the peers build it: what allreduce sends in fp32."""
+    from peer.pipeline.stage_host import build_stage_module
+    from peer.pipeline.stages import count_params
+
+    return count_params(build_stage_module(spec, 1))
 
 
 @dataclass
@@ -166,9 +179,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"{arm.loss:.3f}")
         return 0
     base = arms[0].per_step()
-    dense = 4 * 1_606_656  # fp32 bytes of the block stage's gradient
-    print(f"bandwidth bench: d_model 256, 2 layers (block stage {dense // 4:,} parameters, "
-          f"{dense:,} B dense fp32), 2 block replicas, batch 8 x 32 tokens; loopback")
+    spec = RunSpec().replace(**MODEL)
+    params = block_stage_params(spec)
+    dense = 4 * params  # fp32 bytes of the block stage's gradient
+    m, p = spec.model, spec.pipeline
+    print(f"bandwidth bench: d_model {m.d_model}, {m.n_layers} layers (block stage {params:,} "
+          f"parameters, {dense:,} B dense fp32), {LAYOUT.count(1)} block replicas, batch "
+          f"{p.target_batch} x {m.seq_len} tokens; loopback; {machine()}")
     print("sync bytes sent per block replica per optimizer step (steady state, from the "
           "peers' wire counters)")
     print(f"{'mode':<22} {'steps':>9} {'bytes/step':>12} {'vs dense':>9} {'allreduce/x':>12} "
@@ -183,8 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"(demo with fp32 values: allreduce/demo = {base / arms[1].per_step():.1f}; spsa: the "
           f"driver sends {arms[4].per_step():.1f} B per step to {recipients} recipients, "
           f"{spsa_c:.1f} B per copy of its 1-byte code)")
-    print(f"bandwidth: allreduce/demo = {demo_ratio:.1f}, allreduce/diloco = "
-          f"{base / arms[3].per_step():.1f}, spsa_bytes_per_step = {spsa_c:.1f}")
+    figures = [demo_ratio, base / arms[3].per_step(), spsa_c]
+    print(targets_line(list(zip(TARGETS, figures, strict=True))))
+    print("bandwidth: " + ", ".join(f"{t.name} = {t.figure(v)}"
+                                    for t, v in zip(TARGETS, figures, strict=True)))
     return 0
 
 

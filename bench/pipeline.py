@@ -1,15 +1,15 @@
 """`python -m bench.pipeline`: SWARM routing against round-robin on an unequal swarm.
 
-Two block stages with two replicas each; one replica of stage 1 is 3x slower. On this 2-core
-machine all peers share one CPU, so real compute cannot show a slow *machine*: a slow replica's
-idle time is simply used by the others. Each replica therefore runs the real model (small) and
+Two block stages with two replicas each; one replica of stage 1 is 3x slower. On one machine
+all peers share its CPUs, so real compute cannot show a slow *machine*: a slow replica's idle
+time is simply used by the others. Each replica therefore runs the real model (small) and
 holds its compute thread for a fixed time per sample (`shoal peer --simulate-speed`), as if it had
 a machine of its own: 40 samples/s for the fast ones, 40/3 for the slow one. The same swarm (real
 coordinator and peer processes on 127.0.0.1) trains the same steps twice: stage 0 routing by
 smallest expected finish time (ALGORITHMS.md §1), then round robin. Samples/s is measured from
 the stage-0 driver's own step timings, after a warm-up.
 
-Last line: `pipeline: swarm/round_robin = R` (target R >= 1.3).
+Last line: `pipeline: swarm/round_robin = R` (target R >= 1.3; R rounded down, bench/report.py).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.report import Target, machine, targets_line
 from protocols.runspec import RunSpec
 from shoal.local import Swarm, read_metrics
 
@@ -29,6 +30,7 @@ SPEC = {"model.d_model": 64, "model.n_layers": 4, "model.n_heads": 4, "model.seq
 
 
 FAST_RATE = 40.0
+TARGET = Target("swarm/round_robin", 1.3)
 
 
 def wait_for_steps(swarm: Swarm, steps: int, seconds: float, arm: str) -> None:
@@ -77,13 +79,14 @@ def main(argv: list[str] | None = None) -> int:
         results = [run_arm(Path(tmp) / r, r, args.steps, args.warmup, args.throttle)
                    for r in ("swarm", "round_robin")]
     print(f"pipeline bench: 2 block stages x 2 replicas, one replica {args.throttle:g}x slower, "
-          f"{args.steps} steps ({args.warmup} warm-up), 2 CPUs")
+          f"{args.steps} steps ({args.warmup} warm-up); {machine()}")
     print(f"{'router':<12} {'samples/s':>10} {'median step s':>14} {'dropped':>8} {'loss':>7}")
     for r in results:
         print(f"{r['router']:<12} {r['samples_per_s']:>10.1f} {r['step_s_median']:>14.2f} "
               f"{r['dropped']:>8} {r['loss']:>7.3f}")
     ratio = results[0]["samples_per_s"] / results[1]["samples_per_s"]
-    print(f"pipeline: swarm/round_robin = {ratio:.2f}")
+    print(targets_line([(TARGET, ratio)]))
+    print(f"pipeline: swarm/round_robin = {TARGET.figure(ratio)}")
     return 0
 
 

@@ -59,7 +59,10 @@ quiet, 23 min when five jobs shared it.
   steps, not one).
 
 Last line: ``recovery: random/checkfree = R``, the ratio of the two arms' mean final gaps to the
-no-failure arm (``inf`` when CheckFree's gap is <= 0, i.e. it caught up entirely).
+no-failure arm, rounded down (bench/report.py). When CheckFree's gap is <= 0 (it caught up with
+the no-failure run entirely, or the noise put it ahead) the ratio means nothing, and the line says
+so and gives both gaps: ``recovery: random/checkfree = undefined (checkfree gap -0.0003 <= 0:
+ratio undefined; random gap +0.0012)``.
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from bench.report import rounded
 from optim.checkfree import (
     CheckFreeConfig,
     Recovery,
@@ -325,7 +329,9 @@ def summarize(setting: Setting, runs: list[dict[str, ArmResult]]) -> tuple[list[
     rows.append("measured ordering by final gap (smallest first): " + " < ".join(ranked))
     if "checkfree" in gaps and "random" in gaps:
         cf, rnd = gaps["checkfree"], gaps["random"]
-        ratio = f"{rnd / cf:.2f}" if cf > 0 else "inf"
+        ratio = (rounded(rnd / cf, 2, down=True) if cf > 0 else
+                 f"undefined (checkfree gap {cf:+.4f} <= 0: ratio undefined; random gap "
+                 f"{rnd:+.4f})")
     else:
         ratio = "n/a"
     return rows, f"recovery: random/checkfree = {ratio}"

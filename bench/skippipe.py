@@ -2,8 +2,8 @@
 
 One heterogeneous swarm (real coordinator and peer processes on 127.0.0.1): stage 0, and four
 block stages of one layer each, whose replicas have unequal speeds: stage 1 fast, stage 2 a fast
-and a 3x slower replica, stage 3 one 2x slower replica (the bottleneck), stage 4 fast. On this
-2-core machine every peer shares one CPU, so real compute cannot show a slow *machine* (see
+and a 3x slower replica, stage 3 one 2x slower replica (the bottleneck), stage 4 fast. On one
+machine every peer shares its CPUs, so real compute cannot show a slow *machine* (see
 bench/pipeline.py): each block replica runs the real model and holds its compute thread for a
 fixed time per sample (`shoal peer --simulate-speed`), as if it had a machine of its own.
 
@@ -15,7 +15,8 @@ step time, averaged after a warm-up. Loss is measured the same way for every arm
 exported from the live peers and evaluated at full depth on held-out bytes (the training loss of
 a skip arm is that of its partial paths, shown too but not compared).
 
-Last line: `skippipe: full/skip25 = R (loss +P%)` (target R >= 1.25 with P <= 5).
+Last line: `skippipe: full/skip25 = R (loss +P%)` (target R >= 1.25 with P <= 5; R rounded down
+and P up, bench/report.py).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 
 from bench.pipeline import wait_for_steps
+from bench.report import Target, machine, targets_line
 from protocols.runspec import RunSpec
 from shoal.local import Swarm, read_metrics
 
@@ -41,6 +43,8 @@ FAST_RATE = 160.0  # samples/s of forward on a fast replica; a backward costs 2 
 # (stage, slowdown) per peer; stage 0 runs for real (embedding and head are tiny)
 LAYOUT = [(0, 1.0), (1, 1.0), (2, 1.0), (2, 3.0), (3, 2.0), (4, 1.0)]
 ARMS = (("full", 0.0), ("skip25", 0.25), ("skip50", 0.5))
+SPEEDUP = Target("full/skip25", 1.25)
+PENALTY = Target("loss", 5.0, at_least=False, digits=1, unit="%")
 
 
 def holdout_loss(model_dir: Path, seq_len: int, batches: int = 8, size: int = 32) -> float:
@@ -98,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                    for name, skip in ARMS]
     print(f"skippipe bench: stage 0 + 4 block stages, replica speeds "
           f"{[(s, round(FAST_RATE / x)) for s, x in LAYOUT if s]} (stage, samples/s), "
-          f"{args.steps} steps ({args.warmup} warm-up), full depth every 10, 2 CPUs")
+          f"{args.steps} steps ({args.warmup} warm-up), full depth every 10; {machine()}")
     print(f"{'arm':<8} {'skip':>5} {'mean step s':>12} {'median s':>9} {'path len':>9} "
           f"{'dropped':>8} {'train loss':>11} {'eval loss':>10}")
     for r in results:
@@ -108,7 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     full, skip25 = results[0], results[1]
     ratio = full["step_s"] / skip25["step_s"]
     penalty = 100.0 * (skip25["eval_loss"] / full["eval_loss"] - 1.0)
-    print(f"skippipe: full/skip25 = {ratio:.2f} (loss {penalty:+.1f}%)")
+    print(targets_line([(SPEEDUP, ratio), (PENALTY, penalty)]))
+    shown = PENALTY.figure(penalty)
+    print(f"skippipe: full/skip25 = {SPEEDUP.figure(ratio)} (loss "
+          f"{'' if shown.startswith('-') else '+'}{shown}%)")
     return 0
 
 

@@ -17,7 +17,7 @@ Loopback, server and client in separate processes (spawn, never fork after gRPC)
 Paths take turns within each repeat; each row is the median of --repeats runs. Then, as root,
 the project's path across two network namespaces joined by a veth pair whose server side is
 capped by tc tbf, as % of the cap. The last line is `transport: grpc/raw = R`, R = (a) / (b)
-measured in this run.
+measured in this run (target R >= 0.6; R rounded down, bench/report.py).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from concurrent import futures
 import grpc
 import numpy as np
 
+from bench.report import Target, machine, targets_line
 from protocols import codec, dataplane, digest, tensor_stream
 from protocols import shoal_pb2 as pb
 from protocols import shoal_pb2_grpc as pb_grpc
@@ -52,6 +53,7 @@ MIB = 1 << 20
 CLONE_NEWNET = 0x40000000
 PROJECT = "(a) project: gRPC + data plane, SHA-256 tree digest checked"
 RAW = "(b) raw TCP socket"
+TARGET = Target("grpc/raw", 0.6)
 
 
 # ------------------------------------------------------------------ network namespace helpers
@@ -398,13 +400,14 @@ def main(argv: list[str] | None = None) -> int:
     by_name = {name: mbps for name, mbps, _ in rows}
     raw = by_name[RAW]
     print(f"transport bench: {args.mib:g} MiB float32, loopback, 2 processes, "
-          f"median of {args.repeats}, {os.cpu_count()} CPUs")
+          f"median of {args.repeats}; {machine()}")
     print(f"{'path':<62} {'MB/s':>6} {'/ raw':>6}  {'range':>10}")
     for name, mbps, spread in rows:
         print(f"{name:<62} {mbps:>6.0f} {mbps / raw:>6.2f}  {spread:>10}")
     print(capped)
     ratio = by_name[PROJECT] / raw
-    print(f"transport: grpc/raw = {ratio:.2f}")
+    print(targets_line([(TARGET, ratio)]))
+    print(f"transport: grpc/raw = {TARGET.figure(ratio)}")
     return 0
 
 

@@ -29,7 +29,9 @@ def test_main_prints_every_arm_and_the_ratio_line(capsys) -> None:
         assert all(math.isfinite(v) for v in values), (arm, cells)
     assert float(table["no_failure"][3]) == 0.0  # its own gap
     assert lines[-2].startswith("measured ordering by final gap (smallest first): ")
-    assert re.fullmatch(r"recovery: random/checkfree = (-?\d+\.\d\d|inf)", lines[-1])
+    assert re.fullmatch(r"recovery: random/checkfree = (-?\d+\.\d\d|undefined \(checkfree gap "
+                        r"[-+]\d\.\d{4} <= 0: ratio undefined; random gap [-+]\d\.\d{4}\))",
+                        lines[-1])
 
 
 def test_an_arm_without_a_loss_event_matches_no_failure_exactly() -> None:
@@ -73,3 +75,24 @@ def test_rebuilt_stage_gets_the_recovered_weights_and_a_boosted_fresh_optimizer(
 def test_lost_edge_stage_is_refused() -> None:
     with pytest.raises(SystemExit, match="middle block stage"):
         recovery.Setting(stages=4, lost=1)
+
+
+def _runs(final: dict[str, float]) -> list[dict[str, recovery.ArmResult]]:
+    return [{arm: recovery.ArmResult(arm, 0, loss, loss, loss, [loss]) for arm, loss in
+             final.items()}]
+
+
+def test_ratio_is_undefined_with_both_gaps_when_checkfree_caught_up() -> None:
+    setting = recovery.Setting()
+    _, last = recovery.summarize(setting, _runs({"no_failure": 2.0, "checkfree": 1.9997,
+                                                 "uniform": 2.001, "copy": 2.002,
+                                                 "random": 2.0012}))
+    assert last == ("recovery: random/checkfree = undefined (checkfree gap -0.0003 <= 0: ratio "
+                    "undefined; random gap +0.0012)")
+
+
+def test_ratio_is_rounded_down() -> None:
+    _, last = recovery.summarize(recovery.Setting(), _runs(
+        {"no_failure": 2.0, "checkfree": 2.003, "uniform": 2.004, "copy": 2.005,
+         "random": 2.005999}))
+    assert last == "recovery: random/checkfree = 1.99"  # 1.99966..., not 2.00

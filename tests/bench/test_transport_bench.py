@@ -14,4 +14,6 @@ def test_transport_bench_small(capsys) -> None:
     assert any(line.startswith("(a) project") for line in lines)
     assert any(line.startswith("(b) raw TCP socket") for line in lines)
     assert any(line.startswith("(c) sync gRPC") for line in lines)
+    assert re.fullmatch(r"targets: grpc/raw = \d+\.\d\d \(target >= 0\.6: (met|NOT met)\)",
+                        lines[-2])
     assert re.fullmatch(r"transport: grpc/raw = \d+\.\d\d", lines[-1])
