@@ -5,6 +5,13 @@ channel, signing every call, that reports plausible stats and serves nothing: hu
 one process. `SimSwarm` runs many of them on one event loop; a peer can be silenced (it stops
 heartbeating, as a SIGKILLed peer would) or made to leave.
 
+Heartbeats follow a fixed schedule, so that a slow coordinator cannot hide its slowness from the
+measurement (coordinated omission): beat k of a peer is due at its start + k * period. A peer has
+one heartbeat in flight at a time, as a real one; a beat that falls due while the previous one
+is still out is sent the moment that one returns, and overdue beats go out back to back until the
+peer is on schedule again; none is skipped. Each beat's latency is measured from when it was
+*due*, so lateness (a saturated coordinator, or this process's own stalled event loop) counts.
+
 `CoordinatorProcess` starts `python -m coordinator.main` as a real process on 127.0.0.1 (port 0
 unless told otherwise), reads its addresses from the lines it prints, and kills only the process
 it started.
@@ -15,8 +22,9 @@ Command line (used by bench/coordinator.py, one or a few of these processes):
         --heartbeat 1.0 --out result.json
 
 joins all peers, prints `joined N` and heartbeats at the given rate until a line `stop` (or EOF)
-arrives on stdin, then writes every heartbeat's (start time, latency) and the error counts to
---out and prints `done`.
+arrives on stdin, then writes to --out every answered heartbeat's (due time, latency from due,
+how late it was sent), the due times of the failed ones, the beats due but not yet sent when the
+stop came (due time, lower bound of their latency), and the error counts; it prints `done`.
 """
 
 from __future__ import annotations
@@ -61,7 +69,10 @@ class SimPeer:
     heartbeats: int = 0
     errors: int = 0
     moves: int = 0
-    samples: list[tuple[float, float]] = field(default_factory=list)  # (start, latency s)
+    # (due wall time, seconds from due to the answer, seconds from due to the send)
+    samples: list[tuple[float, float, float]] = field(default_factory=list)
+    failed: list[float] = field(default_factory=list)  # due wall times of failed beats
+    unsent: list[tuple[float, float]] = field(default_factory=list)  # (due, >= latency) at stop
 
     @property
     def peer_id(self) -> str:
@@ -93,6 +104,7 @@ class SimSwarm:
         self.heartbeat_s = heartbeat_s
         self.port_base = port_base
         self._stop = asyncio.Event()
+        self._stopped_at: float | None = None  # monotonic
         self._tasks: list[asyncio.Task] = []
 
     async def join_all(self, concurrency: int = 32, beat: bool = True) -> None:
@@ -115,26 +127,36 @@ class SimSwarm:
             self._tasks.append(asyncio.create_task(self._beat(p)))
 
     async def _beat(self, p: SimPeer) -> None:
+        """Heartbeat `p` on its fixed schedule until stop (see the module docstring)."""
         period = self.heartbeat_s or p.client.heartbeat_s
         await asyncio.sleep(period * random.random())  # spread the swarm over one period
-        next_at = time.monotonic()
+        origin, wall_origin = time.monotonic(), time.time()
+        k = 0  # the next beat due
         while not self._stop.is_set():
-            if not (p.silent or p.left):
-                t0 = time.perf_counter()
-                wall = time.time()
-                try:
-                    result = await p.client.heartbeat(p.stats())
-                except CoordinatorError:
-                    p.errors += 1
-                else:
-                    p.samples.append((wall, time.perf_counter() - t0))
-                    p.heartbeats += 1
-                    p.moves += result.action == "move"
-            next_at += period
-            delay = next_at - time.monotonic()
-            if delay < 0:  # fell behind (the machine is saturated): do not burst to catch up
-                next_at, delay = time.monotonic(), 0.0
-            await asyncio.sleep(delay)  # not wait_for(stop): that costs a task per beat
+            due = origin + k * period
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)  # not wait_for(stop): that costs a task per beat
+                continue
+            k += 1
+            if p.silent or p.left:
+                continue
+            wall_due = wall_origin + (k - 1) * period
+            sent = time.monotonic() - due
+            try:
+                result = await p.client.heartbeat(p.stats())
+            except CoordinatorError:
+                p.errors += 1
+                p.failed.append(wall_due)
+            else:
+                p.samples.append((wall_due, time.monotonic() - due, sent))
+                p.heartbeats += 1
+                p.moves += result.action == "move"
+        stopped = self._stopped_at or time.monotonic()
+        if not (p.silent or p.left):
+            while origin + k * period < stopped:  # due before the stop, never sent
+                p.unsent.append((wall_origin + k * period, stopped - (origin + k * period)))
+                k += 1
 
     def silence(self, k: int) -> list[SimPeer]:
         """Make the last k talking peers stop heartbeating (as if SIGKILLed)."""
@@ -144,6 +166,7 @@ class SimSwarm:
         return chosen
 
     async def stop(self) -> None:
+        self._stopped_at = time.monotonic()
         self._stop.set()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(p.client.close() for p in self.peers), return_exceptions=True)
@@ -276,7 +299,10 @@ async def _main(args: argparse.Namespace) -> None:
     result = {"peers": len(swarm.peers), "errors": sum(p.errors for p in swarm.peers),
               "loop_lags": lags,
               "rejoins": sum(p.client.rejoins for p in swarm.peers),
-              "samples": [s for p in swarm.peers for s in p.samples]}
+              "heartbeat_s": args.heartbeat,
+              "samples": [s for p in swarm.peers for s in p.samples],
+              "failed": [t for p in swarm.peers for t in p.failed],
+              "unsent": [u for p in swarm.peers for u in p.unsent]}
     Path(args.out).write_text(json.dumps(result))
     print("done", flush=True)
 
