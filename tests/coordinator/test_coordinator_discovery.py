@@ -10,32 +10,34 @@ from pathlib import Path
 import pytest
 
 from protocols.coordinator_client import Benchmark, CoordinatorClient
-from protocols.discovery import announce, discover
+from protocols.discovery import discover
 from protocols.identity import Identity
 from tests.sim_peer import CoordinatorProcess
 
+IFF_UP, IFF_LOOPBACK, IFF_MULTICAST = 0x1, 0x8, 0x1000  # linux/if.h
 
-def multicast_works() -> str | None:
-    """None when an in-process announcement can be discovered here, else why not."""
-    async def probe() -> str | None:
+
+def multicast_interfaces() -> list[str]:
+    """The interfaces that are up, not loopback, and multicast-capable (Linux sysfs)."""
+    found = []
+    for iface in sorted(Path("/sys/class/net").glob("*")):
         try:
-            a = await announce(1, swarm_id="probe-swarm", version="0", public_key=bytes(32),
-                               host="127.0.0.1", name="shoal-probe")
-        except Exception as exc:
-            return f"cannot announce over mDNS here: {exc}"
-        try:
-            found = await discover(3.0, swarm_id="probe-swarm")
-        finally:
-            await a.close()
-        return None if found else "multicast is not delivered on this host (nothing discovered)"
-
-    return asyncio.run(probe())
+            flags = int((iface / "flags").read_text(), 16)
+        except (OSError, ValueError):
+            continue
+        if flags & IFF_UP and flags & IFF_MULTICAST and not flags & IFF_LOOPBACK:
+            found.append(iface.name)
+    return found
 
 
+@pytest.mark.mdns
 def test_peer_discovers_the_coordinator_over_mdns(tmp_path: Path) -> None:
-    reason = multicast_works()
-    if reason is not None:
-        pytest.skip(reason)
+    # The one condition that excuses this test: no interface mDNS could use. Anything else that
+    # goes wrong (announce raising, nothing discovered) is a failure, not a skip: an interface
+    # that is up with multicast delivers a host's own announcements back to it.
+    if not multicast_interfaces():
+        pytest.skip("no network interface here is up and multicast-capable (mDNS needs one); "
+                    "under CI=true this skip fails the run")
     with CoordinatorProcess(tmp_path / "state", mdns=True) as coord:
         with urllib.request.urlopen(coord.http_url + "api/status", timeout=5) as r:
             swarm_id = json.loads(r.read())["run"]["swarm_id"]

@@ -35,6 +35,8 @@ from types import ModuleType
 
 import pytest
 
+pytestmark = pytest.mark.docker  # required under CI=true: a skip here fails CI (tests/conftest.py)
+
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 COMPOSE = DOCKER / "compose.yaml"
