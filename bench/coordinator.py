@@ -206,9 +206,9 @@ def run(peers: int, seconds: float, procs: int, heartbeat_s: float, warmup_s: fl
     print(f"{'peers':>8} {'hb/s':>8} {'intended':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
           f"{'max ms':>8} {'cpu %':>7} {'rss MiB':>8} {'peak MiB':>9} {'errors':>7} "
           f"{'rejoins':>8}")
-    print(f"{peers:>8} {achieved:>8.1f} {intended:>9.1f} {p50:>8.2f} {p90:>8.2f} {p99:>8.2f} "
-          f"{(lat_ms[-1] if lat_ms else float('nan')):>8.2f} {cpu:>7.1f} {rss:>8.1f} "
-          f"{peak:>9.1f} {errors:>7} {rejoins:>8}")
+    print(f"{peers:>8} {achieved:>8.1f} {intended:>9.1f} {p50:>8.2f} {p90:>8.2f} "
+          f"{P99.figure(p99):>8} {(lat_ms[-1] if lat_ms else float('nan')):>8.2f} "
+          f"{cpu:>7.1f} {rss:>8.1f} {peak:>9.1f} {errors:>7} {rejoins:>8}")
     late = 100 * window.sent_late / window.answered if window.answered else float("nan")
     print(f"heartbeats due in the {t1 - t0:.1f} s window: {window.due} "
           f"({window.due / (t1 - t0):.1f}/s); answered {window.answered}, failed "
