@@ -64,5 +64,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    if config.option.collectonly:
+        return
     counts = " ".join(f"{m}={_ran[m]}" for m in COUNTED)
     terminalreporter.write_line(f"markers: {counts}  (tests that ran, not skipped)")

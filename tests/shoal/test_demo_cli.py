@@ -181,3 +181,36 @@ def test_too_few_peers_are_refused(files: Path) -> None:
                  timeout=60)
     assert done.returncode != 0
     assert "--peers 2 cannot cover 2 block stages" in done.stderr, done.stderr
+
+
+def _spec(tmp_path: Path, toml: str | None, *argv: str):
+    from shoal.cli import build_parser
+    from shoal.local import demo_spec
+
+    args = ["demo", *argv]
+    if toml is not None:
+        (tmp_path / "x.toml").write_text(toml)
+        args += ["--config", str(tmp_path / "x.toml")]
+    return demo_spec(build_parser().parse_args(args))
+
+
+def test_precedence_table(tmp_path: Path) -> None:
+    """In process, the same rule for every flag-backed key and the mode-dependent defaults."""
+    plain = _spec(tmp_path, None)
+    assert (plain.pipeline.stages, plain.run.steps, plain.sync.mode, plain.run.seed) == \
+        (2, 100, "allreduce", 0)
+    assert plain.model.d_model == 128  # DEMO_DEFAULTS, not RunSpec's own default
+    spsa = _spec(tmp_path, '[sync]\nmode = "spsa"\n[run]\nsteps = 20\n')
+    assert spsa.sync.mode == "spsa" and spsa.model.d_model == 64  # spsa's small-model default
+    sized = _spec(tmp_path, '[sync]\nmode = "spsa"\n[model]\nd_model = 96\n')
+    assert sized.model.d_model == 96  # ...under the file's own value
+    diloco = _spec(tmp_path, '[sync]\nmode = "diloco"\n[run]\nsteps = 40\n')
+    assert diloco.sync.diloco.inner_steps == 4  # a tenth of the file's steps
+    pinned = _spec(tmp_path, '[sync]\nmode = "diloco"\n[sync.diloco]\ninner_steps = 7\n')
+    assert pinned.sync.diloco.inner_steps == 7
+    flags = _spec(tmp_path, '[run]\nsteps = 40\nseed = 9\n', "--steps", "5", "--seed", "0")
+    assert (flags.run.steps, flags.run.seed) == (5, 0)  # an explicit 0 is explicit too
+    with pytest.raises(SystemExit, match=r"run\.steps is 0"):
+        _spec(tmp_path, '[run]\nsteps = 0\n')
+    with pytest.raises(SystemExit, match="--config"):
+        _spec(tmp_path, '[model]\nd_modle = 64\n')
