@@ -17,7 +17,7 @@ import pytest
 from protocols.runspec import RunSpec
 from shoal.local import Swarm
 from tests.coordinator.test_dashboard import MS, browser, open_dashboard, page, sel, shot  # noqa: F401
-from tests.swarm.local_swarm import TINY, step_of, wait_for
+from tests.swarm.local_swarm import TINY, step_of, wait_for, wait_replicas_agree
 
 pytestmark = pytest.mark.browser
 
@@ -55,6 +55,7 @@ def test_live_swarm_on_the_page(browser, page, tmp_path: Path) -> None:  # noqa:
         page.wait_for_selector("#stage-map " + sel(".tile", newcomer) + '[data-state="lost"]',
                                timeout=(spec.membership.lease_s + 15) * MS)
         shot(page, "live-peer-lost.png")
+        wait_replicas_agree(swarm, {0: 1, 1: 1, 2: 1}, 30)  # the survivors hold known states
 
         # The coordinator stops: the banner says so.
         assert page.is_hidden("#banner")
