@@ -46,7 +46,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.report import Target, machine, targets_line
+from bench.report import Target, machine, rounded, targets_line
 from protocols.runspec import RunSpec
 from shoal.local import Swarm, read_metrics
 
@@ -193,11 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     for arm in arms:
         b = arm.per_step()
         print(f"{arm.label:<22} {f'{arm.short}..{arm.long}':>9} {b:>12,.0f} {b / dense:>9.4f} "
-              f"{base / b:>12.1f} {arm.loss:>7.3f}")
+              f"{rounded(base / b, 1, down=True):>12} {arm.loss:>7.3f}")
     demo_ratio = base / arms[2].per_step()
     recipients = LAYOUT.count(1) + 1  # the block replicas and the coordinator
     spsa_c = arms[4].per_step() / recipients
-    print(f"(demo with fp32 values: allreduce/demo = {base / arms[1].per_step():.1f}; spsa: the "
+    print(f"(demo with fp32 values: allreduce/demo = "
+          f"{rounded(base / arms[1].per_step(), 1, down=True)}; spsa: the "
           f"driver sends {arms[4].per_step():.1f} B per step to {recipients} recipients, "
           f"{spsa_c:.1f} B per copy of its 1-byte code)")
     figures = [demo_ratio, base / arms[3].per_step(), spsa_c]
