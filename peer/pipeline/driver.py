@@ -70,6 +70,9 @@ class StageEmpty(MicrobatchDropped):
 
 
 class Driver:
+    """The stage-0 step loop (see the module docstring). It sees the peer as a `DriverContext`;
+    `data` is the corpus (None: the default one), `router_kind` "swarm" or "round_robin"."""
+
     def __init__(self, ctx: DriverContext, data: str | None = None, router_kind: str = "swarm",
                  router: Router | None = None) -> None:
         self.d = ctx

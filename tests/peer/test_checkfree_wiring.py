@@ -25,7 +25,7 @@ SPEC = RunSpec().replace(**{"model.d_model": 32, "model.n_layers": 4, "model.n_h
                             "model.seq_len": 16, "pipeline.stages": 4, "run.seed": 3})
 
 
-def FakeDaemon(spec: RunSpec, stage: int, alive: dict[int, StageHost],
+def rebuilding_peer(spec: RunSpec, stage: int, alive: dict[int, StageHost],
                norms: dict[int, float], snapshot_dir: str | None = None) -> FakePeer:
     """The peer rebuilding `stage` (tests/fakes.py), with the `alive` stages' holders in its
     view; the `neighbours` fixture downloads from `alive`."""
@@ -65,7 +65,7 @@ def by_position(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def test_inner_stage_is_the_grad_norm_weighted_average(neighbours) -> None:
     alive = {1: trained(SPEC, 1, 40, 1), 3: trained(SPEC, 3, 41, 3), 4: trained(SPEC, 4, 41, 4)}
-    d = FakeDaemon(SPEC, 2, alive, norms={1: 0.3, 3: 0.1})
+    d = rebuilding_peer(SPEC, 2, alive, norms={1: 0.3, 3: 0.1})
     neighbours(d)
     report = asyncio.run(recovery.rebuild_stage(d))
     assert (report.method, report.sources, report.step) == ("weighted_average", (1, 3), 41)
@@ -84,7 +84,7 @@ def test_inner_stage_is_the_grad_norm_weighted_average(neighbours) -> None:
 def test_checkfree_plus_edge_stage_copies_its_swap_partner(neighbours) -> None:
     spec = SPEC.replace(**{"pipeline.checkfree_plus": True})
     alive = {2: trained(spec, 2, 12, 2), 3: trained(spec, 3, 12, 3), 4: trained(spec, 4, 12, 4)}
-    d = FakeDaemon(spec, 1, alive, norms={2: 0.5})
+    d = rebuilding_peer(spec, 1, alive, norms={2: 0.5})
     neighbours(d)
     report = asyncio.run(recovery.rebuild_stage(d))
     assert (report.method, report.sources) == ("copy_neighbor", (2,))
@@ -99,7 +99,7 @@ def test_adjacent_losses_restore_the_newest_snapshot_loudly(neighbours, tmp_path
     snapshots.save_snapshot(tmp_path, 2, 20, "cd" * 8, StageHost(SPEC, 2).module.state_dict())
     snapshots.save_snapshot(tmp_path, 2, 30, "cd" * 8, lost.module.state_dict())
     alive = {1: trained(SPEC, 1, 35, 1), 4: trained(SPEC, 4, 35, 4)}  # stages 2 and 3 lost
-    d = FakeDaemon(SPEC, 2, alive, norms={}, snapshot_dir=str(tmp_path))
+    d = rebuilding_peer(SPEC, 2, alive, norms={}, snapshot_dir=str(tmp_path))
     neighbours(d)
     with caplog.at_level(logging.ERROR, logger="shoal.recovery"):
         report = asyncio.run(recovery.rebuild_stage(d))
@@ -112,7 +112,7 @@ def test_adjacent_losses_restore_the_newest_snapshot_loudly(neighbours, tmp_path
 
 def test_adjacent_losses_without_snapshot_copy_the_nearest_stage(neighbours) -> None:
     alive = {1: trained(SPEC, 1, 35, 1), 4: trained(SPEC, 4, 35, 4)}
-    d = FakeDaemon(SPEC, 3, alive, norms={})
+    d = rebuilding_peer(SPEC, 3, alive, norms={})
     neighbours(d)
     report = asyncio.run(recovery.rebuild_stage(d))
     assert (report.method, report.sources) == ("copy_nearest", (4,)) and report.degraded
@@ -139,7 +139,7 @@ def test_load_rebuilt_refuses_a_state_of_the_wrong_stage() -> None:
 
 
 def test_catch_up_only_when_no_holder_of_the_stage_stepped_meanwhile() -> None:
-    d = FakeDaemon(SPEC, 2, {1: trained(SPEC, 1, 9, 1)}, norms={})
+    d = rebuilding_peer(SPEC, 2, {1: trained(SPEC, 1, 9, 1)}, norms={})
     d.host.step, d.state_hash = 9, "h"
     assert recovery.catch_up(d, 15) and d.host.step == 15  # the sole holder
     d.view.holders[2] = ["another-replica"]
