@@ -11,6 +11,8 @@ one heartbeat in flight at a time, as a real one; a beat that falls due while th
 is still out is sent the moment that one returns, and overdue beats go out back to back until the
 peer is on schedule again; none is skipped. Each beat's latency is measured from when it was
 *due*, so lateness (a saturated coordinator, or this process's own stalled event loop) counts.
+The bench restarts the schedules once every peer of every process has joined
+(`restart_schedules`): what the join storm left owed is not part of the steady state it measures.
 
 `CoordinatorProcess` starts `python -m coordinator.main` as a real process on 127.0.0.1 (port 0
 unless told otherwise), reads its addresses from the lines it prints, and kills only the process
@@ -22,9 +24,10 @@ Command line (used by bench/coordinator.py, one or a few of these processes):
         --heartbeat 1.0 --out result.json
 
 joins all peers, prints `joined N` and heartbeats at the given rate until a line `stop` (or EOF)
-arrives on stdin, then writes to --out every answered heartbeat's (due time, latency from due,
-how late it was sent), the due times of the failed ones, the beats due but not yet sent when the
-stop came (due time, lower bound of their latency), and the error counts; it prints `done`.
+arrives on stdin (a line `restart` restarts every peer's schedule from now), then writes to --out
+every answered heartbeat's (due time, latency from due, how late it was sent), the due times of
+the failed ones, the beats due but not yet sent when the stop came (due time, lower bound of
+their latency), and the error counts; it prints `done`.
 """
 
 from __future__ import annotations
@@ -105,6 +108,7 @@ class SimSwarm:
         self.port_base = port_base
         self._stop = asyncio.Event()
         self._stopped_at: float | None = None  # monotonic
+        self._schedule = 0  # bumped by restart_schedules
         self._tasks: list[asyncio.Task] = []
 
     async def join_all(self, concurrency: int = 32, beat: bool = True) -> None:
@@ -126,13 +130,27 @@ class SimSwarm:
         for p in self.peers:
             self._tasks.append(asyncio.create_task(self._beat(p)))
 
+    def restart_schedules(self) -> None:
+        """Start every peer's schedule afresh, each at a random phase within one period from now;
+        beats still owed from before are dropped. For a bench, once, after `join_all` and before
+        it measures: it measures the steady state, and the backlog a join storm leaves behind on
+        a saturated machine is not that. Nothing is dropped after this call."""
+        self._schedule += 1
+
     async def _beat(self, p: SimPeer) -> None:
         """Heartbeat `p` on its fixed schedule until stop (see the module docstring)."""
         period = self.heartbeat_s or p.client.heartbeat_s
-        await asyncio.sleep(period * random.random())  # spread the swarm over one period
-        origin, wall_origin = time.monotonic(), time.time()
+        schedule = self._schedule
+        # spread the swarm over one period
+        origin, wall_origin = time.monotonic() + period * random.random(), time.time()
+        wall_origin += origin - time.monotonic()
         k = 0  # the next beat due
         while not self._stop.is_set():
+            if schedule != self._schedule:
+                schedule = self._schedule
+                origin = time.monotonic() + period * random.random()
+                wall_origin = time.time() + origin - time.monotonic()
+                k = 0
             due = origin + k * period
             delay = due - time.monotonic()
             if delay > 0:
@@ -293,7 +311,7 @@ async def _main(args: argparse.Namespace) -> None:
     lags: list[tuple[float, float]] = []
     watcher = asyncio.create_task(_watch_lag(lags))
     loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, _wait_for_stop)
+    await loop.run_in_executor(None, _read_commands, loop, swarm)
     watcher.cancel()
     await swarm.stop()
     result = {"peers": len(swarm.peers), "errors": sum(p.errors for p in swarm.peers),
@@ -320,9 +338,12 @@ async def _watch_lag(lags: list[tuple[float, float]], period_s: float = 0.05) ->
             lags.append((time.time(), lag))
 
 
-def _wait_for_stop() -> None:
+def _read_commands(loop: asyncio.AbstractEventLoop, swarm: SimSwarm) -> None:
+    """Until `stop` (or EOF) on stdin; `restart` restarts the heartbeat schedules."""
     for line in sys.stdin:
-        if line.strip() == "stop":
+        if line.strip() == "restart":
+            loop.call_soon_threadsafe(swarm.restart_schedules)
+        elif line.strip() == "stop":
             return
 
 

@@ -5,6 +5,7 @@ schedule, so a stall shows as latency of the beats it delayed, never as beats th
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Coroutine
 from types import SimpleNamespace
 
@@ -94,6 +95,31 @@ def test_beats_due_but_unsent_at_the_stop_are_reported() -> None:
     slots = _due_slots([due for due, _, _ in peer.samples] + [due for due, _ in peer.unsent])
     assert slots == list(range(len(slots)))
     assert all(at_least > 0 for _, at_least in peer.unsent)
+
+
+def test_restarting_the_schedules_drops_what_was_owed_and_keeps_the_new_schedule_whole() -> None:
+    async def scenario() -> tuple[SimSwarm, float]:
+        swarm, client = _swarm(stall_at=2)
+        swarm.start()
+        while client.calls < 2:
+            await asyncio.sleep(PERIOD)
+        await asyncio.sleep(6 * PERIOD)  # several beats owed behind the stalled one
+        restarted = time.time()
+        swarm.restart_schedules()
+        client.release.set()
+        while client.calls < 10:
+            await asyncio.sleep(PERIOD)
+        await swarm.stop()
+        return swarm, restarted
+
+    swarm, restarted = _run(scenario())
+    peer = swarm.peers[0]
+    before = sorted(due for due, _, _ in peer.samples if due < restarted)
+    after = [due for due, _, _ in peer.samples if due >= restarted]
+    after += [due for due, _ in peer.unsent]
+    assert len(before) == 2  # the owed beats were dropped, not sent back to back
+    slots = _due_slots(after)
+    assert len(slots) >= 8 and slots == list(range(len(slots)))
 
 
 def test_a_silenced_peer_sends_nothing_and_reports_nothing_unsent() -> None:
