@@ -59,10 +59,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cap per host and direction, Mbit/s (default 25; 0 = none)")
     p.add_argument("--delay-ms", type=float, default=40.0,
                    help="added one-way latency per connection, ms (default 40; 0 = none)")
-    p.add_argument("--steps", type=int, default=50, help="optimizer steps (default 50)")
-    p.add_argument("--stages", type=int, default=2, help="block stages (default 2)")
-    p.add_argument("--sync", default="allreduce", help="allreduce | demo | diloco | spsa")
-    p.add_argument("--config", help="a run spec TOML to start from (flags override it)")
+    p.add_argument("--steps", type=int, help="optimizer steps (default: the config's, else 50)")
+    p.add_argument("--stages", type=int, help="block stages (default: the config's, else 2)")
+    p.add_argument("--sync", help="allreduce | demo | diloco | spsa (default: the config's, "
+                   "else allreduce)")
+    p.add_argument("--config", help="a run spec TOML to start from (explicit flags override it)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a run spec key, e.g. --set model.d_model=64 (TOML values)")
     p.add_argument("--scenario", help="a file of fault commands (see shoal/lab/scenario.py)")
@@ -78,7 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grace", type=float, default=10.0, help="peers' drain grace, s")
     p.add_argument("--data", help="text files or directory for stage 0 (default: stdlib)")
     p.add_argument("--out", help="keep summary.json, the model and the logs here")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="run seed (default: the config's, else 0)")
     p.add_argument("--timeout", type=float, default=0.0,
                    help="give up after this many seconds (default: 600 + 10 s per step)")
     p.add_argument("--no-export", action="store_true", help="skip the export at the end")
@@ -86,11 +87,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="only remove namespaces left by lab runs whose process is gone")
 
 
+#: flag -> (run spec key, the lab's default when neither the flag nor --config sets it)
+LAB_FLAG_KEYS = {"stages": ("pipeline.stages", 2), "steps": ("run.steps", 50),
+                 "sync": ("sync.mode", "allreduce"), "seed": ("run.seed", 0)}
+
+
 def lab_spec(args: argparse.Namespace) -> RunSpec:
-    base = RunSpec.load(args.config) if args.config else RunSpec().replace(**LAB_DEFAULTS)
-    spec = base.replace(**{"pipeline.stages": args.stages, "run.steps": args.steps,
-                           "sync.mode": args.sync, "run.seed": args.seed,
-                           "run.name": f"lab-{args.sync}"})
+    """The lab's run spec: explicit flags > the --config file > the lab's defaults; then --set.
+
+    The resolved stages, steps, sync mode and seed are written back to `args` (the chaos
+    schedule and the scenario runner read them)."""
+    try:
+        base = RunSpec.load(args.config) if args.config else RunSpec().replace(**LAB_DEFAULTS)
+    except (RunSpecError, OSError) as exc:
+        raise SystemExit(f"shoal lab: --config: {exc}") from None
+    from_file = {"stages": base.pipeline.stages, "steps": base.run.steps,
+                 "sync": base.sync.mode, "seed": base.run.seed} if args.config else {}
+    for flag, (_, default) in LAB_FLAG_KEYS.items():
+        if getattr(args, flag, None) is None:
+            setattr(args, flag, from_file.get(flag, default))
+    values: dict[str, Any] = {key: getattr(args, flag) for flag, (key, _) in LAB_FLAG_KEYS.items()}
+    if not args.config:
+        values["run.name"] = f"lab-{args.sync}"
+    spec = base.replace(**values)
     overrides: dict[str, Any] = {}
     for item in args.set:
         key, eq, value = item.partition("=")
