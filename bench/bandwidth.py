@@ -47,8 +47,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.report import Target, machine, rounded, targets_line
+from protocols.coordinator_client import READY_STATES
 from protocols.runspec import RunSpec
-from shoal.local import Swarm, read_metrics
+from shoal.swarm import Swarm, read_metrics
 
 MODEL = {"model.d_model": 256, "model.n_layers": 2, "model.n_heads": 8, "model.seq_len": 32,
          "pipeline.stages": 1, "pipeline.microbatch": 2, "pipeline.target_batch": 8,
@@ -128,7 +129,7 @@ def run_arm(work: Path, arm: Arm, steps: int) -> None:
         while time.monotonic() < deadline:
             time.sleep(0.5)
             peers = [p for p in (swarm.status() or {}).get("peers", [])
-                     if p.get("state") in ("training", "rebuilt")]
+                     if p.get("state") in READY_STATES]
             if len(peers) < len(LAYOUT) or any(int(p.get("step") or 0) < steps for p in peers):
                 continue
             now = {p["peer_id"]: int((p.get("bytes_by_kind") or {}).get(arm.kind, 0))

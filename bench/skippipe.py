@@ -33,7 +33,7 @@ import torch
 from bench.pipeline import wait_for_steps
 from bench.report import Target, machine, targets_line
 from protocols.runspec import RunSpec
-from shoal.local import Swarm, read_metrics
+from shoal.swarm import Swarm, read_metrics
 
 SPEC = {"model.d_model": 64, "model.n_layers": 4, "model.n_heads": 4, "model.seq_len": 32,
         "pipeline.stages": 4, "pipeline.microbatch": 4, "pipeline.target_batch": 64,

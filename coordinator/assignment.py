@@ -140,3 +140,23 @@ def rebalance_due(last: float | None, now: float, period: float = REBALANCE_PERI
     if period <= 0.0:
         raise ValueError(f"period={period} must be positive (SWARM uses 300 s)")
     return last is None or now - last >= period
+
+
+def rebuild_method(stage: int, live: set[int], n_stages: int, checkfree_plus: bool) -> str:
+    """How the next holder of an emptied `stage` gets weights (ALGORITHMS.md §3), given the stages
+    that still have a live replica (`live`, stage 0 included) of `n_stages` in all.
+
+    "checkfree" for an inner block stage with both neighbours live; "checkfree+" for a CheckFree+
+    swap partner (1<->2, S-1<->S, as optim/checkfree.plan_recovery pairs them) whose partner is
+    live; otherwise "snapshot" (the holder's local snapshot, else a degraded copy).
+    """
+    last = n_stages - 1
+    partner = None
+    if checkfree_plus and last >= 2:
+        partner = 3 - stage if stage in (1, 2) else (
+            2 * last - 1 - stage if stage in (last - 1, last) else None)
+    if partner is not None:
+        return "checkfree+" if partner in live else "snapshot"
+    if 2 <= stage <= last - 1 and stage - 1 in live and stage + 1 in live:
+        return "checkfree"
+    return "snapshot"

@@ -321,6 +321,6 @@ async def start_http(app: web.Application, host: str, port: int) -> tuple[web.Ap
         await runner.cleanup()
         raise OSError(exc.errno, f"cannot serve HTTP on {host}:{port} ({exc.strerror}); pick "
                                  f"another --http-port or stop what holds it") from exc
-    sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr]
-    bound = sockets[0].getsockname()[1] if sockets else port
+    addresses = runner.addresses  # (host, port, ...) of each bound socket
+    bound = addresses[0][1] if addresses else port
     return runner, bound

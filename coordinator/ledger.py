@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from protocols import shoal_pb2 as pb
+from protocols.coordinator_client import READY_STATES
 
 if TYPE_CHECKING:
     from coordinator.membership import Membership
@@ -128,7 +129,7 @@ class SpsaLedger:
 def training_stage0(membership: Membership) -> list[str]:
     """The stage-0 members the coordinator sees training: whom a step waits for by default."""
     return [m.peer_id for m in membership.live_members()
-            if m.stage == 0 and m.state in ("training", "rebuilt")]
+            if m.stage == 0 and m.state in READY_STATES]
 
 
 def ledger_reply(ledger: SpsaLedger, from_step: int, to_step: int) -> pb.SpsaLedgerReply:

@@ -73,8 +73,8 @@ class CoordinatorHandle:
     _server: grpc.aio.Server
     _runner: object
     _journal: Journal
-    _tasks: list[asyncio.Task] = field(default_factory=list)
-    _announcement: object | None = None
+    tasks: list[asyncio.Task] = field(default_factory=list)
+    announcement: object | None = None
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -98,12 +98,12 @@ class CoordinatorHandle:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        for task in self._tasks:
+        for task in self.tasks:
             task.cancel()
         await self._server.stop(grace_s)
         await self._runner.cleanup()  # type: ignore[attr-defined]
-        if self._announcement is not None:
-            await self._announcement.close()  # type: ignore[attr-defined]
+        if self.announcement is not None:
+            await self.announcement.close()  # type: ignore[attr-defined]
         await self._journal.close()
         log.info("coordinator stopped; state saved in %s", self.state_dir)
 
@@ -262,13 +262,13 @@ async def serve(config: str | Path | RunSpec | None = None, port: int = 7000,
     handle = CoordinatorHandle(svc, host, bound, bound_http, state, token_path, server, runner,
                                journal)
     svc.grpc_address = handle.grpc_address
-    handle._tasks.append(asyncio.create_task(_tick_loop(svc, clock), name="shoal-tick"))
-    handle._tasks.append(asyncio.create_task(_watch_loop_lag(svc), name="shoal-loop-lag"))
+    handle.tasks.append(asyncio.create_task(_tick_loop(svc, clock), name="shoal-tick"))
+    handle.tasks.append(asyncio.create_task(_watch_loop_lag(svc), name="shoal-loop-lag"))
     if mdns:
         from protocols.discovery import DiscoveryError, announce
 
         try:
-            handle._announcement = await announce(bound, swarm_id=swarm_id, version=svc.version,
+            handle.announcement = await announce(bound, swarm_id=swarm_id, version=svc.version,
                                                   public_key=identity.public_key, host=host)
         except DiscoveryError as exc:
             log.warning("%s", exc)

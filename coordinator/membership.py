@@ -24,13 +24,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from coordinator.assignment import Move, StageLoad, assign_stage, plan_rebalance
+from coordinator.assignment import (
+    Move,
+    StageLoad,
+    assign_stage,
+    plan_rebalance,
+    rebuild_method,
+)
 from coordinator.events import Event, EventLog, History, HistoryPoint
-from protocols.coordinator_client import Benchmark, PeerStats
+from protocols.coordinator_client import READY_STATES, Benchmark, PeerStats
 from protocols.recovery_report import describe, is_report_key
 from protocols.runspec import RunSpec
 
-HEALTHY_STATES = frozenset({"training", "rebuilt"})
+HEALTHY_STATES = frozenset(READY_STATES)
 RESTART_EPOCH_GAP = 1000
 
 
@@ -332,7 +338,7 @@ class Membership:
         kind, detail = "state", f"{m.state} -> {state}"
         if state == "draining":
             kind = "drain"
-        elif state in ("rebuilt", "training") and st.rebuild:
+        elif state in READY_STATES and st.rebuild:
             kind = "rebuild"
             detail = (f"stage rebuilt ({st.rebuild}): {report}" if report
                       else f"stage rebuilt ({st.rebuild})")
@@ -349,7 +355,9 @@ class Membership:
         st.replicas.discard(m.peer_id)
         emptied = not st.replicas and st.step > 0
         if emptied:
-            st.rebuild = self._rebuild_method(m.stage)
+            live = {i for i, x in enumerate(self._stages) if x.replicas}
+            st.rebuild = rebuild_method(m.stage, live, self.n_stages,
+                                        self.spec.pipeline.checkfree_plus)
         if m.cert_expires > now:
             self._revoked[m.peer_id] = m.cert_expires
         self._changed_member(m, event)
@@ -364,25 +372,6 @@ class Membership:
             self._deleted.add(peer_id)
             self._changed.discard(peer_id)
             self._progressed.discard(peer_id)
-
-    def _rebuild_method(self, stage: int) -> str:
-        """How the next holder of an emptied stage gets weights (ALGORITHMS.md §3)."""
-        last = self.n_stages - 1
-        plus = self.spec.pipeline.checkfree_plus
-
-        def live(i: int) -> bool:
-            return 0 <= i <= last and bool(self._stages[i].replicas)
-
-        # CheckFree+ swap partners, as optim/checkfree.plan_recovery pairs them: 1<->2, S-1<->S
-        partner = None
-        if plus and last >= 2:
-            partner = 3 - stage if stage in (1, 2) else (
-                2 * last - 1 - stage if stage in (last - 1, last) else None)
-        if partner is not None:
-            return "checkfree+" if live(partner) else "snapshot"
-        if 2 <= stage <= last - 1 and live(stage - 1) and live(stage + 1):
-            return "checkfree"
-        return "snapshot"
 
     def _count_bytes(self, old: PeerStats, new: PeerStats) -> None:
         self.bytes_sent_total += _delta(old.bytes_sent, new.bytes_sent)

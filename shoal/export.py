@@ -23,7 +23,12 @@ from peer.pipeline.stage_host import model_config, tensor_hash
 from protocols import auth, tensor_stream
 from protocols import shoal_pb2 as pb
 from protocols import shoal_pb2_grpc as pbg
-from protocols.coordinator_client import OBSERVER_STAGE, Benchmark, CoordinatorClient
+from protocols.coordinator_client import (
+    OBSERVER_STAGE,
+    READY_STATES,
+    Benchmark,
+    CoordinatorClient,
+)
 from protocols.identity import Identity
 
 log = logging.getLogger("shoal.export")
@@ -47,7 +52,7 @@ async def pull_stage_states(coordinator: str, identity: Identity, token: str | N
         channels: list[grpc.aio.Channel] = []
         limits = wire.limits_for(1 << 34)
         for stage in range(spec.pipeline.stages + 1):
-            replicas = [p for p in view.replicas(stage) if p.state in ("training", "rebuilt")]
+            replicas = [p for p in view.replicas(stage) if p.state in READY_STATES]
             if not replicas:
                 raise ExportFailed(f"stage {stage} has no live replica to export from; wait for "
                                    "a peer to take it (see `shoal status`)")
@@ -116,7 +121,7 @@ async def pipeline_logits(coordinator: str, identity: Identity, token: str | Non
         with torch.no_grad():
             h = model.embedding(tokens.long())
             for stage in range(1, spec.pipeline.stages + 1):
-                live = [p for p in view.replicas(stage) if p.state in ("training", "rebuilt")]
+                live = [p for p in view.replicas(stage) if p.state in READY_STATES]
                 if not live:
                     raise ExportFailed(f"stage {stage} has no live replica")
                 ch = grpc.aio.insecure_channel(live[0].address,

@@ -130,7 +130,7 @@ class LabNetwork:
     prefix: str = field(default_factory=lambda: "sl" + secrets.token_hex(3))
     hosts: dict[str, LabHost] = field(default_factory=dict)
     transparent: bool = False
-    _made: list[str] = field(default_factory=list)
+    made: list[str] = field(default_factory=list)
 
     @property
     def switch(self) -> str:
@@ -155,7 +155,7 @@ class LabNetwork:
 
     def _netns_add(self, ns: str) -> None:
         run("ip", "netns", "add", ns)
-        self._made.append(ns)
+        self.made.append(ns)
         self._record()
 
     def _add_host(self, i: int, name: str) -> None:
@@ -222,19 +222,19 @@ class LabNetwork:
 
     def destroy(self) -> None:
         """Kill whatever still runs in this lab's namespaces, delete them, forget the record."""
-        for ns in reversed(self._made):
+        for ns in reversed(self.made):
             for pid in self.netns_pids(ns):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, 9)
             run("ip", "netns", "del", ns, check=False)
-        self._made.clear()
+        self.made.clear()
         with contextlib.suppress(FileNotFoundError):
             (RUN_DIR / f"{self.prefix}.json").unlink()
 
     def _record(self) -> None:
         RUN_DIR.mkdir(parents=True, exist_ok=True)
         (RUN_DIR / f"{self.prefix}.json").write_text(json.dumps(
-            {"pid": os.getpid(), "netns": self._made}))
+            {"pid": os.getpid(), "netns": self.made}))
 
 
 def clean_stale() -> list[str]:
@@ -251,8 +251,8 @@ def clean_stale() -> list[str]:
         if _alive(pid):
             continue
         net = LabNetwork([], prefix=rec.stem)
-        net._made = [ns for ns in info.get("netns", []) if ns.startswith(rec.stem + "-")]
-        removed += net._made
+        net.made = [ns for ns in info.get("netns", []) if ns.startswith(rec.stem + "-")]
+        removed += net.made
         net.destroy()
     return removed
 

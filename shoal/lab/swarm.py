@@ -33,7 +33,7 @@ from pathlib import Path
 
 from protocols.runspec import RunSpec
 from shoal.lab.network import RELAY_PORT, LabNetwork, in_netns
-from shoal.local import Swarm
+from shoal.swarm import Swarm
 
 COORD_HOST = "coord"
 GRPC_PORT = 7000

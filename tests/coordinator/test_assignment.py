@@ -211,3 +211,17 @@ def test_churning_heterogeneous_swarm_stays_near_the_optimum() -> None:
     mean = sum(ratios) / len(ratios)
     assert mean >= 0.95  # measured here: 0.987; joins alone: 0.82
     assert mean > sum(ratios_joins_only) / len(ratios_joins_only)  # rebalancing pays off
+
+
+def test_rebuild_method_follows_the_neighbours_that_are_left() -> None:
+    from coordinator.assignment import rebuild_method
+
+    # 4 block stages (n_stages 5 with stage 0); stage 2 emptied, both neighbours live
+    assert rebuild_method(2, {0, 1, 3, 4}, 5, checkfree_plus=False) == "checkfree"
+    # a neighbour gone too: no average is possible
+    assert rebuild_method(2, {0, 3, 4}, 5, checkfree_plus=False) == "snapshot"
+    # edge stages: only CheckFree+ can rebuild them, from their swap partner
+    assert rebuild_method(1, {0, 2, 3, 4}, 5, checkfree_plus=False) == "snapshot"
+    assert rebuild_method(1, {0, 2, 3, 4}, 5, checkfree_plus=True) == "checkfree+"
+    assert rebuild_method(4, {0, 1, 2, 3}, 5, checkfree_plus=True) == "checkfree+"
+    assert rebuild_method(4, {0, 1, 2}, 5, checkfree_plus=True) == "snapshot"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from protocols.runspec import RunSpec
-from shoal.local import Swarm
+from shoal.swarm import Swarm
 
 LAYOUT = [0, 1, 1, 2, 2]
 

@@ -18,8 +18,9 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 
+from protocols.coordinator_client import READY_STATES
 from protocols.runspec import RunSpec
-from shoal.local import Swarm, read_metrics
+from shoal.swarm import Swarm, read_metrics
 
 TINY = {"model.d_model": 32, "model.n_layers": 4, "model.n_heads": 4, "model.seq_len": 32,
         "pipeline.stages": 2, "pipeline.microbatch": 4, "pipeline.target_batch": 16,
@@ -27,7 +28,7 @@ TINY = {"model.d_model": 32, "model.n_layers": 4, "model.n_heads": 4, "model.seq
         "membership.lease_s": 4.0}
 
 # Peers that hold a stage and report its state (a "lost" or "left" entry keeps stale stats).
-HOLDING = ("training", "rebuilt")
+HOLDING = READY_STATES
 
 
 def spec_with(**changes: object) -> RunSpec:

@@ -30,9 +30,9 @@ from protocols import auth, tensor_stream
 from protocols import shoal_pb2 as pb
 from protocols import shoal_pb2_grpc as pbg
 from protocols.codec import Limits
-from protocols.coordinator_client import OBSERVER_STAGE, Benchmark, CoordinatorClient
+from protocols.coordinator_client import OBSERVER_STAGE, READY_STATES, Benchmark, CoordinatorClient
 from protocols.identity import Identity
-from shoal.local import Swarm, read_metrics
+from shoal.swarm import Swarm, read_metrics
 from tests.swarm.local_swarm import (
     check_replicas_of_an_endless_run,
     frozen,
@@ -77,7 +77,7 @@ async def download_stages(swarm: Swarm, stages: list[int]
         view = await client.view()
         signer = auth.CallSigner(identity, lambda: client.certificate)
         for stage in stages:
-            reps = [p for p in view.replicas(stage) if p.state in ("training", "rebuilt")]
+            reps = [p for p in view.replicas(stage) if p.state in READY_STATES]
             assert len(reps) == 1, (stage, reps)
             async with grpc.aio.insecure_channel(
                     reps[0].address, options=tensor_stream.grpc_options(),

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from protocols.runspec import RunSpec
-from shoal.local import Swarm
+from shoal.swarm import Swarm
 from tests.coordinator.test_dashboard import MS, browser, open_dashboard, page, sel, shot  # noqa: F401
 from tests.swarm.local_swarm import TINY, step_of, wait_for, wait_replicas_agree
 

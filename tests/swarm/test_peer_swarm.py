@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from shoal.local import Swarm, read_metrics
+from shoal.swarm import Swarm, read_metrics
 from tests.swarm.local_swarm import (
     check_replicas_of_an_endless_run,
     holders,

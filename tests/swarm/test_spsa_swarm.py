@@ -16,7 +16,7 @@ import pytest
 
 from peer.sync.spsa import DRIFT_ENV
 from protocols.runspec import RunSpec
-from shoal.local import Swarm, read_metrics
+from shoal.swarm import Swarm, read_metrics
 from tests.swarm.local_swarm import holders, replicas_agree, step_of, wait_for
 
 TINY = {"model.d_model": 32, "model.n_layers": 2, "model.n_heads": 4, "model.seq_len": 32,

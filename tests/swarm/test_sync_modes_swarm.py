@@ -15,7 +15,7 @@ import re
 import pytest
 
 from protocols.runspec import RunSpec
-from shoal.local import Swarm, read_metrics
+from shoal.swarm import Swarm, read_metrics
 from tests.swarm.conftest import LAYOUT
 from tests.swarm.local_swarm import step_of, wait_for, wait_replicas_agree
 
