@@ -104,7 +104,7 @@ class CoordinatorService:
         self._view: ViewSnapshot | None = None
         self._saved_meta: dict[str, str] = {}
         self.spsa_ledger = (SpsaLedger(spec.sync.spsa.samples_per_step, spec.sync.timeout_s)
-                            if spec.sync.mode == "spsa" else None)
+                            if spec.sync.keeps_ledger else None)
 
     # ------------------------------------------------------------------ RPCs
 

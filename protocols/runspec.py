@@ -21,6 +21,8 @@ from typing import Any
 import tomli_w
 
 SYNC_MODES = ("allreduce", "demo", "diloco", "spsa")
+#: the modes whose steps the coordinator closes in its SPSA ledger (coordinator/ledger.py)
+LEDGER_MODES = frozenset({"spsa"})
 ACTIVATION_ENCODINGS = ("fp32", "bf16", "int8")
 AGGREGATORS = ("mean", "clipped_mean", "trimmed_mean")
 
@@ -112,6 +114,11 @@ class SyncSection:
     demo: DemoSection = field(default_factory=DemoSection)
     diloco: DilocoSection = field(default_factory=DilocoSection)
     spsa: SpsaSection = field(default_factory=SpsaSection)
+
+    @property
+    def keeps_ledger(self) -> bool:
+        """Whether the coordinator keeps a ledger of this run's steps (SPSA's codes)."""
+        return self.mode in LEDGER_MODES
 
 
 @dataclass(frozen=True)
