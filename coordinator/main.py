@@ -314,19 +314,24 @@ async def _tick_loop(svc: CoordinatorService, clock: Callable[[], float]) -> Non
 # ---------------------------------------------------------------------- command line
 
 
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The coordinator's flags, shared by `shoal coordinator` and `python -m coordinator.main`."""
+    p.add_argument("--config", help="run spec TOML (first start; a restart keeps the stored one)")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=7000, help="gRPC port (0 = any free)")
+    p.add_argument("--http-port", type=int, default=8080, help="dashboard port (0 = any free)")
+    p.add_argument("--state-dir", default="./shoal-state")
+    p.add_argument("--token-file", help="join token peers must present")
+    p.add_argument("--allow-file", help="hex Ed25519 public keys allowed to join, one a line")
+    p.add_argument("--no-mdns", action="store_true", help="do not announce on the LAN")
+    p.add_argument("--tls-dir", help="serve gRPC over mTLS with the certificates in this folder")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The same flags as `shoal coordinator` (shoal/cli.py), for `python -m coordinator.main`."""
     ap = argparse.ArgumentParser(prog="python -m coordinator.main", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", help="run spec TOML (first start; a restart keeps the stored one)")
-    ap.add_argument("--host", default="0.0.0.0")
-    ap.add_argument("--port", type=int, default=7000, help="gRPC port (0 = any free)")
-    ap.add_argument("--http-port", type=int, default=8080, help="dashboard port (0 = any free)")
-    ap.add_argument("--state-dir", default="./shoal-state")
-    ap.add_argument("--token-file", help="join token peers must present")
-    ap.add_argument("--allow-file", help="hex Ed25519 public keys allowed to join, one a line")
-    ap.add_argument("--no-mdns", action="store_true", help="do not announce on the LAN")
-    ap.add_argument("--tls-dir", help="serve gRPC over mTLS with the certificates in this folder")
+    add_arguments(ap)
     ap.add_argument("--log-format", choices=("text", "json"), default="text")
     ap.add_argument("--log-level", default=os.environ.get("SHOAL_LOG_LEVEL", "INFO"))
     return ap

@@ -38,6 +38,14 @@ def live_replicas(view: SwarmView | None, stage: int) -> list[str]:
                         if p.state in READY_STATES and p.peer_id not in view.revoked)
 
 
+def address_of(view: SwarmView | None, peer_id: str) -> str:
+    """Where `peer_id` is reached, from the swarm view; KeyError when it is not in the view."""
+    p = view.peer(peer_id) if view is not None else None
+    if p is None:
+        raise KeyError(f"peer {peer_id[:8]} is not in the swarm view")
+    return p.address
+
+
 def departed_peers(view: SwarmView | None) -> set[str]:
     """Peers the view says are gone or going (not ready, not syncing; or revoked)."""
     if view is None:

@@ -125,10 +125,7 @@ class PeerDaemon:
         return self._channels.get(address)
 
     def address_of(self, peer_id: str) -> str:
-        p = self.view.peer(peer_id) if self.view else None
-        if p is None:
-            raise KeyError(f"peer {peer_id[:8]} is not in the swarm view")
-        return p.address
+        return consistency.address_of(self.view, peer_id)
 
     def live_replicas(self, stage: int) -> list[str]:
         return consistency.live_replicas(self.view, stage)

@@ -137,15 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("coordinator", help="the membership service and dashboard")
-    p.add_argument("--config", help="run spec TOML (first start; a restart keeps the stored one)")
-    p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=7000, help="gRPC port (0 = any free)")
-    p.add_argument("--http-port", type=int, default=8080, help="dashboard port (0 = any free)")
-    p.add_argument("--state-dir", default="./shoal-state")
-    p.add_argument("--token-file", help="join token peers must present")
-    p.add_argument("--allow-file", help="hex Ed25519 public keys allowed to join, one a line")
-    p.add_argument("--no-mdns", action="store_true", help="do not announce on the LAN")
-    p.add_argument("--tls-dir", help="serve gRPC over mTLS with the certificates in this folder")
+    from coordinator.main import add_arguments as add_coordinator_arguments
+
+    add_coordinator_arguments(p)
     p.set_defaults(func=_cmd_coordinator)
 
     p = sub.add_parser("peer", help="the peer daemon")
