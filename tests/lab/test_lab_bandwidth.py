@@ -22,6 +22,7 @@ import pytest
 from protocols.runspec import RunSpec
 from shoal.lab.network import LabNetwork, netns_available
 from shoal.lab.swarm import COORD_HOST, LabSwarm
+from tests.polling import poll_until
 
 pytestmark = pytest.mark.root
 CAP_MBIT = 25.0
@@ -55,13 +56,10 @@ def stage_peer(status: dict | None, address: str) -> dict | None:
 
 
 def wait_for(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}")
+    got = poll_until(cond, timeout)
+    if not got:
+        raise AssertionError(f"timed out waiting for {what}")
+    return got
 
 
 def test_state_download_crosses_the_capped_link_whole(tmp_path):

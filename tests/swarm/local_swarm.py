@@ -15,12 +15,12 @@ import contextlib
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 
 from protocols.coordinator_client import READY_STATES
 from protocols.runspec import RunSpec
 from shoal.swarm import Swarm, read_metrics
+from tests.polling import poll_until
 
 TINY = {"model.d_model": 32, "model.n_layers": 4, "model.n_heads": 4, "model.seq_len": 32,
         "pipeline.stages": 2, "pipeline.microbatch": 4, "pipeline.target_batch": 16,
@@ -42,12 +42,9 @@ def logs_tail(swarm: Swarm, chars: int = 1500) -> str:
 
 def wait_for(what: str, pred: Callable[[], object], timeout: float, swarm: Swarm) -> object:
     """Poll `pred` until it returns something true (returned); fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.3)
+    value = poll_until(pred, timeout, interval=0.3)
+    if value:
+        return value
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n"
                          f"{logs_tail(swarm)}")
 

@@ -1,0 +1,18 @@
+"""The one bounded poll the multi-process tests wait with: a bound only catches a hang, it is
+never a timing assertion."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+
+def poll_until(pred: Callable[[], object], timeout: float, interval: float = 0.25) -> object:
+    """Call `pred` until it returns something true and return that; None after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(interval)
+    return None
