@@ -61,7 +61,7 @@ class Benchmark(_message.Message):
     def __init__(self, samples_per_s: _Optional[float] = ..., bandwidth_mbps: _Optional[float] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., declared: _Optional[bool] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("public_key", "token_proof", "timestamp", "benchmark", "address", "stage_hint", "step_hint", "version")
+    __slots__ = ("public_key", "token_proof", "timestamp", "benchmark", "address", "stage_hint", "step_hint", "version", "tls_csr")
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     TOKEN_PROOF_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +70,7 @@ class JoinRequest(_message.Message):
     STAGE_HINT_FIELD_NUMBER: _ClassVar[int]
     STEP_HINT_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    TLS_CSR_FIELD_NUMBER: _ClassVar[int]
     public_key: bytes
     token_proof: bytes
     timestamp: float
@@ -78,10 +79,11 @@ class JoinRequest(_message.Message):
     stage_hint: int
     step_hint: int
     version: str
-    def __init__(self, public_key: _Optional[bytes] = ..., token_proof: _Optional[bytes] = ..., timestamp: _Optional[float] = ..., benchmark: _Optional[_Union[Benchmark, _Mapping]] = ..., address: _Optional[str] = ..., stage_hint: _Optional[int] = ..., step_hint: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+    tls_csr: bytes
+    def __init__(self, public_key: _Optional[bytes] = ..., token_proof: _Optional[bytes] = ..., timestamp: _Optional[float] = ..., benchmark: _Optional[_Union[Benchmark, _Mapping]] = ..., address: _Optional[str] = ..., stage_hint: _Optional[int] = ..., step_hint: _Optional[int] = ..., version: _Optional[str] = ..., tls_csr: _Optional[bytes] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("certificate", "coordinator_public_key", "run_spec_toml", "stage", "epoch", "lease_seconds", "heartbeat_interval", "view", "swarm_id")
+    __slots__ = ("certificate", "coordinator_public_key", "run_spec_toml", "stage", "epoch", "lease_seconds", "heartbeat_interval", "view", "swarm_id", "tls_certificate", "tls_ca")
     CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     RUN_SPEC_TOML_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +93,8 @@ class JoinReply(_message.Message):
     HEARTBEAT_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     VIEW_FIELD_NUMBER: _ClassVar[int]
     SWARM_ID_FIELD_NUMBER: _ClassVar[int]
+    TLS_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    TLS_CA_FIELD_NUMBER: _ClassVar[int]
     certificate: SignedCertificate
     coordinator_public_key: bytes
     run_spec_toml: str
@@ -100,7 +104,9 @@ class JoinReply(_message.Message):
     heartbeat_interval: float
     view: SwarmView
     swarm_id: str
-    def __init__(self, certificate: _Optional[_Union[SignedCertificate, _Mapping]] = ..., coordinator_public_key: _Optional[bytes] = ..., run_spec_toml: _Optional[str] = ..., stage: _Optional[int] = ..., epoch: _Optional[int] = ..., lease_seconds: _Optional[float] = ..., heartbeat_interval: _Optional[float] = ..., view: _Optional[_Union[SwarmView, _Mapping]] = ..., swarm_id: _Optional[str] = ...) -> None: ...
+    tls_certificate: bytes
+    tls_ca: bytes
+    def __init__(self, certificate: _Optional[_Union[SignedCertificate, _Mapping]] = ..., coordinator_public_key: _Optional[bytes] = ..., run_spec_toml: _Optional[str] = ..., stage: _Optional[int] = ..., epoch: _Optional[int] = ..., lease_seconds: _Optional[float] = ..., heartbeat_interval: _Optional[float] = ..., view: _Optional[_Union[SwarmView, _Mapping]] = ..., swarm_id: _Optional[str] = ..., tls_certificate: _Optional[bytes] = ..., tls_ca: _Optional[bytes] = ...) -> None: ...
 
 class PeerStats(_message.Message):
     __slots__ = ("state", "samples_per_s", "queue", "bytes_sent", "bytes_received", "loss", "step", "tokens_per_s", "dropped_microbatches", "grad_norm", "state_hash", "bytes_by_kind", "microbatches_done")
@@ -200,20 +206,24 @@ class PeerInfo(_message.Message):
     def __init__(self, peer_id: _Optional[str] = ..., public_key: _Optional[bytes] = ..., address: _Optional[str] = ..., stage: _Optional[int] = ..., state: _Optional[str] = ..., benchmark: _Optional[_Union[Benchmark, _Mapping]] = ..., stats: _Optional[_Union[PeerStats, _Mapping]] = ..., lease_expires: _Optional[float] = ..., joined_at: _Optional[float] = ...) -> None: ...
 
 class StageInfo(_message.Message):
-    __slots__ = ("stage", "replicas", "throughput", "grad_norm", "step", "rebuild")
+    __slots__ = ("stage", "replicas", "throughput", "grad_norm", "step", "rebuild", "attested_hash", "attested_step")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     THROUGHPUT_FIELD_NUMBER: _ClassVar[int]
     GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     REBUILD_FIELD_NUMBER: _ClassVar[int]
+    ATTESTED_HASH_FIELD_NUMBER: _ClassVar[int]
+    ATTESTED_STEP_FIELD_NUMBER: _ClassVar[int]
     stage: int
     replicas: _containers.RepeatedScalarFieldContainer[str]
     throughput: float
     grad_norm: float
     step: int
     rebuild: str
-    def __init__(self, stage: _Optional[int] = ..., replicas: _Optional[_Iterable[str]] = ..., throughput: _Optional[float] = ..., grad_norm: _Optional[float] = ..., step: _Optional[int] = ..., rebuild: _Optional[str] = ...) -> None: ...
+    attested_hash: str
+    attested_step: int
+    def __init__(self, stage: _Optional[int] = ..., replicas: _Optional[_Iterable[str]] = ..., throughput: _Optional[float] = ..., grad_norm: _Optional[float] = ..., step: _Optional[int] = ..., rebuild: _Optional[str] = ..., attested_hash: _Optional[str] = ..., attested_step: _Optional[int] = ...) -> None: ...
 
 class SwarmView(_message.Message):
     __slots__ = ("epoch", "swarm_id", "peers", "stages", "revoked")

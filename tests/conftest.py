@@ -5,7 +5,8 @@ multi-process swarm tests, `-m "not lab"` leaves out the namespace lab).
 
 The folders: optim/ protocols/ coordinator/ peer/ (unit tests, one process), swarm/ (real peer
 and coordinator processes on 127.0.0.1), lab/ (network namespaces: root), shoal/ (the command
-line through the `shoal` entry point), bench/ (the benchmarks' own logic, small sizes).
+line through the `shoal` entry point), bench/ (the benchmarks' own logic, small sizes),
+security/ (an attacker's calls against real coordinator and peer processes, and fuzzing).
 
 Under `CI=true` a skip of a test marked browser, lab, root, docker or mdns is a failure: those
 tests skip on a developer's machine that lacks Chromium, root, `ip netns`, docker-compose or a
@@ -24,7 +25,8 @@ from pathlib import Path
 
 import pytest
 
-FOLDERS = ("optim", "protocols", "coordinator", "peer", "swarm", "lab", "shoal", "bench")
+FOLDERS = ("optim", "protocols", "coordinator", "peer", "swarm", "lab", "shoal", "bench",
+           "security")
 REQUIRED_IN_CI = ("browser", "lab", "root", "docker", "mdns")
 COUNTED = (*FOLDERS, "browser", "root", "docker", "mdns", "slow")
 _HERE = Path(__file__).resolve().parent
