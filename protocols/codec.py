@@ -62,8 +62,8 @@ from protocols.encodings import (
 )
 
 __all__ = [
-    "CODECS", "DEFAULT_BLOCK_SIZE", "DTYPES", "FLOAT_LABELS", "MAX_BLOCK_SIZE", "MAX_NDIM",
-    "Bf16Codec", "Codec", "CodecError", "DigestMismatch", "Encoded", "Encoding",
+    "CODECS", "DEFAULT_BLOCK_SIZE", "DTYPES", "FLOAT_LABELS", "MAX_BLOCK_SIZE", "MAX_ELEMENTS",
+    "MAX_NDIM", "Bf16Codec", "Codec", "CodecError", "DigestMismatch", "Encoded", "Encoding",
     "FiniteScan", "Fp16Codec",
     "Int8BlockwiseCodec", "Limits", "MislabeledPayload", "NonFinite", "OversizedPayload",
     "RawCodec", "Shape", "TruncatedPayload", "UnexpectedTensor", "UnsupportedEncoding",
@@ -71,8 +71,9 @@ __all__ = [
     "float32_to_bf16_bits",
 ]
 
-MAX_BLOCK_SIZE = 1 << 20  # bounds the padding a decoder allocates for the last block
+MAX_BLOCK_SIZE = 1 << 16  # INT8_BLOCKWISE blocks: 1..this, and never longer than the tensor
 MAX_NDIM = 32
+MAX_ELEMENTS = 1 << 48  # no tensor extent beyond this, whatever a receiver's byte limit says
 
 
 # ------------------------------------------------------------------ encode
@@ -126,9 +127,11 @@ def encode(arrays: Mapping[str, np.ndarray], encoding: Encoding | Mapping[str, E
         except NonFinite as exc:
             raise NonFinite(f"tensor {name!r}: {exc}") from None
         parts.append(memoryview(data.view(np.uint8)))
+        # a block never outgrows its tensor (same payload: a tensor shorter than a block is one
+        # block either way), so receivers can refuse blocks longer than the tensor
         tensors.append(pb.TensorHeader(
             name=name, dtype=label, shape=array.shape, encoding=enc, payload_bytes=data.nbytes,
-            block_size=block_size if enc == pb.INT8_BLOCKWISE else 0))
+            block_size=min(block_size, max(1, array.size)) if enc == pb.INT8_BLOCKWISE else 0))
     payload = b"".join(parts)
     return Encoded(tensors, payload, payload_digest(payload))
 
@@ -163,8 +166,31 @@ def _enc_name(enc: int) -> str:
 def check_header(header: pb.CallHeader, limits: Limits) -> None:
     """Validate everything the header says, before any payload byte is read or allocated.
 
-    Raises OversizedPayload, MislabeledPayload or UnexpectedTensor.
+    Every size is checked with Python integers against the limits before numpy sees it: each
+    dimension >= 0, the tensor's extent (the product of its dimensions, zeros counted as one, so
+    that `[0, 2**62, 2**62]` is refused too) within the byte limit, block sizes within
+    1..min(MAX_BLOCK_SIZE, elements). Raises OversizedPayload, MislabeledPayload or
+    UnexpectedTensor, and nothing else, whatever the header holds.
     """
+    try:
+        _check_header(header, limits)
+    except CodecError:
+        raise
+    except (ValueError, TypeError, OverflowError, ArithmeticError) as exc:  # defence in depth
+        raise MislabeledPayload(f"header refused: {type(exc).__name__}: {exc}") from None
+
+
+def _extent(shape: Sequence[int], cap: int) -> int | None:
+    """The product of `shape` with zeros counted as one, or None once it passes `cap`."""
+    extent = 1
+    for d in shape:
+        extent *= max(d, 1)
+        if extent > cap:
+            return None
+    return extent
+
+
+def _check_header(header: pb.CallHeader, limits: Limits) -> None:
     if len(header.tensors) > limits.max_tensors:
         raise OversizedPayload(f"{len(header.tensors)} tensors declared; limit is "
                                f"{limits.max_tensors}")
@@ -185,11 +211,18 @@ def check_header(header: pb.CallHeader, limits: Limits) -> None:
         if codec is None or not codec.accepts(t.dtype):
             raise MislabeledPayload(f"{where}: {_enc_name(t.encoding)} cannot carry {t.dtype}")
         if len(t.shape) > MAX_NDIM or any(d < 0 for d in t.shape):
-            raise MislabeledPayload(f"{where}: invalid shape {list(t.shape)}")
-        if t.encoding == pb.INT8_BLOCKWISE and not 1 <= t.block_size <= MAX_BLOCK_SIZE:
-            raise MislabeledPayload(f"{where}: block_size {t.block_size} not in "
-                                    f"1..{MAX_BLOCK_SIZE}")
-        need = codec.payload_bytes(t.dtype, math.prod(t.shape), t.block_size)
+            raise MislabeledPayload(f"{where}: invalid shape {_shape_text(t.shape)}")
+        if _extent(t.shape, min(limits.max_total_bytes, MAX_ELEMENTS)) is None:
+            raise OversizedPayload(f"{where}: shape {_shape_text(t.shape)} is larger than this "
+                                   f"receiver accepts ({limits.max_total_bytes} bytes)")
+        numel = math.prod(t.shape)
+        if t.encoding == pb.INT8_BLOCKWISE:
+            top = min(MAX_BLOCK_SIZE, max(numel, 1))
+            if not 1 <= t.block_size <= top:
+                raise MislabeledPayload(f"{where}: block_size {t.block_size} not in 1..{top} "
+                                        f"(at most {MAX_BLOCK_SIZE}, and not past the tensor's "
+                                        f"{numel} values)")
+        need = codec.payload_bytes(t.dtype, numel, t.block_size)
         if need != t.payload_bytes:
             raise MislabeledPayload(f"{where}: {t.dtype}{list(t.shape)} as {_enc_name(t.encoding)}"
                                     f" needs {need} bytes, header says {t.payload_bytes}")
@@ -199,6 +232,11 @@ def check_header(header: pb.CallHeader, limits: Limits) -> None:
                                 f"{header.total_bytes}")
     if limits.expected is not None:
         _check_expected(header, limits.expected)
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    text = str(list(shape))
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def _check_expected(header: pb.CallHeader,
@@ -230,8 +268,20 @@ def decode(header: pb.CallHeader, payload: bytes | bytearray | memoryview, limit
             they arrived (`FiniteScan`); those tensors are not scanned again, and a count above
             zero is refused here, after the digest matched, exactly as a scan here would.
     Returns arrays, read-only when `payload` is bytes; bfloat16 arrives as np.uint16.
-    Raises the CodecError subclass that names the first problem found.
+    Raises the CodecError subclass that names the first problem found, and no other exception
+    (an error from numpy or the buffer protocol becomes MislabeledPayload).
     """
+    try:
+        return _decode(header, payload, limits, computed_sha256, non_finite)
+    except CodecError:
+        raise
+    except (ValueError, TypeError, OverflowError, ArithmeticError, KeyError, IndexError) as exc:
+        raise MislabeledPayload(f"payload refused: {type(exc).__name__}: {exc}") from None
+
+
+def _decode(header: pb.CallHeader, payload: bytes | bytearray | memoryview, limits: Limits,
+            computed_sha256: bytes | None, non_finite: Mapping[str, int] | None
+            ) -> dict[str, np.ndarray]:
     check_header(header, limits)
     view = memoryview(payload).cast("B")
     if len(view) != header.total_bytes:
@@ -256,6 +306,8 @@ def decode(header: pb.CallHeader, payload: bytes | bytearray | memoryview, limit
                     raise NonFinite(f"{bad} of {out[t.name].size} values are NaN or Inf")
         except CodecError as exc:
             raise type(exc)(f"tensor {t.name!r}: {exc}") from None
+        except (ValueError, TypeError, OverflowError, ArithmeticError) as exc:
+            raise MislabeledPayload(f"tensor {t.name!r}: {type(exc).__name__}: {exc}") from None
     return out
 
 
@@ -314,7 +366,7 @@ class FiniteScan:
     def counts(self) -> dict[str, int]:
         """NaN/Inf per scanned tensor (waits for the workers); only once all bytes were filled."""
         if self._todo:
-            raise ValueError(f"tensor {self._todo[0][0]!r} was not filled completely")
+            raise TruncatedPayload(f"tensor {self._todo[0][0]!r} was not filled completely")
         counts = dict.fromkeys(self._names, 0)
         for name, job in self._jobs:
             counts[name] += job.result()

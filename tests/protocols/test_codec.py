@@ -238,3 +238,88 @@ def test_header_checks_run_before_the_payload_is_touched(good) -> None:
     with pytest.raises(OversizedPayload):
         codec.check_header(header, Limits())
     assert issubclass(OversizedPayload, CodecError) and issubclass(NonFinite, CodecError)
+
+
+# ------------------------------------------------------------ hostile sizes (issue #12, row 12)
+
+
+def int8_header(shape: list[int], block_size: int, payload: bytes, name: str = "x"
+                ) -> pb.CallHeader:
+    header = pb.CallHeader(total_bytes=len(payload), sha256=spec_digest(payload))
+    header.tensors.add(name=name, dtype="float32", shape=shape, encoding=pb.INT8_BLOCKWISE,
+                       payload_bytes=len(payload), block_size=block_size)
+    return header
+
+
+@pytest.mark.parametrize("block_size", [1 << 20, 1 << 16, 2])
+def test_int8_block_longer_than_the_tensor_is_refused(block_size: int) -> None:
+    payload = np.float32(1.0).tobytes() + b"\x7f"  # one scale, one value: 5 bytes
+    with pytest.raises(MislabeledPayload, match=f"block_size {block_size} not in 1..1"):
+        codec.decode(int8_header([1], block_size, payload), payload, Limits())
+
+
+def test_int8_block_size_capped_even_for_big_tensors() -> None:
+    n = (1 << 16) + 1
+    payload = np.ones(1, "<f4").tobytes() + bytes(n)
+    with pytest.raises(MislabeledPayload, match=f"block_size {n} not in 1..65536"):
+        codec.decode(int8_header([n], n, payload), payload, Limits())
+
+
+def test_int8_decode_without_padding_matches_a_padded_reference() -> None:
+    x = RNG.standard_normal(1000).astype(np.float32)
+    for block in (1, 7, 64, 999, 1000):
+        encoded = codec.encode({"x": x}, pb.INT8_BLOCKWISE, block_size=block)
+        header = codec.fill_header(pb.CallHeader(), encoded)
+        out = codec.decode(header, encoded.payload, Limits())["x"]
+        scales = np.frombuffer(encoded.payload[: 4 * -(-1000 // block)], "<f4")
+        q = np.frombuffer(encoded.payload[4 * -(-1000 // block):], np.int8).astype(np.float32)
+        reference = q * np.repeat(scales / np.float32(127.0), block)[:1000]
+        np.testing.assert_array_equal(out, reference)
+
+
+def test_encoder_never_writes_a_block_longer_than_the_tensor() -> None:
+    encoded = codec.encode({"one": np.ones(1, np.float32), "big": np.ones(300, np.float32),
+                            "none": np.ones(0, np.float32)}, pb.INT8_BLOCKWISE, block_size=256)
+    assert [t.block_size for t in encoded.tensors] == [1, 256, 1]
+    out = codec.decode(codec.fill_header(pb.CallHeader(), encoded), encoded.payload, Limits())
+    assert out["one"].tolist() == [1.0] and out["none"].shape == (0,)
+
+
+@pytest.mark.parametrize("shape", [[0, 2**62, 2**62], [2**62, 2**62, 0], [2**31, 2**31],
+                                   [0, 2**40], [2**63 - 1]])
+@pytest.mark.parametrize("encoding", [pb.RAW, pb.INT8_BLOCKWISE])
+def test_huge_shapes_refused_before_any_multiplication_overflows(shape, encoding) -> None:
+    header = pb.CallHeader(total_bytes=0, sha256=spec_digest(b""))
+    header.tensors.add(name="x", dtype="float32", shape=shape, encoding=encoding,
+                       payload_bytes=0, block_size=1)
+    with pytest.raises(OversizedPayload, match="larger than this receiver accepts"):
+        codec.decode(header, b"", Limits())
+
+
+def test_zero_sized_tensors_with_sane_shapes_still_travel() -> None:
+    arrays = {"a": np.zeros((0, 16), np.float32), "b": np.zeros((4, 0, 3), np.int64)}
+    _, _, out = roundtrip(arrays)
+    assert out["a"].shape == (0, 16) and out["b"].shape == (4, 0, 3)
+
+
+def test_hostile_message_of_many_tiny_int8_tensors_is_refused_as_codec_error() -> None:
+    # the 20 kB message of the issue: 1-element INT8_BLOCKWISE tensors with blocks of 2**20
+    one = np.float32(1.0).tobytes() + b"\x01"
+    payload = one * 2000
+    header = pb.CallHeader(total_bytes=len(payload), sha256=spec_digest(payload))
+    for i in range(2000):
+        header.tensors.add(name=f"t{i}", dtype="float32", shape=[1], encoding=pb.INT8_BLOCKWISE,
+                           payload_bytes=5, block_size=1 << 20)
+    with pytest.raises(MislabeledPayload, match="tensor 't0': block_size 1048576"):
+        codec.decode(header, payload, Limits())
+
+
+def test_errors_from_numpy_come_out_as_codec_errors(good, monkeypatch) -> None:
+    header, payload = good
+
+    def explode(*args, **kwargs):
+        raise ValueError("numpy says no")
+
+    monkeypatch.setattr(codec.CODECS[pb.RAW], "decode", explode)
+    with pytest.raises(MislabeledPayload, match="tensor 'w': ValueError: numpy says no"):
+        codec.decode(header, payload, Limits())
