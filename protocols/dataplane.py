@@ -14,7 +14,8 @@ Protocol:
        connects, and sends MAGIC + ticket (36 bytes).
     3. The server pops the ticket (single use, expires after `ticket_ttl`; unknown, used or
        expired tickets get the connection closed and nothing else) and sends an 8-byte
-       big-endian length and then the payload, then closes.
+       big-endian length and then the payload, then closes. The 36 bytes must arrive within
+       `handshake_timeout` (5 s); a connection that has not presented them yet is "pending".
     4. The receiver refuses a length other than the header's total_bytes, reads exactly that into
        a buffer preallocated from the header (recv_into), refuses extra bytes, and checks the
        header's payload digest (`protocols.digest`: SHA-256 over the SHA-256 of each 1 MiB leaf;
@@ -27,6 +28,13 @@ Integrity comes from the SHA-256-based digest in the gRPC header, so plain TCP c
 with undetected (a flipped, swapped, missing or extra byte changes the digest); secrecy needs
 TLS: pass an `ssl.SSLContext` to both ends (the mTLS contexts of `protocols.tls`). The ticket
 is a bearer secret for one payload: it is only as private as the gRPC channel that carried it.
+
+Idle connections cannot lock fetchers out: pending connections are bounded per remote address
+(`max_per_address`) and in all (`max_connections`); when a bound is hit the *oldest pending*
+connection (of that address, else of any) is closed to make room for the newcomer, so a flood of
+idle sockets only ever pushes out its own kind, and a fetcher that sends its ticket at once (as
+`fetch` does) gets served. Connections already serving a valid ticket are never evicted (there
+are at most `max_tickets` of them).
 
 The server runs on the caller's asyncio loop (uvloop in peers) beside grpc.aio and writes
 memoryview slices of the registered payload (no copy in Python); the receiver runs its blocking
@@ -99,10 +107,15 @@ class DataPlaneServer:
         ssl_context: a server-side context for TLS (None: plain TCP, integrity still via SHA-256).
         ticket_ttl: seconds a ticket stays valid.
         max_tickets: bound on outstanding payloads (each keeps its buffer alive until served).
-        io_timeout: seconds a connection may sit idle in the handshake or while sending.
-        max_connections: connections served at once; more are closed at once.
+        io_timeout: seconds a send may stall before the transfer is dropped.
+        handshake_timeout: seconds from accept to the MAGIC + ticket (then closed).
+        max_connections: pending plus serving connections at once; past it the oldest pending
+            connection is closed for the newcomer (or the newcomer, if none is pending).
+        max_per_address: pending connections from one remote address; past it that address's
+            oldest pending connection is closed.
     `offer` and `respond` are thread-safe; `start` and `close` run on the serving loop.
-    Counters: `served` payloads, `refused` tickets, `failed` transfers (peer went away).
+    Counters: `served` payloads, `refused` tickets, `failed` transfers (peer went away),
+    `evicted` pending connections closed to make room, `timed_out` handshakes too slow.
     """
 
     def __init__(
@@ -115,7 +128,9 @@ class DataPlaneServer:
         ticket_ttl: float = 60.0,
         max_tickets: int = 64,
         io_timeout: float = 30.0,
+        handshake_timeout: float = 5.0,
         max_connections: int = 64,
+        max_per_address: int = 8,
     ) -> None:
         if advertise_host is None and host in ("", "0.0.0.0", "::"):
             raise ValueError(f"listening on wildcard {host!r}: pass advertise_host")
@@ -123,15 +138,20 @@ class DataPlaneServer:
         self.advertise_host = advertise_host or host
         self.ssl_context = ssl_context
         self.ticket_ttl, self.max_tickets, self.io_timeout = ticket_ttl, max_tickets, io_timeout
-        self.max_connections = max_connections
-        self.served = self.refused = self.failed = self._connections = 0
+        self.handshake_timeout = handshake_timeout
+        self.max_connections, self.max_per_address = max_connections, max_per_address
+        self.served = self.refused = self.failed = self.evicted = self.timed_out = 0
+        self._serving = 0
+        self._pending: dict[int, tuple[str, asyncio.StreamWriter]] = {}  # oldest first
+        self._next_id = 0
         self._offers: dict[bytes, _Offer] = {}
         self._lock = threading.Lock()
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port,
-                                                  ssl=self.ssl_context)
+        tls = {} if self.ssl_context is None else {
+            "ssl": self.ssl_context, "ssl_handshake_timeout": self.handshake_timeout}
+        self._server = await asyncio.start_server(self._serve, self.host, self.port, **tls)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
@@ -199,18 +219,50 @@ class DataPlaneServer:
             return None
         return offer
 
+    def _evict_oldest(self, address: str | None) -> bool:
+        """Close the oldest pending connection (from `address`, or any when None)."""
+        for key, (where, writer) in self._pending.items():
+            if address is None or where == address:
+                del self._pending[key]
+                self.evicted += 1
+                writer.transport.abort()  # its readexactly ends at once; _serve cleans up
+                return True
+        return False
+
+    def _admit(self, key: int, address: str, writer: asyncio.StreamWriter) -> bool:
+        """Register a new pending connection, making room as the bounds say; False: refuse it."""
+        if sum(1 for where, _ in self._pending.values() if where == address) >= \
+                self.max_per_address:
+            self._evict_oldest(address)
+        if len(self._pending) + self._serving >= self.max_connections and \
+                not self._evict_oldest(None):
+            return False
+        self._pending[key] = (address, writer)
+        return True
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._connections += 1
+        key, self._next_id = self._next_id, self._next_id + 1
+        remote = writer.get_extra_info("peername")
+        address = str(remote[0]) if isinstance(remote, tuple) and remote else "?"
+        serving = False
         try:
-            if self._connections > self.max_connections:
+            if not self._admit(key, address, writer):
                 self.refused += 1
                 return
-            hello = await asyncio.wait_for(reader.readexactly(len(MAGIC) + TICKET_BYTES),
-                                           self.io_timeout)
+            try:
+                hello = await asyncio.wait_for(reader.readexactly(len(MAGIC) + TICKET_BYTES),
+                                               self.handshake_timeout)
+            except TimeoutError:
+                self.timed_out += 1
+                return
+            finally:
+                self._pending.pop(key, None)
             offer = self._take(hello[len(MAGIC):]) if hello.startswith(MAGIC) else None
             if offer is None:
                 self.refused += 1
                 return
+            serving = True
+            self._serving += 1
             writer.write(LENGTH.pack(len(offer.view)))
             for start in range(0, len(offer.view), WRITE_CHUNK):
                 writer.write(offer.view[start: start + WRITE_CHUNK])
@@ -219,7 +271,9 @@ class DataPlaneServer:
         except (asyncio.IncompleteReadError, TimeoutError, ConnectionError, ssl.SSLError):
             self.failed += 1
         finally:
-            self._connections -= 1
+            self._pending.pop(key, None)
+            if serving:
+                self._serving -= 1
             writer.close()
             with contextlib.suppress(ConnectionError, TimeoutError, ssl.SSLError):
                 await asyncio.wait_for(writer.wait_closed(), self.io_timeout)

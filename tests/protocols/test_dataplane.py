@@ -411,3 +411,77 @@ def test_data_plane_over_tls(tmp_path: Path) -> None:
             await server.close()
 
     run(main)
+
+
+# ------------------------------------------------------------------ idle connections (#12, row 13)
+
+
+async def open_idle(server: DataPlaneServer, count: int, source: str = "127.0.0.1"
+                    ) -> list[asyncio.StreamWriter]:
+    """`count` connections that never send a byte (from `source`, any 127/8 address)."""
+    writers = []
+    for _ in range(count):
+        _, writer = await asyncio.open_connection("127.0.0.1", server.port,
+                                                  local_addr=(source, 0))
+        writers.append(writer)
+    await asyncio.sleep(0.2)  # let the server accept them all
+    return writers
+
+
+def close_all(writers: list[asyncio.StreamWriter]) -> None:
+    for writer in writers:
+        writer.transport.abort()
+
+
+@pytest.mark.parametrize("source", ["127.0.0.1", "127.0.0.2"])
+def test_idle_connections_do_not_lock_out_a_fetch(source: str) -> None:
+    """64 idle sockets (the default max_connections) from the fetcher's own address or another
+    one: the fetch that follows is served, and the idle ones are closed to make room."""
+    header, payload, array = make_call(1)
+
+    async def main() -> None:
+        server = await started()
+        idle = await open_idle(server, 64, source)
+        try:
+            answer = server.offer(header, payload)
+            arrays = await dataplane.fetch_async(answer, Limits(), timeout=10)
+            np.testing.assert_array_equal(arrays["w"], array)
+            assert server.served == 1
+            assert server.evicted >= 64 - server.max_per_address
+        finally:
+            close_all(idle)
+            await server.close()
+
+    run(main)
+
+
+def test_pending_connections_are_bounded_per_address_and_in_all() -> None:
+    async def main() -> None:
+        server = await started(max_connections=10, max_per_address=3)
+        first = await open_idle(server, 5, "127.0.0.2")
+        second = await open_idle(server, 9, "127.0.0.3")
+        try:
+            per_address = {}
+            for where, _ in server._pending.values():
+                per_address[where] = per_address.get(where, 0) + 1
+            assert per_address == {"127.0.0.2": 3, "127.0.0.3": 3}
+            assert server.evicted == 2 + 6
+        finally:
+            close_all(first + second)
+            await server.close()
+
+    run(main)
+
+
+def test_silent_connections_are_closed_after_the_handshake_deadline() -> None:
+    async def main() -> None:
+        server = await started(handshake_timeout=0.3)
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            assert await asyncio.wait_for(reader.read(1), 5) == b""  # EOF: the server closed
+            assert server.timed_out == 1 and not server._pending
+        finally:
+            writer.close()
+            await server.close()
+
+    run(main)
