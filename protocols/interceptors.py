@@ -30,6 +30,7 @@ import grpc
 
 from protocols import shoal_pb2
 from protocols.identity import Identity
+from protocols.tensor_stream import MalformedStream
 
 CERT_KEY = "x-shoal-cert-bin"
 PUBLIC_KEY_KEY = "x-shoal-key-bin"
@@ -40,6 +41,15 @@ SIGNING_CONTEXT = b"shoal-rpc-v1\n"
 JOIN_METHOD = "/shoal.v1.Coordinator/Join"
 DEFAULT_KEY_ONLY_METHODS = frozenset({JOIN_METHOD})
 _DRAIN_MAX_S, _DRAIN_MAX_BYTES = 2.0, 256 << 20  # reading the rest of a refused request stream
+# A request stream's first message must arrive this soon after the call starts: the server reads
+# it before authenticating the call (its bytes are what the signature covers), so a caller that
+# opens streams and sends nothing would otherwise hold a handler each, forever. Honest clients
+# send it at once (the client interceptors pull it before the call starts).
+FIRST_MESSAGE_TIMEOUT_S = 10.0
+# While this many streams (in this process) wait for their first message, newer ones get only
+# FIRST_MESSAGE_PRESSED_S: a flood of silent streams cannot keep many handlers for long.
+MAX_WAITING_FIRST = 128
+FIRST_MESSAGE_PRESSED_S = 1.0
 
 
 # ---------------------------------------------------------------- signing calls (client)
@@ -186,18 +196,44 @@ async def _drain(requests: AsyncIterator[Any], received: list[int]) -> None:
         await asyncio.wait_for(drop(), _DRAIN_MAX_S)
 
 
+class FirstMessageTimeout(MalformedStream):
+    """A request stream sent no message within the deadline after the call started.
+
+    A MalformedStream (so a CodecError): the tensor services answer it INVALID_ARGUMENT.
+    """
+
+
 class _Replay:
-    """A server request iterator whose first message was read early (to check the signature)."""
+    """A server request iterator whose first message was read early (to check the signature).
+
+    `prefetch` waits at most FIRST_MESSAGE_TIMEOUT_S (FIRST_MESSAGE_PRESSED_S while more than
+    MAX_WAITING_FIRST streams of this process wait): past it the stream is over for the server.
+    The call is then authenticated over an empty body, which a signature over a real first
+    message fails (UNAUTHENTICATED); a call signed over an empty body reaches its handler, whose
+    first read raises FirstMessageTimeout (`timed_out` holds its message).
+    """
 
     _NOTHING = object()
+    waiting = 0  # streams of this process waiting for their first message now
 
     def __init__(self, messages: AsyncIterator[Any]) -> None:
         self._messages = messages
         self._first: Any = self._NOTHING
+        self.timed_out: str | None = None
 
     async def prefetch(self) -> None:
-        with contextlib.suppress(StopAsyncIteration):
-            self._first = await self._messages.__anext__()
+        limit = (FIRST_MESSAGE_TIMEOUT_S if _Replay.waiting < MAX_WAITING_FIRST
+                 else FIRST_MESSAGE_PRESSED_S)
+        _Replay.waiting += 1
+        try:
+            self._first = await asyncio.wait_for(self._messages.__anext__(), limit)
+        except StopAsyncIteration:
+            pass
+        except TimeoutError:
+            self.timed_out = (f"no request message arrived within {limit:g} s of the call's "
+                              "start; send the first message (the CallHeader) at once")
+        finally:
+            _Replay.waiting -= 1
 
     def __aiter__(self) -> _Replay:
         return self
@@ -206,6 +242,8 @@ class _Replay:
         if self._first is not self._NOTHING:
             first, self._first = self._first, self._NOTHING
             return first
+        if self.timed_out is not None:
+            raise FirstMessageTimeout(self.timed_out)
         return await self._messages.__anext__()
 
     async def read(self) -> Any:
