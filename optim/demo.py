@@ -7,7 +7,11 @@ One optimizer step of a stage's replicas, in three phases (ALGORITHMS.md §5):
    inverse DCT of exactly what is sent from delta (error feedback). Returns one `DemoPacket` per
    parameter.
 2. `aggregate(packets_by_replica, shapes, config)`, identical on every replica: each coefficient
-   is averaged over the replicas that chose that index (not sum / W), then inverse-DCT'd.
+   is averaged over the replicas that chose that index (not sum / W), then inverse-DCT'd. With
+   a robust `method` ("trimmed_mean" / "clipped_mean", `sync.demo.aggregator`) each replica's
+   packets are instead decoded on their own (inverse DCT of its kept coefficients, zeros
+   elsewhere: that replica's update in parameter space) and the decodes are combined by
+   `optim.robust.aggregate`, so one replica cannot set the sign of a weight alone.
 3. `apply(params, aggregated, lr)`: p <- p - lr*sign(result). sign(0) is 0: a weight whose decoded
    result is exactly zero does not move.
 
@@ -30,6 +34,12 @@ Determinism and wire:
   the chunk's kept coefficients, i.e. the scale c minimising ||v - c*sign(v)||. Error feedback
   then subtracts the decoded sign*scale (what was actually sent; Psyche instead subtracts the
   unquantised values).
+- Robust methods: the per-replica decodes are float64 (as the chooser mean), cast to float32 by
+  `robust.aggregate`, which combines them in sorted-id order with float64 adds: bit-identical on
+  every replica of one build, with the same cross-build caveat as above. The trimmed mean is
+  coordinate-wise in parameter space, over every valid replica (a replica that did not touch a
+  weight's chunk votes 0 for it); it is not the chooser mean, so the robust rules also change an
+  honest run's trajectory (bench/byzantine.py prints the honest loss under both).
 - Bad packets: a replica any of whose packets fails `validate_packet` (shape, k, index range,
   duplicate indices, non-finite values, |value| or scale above `value_bound`) is dropped from
   the whole step and reported in `Aggregate.dropped`; all replicas see the same bytes and drop
@@ -47,6 +57,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from optim import robust
 from optim.dct import Chunking
 from optim.errors import ConfigError, NoContributions, PacketRejected, ShapeMismatch
 from optim.robust import Aggregate
@@ -241,18 +252,42 @@ def validate_packet(packet: DemoPacket, shape: Sequence[int], config: DemoConfig
             raise PacketRejected("sign-bit scales must be >= 0")
 
 
+def decode_packet(packet: DemoPacket, shape: Sequence[int], config: DemoConfig) -> Tensor:
+    """One replica's update for one parameter: the inverse DCT of its kept coefficients (zeros
+    elsewhere), float64 of `shape`. The packet must have passed `validate_packet` (unique
+    indices: the scatter has no collisions, so the result does not depend on thread order)."""
+    ch = Chunking.of(shape, config.chunk)
+    coeffs = torch.zeros(ch.n_chunks, ch.per_chunk, dtype=torch.float64)
+    coeffs.scatter_(1, packet.indices.to(torch.int64), packet.decoded().to(torch.float64))
+    return ch.idct(coeffs, shape)
+
+
 def aggregate(
     packets_by_replica: Mapping[str, Sequence[DemoPacket]],
     shapes: Sequence[Sequence[int]],
     config: DemoConfig,
+    method: robust.Method = "mean",
+    *,
+    trim: int = 1,
+    max_norm: float | None = None,
 ) -> Aggregate:
     """Phase 2: per-index mean over choosers, inverse DCT; float64 result per parameter.
 
     Invalid replicas are dropped (see the module docstring) and listed in the result.
 
+    Args:
+        method: "mean" (the paper's chooser mean, float64 result), or "trimmed_mean" /
+            "clipped_mean": `robust.aggregate` over the replicas' own decodes (`decode_packet`),
+            float32 result; `trim` (per side, lowered for small groups) and `max_norm` (None:
+            the median of the replicas' norms) as there.
+
     Raises:
         NoContributions: no replica sent a valid set of packets.
+        ConfigError: unknown method, or an invalid trim / max_norm.
     """
+    if method not in ("mean", "clipped_mean", "trimmed_mean"):
+        raise ConfigError(f"unknown DeMo aggregation method {method!r}; use "
+                          "mean|clipped_mean|trimmed_mean")
     kept: list[str] = []
     dropped: dict[str, str] = {}
     for rid in sorted(packets_by_replica):
@@ -272,6 +307,12 @@ def aggregate(
     if not kept:
         raise NoContributions(f"no valid DeMo packets from {len(packets_by_replica)} replicas "
                               f"(dropped: {dropped}); skip this step")
+    if method != "mean":
+        decodes = {rid: [decode_packet(pk, shape, config) for pk, shape in
+                         zip(packets_by_replica[rid], shapes, strict=True)] for rid in kept}
+        agg = robust.aggregate(decodes, method, trim=trim, max_norm=max_norm, shapes=shapes)
+        return Aggregate(agg.tensors, agg.included, {**dropped, **agg.dropped},
+                         f"demo/{method}", agg.detail)
     results = []
     for i, shape in enumerate(shapes):
         ch = Chunking.of(shape, config.chunk)

@@ -81,6 +81,10 @@ class DemoSection:
     weight_decay: float = 0.0
     sign_bits: bool = False
     value_bound: float = 1e3
+    # mean (the paper's chooser mean) | clipped_mean | trimmed_mean (optim/demo.py aggregate)
+    aggregator: str = "mean"
+    trim: float = 0.25  # per side, for trimmed_mean (at least one replica when > 0)
+    clip_norm: float = 0.0  # for clipped_mean; <= 0: the median of the replicas' norms
 
 
 @dataclass(frozen=True)
@@ -212,6 +216,9 @@ class RunSpec:
                "one of ('fp32', 'fp16', 'int8')", s.diloco.quant)
         _check(s.diloco.inner_steps >= 1, "sync.diloco.inner_steps", "an integer >= 1",
                s.diloco.inner_steps)
+        _check(s.demo.aggregator in AGGREGATORS, "sync.demo.aggregator",
+               f"one of {AGGREGATORS}", s.demo.aggregator)
+        _check(0.0 <= s.demo.trim < 0.5, "sync.demo.trim", "in [0, 0.5)", s.demo.trim)
         _check(s.demo.topk >= 1, "sync.demo.topk", "an integer >= 1", s.demo.topk)
         _check(2 <= s.demo.chunk <= 256, "sync.demo.chunk", "in [2, 256]", s.demo.chunk)
         _check(s.demo.topk <= s.demo.chunk * s.demo.chunk, "sync.demo.topk",

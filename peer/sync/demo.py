@@ -11,6 +11,13 @@ is the valid replicas' packets relayed unchanged in peer-id order; apply decodes
 `optim.demo.aggregate` (mean over the replicas that chose each index) and steps with
 `optim.demo.apply` (p -= lr*sign).
 
+Robust rule (`sync.demo.aggregator`, default "mean" = the paper's chooser mean): with
+"trimmed_mean" or "clipped_mean", apply combines the replicas' own decodes with
+`optim.robust.aggregate` (optim/demo.py `aggregate`), `trim` a fraction per side rounded up to
+at least one replica when > 0 (lowered by optim.robust for groups too small to trim) and
+`clip_norm` the L2 bound (<= 0: the median of the replicas' norms), so one replica's packets
+cannot set the sign of a weight alone. Every replica decides on the same relayed bytes.
+
 Weighting: each replica's packet counts once, as in the reference (a chooser-average has no
 weights); the gradient inside is a per-sample mean, so a replica that saw more samples is less
 noisy, not louder. A replica whose momentum is still all zero (new, no samples yet) does not
@@ -33,7 +40,7 @@ import torch
 from optim import demo
 from optim.errors import OptimError
 from peer.pipeline.stage_host import StageHost
-from peer.sync.base import Parts, RoundMode, dropped_text, mean_grads, skipped
+from peer.sync.base import Parts, RoundMode, dropped_text, mean_grads, skipped, trim_count
 from peer.sync.rounds import Arrays, Meta
 from protocols.runspec import RunSpec
 
@@ -59,6 +66,7 @@ class DemoMode(RoundMode):
         self.config = demo.DemoConfig(lr=d.lr, beta=d.beta, topk=d.topk, chunk=d.chunk,
                                       weight_decay=d.weight_decay, sign_bits=d.sign_bits,
                                       value_bound=d.value_bound)
+        self.aggregator, self.trim, self.clip_norm = d.aggregator, d.trim, d.clip_norm
         self.grad_clip = spec.optim.grad_clip
         self._local: weakref.WeakKeyDictionary[StageHost, _DemoLocal] = (
             weakref.WeakKeyDictionary())
@@ -143,7 +151,10 @@ class DemoMode(RoundMode):
                 except (ValueError, KeyError) as exc:  # same bytes: every replica drops it too
                     log.warning("demo: packets of %s dropped: %s", rid, exc)
             try:
-                agg = demo.aggregate(packets, shapes, self.config)
+                agg = demo.aggregate(packets, shapes, self.config,
+                                     self.aggregator,  # type: ignore[arg-type]
+                                     trim=trim_count(self.trim, len(packets)),
+                                     max_norm=self.clip_norm if self.clip_norm > 0 else None)
                 demo.apply(params, agg, self.config.lr * host.lr_scale)
             except OptimError as exc:
                 log.warning("demo step %d applies nothing: %s", host.step + 1, exc)
