@@ -3,8 +3,14 @@
 No network and no torch here; the daemon, the sync rounds and recovery apply these rules, and
 tests check them with a hand-made view:
 - *ready*: a peer serves its stage and counts as a live replica in `READY_STATES`;
-- *lowest id wins*: when replicas disagree (hashes, aggregators), the one with the lowest peer id
-  keeps its weights and the others yield (`lowest_id`);
+- *the attested hash wins, else majority then seniority*: when replicas disagree about their
+  state, the hash the coordinator attests for the stage (StageInfo.attested_hash at
+  attested_step: the majority of its replicas' heartbeats) is right; without one, the hash most
+  replicas hold, and on a tie the one held by the most senior replica (earliest joined_at in the
+  view, then peer id) (`winning_hash`). Never the lowest peer id alone: an id is a key's hash,
+  and anyone can grind a key that sorts first;
+- *seniority orders the aggregators*: a round's aggregator is the first reachable replica in
+  seniority order (`leader_order`), for the same reason;
 - *a hash belongs to a step*: a state hash is reported only for the step it was computed after
   (`StateHash`);
 - *when a replica re-downloads or fast-forwards* (`differing_hash`, `behind_the_swarm`,
@@ -13,29 +19,64 @@ tests check them with a hand-made view:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from protocols.coordinator_client import READY_STATES, SwarmView
 
 
 def lowest_id(peer_ids: Iterable[str]) -> str:
-    """The replica whose view wins a disagreement: the lowest peer id. ValueError if none."""
+    """The lowest peer id (a deterministic last tie-break only). ValueError if none."""
     return min(peer_ids)
 
 
-def leader_order(peer_ids: Iterable[str]) -> list[str]:
-    """Replicas in the order a round picks its aggregator: the first reachable one, lowest id
-    first (so that, reachable, `lowest_id` leads)."""
-    return sorted(peer_ids)
+def joined_at(view: SwarmView | None) -> dict[str, float]:
+    """Each listed peer's joined_at (the coordinator's clock): its seniority."""
+    return {p.peer_id: p.joined_at for p in (view.peers if view is not None else ())}
+
+
+def seniority_key(joined: Mapping[str, float]):
+    """Sort key: earliest joined_at first (unknown peers last), then peer id."""
+    return lambda pid: (joined.get(pid) or math.inf, pid)
+
+
+def leader_order(peer_ids: Iterable[str], joined: Mapping[str, float] | None = None
+                 ) -> list[str]:
+    """Replicas in the order a round picks its aggregator: the first reachable one, most senior
+    first (earliest joined_at in the view, then peer id; without seniorities, peer id order)."""
+    return sorted(set(peer_ids), key=seniority_key(joined or {}))
+
+
+def winning_hash(hashes: Mapping[str, str], joined: Mapping[str, float] | None = None) -> str:
+    """Among replicas' state hashes (empty = unknown, not counted): the one most of them hold;
+    on a tie, the one the most senior of them holds. "" when none is known."""
+    known = {r: h for r, h in hashes.items() if h}
+    if not known:
+        return ""
+    counts = Counter(known.values())
+    best = max(counts.values())
+    tied = [r for r, h in known.items() if counts[h] == best]
+    return known[min(tied, key=seniority_key(joined or {}))]
+
+
+def attested(view: SwarmView | None, stage: int) -> tuple[int, str]:
+    """The (step, hash) the coordinator attests for `stage` (StageInfo.attested_step /
+    attested_hash), or (0, "") while it attests none (or an older coordinator sends none)."""
+    for s in view.stages if view is not None else ():
+        if s.stage == stage:
+            h = getattr(s, "attested_hash", "") or ""
+            return (int(getattr(s, "attested_step", 0) or 0), h) if h else (0, "")
+    return 0, ""
 
 
 def live_replicas(view: SwarmView | None, stage: int) -> list[str]:
-    """The ready, unrevoked replicas of `stage`, in peer-id order (the sync rounds' order)."""
+    """The ready, unrevoked replicas of `stage`, in peer-id order."""
     if view is None:
         return []
-    return leader_order(p.peer_id for p in view.replicas(stage)
-                        if p.state in READY_STATES and p.peer_id not in view.revoked)
+    return sorted(p.peer_id for p in view.replicas(stage)
+                  if p.state in READY_STATES and p.peer_id not in view.revoked)
 
 
 def address_of(view: SwarmView | None, peer_id: str) -> str:
@@ -106,15 +147,31 @@ class Verdict:
 
 def differing_hash(view: SwarmView, me: str, stage: int, step: int, state_hash: str
                    ) -> Verdict | None:
-    """Replicas at the same step must hash equal; the one that is not the lowest id yields
-    (re-downloads). The heartbeat check of a ready replica after `step` with `state_hash`."""
+    """Replicas at the same step must hash equal; the one whose hash is not the right one
+    yields (re-downloads). The heartbeat check of a ready replica after `step` with
+    `state_hash`. Right is the coordinator's attested hash when it attests this step; without
+    an attestation of this step, the majority of the replicas at this step (this one included),
+    a tie going to the most senior (`winning_hash`)."""
+    at_step, attested_hash = attested(view, stage)
+    if attested_hash and at_step == step:
+        if state_hash != attested_hash:
+            return Verdict("download", f"state hash at step {step} differs from the one the "
+                                       f"coordinator attests ({attested_hash[:12]})")
+        return None
+    if attested_hash and at_step > step:
+        return None  # behind, not differing: behind_the_swarm decides
     peers = [p for p in view.replicas(stage)
              if p.state in READY_STATES and p.stats.step == step
              and p.stats.state_hash and p.peer_id != me]
-    differing = [p for p in peers if p.stats.state_hash != state_hash]
-    if differing and lowest_id(p.peer_id for p in peers) < me:
-        return Verdict("download", f"state hash differs from {differing[0].peer_id[:8]} at step "
-                                   f"{step}")
+    if not any(p.stats.state_hash != state_hash for p in peers):
+        return None
+    hashes = {p.peer_id: p.stats.state_hash for p in peers}
+    hashes[me] = state_hash
+    right = winning_hash(hashes, joined_at(view))
+    if right != state_hash:
+        holder = next(p.peer_id for p in peers if p.stats.state_hash == right)
+        return Verdict("download", f"state hash differs from {holder[:8]}'s at step {step}, "
+                                   "which most replicas (or the most senior) hold")
     return None
 
 

@@ -176,11 +176,14 @@ class PeerDaemon:
         self.mode = mode = make_sync_mode(self.spec)
         self.rounds = SyncRounds(
             me=self.peer_id, stage=stage, mode=mode,
-            candidates=lambda: consistency.leader_order({*self.live_replicas(stage), self.peer_id}),
+            candidates=lambda: consistency.leader_order({*self.live_replicas(stage), self.peer_id},
+                                                        consistency.joined_at(self.view)),
             exchange_stub=lambda pid: pbg.SyncStub(self.channel(self.address_of(pid))).Exchange,
             departed=lambda: consistency.departed_peers(self.view),
             counter=self.counter, timeout=self.spec.sync.timeout_s,
             max_bytes=self.sync_limits().max_total_bytes,
+            joined=lambda: consistency.joined_at(self.view),
+            attested=lambda: consistency.attested(self.view, stage),
         )
         report = await take_state(self, mode, stage, vars(self.args).get("init_model"))
         if report is not None:

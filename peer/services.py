@@ -4,6 +4,12 @@ Every handler validates what it receives through the codec (dtype, shape, size, 
 finiteness) before torch sees it, answers bad input with INVALID_ARGUMENT and a message, and
 keeps serving. Torch work goes to the StageHost's compute thread.
 
+Authorization comes first: every handler asks peer/authz.py's `Policy` about the caller (the
+signing identity) and the call's header or request before any payload is decoded; a refused
+call gets the policy's status and message, and its stream is drained (bounded) but never
+decoded. Whoever a message names as its sender, the services act for the caller: sync parts
+are keyed by it, pending graphs are its own (and count against its quota), EndSteps count it.
+
 The services see the peer as a `ServiceContext` (a `PeerContext` plus the replica's sync mode
 and rounds), never the daemon; what depends on the sync mode is asked of the mode's hooks
 (peer/sync/base.py).
@@ -22,10 +28,11 @@ from typing import Protocol
 import grpc
 import torch
 
+from peer import authz
 from peer.consistency import READY_STATES
 from peer.context import PeerContext
 from peer.pipeline import wire
-from peer.pipeline.stage_host import StageError
+from peer.pipeline.stage_host import NotYours, PendingQuota, StageError
 from peer.recovery.rebuild import catch_up
 from peer.sync.base import SyncMode
 from peer.sync.registry import FORWARD_KINDS
@@ -33,9 +40,11 @@ from peer.sync.rounds import SyncRounds
 from protocols import auth, codec, tensor_stream
 from protocols import shoal_pb2 as pb
 from protocols import shoal_pb2_grpc as pbg
+from protocols.tensor_stream import Assembler, MalformedStream
 
 log = logging.getLogger("shoal.services")
-INFERENCE = "inference"  # the Forward meta "mode" of an inference call (no graph kept)
+INFERENCE = authz.INFERENCE  # the Forward meta "mode" of an inference call (no graph kept)
+DRAIN_S = 2.0  # how long a refused stream is read (and dropped) before the abort
 
 
 class ServiceContext(PeerContext, Protocol):
@@ -62,6 +71,47 @@ def _error_chunk(text: str) -> pb.TensorChunk:
     return pb.TensorChunk(header=h)
 
 
+async def _drain(stream: AsyncIterator[pb.TensorChunk], max_bytes: int) -> None:
+    """Read and drop the rest of a refused request stream (bounded in bytes and time) so that
+    the caller sees our status, not INTERNAL (grpc#36066, as protocols.auth does)."""
+    async def drop() -> None:
+        seen = 0
+        async for chunk in stream:
+            seen += len(chunk.data)
+            if seen > max_bytes:
+                return
+
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(drop(), DRAIN_S)
+
+
+async def receive_authorized(
+    request_iterator: AsyncIterator[pb.TensorChunk], context, policy: authz.Policy,
+    method: str, limits: codec.Limits, counter: wire.ByteCounter, kind: str,
+) -> tuple[pb.CallHeader, dict]:
+    """One tensor call, header first: the CallHeader is authorized (`policy`, which fills its
+    sender with the caller) before the payload is allocated or decoded. A refused call is
+    drained and aborted with the policy's status (context.abort raises)."""
+    stream = wire.counted(request_iterator, counter, kind).__aiter__()
+    try:
+        first = await stream.__anext__()
+    except StopAsyncIteration:
+        raise MalformedStream("the stream ended before its CallHeader") from None
+    if first.WhichOneof("part") != "header":
+        raise MalformedStream("payload data arrived before the CallHeader")
+    try:
+        await policy.authorize(method, header=first.header)
+    except authz.Denied as exc:
+        await _drain(stream, limits.max_total_bytes)
+        await context.abort(exc.code, exc.message)
+        raise  # abort raises; this keeps a fake context from going on
+    assembler = Assembler(limits)
+    assembler.add(first)
+    async for chunk in stream:
+        assembler.add(chunk)
+    return assembler.finish()
+
+
 @dataclass
 class _StepEnds:
     """EndStep calls of one step, and the one task that syncs and steps the stage for them."""
@@ -75,6 +125,7 @@ class _StepEnds:
 class StageService(pbg.StageServicer):
     def __init__(self, ctx: ServiceContext) -> None:
         self.d = ctx
+        self.policy = authz.Policy.of(ctx)
         self._ends: dict[int, _StepEnds] = {}
         self._abstaining: set[asyncio.Task] = set()
 
@@ -86,6 +137,9 @@ class StageService(pbg.StageServicer):
             raise NotServing(f"peer {d.peer_id[:8]} is {d.state}, not serving yet")
         if header.stage != d.host.stage:
             raise NotServing(f"this peer holds stage {d.host.stage}, not {header.stage}")
+        if header.meta.get("mode") == INFERENCE:
+            return  # no graph is kept and no step is taken: the step does not matter
+        # peer/authz.py allowed the step: the next one, or a jump up to the attested swarm step
         if (header.step and header.step > d.host.step + 1 and d.mode is not None
                 and d.mode.fast_forwards):
             # the sole replica of a rebuilt stage adopts the step (never under SPSA, where every
@@ -100,10 +154,14 @@ class StageService(pbg.StageServicer):
         work: Callable[[pb.CallHeader, torch.Tensor], torch.Tensor],
     ) -> AsyncIterator[pb.TensorChunk]:
         d = self.d
+        method = authz.FORWARD if kind == "forward" else authz.BACKWARD
         try:
-            header, arrays = await wire.receive(request_iterator, d.activation_limits(),
-                                                d.counter, "activations")
+            header, arrays = await receive_authorized(
+                request_iterator, context, self.policy, method, d.activation_limits(),
+                d.counter, "activations")
             self._check_serving(header)
+            if kind == "forward" and header.meta.get("mode") != INFERENCE:
+                await self._drop_departed()
             if set(arrays) != {"x"}:
                 raise StageError(f"{kind} expects one tensor named 'x', got {sorted(arrays)}")
             x = torch.from_numpy(arrays["x"].copy())
@@ -116,6 +174,12 @@ class StageService(pbg.StageServicer):
                 d.queue -= 1
         except codec.CodecError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{kind}: {exc}")
+            return
+        except PendingQuota as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{kind}: {exc}")
+            return
+        except NotYours as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{kind}: {exc}")
             return
         except StageError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{kind}: {exc}")
@@ -137,7 +201,7 @@ class StageService(pbg.StageServicer):
                 return self.d.host.infer(x)
             if kind in FORWARD_KINDS:  # a sync mode's own stream (SPSA's [h+; h-] pairs)
                 return self.d.mode.serve_forward(self.d.host, h, x)
-            return self.d.host.forward(h.microbatch_id, x, h.step)
+            return self.d.host.forward(h.microbatch_id, x, h.step, h.sender)
 
         async for chunk in self._tensor_call(request_iterator, context, "forward", work):
             yield chunk
@@ -145,8 +209,17 @@ class StageService(pbg.StageServicer):
     async def Backward(self, request_iterator, context):
         async for chunk in self._tensor_call(
                 request_iterator, context, "backward",
-                lambda h, g: self.d.host.backward(h.microbatch_id, g)):
+                lambda h, g: self.d.host.backward(h.microbatch_id, g, h.sender)):
             yield chunk
+
+    async def _drop_departed(self) -> None:
+        """Graphs of senders that left the swarm will get no backward: drop them (and those
+        of ended steps, or older than their TTL) before a new one is kept."""
+        host = self.d.host
+        gone = authz.departed_senders(self.d.view, {p.owner for p in list(host.pending.values())})
+        if gone:
+            dropped = await host.run(host.forget_owner, gone)
+            log.info("dropped %d pending graphs of %d departed senders", dropped, len(gone))
 
     def _abstain(self, request: pb.StepEnd) -> None:
         """This replica will not contribute to round `request.step` (it is re-downloading): tell
@@ -163,6 +236,11 @@ class StageService(pbg.StageServicer):
 
     async def EndStep(self, request: pb.StepEnd, context) -> pb.StepDone:
         d = self.d
+        try:
+            await self.policy.authorize(authz.END_STEP, step_end=request)
+        except authz.Denied as exc:
+            await context.abort(exc.code, f"EndStep: {exc.message}")
+            raise  # abort raises; this keeps a fake context from going on
         host = d.host
         if host is None or host.stage == 0 or d.state not in READY_STATES:
             if d.state == "syncing" and host is not None and host.stage != 0:
@@ -242,15 +320,18 @@ class StageService(pbg.StageServicer):
 class SyncService(pbg.SyncServicer):
     def __init__(self, ctx: ServiceContext) -> None:
         self.d = ctx
+        self.policy = authz.Policy.of(ctx)
 
     async def Exchange(self, request_iterator, context):
         d = self.d
         try:
-            header, arrays = await wire.receive(request_iterator, d.sync_limits(), d.counter,
-                                                f"sync:{d.spec.sync.mode}")
+            header, arrays = await receive_authorized(
+                request_iterator, context, self.policy, authz.EXCHANGE, d.sync_limits(),
+                d.counter, f"sync:{d.spec.sync.mode}")
             if d.rounds is None:
                 raise NotServing("this peer holds no stage yet")
-            result, meta = await d.rounds.serve(header, arrays)
+            # the part is keyed by the signing caller (the policy bound header.sender to it)
+            result, meta = await d.rounds.serve(header, arrays, header.sender)
         except codec.CodecError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"sync: {exc}")
             return
@@ -270,9 +351,15 @@ class SyncService(pbg.SyncServicer):
 class StateService(pbg.StateServicer):
     def __init__(self, ctx: ServiceContext) -> None:
         self.d = ctx
+        self.policy = authz.Policy.of(ctx)
 
     async def Download(self, request: pb.StateRequest, context):
         d = self.d
+        try:
+            await self.policy.authorize(authz.DOWNLOAD)
+        except authz.Denied as exc:
+            await context.abort(exc.code, f"Download: {exc.message}")
+            raise  # abort raises; this keeps a fake context from going on
         host = d.host
         if host is None or host.stage != request.stage or d.state not in (*READY_STATES,
                                                                           "draining"):
@@ -300,11 +387,14 @@ class StateService(pbg.StateServicer):
             yield chunk
 
 
-def serve(ctx: ServiceContext, address: str) -> tuple[grpc.aio.Server, int]:
+def serve(ctx: ServiceContext, address: str,
+          credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.aio.Server, int]:
     """A gRPC server with the Stage, Sync and State services of `ctx`, listening on `address`
     (HOST:PORT, port 0: any); every call is authenticated against the swarm's coordinator (its
-    key and swarm id from `ctx.client` once joined) and refused from revoked peers. Returns the
-    server (not started) and its port (0 when the address is in use)."""
+    key and swarm id from `ctx.client` once joined) and refused from revoked peers. With
+    `credentials` (protocols.tls.PeerServerTls) it serves mTLS only, and a client certificate
+    must name the call's signer (AuthInterceptor). Returns the server (not started) and its port
+    (0 when the address is in use)."""
     server = grpc.aio.server(
         options=tensor_stream.grpc_options(),
         interceptors=[auth.AuthInterceptor(
@@ -317,4 +407,6 @@ def serve(ctx: ServiceContext, address: str) -> tuple[grpc.aio.Server, int]:
     pbg.add_StageServicer_to_server(StageService(ctx), server)
     pbg.add_SyncServicer_to_server(SyncService(ctx), server)
     pbg.add_StateServicer_to_server(StateService(ctx), server)
+    if credentials is not None:
+        return server, server.add_secure_port(address, credentials)
     return server, server.add_insecure_port(address)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -49,6 +50,15 @@ class StageError(RuntimeError):
     """A request this stage cannot serve (unknown microbatch, wrong shape, behind the swarm)."""
 
 
+class PendingQuota(StageError):
+    """A caller holds as many pending graphs (or samples in them) as it may: its Forward is
+    refused (RESOURCE_EXHAUSTED) until its backwards come or its step ends."""
+
+
+class NotYours(StageError):
+    """A Backward for a microbatch whose Forward another caller sent (PERMISSION_DENIED)."""
+
+
 @dataclass
 class Pending:
     """A forward pass waiting for its backward: the input leaf and the output with its graph."""
@@ -58,6 +68,25 @@ class Pending:
     samples: int
     step: int
     created: float
+    owner: str = ""  # the peer id whose Forward made it (its Backward must come from it)
+
+
+@dataclass(frozen=True)
+class PendingLimits:
+    """What one caller may keep pending here: `graphs` forward graphs holding at most `samples`
+    samples. An honest stage-0 driver keeps at most one step of its microbatches here (about
+    target_batch samples in ceil(target_batch / microbatch) graphs, fewer with several drivers);
+    the limits give twice that and a few graphs of slack (hops resent after a timeout)."""
+
+    graphs: int
+    samples: int
+
+    @classmethod
+    def of(cls, spec: RunSpec) -> PendingLimits:
+        p = spec.pipeline
+        per_step = math.ceil(p.target_batch / max(1, p.microbatch))
+        return cls(graphs=2 * per_step + 4,
+                   samples=2 * max(p.target_batch, p.microbatch) + p.microbatch)
 
 
 def model_config(spec: RunSpec) -> ModelConfig:
@@ -101,6 +130,7 @@ class StageHost:
         self.lr_scale = 1.0  # CheckFree rebuilds raise it (ALGORITHMS.md §3)
         self.optimizer = self._make_optimizer()
         self.pending: dict[str, Pending] = {}
+        self.pending_limits = PendingLimits.of(spec)
         self.samples = 0  # samples whose gradient is in .grad since the last step
         self.microbatches = 0
         self.last_grad_norm = 0.0
@@ -141,13 +171,15 @@ class StageHost:
 
     # ------------------------------------------------------------------ block stages
 
-    def forward(self, mb_id: str, x: torch.Tensor, step: int) -> torch.Tensor:
-        """Block stage forward; keeps the graph for `backward`. Returns the output, detached."""
+    def forward(self, mb_id: str, x: torch.Tensor, step: int, owner: str = "") -> torch.Tensor:
+        """Block stage forward; keeps the graph for `backward` (of `owner`, within its quota:
+        `reserve`). Returns the output, detached."""
         self.check_activation(x, "forward input")
+        self.reserve(owner, mb_id, int(x.shape[0]))
         inp = x.to(self.device, torch.float32).requires_grad_(True)
         with torch.enable_grad(), self.autocast():
             out = self.module(inp).float()
-        self.pending[mb_id] = Pending(inp, out, int(x.shape[0]), step, time.monotonic())
+        self.pending[mb_id] = Pending(inp, out, int(x.shape[0]), step, time.monotonic(), owner)
         self._pad(inp, 1.0)
         return out.detach().cpu()
 
@@ -158,12 +190,43 @@ class StageHost:
         with self.autocast():
             return self.module(x.to(self.device, torch.float32)).float().cpu()
 
-    def backward(self, mb_id: str, grad_out: torch.Tensor) -> torch.Tensor:
-        """Backpropagate `grad_out` through the kept graph; returns the gradient of the input."""
+    def reserve(self, owner: str, mb_id: str, samples: int) -> None:
+        """Make room for one more graph of `owner` (`samples` samples) or refuse it
+        (PendingQuota): expired graphs go first; a microbatch id already held by another caller
+        is refused (NotYours), one held by `owner` is replaced (a resent hop)."""
+        self.expire_pending()
+        held = self.pending.get(mb_id)
+        if held is not None and held.owner != owner:
+            raise NotYours(f"microbatch id {mb_id} is in use by another sender here; pick "
+                           "another id")
+        mine = [p for k, p in self.pending.items() if p.owner == owner and k != mb_id]
+        lim = self.pending_limits
+        if len(mine) + 1 > lim.graphs or sum(p.samples for p in mine) + samples > lim.samples:
+            raise PendingQuota(
+                f"this replica already holds {len(mine)} forward graphs "
+                f"({sum(p.samples for p in mine)} samples) of yours waiting for their backward; "
+                f"the limit is {lim.graphs} graphs / {lim.samples} samples per sender: send the "
+                "backwards (or end the step) before more forwards")
+
+    def forget_owner(self, owners: set[str]) -> int:
+        """Drop the graphs of senders that left the swarm (their backward will not come)."""
+        gone = [k for k, p in self.pending.items() if p.owner and p.owner in owners]
+        for k in gone:
+            self.forget(k)
+        return len(gone)
+
+    def backward(self, mb_id: str, grad_out: torch.Tensor, owner: str | None = None
+                 ) -> torch.Tensor:
+        """Backpropagate `grad_out` through the kept graph; returns the gradient of the input.
+        `owner` (when given) must be who sent the Forward (NotYours otherwise)."""
         p = self.pending.pop(mb_id, None)
         if p is None:
             raise StageError(f"no forward pass of microbatch {mb_id} is held here (dropped or "
                              "never seen): resend the whole microbatch")
+        if owner is not None and p.owner != owner:
+            self.pending[mb_id] = p
+            raise NotYours(f"microbatch {mb_id} was sent here by another peer; only its sender "
+                           "may send its backward")
         if tuple(grad_out.shape) != tuple(p.out.shape):
             self.pending[mb_id] = p
             raise StageError(f"gradient shape {tuple(grad_out.shape)} does not match the "
@@ -221,8 +284,11 @@ class StageHost:
             self.dropped += 1
 
     def expire_pending(self, now: float | None = None) -> int:
+        """Drop graphs older than PENDING_TTL_S and those of a step this stage already ended
+        (their backward can no longer count). Returns how many were dropped."""
         now = time.monotonic() if now is None else now
-        old = [k for k, p in self.pending.items() if now - p.created > PENDING_TTL_S]
+        old = [k for k, p in self.pending.items()
+               if now - p.created > PENDING_TTL_S or (p.step and p.step <= self.step)]
         for k in old:
             self.forget(k)
         return len(old)

@@ -1,7 +1,9 @@
 """Sync rounds: how the replicas of one stage agree on one aggregate per optimizer step.
 
 Design (leader-collects, everyone-applies-the-same-bytes):
-- The round's aggregator is the first live replica of the stage in peer-id order. Every other
+- The round's aggregator is the first live replica of the stage in seniority order (earliest
+  joined_at in the swarm view, then peer id: peer/consistency.py's `leader_order`; a key that
+  sorts first buys nothing). Every other
   replica sends it its contribution over `Sync.Exchange` and waits for the reply.
 - The aggregator waits until every replica it expects has contributed, or `timeout` passes, or
   the expected ones leave the swarm view; it then aggregates *in peer-id order* and answers every
@@ -10,8 +12,8 @@ Design (leader-collects, everyone-applies-the-same-bytes):
   its weights stay identical to the others').
 - If the aggregator cannot be reached, a replica tries the next candidate; a candidate that is
   itself next in line becomes the aggregator. Replicas that disagreed about the view can then end
-  up with two aggregates: the state-hash check in heartbeats catches that, and the replica that is
-  not the lowest id re-downloads its stage.
+  up with two aggregates: the state-hash check in heartbeats catches that, and the replica whose
+  hash is not the attested one (or the majority's) re-downloads its stage.
 - A replica whose view left the aggregator out finishes the round alone; the aggregator stops
   waiting for it as soon as it contributes to a later round (at a swarm's start, when views
   differ for a second, this used to cost one full timeout).
@@ -19,7 +21,11 @@ Design (leader-collects, everyone-applies-the-same-bytes):
 - Each part carries its sender's state hash from before the round. Replicas at the same step must
   hash equal; the aggregator names those that do not (`meta["diverged"]`, all but the lowest
   id's hash) and they re-download the stage after applying the round. This catches what the
-  heartbeat check cannot see on a peer whose swarm view is old (its stats are snapshots).
+  heartbeat check cannot see on a peer whose swarm view is old (its stats are snapshots). The
+  right hash is the coordinator's attested one when it attests step - 1, else the majority's,
+  a tie going to the most senior replica (peer/consistency.py's `winning_hash`).
+- Parts are keyed by the *signing caller* of Sync.Exchange (peer/authz.py admits only live
+  replicas of the stage), never by a field of the message: one part per replica and round.
 
 Invariant: every replica that completes round `step` applies byte-identical aggregate arrays, so
 replicas stay bit-identical. A dead or frozen replica delays a round by at most `timeout`.
@@ -42,7 +48,7 @@ from typing import Protocol
 import grpc
 import numpy as np
 
-from peer.consistency import leader_order, lowest_id
+from peer.consistency import leader_order, winning_hash
 from peer.pipeline import wire
 from protocols import shoal_pb2 as pb
 
@@ -93,8 +99,12 @@ class SyncRounds:
         counter: wire.ByteCounter,
         timeout: float,
         max_bytes: int,
+        joined: Callable[[], Mapping[str, float]] = dict,
+        attested: Callable[[], tuple[int, str]] = lambda: (0, ""),
     ) -> None:
         self.me = me
+        self.joined = joined  # peer id -> joined_at from the swarm view (seniority)
+        self.attested = attested  # the coordinator's (step, hash) for this stage
         self.stage = stage
         self.mode = mode
         self.candidates = candidates  # live replicas of this stage, sorted, including me
@@ -113,7 +123,7 @@ class SyncRounds:
     def _candidates(self, step: int) -> list[str]:
         agreed = self.agreed.get(step)
         if agreed:
-            return leader_order(set(agreed) | {self.me})
+            return leader_order(set(agreed) | {self.me}, self.joined())
         return self.candidates()
 
     def _round(self, step: int) -> _Round:
@@ -125,14 +135,19 @@ class SyncRounds:
 
     # ------------------------------------------------------------------ aggregator side
 
-    async def serve(self, header: pb.CallHeader, arrays: Arrays) -> tuple[Arrays, Meta]:
-        """A contribution from `header.sender` for round `header.step`; returns the result."""
+    async def serve(self, header: pb.CallHeader, arrays: Arrays, caller: str
+                    ) -> tuple[Arrays, Meta]:
+        """A contribution from `caller` (the call's signing identity, never a message field:
+        peer/authz.py checked that it holds this stage) for round `header.step`; returns the
+        result. One part per caller and round: a second one replaces the first."""
         if header.stage != self.stage:
             raise ValueError(f"sync for stage {header.stage} sent to a replica of stage "
                              f"{self.stage}")
+        if not caller or caller == self.me:
+            raise ValueError("a sync part must come from another replica of the stage")
         rnd = self._round(header.step)
         if rnd.result is None:
-            rnd.parts[header.sender] = (dict(header.meta), arrays)
+            rnd.parts[caller] = (dict(header.meta), arrays)
             rnd.arrived.set()
         await asyncio.wait_for(rnd.done.wait(), self.timeout * 2 + 10)
         assert rnd.result is not None
@@ -153,12 +168,14 @@ class SyncRounds:
         # an abstaining replica (re-downloading its stage) said so: not waited for, not averaged
         parts = {r: p for r, p in rnd.parts.items() if p[0].get("abstain") != "1"}
         arrays, meta = self.mode.aggregate(parts)
-        diverged = _diverged({r: p[0].get("state_hash", "") for r, p in parts.items()})
+        at, attested_hash = self.attested()
+        diverged = _diverged({r: p[0].get("state_hash", "") for r, p in parts.items()},
+                             self.joined(), attested_hash if at == step - 1 else "")
         if diverged:
             meta = {**meta, "diverged": ",".join(diverged)}
-            log.warning("stage %d step %d: %s started the round from other weights than %s; "
-                        "they re-download the stage", self.stage, step,
-                        ",".join(r[:8] for r in diverged), lowest_id(parts)[:8])
+            log.warning("stage %d step %d: %s started the round from other weights than the "
+                        "stage's; they re-download the stage", self.stage, step,
+                        ",".join(r[:8] for r in diverged))
         result = rnd.result = (arrays, meta)
         rnd.done.set()
         missing = (set(self._candidates(step)) - skip) - set(rnd.parts)
@@ -220,14 +237,15 @@ class SyncRounds:
         return result, dict(reply.meta)
 
 
-def _diverged(hashes: Mapping[str, str]) -> list[str]:
-    """The replicas whose state hash before the round differs from the lowest id's (the one
-    that keeps its weights, as in the heartbeat check); replicas that sent no hash are not
-    judged."""
+def _diverged(hashes: Mapping[str, str], joined: Mapping[str, float] | None = None,
+              attested: str = "") -> list[str]:
+    """The replicas whose state hash before the round differs from the right one: `attested`
+    (the coordinator's, for the round's step - 1) when given, else the majority's, a tie going
+    to the most senior (as in the heartbeat check); replicas that sent no hash are not judged."""
     known = {r: h for r, h in hashes.items() if h}
-    if len(set(known.values())) < 2:
+    if not known or (not attested and len(set(known.values())) < 2):
         return []
-    reference = known[lowest_id(known)]
+    reference = attested or winning_hash(known, joined)
     return sorted(r for r, h in known.items() if h != reference)
 
 

@@ -10,9 +10,14 @@ def view(steps: dict[str, int], holders: dict[int, list[str]]) -> FakeView:
     return FakeView(stage_infos(3), holders, steps)
 
 
-def test_lowest_id_leads_and_orders_the_candidates() -> None:
+def test_seniority_orders_the_candidates_and_the_id_only_breaks_ties() -> None:
     assert consistency.lowest_id(["c", "a", "b"]) == "a"
     assert consistency.leader_order({"c", "a", "b"}) == ["a", "b", "c"]
+    # "0" ground a key that sorts first, but joined last: it leads nothing
+    joined = {"0": 30.0, "a": 20.0, "b": 10.0}
+    assert consistency.leader_order({"0", "a", "b"}, joined) == ["b", "a", "0"]
+    # a peer the view does not list (the newest) comes last
+    assert consistency.leader_order({"x", "a"}, {"a": 5.0}) == ["a", "x"]
 
 
 def test_a_hash_belongs_to_the_step_it_was_computed_after() -> None:
@@ -23,12 +28,41 @@ def test_a_hash_belongs_to_the_step_it_was_computed_after() -> None:
     assert h.at(4) == ""
 
 
-def test_the_replica_that_is_not_the_lowest_id_yields_on_a_differing_hash() -> None:
+def test_the_replica_against_the_majority_yields_whatever_its_id() -> None:
     v = view({"a": 7, "b": 7}, {1: ["a", "b"]})  # the view's replicas all hash "h"
     assert consistency.differing_hash(v, "b", 1, 7, "h") is None
     verdict = consistency.differing_hash(v, "b", 1, 7, "other")
     assert verdict is not None and verdict.action == "download"
-    assert consistency.differing_hash(v, "0", 1, 7, "other") is None  # "0" is the lowest id
+    # "0" sorts first, but a and b (the majority) hold "h": "0" yields (it used to win)
+    verdict = consistency.differing_hash(v, "0", 1, 7, "other")
+    assert verdict is not None and verdict.action == "download"
+
+
+class AttestedStage:
+    """A StageInfo with the coordinator's attestation (contract 1 of issue #12)."""
+
+    def __init__(self, stage: int, attested_step: int, attested_hash: str) -> None:
+        self.stage, self.step, self.rebuild, self.grad_norm = stage, attested_step, "", 0.0
+        self.attested_step, self.attested_hash = attested_step, attested_hash
+
+
+def test_the_attested_hash_decides_when_it_is_of_this_step() -> None:
+    v = view({"a": 7}, {1: ["a"]})  # a hashes "h"
+    v.stages = [AttestedStage(0, 7, "s0"), AttestedStage(1, 7, "mine")]
+    assert consistency.attested(v, 1) == (7, "mine")
+    # a disagrees, but the coordinator attests this replica's hash: it keeps its weights
+    assert consistency.differing_hash(v, "b", 1, 7, "mine") is None
+    verdict = consistency.differing_hash(v, "b", 1, 7, "h")
+    assert verdict is not None and "attests" in verdict.why
+    # an attestation of another step does not decide this one: the majority does
+    v.stages = [AttestedStage(0, 7, "s0"), AttestedStage(1, 6, "old")]
+    assert consistency.differing_hash(v, "b", 1, 7, "h") is None
+
+
+def test_a_tie_goes_to_the_most_senior_replica() -> None:
+    assert consistency.winning_hash({"0": "x", "b": "h"}, {"0": 9.0, "b": 1.0}) == "h"
+    assert consistency.winning_hash({"0": "x", "b": "h", "c": "x"}, {"b": 1.0}) == "x"
+    assert consistency.winning_hash({"a": ""}) == ""
 
 
 def test_a_stalled_replica_downloads_when_its_stage_is_ahead_else_adopts_the_swarm_step() -> None:

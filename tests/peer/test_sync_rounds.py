@@ -43,7 +43,7 @@ def test_aggregator_stops_waiting_for_a_replica_that_moved_on() -> None:
         leader = asyncio.create_task(a.run(1, ({}, {})))
         await asyncio.sleep(0.3)
         assert not leader.done()  # still waiting for b: nothing says b is not coming
-        late = asyncio.create_task(a.serve(header("b", 2), {}))
+        late = asyncio.create_task(a.serve(header("b", 2), {}, "b"))
         _, meta = await asyncio.wait_for(leader, 10)  # well inside the 60 s timeout
         assert meta["included"] == "a"
         late.cancel()
@@ -58,7 +58,7 @@ def test_aggregator_waits_for_a_replica_that_is_still_coming() -> None:
         leader = asyncio.create_task(a.run(1, ({}, {})))
         await asyncio.sleep(0.6)
         assert not leader.done()
-        served = asyncio.create_task(a.serve(header("b", 1), {}))
+        served = asyncio.create_task(a.serve(header("b", 1), {}, "b"))
         _, meta = await asyncio.wait_for(leader, 10)
         assert meta["included"] == "a,b"
         assert (await served)[1]["included"] == "a,b"
@@ -71,8 +71,8 @@ def test_aggregator_names_the_replicas_that_began_from_other_weights() -> None:
         a = rounds("a", timeout=60.0)
         a.agreed[1] = ["a", "b", "c"]
         leader = asyncio.create_task(a.run(1, ({"state_hash": "h1"}, {})))
-        b = asyncio.create_task(a.serve(header("b", 1, state_hash="h2"), {}))
-        c = asyncio.create_task(a.serve(header("c", 1, state_hash="h1"), {}))
+        b = asyncio.create_task(a.serve(header("b", 1, state_hash="h2"), {}, "b"))
+        c = asyncio.create_task(a.serve(header("c", 1, state_hash="h1"), {}, "c"))
         _, meta = await asyncio.wait_for(leader, 10)
         assert meta["included"] == "a,b,c" and meta["diverged"] == "b"
         assert (await b)[1]["diverged"] == (await c)[1]["diverged"] == "b"  # the same bytes
@@ -86,3 +86,29 @@ def test_no_verdict_without_hashes_or_when_they_agree() -> None:
     assert _diverged({"a": "h", "b": "h"}) == []
     assert _diverged({"a": "", "b": "h"}) == []  # a replica that does not know its hash yet
     assert _diverged({"b": "h1", "a": "h2", "c": "h2"}) == ["b"]
+
+
+def test_the_majority_then_the_senior_replica_is_right_never_the_lowest_id() -> None:
+    from peer.sync.rounds import _diverged
+
+    # "0" sorts first but is alone against two: it is the one that diverged
+    assert _diverged({"0": "bad", "a": "h", "b": "h"}) == ["0"]
+    # a tie goes to the most senior (earliest joined_at), not to the lowest id
+    assert _diverged({"0": "bad", "b": "h"}, {"b": 10.0, "0": 20.0}) == ["0"]
+    # the coordinator's attested hash beats any count
+    assert _diverged({"a": "x", "b": "x", "c": "h"}, {}, attested="h") == ["a", "b"]
+
+
+def test_parts_are_keyed_by_the_signing_caller_not_the_message() -> None:
+    """Three parts whose headers name invented senders, all from one caller, are one part."""
+    async def scenario() -> None:
+        a = rounds("a", timeout=60.0)
+        a.agreed[1] = ["a", "b"]
+        leader = asyncio.create_task(a.run(1, ({}, {})))
+        parts = [asyncio.create_task(a.serve(header(f"spoof{i}", 1), {}, "b")) for i in range(3)]
+        _, meta = await asyncio.wait_for(leader, 10)
+        assert meta["included"] == "a,b"
+        for p in parts:
+            assert (await p)[1]["included"] == "a,b"
+
+    asyncio.run(scenario())

@@ -1,0 +1,353 @@
+"""Who may call what on this peer: the one authorization policy of the Stage, Sync and State
+services, as a table of rules by method, checked against the coordinator's current view.
+
+Every handler of peer/services.py asks `Policy.authorize` first, on the call's header (or the
+unary request), before any payload is decoded. The *caller* is the identity that signed the call
+(protocols.auth.current_caller(), set by the AuthInterceptor, which has already refused bad
+signatures, expired certificates and revoked peers); no field of the message may name another
+sender: CallHeader.sender and StepEnd.sender must equal the caller, and are filled in when empty.
+
+The rules (contract 2 of issue #12):
+
+| method                      | who may call                                      | step        |
+|-----------------------------|---------------------------------------------------|-------------|
+| Stage.Forward (training)    | live stage-0 replicas, for the receiver's stage   | next        |
+| Stage.Forward (inference)   | any member, observers included (no graph kept)    | any         |
+| Stage.Backward              | live stage-0 replicas, for the receiver's stage   | next        |
+| Stage.EndStep               | live stage-0 replicas; the replica lists name     | not beyond  |
+|                             | members of the right stages only                  | the swarm   |
+| Sync.Exchange               | live replicas of the receiver's stage             | near own    |
+| State.Download              | any member, observers included                    | -           |
+
+"Live" here means listed in the view at that stage, not revoked, and not departed (lost or
+left): a replica that is re-downloading ("syncing") still abstains from rounds, and a draining
+driver still finishes its in-flight microbatches. Steps: a microbatch's step is the receiver's
+next step; a jump (the sole replica of a rebuilt stage catching up) is allowed only up to the
+swarm's attested step + 1 (stage 0's StageInfo.attested_step, else its step); a step at or
+before the receiver's own, or beyond that bound, is INVALID_ARGUMENT.
+
+A denial that the view could explain by lagging (a caller it does not list yet, or at another
+stage; a step beyond what it attests) first costs one view refresh (`Refresher`: shared by the
+three services, at most one every MIN_REFRESH_S), then the rule is checked again. A driver that
+joined a moment ago is thus not refused, and a stranger cannot make the peer hammer the
+coordinator.
+
+Pure where it can be: `decide` is a function of (caller, request, receiver, view) and raises
+`Denied`; the tests (tests/peer/test_authz.py) check the table rule by rule.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import grpc
+
+from protocols import auth
+from protocols import shoal_pb2 as pb
+from protocols.coordinator_client import SwarmView
+
+log = logging.getLogger("shoal.authz")
+
+MIN_REFRESH_S = 0.5  # at most ~2 view refreshes a second, for all callers together
+REFRESH_TIMEOUT_S = 3.0
+DEPARTED = ("lost", "left")
+INFERENCE = "inference"  # the Forward meta "mode" of an inference call (no graph kept)
+#: how far behind its own step a replica still takes a sync part (a late part gets the result)
+ROUND_LAG = 4
+
+# the methods, as the rules name them
+FORWARD, INFER, BACKWARD, END_STEP, EXCHANGE, DOWNLOAD = (
+    "Stage.Forward", "Stage.Forward(inference)", "Stage.Backward", "Stage.EndStep",
+    "Sync.Exchange", "State.Download")
+
+# who may call: "stage0" (live stage-0 replicas), "same_stage" (live replicas of the receiver's
+# stage), "member" (any admitted identity: peers, observers, the coordinator)
+# steps: "next" (the receiver's next step, or a bounded jump), "end" (not beyond the swarm),
+# "round" (near the receiver's own), "" (no step)
+RULES: dict[str, tuple[str, str]] = {
+    FORWARD: ("stage0", "next"),
+    INFER: ("member", ""),
+    BACKWARD: ("stage0", "next"),
+    END_STEP: ("stage0", "end"),
+    EXCHANGE: ("same_stage", "round"),
+    DOWNLOAD: ("member", ""),
+}
+
+
+class Denied(Exception):
+    """A refused call: `code` (a grpc.StatusCode) and a message saying what the caller should
+    do. `stale`: the receiver's view may be what refuses it (a refresh could change that)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, *, stale: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.stale = stale
+
+
+@dataclass(frozen=True)
+class Receiver:
+    """What the rules need of the receiving peer: its stage and step (None before it holds one)
+    and its last swarm view."""
+
+    stage: int | None
+    step: int | None
+    view: SwarmView | None
+
+
+def method_of(service_method: str, header: pb.CallHeader | None) -> str:
+    """The rule's name of a call: Forward splits into training and inference by meta mode."""
+    if service_method == FORWARD and header is not None and header.meta.get("mode") == INFERENCE:
+        return INFER
+    return service_method
+
+
+def holds(view: SwarmView | None, peer_id: str, stage: int) -> bool:
+    """Whether the view lists `peer_id` at `stage`, not revoked and not departed."""
+    if view is None or peer_id in view.revoked:
+        return False
+    p = view.peer(peer_id)
+    return p is not None and p.stage == stage and p.state not in DEPARTED
+
+
+def attested_swarm_step(view: SwarmView | None) -> int:
+    """The swarm's step as the coordinator attests it: stage 0's attested step when the view
+    carries one, else stage 0's step (0 without a view)."""
+    for s in view.stages if view is not None else ():
+        if s.stage == 0:
+            return int(getattr(s, "attested_step", 0) or 0) or int(s.step)
+    return 0
+
+
+def _short(peer_id: str) -> str:
+    return peer_id[:12]
+
+
+def bind_sender(caller: str, named: str, what: str) -> str:
+    """The sender a message may name: the caller (empty is the caller); anything else is
+    refused."""
+    if named and named != caller:
+        raise Denied(grpc.StatusCode.PERMISSION_DENIED,
+                     f"{what} names sender {_short(named)} but the call is signed by "
+                     f"{_short(caller)}: a peer sends only as itself (leave it empty or set it to "
+                     "your own peer id)")
+    return caller
+
+
+def check_caller(rule: str, caller: auth.Caller, receiver: Receiver, method: str) -> None:
+    who = RULES[rule][0]
+    if who == "member":
+        return
+    stage = 0 if who == "stage0" else receiver.stage
+    if stage is None:
+        raise Denied(grpc.StatusCode.UNAVAILABLE,
+                     f"{method}: this peer holds no stage yet; retry on another replica")
+    role = caller.role
+    what = "a stage-0 replica (a driver)" if who == "stage0" else f"a replica of stage {stage}"
+    if role not in ("peer", ""):
+        raise Denied(grpc.StatusCode.PERMISSION_DENIED,
+                     f"{method} is only for {what}; an {role or 'unknown'} identity "
+                     f"({_short(caller.peer_id)}) may only download state or run inference "
+                     "forwards")
+    if not holds(receiver.view, caller.peer_id, stage):
+        p = receiver.view.peer(caller.peer_id) if receiver.view is not None else None
+        where = (f"listed at stage {p.stage} ({p.state})" if p is not None
+                 else "not in this peer's swarm view")
+        raise Denied(grpc.StatusCode.PERMISSION_DENIED,
+                     f"{method} is only for {what}; peer {_short(caller.peer_id)} is {where}. "
+                     "Join (or wait to be assigned) that stage first", stale=True)
+
+
+def check_stage(rule: str, stage: int, receiver: Receiver, method: str) -> None:
+    """A forward, a backward or a sync part is for the receiver's own stage."""
+    if rule not in (FORWARD, INFER, BACKWARD, EXCHANGE) or receiver.stage is None:
+        return  # Download answers FAILED_PRECONDITION itself; EndStep names no stage
+    if stage != receiver.stage:
+        raise Denied(grpc.StatusCode.UNAVAILABLE,
+                     f"{method} for stage {stage}, but this peer holds stage {receiver.stage}: "
+                     "refresh your swarm view and send it to a replica of that stage")
+
+
+def check_step(rule: str, step: int, receiver: Receiver, method: str) -> None:
+    kind = RULES[rule][1]
+    mine = receiver.step
+    if not kind or mine is None:
+        return
+    bound = attested_swarm_step(receiver.view) + 1
+    if kind == "next":
+        if step == mine + 1:
+            return
+        if step <= mine:
+            raise Denied(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"{method} of step {step}, but this replica is already after step "
+                         f"{mine}: send microbatches of step {mine + 1} only")
+        if step > bound:
+            raise Denied(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"{method} of step {step}, but this replica is after step {mine} and "
+                         f"the swarm's attested step is {bound - 1}: a microbatch is for the "
+                         "next step, or at most the swarm's step + 1", stale=True)
+    elif kind == "end":
+        if step > mine + 1 and step > bound:
+            raise Denied(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"{method} of step {step}, but this replica is after step {mine} and "
+                         f"the swarm's attested step is {bound - 1}: end the step you drove, "
+                         "never one beyond the swarm", stale=True)
+    elif kind == "round":
+        high = max(mine + 2, bound)
+        if not mine - ROUND_LAG <= step <= high:
+            raise Denied(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"{method} for round {step}, but this replica is after step {mine}: "
+                         f"it takes parts for rounds {max(0, mine - ROUND_LAG)}..{high} only")
+
+
+def check_step_end_lists(request: pb.StepEnd, receiver: Receiver) -> None:
+    """The replica lists of an EndStep name only members of the right stages (stage0_replicas:
+    stage 0; stage_replicas: the receiver's stage): a receiver waits for the ones it names, so
+    an invented name would hold it up to the sync timeout."""
+    view = receiver.view
+    lists = [("stage0_replicas", 0, request.stage0_replicas)]
+    if receiver.stage is not None:
+        lists.append(("stage_replicas", receiver.stage, request.stage_replicas))
+    limit = len(view.peers) if view is not None else 0
+    for name, stage, pids in lists:
+        if len(pids) > limit:
+            raise Denied(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"EndStep.{name} names {len(pids)} peers, more than the swarm's "
+                         f"{limit}: list the live replicas of stage {stage} only", stale=True)
+        bad = [p for p in pids if not _member_of(view, p, stage)]
+        if bad:
+            raise Denied(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"EndStep.{name} names {', '.join(_short(p) for p in bad[:3])}, not "
+                         f"replicas of stage {stage} in this peer's swarm view: list the live "
+                         "replicas of that stage from your view only", stale=True)
+
+
+def _member_of(view: SwarmView | None, peer_id: str, stage: int) -> bool:
+    """Listed at `stage` in the view, in any state (a replica that just left or was lost still
+    ended the step it was listed for; the receiver stops waiting for departed ones)."""
+    p = view.peer(peer_id) if view is not None else None
+    return p is not None and p.stage == stage
+
+
+def decide(rule: str, caller: auth.Caller | None, receiver: Receiver, *,
+           header: pb.CallHeader | None = None, step_end: pb.StepEnd | None = None) -> str:
+    """Apply the rule `rule` (a key of RULES) to one call; returns the sender to use (the caller)
+    and fills an empty CallHeader.sender / StepEnd.sender with it. Raises Denied."""
+    method = rule.split("(")[0]
+    if caller is None:
+        raise Denied(grpc.StatusCode.UNAUTHENTICATED,
+                     f"{method}: the call carries no verified identity; sign it "
+                     "(protocols.auth.client_interceptors)")
+    if header is not None:
+        header.sender = bind_sender(caller.peer_id, header.sender, f"{method}'s CallHeader")
+    if step_end is not None:
+        step_end.sender = bind_sender(caller.peer_id, step_end.sender, "EndStep")
+    check_caller(rule, caller, receiver, method)
+    if header is not None:
+        check_stage(rule, header.stage, receiver, method)
+        check_step(rule, header.step, receiver, method)
+    if step_end is not None:
+        check_step(rule, step_end.step, receiver, method)
+        check_step_end_lists(step_end, receiver)
+    return caller.peer_id
+
+
+class Refresher:
+    """Refreshes the peer's view for the policy: one refresh at a time (callers that arrive
+    meanwhile wait for it), and none within MIN_REFRESH_S of the last one."""
+
+    def __init__(self, refresh: Callable[[], Awaitable[None]],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._refresh = refresh
+        self._clock = clock
+        self._last = -1e18
+        self._task: asyncio.Task | None = None
+        self.count = 0
+
+    async def __call__(self) -> bool:
+        """Refresh unless one ran within MIN_REFRESH_S; returns whether the view may be new."""
+        if self._task is None or self._task.done():
+            if self._clock() - self._last < MIN_REFRESH_S:
+                return False
+            self._last = self._clock()
+            self.count += 1
+            self._task = asyncio.ensure_future(self._run())
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self._task)
+        return True
+
+    async def _run(self) -> None:
+        try:
+            await asyncio.wait_for(self._refresh(), REFRESH_TIMEOUT_S)
+        except Exception as exc:  # the old view stays; the caller is judged on it
+            log.info("view refresh for an authorization check failed: %s", exc)
+
+
+class Policy:
+    """The policy of one peer (one per peer context, shared by its three services)."""
+
+    _of: ClassVar[weakref.WeakKeyDictionary] = weakref.WeakKeyDictionary()
+
+    def __init__(self, ctx) -> None:
+        self.ctx = ctx
+        self.refresh = Refresher(ctx.refresh_view)
+        self.denied = 0
+
+    @classmethod
+    def of(cls, ctx) -> Policy:
+        """The policy of `ctx` (made on first use)."""
+        policy = cls._of.get(ctx)
+        if policy is None:
+            policy = cls._of[ctx] = cls(ctx)
+        return policy
+
+    def receiver(self) -> Receiver:
+        host = self.ctx.host
+        return Receiver(host.stage if host is not None else None,
+                        host.step if host is not None else None, self.ctx.view)
+
+    async def authorize(self, service_method: str, *, header: pb.CallHeader | None = None,
+                        step_end: pb.StepEnd | None = None) -> str:
+        """`decide` for the current call, with one view refresh before a stale denial becomes
+        final. Returns the caller's peer id; raises Denied."""
+        rule = method_of(service_method, header)
+        caller = auth.current_caller()
+        try:
+            return decide(rule, caller, self.receiver(), header=header, step_end=step_end)
+        except Denied as exc:
+            if not exc.stale or self.ctx.client is None:
+                self._log(rule, caller, exc)
+                raise
+        await self.refresh()
+        try:
+            return decide(rule, caller, self.receiver(), header=header, step_end=step_end)
+        except Denied as exc:
+            self._log(rule, caller, exc)
+            raise
+
+    def _log(self, rule: str, caller: auth.Caller | None, exc: Denied) -> None:
+        self.denied += 1
+        log.info("refused %s from %s: %s %s", rule,
+                    _short(caller.peer_id) if caller else "?", exc.code.name, exc.message)
+
+
+def departed_senders(view: SwarmView | None, owners: Iterable[str]) -> set[str]:
+    """Of `owners` (senders of pending graphs), those the view says are gone: departed,
+    revoked, or no longer listed."""
+    if view is None:
+        return set()
+    out = set()
+    for o in owners:
+        p = view.peer(o)
+        if not o:
+            continue
+        if p is None or p.state in DEPARTED or o in view.revoked:
+            out.add(o)
+    return out
