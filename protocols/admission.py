@@ -75,14 +75,34 @@ def new_token() -> str:
     return base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode("ascii")
 
 
-def token_proof(token: str, public_key: bytes, timestamp: float) -> bytes:
-    """HMAC-SHA256(token, public_key || repr(float(timestamp))) — proves the token, not sends it.
+def parse_token(text: str) -> tuple[str, str | None]:
+    """(secret, coordinator fingerprint or None) of a join token as a token file holds it.
 
-    The timestamp is rendered with Python's float repr (shortest round-trip form, e.g.
-    "1700000000.25"); a double survives the protobuf wire exactly, so both sides agree.
+    A token file is "SECRET" (old form, and `shoal token new`) or "SECRET sha256:HEX": the
+    coordinator adds its fingerprint (protocols.tls.fingerprint) so that a peer can verify the
+    coordinator it reaches, as a kubeadm token carries the CA hash. Only the secret is proved.
+    """
+    fields = text.split()
+    if not fields:
+        return "", None
+    fp = next((f for f in fields[1:] if f.lower().startswith("sha256:")), None)
+    return fields[0], fp.lower() if fp else None
+
+
+def token_with_fingerprint(secret: str, fingerprint: str) -> str:
+    """The token file's text that carries `fingerprint` (see parse_token)."""
+    return f"{parse_token(secret)[0]} {fingerprint}"
+
+
+def token_proof(token: str, public_key: bytes, timestamp: float) -> bytes:
+    """HMAC-SHA256(secret, public_key || repr(float(timestamp))) — proves the token, not sends it.
+
+    `token` may carry a fingerprint (parse_token); only its secret is used. The timestamp is
+    rendered with Python's float repr (shortest round-trip form, e.g. "1700000000.25"); a double
+    survives the protobuf wire exactly, so both sides agree.
     """
     message = bytes(public_key) + repr(float(timestamp)).encode("ascii")
-    return hmac.new(token.encode("utf-8"), message, hashlib.sha256).digest()
+    return hmac.new(parse_token(token)[0].encode("utf-8"), message, hashlib.sha256).digest()
 
 
 class Admission:
@@ -103,8 +123,11 @@ class Admission:
                 "Admission needs a join token (protocols.auth.new_token()) or an allow-list of "
                 "public keys; refusing to admit anyone who asks"
             )
-        if token is not None and not token:
-            raise ValueError("the join token is empty; make one with protocols.auth.new_token()")
+        if token is not None:
+            token = parse_token(token)[0]  # a token file's fingerprint is for peers
+            if not token:
+                raise ValueError("the join token is empty; make one with "
+                                 "protocols.auth.new_token()")
         self.token = token
         self.allowed_keys = None if allowed_keys is None else {bytes(k) for k in allowed_keys}
         self.max_skew_s = max_skew_s

@@ -92,6 +92,7 @@ from protocols.interceptors import (
     client_interceptors,
     signing_payload,
 )
+from protocols.tls import tls_peer_id
 
 __all__ = [
     "CERT_KEY", "COORDINATOR_ROLE", "DEFAULT_KEY_ONLY_METHODS", "JOIN_METHOD", "NONCE_KEY",
@@ -339,6 +340,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 context = _ReplayContext(context, request)
             try:
                 caller = self.authenticate(method, metadata, digest[0] if digest else _EMPTY_DIGEST)
+                _check_tls_identity(context, caller)
             except AuthError as e:
                 _log.info("refused %s from %s: %s", method, context.peer(), e)
                 if streaming_in:
@@ -379,6 +381,21 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return factory(behavior, request_deserializer=deserialize,
                        response_serializer=handler.response_serializer)
 
+
+
+_PEER_ID_RE = re.compile(r"[0-9a-f]{16}")
+
+
+def _check_tls_identity(context: Any, caller: Caller) -> None:
+    """Over mTLS with a swarm leaf (protocols.tls), the certificate's peer id must be the call's
+    signer: a peer may not carry another identity's calls inside its own TLS session. (Swarm
+    leaves always name a peer id; a hand-made certificate (`--tls-dir`) names a host.)"""
+    tls_id = tls_peer_id(context)
+    if tls_id is not None and _PEER_ID_RE.fullmatch(tls_id) and tls_id != caller.peer_id:
+        raise CallRejected(
+            f"the TLS client certificate names peer {tls_id} but the call to {caller.method} is "
+            f"signed by {caller.peer_id}: sign calls with the identity the certificate was "
+            f"issued to", Status.PERMISSION_DENIED)
 
 
 def _parse_signed_certificate(data: Any) -> shoal_pb2.SignedCertificate:

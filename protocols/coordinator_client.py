@@ -14,6 +14,17 @@ Failure behaviour, the contract a daemon can rely on:
   step as hints, and the heartbeat returns `action="rejoin"` so the daemon knows.
 - Any other refusal raises `CoordinatorRefused` with the server's message.
 
+Trust (protocols/tls.py): before the first call the client looks at what the coordinator's port
+speaks. A TLS port presents the swarm CA; the client checks it against the coordinator's
+fingerprint (from the token, "SECRET sha256:HEX", or `fingerprint=`) and pins it as the only
+root for every later call; no fingerprint, or another one, is `CoordinatorUntrusted` before
+anything is sent. A plaintext port is accepted only on a loopback address or with
+`plaintext=True`. Every Join reply is checked too: its tls_ca must be the pinned CA (or match the
+fingerprint) and its coordinator_public_key the key that CA names. Join carries a CSR for the
+client's P-256 key (`tls_key`, or an ephemeral one) and the reply's leaf is `tls()`'s, for
+peer-to-peer mTLS (protocols.tls.peer_channel). The leaf is renewed by re-joining a day before
+it ends.
+
 Messages are dataclasses inside the process; protobuf exists only at the wire. Their shapes
 (`Benchmark`, `PeerStats`, `SwarmView`, `JoinResult`, `HeartbeatResult`, ...) and the shared
 constants live in protocols.coordinator_types and are re-exported here.
@@ -33,6 +44,8 @@ import grpc
 
 from protocols import shoal_pb2 as pb
 from protocols import shoal_pb2_grpc as pb_grpc
+from protocols import tls as tls_
+from protocols.admission import parse_token
 from protocols.auth import CallSigner, client_interceptors, token_proof, verify_certificate
 from protocols.coordinator_types import (
     OBSERVER_STAGE,
@@ -55,6 +68,7 @@ __all__ = [
     "FORGOTTEN", "OBSERVER_STAGE", "PEER_STATES", "READY_STATES", "RETRYABLE", "VERSION",
     "Benchmark",
     "CoordinatorClient", "CoordinatorError", "CoordinatorRefused", "CoordinatorUnavailable",
+    "CoordinatorUntrusted",
     "HeartbeatResult", "JoinResult", "NotJoined", "PeerInfo", "PeerStats", "StageInfo",
     "SwarmView",
 ]
@@ -83,6 +97,17 @@ class CoordinatorRefused(CoordinatorError):
         self.code = code
 
 
+class CoordinatorUntrusted(CoordinatorRefused):
+    """The coordinator is not the one this peer's fingerprint names, or cannot be verified."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, grpc.StatusCode.FAILED_PRECONDITION)
+
+
+class _Unreachable(Exception):
+    """Nothing answered the TLS probe (connection refused, timeout): retried like UNAVAILABLE."""
+
+
 class NotJoined(CoordinatorError):
     """A call that needs membership was made before `join()` succeeded."""
 
@@ -95,7 +120,10 @@ class CoordinatorClient:
         address: "host:port" of the coordinator's gRPC service.
         identity: this peer's Ed25519 identity; it signs every call.
         token: the swarm's join token (None when the coordinator admits by allow-list).
-        tls_dir: a folder made by protocols.tls.write_tls_dir, to talk mTLS.
+        tls_dir: a folder made by protocols.tls.write_tls_dir, to talk mTLS (hand-made CA).
+        fingerprint: the coordinator's fingerprint ("sha256:HEX"); default: the token's.
+        plaintext: talk plaintext gRPC even to a non-loopback address (`--plaintext`); no CSR.
+        tls_key: this peer's P-256 key (PEM) for its TLS leaf; default: an ephemeral one.
         call_timeout_s: deadline of one attempt of one call.
         expect_coordinator_key: refuse a coordinator whose key differs (e.g. the key announced
             over mDNS, or one configured by the operator). Without it the key of the first
@@ -106,11 +134,20 @@ class CoordinatorClient:
     def __init__(self, address: str, identity: Identity, token: str | None = None, *,
                  tls_dir: str | None = None, call_timeout_s: float = 10.0,
                  expect_coordinator_key: bytes | None = None,
+                 fingerprint: str | None = None, plaintext: bool = False,
+                 tls_key: bytes | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.address = address
         self.identity = identity
         self.token = token
         self.tls_dir = tls_dir
+        token_fp = parse_token(token)[1] if token else None
+        self.fingerprint = tls_.check_fingerprint(fingerprint) if fingerprint else token_fp
+        self.plaintext = plaintext
+        self.tls_key = None if plaintext else (tls_key or tls_.new_tls_key())
+        self.tls_ca: bytes | None = None  # the swarm CA, pinned once verified
+        self.tls_certificate: bytes | None = None  # this peer's leaf from the last Join
+        self.secure = False  # whether the channel to the coordinator is TLS
         self.call_timeout_s = call_timeout_s
         self.clock = clock
         self.certificate: pb.SignedCertificate | None = None
@@ -146,8 +183,11 @@ class CoordinatorClient:
         request = pb.JoinRequest(
             public_key=key, timestamp=now, benchmark=benchmark.to_proto(), address=address,
             stage_hint=stage_hint, step_hint=step_hint, version=VERSION,
-            token_proof=token_proof(self.token, key, now) if self.token else b"")
+            token_proof=token_proof(self.token, key, now) if self.token else b"",
+            tls_csr=tls_.csr_for_key(self.identity.peer_id, self.tls_key) if self.tls_key
+            else b"")
         reply = await self._call("Join", request, retry_s, backoff_cap_s=5.0)
+        self._check_tls_reply(reply)  # before anything else in the reply is trusted
         key_changed = bool(self.coordinator_public_key) and \
             reply.coordinator_public_key != self.coordinator_public_key
         if key_changed and self._pinned:
@@ -203,6 +243,13 @@ class CoordinatorClient:
             self.rejoins += 1
             return HeartbeatResult(joined.epoch, self.lease_expires, joined.stage, "rejoin",
                                    joined.view_proto)
+        if (self.tls_certificate and tls_.leaf_not_after(self.tls_certificate) - self.clock()
+                < 86400 and reply.action != "drain"):
+            # the TLS leaf ends within a day: a re-join (same stage) issues a new one
+            benchmark, address = self._join_args
+            with contextlib.suppress(CoordinatorError):
+                await self.join(benchmark, address, self.stage, self._last_step,
+                                retry_s=self.heartbeat_s)
         if reply.HasField("renewed"):
             self.certificate = reply.renewed
             self.certificate_expires = pb.Certificate.FromString(
@@ -212,6 +259,48 @@ class CoordinatorClient:
         if view is not None:
             self.known_epoch = view.epoch
         return HeartbeatResult(reply.epoch, reply.lease_expires, reply.stage, reply.action, view)
+
+    def tls(self) -> tls_.PeerTls | None:
+        """This client's TLS material for peer-to-peer mTLS (protocols.tls.peer_channel), or None
+        (plaintext, or no leaf: not joined, or a coordinator without a CA)."""
+        if self.tls_key is None or not self.tls_certificate or not self.tls_ca:
+            return None
+        return tls_.PeerTls(self.tls_ca, self.tls_certificate, self.tls_key)
+
+    def _check_tls_reply(self, reply: pb.JoinReply) -> None:
+        """Refuse a Join reply whose CA or key is not the verified coordinator's."""
+        ca = bytes(reply.tls_ca)
+        if self.secure and ca != self.tls_ca:
+            raise CoordinatorUntrusted(
+                f"the coordinator at {self.address} answered Join with another CA than the one "
+                f"its TLS handshake presented: refusing the reply")
+        if self.fingerprint:
+            if not ca:
+                raise CoordinatorUntrusted(
+                    f"the coordinator at {self.address} sent no CA, so its fingerprint "
+                    f"{self.fingerprint} cannot be checked: it runs an old version or is "
+                    f"another program; refusing to join")
+            try:
+                tls_.verify_coordinator_ca(ca, self.fingerprint,
+                                           bytes(reply.coordinator_public_key))
+            except tls_.TlsTrustError as exc:
+                raise CoordinatorUntrusted(f"{self.address}: {exc}") from None
+        if not ca:
+            return
+        try:
+            named = tls_.coordinator_key_of(ca)
+        except tls_.TlsTrustError as exc:
+            raise CoordinatorUntrusted(f"{self.address}: {exc}") from None
+        if named != bytes(reply.coordinator_public_key):
+            raise CoordinatorUntrusted(f"the coordinator at {self.address} presents a key that "
+                                       f"its own CA does not name; refusing to join")
+        self.tls_ca = ca
+        leaf = bytes(reply.tls_certificate)
+        if leaf and tls_.leaf_common_name(leaf) != self.identity.peer_id:
+            raise CoordinatorUntrusted(f"the coordinator at {self.address} issued a TLS "
+                                       f"certificate for another peer id; refusing it")
+        if leaf:
+            self.tls_certificate = leaf
 
     async def leave(self, reason: str = "leaving", *, retry_s: float = 5.0) -> None:
         """Tell the coordinator this peer is going; its certificate is revoked."""
@@ -276,6 +365,50 @@ class CoordinatorClient:
 
     # ------------------------------------------------------------------ plumbing
 
+    async def _probe(self) -> bytes | None:
+        """The swarm CA the coordinator's TLS port presents, verified against the fingerprint;
+        None when the port is plaintext (allowed on loopback, or with plaintext=True)."""
+        if self.tls_dir or self.plaintext:
+            return None
+        try:
+            der = await asyncio.to_thread(tls_.fetch_server_certificate, self.address,
+                                          min(self.call_timeout_s, 5.0))
+        except ValueError as exc:
+            raise CoordinatorRefused(f"coordinator address: {exc}",
+                                     grpc.StatusCode.INVALID_ARGUMENT) from None
+        except OSError as exc:
+            raise _Unreachable(str(exc)) from None
+        host = tls_.split_host_port(self.address)[0]
+        if der is None:
+            if tls_.link_is_local(host):
+                return None
+            raise CoordinatorUntrusted(
+                f"the coordinator at {self.address} serves plaintext gRPC on a non-loopback "
+                f"address: start it without --plaintext, or pass --plaintext to this peer too "
+                f"(a lab network you trust only)")
+        if not self.fingerprint:
+            raise CoordinatorUntrusted(
+                f"the coordinator at {self.address} serves TLS but this peer has no fingerprint "
+                f"to verify it with: use the token file the coordinator wrote (it ends with "
+                f"sha256:...), or pass --coordinator-fingerprint sha256:... as `shoal "
+                f"coordinator` prints it")
+        try:
+            ca = tls_.der_to_pem(der)
+            tls_.verify_coordinator_ca(ca, self.fingerprint, self.coordinator_public_key
+                                       if self._pinned else None)
+        except tls_.TlsTrustError as exc:
+            raise CoordinatorUntrusted(f"{self.address}: {exc}") from None
+        return ca
+
+    async def _stub_async(self) -> pb_grpc.CoordinatorStub:
+        if self._stub is None and not self.tls_dir and not self.plaintext:
+            ca = await self._probe()
+            if self._stub is not None:  # another task made it meanwhile
+                return self._stub
+            if ca is not None:
+                self.tls_ca, self.secure = ca, True
+        return self._stub_now()
+
     def _stub_now(self) -> pb_grpc.CoordinatorStub:
         if self._stub is None:
             signer = CallSigner(self.identity, lambda: self.certificate)
@@ -292,6 +425,12 @@ class CoordinatorClient:
                 self._channel = grpc.aio.secure_channel(
                     self.address, channel_credentials(self.tls_dir), options=options,
                     interceptors=interceptors)
+            elif self.secure:
+                self._channel = grpc.aio.secure_channel(
+                    self.address, tls_.coordinator_channel_credentials(self.tls_ca),
+                    options=[*options, ("grpc.ssl_target_name_override",
+                                        tls_.COORDINATOR_TLS_NAME)],
+                    interceptors=interceptors)
             else:
                 self._channel = grpc.aio.insecure_channel(self.address, options=options,
                                                           interceptors=interceptors)
@@ -304,9 +443,15 @@ class CoordinatorClient:
         deadline = self.clock() + retry_s
         delay = 0.2
         while True:
-            rpc = getattr(self._stub_now(), method)
             try:
+                rpc = getattr(await self._stub_async(), method)
                 return await rpc(request, timeout=self.call_timeout_s)
+            except _Unreachable as exc:
+                if self.clock() + delay > deadline:
+                    raise CoordinatorUnavailable(
+                        f"the coordinator at {self.address} did not answer {method} for "
+                        f"{retry_s:.0f} s ({exc}); check that it runs and that the address is "
+                        f"right") from None
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 if code not in RETRYABLE:

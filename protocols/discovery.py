@@ -8,10 +8,12 @@ of Docker Desktop. The coordinator announces its gRPC port with TXT properties:
     version      the coordinator's shoal version
     fingerprint  peer id of the coordinator's Ed25519 key (sha256(key)[:16] hex)
     key          the coordinator's raw public key, hex
+    tls_fp       the coordinator's fingerprint (protocols.tls.fingerprint: its key and its CA)
 
-TXT data is unauthenticated: a peer may pin `key` (CoordinatorClient(expect_coordinator_key=))
-and the Join reply then proves the coordinator holds it; a spoofed announcement can only point a
-peer at a coordinator that will not admit it or that it will refuse.
+TXT data is unauthenticated, so it only narrows the search: a peer must already know the
+fingerprint (its token file carries it, or --coordinator-fingerprint), keeps only announcements
+with that `tls_fp` (`matching`), and CoordinatorClient then checks the coordinator's CA and key
+against it before trusting anything it says. A peer without a fingerprint does not use mDNS.
 """
 
 from __future__ import annotations
@@ -69,7 +71,8 @@ class Announcement:
 
 
 async def announce(port: int, *, swarm_id: str, version: str, public_key: bytes,
-                   host: str = "0.0.0.0", name: str | None = None) -> Announcement:
+                   host: str = "0.0.0.0", name: str | None = None,
+                   tls_fingerprint: str = "") -> Announcement:
     """Announce a coordinator listening on `port` (on `host`, or on every interface).
 
     Raises:
@@ -80,6 +83,8 @@ async def announce(port: int, *, swarm_id: str, version: str, public_key: bytes,
     label = name or f"shoal-{swarm_id[:20]}-{fingerprint[:8]}"
     properties = {"swarm_id": swarm_id, "version": version, "fingerprint": fingerprint,
                   "key": public_key.hex()}
+    if tls_fingerprint:
+        properties["tls_fp"] = tls_fingerprint
     info = AsyncServiceInfo(
         SERVICE_TYPE, f"{label}.{SERVICE_TYPE}", port=port, properties=properties,
         addresses=[socket.inet_aton(a) for a in addresses],
@@ -150,3 +155,31 @@ async def discover(timeout: float = 3.0, *, swarm_id: str | None = None
 
 def _s(x: bytes | str) -> str:
     return x.decode("utf-8", "replace") if isinstance(x, bytes) else x
+
+
+class DiscoveryRefused(RuntimeError):
+    """mDNS found no coordinator this peer may trust; the message says what to pass instead."""
+
+
+def matching(found: list[tuple[str, int, dict[str, str]]], fingerprint: str | None
+             ) -> tuple[str, int, dict[str, str]]:
+    """The first announcement with `fingerprint`; DiscoveryRefused when there is none (or when
+    the peer has no fingerprint: whatever answers first on a LAN is not a coordinator to trust).
+    """
+    if not fingerprint:
+        raise DiscoveryRefused(
+            "finding the coordinator by mDNS needs its fingerprint, or any host on the LAN could "
+            "pose as it: use the token file the coordinator wrote (it carries the fingerprint), "
+            "pass --coordinator-fingerprint sha256:... (printed by `shoal coordinator`), or "
+            "pass --coordinator HOST:PORT")
+    if not found:
+        raise DiscoveryRefused("no coordinator found by mDNS on this LAN: pass --coordinator "
+                               "HOST:PORT or set SHOAL_COORDINATOR")
+    for entry in found:
+        if entry[2].get("tls_fp", "").lower() == fingerprint:
+            return entry
+    others = ", ".join(sorted({e[2].get("tls_fp", "(none)")[:23] + "..." for e in found}))
+    raise DiscoveryRefused(
+        f"mDNS found {len(found)} coordinator(s), none with fingerprint {fingerprint} (they "
+        f"announce {others}): refusing to join another coordinator. Check the token file, or "
+        f"pass --coordinator HOST:PORT")
