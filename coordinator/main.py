@@ -38,6 +38,7 @@ from pathlib import Path
 
 import grpc
 
+from coordinator.ca import CaError, CoordinatorCA
 from coordinator.events import Event, EventLog, History
 from coordinator.http import make_app, start_http
 from coordinator.membership import RESTART_EPOCH_GAP, Membership
@@ -47,6 +48,7 @@ from protocols.auth import Admission, AuthInterceptor, new_token
 from protocols.identity import Identity
 from protocols.runspec import RunSpec
 from protocols.tensor_stream import grpc_options
+from protocols.tls import coordinator_server_credentials, link_is_local
 
 log = logging.getLogger("shoal.coordinator")
 
@@ -165,6 +167,7 @@ async def serve(config: str | Path | RunSpec | None = None, port: int = 7000,
                 http_port: int = 8080, state_dir: str | Path = "./shoal-state",
                 token_file: str | None = None, allow_file: str | None = None,
                 mdns: bool = True, host: str = "0.0.0.0", *, tls_dir: str | None = None,
+                plaintext: bool = False,
                 clock: Callable[[], float] = time.time) -> CoordinatorHandle:
     """Start a coordinator on the running event loop; see the module docstring."""
     state = Path(state_dir)
@@ -172,6 +175,10 @@ async def serve(config: str | Path | RunSpec | None = None, port: int = 7000,
     loop = asyncio.get_running_loop()
     snapshot = await loop.run_in_executor(None, store.load)
     identity = Identity.load_or_create(state / KEY_FILE)
+    try:
+        ca = CoordinatorCA.load_or_create(state, identity.public_key)
+    except CaError as exc:
+        raise CoordinatorStartError(str(exc)) from None
     now = clock()
     events, history = EventLog(), History()
     if snapshot is None:
@@ -194,6 +201,8 @@ async def serve(config: str | Path | RunSpec | None = None, port: int = 7000,
         events.restore(snapshot.events)
         history.restore(snapshot.history)
     admission, token_path = _admission(state, token_file, allow_file)
+    if token_path is not None:
+        ca.stamp_token_file(token_path)  # peers verify this coordinator with the token alone
     membership = Membership(spec, swarm_id, epoch=epoch, events=events, history=history)
     membership.bytes_sent_total = totals.get("sent", 0)
     membership.bytes_received_total = totals.get("received", 0)
@@ -211,6 +220,7 @@ async def serve(config: str | Path | RunSpec | None = None, port: int = 7000,
                              admission=admission, membership=membership, serial=serial,
                              clock=clock)
     svc.restarts = restarts
+    svc.ca = ca
 
     def collect(progress: bool) -> Batch:
         batch = svc.collect(progress)
@@ -241,6 +251,10 @@ async def serve(config: str | Path | RunSpec | None = None, port: int = 7000,
             from protocols.tls import server_credentials
 
             bound = server.add_secure_port(f"{host}:{port}", server_credentials(tls_dir))
+        elif not plaintext and not link_is_local(host):  # TLS with the swarm CA by default
+            bound = server.add_secure_port(f"{host}:{port}", coordinator_server_credentials(
+                ca.cert_pem, ca.key_pem))
+            svc.tls = True
         else:
             bound = server.add_insecure_port(f"{host}:{port}")
     except RuntimeError as exc:
@@ -269,7 +283,8 @@ async def serve(config: str | Path | RunSpec | None = None, port: int = 7000,
 
         try:
             handle.announcement = await announce(bound, swarm_id=swarm_id, version=svc.version,
-                                                  public_key=identity.public_key, host=host)
+                                                  public_key=identity.public_key, host=host,
+                                                  tls_fingerprint=ca.fingerprint)
         except DiscoveryError as exc:
             log.warning("%s", exc)
     log.info("coordinator for swarm %s (run %r) at epoch %d: gRPC %s, HTTP %s", swarm_id,
@@ -324,7 +339,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-file", help="join token peers must present")
     p.add_argument("--allow-file", help="hex Ed25519 public keys allowed to join, one a line")
     p.add_argument("--no-mdns", action="store_true", help="do not announce on the LAN")
-    p.add_argument("--tls-dir", help="serve gRPC over mTLS with the certificates in this folder")
+    p.add_argument("--tls-dir", help="serve gRPC over mTLS with the certificates in this folder "
+                   "(default: TLS with the swarm CA the coordinator keeps in --state-dir)")
+    p.add_argument("--plaintext", action="store_true",
+                   help="serve gRPC without TLS even on a non-loopback address (lab only)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -341,7 +359,8 @@ async def _run(args: argparse.Namespace) -> int:
     try:
         handle = await serve(args.config, args.port, args.http_port, args.state_dir,
                              args.token_file, args.allow_file, not args.no_mdns, args.host,
-                             tls_dir=getattr(args, "tls_dir", None))
+                             tls_dir=getattr(args, "tls_dir", None),
+                             plaintext=getattr(args, "plaintext", False))
     except Exception as exc:  # RunSpecError, StoreError, KeyFileError, CoordinatorStartError
         print(f"shoal coordinator: {exc}", file=sys.stderr)
         return 2
@@ -354,6 +373,9 @@ async def _run(args: argparse.Namespace) -> int:
           f"Prometheus {handle.http_url}metrics)", flush=True)
     if handle.token_file is not None:
         print(f"shoal coordinator: join token in {handle.token_file}", flush=True)
+    print(f"shoal coordinator: fingerprint {svc.ca.fingerprint} (in the token file; peers "
+          f"admitted by allow-list pass --coordinator-fingerprint); gRPC "
+          f"{'TLS' if svc.tls else 'plaintext'}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

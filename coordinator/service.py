@@ -33,6 +33,7 @@ import grpc
 from google.protobuf.message import Message
 
 from coordinator.assignment import rebalance_due
+from coordinator.ca import CoordinatorCA
 from coordinator.ledger import LedgerRefused, SpsaLedger, ledger_reply, training_stage0
 from coordinator.membership import Member, Membership
 from coordinator.messages import (
@@ -98,6 +99,8 @@ class CoordinatorService:
         self.version = VERSION
         self.loop_lag_s = 0.0  # worst event-loop lag of the last seconds (set by main)
         self.journal: Journal | None = None
+        self.ca: CoordinatorCA | None = None  # the swarm's TLS CA (set by coordinator.main)
+        self.tls = False  # whether the gRPC port serves TLS (set by coordinator.main)
         self.last_rebalance = clock()
         self.rejected: dict[str, int] = {}  # INVALID_ARGUMENT / PERMISSION_DENIED by method
         self.heartbeat_seconds = _Histogram((0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05))
@@ -145,13 +148,14 @@ class CoordinatorService:
                 raise BadRequest(f"step_hint must be < 2**53, got {request.step_hint}")
             check_text("version", request.version, 64)
             self.admission.check(key, bytes(request.token_proof), request.timestamp, now)
+            tls_fields = self._tls_fields(bytes(request.tls_csr), peer_id_of(key))
         except BadRequest as exc:
             await self._refuse(context, "Join", grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except AdmissionDenied as exc:
             await self._refuse(context, "Join", exc.code, str(exc))
         peer_id = peer_id_of(key)
         if request.stage_hint == OBSERVER_STAGE:
-            return self._join_observer(peer_id, key, now)
+            return self._join_observer(peer_id, key, now, tls_fields)
         member = self.membership.join(peer_id, key, address, bench, request.stage_hint,
                                       request.step_hint, now)
         cert = self._issue(member, now)
@@ -162,10 +166,24 @@ class CoordinatorService:
             certificate=cert, coordinator_public_key=self.identity.public_key,
             run_spec_toml=self.spec_toml, stage=member.stage, epoch=self.membership.epoch,
             lease_seconds=self.spec.membership.lease_s,
-            heartbeat_interval=self.spec.membership.heartbeat_s, swarm_id=self.swarm_id)
+            heartbeat_interval=self.spec.membership.heartbeat_s, swarm_id=self.swarm_id,
+            **tls_fields)
         return reply.SerializeToString() + self.view(now).join_field
 
-    def _join_observer(self, peer_id: str, key: bytes, now: float) -> bytes:
+    def _tls_fields(self, csr: bytes, peer_id: str) -> dict[str, bytes]:
+        """JoinReply's tls_certificate (a leaf for the CSR, issued to the verified caller) and
+        tls_ca; BadRequest for a CSR that is malformed or names another peer (coordinator/ca.py)."""
+        if self.ca is None:
+            return {}
+        if not csr:
+            return {"tls_ca": self.ca.cert_pem}
+        try:
+            return {"tls_certificate": self.ca.sign(csr, peer_id), "tls_ca": self.ca.cert_pem}
+        except ValueError as exc:
+            raise BadRequest(f"tls_csr: {exc}") from None
+
+    def _join_observer(self, peer_id: str, key: bytes, now: float,
+                       tls_fields: dict[str, bytes]) -> bytes:
         """An observer (export, inspection) gets a certificate and the view, but no stage."""
         self.serial += 1
         cert = issue_certificate(self.identity, key, self.swarm_id, self.cert_ttl_s, now,
@@ -178,7 +196,8 @@ class CoordinatorService:
             certificate=cert, coordinator_public_key=self.identity.public_key,
             run_spec_toml=self.spec_toml, stage=OBSERVER_STAGE, epoch=self.membership.epoch,
             lease_seconds=self.spec.membership.lease_s,
-            heartbeat_interval=self.spec.membership.heartbeat_s, swarm_id=self.swarm_id)
+            heartbeat_interval=self.spec.membership.heartbeat_s, swarm_id=self.swarm_id,
+            **tls_fields)
         return reply.SerializeToString() + self.view(now).join_field
 
     def is_member(self, peer_id: str) -> bool:

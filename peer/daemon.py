@@ -10,6 +10,13 @@ SIGTERM or a spot-interruption notice drain: stop taking work, finish in-flight 
 within the grace period, tell the coordinator, exit 0. SIGKILL loses at most its in-flight
 microbatches: the coordinator expires its lease and routers resend elsewhere.
 
+Links (protocols/tls.py): unless `--plaintext`, the peer sends a CSR for its P-256 key
+(IDENTITY.tls.key, 0600) with its Join and gets a leaf naming its peer id from the coordinator (the
+swarm's CA). Its server serves mTLS whenever it is reachable from another machine (its --host or
+--advertise address is not loopback), and it dials other peers with protocols.tls.peer_channel.
+The coordinator is verified against its fingerprint (the token file's, or
+--coordinator-fingerprint); mDNS discovery is used only with one.
+
 One asyncio event loop (uvloop) per process; torch runs on the StageHost's compute thread, so a
 long forward pass never delays a heartbeat.
 
@@ -43,10 +50,16 @@ from peer.services import serve
 from peer.sync.base import SyncMode
 from peer.sync.registry import make_driver, make_sync_mode
 from peer.sync.rounds import SyncRounds
-from protocols import auth, codec
+from protocols import auth, codec, tls
 from protocols import shoal_pb2 as pb
 from protocols import shoal_pb2_grpc as pbg
-from protocols.coordinator_client import CoordinatorClient, PeerStats, SwarmView
+from protocols.admission import parse_token
+from protocols.coordinator_client import (
+    CoordinatorClient,
+    CoordinatorRefused,
+    PeerStats,
+    SwarmView,
+)
 from protocols.identity import Identity
 from protocols.recovery_report import RecoveryReport
 from protocols.runspec import RunSpec
@@ -76,8 +89,13 @@ class PeerDaemon:
         self.queue = 0
         self.step_lock = asyncio.Lock()
         self.stopped = asyncio.Event()
-        self._channels = wire.Channels(lambda: auth.client_interceptors(
-            auth.CallSigner(self.identity, lambda: self.client.certificate)))
+        self.plaintext = bool(getattr(args, "plaintext", False))
+        self.server_tls: tls.PeerServerTls | None = None  # set when the server serves mTLS
+        self._channels = wire.Channels(
+            lambda: auth.client_interceptors(
+                auth.CallSigner(self.identity, lambda: self.client.certificate)),
+            tls=lambda: self.client.tls() if self.client is not None else None,
+            peer_of=self._peer_at)
         self._throughput = 0.0  # EMA of samples/s actually computed here
         self.driver: Driver | None = None
         self.client: CoordinatorClient | None = None
@@ -124,6 +142,13 @@ class PeerDaemon:
     def channel(self, address: str) -> grpc.aio.Channel:
         return self._channels.get(address)
 
+    def _peer_at(self, address: str) -> str:
+        """The peer id the view places at `address` ("" when none): the TLS name to dial."""
+        for p in self.view.peers if self.view is not None else ():
+            if p.address == address:
+                return p.peer_id
+        return ""
+
     def address_of(self, peer_id: str) -> str:
         return consistency.address_of(self.view, peer_id)
 
@@ -143,16 +168,33 @@ class PeerDaemon:
 
     async def start(self) -> None:
         args = self.args
-        self.server, port = serve(self, f"{args.host}:{args.port}")
+        self.server_tls = self._server_tls()
+        self.server, port = serve(self, f"{args.host}:{args.port}",
+                                  self.server_tls.credentials if self.server_tls else None)
         if port == 0:
             raise SystemExit(f"cannot listen on {args.host}:{args.port}: address in use?")
         await self.server.start()
         self.address = f"{args.advertise or args.host}:{port}"
-        coordinator = args.coordinator or await machine.discover_coordinator()
-        self.client = CoordinatorClient(coordinator, self.identity, token=self.token)
+        fingerprint = self._fingerprint()
+        coordinator = args.coordinator or await self._discover(fingerprint)
+        tls_key = None if self.plaintext else tls.load_or_create_tls_key(
+            Path(args.identity).with_suffix(".tls.key"))
+        self.client = CoordinatorClient(coordinator, self.identity, token=self.token,
+                                        fingerprint=fingerprint, plaintext=self.plaintext,
+                                        tls_key=tls_key)
         bench = await asyncio.to_thread(machine.benchmark, args.throttle,
                                         getattr(args, "simulate_speed", 0.0))
-        joined = await self.client.join(bench, self.address, stage_hint=args.stage)
+        try:
+            joined = await self.client.join(bench, self.address, stage_hint=args.stage)
+        except CoordinatorRefused as exc:
+            raise SystemExit(f"shoal peer: cannot join: {exc}") from None
+        if self.server_tls is not None:
+            leaf = self.client.tls()
+            if leaf is None:
+                raise SystemExit("shoal peer: the coordinator issued no TLS certificate, so this "
+                                 "peer cannot serve mTLS: update the coordinator, or run both "
+                                 "with --plaintext on a network you trust")
+            self.server_tls.update(leaf)
         self.spec = joined.spec
         self.view = joined.view
         log.info("joined %s as %s at %s: stage %d of %d, sync %s", coordinator,
@@ -161,6 +203,44 @@ class PeerDaemon:
         # Heartbeat from now on: taking the stage (a download) may outlast the lease.
         self._heartbeats = asyncio.ensure_future(self.heartbeat_loop())
         await self._take_stage(joined.stage)
+
+    def _server_tls(self) -> tls.PeerServerTls | None:
+        """mTLS for this peer's server unless --plaintext or every address of it is loopback."""
+        args = self.args
+        bind = args.host
+        advertise = args.advertise or bind  # a host: the port is appended to it
+        if self.plaintext or (tls.link_is_local(bind) and tls.link_is_local(advertise)):
+            return None
+        if tls.link_is_local(advertise):
+            raise SystemExit(f"shoal peer: --host {bind} is reachable from other machines but "
+                             f"the advertised address {advertise} is loopback: advertise an "
+                             f"address others can reach (--advertise), serve on 127.0.0.1, or "
+                             f"pass --plaintext")
+        return tls.PeerServerTls()
+
+    def _fingerprint(self) -> str | None:
+        given = getattr(self.args, "coordinator_fingerprint", None)
+        if given:
+            try:
+                return tls.check_fingerprint(given)
+            except ValueError as exc:
+                raise SystemExit(f"shoal peer: --coordinator-fingerprint: {exc}") from None
+        return parse_token(self.token)[1] if self.token else None
+
+    async def _discover(self, fingerprint: str | None) -> str:
+        """HOST:PORT of the coordinator with `fingerprint` that mDNS finds (SystemExit if none)."""
+        from protocols.discovery import DiscoveryRefused, discover, matching
+
+        if not fingerprint:  # say so before waiting for mDNS answers
+            try:
+                matching([], None)
+            except DiscoveryRefused as exc:
+                raise SystemExit(f"shoal peer: {exc}") from None
+        try:
+            host, port, _ = matching(await discover(timeout=5.0), fingerprint)
+        except DiscoveryRefused as exc:
+            raise SystemExit(f"shoal peer: {exc}") from None
+        return f"{host}:{port}"
 
     async def _take_stage(self, stage: int) -> None:
         """Hold `stage`: download it from a live replica; or, when the view says the stage lost
@@ -228,6 +308,8 @@ class PeerDaemon:
         while not self.stopped.is_set():
             try:
                 res = await self.client.heartbeat(self.stats())
+                if self.server_tls is not None and self.client.tls() is not None:
+                    self.server_tls.update(self.client.tls())  # a re-join renews the leaf
                 view = res.view
                 if view is not None:
                     self.view = view

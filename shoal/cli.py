@@ -67,14 +67,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _cmd_peer(args: argparse.Namespace) -> int:
     if args.tls_dir:
-        # The coordinator serves mTLS (`shoal coordinator --tls-dir`), but the peer daemon's
-        # channels (to the coordinator and to other peers) and its own gRPC server are plaintext
-        # with signed calls: accepting the flag and ignoring it would promise an encryption that
-        # does not happen.
-        print("shoal peer: --tls-dir is not supported yet: mTLS between peers (and from a peer "
-              "to the coordinator) is not wired into the peer daemon; every call is signed with "
-              "the peer's Ed25519 identity (protocols/auth.py) but travels unencrypted. Run "
-              "without --tls-dir on a network you trust, or over a VPN/WireGuard tunnel.",
+        # TLS is automatic: the coordinator (the swarm's CA) issues the peer its certificate at
+        # Join. A hand-made folder would be a second, unchecked source of trust.
+        print("shoal peer: --tls-dir is not used by peers: links are mTLS by default with a "
+              "certificate the coordinator issues at join (protocols/tls.py); the coordinator is "
+              "verified with the fingerprint in the token file or --coordinator-fingerprint. "
+              "Drop --tls-dir (or pass --plaintext on a lab network you trust).",
               file=sys.stderr)
         return 2
     from peer.daemon import main as peer_main
@@ -161,8 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pad compute to this speed, emulating a machine of its own (benchmarks)")
     p.add_argument("--stage", type=int, default=-1, help="ask for this stage (default: assigned)")
     p.add_argument("--snapshot-dir", help="keep periodic safetensors snapshots of the stage here")
-    p.add_argument("--tls-dir", help="not supported yet (mTLS between peers is not wired): "
-                   "refused with an error")
+    p.add_argument("--tls-dir", help=argparse.SUPPRESS)  # refused: TLS is automatic
+    p.add_argument("--plaintext", action="store_true",
+                   help="no TLS on any link (the coordinator must run --plaintext too); default: "
+                   "mTLS with a certificate the coordinator issues, on every non-loopback link")
+    p.add_argument("--coordinator-fingerprint",
+                   default=os.environ.get("SHOAL_COORDINATOR_FINGERPRINT"),
+                   help="sha256:HEX as `shoal coordinator` prints it (default: the one in the "
+                   "token file); needed with an allow-list, and for mDNS discovery")
     p.add_argument("--router", choices=("swarm", "round_robin"), default="swarm",
                    help="stage 0: how the next replica is chosen (round_robin = the baseline)")
     p.add_argument("--init-model", help="first replica of a stage starts from this exported "

@@ -20,6 +20,7 @@ import torch
 from protocols import codec, tensor_stream
 from protocols import shoal_pb2 as pb
 from protocols.runspec import RunSpec
+from protocols.tls import PeerTls, peer_channel
 
 ACTIVATION_ENCODINGS = {
     "fp32": pb.RAW,
@@ -145,19 +146,27 @@ def state_limits(spec: RunSpec) -> codec.Limits:
 
 
 class Channels:
-    """This peer's gRPC channels to other peers, one per address, made with the client
-    interceptors `interceptors()` gives (protocols.auth: each call signed). Event loop only."""
+    """This peer's gRPC channels to other peers, one per (address, peer id), made with the client
+    interceptors `interceptors()` gives (protocols.auth: each call signed) by
+    protocols.tls.peer_channel: mTLS with this peer's leaf (`tls()`) to the peer `peer_of(address)`
+    names, unless the link is loopback or the peer runs --plaintext (tls() None). Event loop
+    only."""
 
-    def __init__(self, interceptors: Callable[[], list]) -> None:
+    def __init__(self, interceptors: Callable[[], list],
+                 tls: Callable[[], PeerTls | None] = lambda: None,
+                 peer_of: Callable[[str], str] = lambda address: "") -> None:
         self._interceptors = interceptors
-        self._by_address: dict[str, grpc.aio.Channel] = {}
+        self._tls = tls
+        self._peer_of = peer_of
+        self._by_address: dict[tuple[str, str], grpc.aio.Channel] = {}
 
     def get(self, address: str) -> grpc.aio.Channel:
-        ch = self._by_address.get(address)
+        key = (address, self._peer_of(address))  # a new peer at an old address: a new channel
+        ch = self._by_address.get(key)
         if ch is None:
-            ch = grpc.aio.insecure_channel(address, options=tensor_stream.grpc_options(),
-                                           interceptors=self._interceptors())
-            self._by_address[address] = ch
+            ch = peer_channel(address, key[1], self._tls(), options=tensor_stream.grpc_options(),
+                              interceptors=self._interceptors())
+            self._by_address[key] = ch
         return ch
 
     async def close(self) -> None:
