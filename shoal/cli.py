@@ -186,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coordinator", default=os.environ.get("SHOAL_COORDINATOR"), required=False)
     p.add_argument("--identity", default=os.environ.get("SHOAL_IDENTITY", "./shoal-export.key"))
     p.add_argument("--token-file", default=os.environ.get("SHOAL_TOKEN_FILE"))
+    p.add_argument("--plaintext", action="store_true", help="no TLS (a --plaintext swarm)")
+    p.add_argument("--coordinator-fingerprint",
+                   default=os.environ.get("SHOAL_COORDINATOR_FINGERPRINT"),
+                   help="sha256:HEX of the coordinator (default: the one in the token file)")
     p.add_argument("--out", required=True, help="folder for model.safetensors and config.json")
     p.set_defaults(func=_cmd_export)
 

@@ -30,6 +30,7 @@ from protocols.coordinator_client import (
     CoordinatorClient,
 )
 from protocols.identity import Identity
+from protocols.tls import peer_channel
 
 log = logging.getLogger("shoal.export")
 
@@ -39,10 +40,13 @@ class ExportFailed(RuntimeError):
 
 
 async def pull_stage_states(coordinator: str, identity: Identity, token: str | None,
-                            counter: wire.ByteCounter | None = None):
-    """(spec, view, [state dict of stage 0, 1, ..., S]) from live replicas."""
+                            counter: wire.ByteCounter | None = None, *, plaintext: bool = False,
+                            fingerprint: str | None = None):
+    """(spec, view, [state dict of stage 0, 1, ..., S]) from live replicas (over mTLS with a
+    leaf the coordinator issues this observer, unless `plaintext`)."""
     counter = counter or wire.ByteCounter()
-    client = CoordinatorClient(coordinator, identity, token=token)
+    client = CoordinatorClient(coordinator, identity, token=token, plaintext=plaintext,
+                               fingerprint=fingerprint)
     try:
         joined = await client.join(Benchmark(declared=True), "", stage_hint=OBSERVER_STAGE)
         spec = joined.spec
@@ -58,8 +62,9 @@ async def pull_stage_states(coordinator: str, identity: Identity, token: str | N
                                    "a peer to take it (see `shoal status`)")
             last_error = ""
             for p in replicas:
-                ch = grpc.aio.insecure_channel(p.address, options=tensor_stream.grpc_options(),
-                                               interceptors=auth.client_interceptors(signer))
+                ch = peer_channel(p.address, p.peer_id, client.tls(),
+                                  options=tensor_stream.grpc_options(),
+                                  interceptors=auth.client_interceptors(signer))
                 channels.append(ch)
                 try:
                     call = pbg.StateStub(ch).Download(
@@ -93,8 +98,10 @@ def _params_only(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 async def export_to(out: str | Path, coordinator: str, identity: Identity,
-                    token: str | None) -> Path:
-    spec, _, states = await pull_stage_states(coordinator, identity, token)
+                    token: str | None, *, plaintext: bool = False,
+                    fingerprint: str | None = None) -> Path:
+    spec, _, states = await pull_stage_states(coordinator, identity, token,
+                                              plaintext=plaintext, fingerprint=fingerprint)
     full = assemble(states[0][0], [s for s, _ in states[1:]])
     steps = sorted({step for _, step in states})
     return save_model(out, model_config(spec), full, metadata={
@@ -124,9 +131,9 @@ async def pipeline_logits(coordinator: str, identity: Identity, token: str | Non
                 live = [p for p in view.replicas(stage) if p.state in READY_STATES]
                 if not live:
                     raise ExportFailed(f"stage {stage} has no live replica")
-                ch = grpc.aio.insecure_channel(live[0].address,
-                                               options=tensor_stream.grpc_options(),
-                                               interceptors=auth.client_interceptors(signer))
+                ch = peer_channel(live[0].address, live[0].peer_id, client.tls(),
+                                  options=tensor_stream.grpc_options(),
+                                  interceptors=auth.client_interceptors(signer))
                 channels.append(ch)
                 header = pb.CallHeader(kind="forward", microbatch_id="inspect", stage=stage,
                                        sender=identity.peer_id)
@@ -151,7 +158,9 @@ def export_main(args: argparse.Namespace) -> int:
     token = Path(args.token_file).read_text().strip() if args.token_file else None
     identity = Identity.load_or_create(args.identity)
     try:
-        out = asyncio.run(export_to(args.out, args.coordinator, identity, token))
+        out = asyncio.run(export_to(args.out, args.coordinator, identity, token,
+                                    plaintext=getattr(args, "plaintext", False),
+                                    fingerprint=getattr(args, "coordinator_fingerprint", None)))
     except ExportFailed as exc:
         print(f"shoal export: {exc}")
         return 1

@@ -16,6 +16,9 @@ Design. Three layers, one file each, so each can be used alone (tests and bench.
   one real `shoal peer` on each host `peerN` (with `--mdns` they find the coordinator by
   zeroconf across the bridge instead of being told its address), the relays, and the faults
   (kill -9, SIGTERM with grace, SIGSTOP/SIGCONT, link down/up, coordinator restart, respawn).
+- Links are mTLS as in a real deployment (the coordinator issues each peer its certificate;
+  peers verify the coordinator by the fingerprint in the token file); `--plaintext` turns TLS
+  off on every link.
 - shoal/lab/scenario.py — the fault language, the seeded chaos generator and the runner.
 This module ties them into a run: build the network, start the swarm, follow the steps, fire
 faults when due, export the model at the end (from inside `coord`, over the capped links), load
@@ -78,6 +81,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mdns", action="store_true",
                    help="peers find the coordinator by mDNS instead of --coordinator")
     p.add_argument("--grace", type=float, default=10.0, help="peers' drain grace, s")
+    p.add_argument("--plaintext", action="store_true",
+                   help="no TLS on any link (default: mTLS with certificates from the "
+                   "coordinator on every link, as in a real deployment)")
     p.add_argument("--data", help="text files or directory for stage 0 (default: stdlib)")
     p.add_argument("--out", help="keep summary.json, the model and the logs here")
     p.add_argument("--seed", type=int, help="run seed (default: the config's, else 0)")
@@ -174,11 +180,14 @@ def main(args: argparse.Namespace) -> int:
     try:
         net.create()
         swarm = LabSwarm(work, spec, net, delay_ms=args.delay_ms, mdns=args.mdns,
-                         data=args.data, grace_s=args.grace)
+                         data=args.data, grace_s=args.grace,
+                         plaintext=getattr(args, "plaintext", False))
         print(f"shoal lab {net.prefix}: {args.hosts} peer hosts + coord on 198.18.0.0/15, "
               f"{args.mbit:g} Mbit/s each way, +{args.delay_ms:g} ms each way "
               f"({'every TCP connection' if net.transparent else 'peer ports only'}), "
-              f"{len(faults)} faults scheduled; logs: {swarm.logs}")
+              f"{len(faults)} faults scheduled; "
+              f"{'plaintext links' if swarm.plaintext else 'mTLS on every link'}; "
+              f"logs: {swarm.logs}")
         swarm.start()
         summary = follow(swarm, spec, faults, args)
         (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -282,7 +291,7 @@ def follow(swarm: LabSwarm, spec: RunSpec, faults: list, args: argparse.Namespac
     summary.update({
         "lab": {"prefix": swarm.net.prefix, "hosts": args.hosts, "mbit": args.mbit,
                 "delay_ms": args.delay_ms, "transparent_relay": swarm.net.transparent,
-                "mdns": args.mdns},
+                "mdns": args.mdns, "tls": not swarm.plaintext},
         "completed": summary["steps"] >= spec.run.steps,
         "planned_microbatches": planned, "completed_microbatches": completed,
         "dropped_microbatches": dropped, "discarded_graphs": coord_dropped,

@@ -7,6 +7,10 @@ program itself and signals reach it directly). Host `coord` (198.18.0.1) runs th
 and nothing else; hosts `peer1..peerN` run one peer each at a time, and a delay relay each
 (shoal/lab/relay.py) when the lab adds latency.
 
+Every link is mTLS (the coordinator, bound to 0.0.0.0, serves TLS with the swarm CA; peers
+advertise 198.18.x addresses, so their servers require client certificates from it), unless
+`plaintext=True` passes `--plaintext` to every program.
+
 Peers either get `--coordinator 198.18.0.1:7000` or, with `mdns=True`, no address at all: they
 find the coordinator by zeroconf across the bridge, as on a LAN.
 
@@ -46,7 +50,7 @@ class LabSwarm(Swarm):
 
     def __init__(self, work: Path, spec: RunSpec, net: LabNetwork, *, delay_ms: float = 0.0,
                  mdns: bool = False, data: str | None = None, peer_args: list[str] | None = None,
-                 grace_s: float = 10.0) -> None:
+                 grace_s: float = 10.0, plaintext: bool = False) -> None:
         peer_hosts = [n for n in net.names if n != COORD_HOST]
         super().__init__(work, spec, len(peer_hosts), data, "cpu")
         self.net = net
@@ -55,6 +59,7 @@ class LabSwarm(Swarm):
         self.mdns = mdns
         self.peer_args = peer_args or []
         self.grace_s = grace_s
+        self.plaintext = plaintext  # --plaintext on every program: no TLS on any link
         self.port = GRPC_PORT
         self.http_port = HTTP_PORT
         self.on_host: dict[str, subprocess.Popen] = {}
@@ -119,6 +124,7 @@ class LabSwarm(Swarm):
                 str(self.work / "coordinator"), "--token-file", str(self.token_file)]
         if not self.mdns:
             args.append("--no-mdns")
+        args += self._tls_args()
         self.coordinator = self._cli(COORD_HOST, args, "coordinator.log")
         self.wait_port(COORD_HOST, GRPC_PORT, 60, self.coordinator)
         self.wait_port(COORD_HOST, HTTP_PORT, 30, self.coordinator)
@@ -139,6 +145,7 @@ class LabSwarm(Swarm):
                 str(self.logs / f"{host}-{gen}.metrics.jsonl"), *self.peer_args, *(extra or [])]
         if not self.mdns:
             args += ["--coordinator", self.coordinator_address]
+        args += self._tls_args()
         if self.data:
             args += ["--data", self.data]
         if self.init_model:
@@ -147,6 +154,9 @@ class LabSwarm(Swarm):
         self.peers.append(p)
         self.on_host[host] = p
         return p
+
+    def _tls_args(self) -> list[str]:
+        return ["--plaintext"] if self.plaintext else []
 
     def live_peer_hosts(self) -> list[str]:
         return [h for h in self.peer_hosts
@@ -272,7 +282,8 @@ class LabSwarm(Swarm):
         """`shoal export` from inside `coord`, as a user on that host would run it."""
         p = self._cli(COORD_HOST, ["export", "--coordinator", self.coordinator_address,
                                    "--identity", str(self.work / "keys" / "export.key"),
-                                   "--token-file", str(self.token_file), "--out", str(out)],
+                                   "--token-file", str(self.token_file), "--out", str(out),
+                                   *self._tls_args()],
                       "export.log")
         self.others.append(p)
         try:
