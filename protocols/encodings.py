@@ -104,7 +104,10 @@ def _as_float32(array: np.ndarray, label: str) -> np.ndarray:
 
 
 def _from_float32(values: np.ndarray, label: str) -> np.ndarray:
-    return float32_to_bf16_bits(values) if label == "bfloat16" else values.astype(DTYPES[label])
+    # past the target's range a value becomes Inf (the finiteness check refuses it), silently
+    with np.errstate(over="ignore"):
+        return (float32_to_bf16_bits(values) if label == "bfloat16"
+                else values.astype(DTYPES[label]))
 
 
 # ------------------------------------------------------------------ one codec per encoding
