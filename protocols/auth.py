@@ -31,7 +31,10 @@ Invariants:
   (~0.3 ms on one core here; the rest of the checks ~15 us).
 - A refused request stream is read to its end (at most 2 s / 256 MiB) before the abort: grpc.aio
   clients still writing when a call ends report INTERNAL instead of our status (grpc#36066).
-- A (peer, nonce) pair is accepted once while its timestamp is within the skew window.
+- A (peer, nonce) pair is accepted once while its timestamp is within the skew window. It is
+  remembered only after every check passed, per identity for members (bounded per identity) and
+  in a separate bounded store for key-only calls of non-members (Join): a flood of strangers'
+  Joins can slow down other Joins (RESOURCE_EXHAUSTED), never members' calls.
 
 Limits: the signature does not name the server, so a captured call could be replayed to another
 server within the skew window; use mTLS (protocols.tls) on untrusted networks. Signed streaming
@@ -153,32 +156,57 @@ def _reset_caller(token: contextvars.Token[Caller | None]) -> None:
 
 
 class _Nonces:
-    """(peer id, nonce) pairs seen recently, each kept until its call time leaves the window."""
+    """(peer id, nonce) pairs seen recently, each kept until its call time leaves the window.
 
-    def __init__(self, window_s: float, capacity: int) -> None:
+    `per_key` bounds the pairs one peer id may hold (None: only `capacity` bounds them); beyond
+    either bound a call gets RESOURCE_EXHAUSTED, so one store's callers can only crowd each
+    other. `what` names the store's callers in that message.
+    """
+
+    def __init__(self, window_s: float, capacity: int, per_key: int | None = None,
+                 what: str = "signed calls") -> None:
         self._window_s = window_s
         self._capacity = capacity
+        self._per_key = per_key
+        self._what = what
         self._seen: set[tuple[str, str]] = set()
+        self._count: dict[str, int] = {}
         self._expiry: list[tuple[float, tuple[str, str]]] = []
         self._lock = threading.Lock()
 
     def __contains__(self, key: tuple[str, str]) -> bool:
         return key in self._seen
 
+    def __len__(self) -> int:
+        return len(self._seen)
+
     def add(self, key: tuple[str, str], call_time: float, now: float) -> bool:
         """Record `key`; False if it was already there."""
         with self._lock:
             while self._expiry and self._expiry[0][0] < now:
-                self._seen.discard(heapq.heappop(self._expiry)[1])
+                old = heapq.heappop(self._expiry)[1]
+                self._seen.discard(old)
+                left = self._count.get(old[0], 0) - 1
+                if left > 0:
+                    self._count[old[0]] = left
+                else:
+                    self._count.pop(old[0], None)
             if key in self._seen:
                 return False
             if len(self._seen) >= self._capacity:
                 raise CallRejected(
-                    f"more than {self._capacity} signed calls arrived within the replay window "
+                    f"more than {self._capacity} {self._what} arrived within the replay window "
                     f"({self._window_s:.0f} s); retry in a few seconds",
                     Status.RESOURCE_EXHAUSTED,
                 )
+            if self._per_key is not None and self._count.get(key[0], 0) >= self._per_key:
+                raise CallRejected(
+                    f"peer {key[0]} made more than {self._per_key} signed calls within the "
+                    f"replay window ({self._window_s:.0f} s); slow down and retry",
+                    Status.RESOURCE_EXHAUSTED,
+                )
             self._seen.add(key)
+            self._count[key[0]] = self._count.get(key[0], 0) + 1
             heapq.heappush(self._expiry, (call_time + self._window_s, key))
             return True
 
@@ -196,7 +224,16 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             certificate on any method either.
         max_skew_s: how far a call's time may be from this clock, and how long nonces are kept.
         is_revoked: optional; a revoked peer gets a message saying so rather than "not a member".
-        max_nonces: bound on remembered nonces; beyond it calls get RESOURCE_EXHAUSTED.
+        max_nonces: bound on the nonces remembered for identities that passed the certificate
+            and membership checks (members, the issuer).
+        max_nonces_per_peer: bound on one such identity's nonces within the window; beyond it
+            that identity's calls (only) get RESOURCE_EXHAUSTED.
+        max_stranger_nonces: bound on the nonces of key-only calls (Join) by keys that are not
+            members: strangers filling it get RESOURCE_EXHAUSTED on Join, members never do.
+
+    Replay memory: a nonce is recorded only once the call passed every check (signature,
+    certificate, membership), in a store per kind of caller: members (and the issuer) in one,
+    bounded per identity; key-only calls of non-members in another, bounded as a whole.
     """
 
     def __init__(
@@ -210,6 +247,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         clock: Callable[[], float] = time.time,
         is_revoked: Callable[[str], bool] | None = None,
         max_nonces: int = 1_000_000,
+        max_nonces_per_peer: int = 100_000,
+        max_stranger_nonces: int = 100_000,
     ) -> None:
         self._issuer_public_key = issuer_public_key
         self._swarm_id = swarm_id
@@ -218,7 +257,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self._key_only = key_only_methods
         self._max_skew_s = max_skew_s
         self._clock = clock
-        self._nonces = _Nonces(max_skew_s, max_nonces)
+        self._nonces = _Nonces(max_skew_s, max_nonces, max_nonces_per_peer)
+        self._stranger_nonces = _Nonces(max_skew_s, max_stranger_nonces,
+                                        what="calls by keys that are not members (Join)")
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -287,7 +328,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             f"call to {method} from peer {peer_id} reuses nonce {nonce}: a replayed call is "
             f"refused; sign each call afresh (CallSigner makes a new nonce per call)"
         )
-        if (peer_id, nonce) in self._nonces:
+        # key-only calls of keys that are not members (Join) go to their own bounded store, so
+        # that strangers filling it slow down other Joins only, never members' calls
+        nonces = (self._stranger_nonces
+                  if cert is None and role != COORDINATOR_ROLE and not self._is_member(peer_id)
+                  else self._nonces)
+        if (peer_id, nonce) in nonces:
             raise CallRejected(replay)
         payload = signing_payload(method, stamp, nonce, body_digest)
         if not verify_signature(public_key, signature, payload):
@@ -296,8 +342,6 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 f"time, nonce and body: the request was altered in transit or signed with "
                 f"another key or over other bytes"
             )
-        if not self._nonces.add((peer_id, nonce), call_time, now):
-            raise CallRejected(replay)
         if cert is not None:
             swarm = self._swarm_id()
             if self._is_revoked is not None and self._is_revoked(peer_id):
@@ -312,6 +356,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                     f"lease lapsed); re-join the coordinator",
                     Status.PERMISSION_DENIED,
                 )
+        # recorded last: only a call that passed every check above takes replay memory
+        if not nonces.add((peer_id, nonce), call_time, now):
+            raise CallRejected(replay)
         return Caller(peer_id=peer_id, public_key=public_key, certificate=cert, method=method,
                       role=role)
 
