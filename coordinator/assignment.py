@@ -160,3 +160,21 @@ def rebuild_method(stage: int, live: set[int], n_stages: int, checkfree_plus: bo
     if 2 <= stage <= last - 1 and stage - 1 in live and stage + 1 in live:
         return "checkfree"
     return "snapshot"
+
+
+def stage_for_hint(hint: int, stages: Mapping[int, StageLoad], *, held: int | None,
+                   rebuilding: set[int], trusted: bool = False) -> int | None:
+    """The stage a joining peer's `stage_hint` gets it, or None: the normal assignment decides.
+
+    A hint is the peer's wish, and stage 0 (the driver) and the stage a peer shares with its
+    replicas are privileges, so it is honoured only where it takes nothing from anyone:
+    re-attaching the stage the coordinator knows this peer held (`held`: a restart, a re-join
+    after a lapsed lease), an empty stage, or a stage waiting for a rebuild. With `trusted`
+    (an operator's lab or test swarm: `shoal coordinator --trust-stage-hints`) every valid hint
+    is honoured. `hint` < 0 means none.
+    """
+    if hint < 0 or hint not in stages:
+        return None
+    if trusted or hint == held or not stages[hint].replicas or hint in rebuilding:
+        return hint
+    return None

@@ -10,10 +10,15 @@ stage-0 replicas it expects to post t; the driver sends an empty list, and the c
 service then fills in the stage-0 members it sees training. Step t closes when every expected
 replica has posted, or `timeout_s` after its first post (a replica that died mid-step is a
 missing direction, nothing worse). Steps close in order; a post for a closed step changes
-nothing and gets the closed set back, so a late replica applies what everyone applied. A post
-for a step beyond the next one while nothing is open (the coordinator restarted, or the run
-resumed from exported weights) starts the ledger there: older steps cannot be replayed from
-this store.
+nothing and gets the closed set back, so a late replica applies what everyone applied.
+
+Bounds (issue #12): a post is for the open step only, the ledger's next step or the one after
+it (a driver a step ahead of a slow peer); anything further is refused. Each peer posts once per
+step: the same codes again are a retry and change nothing, other codes are refused. A post that
+would start the ledger afresh (nothing held yet: the coordinator restarted, the run resumed from
+exported weights; or nothing open and the post beyond the open steps: stage 0 was rebuilt from
+a snapshot) is taken only up to `max_start`, the coordinator's attested swarm step + 2: a post
+with step 1e15 cannot wipe the history. Older steps cannot be replayed from this store.
 
 Torch-free, like everything in coordinator/: messages are peer ids and int8 codes, kept as
 bytes. The store is in memory and holds the last `keep_steps` closed steps (a late joiner needs
@@ -71,8 +76,13 @@ class SpsaLedger:
         self._open: dict[int, _OpenStep] = {}
         self.started = False
 
-    def post(self, step: int, peer: str, codes: bytes, expect: list[str], now: float) -> None:
-        """Record `peer`'s codes for `step` (empty codes: it abstains). Closed steps ignore it."""
+    def post(self, step: int, peer: str, codes: bytes, expect: list[str], now: float,
+             max_start: int | None = None) -> None:
+        """Record `peer`'s codes for `step` (empty codes: it abstains). Closed steps ignore it.
+
+        LedgerRefused for a step that is not open (see the module docstring) or a second,
+        different post by `peer` for one step. `max_start`: the furthest step the ledger may
+        (re)start at (None: any)."""
         if len(codes) not in (0, self.directions):
             raise LedgerRefused(f"codes must be {self.directions} bytes (one int8 per direction, "
                                 f"sync.spsa.samples_per_step) or empty, got {len(codes)}")
@@ -80,12 +90,25 @@ class SpsaLedger:
             raise LedgerRefused(f"expect names {len(expect)} replicas; at most {MAX_EXPECT}")
         if step < 1:
             raise LedgerRefused(f"step must be >= 1, got {step}")
-        if not self.started or (step > self.next_step and not self._open):
+        if not self.started or (step > self.next_step + 1 and not self._open):
+            if max_start is not None and step > max_start:
+                raise LedgerRefused(
+                    f"step {step} is beyond the swarm's step (the ledger may start at step "
+                    f"{max_start} at most); post the step you are training")
             self._restart_at(step)
         self.close_due(now)
         if step < self.next_step:
             return  # closed already: the poster will apply the closed set
+        if step > self.next_step + 1:
+            raise LedgerRefused(f"step {step} is not open: the ledger takes posts for steps "
+                                f"{self.next_step} and {self.next_step + 1} only")
         rnd = self._open.setdefault(step, _OpenStep(opened_at=now))
+        before = rnd.posted.get(peer)
+        if before is not None:
+            if before != bytes(codes):
+                raise LedgerRefused(f"peer {peer} already posted other codes for step {step}; "
+                                    f"one post per peer per step")
+            return  # a retry of the same post
         rnd.posted[peer] = bytes(codes)
         rnd.expected.update(expect)
         rnd.expected.add(peer)

@@ -40,8 +40,8 @@ import grpc
 
 from coordinator.ca import CaError, CoordinatorCA
 from coordinator.events import Event, EventLog, History
-from coordinator.http import make_app, start_http
-from coordinator.membership import RESTART_EPOCH_GAP, Membership
+from coordinator.http import DEFAULT_MAX_SSE_CLIENTS, make_app, start_http
+from coordinator.membership import DEFAULT_REJOIN_COOLDOWN_S, RESTART_EPOCH_GAP, Membership
 from coordinator.service import CoordinatorService
 from coordinator.store import Batch, Journal, Store
 from protocols.auth import Admission, AuthInterceptor, new_token
@@ -163,11 +163,30 @@ def _admission(state_dir: Path, token_file: str | None, allow_file: str | None
     return Admission(token=token, allowed_keys=allowed), path
 
 
+def _http_token(path: str | None) -> str | None:
+    """The HTTP API's bearer token from --http-token-file (None: no token)."""
+    if path is None:
+        return None
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise CoordinatorStartError(f"cannot read --http-token-file {path}: "
+                                    f"{exc.strerror}") from exc
+    if len(token) < 16 or not token.isprintable() or " " in token:
+        raise CoordinatorStartError(f"--http-token-file {path} must hold one token of at least "
+                                    f"16 printable characters without spaces (`shoal token new "
+                                    f"FILE` makes one)")
+    return token
+
+
 async def serve(config: str | Path | RunSpec | None = None, port: int = 7000,
                 http_port: int = 8080, state_dir: str | Path = "./shoal-state",
                 token_file: str | None = None, allow_file: str | None = None,
                 mdns: bool = True, host: str = "0.0.0.0", *, tls_dir: str | None = None,
-                plaintext: bool = False,
+                plaintext: bool = False, trust_stage_hints: bool = False,
+                rejoin_cooldown_s: float = DEFAULT_REJOIN_COOLDOWN_S,
+                http_token_file: str | None = None,
+                max_sse_clients: int = DEFAULT_MAX_SSE_CLIENTS,
                 clock: Callable[[], float] = time.time) -> CoordinatorHandle:
     """Start a coordinator on the running event loop; see the module docstring."""
     state = Path(state_dir)
@@ -203,12 +222,16 @@ async def serve(config: str | Path | RunSpec | None = None, port: int = 7000,
     admission, token_path = _admission(state, token_file, allow_file)
     if token_path is not None:
         ca.stamp_token_file(token_path)  # peers verify this coordinator with the token alone
-    membership = Membership(spec, swarm_id, epoch=epoch, events=events, history=history)
+    http_token = _http_token(http_token_file)
+    membership = Membership(spec, swarm_id, epoch=epoch, events=events, history=history,
+                            trust_stage_hints=trust_stage_hints,
+                            rejoin_cooldown_s=rejoin_cooldown_s)
     membership.bytes_sent_total = totals.get("sent", 0)
     membership.bytes_received_total = totals.get("received", 0)
     membership.dropped_total = totals.get("dropped", 0)
     membership.bytes_by_kind_total = dict(totals.get("by_kind", {}))
     if snapshot is not None:
+        membership.restore_bans(snapshot.bans)
         lease = spec.membership.lease_s
         live = sum(1 for m in snapshot.members if m.live)
         membership.restore(snapshot.members, now, max(2 * lease, lease + 5.0),
@@ -268,7 +291,9 @@ async def serve(config: str | Path | RunSpec | None = None, port: int = 7000,
                                     f"another --port or stop the process holding it")
     await server.start()
     try:
-        runner, bound_http = await start_http(make_app(svc, clock), host, http_port)
+        runner, bound_http = await start_http(
+            make_app(svc, clock, http_token=http_token, max_sse_clients=max_sse_clients),
+            host, http_port)
     except OSError as exc:
         await server.stop(0)
         await journal.close()
@@ -341,6 +366,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-mdns", action="store_true", help="do not announce on the LAN")
     p.add_argument("--tls-dir", help="serve gRPC over mTLS with the certificates in this folder "
                    "(default: TLS with the swarm CA the coordinator keeps in --state-dir)")
+    p.add_argument("--http-token-file",
+                   help="bearer token the dashboard, /api/*, /metrics and SSE require "
+                        "(Authorization: Bearer TOKEN, or open the dashboard as /?token=TOKEN); "
+                        "without it they are open and bans are taken from loopback only")
+    p.add_argument("--max-sse-clients", type=int, default=DEFAULT_MAX_SSE_CLIENTS,
+                   help="event streams (/api/events) open at once; more get 503")
+    p.add_argument("--trust-stage-hints", action="store_true",
+                   help="honour every peer's --stage (an operator's lab or test swarm); by "
+                        "default a hint is honoured only to re-attach, or for an empty stage")
+    p.add_argument("--rejoin-cooldown", type=float, default=DEFAULT_REJOIN_COOLDOWN_S,
+                   help="seconds a peer that left must wait before joining again")
     p.add_argument("--plaintext", action="store_true",
                    help="serve gRPC without TLS even on a non-loopback address (lab only)")
 
@@ -360,7 +396,13 @@ async def _run(args: argparse.Namespace) -> int:
         handle = await serve(args.config, args.port, args.http_port, args.state_dir,
                              args.token_file, args.allow_file, not args.no_mdns, args.host,
                              tls_dir=getattr(args, "tls_dir", None),
-                             plaintext=getattr(args, "plaintext", False))
+                             plaintext=getattr(args, "plaintext", False),
+                             trust_stage_hints=getattr(args, "trust_stage_hints", False),
+                             rejoin_cooldown_s=getattr(args, "rejoin_cooldown",
+                                                       DEFAULT_REJOIN_COOLDOWN_S),
+                             http_token_file=getattr(args, "http_token_file", None),
+                             max_sse_clients=getattr(args, "max_sse_clients",
+                                                     DEFAULT_MAX_SSE_CLIENTS))
     except Exception as exc:  # RunSpecError, StoreError, KeyFileError, CoordinatorStartError
         print(f"shoal coordinator: {exc}", file=sys.stderr)
         return 2

@@ -30,6 +30,7 @@ from coordinator.assignment import (
     assign_stage,
     plan_rebalance,
     rebuild_method,
+    stage_for_hint,
 )
 from coordinator.events import Event, EventLog, History, HistoryPoint
 from protocols.coordinator_client import READY_STATES, Benchmark, PeerStats
@@ -38,6 +39,28 @@ from protocols.runspec import RunSpec
 
 HEALTHY_STATES = frozenset(READY_STATES)
 RESTART_EPOCH_GAP = 1000
+DEFAULT_REJOIN_COOLDOWN_S = 5.0
+
+
+class Banned(Exception):
+    """The peer's key was banned by the operator (`shoal ban`); it may not join."""
+
+
+class CoolingDown(Exception):
+    """The peer left moments ago; it may join again in `retry_in_s` seconds."""
+
+    def __init__(self, message: str, retry_in_s: float) -> None:
+        super().__init__(message)
+        self.retry_in_s = retry_in_s
+
+
+@dataclass(frozen=True, slots=True)
+class Ban:
+    """An operator's ban of one peer id (so of one key: the id is a digest of the key)."""
+
+    peer_id: str
+    t: float
+    reason: str
 
 
 @dataclass(slots=True)
@@ -57,6 +80,8 @@ class Member:
     stats: PeerStats = field(default_factory=PeerStats)
     live: bool = True
     pending_action: str = ""  # "" | "move": delivered with the next heartbeat reply
+    beat_tokens: float = -1.0  # heartbeat rate limit (service.py); < 0 until the first beat
+    beat_at: float = 0.0
 
     @property
     def throughput(self) -> float:
@@ -76,14 +101,55 @@ class StageSummary:
     step: int
     rebuild: str
     state: str  # "ok" | "empty" | "degraded" (replicas, but none training)
+    attested_hash: str = ""  # the stage state most live replicas report ("" while none does)
+    attested_step: int = 0
 
 
 @dataclass(slots=True)
 class _Stage:
     replicas: set[str] = field(default_factory=set)
     grad_norm: float = 0.0
-    step: int = 0
+    step: int = 0  # the last attested step; kept while no live replica attests one
     rebuild: str = ""
+    attested_hash: str = ""  # "" while no live ready replica reports a hash
+    attested_step: int = 0
+    dirty: bool = True  # a replica's stats or the replica set changed since the last attest
+    trained: bool = False  # a replica reported a step > 0 here (whether an emptied stage needs
+    # a rebuild; a liar can only make the next holder rebuild rather than start afresh)
+
+
+@dataclass(frozen=True, slots=True)
+class Attested:
+    """A stage's state as the coordinator attests it (contract 1 of issue #12)."""
+
+    step: int
+    state_hash: str
+    votes: int  # live ready replicas that reported exactly this (step, hash)
+    grad_norm: float
+
+
+def attest(members: list[Member]) -> Attested | None:
+    """The (step, state hash) most of `members` report; None when none reports one.
+
+    Only live members in READY_STATES with a non-empty hash vote. The largest group wins
+    (majority first); a tie goes to the group holding the most senior member (earliest
+    joined_at, then lowest peer id): grinding a key that sorts first buys nothing, since a newer
+    member never outranks an older one and votes are counted before seniority.
+    """
+    groups: dict[tuple[int, str], list[Member]] = {}
+    for m in members:
+        if m.live and m.stats.state in HEALTHY_STATES and m.stats.state_hash:
+            groups.setdefault((m.stats.step, m.stats.state_hash), []).append(m)
+    if not groups:
+        return None
+
+    def rank(item: tuple[tuple[int, str], list[Member]]) -> tuple:
+        senior = min((m.joined_at, m.peer_id) for m in item[1])
+        return (-len(item[1]), senior)
+
+    (step, digest), voters = min(groups.items(), key=rank)
+    senior = min(voters, key=lambda m: (m.joined_at, m.peer_id))
+    return Attested(step, digest, len(voters), senior.stats.grad_norm)
 
 
 class Membership:
@@ -91,13 +157,19 @@ class Membership:
 
     def __init__(self, spec: RunSpec, swarm_id: str, *, epoch: int = 0,
                  events: EventLog | None = None, history: History | None = None,
-                 max_departed: int = 256) -> None:
+                 max_departed: int = 256, trust_stage_hints: bool = False,
+                 rejoin_cooldown_s: float = DEFAULT_REJOIN_COOLDOWN_S) -> None:
         self.spec = spec
         self.swarm_id = swarm_id
         self.epoch = epoch
         self.events = events if events is not None else EventLog()
         self.history = history if history is not None else History()
         self.max_departed = max_departed
+        self.trust_stage_hints = trust_stage_hints
+        self.rejoin_cooldown_s = rejoin_cooldown_s
+        self._banned: dict[str, Ban] = {}
+        self._unsaved_bans: list[Ban] = []
+        self._cooldown: dict[str, float] = {}  # peer id -> when it may join again (after Leave)
         self.lease_s = spec.membership.lease_s
         self.n_stages = spec.pipeline.stages + 1  # block stages 1..S plus stage 0
         self._members: dict[str, Member] = {}
@@ -135,11 +207,30 @@ class Membership:
         return sorted(self._revoked)
 
     def is_revoked(self, peer_id: str) -> bool:
-        return peer_id in self._revoked
+        return peer_id in self._revoked or peer_id in self._banned
+
+    def is_banned(self, peer_id: str) -> bool:
+        return peer_id in self._banned
+
+    def bans(self) -> list[Ban]:
+        return sorted(self._banned.values(), key=lambda b: (b.t, b.peer_id))
+
+    def check_may_join(self, peer_id: str, now: float) -> None:
+        """Raise Banned or CoolingDown when `peer_id` may not join now."""
+        ban = self._banned.get(peer_id)
+        if ban is not None:
+            raise Banned(f"peer {peer_id} is banned from swarm {self.swarm_id!r} by its operator"
+                         + (f" ({ban.reason})" if ban.reason else "")
+                         + "; its key cannot join again")
+        until = self._cooldown.get(peer_id)
+        if until is not None and until > now:
+            raise CoolingDown(f"peer {peer_id} left {self.rejoin_cooldown_s - (until - now):.1f} s "
+                              f"ago; it may join again in {until - now:.1f} s", until - now)
 
     def stage_summaries(self) -> list[StageSummary]:
         out = []
         for i, st in enumerate(self._stages):
+            self._attest(i)
             members = [self._members[p] for p in sorted(st.replicas)]
             if not members:
                 state = "empty"
@@ -149,11 +240,20 @@ class Membership:
                 state = "degraded"
             out.append(StageSummary(i, tuple(m.peer_id for m in members),
                                     sum(m.throughput for m in members), st.grad_norm, st.step,
-                                    st.rebuild, state))
+                                    st.rebuild, state, st.attested_hash, st.attested_step))
         return out
 
+    def attested(self, stage: int) -> tuple[int, str]:
+        """(step, state hash) the coordinator attests for `stage` ((0, "") while none)."""
+        self._attest(stage)
+        st = self._stages[stage]
+        return st.attested_step, st.attested_hash
+
     def step(self) -> int:
-        """The swarm's optimizer step: the furthest stage 0 has got (any stage if none)."""
+        """The swarm's optimizer step: stage 0's attested step (any stage's if stage 0 never
+        attested one). Attested, not the furthest any member reports: one liar cannot move it."""
+        for i in range(self.n_stages):
+            self._attest(i)
         return self._stages[0].step or max(st.step for st in self._stages)
 
     # ------------------------------------------------------------------ changes
@@ -162,35 +262,57 @@ class Membership:
              stage_hint: int, step_hint: int, now: float) -> Member:
         """Admit (or re-admit) a peer and give it a stage; the caller checked admission.
 
-        A peer re-attaching with `stage_hint >= 0` keeps that stage (it already holds its
-        weights); a live member joining again without a hint keeps its current stage.
+        A stage hint is honoured where it takes nothing from anyone (`stage_for_hint`): a peer
+        re-attaching the stage this coordinator knows it held (it already holds the weights), an
+        empty stage, a stage waiting for a rebuild; every valid hint with `trust_stage_hints`.
+        Otherwise a live member joining again keeps its current stage and a newcomer gets the
+        normal assignment. `step_hint` is clamped to the furthest attested stage step (it only
+        seeds the member's reported step; attestation never counts it). Raises Banned /
+        CoolingDown (`check_may_join`).
         """
         if not 0 <= stage_hint < self.n_stages and stage_hint != -1:
             raise ValueError(f"stage_hint {stage_hint} is not a stage of this run "
                              f"(0..{self.n_stages - 1}, or -1 for none)")
+        self.check_may_join(peer_id, now)
+        self._cooldown.pop(peer_id, None)
         old = self._members.get(peer_id)
         if old is not None and old.live:
             self._stages[old.stage].replicas.discard(peer_id)
-        if stage_hint >= 0:
-            stage = stage_hint
+            self._stages[old.stage].dirty = True
+        hinted = stage_for_hint(stage_hint, self._loads(),
+                                held=old.stage if old is not None else None,
+                                rebuilding={i for i, st in enumerate(self._stages) if st.rebuild},
+                                trusted=self.trust_stage_hints)
+        if hinted is not None:
+            stage = hinted
         elif old is not None and old.live:
             stage = old.stage
         else:
             stage = assign_stage(self._loads(), benchmark.samples_per_s)
+        furthest = max(self.attested(i)[0] for i in range(self.n_stages))
+        furthest = max(furthest, max(st.step for st in self._stages))
+        clamped = min(step_hint, furthest)
         kind = "join" if old is None else "rejoin"
         m = Member(peer_id=peer_id, public_key=bytes(public_key), address=address, stage=stage,
                    state="joining", benchmark=benchmark, joined_at=now, last_seen=now,
                    lease_expires=now + self.lease_s,
                    cert_expires=old.cert_expires if old is not None else 0.0)
-        m.stats.step = step_hint
+        if old is not None:  # a re-join does not refill the heartbeat rate limit
+            m.beat_tokens, m.beat_at = old.beat_tokens, old.beat_at
+        m.stats.step = clamped
         self._members[peer_id] = m
         self._stages[stage].replicas.add(peer_id)
+        self._stages[stage].dirty = True
         self._revoked.pop(peer_id, None)
         self._deleted.discard(peer_id)
         self.counters["joins" if kind == "join" else "rejoins"] += 1
         detail = f"{address}, {benchmark.samples_per_s:.3g} samples/s"
-        if stage_hint >= 0:
-            detail += f", re-attached at step {step_hint}"
+        if stage_hint >= 0 and hinted is not None:
+            detail += f", re-attached at step {clamped}"
+        elif stage_hint >= 0:
+            detail += f", stage {stage_hint} asked for, stage {stage} assigned"
+        if clamped != step_hint:
+            detail += f" (step_hint {step_hint} clamped to the swarm's step {clamped})"
         self._changed_member(m, Event(now, kind, peer_id, stage, detail))
         return m
 
@@ -204,14 +326,12 @@ class Membership:
         m.lease_expires = now + self.lease_s
         report = _take_recovery_report(stats)
         self._count_bytes(m.stats, stats)
-        st = self._stages[m.stage]
-        if stats.step >= st.step:
-            st.step = stats.step
-            if stats.grad_norm > 0:
-                st.grad_norm = stats.grad_norm
         if stats.state != m.state:
             self._state_changed(m, stats.state, now, report)
         m.stats = stats
+        st = self._stages[m.stage]
+        st.dirty = True  # attested again when next asked for (O(1) here)
+        st.trained = st.trained or (stats.step > 0 and stats.state in HEALTHY_STATES)
         self._progressed.add(peer_id)
         return m
 
@@ -222,6 +342,37 @@ class Membership:
             return
         self.counters["leaves"] += 1
         self._depart(m, "left", Event(now, "leave", peer_id, m.stage, reason), now)
+        if self.rejoin_cooldown_s > 0:
+            self._cooldown[peer_id] = now + self.rejoin_cooldown_s
+
+    def ban(self, peer_id: str, reason: str, now: float) -> bool:
+        """The operator's ban: revoke `peer_id` at once (if live) and refuse its key from now on
+        (persisted: `take_bans`). Returns whether it was a live member."""
+        m = self._members.get(peer_id)
+        was_live = m is not None and m.live
+        if peer_id not in self._banned:
+            ban = Ban(peer_id, now, reason)
+            self._banned[peer_id] = ban
+            self._unsaved_bans.append(ban)
+        if was_live:
+            assert m is not None
+            self._depart(m, "left", Event(now, "ban", peer_id, m.stage, reason or "banned"),
+                         now)
+        else:
+            self._bump()  # the view's revoked list changed
+            self.events.append(Event(now, "ban", peer_id, m.stage if m else -1,
+                                     reason or "banned"))
+        return was_live
+
+    def restore_bans(self, bans: list[Ban]) -> None:
+        """Bans read back from the store (already saved)."""
+        for b in bans:
+            self._banned[b.peer_id] = b
+
+    def take_bans(self) -> list[Ban]:
+        """Bans not yet persisted."""
+        out, self._unsaved_bans = self._unsaved_bans, []
+        return out
 
     def sweep(self, now: float) -> list[str]:
         """Expire members whose lease lapsed; forget old revocations. Returns the expired ids."""
@@ -233,6 +384,8 @@ class Membership:
                                           f"silent for {silent:.1f} s"), now)
         for peer_id in [p for p, until in self._revoked.items() if until < now]:
             del self._revoked[peer_id]
+        for peer_id in [p for p, until in self._cooldown.items() if until <= now]:
+            del self._cooldown[peer_id]
         return [m.peer_id for m in expired]
 
     def rebalance(self, now: float, min_gain: float = 0.1) -> Move | None:
@@ -243,6 +396,7 @@ class Membership:
         m = self._members[move.peer_id]
         self._stages[m.stage].replicas.discard(m.peer_id)
         self._stages[move.to_stage].replicas.add(m.peer_id)
+        self._stages[m.stage].dirty = self._stages[move.to_stage].dirty = True
         m.stage = move.to_stage
         m.pending_action = "move"
         self.counters["moves"] += 1
@@ -266,10 +420,10 @@ class Membership:
             if m.live:
                 m.lease_expires = now + grace_s
                 m.pending_action = ""
-                self._stages[m.stage].replicas.add(m.peer_id)
                 st = self._stages[m.stage]
-                if m.stats.step >= st.step:
-                    st.step, st.grad_norm = m.stats.step, m.stats.grad_norm
+                st.replicas.add(m.peer_id)
+                st.dirty = True
+                st.trained = st.trained or m.stats.step > 0
             elif m.cert_expires > now:
                 self._revoked[m.peer_id] = m.cert_expires
         self._bump()
@@ -280,7 +434,7 @@ class Membership:
         drivers = [self._members[p] for p in self._stages[0].replicas]
         if not drivers:
             return None
-        step = max(m.stats.step for m in drivers)
+        step = self.step()
         losses = [m.stats.loss for m in drivers if math.isfinite(m.stats.loss)]
         loss = sum(losses) / len(losses) if losses else math.nan
         tokens_per_s = sum(m.stats.tokens_per_s for m in drivers)
@@ -333,6 +487,21 @@ class Membership:
                              1.0 if i == 0 else block_share)
                 for i, st in enumerate(self._stages)}
 
+    def _attest(self, i: int) -> None:
+        """Recompute stage `i`'s attested state if its replicas or their stats changed."""
+        st = self._stages[i]
+        if not st.dirty:
+            return
+        st.dirty = False
+        got = attest([self._members[p] for p in st.replicas])
+        if got is None:
+            st.attested_hash, st.attested_step = "", 0
+            return
+        st.attested_hash, st.attested_step = got.state_hash, got.step
+        st.step = got.step
+        if got.grad_norm > 0:
+            st.grad_norm = got.grad_norm
+
     def _state_changed(self, m: Member, state: str, now: float, report: str = "") -> None:
         st = self._stages[m.stage]
         kind, detail = "state", f"{m.state} -> {state}"
@@ -348,12 +517,14 @@ class Membership:
         self._changed_member(m, Event(now, kind, m.peer_id, m.stage, detail))
 
     def _depart(self, m: Member, state: str, event: Event, now: float) -> None:
+        self._attest(m.stage)  # the stage's step as its replicas (this one too) last attested it
         m.live = False
         m.state = state
         m.pending_action = ""
         st = self._stages[m.stage]
         st.replicas.discard(m.peer_id)
-        emptied = not st.replicas and st.step > 0
+        st.dirty = True
+        emptied = not st.replicas and (st.step > 0 or st.trained)
         if emptied:
             live = {i for i, x in enumerate(self._stages) if x.replicas}
             st.rebuild = rebuild_method(m.stage, live, self.n_stages,

@@ -34,14 +34,22 @@ from google.protobuf.message import Message
 
 from coordinator.assignment import rebalance_due
 from coordinator.ca import CoordinatorCA
-from coordinator.ledger import LedgerRefused, SpsaLedger, ledger_reply, training_stage0
-from coordinator.membership import Member, Membership
+from coordinator.ledger import (
+    MAX_EXPECT,
+    LedgerRefused,
+    SpsaLedger,
+    ledger_reply,
+    training_stage0,
+)
+from coordinator.membership import Banned, CoolingDown, Member, Membership
 from coordinator.messages import (
     MAX_STEP,
     BadRequest,
     check_address,
     check_benchmark,
     check_text,
+    heartbeat_kinds,
+    is_loopback_peer,
     member_to_wire,
     stats_from_wire,
 )
@@ -57,6 +65,12 @@ log = logging.getLogger("shoal.coordinator")
 SERVICE_NAME = "shoal.v1.Coordinator"
 VIEW_MIN_INTERVAL_S = 0.25
 VIEW_STATS_MAX_AGE_S = 1.0
+# Heartbeat rate limit per member, a token bucket: it refills at BEAT_RATE_FACTOR times the
+# spec's rate (1 / membership.heartbeat_s) and holds a lease's worth of beats twice over plus
+# BEAT_BURST_SLACK (retries, a client catching up after a stall), so an honest peer never
+# meets it; a peer beating much faster gets RESOURCE_EXHAUSTED.
+BEAT_RATE_FACTOR = 2.0
+BEAT_BURST_SLACK = 4.0
 
 
 @dataclass(frozen=True)
@@ -108,6 +122,10 @@ class CoordinatorService:
         self._saved_meta: dict[str, str] = {}
         self.spsa_ledger = (SpsaLedger(spec.sync.spsa.samples_per_step, spec.sync.timeout_s)
                             if spec.sync.keeps_ledger else None)
+        self.beat_kinds = heartbeat_kinds(spec.sync.mode)
+        ms = spec.membership
+        self.beat_rate = BEAT_RATE_FACTOR / ms.heartbeat_s
+        self.beat_burst = 2.0 * ms.lease_s / ms.heartbeat_s + BEAT_BURST_SLACK
 
     # ------------------------------------------------------------------ RPCs
 
@@ -138,7 +156,8 @@ class CoordinatorService:
             if caller is not None and caller.public_key != key:
                 raise BadRequest("public_key differs from the key that signed the Join call; "
                                  "sign Join with the key you are joining with")
-            address = "" if observer else check_address(request.address)
+            address = "" if observer else check_address(request.address,
+                                                        is_loopback_peer(context.peer()))
             bench = None if observer else check_benchmark(request.benchmark)
             n = self.membership.n_stages
             if not OBSERVER_STAGE <= request.stage_hint < n:
@@ -148,12 +167,22 @@ class CoordinatorService:
                 raise BadRequest(f"step_hint must be < 2**53, got {request.step_hint}")
             check_text("version", request.version, 64)
             self.admission.check(key, bytes(request.token_proof), request.timestamp, now)
+            self.membership.check_may_join(peer_id_of(key), now)
             tls_fields = self._tls_fields(bytes(request.tls_csr), peer_id_of(key))
         except BadRequest as exc:
             await self._refuse(context, "Join", grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except AdmissionDenied as exc:
             await self._refuse(context, "Join", exc.code, str(exc))
+        except Banned as exc:
+            await self._refuse(context, "Join", grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        except CoolingDown as exc:  # UNAVAILABLE: a restarting client retries by itself
+            await self._refuse(context, "Join", grpc.StatusCode.UNAVAILABLE, str(exc))
         peer_id = peer_id_of(key)
+        known = self.membership.get(peer_id)
+        if known is not None and known.live and not self._beat_allowed(known, now):
+            await self._refuse(context, "Join", grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"peer {peer_id} joins again much faster than every "
+                               f"{self.spec.membership.heartbeat_s:g} s; slow down")
         if request.stage_hint == OBSERVER_STAGE:
             return self._join_observer(peer_id, key, now, tls_fields)
         member = self.membership.join(peer_id, key, address, bench, request.stage_hint,
@@ -215,8 +244,14 @@ class CoordinatorService:
         if caller is None:  # only without the interceptor (a misconfigured server)
             await self._refuse(context, "Heartbeat", grpc.StatusCode.UNAUTHENTICATED,
                                "unsigned heartbeat; sign calls with protocols.auth")
+        member = self.membership.get(caller.peer_id)
+        if member is not None and member.live and not self._beat_allowed(member, now):
+            await self._refuse(context, "Heartbeat", grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"peer {caller.peer_id} heartbeats much faster than every "
+                               f"{self.spec.membership.heartbeat_s:g} s "
+                               f"(membership.heartbeat_s); slow down")
         try:
-            stats = stats_from_wire(request.stats)
+            stats = stats_from_wire(request.stats, self.beat_kinds, self.membership.n_stages)
         except BadRequest as exc:
             await self._refuse(context, "Heartbeat", grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         epoch_before = self.membership.epoch
@@ -242,6 +277,17 @@ class CoordinatorService:
         self.heartbeat_seconds.observe(time.perf_counter() - t0)
         return out
 
+    def _beat_allowed(self, member: Member, now: float) -> bool:
+        """Take one token from `member`'s heartbeat bucket (see BEAT_RATE_FACTOR)."""
+        tokens = self.beat_burst if member.beat_tokens < 0 else min(
+            self.beat_burst, member.beat_tokens + max(0.0, now - member.beat_at) * self.beat_rate)
+        member.beat_at = now
+        if tokens < 1.0:
+            member.beat_tokens = tokens
+            return False
+        member.beat_tokens = tokens - 1.0
+        return True
+
     async def Leave(self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext
                     ) -> Message:
         caller = current_caller()
@@ -258,6 +304,15 @@ class CoordinatorService:
         await self._commit(context)
         log.info("peer %s left: %s", caller.peer_id, reason)
         return pb.LeaveReply()
+
+    async def ban(self, peer_id: str, reason: str) -> bool:
+        """The operator's `shoal ban`: revoke `peer_id` now (members and observers) and refuse
+        its key from now on; durable when this returns. Returns whether it was a live member."""
+        now = self.clock()
+        self.observers.pop(peer_id, None)
+        was_live = self.membership.ban(peer_id, reason, now)
+        await self._commit()
+        return was_live
 
     async def GetSwarmView(self, request: pb.SwarmViewRequest,
                            context: grpc.aio.ServicerContext) -> bytes:
@@ -277,11 +332,19 @@ class CoordinatorService:
         try:
             if request.step > MAX_STEP:
                 raise BadRequest(f"step must be < 2**53, got {request.step}")
+            if len(request.expect) > MAX_EXPECT:
+                raise BadRequest(f"expect names {len(request.expect)} replicas; at most "
+                                 f"{MAX_EXPECT}")
+            stage0 = {x.peer_id for x in self.membership.live_members() if x.stage == 0}
             for pid in request.expect:
                 check_text("expect", pid, 128)
-            expect = list(request.expect) or training_stage0(self.membership)
+                if pid not in stage0:
+                    raise BadRequest(f"expect names {pid!r:.40}, which is not a live stage-0 "
+                                     f"member; send an empty list to let the coordinator "
+                                     f"fill it in")
+            expect = list(dict.fromkeys(request.expect)) or training_stage0(self.membership)
             ledger.post(request.step, caller.peer_id, bytes(request.codes), expect,
-                        time.monotonic())
+                        time.monotonic(), max_start=self.membership.step() + 2)
         except (BadRequest, LedgerRefused) as exc:
             await self._refuse(context, "PostSpsa", grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return ledger_reply(ledger, request.step, 0)
@@ -339,7 +402,9 @@ class CoordinatorService:
         for s in m.stage_summaries():
             view.stages.append(pb.StageInfo(stage=s.stage, replicas=s.replicas,
                                             throughput=s.throughput, grad_norm=s.grad_norm,
-                                            step=s.step, rebuild=s.rebuild))
+                                            step=s.step, rebuild=s.rebuild,
+                                            attested_hash=s.attested_hash,
+                                            attested_step=s.attested_step))
         return view
 
     # ------------------------------------------------------------------ persistence
@@ -347,7 +412,8 @@ class CoordinatorService:
     def collect(self, progress: bool) -> Batch:
         """The journal's batch: structural changes always, leases/stats/history when periodic."""
         changed, deleted, events = self.membership.take_changes()
-        batch = Batch(members=changed, deleted=deleted, events=events)
+        batch = Batch(members=changed, deleted=deleted, events=events,
+                      bans=self.membership.take_bans())
         if progress:
             batch.progress = self.membership.take_progress()
             batch.history = self.membership.history.take_unsaved()

@@ -2,8 +2,11 @@
 
 Tables: `meta` (run spec TOML, swarm id, epoch, certificate serial, restart count), `members`
 (peer id, key, address, stage, state, benchmark, stats, lease and certificate times, whether
-live), `events` (the last EVENTS_KEPT) and `history` (the training curve, appended at most once
-a second).
+live), `events` (the last EVENTS_KEPT), `history` (the training curve, appended at most once
+a second) and `bans` (the operator's `shoal ban`s: peer id, time, reason; kept for good).
+
+The database and its WAL / shared-memory files are mode 0600 and the state directory 0700:
+they hold the members' keys and addresses, which are nobody else's business on the machine.
 
 Writes go through a `Journal`: one writer thread, group commit. A handler that changed the
 membership calls `await journal.commit()`; every change made before that call is durable when it
@@ -25,6 +28,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -33,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coordinator.events import Event, HistoryPoint
-from coordinator.membership import Member
+from coordinator.membership import Ban, Member
 from protocols.coordinator_client import Benchmark, PeerStats
 
 log = logging.getLogger("shoal.coordinator.store")
@@ -55,7 +59,10 @@ CREATE TABLE IF NOT EXISTS events (
     peer_id TEXT NOT NULL, stage INTEGER NOT NULL, detail TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS history (
     t REAL NOT NULL, step INTEGER NOT NULL, loss REAL, tokens_per_s REAL, bytes_per_step REAL);
+CREATE TABLE IF NOT EXISTS bans (
+    peer_id TEXT PRIMARY KEY, t REAL NOT NULL, reason TEXT NOT NULL);
 """
+PRIVATE_MODE = 0o600
 
 
 class StoreError(RuntimeError):
@@ -72,10 +79,11 @@ class Batch:
     deleted: list[str] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     history: list[HistoryPoint] = field(default_factory=list)
+    bans: list[Ban] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.meta or self.members or self.progress or self.deleted or self.events
-                    or self.history)
+                    or self.history or self.bans)
 
 
 @dataclass
@@ -86,6 +94,7 @@ class Snapshot:
     members: list[Member]
     events: list[Event]
     history: list[HistoryPoint]
+    bans: list[Ban] = field(default_factory=list)
 
 
 class Store:
@@ -99,11 +108,18 @@ class Store:
             raise StoreError(f"cannot create state directory {self.state_dir}: {exc.strerror}; "
                              f"pass a writable --state-dir") from exc
         self.path = self.state_dir / DB_NAME
+        _make_private(self.state_dir, self.path)
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            # SQLite gives the WAL and shared-memory files the database file's mode; files an
+            # older version left behind are tightened here
+            for extra in ("-wal", "-shm"):
+                sidecar = self.path.with_name(self.path.name + extra)
+                if sidecar.exists():
+                    sidecar.chmod(PRIVATE_MODE)
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path} is not a usable coordinator database ({exc}); move it "
                              f"away to start a new run, or point --state-dir elsewhere") from exc
@@ -136,7 +152,9 @@ class Store:
                        "SELECT t, step, loss, tokens_per_s, bytes_per_step FROM history"
                        " WHERE rowid % ? = 0 OR rowid = (SELECT MAX(rowid) FROM history)"
                        " ORDER BY rowid", (every,))]
-        return Snapshot(meta, members, events, history)
+        bans = [Ban(*r) for r in self._db.execute(
+            "SELECT peer_id, t, reason FROM bans ORDER BY t")]
+        return Snapshot(meta, members, events, history, bans)
 
     def write(self, batch: Batch) -> None:
         """Write `batch` in one transaction (all or nothing)."""
@@ -161,6 +179,8 @@ class Store:
             db.executemany("INSERT INTO history VALUES (?,?,?,?,?)",
                            [(p.t, p.step, _finite(p.loss), _finite(p.tokens_per_s),
                              _finite(p.bytes_per_step)) for p in batch.history])
+            db.executemany("INSERT OR REPLACE INTO bans VALUES (?,?,?)",
+                           [(b.peer_id, b.t, b.reason) for b in batch.bans])
             if batch.events:
                 db.execute("DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - ?",
                            (EVENTS_KEPT,))
@@ -174,6 +194,24 @@ class Store:
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
             self._db.close()
+
+
+def _make_private(state_dir: Path, db: Path) -> None:
+    """The state directory 0700 and the database file 0600 (created so before SQLite opens
+    it, so it is never readable by others, not even for a moment)."""
+    try:
+        if state_dir.stat().st_uid == _uid():
+            state_dir.chmod(0o700)
+        fd = os.open(db, os.O_RDWR | os.O_CREAT, PRIVATE_MODE)
+        os.close(fd)
+        db.chmod(PRIVATE_MODE)
+    except OSError as exc:
+        raise StoreError(f"cannot make {db} private (mode 0600): {exc.strerror}; pass a "
+                         f"--state-dir this user owns") from exc
+
+
+def _uid() -> int:
+    return os.getuid() if hasattr(os, "getuid") else -1
 
 
 def _nan(x: float | None) -> float:

@@ -90,8 +90,13 @@ class SimPeer:
             bytes_sent=self.bytes_sent, bytes_received=self.bytes_sent // 2,
             loss=5.0 / math.log(self.step + 2) if stage0 else math.nan, step=self.step,
             tokens_per_s=self.samples_per_s * 64 if stage0 else 0.0, grad_norm=1.0,
-            bytes_by_kind={"activations": self.bytes_sent // 2, "sync:allreduce":
+            state_hash=format(self.step, "x"),  # replicas at one step agree, as real ones do
+            bytes_by_kind={"activations": self.bytes_sent // 2, f"sync:{self.sync_mode}":
                            self.bytes_sent // 2})
+
+    @property
+    def sync_mode(self) -> str:
+        return self.client.spec.sync.mode if self.client.spec is not None else "allreduce"
 
 
 class SimSwarm:

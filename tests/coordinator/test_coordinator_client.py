@@ -151,7 +151,8 @@ def test_forgotten_peer_rejoins_with_its_stage(tmp_path: Path) -> None:
 def test_rebalancing_moves_a_peer_and_tells_it_by_heartbeat(tmp_path: Path) -> None:
     config = write_spec(tmp_path / "run.toml", **{
         "pipeline.stages": 1, "membership.rebalance_s": 1.0, "membership.lease_s": 30.0})
-    with CoordinatorProcess(tmp_path / "state", config=config) as coord:
+    with CoordinatorProcess(tmp_path / "state", config=config,
+                            extra=["--trust-stage-hints"]) as coord:
         async def scenario() -> None:
             clients = [CoordinatorClient(coord.grpc_address, Identity.generate(), coord.token)
                        for _ in range(4)]
@@ -189,11 +190,12 @@ def test_view_carries_fresh_stats_without_a_membership_change(tmp_path: Path) ->
         async def scenario() -> None:
             c = CoordinatorClient(coord.grpc_address, Identity.generate(), coord.token)
             await c.join(BENCH, "127.0.0.1:9000", stage_hint=1)
-            await c.heartbeat(PeerStats(state="training", samples_per_s=5.0, step=1))
+            await c.heartbeat(PeerStats(state="training", samples_per_s=5.0, step=1,
+                                        state_hash="01"))
             await asyncio.sleep(0.3)  # the state change moved the epoch; let the view follow
             epoch = (await c.view()).epoch
             await c.heartbeat(PeerStats(state="training", samples_per_s=5.0, step=7,
-                                        grad_norm=0.5))
+                                        grad_norm=0.5, state_hash="07"))
             deadline = time.monotonic() + 10
             while True:
                 view = await c.view()

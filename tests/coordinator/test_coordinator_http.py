@@ -19,10 +19,11 @@ from protocols.runspec import RunSpec
 from tests.sim_peer import CoordinatorProcess, SimSwarm
 
 STATUS_KEYS = {"run", "epoch", "now", "coordinator", "stages", "peers", "history", "events",
-               "totals", "bytes_per_step_by_mode"}
+               "totals", "bytes_per_step_by_mode", "banned"}
 RUN_KEYS = {"name", "swarm_id", "sync_mode", "stages", "spec"}
 COORDINATOR_KEYS = {"started_at", "uptime_s", "grpc_address", "version", "restarts"}
-STAGE_KEYS = {"stage", "replicas", "throughput", "grad_norm", "step", "rebuild", "state"}
+STAGE_KEYS = {"stage", "replicas", "throughput", "grad_norm", "step", "rebuild", "state",
+              "attested_hash", "attested_step"}
 PEER_KEYS = {"peer_id", "address", "stage", "state", "samples_per_s", "queue", "bytes_sent",
              "bytes_received", "loss", "step", "tokens_per_s", "dropped_microbatches",
              "lease_expires", "joined_at", "device", "bytes_by_kind"}
@@ -76,12 +77,12 @@ def test_status_has_the_promised_shape(coord: CoordinatorProcess) -> None:
     assert len(st["peers"]) == 6 and all(set(p) >= PEER_KEYS for p in st["peers"])
     for p in st["peers"]:
         assert (p["loss"] is None) == (p["stage"] != 0)  # NaN travels as null
-        assert p["bytes_by_kind"]["sync:allreduce"] > 0 and p["device"] == "sim"
+        assert p["bytes_by_kind"]["sync:diloco"] > 0 and p["device"] == "sim"
     assert st["history"] and all(set(h) == HISTORY_KEYS for h in st["history"])
     assert st["history"][-1]["loss"] > 0
     assert st["events"] and all(set(e) == EVENT_KEYS for e in st["events"])
     assert {"start", "join", "state"} <= {e["kind"] for e in st["events"]}
-    assert st["bytes_per_step_by_mode"]["allreduce"] > 0  # what the sim peers counted
+    assert st["bytes_per_step_by_mode"]["diloco"] > 0  # what the sim peers counted
     assert st["now"] == pytest.approx(time.time(), abs=5)
 
 

@@ -1,0 +1,40 @@
+"""The SPSA ledger's bounds (issue #12 row 11): posts only for the open step, once per peer per
+step, and a far-future post cannot restart (wipe) the history."""
+
+from __future__ import annotations
+
+import pytest
+
+from coordinator.ledger import LedgerRefused, SpsaLedger
+
+
+def test_posts_only_for_the_open_step_and_once_per_peer() -> None:
+    led = SpsaLedger(directions=1, timeout_s=5.0)
+    led.post(1, "a", b"\x01", ["a", "b"], now=0.0, max_start=2)
+    led.post(2, "a", b"\x01", ["a", "b"], now=0.0)  # the step after the open one: fine
+    with pytest.raises(LedgerRefused, match="not open"):
+        led.post(3, "a", b"\x01", ["a"], now=0.0)
+    with pytest.raises(LedgerRefused, match="not open"):
+        led.post(10**15, "b", b"\x01", ["a"], now=0.0, max_start=2)
+    led.post(1, "a", b"\x01", ["a", "b"], now=0.1)  # a retry of the same post changes nothing
+    with pytest.raises(LedgerRefused, match="one post per peer"):
+        led.post(1, "a", b"\x07", ["a", "b"], now=0.2)
+    led.post(1, "b", b"\x02", ["a", "b"], now=0.3)
+    assert led.next_step == 2 and led.steps(1)[0].codes == b"\x01\x02"
+
+
+def test_a_far_future_post_cannot_wipe_the_history() -> None:
+    led = SpsaLedger(directions=1, timeout_s=1.0)
+    for s in range(1, 6):
+        led.post(s, "a", b"\x01", ["a"], now=float(s), max_start=7)
+    assert led.next_step == 6 and len(led.steps(1)) == 5
+    with pytest.raises(LedgerRefused, match="beyond the swarm's step"):
+        led.post(10**15, "a", b"\x01", ["a"], now=10.0, max_start=7)
+    assert led.base_step == 1 and len(led.steps(1)) == 5
+    # a restart at a step the swarm has reached is still taken (stage 0 rebuilt from a snapshot)
+    led.post(8, "a", b"\x01", ["a"], now=11.0, max_start=8)
+    assert led.base_step == 8 and led.next_step == 9
+    fresh = SpsaLedger(directions=1, timeout_s=1.0)
+    with pytest.raises(LedgerRefused, match="beyond"):
+        fresh.post(2**53 - 1, "a", b"\x01", ["a"], now=0.0, max_start=3)
+    assert not fresh.started
