@@ -53,6 +53,12 @@ def _cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ban(args: argparse.Namespace) -> int:
+    from shoal.ban import run
+
+    return run(args)
+
+
 def _cmd_coordinator(args: argparse.Namespace) -> int:
     from coordinator.main import main as coordinator_main
 
@@ -181,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_status_arguments(p)
     p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("ban", help="revoke a member and refuse its key from now on (operator)")
+    from shoal.ban import add_arguments as add_ban_arguments
+
+    add_ban_arguments(p)
+    p.set_defaults(func=_cmd_ban)
 
     p = sub.add_parser("export", help="pull every stage from live peers into model.safetensors")
     p.add_argument("--coordinator", default=os.environ.get("SHOAL_COORDINATOR"), required=False)
