@@ -19,7 +19,9 @@ clients ping every 20 s and the server does not answer that with GOAWAY `too_man
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, Iterable, Iterator
+import asyncio
+import contextlib
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 
 import numpy as np
 
@@ -140,11 +142,40 @@ async def receive(
     chunk_iter: AsyncIterable[pb.TensorChunk], limits: Limits
 ) -> tuple[pb.CallHeader, dict[str, np.ndarray]]:
     """Assemble and decode one in-band tensor call from a grpc.aio stream (request iterator or
-    call object). Raises a CodecError naming the problem; the arrays are writable views."""
+    call object). Raises a CodecError naming the problem; the arrays are writable views.
+
+    A stream refused before its end (a bad header, too many bytes) is first read on and dropped,
+    within DRAIN_MAX_S / DRAIN_MAX_BYTES: a grpc.aio client still writing when the server ends
+    the call reports INTERNAL instead of the server's status (grpc/grpc#36066), which would hide
+    the INVALID_ARGUMENT and its message from the sender.
+    """
     assembler = Assembler(limits)
-    async for chunk in chunk_iter:
-        assembler.add(chunk)
+    stream = aiter(chunk_iter)
+    try:
+        async for chunk in stream:
+            assembler.add(chunk)
+    except CodecError:
+        await drain(stream)
+        raise
     return assembler.finish()
+
+
+DRAIN_MAX_S, DRAIN_MAX_BYTES = 2.0, 64 * MIB
+
+
+async def drain(stream: AsyncIterator[pb.TensorChunk]) -> None:
+    """Read and drop what is left of a refused stream, within bounds; errors end it quietly.
+    Handlers that refuse a request stream themselves (before `receive`) should call it too."""
+
+    async def drop() -> None:
+        dropped = 0
+        async for chunk in stream:
+            dropped += len(chunk.data)
+            if dropped > DRAIN_MAX_BYTES:
+                return
+
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(drop(), DRAIN_MAX_S)
 
 
 def receive_sync(

@@ -85,6 +85,45 @@ def test_10_mib_tensor_through_grpc_aio_with_no_message_over_4_mib() -> None:
     run(main)
 
 
+class RefusingStage(pb_grpc.StageServicer):
+    """Answers a refused stream INVALID_ARGUMENT, as peer/services.py does."""
+
+    async def Forward(self, request_iterator, context):
+        try:
+            await tensor_stream.receive(request_iterator, Limits(max_total_bytes=1 * MIB))
+        except codec.CodecError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"forward: {exc}")
+        yield pb.TensorChunk()
+
+
+def test_a_stream_refused_at_its_header_still_tells_the_sender_why() -> None:
+    """The header is refused at once while the sender still writes 16 MiB: the rest is drained
+    (bounded), so the sender sees INVALID_ARGUMENT and the reason, not grpc.aio's INTERNAL
+    ("Internal error from Core", grpc/grpc#36066)."""
+    header, payload, _ = make_call(16, "forward")
+
+    async def main() -> None:
+        server = grpc.aio.server(options=tensor_stream.grpc_options())
+        pb_grpc.add_StageServicer_to_server(RefusingStage(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                for _ in range(3):
+                    call = pb_grpc.StageStub(channel).Forward(
+                        tensor_stream.chunks(header, payload, tensor_stream.MAX_CHUNK))
+                    with pytest.raises(grpc.aio.AioRpcError) as info:
+                        async for _ in call:
+                            pass
+                    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, \
+                        info.value.details()
+                    assert "limit is 1048576" in info.value.details()
+        finally:
+            await server.stop(None)
+
+    run(main)
+
+
 def test_stream_refusals() -> None:
     header, payload, _ = make_call(10 / 1024)  # 10240 bytes
     parts = list(tensor_stream.chunks(header, payload, 1024))
