@@ -182,9 +182,10 @@ class PeerDaemon:
         self.client = CoordinatorClient(coordinator, self.identity, token=self.token,
                                         fingerprint=fingerprint, plaintext=self.plaintext,
                                         tls_key=tls_key)
-        bench = await asyncio.to_thread(machine.benchmark, args.throttle,
-                                        getattr(args, "simulate_speed", 0.0))
         try:
+            await self.client.connect()  # a coordinator that fails its fingerprint: fail fast
+            bench = await asyncio.to_thread(machine.benchmark, args.throttle,
+                                            getattr(args, "simulate_speed", 0.0))
             joined = await self.client.join(bench, self.address, stage_hint=args.stage)
         except CoordinatorRefused as exc:
             raise SystemExit(f"shoal peer: cannot join: {exc}") from None

@@ -260,6 +260,24 @@ class CoordinatorClient:
             self.known_epoch = view.epoch
         return HeartbeatResult(reply.epoch, reply.lease_expires, reply.stage, reply.action, view)
 
+    async def connect(self, *, retry_s: float = 300.0) -> None:
+        """Reach the coordinator now: its port is probed and, when it speaks TLS, its CA checked
+        against the fingerprint (CoordinatorUntrusted at once); retried while nothing answers.
+        Optional: the first call does the same."""
+        deadline = self.clock() + retry_s
+        delay = 0.2
+        while True:
+            try:
+                await self._stub_async()
+                return
+            except _Unreachable as exc:
+                if self.clock() + delay > deadline:
+                    raise CoordinatorUnavailable(
+                        f"the coordinator at {self.address} did not answer for {retry_s:.0f} s "
+                        f"({exc}); check that it runs and that the address is right") from None
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, 5.0)
+
     def tls(self) -> tls_.PeerTls | None:
         """This client's TLS material for peer-to-peer mTLS (protocols.tls.peer_channel), or None
         (plaintext, or no leaf: not joined, or a coordinator without a CA)."""
