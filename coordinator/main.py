@@ -56,6 +56,7 @@ KEY_FILE = "coordinator.key"
 DEFAULT_TOKEN_FILE = "join.token"
 TICK_S = 1.0
 MAX_REQUEST_BYTES = 1 << 20  # nothing a peer sends the coordinator is near this
+DEFAULT_JOIN_NONCE_CAPACITY = 100_000  # Joins by non-members remembered for replay protection
 
 
 class CoordinatorStartError(RuntimeError):
@@ -187,6 +188,7 @@ async def serve(config: str | Path | RunSpec | None = None, port: int = 7000,
                 rejoin_cooldown_s: float = DEFAULT_REJOIN_COOLDOWN_S,
                 http_token_file: str | None = None,
                 max_sse_clients: int = DEFAULT_MAX_SSE_CLIENTS,
+                join_nonce_capacity: int = DEFAULT_JOIN_NONCE_CAPACITY,
                 clock: Callable[[], float] = time.time) -> CoordinatorHandle:
     """Start a coordinator on the running event loop; see the module docstring."""
     state = Path(state_dir)
@@ -264,7 +266,8 @@ async def serve(config: str | Path | RunSpec | None = None, port: int = 7000,
     await journal.commit()
 
     auth = AuthInterceptor(issuer_public_key=lambda: identity.public_key,
-                           swarm_id=lambda: swarm_id, is_member=svc.is_member)
+                           swarm_id=lambda: swarm_id, is_member=svc.is_member,
+                           max_stranger_nonces=join_nonce_capacity)
     options = [o for o in grpc_options(64 << 20) if o[0] != "grpc.max_receive_message_length"]
     options.append(("grpc.max_receive_message_length", MAX_REQUEST_BYTES))
     server = grpc.aio.server(interceptors=[auth], options=options)
@@ -375,6 +378,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-stage-hints", action="store_true",
                    help="honour every peer's --stage (an operator's lab or test swarm); by "
                         "default a hint is honoured only to re-attach, or for an empty stage")
+    p.add_argument("--join-nonce-capacity", type=int, default=DEFAULT_JOIN_NONCE_CAPACITY,
+                   help="Joins by keys that are not members remembered (replay protection) "
+                        "within the clock-skew window; beyond it Joins get RESOURCE_EXHAUSTED, "
+                        "members' calls never do")
     p.add_argument("--rejoin-cooldown", type=float, default=DEFAULT_REJOIN_COOLDOWN_S,
                    help="seconds a peer that left must wait before joining again")
     p.add_argument("--plaintext", action="store_true",
@@ -402,7 +409,9 @@ async def _run(args: argparse.Namespace) -> int:
                                                        DEFAULT_REJOIN_COOLDOWN_S),
                              http_token_file=getattr(args, "http_token_file", None),
                              max_sse_clients=getattr(args, "max_sse_clients",
-                                                     DEFAULT_MAX_SSE_CLIENTS))
+                                                     DEFAULT_MAX_SSE_CLIENTS),
+                             join_nonce_capacity=getattr(args, "join_nonce_capacity",
+                                                         DEFAULT_JOIN_NONCE_CAPACITY))
     except Exception as exc:  # RunSpecError, StoreError, KeyFileError, CoordinatorStartError
         print(f"shoal coordinator: {exc}", file=sys.stderr)
         return 2
