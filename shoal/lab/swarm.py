@@ -121,7 +121,8 @@ class LabSwarm(Swarm):
     def start_coordinator(self) -> None:
         args = ["coordinator", "--config", str(self.work / "run.toml"), "--host", "0.0.0.0",
                 "--port", str(GRPC_PORT), "--http-port", str(HTTP_PORT), "--state-dir",
-                str(self.work / "coordinator"), "--token-file", str(self.token_file)]
+                str(self.work / "coordinator"), "--token-file", str(self.token_file),
+                "--trust-stage-hints"]  # the lab's operator places peers with --stage
         if not self.mdns:
             args.append("--no-mdns")
         args += self._tls_args()
