@@ -24,7 +24,9 @@ left): a replica that is re-downloading ("syncing") still abstains from rounds, 
 driver still finishes its in-flight microbatches. Steps: a microbatch's step is the receiver's
 next step; a jump (the sole replica of a rebuilt stage catching up) is allowed only up to the
 swarm's attested step + 1 (stage 0's StageInfo.attested_step, else its step); a step at or
-before the receiver's own, or beyond that bound, is INVALID_ARGUMENT.
+before the receiver's own, or beyond that bound, is INVALID_ARGUMENT. An EndStep may run up to
+END_SLACK steps past that bound (the attestation trails a fast swarm): the receiver does not
+adopt such a step, it re-downloads its stage from its replicas.
 
 A denial that the view could explain by lagging (a caller it does not list yet, or at another
 stage; a step beyond what it attests) first costs one view refresh (`Refresher`: shared by the
@@ -61,6 +63,10 @@ DEPARTED = ("lost", "left")
 INFERENCE = "inference"  # the Forward meta "mode" of an inference call (no graph kept)
 #: how far behind its own step a replica still takes a sync part (a late part gets the result)
 ROUND_LAG = 4
+#: an EndStep may name a step this far beyond the attested swarm step + 1 (the attestation
+#: trails a fast swarm by its heartbeats): the receiver then re-downloads its stage from its
+#: replicas instead of adopting the step (peer/services.py); beyond it, INVALID_ARGUMENT
+END_SLACK = 64
 
 # the methods, as the rules name them
 FORWARD, INFER, BACKWARD, END_STEP, EXCHANGE, DOWNLOAD = (
@@ -194,7 +200,7 @@ def check_step(rule: str, step: int, receiver: Receiver, method: str) -> None:
                          f"the swarm's attested step is {bound - 1}: a microbatch is for the "
                          "next step, or at most the swarm's step + 1", stale=True)
     elif kind == "end":
-        if step > mine + 1 and step > bound:
+        if step > mine + 1 and step > bound + END_SLACK:
             raise Denied(grpc.StatusCode.INVALID_ARGUMENT,
                          f"{method} of step {step}, but this replica is after step {mine} and "
                          f"the swarm's attested step is {bound - 1}: end the step you drove, "

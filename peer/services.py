@@ -88,10 +88,12 @@ async def _drain(stream: AsyncIterator[pb.TensorChunk], max_bytes: int) -> None:
 async def receive_authorized(
     request_iterator: AsyncIterator[pb.TensorChunk], context, policy: authz.Policy,
     method: str, limits: codec.Limits, counter: wire.ByteCounter, kind: str,
+    precheck: Callable[[pb.CallHeader], None] | None = None,
 ) -> tuple[pb.CallHeader, dict]:
     """One tensor call, header first: the CallHeader is authorized (`policy`, which fills its
-    sender with the caller) before the payload is allocated or decoded. A refused call is
-    drained and aborted with the policy's status (context.abort raises)."""
+    sender with the caller), then `precheck`ed (the pending-graph quota), before the payload
+    is allocated or decoded. A refused call is drained and aborted with the policy's status
+    (context.abort raises)."""
     stream = wire.counted(request_iterator, counter, kind).__aiter__()
     try:
         first = await stream.__anext__()
@@ -101,9 +103,13 @@ async def receive_authorized(
         raise MalformedStream("payload data arrived before the CallHeader")
     try:
         await policy.authorize(method, header=first.header)
-    except authz.Denied as exc:
+        if precheck is not None:
+            precheck(first.header)
+    except (authz.Denied, PendingQuota) as exc:
+        code, text = ((exc.code, exc.message) if isinstance(exc, authz.Denied)
+                      else (grpc.StatusCode.RESOURCE_EXHAUSTED, f"{method}: {exc}"))
         await _drain(stream, limits.max_total_bytes)
-        await context.abort(exc.code, exc.message)
+        await context.abort(code, text)
         raise  # abort raises; this keeps a fake context from going on
     assembler = Assembler(limits)
     assembler.add(first)
@@ -158,7 +164,7 @@ class StageService(pbg.StageServicer):
         try:
             header, arrays = await receive_authorized(
                 request_iterator, context, self.policy, method, d.activation_limits(),
-                d.counter, "activations")
+                d.counter, "activations", self._quota if kind == "forward" else None)
             self._check_serving(header)
             if kind == "forward" and header.meta.get("mode") != INFERENCE:
                 await self._drop_departed()
@@ -212,6 +218,15 @@ class StageService(pbg.StageServicer):
                 lambda h, g: self.d.host.backward(h.microbatch_id, g, h.sender)):
             yield chunk
 
+    def _quota(self, header: pb.CallHeader) -> None:
+        """Refuse (PendingQuota) a training forward whose graph would not fit its sender's
+        quota, from the header's shape, before its payload is read."""
+        host = self.d.host
+        if (host is None or header.meta.get("mode") or not header.tensors
+                or not header.tensors[0].shape):
+            return
+        host.check_quota(header.sender, header.microbatch_id, int(header.tensors[0].shape[0]))
+
     async def _drop_departed(self) -> None:
         """Graphs of senders that left the swarm will get no backward: drop them (and those
         of ended steps, or older than their TTL) before a new one is kept."""
@@ -258,8 +273,12 @@ class StageService(pbg.StageServicer):
                     await d.mode.replay(d, request.step - 1)
             except (RuntimeError, StageError, ValueError) as exc:
                 log.warning("stage %d: ledger replay failed: %s", host.stage, exc)
-        # a carried step never fast-forwards: every step's update must be applied
-        if request.step > host.step + 1 and (carried or not catch_up(d, request.step - 1)):
+        # a carried step never fast-forwards: every step's update must be applied; nor does a
+        # step beyond the attested swarm step + 1 (peer/authz.py let it through only because
+        # the attestation may lag): the replica re-downloads, from replicas, what is real
+        jump_ok = request.step <= authz.attested_swarm_step(d.view) + 1
+        if request.step > host.step + 1 and (carried or not jump_ok
+                                             or not catch_up(d, request.step - 1)):
             d.fall_behind(f"EndStep({request.step}) while after step {host.step}")
             self._abstain(request)
             self._ended(request, carried)

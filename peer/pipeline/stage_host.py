@@ -195,11 +195,17 @@ class StageHost:
         (PendingQuota): expired graphs go first; a microbatch id already held by another caller
         is refused (NotYours), one held by `owner` is replaced (a resent hop)."""
         self.expire_pending()
-        held = self.pending.get(mb_id)
+        self.check_quota(owner, mb_id, samples)
+
+    def check_quota(self, owner: str, mb_id: str, samples: int) -> None:
+        """`reserve`'s check alone (any thread: it reads a snapshot of the pending graphs)."""
+        pending = list(self.pending.items())
+        held = dict(pending).get(mb_id)
         if held is not None and held.owner != owner:
             raise NotYours(f"microbatch id {mb_id} is in use by another sender here; pick "
                            "another id")
-        mine = [p for k, p in self.pending.items() if p.owner == owner and k != mb_id]
+        mine = [p for k, p in pending if p.owner == owner and k != mb_id
+                and not (p.step and p.step <= self.step)]
         lim = self.pending_limits
         if len(mine) + 1 > lim.graphs or sum(p.samples for p in mine) + samples > lim.samples:
             raise PendingQuota(

@@ -112,6 +112,10 @@ TABLE = [
     ("end step of a past step", authz.END_STEP, "d0", "peer", None, step_end(step=3), OK),
     ("end step of the swarm's step + 1", authz.END_STEP, "d0", "peer", None, step_end(step=6),
      OK),
+    ("end step a little past the attested step (a lagging attestation)", authz.END_STEP, "d0",
+     "peer", None, step_end(step=6 + authz.END_SLACK), OK),
+    ("end step past the slack", authz.END_STEP, "d0", "peer", None,
+     step_end(step=7 + authz.END_SLACK), IA),
     ("end step of step 10**12", authz.END_STEP, "d0", "peer", None, step_end(step=10**12), IA),
     # Sync.Exchange: live replicas of the receiver's stage, near its step
     ("sync part from a replica of the stage", authz.EXCHANGE, "r1b", "peer", header(), None, OK),

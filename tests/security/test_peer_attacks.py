@@ -1,0 +1,336 @@
+"""Rows 1, 2, 3, 4 and 7 of issue #12, against real `shoal coordinator` and `shoal peer` processes.
+
+One swarm for the module (tests/swarm/local_swarm.py's helpers): two replicas of the one block
+stage and one stage-0 driver, a small model. The attacker (tests/security/attacker.py) is an
+*observer* (what `shoal export` joins as) or a *member* that joined a stage and heartbeats as
+"syncing" (listed at its stage, so the policy knows it, but no live replica the honest drivers
+route to or wait for); row 7's attacker is a live "training" member with a ground key.
+
+Each attack is refused with the status the policy gives (peer/authz.py, the pending-graph quota
+of peer/pipeline/stage_host.py, the attested/majority rule of peer/consistency.py), and after
+each the honest swarm keeps training: its step moves, and the replicas of each stage agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from peer.pipeline.stage_host import PendingLimits
+from protocols import shoal_pb2 as pb
+from protocols.coordinator_client import PeerStats
+from protocols.identity import Identity
+from shoal.swarm import Swarm
+from tests.security.attacker import Attacker, activations, identity_at
+from tests.swarm.local_swarm import (
+    check_replicas_of_an_endless_run,
+    frozen,
+    holders,
+    spec_with,
+    step_of,
+    wait_for,
+)
+
+pytestmark = pytest.mark.security
+
+PD = grpc.StatusCode.PERMISSION_DENIED
+IA = grpc.StatusCode.INVALID_ARGUMENT
+RE = grpc.StatusCode.RESOURCE_EXHAUSTED
+SPEC = spec_with(**{"model.d_model": 128, "model.n_layers": 2, "model.n_heads": 4,
+                    "model.seq_len": 64, "pipeline.stages": 1, "pipeline.microbatch": 8,
+                    "pipeline.target_batch": 32,
+                    # row 4 freezes the driver for a few seconds: its lease must outlast that
+                    "membership.lease_s": 30.0})
+D, SEQ = SPEC.model.d_model, SPEC.model.seq_len
+LAYOUT = [0, 1, 1]  # peer0: the driver; peer1, peer2: stage 1
+BLOCKS = [i for i, s in enumerate(LAYOUT) if s == 1]
+
+
+class LabSwarm(Swarm):
+    """A local swarm whose coordinator honours every stage hint (`--trust-stage-hints`, an
+    operator's lab or test swarm): the member attackers here ask for stage 0 or 1 and get it,
+    as a hostile volunteer that the assignment happened to put there would."""
+
+    def _spawn(self, args: list[str], log_name: str, env: dict | None = None):
+        import coordinator.main
+
+        if (args[:1] == ["coordinator"]
+                and "--trust-stage-hints" in Path(coordinator.main.__file__).read_text()):
+            args = [*args, "--trust-stage-hints"]
+        return super()._spawn(args, log_name, env)
+
+
+class Honest:
+    """The module's swarm and what the attacks need of it."""
+
+    def __init__(self, swarm: Swarm) -> None:
+        self.swarm = swarm
+        keys = swarm.work / "keys"
+        self.ids = [Identity.load_or_create(str(keys / f"peer{i}.key")).peer_id
+                    for i in range(len(LAYOUT))]
+        self.driver = swarm.peers[LAYOUT.index(0)]
+        self.driver_id = self.ids[LAYOUT.index(0)]
+        self.block_ids = [self.ids[i] for i in BLOCKS]
+        self.coordinator = f"127.0.0.1:{swarm.port}"
+        self.token = swarm.token_file.read_text().strip()
+
+    def replica(self, k: int = 0) -> dict:
+        """/api/status entry of the `k`-th block replica."""
+        return next(p for p in holders(self.swarm).get(1, [])
+                    if p["peer_id"] == self.block_ids[k])
+
+    def attacker(self, name: str, sorts_before: str | None = None) -> Attacker:
+        ident = identity_at(self.swarm.work / "attackers" / f"{name}.key", sorts_before)
+        return Attacker(self.coordinator, self.token, ident)
+
+    def rss_mib(self, k: int) -> float:
+        """Resident memory of the `k`-th block replica's process."""
+        text = Path(f"/proc/{self.swarm.peers[BLOCKS[k]].pid}/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+) kB", text).group(1)) / 1024
+
+    def log(self, k: int) -> str:
+        """The log of the `k`-th block replica."""
+        return (self.swarm.logs / f"peer{BLOCKS[k]}.log").read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def honest(tmp_path_factory) -> Iterator[Honest]:
+    swarm = LabSwarm(tmp_path_factory.mktemp("peer_attacks"), SPEC, 0, None, "cpu")
+    (swarm.work / "attackers").mkdir(parents=True, exist_ok=True)
+    try:
+        swarm.start(0)
+        for i, stage in enumerate(LAYOUT):  # the driver first: the coordinator fills stage 0
+            swarm.add_peer(i, ["--stage", str(stage), "--grace", "5"])
+        wait_for("the driver and both block replicas training", lambda: (
+            len(holders(swarm).get(0, [])), len(holders(swarm).get(1, []))) == (1, 2), 120, swarm)
+        wait_for("3 steps", lambda: step_of(swarm) >= 3, 120, swarm)
+        yield Honest(swarm)
+    finally:
+        swarm.stop(grace=5)
+
+
+def keeps_training(h: Honest, steps: int = 3) -> None:
+    """The honest swarm's step moves by `steps`, and then each stage's replicas agree."""
+    start = step_of(h.swarm)
+    wait_for(f"{steps} more steps after step {start}", lambda: step_of(h.swarm) >= start + steps,
+             120, h.swarm)
+    check_replicas_of_an_endless_run(h.swarm, [h.driver], {0: 1, 1: 2})
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def next_step(h: Honest) -> int:
+    return h.replica(0)["step"] + 1
+
+
+# ---------------------------------------------------------------------- row 1
+
+
+def test_row1_an_observer_can_neither_train_a_replica_nor_end_its_step(honest: Honest) -> None:
+    victim = honest.replica(0)
+
+    async def attack() -> dict[str, object]:
+        a = honest.attacker("row1")
+        try:
+            await a.join()  # an observer, as shoal export joins
+            step = next_step(honest)
+            out = {
+                "forward": await a.forward(victim["address"], stage=1, step=step, mb="row1",
+                                           x=activations(8, SEQ, D)),
+                "backward": await a.forward(victim["address"], stage=1, step=step, mb="row1",
+                                            x=activations(8, SEQ, D, 1e4), backward=True),
+                "end_spoofed": await a.end_step(victim["address"], pb.StepEnd(
+                    step=step, sender="spoofed-driver", stage0_replicas=["spoofed-driver"])),
+                "end_as_driver": await a.end_step(victim["address"], pb.StepEnd(
+                    step=step, sender=honest.driver_id, stage0_replicas=[honest.driver_id])),
+                # what an observer may do still works: inference forwards and downloads
+                "inference": await a.forward(victim["address"], stage=1, step=10**12,
+                                             mb="look", x=activations(2, SEQ, D),
+                                             mode="inference"),
+                "download": await a.download(victim["address"], 1),
+            }
+            return out
+        finally:
+            await a.close()
+
+    out = run(attack())
+    for name in ("forward", "backward", "end_spoofed", "end_as_driver"):
+        assert out[name].code == PD, (name, out[name])
+        assert out[name].details
+    assert out["inference"].ok, out["inference"]
+    assert out["download"].ok, out["download"]
+    assert honest.replica(0)["step"] < 10**6  # the inference step was not adopted
+    keeps_training(honest)
+
+
+# ---------------------------------------------------------------------- row 2
+
+
+def test_row2_sync_parts_come_only_from_replicas_of_the_stage_as_themselves(
+        honest: Honest) -> None:
+    victims = [honest.replica(0), honest.replica(1)]
+    logs_before = [len(honest.log(0)), len(honest.log(1))]
+
+    async def attack() -> list[tuple[str, object]]:
+        obs, driver_like, same_stage = (honest.attacker("row2obs"), honest.attacker("row2d"),
+                                        honest.attacker("row2s"))
+        try:
+            await obs.join()
+            assert await driver_like.join(0) == 0
+            assert await same_stage.join(1) == 1
+            for a in (driver_like, same_stage):
+                a.keep_alive()  # listed at its stage as "syncing"
+            step = next_step(honest)
+            out = []
+            for v in victims:
+                for i in range(3):  # three invented senders for one round
+                    header = pb.CallHeader(kind="sync", step=step, stage=1,
+                                           sender=f"invented-{i}")
+                    header.meta.update({"samples": "1000000", "state_hash": "bad"})
+                    zeros = {"g": np.zeros(4, np.float32)}
+                    out.append((f"observer as invented-{i}",
+                                await obs.exchange(v["address"], header, zeros, timeout=10)))
+                header = pb.CallHeader(kind="sync", step=step, stage=1, sender="")
+                out.append(("a stage-0 member", await driver_like.exchange(
+                    v["address"], header, {"g": np.zeros(4, np.float32)}, timeout=10)))
+                header = pb.CallHeader(kind="sync", step=step, stage=1, sender=honest.block_ids[1])
+                out.append(("a stage-1 member as the other replica", await same_stage.exchange(
+                    v["address"], header, {"g": np.zeros(4, np.float32)}, timeout=10)))
+            return out
+        finally:
+            for a in (obs, driver_like, same_stage):
+                await a.close()
+
+    for name, outcome in run(attack()):
+        assert outcome.code == PD, (name, outcome)
+    keeps_training(honest)
+    for i in (0, 1):  # no honest replica was named diverged and sent to re-download
+        assert "began from other weights" not in honest.log(i)[logs_before[i]:]
+
+
+# ---------------------------------------------------------------------- row 3
+
+
+def test_row3_no_caller_moves_a_replica_to_step_10_to_the_12(honest: Honest) -> None:
+    victim = honest.replica(0)
+
+    async def attack() -> dict[str, object]:
+        obs, member = honest.attacker("row3obs"), honest.attacker("row3m")
+        try:
+            await obs.join()
+            assert await member.join(0) == 0
+            member.keep_alive()
+            far = 10**12
+            return {
+                "observer forward": await obs.forward(victim["address"], stage=1, step=far,
+                                                      x=activations(8, SEQ, D)),
+                "member forward": await member.forward(victim["address"], stage=1, step=far,
+                                                       x=activations(8, SEQ, D)),
+                "member end step": await member.end_step(victim["address"], pb.StepEnd(
+                    step=far, stage0_replicas=[member.peer_id])),
+            }
+        finally:
+            await obs.close()
+            await member.close()
+
+    out = run(attack())
+    assert out["observer forward"].code == PD, out
+    assert out["member forward"].code == IA, out
+    assert out["member end step"].code == IA, out
+    assert "step" in out["member forward"].details
+    keeps_training(honest)
+    assert max(p["step"] for p in holders(honest.swarm)[1]) < 10**6
+
+
+# ---------------------------------------------------------------------- row 4
+
+
+def test_row4_a_forward_flood_is_bounded_per_caller(honest: Honest) -> None:
+    """A stage-0 member floods one replica with Forwards under new microbatch ids (2 MiB each,
+    64 samples, the most the run's limits take): the replica keeps at most its quota of graphs
+    for that caller, the rest get RESOURCE_EXHAUSTED, and its memory stays bounded."""
+    limits = PendingLimits.of(SPEC)
+    flood, batch = 48, 64
+    victim_i = 0
+
+    async def attack(step: int) -> list[object]:
+        member = honest.attacker("row4")
+        try:
+            assert await member.join(0) == 0
+            member.keep_alive()
+            x = activations(batch, SEQ, D)  # 2 MiB of fp32
+            small = activations(2, SEQ, D)
+            address = honest.replica(victim_i)["address"]
+            out = [await member.forward(address, stage=1, step=step, mb=f"flood-{i}", x=x)
+                   for i in range(flood)]
+            out += [await member.forward(address, stage=1, step=step, mb=f"small-{i}", x=small)
+                    for i in range(flood)]
+            return out
+        finally:
+            await member.close()
+
+    with frozen([honest.driver]):  # no step ends while the graphs would pile up
+        time.sleep(1.0)
+        step = next_step(honest)
+        before = honest.rss_mib(victim_i)
+        out = run(attack(step))
+        after = honest.rss_mib(victim_i)
+    codes = [o.code for o in out]
+    accepted = [o for o in out if o.ok]
+    assert set(codes) <= {grpc.StatusCode.OK, RE}, [(o.code, o.details) for o in out
+                                                     if o.code not in (grpc.StatusCode.OK, RE)]
+    assert 0 < len(accepted) <= limits.graphs
+    big = sum(o.ok for o in out[:flood])
+    small = len(accepted) - big
+    assert big * batch + small * 2 <= limits.samples
+    assert codes.count(RE) >= 2 * flood - limits.graphs
+    assert "backwards" in next(o.details for o in out if o.code == RE)
+    # Unbounded, 96 forwards (48 of 64 samples) kept their graphs (about 20 MiB each here):
+    # ~1 GiB. Bounded, at most `limits.samples` samples' worth.
+    assert after - before < 256, (before, after)
+    keeps_training(honest)
+
+
+# ---------------------------------------------------------------------- row 7
+
+
+def test_row7_a_ground_key_with_another_hash_does_not_make_honest_replicas_yield(
+        honest: Honest) -> None:
+    """The attacker grinds a key whose id sorts before both honest replicas', joins their stage
+    and heartbeats their step with another hash, as a live replica. The honest replicas hold the
+    majority (and, when the coordinator attests, the attested hash): none yields."""
+    lowest = min(honest.block_ids)
+    logs_before = [len(honest.log(0)), len(honest.log(1))]
+
+    def lying_stats() -> PeerStats:
+        reps = holders(honest.swarm).get(1, [])
+        step = max((p["step"] for p in reps if p["peer_id"] in honest.block_ids), default=0)
+        return PeerStats(state="training", step=step, state_hash="f" * 64)
+
+    async def attack() -> None:
+        a = honest.attacker("row7", sorts_before=lowest)
+        assert a.peer_id < lowest
+        try:
+            assert await a.join(1) == 1
+            a.keep_alive(lambda: lying_stats())
+            start = step_of(honest.swarm)
+            deadline = time.monotonic() + 60
+            while step_of(honest.swarm) < start + 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.5)
+        finally:
+            await a.close()
+
+    run(attack())
+    for i in (0, 1):
+        tail = honest.log(i)[logs_before[i]:]
+        assert "state hash differs" not in tail and "re-downloading" not in tail, tail[-2000:]
+    keeps_training(honest)
