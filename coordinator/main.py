@@ -16,6 +16,13 @@ Admission: --token-file (created with a fresh token when the file does not exist
 --allow-file (hex Ed25519 public keys, one a line, `#` comments), or both. With neither, the
 token lives in DIR/join.token. There is no open mode.
 
+Operator's levers (issue #12): --http-token-file F (the dashboard, /api/*, /metrics and SSE need
+that bearer token), --max-sse-clients N (32), `shoal ban PEER` (POST /api/ban; persisted),
+--rejoin-cooldown S (5: a peer that left waits that long before joining again),
+--join-nonce-capacity N (100000: replay memory for Joins of keys that are not members), and
+--trust-stage-hints for a lab or test swarm whose operator places peers with `--stage` (by default
+a hint is honoured only to re-attach a stage or fill an empty one).
+
 `serve(...)` does the same in-process for tests and `shoal demo` and returns a handle to stop it.
 """
 

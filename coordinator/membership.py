@@ -17,6 +17,14 @@ Invariants:
   otherwise a snapshot) that the next holder reads from the view, and a "skip" event (stage-0
   drivers bypass it meanwhile); it clears when a replica reports "rebuilt" or "training", with a
   "rebuild" event whose detail says what the peer actually did (its `recovery:` report).
+- A stage's state is *attested* (`attest`): the (step, state hash) most of its live ready
+  replicas report, ties to the most senior member. The stage's step and `step()` (the swarm's)
+  are attested steps, never the max of what one member claims; a stage keeps its last attested
+  step while no replica attests one. Attestation runs lazily (views, status), not per heartbeat.
+- A stage hint is honoured only to re-attach, or for an empty / rebuilding stage
+  (`assignment.stage_for_hint`; `trust_stage_hints` for an operator's lab). A member that left
+  may join again only after `rejoin_cooldown_s`; a banned peer id (`ban`, persisted by the
+  store) never.
 """
 
 from __future__ import annotations
