@@ -200,6 +200,8 @@ def render_metrics(svc: CoordinatorService, now: float) -> str:
            [({"method": k}, v) for k, v in sorted(svc.rejected.items())])
     metric("shoal_revoked_peers", "gauge", "Peer ids whose certificates are revoked.",
            [({}, len(m.revoked()))])
+    metric("shoal_banned_peers", "gauge", "Peer ids the operator banned (shoal ban).",
+           [({}, len(m.bans()))])
     metric("shoal_stage_replicas", "gauge", "Live replicas per stage.",
            [({"stage": s.stage}, len(s.replicas)) for s in stages])
     metric("shoal_stage_throughput_samples_per_second", "gauge",
