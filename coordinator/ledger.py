@@ -18,7 +18,9 @@ step: the same codes again are a retry and change nothing, other codes are refus
 would start the ledger afresh (nothing held yet: the coordinator restarted, the run resumed from
 exported weights; or nothing open and the post beyond the open steps: stage 0 was rebuilt from
 a snapshot) is taken only up to `max_start`, the coordinator's attested swarm step + 2: a post
-with step 1e15 cannot wipe the history. Older steps cannot be replayed from this store.
+with step 1e15 cannot wipe the history. Only while the ledger holds nothing, a start up to
+START_SLACK steps further is asked to retry (`LedgerBehind`): after a coordinator restart its
+attested step may lag a driver's for a heartbeat. Older steps cannot be replayed from here.
 
 Torch-free, like everything in coordinator/: messages are peer ids and int8 codes, kept as
 bytes. The store is in memory and holds the last `keep_steps` closed steps (a late joiner needs
@@ -39,10 +41,18 @@ if TYPE_CHECKING:
     from coordinator.membership import Membership
 
 MAX_EXPECT = 4096  # stage-0 replicas one post may name
+START_SLACK = 10_000  # steps past max_start a (re)start may be retried for (see LedgerBehind)
 
 
 class LedgerRefused(ValueError):
     """A post the ledger cannot take (bad codes, bad step); the message says why."""
+
+
+class LedgerBehind(LedgerRefused):
+    """A (re)start a little beyond what the coordinator attests: most likely the coordinator's
+    view of the swarm's step lags (it just restarted and the driver's heartbeat is on its way),
+    so the poster should retry shortly (the service answers UNAVAILABLE, which clients retry);
+    a liar retries forever and changes nothing."""
 
 
 @dataclass(frozen=True)
@@ -92,9 +102,11 @@ class SpsaLedger:
             raise LedgerRefused(f"step must be >= 1, got {step}")
         if not self.started or (step > self.next_step + 1 and not self._open):
             if max_start is not None and step > max_start:
-                raise LedgerRefused(
-                    f"step {step} is beyond the swarm's step (the ledger may start at step "
-                    f"{max_start} at most); post the step you are training")
+                kind = (LedgerBehind if not self.started and step <= max_start + START_SLACK
+                        else LedgerRefused)
+                raise kind(
+                    f"step {step} is not open: it is beyond the swarm's step (the ledger may "
+                    f"start at step {max_start} at most now); post the step you are training")
             self._restart_at(step)
         self.close_due(now)
         if step < self.next_step:

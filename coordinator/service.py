@@ -36,6 +36,7 @@ from coordinator.assignment import rebalance_due
 from coordinator.ca import CoordinatorCA
 from coordinator.ledger import (
     MAX_EXPECT,
+    LedgerBehind,
     LedgerRefused,
     SpsaLedger,
     ledger_reply,
@@ -345,6 +346,8 @@ class CoordinatorService:
             expect = list(dict.fromkeys(request.expect)) or training_stage0(self.membership)
             ledger.post(request.step, caller.peer_id, bytes(request.codes), expect,
                         time.monotonic(), max_start=self.membership.step() + 2)
+        except LedgerBehind as exc:  # UNAVAILABLE: the client retries; the step may catch up
+            await self._refuse(context, "PostSpsa", grpc.StatusCode.UNAVAILABLE, str(exc))
         except (BadRequest, LedgerRefused) as exc:
             await self._refuse(context, "PostSpsa", grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return ledger_reply(ledger, request.step, 0)

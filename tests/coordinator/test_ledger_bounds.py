@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.ledger import LedgerRefused, SpsaLedger
+from coordinator.ledger import START_SLACK, LedgerBehind, LedgerRefused, SpsaLedger
 
 
 def test_posts_only_for_the_open_step_and_once_per_peer() -> None:
@@ -28,7 +28,7 @@ def test_a_far_future_post_cannot_wipe_the_history() -> None:
     for s in range(1, 6):
         led.post(s, "a", b"\x01", ["a"], now=float(s), max_start=7)
     assert led.next_step == 6 and len(led.steps(1)) == 5
-    with pytest.raises(LedgerRefused, match="beyond the swarm's step"):
+    with pytest.raises(LedgerRefused, match="beyond the swarm"):
         led.post(10**15, "a", b"\x01", ["a"], now=10.0, max_start=7)
     assert led.base_step == 1 and len(led.steps(1)) == 5
     # a restart at a step the swarm has reached is still taken (stage 0 rebuilt from a snapshot)
@@ -38,3 +38,18 @@ def test_a_far_future_post_cannot_wipe_the_history() -> None:
     with pytest.raises(LedgerRefused, match="beyond"):
         fresh.post(2**53 - 1, "a", b"\x01", ["a"], now=0.0, max_start=3)
     assert not fresh.started
+
+
+def test_a_start_a_little_ahead_of_the_attested_step_is_asked_to_retry() -> None:
+    """After a coordinator restart its attested step may lag the driver's by a few steps."""
+    led = SpsaLedger(directions=1, timeout_s=1.0)
+    with pytest.raises(LedgerBehind):
+        led.post(40, "a", b"\x01", ["a"], now=0.0, max_start=32)
+    with pytest.raises(LedgerRefused) as info:
+        led.post(32 + START_SLACK + 1, "a", b"\x01", ["a"], now=0.0, max_start=32)
+    assert not isinstance(info.value, LedgerBehind)
+    led.post(40, "a", b"\x01", ["a"], now=1.0, max_start=40)  # the heartbeat arrived
+    assert led.base_step == 40
+    with pytest.raises(LedgerRefused) as info:  # holding history: no retry, refused
+        led.post(45, "a", b"\x01", ["a"], now=2.0, max_start=42)
+    assert not isinstance(info.value, LedgerBehind)
