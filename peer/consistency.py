@@ -149,17 +149,17 @@ def differing_hash(view: SwarmView, me: str, stage: int, step: int, state_hash: 
                    ) -> Verdict | None:
     """Replicas at the same step must hash equal; the one whose hash is not the right one
     yields (re-downloads). The heartbeat check of a ready replica after `step` with
-    `state_hash`. Right is the coordinator's attested hash when it attests this step; without
-    an attestation of this step, the majority of the replicas at this step (this one included),
-    a tie going to the most senior (`winning_hash`)."""
+    `state_hash`. When the coordinator attests a hash for the stage, a replica yields only when
+    its own hash at the attested step differs from it (at another step it is not judged here;
+    the sync rounds compare the replicas of each round). Without any attestation (an older
+    coordinator), the majority of the replicas at this step (this one included) is right, a
+    tie going to the most senior (`winning_hash`)."""
     at_step, attested_hash = attested(view, stage)
-    if attested_hash and at_step == step:
-        if state_hash != attested_hash:
+    if attested_hash:  # yield only when this replica's hash at the attested step differs
+        if at_step == step and state_hash != attested_hash:
             return Verdict("download", f"state hash at step {step} differs from the one the "
                                        f"coordinator attests ({attested_hash[:12]})")
         return None
-    if attested_hash and at_step > step:
-        return None  # behind, not differing: behind_the_swarm decides
     peers = [p for p in view.replicas(stage)
              if p.state in READY_STATES and p.stats.step == step
              and p.stats.state_hash and p.peer_id != me]

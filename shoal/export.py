@@ -15,11 +15,14 @@ import logging
 from pathlib import Path
 
 import grpc
+import numpy as np
 import torch
 
+from peer import consistency
 from peer.pipeline import wire
 from peer.pipeline.checkpoint import assemble, save_model
-from peer.pipeline.stage_host import model_config, tensor_hash
+from peer.pipeline.stage_host import hash_of_arrays, model_config
+from peer.recovery.transfer import ATTEST_TRIES, attested_first
 from protocols import auth, tensor_stream
 from protocols import shoal_pb2 as pb
 from protocols import shoal_pb2_grpc as pbg
@@ -61,29 +64,32 @@ async def pull_stage_states(coordinator: str, identity: Identity, token: str | N
                 raise ExportFailed(f"stage {stage} has no live replica to export from; wait for "
                                    "a peer to take it (see `shoal status`)")
             last_error = ""
-            for p in replicas:
+            by_id = {r.peer_id: r for r in replicas}
+            for pid in attested_first(view, stage, list(by_id)):
+                p, state = by_id[pid], None
                 ch = peer_channel(p.address, p.peer_id, client.tls(),
                                   options=tensor_stream.grpc_options(),
                                   interceptors=auth.client_interceptors(signer))
                 channels.append(ch)
-                try:
-                    call = pbg.StateStub(ch).Download(
-                        pb.StateRequest(stage=stage, include_optimizer=False), timeout=120)
-                    header, arrays = await wire.receive(call.__aiter__(), limits, counter,
-                                                        "state")
-                except grpc.aio.AioRpcError as exc:
-                    last_error = f"{p.peer_id[:8]}: {exc.details()}"
-                    continue
-                state = {k[6:]: torch.from_numpy(a.copy()) for k, a in arrays.items()
-                         if k.startswith("model.")}
-                params_hash = header.meta.get("state_hash", "")
-                if params_hash and tensor_hash(_params_only(state)) != params_hash:
-                    last_error = f"{p.peer_id[:8]}: state hash mismatch"
-                    continue
-                states.append((state, header.step))
-                break
+                for _ in range(ATTEST_TRIES):  # again while the swarm's step moves on
+                    try:
+                        call = pbg.StateStub(ch).Download(
+                            pb.StateRequest(stage=stage, include_optimizer=False), timeout=120)
+                        header, arrays = await wire.receive(call.__aiter__(), limits, counter,
+                                                            "state")
+                    except grpc.aio.AioRpcError as exc:
+                        last_error = f"{p.peer_id[:8]}: {exc.details()}"
+                        break
+                    state, last_error, moved = _verified(view, stage, p.peer_id, header, arrays)
+                    if not moved:
+                        break
+                    view = await client.view()
+                if state is not None and not last_error:
+                    states.append((state, header.step))
+                    break
             else:
-                raise ExportFailed(f"stage {stage}: no replica gave its state ({last_error})")
+                raise ExportFailed(f"stage {stage}: no replica gave a verified state "
+                                   f"({last_error})")
         for ch in channels:
             await ch.close()
         return spec, view, states
@@ -93,8 +99,36 @@ async def pull_stage_states(coordinator: str, identity: Identity, token: str | N
         await client.close()
 
 
-def _params_only(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in state.items() if not k.startswith("edge_")}
+def _verified(view, stage: int, sender: str, header: pb.CallHeader, arrays: dict
+              ) -> tuple[dict[str, torch.Tensor] | None, str, bool]:
+    """(state dict, "", False) of a downloaded stage whose arrays hash (`hash_of_arrays`, the
+    replicas' own `state_hash`) to what the coordinator attests for the stage at the state's
+    step; else (None or the state, why not, whether the attestation is of another step: the
+    swarm moved, download again). Without any attestation in the view the sender's claim is
+    all there is (said in the log). Under DiLoCo the weights are the shared ones the hash
+    covers (`mode.shared.param.*`), never the `model.*` arrays beside them."""
+    got = hash_of_arrays(arrays)
+    claimed = header.meta.get("state_hash", "")
+    if got != claimed:
+        return None, f"{sender[:8]}: its state hashes to {got[:12]}, it claimed {claimed[:12]}", \
+            False
+    at, attested_hash = consistency.attested(view, stage)
+    if not attested_hash:
+        log.warning("stage %d: the coordinator attests no hash yet; the state from %s is checked "
+                    "against its own claim only", stage, sender[:8])
+    elif at != header.step:
+        return None, (f"{sender[:8]}: its state is at step {header.step}, the coordinator "
+                      f"attests step {at}"), True
+    elif got != attested_hash:
+        return None, (f"{sender[:8]}: its state at step {at} hashes to {got[:12]}, the "
+                      f"coordinator attests {attested_hash[:12]}"), False
+    state = {k[6:]: torch.from_numpy(a.copy()) for k, a in arrays.items()
+             if k.startswith("model.")}
+    shared = "mode.shared.param."
+    for k, a in arrays.items():
+        if k.startswith(shared):
+            state[k[len(shared):]] = torch.from_numpy(np.array(a, dtype=np.float32))
+    return state, "", False
 
 
 async def export_to(out: str | Path, coordinator: str, identity: Identity,

@@ -118,6 +118,19 @@ def tensor_hash(tensors: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def hash_of_arrays(arrays: Mapping[str, np.ndarray]) -> str:
+    """`StageHost.state_hash` of a stage from its arrays as State.Download sends them (no module
+    needed): the `mode.shared.*` arrays when there are any, else the `model.*` parameters (all
+    `model.*` arrays but CheckFree+'s `edge_` buffers, the stages' only persistent buffers)."""
+    shared = {k[5:]: torch.from_numpy(np.ascontiguousarray(a)) for k, a in arrays.items()
+              if k.startswith("mode.shared.")}
+    if shared:
+        return tensor_hash(shared)
+    return tensor_hash({k[6:]: torch.from_numpy(np.ascontiguousarray(a))
+                        for k, a in arrays.items()
+                        if k.startswith("model.") and not k[6:].startswith("edge_")})
+
+
 class StageHost:
     """The module of one stage on one replica, plus everything that changes it."""
 
@@ -414,17 +427,18 @@ class StageHost:
         For most modes these are the live parameters. Under DiLoCo the live parameters are this
         replica's own inner-step drift; the model the replicas share is the one of the last outer
         step (mode state `shared.param.*`), so an export between outer steps still gets one
-        model whichever replica it asks. The hash covers exactly the `model.*` arrays sent,
-        minus CheckFree+'s `edge_` copies, which is what `shoal export` checks.
+        model whichever replica it asks. The `shared.*` mode state travels too (`mode.shared.*`
+        arrays), and the hash is `state_hash()`: the hash heartbeats report and the coordinator
+        attests, which a receiver recomputes from the arrays alone (`hash_of_arrays`).
         """
         arrays = self.state_arrays(include_optimizer=False)
         prefix = "shared.param."
         for key, t in self.mode_state.items():
+            if key.startswith("shared."):
+                arrays[f"mode.{key}"] = t.detach().cpu().contiguous().numpy()
             if key.startswith(prefix):
                 arrays[f"model.{key[len(prefix):]}"] = t.detach().cpu().float().numpy()
-        params = {k[6:]: torch.from_numpy(a) for k, a in arrays.items()
-                  if k.startswith("model.") and not k[6:].startswith("edge_")}
-        return arrays, tensor_hash(params)
+        return arrays, self.state_hash()
 
     def state_arrays(self, include_optimizer: bool = True) -> dict[str, np.ndarray]:
         """Parameters, persistent buffers, optimizer and sync-mode state, as named arrays."""

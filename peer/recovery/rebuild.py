@@ -7,8 +7,8 @@ optim/checkfree.plan_recovery:
 
 - inner stage s, both neighbours live (CheckFree): download the parameters of s-1 and s+1 from
   live replicas (peer/recovery/transfer.py: every download hash-checked against the state hash
-  the sender claims), average them weighted by each neighbour's last gradient norm *as the
-  coordinator's view reports it* (StageInfo.grad_norm);
+  the sender claims and the one the coordinator attests), average them weighted by each
+  neighbour's last gradient norm *as the coordinator's view reports it* (StageInfo.grad_norm);
 - edge stage with CheckFree+ (stages 1, 2, S-1, S): a copy of its swap partner, which the
   odd-microbatch swaps trained to stand in for it;
 - otherwise (two adjacent stages lost, an edge stage without CheckFree+, or any failure of the
@@ -44,7 +44,7 @@ from peer.consistency import READY_STATES, may_fast_forward, swarm_step
 from peer.context import PeerContext
 from peer.pipeline.stage_host import StageError, StageHost
 from peer.recovery import snapshots
-from peer.recovery.transfer import download_state, fetch_state
+from peer.recovery.transfer import attested_first, download_state, fetch_state
 from peer.sync.base import SyncMode, forget_pending
 from protocols.recovery_report import RecoveryReport
 
@@ -57,10 +57,12 @@ class RebuildFailed(RuntimeError):
 
 async def fetch_stage_params(d: PeerContext, stage: int) -> tuple[dict[str, torch.Tensor], int]:
     """The parameters of `stage` and its step, from the first live replica that gives a state
-    whose hash matches what it claims. Raises RebuildFailed when none does."""
+    whose hash matches what it claims and what the coordinator attests for its step
+    (peer/recovery/transfer.py; replicas that report the attested state are tried first).
+    Raises RebuildFailed when none does."""
     spec = d.spec
     errors = []
-    for pid in d.live_replicas(stage):
+    for pid in attested_first(d.view, stage, d.live_replicas(stage)):
         scratch = StageHost(spec, stage, device="cpu")
         try:
             await fetch_state(d, pid, scratch)

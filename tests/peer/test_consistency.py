@@ -54,9 +54,9 @@ def test_the_attested_hash_decides_when_it_is_of_this_step() -> None:
     assert consistency.differing_hash(v, "b", 1, 7, "mine") is None
     verdict = consistency.differing_hash(v, "b", 1, 7, "h")
     assert verdict is not None and "attests" in verdict.why
-    # an attestation of another step does not decide this one: the majority does
+    # an attestation of another step judges no replica, whatever the others say
     v.stages = [AttestedStage(0, 7, "s0"), AttestedStage(1, 6, "old")]
-    assert consistency.differing_hash(v, "b", 1, 7, "h") is None
+    assert consistency.differing_hash(v, "b", 1, 7, "mine") is None
 
 
 def test_a_tie_goes_to_the_most_senior_replica() -> None:
