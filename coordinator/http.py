@@ -378,6 +378,14 @@ def make_app(svc: CoordinatorService, clock: Callable[[], float],
         if http_token is None and not _is_loopback(request.remote):
             raise web.HTTPForbidden(text="without --http-token-file the coordinator takes bans "
                                          "from this machine (loopback) only\n")
+        # no cross-site requests: a web page in the operator's browser could otherwise POST
+        # here (JSON needs a CORS preflight, which this server never grants)
+        origin = request.headers.get("Origin")
+        if origin is not None and origin.split("://", 1)[-1].rstrip("/") != request.host:
+            raise web.HTTPForbidden(text="cross-site ban refused\n")
+        if request.content_type != "application/json":
+            raise web.HTTPUnsupportedMediaType(text="send JSON (Content-Type: "
+                                                    "application/json)\n")
         try:
             body = await request.json()
         except (ValueError, UnicodeDecodeError):

@@ -434,6 +434,23 @@ def test_http_token_sse_cap_and_no_secrets(tmp_path: Path) -> None:
         assert http_code(base + "api/status", token=http_token) == 200
         assert http_code(base + BAN, method="POST", body=b'{"peer_id": "0123456789abcdef"}') \
             == 401
+        # a web page in the operator's browser cannot ban: no JSON without a preflight, no
+        # cross-site origin
+        plain = urllib.request.Request(base + BAN, data=b'{"peer_id": "0123456789abcdef"}',
+                                       method="POST", headers={
+                                           "Content-Type": "text/plain",
+                                           "Authorization": f"Bearer {http_token}"})
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(plain, timeout=5)
+        assert info.value.code == 415
+        cross = urllib.request.Request(base + BAN, data=b'{"peer_id": "0123456789abcdef"}',
+                                       method="POST", headers={
+                                           "Content-Type": "application/json",
+                                           "Origin": "http://evil.example",
+                                           "Authorization": f"Bearer {http_token}"})
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(cross, timeout=5)
+        assert info.value.code == 403
         # the dashboard: /?token= sets an HttpOnly cookie and drops the token from the address
         opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
         with opener.open(base + f"?token={http_token}", timeout=5) as r:
