@@ -297,9 +297,9 @@ class Membership:
             stage = old.stage
         else:
             stage = assign_stage(self._loads(), benchmark.samples_per_s)
-        furthest = max(self.attested(i)[0] for i in range(self.n_stages))
-        furthest = max(furthest, max(st.step for st in self._stages))
-        clamped = min(step_hint, furthest)
+        # the stages' last attested steps (sweep attests every tick; not recomputed here, so a
+        # join storm stays O(1) per join); the hint only seeds the member's reported step
+        clamped = min(step_hint, max(st.step for st in self._stages))
         kind = "join" if old is None else "rejoin"
         m = Member(peer_id=peer_id, public_key=bytes(public_key), address=address, stage=stage,
                    state="joining", benchmark=benchmark, joined_at=now, last_seen=now,
@@ -394,6 +394,8 @@ class Membership:
             del self._revoked[peer_id]
         for peer_id in [p for p, until in self._cooldown.items() if until <= now]:
             del self._cooldown[peer_id]
+        for i in range(self.n_stages):  # keep the attested steps at most a tick old
+            self._attest(i)
         return [m.peer_id for m in expired]
 
     def rebalance(self, now: float, min_gain: float = 0.1) -> Move | None:

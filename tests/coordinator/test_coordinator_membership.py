@@ -76,6 +76,7 @@ def test_stage_hint_is_subject_to_assignment() -> None:
 def test_step_hint_is_clamped_to_the_swarm_step() -> None:
     m = swarm(4)
     trained(m, 12, T0 + 1)
+    m.sweep(T0 + 1.5)  # the once-a-second tick attests the stages
     x = m.join("liar", b"\x30" * 32, "127.0.0.1:9100", bench(), 0, 2**53, T0 + 2)
     assert x.stats.step == 12 and "clamped to the swarm's step 12" in m.events.recent()[-1].detail
     m.leave("liar", "bye", T0 + 3)
