@@ -134,10 +134,15 @@ class StageInfo:
     grad_norm: float
     step: int
     rebuild: str  # "" | "checkfree" | "checkfree+" | "snapshot" | "copy"
+    #: the stage state most live ready replicas report (contract 1 of #12; "" / 0 while none
+    #: does): what a downloaded state is verified against, and who is right in a disagreement
+    attested_hash: str = ""
+    attested_step: int = 0
 
     @classmethod
     def from_proto(cls, m: pb.StageInfo) -> StageInfo:
-        return cls(m.stage, tuple(m.replicas), m.throughput, m.grad_norm, m.step, m.rebuild)
+        return cls(m.stage, tuple(m.replicas), m.throughput, m.grad_norm, m.step, m.rebuild,
+                   m.attested_hash, m.attested_step)
 
 
 @dataclass(frozen=True, slots=True)
