@@ -335,6 +335,23 @@ def test_valid_headers_over_random_bytes_decode_or_refuse(encoding, shape, block
     assert_valid(header, out)
 
 
+@FUZZ
+@given(st.dictionaries(st.sampled_from(["dataplane", "ticket", "other"]),
+                       st.one_of(TEXT, st.sampled_from(["00" * 32, "127.0.0.1:99999", "[::1]:7",
+                                                        "h:0", ":5", "ab" * 31 + "zz"])),
+                       max_size=3))
+def test_data_plane_pointers_parse_or_raise_codec_error(meta) -> None:
+    from protocols import dataplane
+
+    header = pb.CallHeader()
+    header.meta.update(meta)
+    try:
+        host, port, ticket = dataplane.endpoint(header)
+    except codec.CodecError:
+        return
+    assert host and 0 < port < 65536 and len(ticket) == dataplane.TICKET_BYTES
+
+
 # ------------------------------------------------------------------ (b) the coordinator's checks
 
 
