@@ -262,14 +262,15 @@ FUZZ_PEER = settings(max_examples=25, deadline=None, derandomize=True, database=
 
 
 def test_fuzzed_peer_requests_get_clean_statuses(swarm) -> None:
-    """StateRequest, StepEnd and TensorChunk streams of random fields (and one-field mutants of
-    honest ones), sent by an observer to a real block replica: a clean status every time, and
-    the swarm keeps training."""
+    """StateRequest, StepEnd and TensorChunk streams (Forward, Backward, Exchange) of random
+    fields (and one-field mutants of honest ones), sent by an observer to a real block replica:
+    a clean status every time, and the swarm keeps training."""
     seen: dict[str, set[str]] = {}
 
     async def fuzz_all(observer: Observer, draws: list[tuple[str, object]]) -> None:
         stage = pbg.StageStub(observer.channel())
         state = pbg.StateStub(observer.channel())
+        sync = pbg.SyncStub(observer.channel())
         for kind, request in draws:
             try:
                 if kind == "download":
@@ -278,7 +279,8 @@ def test_fuzzed_peer_requests_get_clean_statuses(swarm) -> None:
                 elif kind == "endstep":
                     await stage.EndStep(request, timeout=30)
                 else:
-                    async for _ in getattr(stage, kind)(iter(request), timeout=30):
+                    stub = sync if kind == "Exchange" else stage
+                    async for _ in getattr(stub, kind)(iter(request), timeout=30):
                         pass
                 code = grpc.StatusCode.OK
             except grpc.aio.AioRpcError as exc:
@@ -302,7 +304,7 @@ def test_fuzzed_peer_requests_get_clean_statuses(swarm) -> None:
         if data.draw(st.booleans()):
             header.total_bytes, header.sha256 = len(payload), payload_digest(payload)
         stream = [pb.TensorChunk(header=header), pb.TensorChunk(data=payload)]
-        draws.append((data.draw(st.sampled_from(["Forward", "Backward"])),
+        draws.append((data.draw(st.sampled_from(["Forward", "Backward", "Exchange"])),
                       stream[: data.draw(st.integers(0, 2))]))
         batches.append(draws)
 
@@ -315,7 +317,7 @@ def test_fuzzed_peer_requests_get_clean_statuses(swarm) -> None:
                 await fuzz_all(observer, draws)
 
     run(main())
-    assert set(seen) == {"download", "endstep", "Forward", "Backward"}, seen
+    assert set(seen) == {"download", "endstep", "Forward", "Backward", "Exchange"}, seen
     keeps_training(swarm)
 
 
