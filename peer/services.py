@@ -105,9 +105,10 @@ async def receive_authorized(
         await policy.authorize(method, header=first.header)
         if precheck is not None:
             precheck(first.header)
-    except (authz.Denied, PendingQuota) as exc:
+    except (authz.Denied, PendingQuota, NotYours) as exc:
         code, text = ((exc.code, exc.message) if isinstance(exc, authz.Denied)
-                      else (grpc.StatusCode.RESOURCE_EXHAUSTED, f"{method}: {exc}"))
+                      else (grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(exc, PendingQuota)
+                            else grpc.StatusCode.PERMISSION_DENIED, f"{method}: {exc}"))
         await _drain(stream, limits.max_total_bytes)
         await context.abort(code, text)
         raise  # abort raises; this keeps a fake context from going on

@@ -152,3 +152,35 @@ def test_demo_inner_steps_divides_the_run() -> None:
 
     assert demo_inner_steps(100) == 10 and demo_inner_steps(60) == 6
     assert demo_inner_steps(97) == 9 and demo_inner_steps(5) == 1
+
+
+def test_pending_graphs_are_bounded_per_sender_and_dropped_when_stale() -> None:
+    """Row 4 of #12: a sender's forwards beyond its quota are refused (PendingQuota, the
+    services' RESOURCE_EXHAUSTED) while other senders keep theirs; a backward must come from
+    the forward's sender; graphs of an ended step or of a departed sender are dropped."""
+    from peer.pipeline.stage_host import NotYours, PendingLimits, PendingQuota
+
+    host = StageHost(SPEC, 1)
+    lim = PendingLimits.of(SPEC)
+    assert host.pending_limits == lim
+    mb = SPEC.pipeline.microbatch
+    x = torch.randn(mb, SPEC.model.seq_len, SPEC.model.d_model)
+    kept = 0
+    with pytest.raises(PendingQuota, match="backward"):
+        for i in range(lim.graphs + 1):
+            host.forward(f"evil-{i}", x, 1, "evil")
+            kept += 1
+    assert kept == min(lim.graphs, lim.samples // mb)
+    with pytest.raises(PendingQuota):  # one sample too many, by the header's count alone
+        host.check_quota("evil", "another", lim.samples)
+    host.forward("honest-0", x, 1, "driver")  # another sender is not held up by it
+    with pytest.raises(NotYours):
+        host.forward("honest-0", x, 1, "evil")  # nor can its microbatch id be taken over
+    with pytest.raises(NotYours):
+        host.backward("honest-0", torch.ones(mb, SPEC.model.seq_len, SPEC.model.d_model), "evil")
+    host.backward("honest-0", torch.ones(mb, SPEC.model.seq_len, SPEC.model.d_model), "driver")
+    assert host.forget_owner({"evil"}) == kept and not host.pending
+    host.forward("old", x, 1, "driver")
+    host.finish_step()  # step 1 ended: its graphs can no longer count
+    assert host.expire_pending() == 1 and not host.pending
+    host.close()
