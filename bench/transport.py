@@ -14,10 +14,16 @@ Loopback, server and client in separate processes (spawn, never fork after gRPC)
        the least a verified download has to do, so (a)/(b') is the cost of the rest of the
        project's machinery (gRPC call, ticket, decode, finiteness);
   (c)  synchronous gRPC streaming of ~4 MiB TensorChunks, for reference.
+  (d)  what a peer does today (peer/services.py StateService.Download, peer/recovery/transfer.py):
+       a grpc.aio stream of 2 MiB TensorChunks (peer/pipeline/wire.py encode_chunks / receive,
+       digest and finiteness checked), over protocols.tls.peer_channel, plaintext;
+  (d') the same over mTLS: swarm-CA leaves (P-256) on both ends, the callee's peer id checked,
+       exactly the channel peers use between machines. (d)/(d') is what TLS costs.
 Paths take turns within each repeat; each row is the median of --repeats runs. Then, as root,
 the project's path across two network namespaces joined by a veth pair whose server side is
-capped by tc tbf, as % of the cap. The last line is `transport: grpc/raw = R`, R = (a) / (b)
-measured in this run (target R >= 0.6; R rounded down, bench/report.py).
+capped by tc tbf, as % of the cap, and (d) and (d') across the same link. The last line is
+`transport: grpc/raw = R`, R = (a) / (b) measured in this run (target R >= 0.6; R rounded
+down, bench/report.py).
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ import grpc
 import numpy as np
 
 from bench.report import Target, machine, targets_line
-from protocols import codec, dataplane, digest, tensor_stream
+from protocols import codec, dataplane, digest, tensor_stream, tls
 from protocols import shoal_pb2 as pb
 from protocols import shoal_pb2_grpc as pb_grpc
 
@@ -53,6 +59,8 @@ MIB = 1 << 20
 CLONE_NEWNET = 0x40000000
 PROJECT = "(a) project: gRPC + data plane, SHA-256 tree digest checked"
 RAW = "(b) raw TCP socket"
+STREAM = "(d) peers' path: grpc.aio wire stream, peer_channel, plaintext"
+STREAM_TLS = "(d') peers' path over mTLS (swarm-CA leaves, peer_channel)"
 TARGET = Target("grpc/raw", 0.6)
 
 
@@ -146,6 +154,33 @@ class _DataPlaneState(pb_grpc.StateServicer):
             yield chunk
 
 
+class _WireState(pb_grpc.StateServicer):
+    """(d), (d'): the peer's State.Download: wire.encode_chunks of the arrays, as it sends them."""
+
+    def __init__(self, header: pb.CallHeader, arrays: dict[str, np.ndarray]) -> None:
+        self.header, self.arrays = header, arrays
+
+    async def Download(self, request, context):
+        from peer.pipeline import wire
+
+        for chunk in wire.encode_chunks(self.header, self.arrays, pb.RAW):
+            yield chunk
+
+
+SERVER_ID, CLIENT_ID = "00000000000000aa", "00000000000000bb"  # peer ids of the TLS rows
+
+
+def bench_certificates() -> tuple[tls.PeerTls, tls.PeerTls]:
+    """(server, client) TLS material from a swarm CA, as a coordinator issues it at join."""
+    ca, ca_key = tls.make_coordinator_ca(os.urandom(32))
+    out = []
+    for peer_id in (SERVER_ID, CLIENT_ID):
+        key = tls.new_tls_key()
+        out.append(tls.PeerTls(ca, tls.sign_csr(ca, ca_key, tls.csr_for_key(peer_id, key),
+                                                 peer_id, days=1), key))
+    return out[0], out[1]
+
+
 def _raw_server(sock: socket.socket, payload: bytes) -> None:
     view = memoryview(payload)
     while True:
@@ -155,7 +190,8 @@ def _raw_server(sock: socket.socket, payload: bytes) -> None:
             conn.sendall(view)
 
 
-def serve(ready: mp.Queue, mib: float, host: str, netns: str | None) -> None:
+def serve(ready: mp.Queue, mib: float, host: str, netns: str | None,
+          server_tls: tls.PeerTls | None = None) -> None:
     """Server process: encode one float32 tensor of `mib` MiB, serve it over every path."""
     if netns:
         enter_netns(netns)
@@ -183,8 +219,22 @@ def serve(ready: mp.Queue, mib: float, host: str, netns: str | None) -> None:
                                             server)
         port = server.add_insecure_port(f"{host}:0")
         await server.start()
+        wire_header = pb.CallHeader(kind="state", stage=1)
+        stream_ports, keep = {}, []  # keep: a grpc.aio server without a reference is stopped
+        for name, creds in (("stream", None), ("stream_tls", server_tls)):
+            if name == "stream_tls" and creds is None:
+                continue
+            s = grpc.aio.server(options=tensor_stream.grpc_options())
+            pb_grpc.add_StateServicer_to_server(_WireState(wire_header, {"weights": array}), s)
+            stream_ports[name] = (s.add_insecure_port(f"{host}:0") if creds is None else
+                                  s.add_secure_port(f"{host}:0", grpc.ssl_server_credentials(
+                                      [(creds.key_pem, creds.cert_pem)],
+                                      root_certificates=creds.ca_pem,
+                                      require_client_auth=True)))
+            await s.start()
+            keep.append(s)
         ready.put({"project": port, "raw": raw.getsockname()[1], "grpc": sync_port,
-                   "encode_s": encode_s, "bytes": encoded.total_bytes})
+                   "encode_s": encode_s, "bytes": encoded.total_bytes, **stream_ports})
         while os.getppid() == parent:  # never outlive the bench, even if it was SIGKILLed
             await asyncio.sleep(1)
 
@@ -278,6 +328,32 @@ def time_grpc_in_band(host: str, port: int, nbytes: int, repeats: int) -> list[f
     return times
 
 
+def time_wire_stream(host: str, port: int, nbytes: int, repeats: int,
+                     client_tls: tls.PeerTls | None) -> list[float]:
+    """(d)/(d'): seconds per State.Download as a peer receives it, over peer_channel."""
+    import uvloop
+
+    from peer.pipeline import wire
+
+    async def main() -> list[float]:
+        times = []
+        counter = wire.ByteCounter()
+        async with tls.peer_channel(f"{host}:{port}", SERVER_ID, client_tls,
+                                    options=tensor_stream.grpc_options()) as ch:
+            await ch.channel_ready()
+            stub = pb_grpc.StateStub(ch)
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                call = stub.Download(pb.StateRequest(stage=1))
+                _, arrays = await wire.receive(call.__aiter__(), _limits(nbytes), counter,
+                                               "state")
+                assert arrays["weights"].nbytes == nbytes
+                times.append(time.perf_counter() - t0)
+        return times
+
+    return uvloop.run(main())
+
+
 def _in_netns(result: mp.Queue, netns: str, fn: Callable[..., list[float]], *args: object
               ) -> None:
     enter_netns(netns)
@@ -286,9 +362,10 @@ def _in_netns(result: mp.Queue, netns: str, fn: Callable[..., list[float]], *arg
 
 @contextlib.contextmanager
 def server_process(ctx: mp.context.SpawnContext, mib: float, host: str = "127.0.0.1",
-                   netns: str | None = None) -> Iterator[dict]:
+                   netns: str | None = None, server_tls: tls.PeerTls | None = None
+                   ) -> Iterator[dict]:
     ready = ctx.Queue()
-    proc = ctx.Process(target=serve, args=(ready, mib, host, netns), daemon=True)
+    proc = ctx.Process(target=serve, args=(ready, mib, host, netns, server_tls), daemon=True)
     proc.start()
     try:
         while True:
@@ -315,7 +392,8 @@ def run_loopback(ctx: mp.context.SpawnContext, mib: float, repeats: int, with_gr
                  ) -> list[tuple[str, float, str]]:
     """Rows of (path, median MB/s, "min-max" MB/s). Paths take turns within each repeat, so a
     burst of load from other processes on this shared machine hits all of them alike."""
-    with server_process(ctx, mib) as info:
+    server_tls, client_tls = bench_certificates()
+    with server_process(ctx, mib, server_tls=server_tls) as info:
         n, host = info["bytes"], "127.0.0.1"
         paths: dict[str, Callable[[], list[float]]] = {
             PROJECT: lambda: time_project(host, info["project"], n, 1),
@@ -328,6 +406,9 @@ def run_loopback(ctx: mp.context.SpawnContext, mib: float, repeats: int, with_gr
         if with_grpc:
             paths["(c) sync gRPC stream, ~4 MiB TensorChunks"] = (
                 lambda: time_grpc_in_band(host, info["grpc"], n, 1))
+            paths[STREAM] = lambda: time_wire_stream(host, info["stream"], n, 1, None)
+            paths[STREAM_TLS] = lambda: time_wire_stream(host, info["stream_tls"], n, 1,
+                                                         client_tls)
         time_raw(host, info["raw"], n, 1)  # warm-up: first-use costs of both processes
         times: dict[str, list[float]] = {name: [] for name in paths}
         for _ in range(repeats):
@@ -354,19 +435,31 @@ def run_capped(ctx: mp.context.SpawnContext, mib: float, rate_mbit: float, mtu: 
                ) -> str:
     if os.geteuid() != 0:
         return "capped link: skipped (needs root for ip netns / tc)"
+    server_tls, client_tls = bench_certificates()
+
+    def client_run(info: dict, fn: Callable[..., list[float]], *args: object) -> float:
+        result = ctx.Queue()
+        client = ctx.Process(target=_in_netns, args=(result, ns_b, fn, *args))
+        client.start()
+        try:
+            (seconds,) = result.get(timeout=600)
+        finally:
+            client.join(10)
+            if client.is_alive():
+                client.terminate()
+        return seconds
+
     try:
         with capped_link(rate_mbit, mtu) as (ns_a, ns_b, ip_a, _ip_b), \
-                server_process(ctx, mib, ip_a, ns_a) as info:
-            result = ctx.Queue()
-            client = ctx.Process(target=_in_netns, args=(result, ns_b, time_project, ip_a,
-                                                         info["project"], info["bytes"], 1))
-            client.start()
-            try:
-                (seconds,) = result.get(timeout=600)
-            finally:
-                client.join(10)
-                if client.is_alive():
-                    client.terminate()
+                server_process(ctx, mib, ip_a, ns_a, server_tls) as info:
+            n = info["bytes"]
+            seconds = client_run(info, time_project, ip_a, info["project"], n, 1)
+            streams = {name: [] for name in (STREAM, STREAM_TLS)}
+            for _ in range(2):  # taking turns, as on loopback
+                streams[STREAM].append(client_run(info, time_wire_stream, ip_a,
+                                                  info["stream"], n, 1, None))
+                streams[STREAM_TLS].append(client_run(info, time_wire_stream, ip_a,
+                                                      info["stream_tls"], n, 1, client_tls))
     except (subprocess.CalledProcessError, FileNotFoundError) as exc:
         return f"capped link: skipped ({exc})"
     mbit = info["bytes"] * 8 / seconds / 1e6
@@ -375,7 +468,10 @@ def run_capped(ctx: mp.context.SpawnContext, mib: float, rate_mbit: float, mtu: 
     return (f"capped link: {info['bytes'] / MIB:.0f} MiB over veth (MTU {mtu}) + tbf "
             f"{rate_mbit:g} Mbit/s in {seconds:.2f} s = {mbit:.1f} Mbit/s of payload = "
             f"{100 * mbit / rate_mbit:.1f} % of the cap (TCP/IP/Ethernet framing leaves at most "
-            f"{100 * framing:.1f} %; project path end to end)")
+            f"{100 * framing:.1f} %; project path end to end)" + "".join(
+                f"\ncapped link, {name}: {n * 8 / min(t) / 1e6:.1f} Mbit/s of payload = "
+                f"{100 * n * 8 / min(t) / 1e6 / rate_mbit:.1f} % of the cap (best of {len(t)})"
+                for name, t in streams.items()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -388,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mtu", type=int, default=1500, help="of the capped veth link")
     args = parser.parse_args(argv)
     ctx = mp.get_context("spawn")
+    os.environ["SHOAL_TLS_ON_LOOPBACK"] = "1"  # (d') runs mTLS on 127.0.0.1 as between machines
     signal.signal(signal.SIGTERM, _raise_exit)  # so finally blocks end children and namespaces
     try:
         rows = run_loopback(ctx, args.mib, args.repeats, not args.no_grpc)
