@@ -484,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mtu", type=int, default=1500, help="of the capped veth link")
     args = parser.parse_args(argv)
     ctx = mp.get_context("spawn")
+    old_env = os.environ.get("SHOAL_TLS_ON_LOOPBACK")
     os.environ["SHOAL_TLS_ON_LOOPBACK"] = "1"  # (d') runs mTLS on 127.0.0.1 as between machines
     signal.signal(signal.SIGTERM, _raise_exit)  # so finally blocks end children and namespaces
     try:
@@ -494,6 +495,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("transport bench interrupted; its processes and namespaces are gone", file=sys.stderr)
         return 130
+    finally:
+        if old_env is None:
+            os.environ.pop("SHOAL_TLS_ON_LOOPBACK", None)
+        else:
+            os.environ["SHOAL_TLS_ON_LOOPBACK"] = old_env
     by_name = {name: mbps for name, mbps, _ in rows}
     raw = by_name[RAW]
     print(f"transport bench: {args.mib:g} MiB float32, loopback, 2 processes, "

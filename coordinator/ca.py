@@ -16,6 +16,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from cryptography import x509
+
 from protocols import tls
 
 CA_CERT_FILE = "tls-ca.pem"
@@ -66,12 +68,11 @@ class CoordinatorCA:
         if len(csr_pem) > 8192:
             raise ValueError(f"tls_csr is {len(csr_pem)} bytes; a P-256 CSR is under 1 kB")
         try:
-            return tls.sign_csr(self.cert_pem, self.key_pem, csr_pem, peer_id,
-                                days=tls.LEAF_DAYS)
-        except ValueError:
-            raise
-        except Exception as exc:  # cryptography's parsers raise a few other types
-            raise ValueError(f"tls_csr is not a PEM certificate signing request ({exc})") from None
+            x509.load_pem_x509_csr(csr_pem)
+        except Exception as exc:  # ValueError, and a few other types from the parser
+            raise ValueError(f"tls_csr is not a PEM certificate signing request ({exc}); make "
+                             f"it with protocols.tls.csr_for_key") from None
+        return tls.sign_csr(self.cert_pem, self.key_pem, csr_pem, peer_id, days=tls.LEAF_DAYS)
 
     def stamp_token_file(self, path: str | os.PathLike[str]) -> str:
         """Make the token file carry this CA's fingerprint ("SECRET sha256:HEX", see
