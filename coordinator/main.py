@@ -16,6 +16,12 @@ Admission: --token-file (created with a fresh token when the file does not exist
 --allow-file (hex Ed25519 public keys, one a line, `#` comments), or both. With neither, the
 token lives in DIR/join.token. There is no open mode.
 
+TLS (issue #12): the coordinator is the swarm's CA (coordinator/ca.py: DIR/tls-ca.pem and
+DIR/tls-ca.key, 0600, made once, reused on restart). It serves gRPC over TLS with that CA unless
+--plaintext or bound to a loopback address, signs the CSR of every Join for the caller's own peer
+id, writes its fingerprint into the token file ("SECRET sha256:HEX") and its mDNS announcement,
+and prints it (peers admitted by allow-list pass it as --coordinator-fingerprint).
+
 Operator's levers (issue #12): --http-token-file F (the dashboard, /api/*, /metrics and SSE need
 that bearer token), --max-sse-clients N (32), `shoal ban PEER` (POST /api/ban; persisted),
 --rejoin-cooldown S (5: a peer that left waits that long before joining again),
