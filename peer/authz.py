@@ -23,7 +23,9 @@ The rules (contract 2 of issue #12):
 left): a replica that is re-downloading ("syncing") still abstains from rounds, and a draining
 driver still finishes its in-flight microbatches. Steps: a microbatch's step is the receiver's
 next step; a jump (the sole replica of a rebuilt stage catching up) is allowed only up to the
-swarm's attested step + 1 (stage 0's StageInfo.attested_step, else its step); a step at or
+swarm's attested step + 1 (stage 0's StageInfo.attested_step, else its step), plus the lead the
+honest drivers can have over the attestation by now (`StepRate`: the attested step's own pace
+times its lag; 0 in a swarm that stands still); a step at or
 before the receiver's own, or beyond that bound, is INVALID_ARGUMENT. An EndStep may run up to
 END_SLACK steps past that bound (the attestation trails a fast swarm): the receiver does not
 adopt such a step, it re-downloads its stage from its replicas.
@@ -43,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterable
@@ -67,6 +70,10 @@ ROUND_LAG = 4
 #: trails a fast swarm by its heartbeats): the receiver then re-downloads its stage from its
 #: replicas instead of adopting the step (peer/services.py); beyond it, INVALID_ARGUMENT
 END_SLACK = 64
+#: how far the attested swarm step trails the drivers: a few heartbeats (the replicas' reports,
+#: then the coordinator's view) and the view refresh (`StepRate` turns it into steps)
+LAG_HEARTBEATS = 3
+LAG_EXTRA_S = 2.0
 
 # the methods, as the rules name them
 FORWARD, INFER, BACKWARD, END_STEP, EXCHANGE, DOWNLOAD = (
@@ -100,12 +107,42 @@ class Denied(Exception):
 
 @dataclass(frozen=True)
 class Receiver:
-    """What the rules need of the receiving peer: its stage and step (None before it holds one)
-    and its last swarm view."""
+    """What the rules need of the receiving peer: its stage and step (None before it holds one),
+    its last swarm view, and `lead`: how many steps a driver may be ahead of the attested swarm
+    step by now (the attestation trails a fast swarm by its heartbeats; `StepRate`)."""
 
     stage: int | None
     step: int | None
     view: SwarmView | None
+    lead: int = 0
+
+    def jump_bound(self) -> int:
+        """The furthest step a microbatch may take this replica to (the attested swarm step + 1,
+        plus the lead the attestation's lag allows)."""
+        return attested_swarm_step(self.view) + 1 + self.lead
+
+
+class StepRate:
+    """How fast the attested swarm step moves, from the views this peer refreshed: the lead a driver
+    may have over the attestation is (steps per second) x (the attestation's lag). A liar can
+    then push a replica at most as far as the honest drivers get within that lag, and never
+    while the swarm stands still."""
+
+    WINDOW_S = 60.0
+
+    def __init__(self) -> None:
+        self._samples: list[tuple[float, int]] = []
+
+    def note(self, step: int, now: float) -> None:
+        if not self._samples or self._samples[-1][1] != step:
+            self._samples.append((now, step))
+        self._samples = [x for x in self._samples if now - x[0] <= self.WINDOW_S][-64:]
+
+    def per_s(self) -> float:
+        if len(self._samples) < 2:
+            return 0.0
+        (t0, s0), (t1, s1) = self._samples[0], self._samples[-1]
+        return max(0.0, (s1 - s0) / (t1 - t0)) if t1 - t0 >= 0.5 else 0.0
 
 
 def method_of(service_method: str, header: pb.CallHeader | None) -> str:
@@ -186,7 +223,7 @@ def check_step(rule: str, step: int, receiver: Receiver, method: str) -> None:
     mine = receiver.step
     if not kind or mine is None:
         return
-    bound = attested_swarm_step(receiver.view) + 1
+    bound = receiver.jump_bound()
     if kind == "next":
         if step == mine + 1:
             return
@@ -305,6 +342,7 @@ class Policy:
         self.ctx = ctx
         self.refresh = Refresher(ctx.refresh_view)
         self.denied = 0
+        self.rate = StepRate()
 
     @classmethod
     def of(cls, ctx) -> Policy:
@@ -316,8 +354,12 @@ class Policy:
 
     def receiver(self) -> Receiver:
         host = self.ctx.host
+        spec = getattr(self.ctx, "spec", None)
+        lag_s = LAG_HEARTBEATS * (spec.membership.heartbeat_s if spec is not None else 2.0) \
+            + LAG_EXTRA_S
         return Receiver(host.stage if host is not None else None,
-                        host.step if host is not None else None, self.ctx.view)
+                        host.step if host is not None else None, self.ctx.view,
+                        math.ceil(self.rate.per_s() * lag_s))
 
     async def authorize(self, service_method: str, *, header: pb.CallHeader | None = None,
                         step_end: pb.StepEnd | None = None) -> str:
@@ -331,7 +373,8 @@ class Policy:
             if not exc.stale or self.ctx.client is None:
                 self._log(rule, caller, exc)
                 raise
-        await self.refresh()
+        if await self.refresh():  # a fresh view: a sample of the attested step's pace
+            self.rate.note(attested_swarm_step(self.ctx.view), time.monotonic())
         try:
             return decide(rule, caller, self.receiver(), header=header, step_end=step_end)
         except Denied as exc:

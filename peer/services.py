@@ -277,7 +277,7 @@ class StageService(pbg.StageServicer):
         # a carried step never fast-forwards: every step's update must be applied; nor does a
         # step beyond the attested swarm step + 1 (peer/authz.py let it through only because
         # the attestation may lag): the replica re-downloads, from replicas, what is real
-        jump_ok = request.step <= authz.attested_swarm_step(d.view) + 1
+        jump_ok = request.step <= self.policy.receiver().jump_bound()
         if request.step > host.step + 1 and (carried or not jump_ok
                                              or not catch_up(d, request.step - 1)):
             d.fall_behind(f"EndStep({request.step}) while after step {host.step}")

@@ -246,3 +246,21 @@ def test_concurrent_unknown_callers_share_one_refresh(monkeypatch) -> None:
 def test_departed_senders() -> None:
     v = swarm_view()
     assert authz.departed_senders(v, {"d0", "gone", "ghost", ""}) == {"gone", "ghost"}
+
+
+def test_a_jump_may_lead_the_attestation_by_its_pace_times_its_lag() -> None:
+    """A fast swarm's drivers are ahead of the attested step (heartbeats lag): the sole replica
+    of a rebuilt stage may catch up to them, a liar no further than they can be by now."""
+    rate = authz.StepRate()
+    assert rate.per_s() == 0.0
+    rate.note(100, 0.0)
+    rate.note(100, 1.0)  # no change: no new sample
+    rate.note(120, 2.0)
+    assert rate.per_s() == 10.0
+    rate.note(500, 100.0)  # older samples leave the window
+    assert rate.per_s() == 0.0
+    receiver = replace(RECEIVER, lead=30)
+    assert receiver.jump_bound() == 5 + 1 + 30
+    assert authz.decide(authz.FORWARD, caller("d0"), receiver, header=header(step=36)) == "d0"
+    with pytest.raises(authz.Denied):
+        authz.decide(authz.FORWARD, caller("d0"), receiver, header=header(step=37))

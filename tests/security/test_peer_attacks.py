@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import torch
 
 from peer.pipeline.stage_host import PendingLimits
 from protocols import shoal_pb2 as pb
@@ -51,20 +52,6 @@ SPEC = spec_with(**{"model.d_model": 128, "model.n_layers": 2, "model.n_heads": 
 D, SEQ = SPEC.model.d_model, SPEC.model.seq_len
 LAYOUT = [0, 1, 1]  # peer0: the driver; peer1, peer2: stage 1
 BLOCKS = [i for i, s in enumerate(LAYOUT) if s == 1]
-
-
-class LabSwarm(Swarm):
-    """A local swarm whose coordinator honours every stage hint (`--trust-stage-hints`, an
-    operator's lab or test swarm): the member attackers here ask for stage 0 or 1 and get it,
-    as a hostile volunteer that the assignment happened to put there would."""
-
-    def _spawn(self, args: list[str], log_name: str, env: dict | None = None):
-        import coordinator.main
-
-        if (args[:1] == ["coordinator"]
-                and "--trust-stage-hints" in Path(coordinator.main.__file__).read_text()):
-            args = [*args, "--trust-stage-hints"]
-        return super()._spawn(args, log_name, env)
 
 
 class Honest:
@@ -102,7 +89,10 @@ class Honest:
 
 @pytest.fixture(scope="module")
 def honest(tmp_path_factory) -> Iterator[Honest]:
-    swarm = LabSwarm(tmp_path_factory.mktemp("peer_attacks"), SPEC, 0, None, "cpu")
+    # shoal/swarm.py's coordinator trusts stage hints (--trust-stage-hints, a lab or test
+    # swarm): the member attackers here ask for stage 0 or 1 and get it, as a hostile
+    # volunteer that the assignment happened to put there would
+    swarm = Swarm(tmp_path_factory.mktemp("peer_attacks"), SPEC, 0, None, "cpu")
     (swarm.work / "attackers").mkdir(parents=True, exist_ok=True)
     try:
         swarm.start(0)
@@ -336,3 +326,77 @@ def test_row7_a_ground_key_with_another_hash_does_not_make_honest_replicas_yield
         tail = honest.log(i)[logs_before[i]:]
         assert "state hash differs" not in tail and "re-downloading" not in tail, tail[-2000:]
     keeps_training(honest)
+
+
+def test_row7_a_joiner_takes_no_state_from_a_ground_key_that_lies(honest: Honest) -> None:
+    """Row 7's download: the attacker (a key that sorts first, a live "training" member of the
+    stage) serves State.Download itself, a state with other weights and a claim that matches
+    them, and heartbeats the stage's step with that hash. A replica that joins the stage then
+    takes the attested (majority) state, never the liar's, and every replica ends equal."""
+    from peer.pipeline import wire
+    from peer.pipeline.stage_host import StageHost
+    from protocols import shoal_pb2_grpc as pbg
+
+    lowest = min(honest.block_ids)
+    liar_host = StageHost(SPEC, 1)
+    with torch.no_grad():
+        next(iter(liar_host.params().values())).add_(0.5)
+    liar_hash = liar_host.state_hash()
+
+    def stage_step() -> int:
+        reps = holders(honest.swarm).get(1, [])
+        return max((p["step"] for p in reps if p["peer_id"] in honest.block_ids), default=0)
+
+    class LiarState(pbg.StateServicer):
+        def __init__(self) -> None:
+            self.calls = 0
+
+        async def Download(self, request, context):
+            self.calls += 1
+            liar_host.step = stage_step()
+            header = pb.CallHeader(kind="state", step=liar_host.step, stage=1, sender="")
+            header.meta["state_hash"] = liar_hash  # true for what it sends
+            header.meta["sync_mode"] = SPEC.sync.mode
+            for chunk in wire.encode_chunks(header, liar_host.state_arrays(True), pb.RAW):
+                yield chunk
+
+    joiner_i = len(honest.swarm.peers)
+
+    async def attack() -> tuple[str, int]:
+        server = grpc.aio.server()
+        liar = LiarState()
+        pbg.add_StateServicer_to_server(liar, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        a = honest.attacker("row7dl", sorts_before=lowest)
+        try:
+            assert await a.join(1, address=f"127.0.0.1:{port}") == 1
+            a.keep_alive(lambda: PeerStats(state="training", step=stage_step(),
+                                           state_hash=liar_hash))
+            await asyncio.sleep(2.0)  # listed as a live replica of stage 1 everywhere
+            honest.swarm.add_peer(joiner_i, ["--stage", "1", "--grace", "5"])
+            log = honest.swarm.logs / f"peer{joiner_i}.log"
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and "downloaded state" not in (
+                    log.read_text(errors="replace") if log.exists() else ""):
+                await asyncio.sleep(0.5)
+            return a.peer_id, liar.calls
+        finally:
+            await a.close()
+            await server.stop(0)
+
+    liar_id, calls = run(attack())
+    liar_host.close()
+    print(f"row 7: the liar served {calls} downloads")
+    joiner_log = (honest.swarm.logs / f"peer{joiner_i}.log").read_text(errors="replace")
+    assert "downloaded state" in joiner_log, joiner_log[-2000:]
+    for f in honest.swarm.logs.glob("peer*.log"):
+        assert f"from {liar_id[:8]}" not in f.read_text(errors="replace"), f.name
+    try:
+        start = step_of(honest.swarm)
+        wait_for("3 more steps", lambda: step_of(honest.swarm) >= start + 3, 120, honest.swarm)
+        check_replicas_of_an_endless_run(honest.swarm, [honest.driver], {0: 1, 1: 3})
+    finally:
+        joiner = honest.swarm.peers[joiner_i]
+        joiner.terminate()
+        joiner.wait(30)
