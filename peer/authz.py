@@ -342,6 +342,7 @@ class Policy:
         self.ctx = ctx
         self.refresh = Refresher(ctx.refresh_view)
         self.denied = 0
+        self._logged_at, self._logged_count = -1e18, 0
         self.rate = StepRate()
 
     @classmethod
@@ -382,9 +383,17 @@ class Policy:
             raise
 
     def _log(self, rule: str, caller: auth.Caller | None, exc: Denied) -> None:
+        """One log line per second at most (a flood of refused calls must not flood the log);
+        the lines say how many refusals they stand for."""
         self.denied += 1
-        log.info("refused %s from %s: %s %s", rule,
-                    _short(caller.peer_id) if caller else "?", exc.code.name, exc.message)
+        now = time.monotonic()
+        if now - self._logged_at < 1.0:
+            return
+        more = self.denied - self._logged_count - 1
+        self._logged_at, self._logged_count = now, self.denied
+        log.info("refused %s from %s: %s %s%s", rule,
+                 _short(caller.peer_id) if caller else "?", exc.code.name, exc.message,
+                 f" (and {more} more refusals since the last line)" if more > 0 else "")
 
 
 def departed_senders(view: SwarmView | None, owners: Iterable[str]) -> set[str]:
