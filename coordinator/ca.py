@@ -12,6 +12,8 @@ The CA certificate is also the coordinator's TLS server certificate (see protoco
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,8 @@ from pathlib import Path
 from cryptography import x509
 
 from protocols import tls
+
+log = logging.getLogger("shoal.coordinator")
 
 CA_CERT_FILE = "tls-ca.pem"
 CA_KEY_FILE = "tls-ca.key"
@@ -87,9 +91,18 @@ class CoordinatorCA:
             return text
         new = token_with_fingerprint(secret, self.fingerprint)
         tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            os.fchmod(f.fileno(), 0o600)
-            f.write(new + "\n")
-        os.replace(tmp, p)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                os.fchmod(f.fileno(), 0o600)
+                f.write(new + "\n")
+            os.replace(tmp, p)
+        except OSError as exc:  # a read-only secret (Docker, Kubernetes): say what peers need
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            log.warning("cannot write the fingerprint into the token file %s (%s): give peers "
+                        "--coordinator-fingerprint %s (or SHOAL_COORDINATOR_FINGERPRINT), or "
+                        "append it to their copy of the token after a space", p,
+                        exc.strerror or exc, self.fingerprint)
+            return new
         return new

@@ -5,6 +5,8 @@ server whose certificate arrives after it started."""
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import stat
 
 import grpc
@@ -129,3 +131,20 @@ def test_peer_server_serves_nothing_until_its_leaf_then_mtls(monkeypatch) -> Non
             await server.stop(None)
 
     asyncio.run(main())
+
+
+def test_a_read_only_token_file_is_left_alone_with_a_warning(tmp_path, caplog,
+                                                             monkeypatch) -> None:
+    ca = CoordinatorCA.load_or_create(tmp_path / "s", Identity.generate().public_key)
+    path = tmp_path / "join.token"
+    path.write_text("s3cret\n")
+
+    def read_only(src, dst) -> None:  # a Docker / Kubernetes secret cannot be replaced
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(os, "replace", read_only)
+    assert parse_token(ca.stamp_token_file(path)) == ("s3cret", ca.fingerprint)
+    assert path.read_text() == "s3cret\n"
+    assert not list(tmp_path.glob(".join.token.*"))
+    assert "--coordinator-fingerprint " + ca.fingerprint in caplog.text
+    assert "s3cret" not in caplog.text  # the secret is never logged
