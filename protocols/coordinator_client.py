@@ -386,7 +386,7 @@ class CoordinatorClient:
     async def _probe(self) -> bytes | None:
         """The swarm CA the coordinator's TLS port presents, verified against the fingerprint;
         None when the port is plaintext (allowed on loopback, or with plaintext=True)."""
-        if self.tls_dir or self.plaintext:
+        if self.tls_dir:
             return None
         try:
             der = await asyncio.to_thread(tls_.fetch_server_certificate, self.address,
@@ -396,6 +396,12 @@ class CoordinatorClient:
                                      grpc.StatusCode.INVALID_ARGUMENT) from None
         except OSError as exc:
             raise _Unreachable(str(exc)) from None
+        if self.plaintext:
+            if der is not None:
+                raise CoordinatorUntrusted(
+                    f"the coordinator at {self.address} serves TLS but this client runs "
+                    f"--plaintext: drop --plaintext (or run the coordinator with --plaintext)")
+            return None
         host = tls_.split_host_port(self.address)[0]
         if der is None:
             if tls_.link_is_local(host):
@@ -419,7 +425,7 @@ class CoordinatorClient:
         return ca
 
     async def _stub_async(self) -> pb_grpc.CoordinatorStub:
-        if self._stub is None and not self.tls_dir and not self.plaintext:
+        if self._stub is None and not self.tls_dir:
             ca = await self._probe()
             if self._stub is not None:  # another task made it meanwhile
                 return self._stub

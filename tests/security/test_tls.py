@@ -42,6 +42,7 @@ from protocols.coordinator_client import (
     Benchmark,
     CoordinatorClient,
     CoordinatorRefused,
+    CoordinatorUntrusted,
 )
 from protocols.identity import Identity
 from protocols.tensor_stream import grpc_options
@@ -276,3 +277,15 @@ def test_mdns_discovery_refuses_another_fingerprint(swarm: Swarm, tmp_path: Path
         done = run_peer(tmp_path / "b", "--token-file", str(old))
         out = done.stdout + done.stderr
         assert done.returncode != 0 and "needs its fingerprint" in out, out[-2000:]
+
+
+def test_plaintext_client_is_told_the_coordinator_serves_tls(swarm: Swarm) -> None:
+    async def scenario() -> None:
+        client = CoordinatorClient(coordinator(swarm), Identity.generate(), token(swarm),
+                                   plaintext=True)
+        with pytest.raises(CoordinatorUntrusted, match="drop --plaintext"):
+            await client.join(Benchmark(declared=True), "", stage_hint=OBSERVER_STAGE,
+                              retry_s=10)
+        await client.close()
+
+    asyncio.run(scenario())
