@@ -143,11 +143,15 @@ class PeerDaemon:
         return self._channels.get(address)
 
     def _peer_at(self, address: str) -> str:
-        """The peer id the view places at `address` ("" when none): the TLS name to dial."""
-        for p in self.view.peers if self.view is not None else ():
-            if p.address == address:
-                return p.peer_id
-        return ""
+        """The peer id the view places at `address` ("" when none): the TLS name to dial. A
+        replacement on a departed peer's host:port shares its address while the old entry is in
+        the view: the one still there, else the latest to join, is the one that answers."""
+        at = [p for p in (self.view.peers if self.view is not None else ()) if
+              p.address == address]
+        if not at:
+            return ""
+        gone = consistency.departed_peers(self.view)
+        return max(at, key=lambda p: (p.peer_id not in gone, p.joined_at)).peer_id
 
     def address_of(self, peer_id: str) -> str:
         return consistency.address_of(self.view, peer_id)
