@@ -366,13 +366,20 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         """The same handler, but its behavior first authenticates the call and sets the caller."""
         digest: list[bytes] = []  # per call: sha256 of the first request's wire bytes
         received = [0]  # per call: request bytes so far
+        malformed: list[bool] = []  # per call: a request message did not parse
         deserializer = handler.request_deserializer
 
         def deserialize(raw: bytes) -> Any:
             if not digest:
                 digest.append(hashlib.sha256(raw).digest())
             received[0] += len(raw)
-            return raw if deserializer is None else deserializer(raw)
+            if deserializer is None:
+                return raw
+            try:
+                return deserializer(raw)
+            except DecodeError:  # grpc would answer UNKNOWN; the handler wrapper answers instead
+                malformed.append(True)
+                return None
 
         streaming_in, streaming_out = handler.request_streaming, handler.response_streaming
         inner = {
@@ -385,6 +392,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 request = _Replay(request.__aiter__())
                 await request.prefetch()
                 context = _ReplayContext(context, request)
+            if malformed:
+                await context.abort(Status.INVALID_ARGUMENT,
+                                    f"the request to {method} does not parse as its protobuf "
+                                    f"message; send a message of the method's request type")
             try:
                 caller = self.authenticate(method, metadata, digest[0] if digest else _EMPTY_DIGEST)
                 _check_tls_identity(context, caller)

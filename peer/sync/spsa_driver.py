@@ -37,7 +37,7 @@ import torch
 
 from optim import spsa
 from optim.errors import NonFiniteValues
-from peer.consistency import lowest_id
+from peer.consistency import joined_at, winning_hash
 from peer.context import PeerContext
 from peer.pipeline.data import inputs_targets
 from peer.pipeline.driver import Driver, MicrobatchDropped
@@ -70,15 +70,6 @@ async def post_codes(d: PeerContext, step: int, codes: bytes, expect: list[str],
                                f"(holds {reply.base_step}..{reply.next_step - 1})")
         await asyncio.sleep(POLL_S)
         reply = await fetch_ledger(d, step, step + 1)
-
-
-def majority_hash(hashes: dict[str, str]) -> str:
-    """The hash most replicas report; a tie goes to the lowest peer id's hash."""
-    counts: dict[str, int] = {}
-    for h in hashes.values():
-        counts[h] = counts.get(h, 0) + 1
-    best = max(counts.values())
-    return hashes[lowest_id(p for p in hashes if counts[hashes[p]] == best)]
 
 
 class SpsaDriver(Driver):
@@ -220,7 +211,8 @@ class SpsaDriver(Driver):
                 got = {p: r.state_hash for p, r in answers.items()
                        if r is not None and r.stepped and p in pids and r.state_hash}
                 if got:
-                    self._check[s] = (step, bytes.fromhex(majority_hash(got))[:16])
+                    agreed = winning_hash(got, joined_at(self.d.view))
+                    self._check[s] = (step, bytes.fromhex(agreed)[:16])
                 if len(set(got.values())) > 1:
                     log.warning("spsa step %d: stage %d replicas hash differently (%d hashes); "
                                 "the minority re-downloads", step, s, len(set(got.values())))

@@ -501,10 +501,6 @@ def test_leave_requests_get_clean_statuses(coordinator, member) -> None:
     member.heartbeat_ok()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a body that is not protobuf makes the request deserializer raise, which grpc.aio answers "
-    "UNKNOWN; protocols/auth.py's deserializer wrapper (_guard.deserialize) should catch "
-    "DecodeError and the call end INVALID_ARGUMENT (not this helper's file)"))
 def test_bodies_that_are_not_protobuf_get_invalid_argument(coordinator, member) -> None:
     """Bytes no protobuf parser accepts (a truncated varint): refused with a clean status."""
     body = b"\x08" + struct.pack("B", 0x80)
