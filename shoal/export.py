@@ -99,13 +99,24 @@ async def pull_stage_states(coordinator: str, identity: Identity, token: str | N
         await client.close()
 
 
+def _vouched(view, stage: int, sender: str) -> bool:
+    """Whether the attested (step, hash) of `stage` is `sender`'s own latest report: the
+    replica the coordinator vouches for (in the majority, or the senior one on a tie)."""
+    at, attested_hash = consistency.attested(view, stage)
+    p = view.peer(sender) if view is not None else None
+    return (p is not None and bool(attested_hash)
+            and (p.stats.step, p.stats.state_hash) == (at, attested_hash))
+
+
 def _verified(view, stage: int, sender: str, header: pb.CallHeader, arrays: dict
               ) -> tuple[dict[str, torch.Tensor] | None, str, bool]:
     """(state dict, "", False) of a downloaded stage whose arrays hash (`hash_of_arrays`, the
     replicas' own `state_hash`) to what the coordinator attests for the stage at the state's
     step; else (None or the state, why not, whether the attestation is of another step: the
-    swarm moved, download again). Without any attestation in the view the sender's claim is
-    all there is (said in the log). Under DiLoCo the weights are the shared ones the hash
+    swarm moved, download again). A stage that keeps training is ahead of any attestation (it
+    trails by a heartbeat): its newer state is taken only from the replica whose own report the
+    coordinator attests. Without any attestation in the view the sender's claim is all there is
+    (said in the log). Under DiLoCo the weights are the shared ones the hash
     covers (`mode.shared.param.*`), never the `model.*` arrays beside them."""
     got = hash_of_arrays(arrays)
     claimed = header.meta.get("state_hash", "")
@@ -116,9 +127,13 @@ def _verified(view, stage: int, sender: str, header: pb.CallHeader, arrays: dict
     if not attested_hash:
         log.warning("stage %d: the coordinator attests no hash yet; the state from %s is checked "
                     "against its own claim only", stage, sender[:8])
-    elif at != header.step:
+    elif at != header.step and not (header.step > at and _vouched(view, stage, sender)):
         return None, (f"{sender[:8]}: its state is at step {header.step}, the coordinator "
                       f"attests step {at}"), True
+    elif at != header.step:  # a stage that trains on: the attestation trails by a heartbeat
+        log.info("stage %d: state of step %d from %s, newer than the attested step %d, taken "
+                 "because the coordinator attests that replica's own report", stage,
+                 header.step, sender[:8], at)
     elif got != attested_hash:
         return None, (f"{sender[:8]}: its state at step {at} hashes to {got[:12]}, the "
                       f"coordinator attests {attested_hash[:12]}"), False
