@@ -40,13 +40,20 @@ def status_url(address: str) -> str:
     return f"{base}/api/status"
 
 
-def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
-    """GET the status document, or raise CoordinatorUnreachable with an actionable message."""
+def fetch_status(url: str, timeout: float = 5.0, token: str | None = None) -> dict[str, Any]:
+    """GET the status document (with `token` as a bearer token when the coordinator has an
+    --http-token-file), or raise CoordinatorUnreachable with an actionable message."""
     hint = "is `shoal coordinator` running? pass --coordinator-http HOST:PORT"
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                    timeout=timeout) as resp:
             body = resp.read()
     except urllib.error.HTTPError as err:
+        if err.code == 401:
+            raise CoordinatorUnreachable(
+                f"{url} wants the coordinator's HTTP token: pass --http-token-file F (the "
+                f"coordinator's --http-token-file)") from err
         raise CoordinatorUnreachable(
             f"{url} answered HTTP {err.code}: is that the coordinator's HTTP port "
             f"(`shoal coordinator --http-port`)? pass --coordinator-http HOST:PORT") from err
@@ -232,13 +239,23 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                          f"(default: $SHOAL_HTTP or {DEFAULT_HTTP})")
     ap.add_argument("--json", action="store_true", help="print the /api/status document as JSON")
     ap.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
+    ap.add_argument("--http-token-file", default=os.environ.get("SHOAL_HTTP_TOKEN_FILE"),
+                    help="the coordinator's HTTP token, when it has one (its --http-token-file)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Fetch and print the status for parsed flags; returns the exit status (0, or 2)."""
     url = status_url(args.coordinator_http)
     try:
-        status = fetch_status(url, args.timeout)
+        token = None
+        if getattr(args, "http_token_file", None):
+            try:
+                with open(args.http_token_file) as f:
+                    token = f.read().strip()
+            except OSError as exc:
+                raise CoordinatorUnreachable(
+                    f"cannot read {args.http_token_file}: {exc.strerror}") from exc
+        status = fetch_status(url, args.timeout, token)
     except CoordinatorUnreachable as err:
         print(f"shoal status: {err}", file=sys.stderr)
         return 2

@@ -509,6 +509,18 @@ def test_http_token_sse_cap_and_no_secrets(tmp_path: Path) -> None:
                   state / "join.token"]:
             assert f.stat().st_mode & 0o777 == 0o600, f
         assert state.stat().st_mode & 0o777 == 0o700
+        # `shoal status` reads a token-protected coordinator with the token, and says what is
+        # missing without it
+        http = base.split("//", 1)[1].rstrip("/")
+        status = [sys.executable, "-m", "shoal.cli", "status", "--coordinator-http", http,
+                  "--json"]
+        env = {**os.environ, "SHOAL_HTTP_TOKEN_FILE": ""}
+        ok = subprocess.run([*status, "--http-token-file", str(token_file)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=60)
+        assert ok.returncode == 0 and json.loads(ok.stdout)["stages"], ok.stderr
+        refused = subprocess.run(status, cwd=REPO, env=env, capture_output=True, text=True,
+                                 timeout=60)
+        assert refused.returncode == 2 and "--http-token-file" in refused.stderr, refused.stderr
 
 
 BAN = "api/ban"
