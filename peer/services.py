@@ -44,7 +44,6 @@ from protocols.tensor_stream import Assembler, MalformedStream
 
 log = logging.getLogger("shoal.services")
 INFERENCE = authz.INFERENCE  # the Forward meta "mode" of an inference call (no graph kept)
-DRAIN_S = 2.0  # how long a refused stream is read (and dropped) before the abort
 
 
 class ServiceContext(PeerContext, Protocol):
@@ -71,20 +70,6 @@ def _error_chunk(text: str) -> pb.TensorChunk:
     return pb.TensorChunk(header=h)
 
 
-async def _drain(stream: AsyncIterator[pb.TensorChunk], max_bytes: int) -> None:
-    """Read and drop the rest of a refused request stream (bounded in bytes and time) so that
-    the caller sees our status, not INTERNAL (grpc#36066, as protocols.auth does)."""
-    async def drop() -> None:
-        seen = 0
-        async for chunk in stream:
-            seen += len(chunk.data)
-            if seen > max_bytes:
-                return
-
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(drop(), DRAIN_S)
-
-
 async def receive_authorized(
     request_iterator: AsyncIterator[pb.TensorChunk], context, policy: authz.Policy,
     method: str, limits: codec.Limits, counter: wire.ByteCounter, kind: str,
@@ -109,14 +94,18 @@ async def receive_authorized(
         code, text = ((exc.code, exc.message) if isinstance(exc, authz.Denied)
                       else (grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(exc, PendingQuota)
                             else grpc.StatusCode.PERMISSION_DENIED, f"{method}: {exc}"))
-        await _drain(stream, limits.max_total_bytes)
+        await tensor_stream.drain(stream)
         await context.abort(code, text)
         raise  # abort raises; this keeps a fake context from going on
     assembler = Assembler(limits)
-    assembler.add(first)
-    async for chunk in stream:
-        assembler.add(chunk)
-    return assembler.finish()
+    try:
+        assembler.add(first)
+        async for chunk in stream:
+            assembler.add(chunk)
+        return assembler.finish()
+    except codec.CodecError:
+        await tensor_stream.drain(stream)  # the sender then sees INVALID_ARGUMENT, not INTERNAL
+        raise
 
 
 @dataclass

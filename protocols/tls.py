@@ -102,14 +102,14 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-def make_ca(common_name: str, days: int = 3650) -> tuple[bytes, bytes]:
-    """A self-signed P-256 certificate authority: (cert_pem, key_pem)."""
-    key = _new_key()
+def _ca_builder(key: ec.EllipticCurvePrivateKey, name: x509.Name, days: float
+                ) -> x509.CertificateBuilder:
+    """A self-signed CA certificate's builder, everything but the extensions a caller adds."""
     now = _now()
-    cert = (
+    return (
         x509.CertificateBuilder()
-        .subject_name(_name(common_name))
-        .issuer_name(_name(common_name))
+        .subject_name(name)
+        .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
@@ -124,8 +124,13 @@ def make_ca(common_name: str, days: int = 3650) -> tuple[bytes, bytes]:
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
     )
+
+
+def make_ca(common_name: str, days: int = 3650) -> tuple[bytes, bytes]:
+    """A self-signed P-256 certificate authority: (cert_pem, key_pem)."""
+    key = _new_key()
+    cert = _ca_builder(key, _name(common_name), days).sign(key, hashes.SHA256())
     return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
 
 
@@ -322,31 +327,13 @@ def make_coordinator_ca(coordinator_public_key: bytes, days: int = 3650) -> tupl
     if len(coordinator_public_key) != 32:
         raise ValueError("the coordinator's public key must be 32 raw bytes (Ed25519)")
     key = _new_key()
-    now = _now()
     tag = hashlib.sha256(coordinator_public_key).hexdigest()[:16]
-    name = _name(f"{COORDINATOR_TLS_NAME} CA {tag}")
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, key_cert_sign=True, crl_sign=True,
-                content_commitment=False, key_encipherment=False, data_encipherment=False,
-                key_agreement=False, encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        )
+        _ca_builder(key, _name(f"{COORDINATOR_TLS_NAME} CA {tag}"), days)
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(COORDINATOR_TLS_NAME)]),
                        critical=False)
         .add_extension(x509.UnrecognizedExtension(_COORDINATOR_KEY_OID,
                                                   bytes(coordinator_public_key)), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
     return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
