@@ -71,6 +71,16 @@ def attested(view: SwarmView | None, stage: int) -> tuple[int, str]:
     return 0, ""
 
 
+def vouched(view: SwarmView | None, stage: int, peer_id: str) -> bool:
+    """Whether the coordinator's attestation of `stage` is `peer_id`'s own latest report, i.e.
+    the replica it vouches for (in the majority, or the senior one on a tie). A stage that
+    trains on is always ahead of its attestation (heartbeats trail it): a state newer than the
+    attested step is taken only from such a replica."""
+    at, h = attested(view, stage)
+    p = view.peer(peer_id) if view is not None and h else None
+    return p is not None and (p.stats.step, p.stats.state_hash) == (at, h)
+
+
 def live_replicas(view: SwarmView | None, stage: int) -> list[str]:
     """The ready, unrevoked replicas of `stage`, in peer-id order."""
     if view is None:

@@ -99,15 +99,6 @@ async def pull_stage_states(coordinator: str, identity: Identity, token: str | N
         await client.close()
 
 
-def _vouched(view, stage: int, sender: str) -> bool:
-    """Whether the attested (step, hash) of `stage` is `sender`'s own latest report: the
-    replica the coordinator vouches for (in the majority, or the senior one on a tie)."""
-    at, attested_hash = consistency.attested(view, stage)
-    p = view.peer(sender) if view is not None else None
-    return (p is not None and bool(attested_hash)
-            and (p.stats.step, p.stats.state_hash) == (at, attested_hash))
-
-
 def _verified(view, stage: int, sender: str, header: pb.CallHeader, arrays: dict
               ) -> tuple[dict[str, torch.Tensor] | None, str, bool]:
     """(state dict, "", False) of a downloaded stage whose arrays hash (`hash_of_arrays`, the
@@ -127,7 +118,7 @@ def _verified(view, stage: int, sender: str, header: pb.CallHeader, arrays: dict
     if not attested_hash:
         log.warning("stage %d: the coordinator attests no hash yet; the state from %s is checked "
                     "against its own claim only", stage, sender[:8])
-    elif at != header.step and not (header.step > at and _vouched(view, stage, sender)):
+    elif at != header.step and not (header.step > at and consistency.vouched(view, stage, sender)):
         return None, (f"{sender[:8]}: its state is at step {header.step}, the coordinator "
                       f"attests step {at}"), True
     elif at != header.step:  # a stage that trains on: the attestation trails by a heartbeat

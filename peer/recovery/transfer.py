@@ -123,6 +123,13 @@ async def fetch_state(ctx: PeerContext, pid: str, into: StageHost, *,
             raise StageError(f"stage {into.stage} state from {pid[:8]} at step {header.step} "
                              f"hashes to {got[:12]}, but the coordinator attests "
                              f"{expected[:12]} for that step: refused")
+        if consistency.vouched(ctx.view, into.stage, pid):
+            at, _ = consistency.attested(ctx.view, into.stage)
+            if header.step > at:
+                log.info("stage %d: state of step %d from %s, newer than the attested step %d, "
+                         "taken because the coordinator attests that replica's own report",
+                         into.stage, header.step, pid[:8], at)
+                return got
         log.info("stage %d: state from %s is at step %d, which no attestation matched; "
                  "downloading again", into.stage, pid[:8], header.step)
     if strict:
