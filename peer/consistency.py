@@ -13,8 +13,8 @@ tests check them with a hand-made view:
   seniority order (`leader_order`), for the same reason;
 - *a hash belongs to a step*: a state hash is reported only for the step it was computed after
   (`StateHash`);
-- *when a replica re-downloads or fast-forwards* (`differing_hash`, `behind_the_swarm`,
-  `may_fast_forward`).
+- *when a replica re-downloads or fast-forwards* (`differing_hash`,
+  `behind_the_attestation`, `behind_the_swarm`, `may_fast_forward`).
 """
 
 from __future__ import annotations
@@ -207,6 +207,19 @@ def behind_the_swarm(view: SwarmView, me: str, stage: int, step: int, *, fast_fo
                   and p.stage != stage), default=0)
     if newest >= step + 2 and fast_forwards:
         return Verdict("adopt", step=newest)
+    return None
+
+
+def behind_the_attestation(view: SwarmView, stage: int, step: int) -> Verdict | None:
+    """The heartbeat check of a ready replica whose step has not moved for a couple of
+    heartbeats: when the coordinator attests a later step for the stage (the majority of its
+    replicas reported it, so it trails the truth and is no reporting race), this replica missed
+    a round for good. Nothing else would tell it once the swarm has stopped stepping: no
+    EndStep comes that it could refuse, and `behind_the_swarm` waits for a lag of two steps."""
+    at_step, attested_hash = attested(view, stage)
+    if attested_hash and at_step > step:
+        return Verdict("download", f"the coordinator attests step {at_step} for the stage, this "
+                                   f"replica is after step {step}")
     return None
 
 

@@ -348,6 +348,9 @@ class PeerDaemon:
         me, stage, step = self.peer_id, self.host.stage, self.host.step
         verdict = consistency.differing_hash(self.view, me, stage, step, self.state_hash)
         wait = max(3 * self.spec.membership.heartbeat_s, self.spec.sync.timeout_s)
+        if verdict is None and self._stall.stalled(step, time.monotonic(),
+                                                   2 * self.spec.membership.heartbeat_s):
+            verdict = consistency.behind_the_attestation(self.view, stage, step)
         if verdict is None and self._stall.stalled(step, time.monotonic(), wait):
             verdict = consistency.behind_the_swarm(self.view, me, stage, step,
                                                    fast_forwards=self.mode.fast_forwards)

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 
 from protocols.coordinator_client import READY_STATES
@@ -172,6 +173,24 @@ def _sum_kinds(peers: list[dict]) -> dict[str, int]:
     return out
 
 
+def settle(status: Callable[[], dict | None], last: dict | None, timeout_s: float,
+           poll_s: float) -> dict | None:
+    """After the last step: the swarm's status once the replicas of every stage report one
+    state hash, or the last one seen after `timeout_s`. A replica that missed the last round
+    catches up on its own (peer/consistency.py's behind_the_attestation, a couple of heartbeats
+    after the swarm stopped stepping); the summary should report where the run ended, not a
+    replica in the middle of its download."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        time.sleep(poll_s)
+        last = status() or last
+        hashes = _stage_hashes((last or {}).get("peers", []))
+        if hashes and all(h and len(set(h)) == 1 for h in hashes.values()):
+            return last
+        if time.monotonic() > deadline:
+            return last
+
+
 def _stage_hashes(peers: list[dict]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for p in peers:
@@ -263,7 +282,8 @@ def main(args: argparse.Namespace) -> int:
             print()
         seconds = time.monotonic() - t_start
         time.sleep(spec.membership.heartbeat_s * 2.5)  # let final stats reach the coordinator
-        status = swarm.status() or status
+        status = settle(swarm.status, status, 12 * spec.membership.heartbeat_s + 10.0,
+                        spec.membership.heartbeat_s)
         from protocols.identity import Identity
         from shoal.export import export_to
 

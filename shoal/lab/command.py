@@ -49,7 +49,7 @@ from protocols.runspec import RunSpec, RunSpecError
 from shoal.lab.network import LabError, LabNetwork, check_root, clean_stale
 from shoal.lab.scenario import ScenarioError, ScenarioRunner, chaos, parse, parse_line
 from shoal.lab.swarm import COORD_HOST, LabSwarm
-from shoal.local import DEMO_DEFAULTS, progress_line, summarize
+from shoal.local import DEMO_DEFAULTS, progress_line, settle, summarize
 from shoal.swarm import read_metrics
 
 # The demo's small model, with leases long enough for a machine whose cores are shared by many
@@ -279,7 +279,8 @@ def follow(swarm: LabSwarm, spec: RunSpec, faults: list, args: argparse.Namespac
         print()
     seconds = time.monotonic() - (t_train or t_start)
     time.sleep(spec.membership.heartbeat_s * 2.5)  # let the last stats reach the coordinator
-    status = swarm.status() or status
+    status = settle(swarm.status, status, 12 * spec.membership.heartbeat_s + 20.0,
+                    spec.membership.heartbeat_s)
     for e in (status or {}).get("events", []):
         if e.get("kind") == "rebuild":
             rebuilds.add((e.get("t"), e.get("peer_id"), e.get("stage")))

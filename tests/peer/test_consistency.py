@@ -59,6 +59,22 @@ def test_the_attested_hash_decides_when_it_is_of_this_step() -> None:
     assert consistency.differing_hash(v, "b", 1, 7, "mine") is None
 
 
+def test_a_replica_behind_the_attested_step_downloads_once_the_swarm_stops() -> None:
+    # the run ended with the majority of stage 1 after step 60 and this replica after 59: no
+    # EndStep will come that it could refuse, and a lag of one step is not `behind_the_swarm`
+    v = view({"a": 60, "b": 60}, {1: ["a", "b", "c"]})
+    v.stages = [AttestedStage(0, 60, "s0"), AttestedStage(1, 60, "h")]
+    assert consistency.behind_the_swarm(v, "c", 1, 59, fast_forwards=True) is None
+    verdict = consistency.behind_the_attestation(v, 1, 59)
+    assert verdict is not None and verdict.action == "download" and "60" in verdict.why
+    # at the attested step or ahead of it (the attestation trails a training swarm): no verdict
+    assert consistency.behind_the_attestation(v, 1, 60) is None
+    assert consistency.behind_the_attestation(v, 1, 61) is None
+    # without an attestation (an older coordinator) this rule says nothing
+    v.stages = stage_infos(3)
+    assert consistency.behind_the_attestation(v, 1, 59) is None
+
+
 def test_a_tie_goes_to_the_most_senior_replica() -> None:
     assert consistency.winning_hash({"0": "x", "b": "h"}, {"0": 9.0, "b": 1.0}) == "h"
     assert consistency.winning_hash({"0": "x", "b": "h", "c": "x"}, {"b": 1.0}) == "x"
