@@ -8,8 +8,8 @@ Routes:
 - `/api/events` server-sent events: the same document about once a second (`event: status`),
   sooner (within a quarter second) when the membership changed.
 - `/healthz` a tiny liveness document (ok, epoch, live peers) for probes and scripts.
-- `/metrics` Prometheus text format (version 0.0.4), base units, counters end in `_total`.
-  Per-peer series are labelled by peer id: fine for the few thousand peers one coordinator holds.
+- `/metrics` the swarm and the process for Prometheus (coordinator/metrics.py: names, labels,
+  the registry of its own per app).
 
 - `POST /api/ban` the operator's ban (`shoal ban PEER`): JSON {"peer_id": ID or a unique prefix
   of at least 6 characters of a known member's id, "reason": text}; revokes the member at once
@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from protocols.coordinator_client import PEER_STATES
+from coordinator.metrics import exposition, metrics_registry
 
 if TYPE_CHECKING:
     from coordinator.service import CoordinatorService
@@ -146,113 +146,6 @@ def _finite_tree(d: Any) -> Any:
     return d
 
 
-# ---------------------------------------------------------------------- /metrics
-
-
-def _esc(v: object) -> str:
-    return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _fmt(v: float) -> str:
-    if isinstance(v, float):
-        return "NaN" if math.isnan(v) else repr(v) if math.isfinite(v) else \
-            ("+Inf" if v > 0 else "-Inf")
-    return str(v)
-
-
-def render_metrics(svc: CoordinatorService, now: float) -> str:
-    """The Prometheus exposition of the coordinator's state."""
-    m = svc.membership
-    out: list[str] = []
-
-    def metric(name: str, kind: str, help_: str,
-               samples: list[tuple[dict[str, object], float]]) -> None:
-        out.append(f"# HELP {name} {help_}")
-        out.append(f"# TYPE {name} {kind}")
-        for labels, value in samples:
-            lab = ",".join(f'{k}="{_esc(v)}"' for k, v in labels.items())
-            out.append(f"{name}{{{lab}}} {_fmt(value)}" if lab else f"{name} {_fmt(value)}")
-
-    live = m.live_members()
-    stages = m.stage_summaries()
-    drivers = [x for x in live if x.stage == 0 and math.isfinite(x.stats.loss)]
-    loss = sum(x.stats.loss for x in drivers) / len(drivers) if drivers else math.nan
-    c = m.counters
-    metric("shoal_build_info", "gauge", "Build and run metadata (always 1).",
-           [({"version": svc.version, "swarm_id": svc.swarm_id, "run": svc.spec.run.name,
-              "sync_mode": svc.spec.sync.mode}, 1)])
-    metric("shoal_start_time_seconds", "gauge", "Unix time this coordinator process started.",
-           [({}, svc.started_at)])
-    metric("shoal_coordinator_restarts_total", "counter",
-           "Times the coordinator restarted from its state directory.", [({}, svc.restarts)])
-    metric("shoal_peers", "gauge", "Live peers (lease held).", [({}, len(live))])
-    metric("shoal_peers_by_state", "gauge", "Live peers by reported state.",
-           [({"state": st}, sum(1 for x in live if x.state == st)) for st in PEER_STATES])
-    metric("shoal_epoch", "gauge", "Membership epoch (grows on every membership change).",
-           [({}, m.epoch)])
-    for key, help_ in (("heartbeats", "Heartbeats accepted."), ("joins", "First joins."),
-                       ("rejoins", "Joins by peers already known."), ("leaves", "Clean leaves."),
-                       ("expired", "Peers whose lease lapsed."),
-                       ("moves", "Rebalancing moves."), ("rebuilds", "Stages rebuilt.")):
-        metric(f"shoal_{key}_total", "counter", help_, [({}, c[key])])
-    metric("shoal_rejected_calls_total", "counter",
-           "Calls refused by a handler (malformed input, admission), by method.",
-           [({"method": k}, v) for k, v in sorted(svc.rejected.items())])
-    metric("shoal_revoked_peers", "gauge", "Peer ids whose certificates are revoked.",
-           [({}, len(m.revoked()))])
-    metric("shoal_banned_peers", "gauge", "Peer ids the operator banned (shoal ban).",
-           [({}, len(m.bans()))])
-    metric("shoal_stage_replicas", "gauge", "Live replicas per stage.",
-           [({"stage": s.stage}, len(s.replicas)) for s in stages])
-    metric("shoal_stage_throughput_samples_per_second", "gauge",
-           "Sum of the replicas' samples/s per stage.",
-           [({"stage": s.stage}, s.throughput) for s in stages])
-    metric("shoal_stage_step", "gauge", "Latest optimizer step reported per stage.",
-           [({"stage": s.stage}, s.step) for s in stages])
-    metric("shoal_stage_grad_norm", "gauge", "Latest gradient norm reported per stage.",
-           [({"stage": s.stage}, s.grad_norm) for s in stages])
-    metric("shoal_stage_empty", "gauge", "1 when a stage has no live replica.",
-           [({"stage": s.stage}, int(s.state == "empty")) for s in stages])
-    metric("shoal_peer_bytes_sent_total", "counter", "Bytes sent, as reported by each peer.",
-           [({"peer": x.peer_id}, x.stats.bytes_sent) for x in live])
-    metric("shoal_peer_bytes_received_total", "counter",
-           "Bytes received, as reported by each peer.",
-           [({"peer": x.peer_id}, x.stats.bytes_received) for x in live])
-    metric("shoal_peer_samples_per_second", "gauge", "Measured samples/s per peer.",
-           [({"peer": x.peer_id}, x.stats.samples_per_s) for x in live])
-    metric("shoal_network_sent_bytes_total", "counter", "Bytes sent by all peers, whole run.",
-           [({}, m.bytes_sent_total)])
-    metric("shoal_network_received_bytes_total", "counter",
-           "Bytes received by all peers, whole run.", [({}, m.bytes_received_total)])
-    metric("shoal_dropped_microbatches_total", "counter", "Microbatches dropped, whole run.",
-           [({}, m.dropped_total)])
-    metric("shoal_loss", "gauge", "Mean training loss over stage-0 peers (NaN: unknown).",
-           [({}, loss)])
-    metric("shoal_step", "gauge", "The swarm's optimizer step.", [({}, m.step())])
-    metric("shoal_tokens_per_second", "gauge", "Tokens/s summed over stage-0 peers.",
-           [({}, sum(x.stats.tokens_per_s for x in live if x.stage == 0))])
-    metric("shoal_event_loop_lag_seconds", "gauge",
-           "Worst event-loop wake-up delay of the last 10 s (the coordinator's queueing).",
-           [({}, svc.loop_lag_s)])
-    if svc.journal is not None:
-        metric("shoal_store_transactions_total", "counter", "SQLite transactions committed.",
-               [({}, svc.journal.transactions)])
-        metric("shoal_store_last_write_seconds", "gauge", "Duration of the last transaction.",
-               [({}, svc.journal.last_write_s)])
-    h = svc.heartbeat_seconds
-    out.append("# HELP shoal_heartbeat_duration_seconds Time to handle one heartbeat "
-               "(after authentication).")
-    out.append("# TYPE shoal_heartbeat_duration_seconds histogram")
-    acc = 0
-    for bound, count in zip((*h.buckets, math.inf), h.counts, strict=True):
-        acc += count
-        le = "+Inf" if bound == math.inf else repr(bound)
-        out.append(f'shoal_heartbeat_duration_seconds_bucket{{le="{le}"}} {acc}')
-    out.append(f"shoal_heartbeat_duration_seconds_sum {h.total!r}")
-    out.append(f"shoal_heartbeat_duration_seconds_count {acc}")
-    return "\n".join(out) + "\n"
-
-
 # ---------------------------------------------------------------------- the app
 
 
@@ -307,6 +200,7 @@ def make_app(svc: CoordinatorService, clock: Callable[[], float],
 
     `http_token`: when set, every route but /healthz needs it (see the module docstring)."""
     cache = StatusCache(svc, clock)
+    registry = metrics_registry(svc)
     sse_open = [0]
 
     @web.middleware
@@ -339,10 +233,10 @@ def make_app(svc: CoordinatorService, clock: Callable[[], float],
         return web.Response(text=await cache.text(), content_type="application/json",
                             headers={"Cache-Control": "no-store"})
 
-    async def metrics(_: web.Request) -> web.Response:
-        resp = web.Response(text=render_metrics(svc, clock()))
-        resp.headers["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"
-        return resp
+    async def metrics(request: web.Request) -> web.Response:
+        body, content_type = await exposition(registry, request.headers.get("Accept"))
+        return web.Response(body=body, headers={"Content-Type": content_type,
+                                                "Cache-Control": "no-store"})
 
     async def healthz(_: web.Request) -> web.Response:
         m = svc.membership

@@ -113,9 +113,9 @@ def test_metrics_are_valid_prometheus_text(coord: CoordinatorProcess) -> None:
                      "shoal_stage_replicas", "shoal_stage_throughput_samples_per_second",
                      "shoal_peer_bytes_sent_total", "shoal_loss", "shoal_step"):
         assert required in samples, required
-    assert samples["shoal_peers"] == ["shoal_peers 6"]
+    assert samples["shoal_peers"] == ["shoal_peers 6.0"]  # prometheus_client writes floats
     assert len(samples["shoal_peer_bytes_sent_total"]) == 6
-    assert 'shoal_peers_by_state{state="training"} 6' in samples["shoal_peers_by_state"]
+    assert 'shoal_peers_by_state{state="training"} 6.0' in samples["shoal_peers_by_state"]
     heartbeats = float(samples["shoal_heartbeats_total"][0].split()[-1])
     assert heartbeats >= 18 and not math.isnan(heartbeats)
 
