@@ -406,8 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m coordinator.main", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(ap)
-    ap.add_argument("--log-format", choices=("text", "json"), default="text")
-    ap.add_argument("--log-level", default=os.environ.get("SHOAL_LOG_LEVEL", "INFO"))
+    from protocols.logs import add_logging_arguments
+
+    add_logging_arguments(ap)  # default: $SHOAL_LOG_FORMAT / $SHOAL_LOG_LEVEL, else text, INFO
     return ap
 
 
@@ -468,10 +469,14 @@ def tune_interpreter() -> None:
 def main(args: argparse.Namespace | list[str] | None = None) -> int:
     """CLI entry: `shoal coordinator` passes its parsed args; `python -m` passes argv."""
     if not isinstance(args, argparse.Namespace):
-        args = build_parser().parse_args(args)
-        from protocols.logs import setup_logging
+        ap = build_parser()
+        args = ap.parse_args(args)
+        from protocols.logs import LogSettingError, logging_settings, setup_logging
 
-        setup_logging(args.log_format, args.log_level)
+        try:
+            setup_logging(*logging_settings(args))
+        except LogSettingError as exc:
+            ap.error(str(exc))
     try:
         import uvloop
 

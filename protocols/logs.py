@@ -1,31 +1,116 @@
 """Logging set-up shared by every process: human text by default, one JSON object a line with
-`--log-format json` (for log shippers). Stdlib only."""
+`--log-format json` (for log shippers). Stdlib only.
+
+Where the settings come from, strongest first: the `--log-format` / `--log-level` flags (which
+`shoal` accepts before or after the subcommand), the environment (`SHOAL_LOG_FORMAT`,
+`SHOAL_LOG_LEVEL`: how a container or a parent process sets them), then text at INFO. A process
+that spawns others (`shoal demo`, `shoal lab`) exports what it resolved to the environment, so
+its coordinator and peers log the same way.
+
+A JSON line holds `time` (ISO 8601, UTC, milliseconds, `Z`), `level`, `logger`, `message`, then
+the event's own fields (`logger.info(..., extra={"fields": {...}})`), and `exc` with the
+traceback when there is one. A field named like one of the first four keys is kept as
+`field_<name>` rather than hiding them.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import os
 import sys
 import time
+from collections.abc import Mapping, MutableMapping
+from datetime import UTC, datetime
+
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+ENV_FORMAT = "SHOAL_LOG_FORMAT"
+ENV_LEVEL = "SHOAL_LOG_LEVEL"
+DEFAULT_FORMAT = "text"
+DEFAULT_LEVEL = "INFO"
+CORE_KEYS = ("time", "level", "logger", "message")
+
+
+class LogSettingError(ValueError):
+    """An environment variable names a format or level that does not exist."""
+
+
+def iso_time(created: float) -> str:
+    """A record's epoch seconds as ISO 8601 in UTC with milliseconds: 2026-12-03T02:20:00.123Z."""
+    stamp = datetime.fromtimestamp(created, tz=UTC).isoformat(timespec="milliseconds")
+    return stamp.replace("+00:00", "Z")
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object a line: the core keys, the record's `fields`, `exc` on an exception."""
+
     def format(self, record: logging.LogRecord) -> str:
-        out = {
-            "t": round(record.created, 3),
+        out: dict[str, object] = {
+            "time": iso_time(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "message": record.getMessage(),
         }
         extra = getattr(record, "fields", None)
         if isinstance(extra, dict):
-            out.update(extra)
+            for key, value in extra.items():
+                out[f"field_{key}" if key in CORE_KEYS else str(key)] = value
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str)
 
 
-def setup_logging(fmt: str = "text", level: str = "INFO") -> None:
+def add_logging_arguments(ap: argparse.ArgumentParser, *, suppress: bool = False) -> None:
+    """`--log-format` and `--log-level` on `ap`.
+
+    Args:
+        suppress: leave the attribute unset when the flag is absent (argparse.SUPPRESS). `shoal`
+            puts the flags on its top-level parser (default None) and, suppressed, on every
+            subparser: a subparser's value then overrides the top level's only when given, so the
+            flags work on either side of the subcommand.
+    """
+    default = argparse.SUPPRESS if suppress else None
+    ap.add_argument("--log-format", choices=LOG_FORMATS, default=default,
+                    help=f"text or json lines on stderr (default: ${ENV_FORMAT}, else text)")
+    ap.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default=default,
+                    metavar="LEVEL",
+                    help=f"{', '.join(LOG_LEVELS)} (default: ${ENV_LEVEL}, else INFO)")
+
+
+def logging_settings(args: argparse.Namespace,
+                     environ: Mapping[str, str] = os.environ) -> tuple[str, str]:
+    """(format, level) from the parsed flags, else the environment, else text at INFO.
+
+    Raises:
+        LogSettingError: SHOAL_LOG_FORMAT or SHOAL_LOG_LEVEL holds something unknown (a flag
+            never does: argparse refused it already).
+    """
+    fmt = getattr(args, "log_format", None)
+    if fmt is None:
+        fmt = environ.get(ENV_FORMAT, "").strip().lower() or DEFAULT_FORMAT
+        if fmt not in LOG_FORMATS:
+            raise LogSettingError(f"{ENV_FORMAT}={environ[ENV_FORMAT]!r} is not a log format: "
+                                  f"choose from {', '.join(LOG_FORMATS)}")
+    level = getattr(args, "log_level", None)
+    if level is None:
+        level = environ.get(ENV_LEVEL, "").strip().upper() or DEFAULT_LEVEL
+        if level not in LOG_LEVELS:
+            raise LogSettingError(f"{ENV_LEVEL}={environ[ENV_LEVEL]!r} is not a log level: "
+                                  f"choose from {', '.join(LOG_LEVELS)}")
+    return fmt, level
+
+
+def export_logging_settings(fmt: str, level: str,
+                            environ: MutableMapping[str, str] = os.environ) -> None:
+    """Put the resolved settings in the environment that child processes inherit."""
+    environ[ENV_FORMAT] = fmt
+    environ[ENV_LEVEL] = level
+
+
+def setup_logging(fmt: str = DEFAULT_FORMAT, level: str = DEFAULT_LEVEL) -> None:
+    """Send every logger's records to stderr in `fmt` at `level`; replaces earlier handlers."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())

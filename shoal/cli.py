@@ -115,8 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="shoal",
         description="Train one model on many unreliable, unequal, poorly connected machines.",
     )
-    ap.add_argument("--log-format", choices=("text", "json"), default="text")
-    ap.add_argument("--log-level", default=os.environ.get("SHOAL_LOG_LEVEL", "INFO"))
+    from protocols.logs import add_logging_arguments
+    from shoal import package_version
+
+    ap.add_argument("--version", action="version", version=f"shoal {package_version()}")
+    add_logging_arguments(ap)
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("demo", help="a coordinator and N peers on this machine, training a small "
@@ -178,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-model", help="first replica of a stage starts from this exported "
                    "model instead of the seeded initial weights")
     p.add_argument("--metrics-file", help="stage 0: append one JSON line per optimizer step")
+    p.add_argument("--metrics-port", type=int, default=os.environ.get("SHOAL_METRICS_PORT"),
+                   help="serve Prometheus /metrics on --host at this port (0 = any free port, "
+                   "logged; or env SHOAL_METRICS_PORT; default: off)")
     p.add_argument("--progress-s", type=float, default=30.0,
                    help="log a progress line this often, seconds (0 = never)")
     p.set_defaults(func=_cmd_peer)
@@ -231,14 +237,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_lab_arguments(p)
     p.set_defaults(func=_cmd_lab)
+    # The logging flags work after the subcommand too (`shoal status --json --log-format json`):
+    # suppressed there, a subcommand's flag overrides the top level's only when it is given.
+    for subparser in sub.choices.values():
+        add_logging_arguments(subparser, suppress=True)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from protocols.logs import setup_logging
+    """`shoal ...`: parse, configure logging once (flag, else $SHOAL_LOG_FORMAT and
+    $SHOAL_LOG_LEVEL, else text at INFO), run the subcommand; returns the exit status."""
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    from protocols.logs import (
+        LogSettingError,
+        export_logging_settings,
+        logging_settings,
+        setup_logging,
+    )
 
-    setup_logging(args.log_format, args.log_level)
+    try:
+        log_format, log_level = logging_settings(args)
+    except LogSettingError as exc:
+        ap.error(str(exc))  # exits 2, as a bad flag does
+    # The coordinator and peers that `shoal demo` and `shoal lab` spawn inherit the environment:
+    # they log as this process does.
+    export_logging_settings(log_format, log_level)
+    setup_logging(log_format, log_level)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

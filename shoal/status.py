@@ -3,9 +3,13 @@
 It reads the same JSON document the dashboard draws (one GET, standard library only, so it runs
 on the coordinator's tiny VM and in a container health check) and prints the run, each stage with
 its replicas and throughput, and each peer. `--json` prints the document itself, for scripts.
+`--watch` redraws the view every `--interval` seconds until Ctrl-C (with `--json`: one document a
+line); a coordinator that stops answering mid-watch is shown as such above the last view it gave,
+and asked again at the next interval.
 
-Exit status: 0 when the coordinator answered; 2 when none answers at the address, or what
-answers is not a coordinator (the message says which and what to pass instead).
+Exit status: 0 when the coordinator answered (or a watch ended with Ctrl-C); 2 when none answers
+at the address at first, or what answers is not a coordinator (the message says which and what
+to pass instead).
 
 Fields the coordinator does not know yet are JSON null and print as "-".
 """
@@ -14,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -26,6 +32,10 @@ STATE_ORDER = ("training", "syncing", "joining", "rebuilt", "draining", "lost", 
 DEPARTED = ("lost", "left")  # no lease any more; the coordinator lists them for a while
 ANSI = {"training": "32", "syncing": "34", "joining": "36", "rebuilt": "35", "draining": "33",
         "lost": "31", "left": "90", "empty": "1;31", "degraded": "33", "ok": "32"}
+CLEAR = "\x1b[H\x1b[2J"  # cursor home, erase the screen: one redraw of --watch on a terminal
+HIDE_CURSOR, SHOW_CURSOR = "\x1b[?25l", "\x1b[?25h"
+
+log = logging.getLogger("shoal.status")
 
 
 class CoordinatorUnreachable(Exception):
@@ -45,6 +55,7 @@ def fetch_status(url: str, timeout: float = 5.0, token: str | None = None) -> di
     --http-token-file), or raise CoordinatorUnreachable with an actionable message."""
     hint = "is `shoal coordinator` running? pass --coordinator-http HOST:PORT"
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+    log.debug("GET %s", url, extra={"fields": {"url": url, "token": bool(token)}})
     try:
         with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
                                     timeout=timeout) as resp:
@@ -241,6 +252,77 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
     ap.add_argument("--http-token-file", default=os.environ.get("SHOAL_HTTP_TOKEN_FILE"),
                     help="the coordinator's HTTP token, when it has one (its --http-token-file)")
+    ap.add_argument("--watch", action="store_true",
+                    help="redraw every --interval seconds until Ctrl-C (with --json: one "
+                         "document a line)")
+    ap.add_argument("--interval", type=_positive_seconds, default=2.0, metavar="S",
+                    help="seconds between redraws of --watch (default 2)")
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds above 0")
+    return value
+
+
+def watch_frame(status: dict[str, Any] | None, error: str | None, seen_at: str,
+                interval: float, color: bool = False) -> str:
+    """One redraw of `--watch`: a header line, the unreachable notice if the last ask failed,
+    then the view of the last status the coordinator gave (`seen_at`: when, HH:MM:SS)."""
+    lines = [f"shoal status --watch · every {interval:g} s · {time.strftime('%H:%M:%S')} · "
+             "Ctrl-C to stop"]
+    if error:
+        notice = f"coordinator unreachable: {error}; asking again every {interval:g} s"
+        lines.append(f"\x1b[1;31m{notice}\x1b[0m" if color else notice)
+        if status is not None:
+            lines.append(f"last view, from {seen_at}:")
+    lines.append("")
+    return "\n".join(lines) + "\n" + (render(status, color) if status is not None else "")
+
+
+def watch(url: str, token: str | None, args: argparse.Namespace, first: dict[str, Any],
+          out: TextIO) -> int:
+    """Redraw until Ctrl-C, which ends it with 0. On a terminal each redraw clears the screen;
+    into a pipe or file the frames follow each other, a blank line apart."""
+    tty = out.isatty()
+    color = _use_color(out)
+    status: dict[str, Any] | None = first
+    seen_at = time.strftime("%H:%M:%S")
+    error: str | None = None
+    if tty:
+        out.write(HIDE_CURSOR)
+    try:
+        while True:
+            if args.json:
+                if error is None:
+                    out.write(json.dumps(status) + "\n")
+                else:
+                    print(f"shoal status: {error} (asking again in {args.interval:g} s)",
+                          file=sys.stderr, flush=True)
+            else:
+                frame = watch_frame(status, error, seen_at, args.interval, color)
+                out.write((CLEAR if tty else "\n") + frame)
+            out.flush()
+            time.sleep(args.interval)
+            try:
+                status, error = fetch_status(url, args.timeout, token), None
+                seen_at = time.strftime("%H:%M:%S")
+            except CoordinatorUnreachable as err:
+                error = str(err)
+                log.debug("status watch: %s", err)
+    except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:  # `shoal status --watch | head`: the reader has seen enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())  # no second error at exit
+        return 0
+    finally:
+        if tty:
+            out.write(SHOW_CURSOR)
+            out.flush()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -259,6 +341,8 @@ def run(args: argparse.Namespace) -> int:
     except CoordinatorUnreachable as err:
         print(f"shoal status: {err}", file=sys.stderr)
         return 2
+    if getattr(args, "watch", False):
+        return watch(url, token, args, status, sys.stdout)
     if args.json:
         json.dump(status, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -268,7 +352,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`shoal status [--coordinator-http HOST:PORT] [--json]`; returns the exit status."""
+    """`shoal status [--coordinator-http HOST:PORT] [--json] [--watch]`; the exit status."""
     ap = argparse.ArgumentParser(prog="shoal status",
                                  description="The swarm at a glance, from the coordinator.")
     add_arguments(ap)

@@ -56,4 +56,4 @@ def test_json_log_carries_the_fields() -> None:
                             None)
     rec.fields = f
     out = json.loads(JsonFormatter().format(rec))
-    assert out["stage"] == 0 and out["loss"] == 2.0 and out["msg"].startswith("stage 0")
+    assert out["stage"] == 0 and out["loss"] == 2.0 and out["message"].startswith("stage 0")
