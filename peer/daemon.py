@@ -39,6 +39,7 @@ import grpc
 
 from peer import consistency, machine
 from peer.consistency import READY_STATES
+from peer.metrics import PeerMetrics
 from peer.pipeline import wire
 from peer.pipeline.driver import Driver
 from peer.pipeline.stage_host import StageHost
@@ -108,6 +109,7 @@ class PeerDaemon:
         self.recovery: RecoveryReport | None = None  # of the last rebuild, if any
         self.snapshot_dir: str | None = getattr(args, "snapshot_dir", None)
         self._snapshot_step = 0
+        self.metrics = PeerMetrics(self)  # served only with --metrics-port
 
     # ------------------------------------------------------------------ what collaborators use
 
@@ -179,6 +181,9 @@ class PeerDaemon:
             raise SystemExit(f"cannot listen on {args.host}:{args.port}: address in use?")
         await self.server.start()
         self.address = f"{args.advertise or args.host}:{port}"
+        if getattr(args, "metrics_port", None) is not None:
+            bound = await self.metrics.start(args.host, args.metrics_port)
+            log.info("metrics at http://%s:%d/metrics", args.host, bound)
         fingerprint = self._fingerprint()
         coordinator = args.coordinator or await self._discover(fingerprint)
         tls_key = None if self.plaintext else tls.load_or_create_tls_key(
@@ -305,7 +310,9 @@ class PeerDaemon:
             if step != host.step + 1:
                 return pb.StepDone(step=step, stage=host.stage, stepped=False,
                                    detail=f"replica is after step {host.step}")
-            return await self.mode.step(self, self.rounds, step)
+            done = await self.mode.step(self, self.rounds, step)
+            self.metrics.note_step(host.step)
+            return done
 
     # ------------------------------------------------------------------ heartbeats
 
@@ -422,6 +429,7 @@ class PeerDaemon:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.server.stop(1.0)
+        await self.metrics.stop()
         await self._channels.close()
         await self.client.close()
         if self.host:

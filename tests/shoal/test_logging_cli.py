@@ -22,6 +22,7 @@ from protocols.logs import (
     iso_time,
     logging_settings,
 )
+from tests.polling import poll_until
 from tests.shoal.test_status_cli import ShoalCoordinator, run_shoal
 
 CORE = ("time", "level", "logger", "message")
@@ -173,11 +174,17 @@ def test_shoal_coordinator_logs_json_with_the_flag_after_the_subcommand(tmp_path
         assert coord.stop() == 0
     finally:
         coord.kill()
-    records = [json.loads(line) for line in coord.lines if line.startswith("{")]
-    started = [r for r in records if r["message"].startswith("coordinator for swarm")]
+
+    def records() -> list[dict]:
+        return [json.loads(line) for line in list(coord.lines) if line.startswith("{")]
+
+    # the thread that reads its output may still hold the last lines when the process is gone
+    stopped = poll_until(lambda: any(r["message"].startswith("coordinator stopped")
+                                     for r in records()), 30)
+    assert stopped, "".join(coord.lines)
+    started = [r for r in records() if r["message"].startswith("coordinator for swarm")]
     assert started, "".join(coord.lines)
     assert started[0]["logger"] == "shoal.coordinator" and started[0]["level"] == "info"
-    assert any(r["message"].startswith("coordinator stopped") for r in records)
 
 
 def test_peers_that_shoal_demo_spawns_log_json_when_asked(tmp_path: Path) -> None:
