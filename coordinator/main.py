@@ -329,7 +329,10 @@ async def serve(config: str | Path | RunSpec | None = None, port: int = 7000,
         except DiscoveryError as exc:
             log.warning("%s", exc)
     log.info("coordinator for swarm %s (run %r) at epoch %d: gRPC %s, HTTP %s", swarm_id,
-             spec.run.name, membership.epoch, handle.grpc_address, handle.http_url)
+             spec.run.name, membership.epoch, handle.grpc_address, handle.http_url,
+             extra={"fields": {"swarm_id": swarm_id, "run": spec.run.name,
+                               "epoch": membership.epoch, "grpc": handle.grpc_address,
+                               "http": handle.http_url}})
     return handle
 
 

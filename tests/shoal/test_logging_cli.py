@@ -185,6 +185,8 @@ def test_shoal_coordinator_logs_json_with_the_flag_after_the_subcommand(tmp_path
     started = [r for r in records() if r["message"].startswith("coordinator for swarm")]
     assert started, "".join(coord.lines)
     assert started[0]["logger"] == "shoal.coordinator" and started[0]["level"] == "info"
+    assert started[0]["grpc"] == coord.grpc_address and started[0]["http"] == coord.http_url
+    assert started[0]["epoch"] == 0 and started[0]["run"] == "shoal-run"
 
 
 def test_peers_that_shoal_demo_spawns_log_json_when_asked(tmp_path: Path) -> None:
