@@ -32,7 +32,7 @@ def parse(text: str) -> tuple[Samples, dict[str, str]]:
 
 def scrape(url: str, accept: str | None = None) -> tuple[str, str]:
     req = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
-    with urllib.request.urlopen(req, timeout=5) as r:
+    with urllib.request.urlopen(req, timeout=30) as r:  # a bound for a loaded machine
         return r.headers.get("Content-Type", ""), r.read().decode()
 
 

@@ -56,7 +56,7 @@ def metrics_port(swarm: Swarm, i: int) -> int:
 
 
 def scrape(url: str) -> Samples:
-    with urllib.request.urlopen(url, timeout=5) as r:
+    with urllib.request.urlopen(url, timeout=30) as r:  # a bound for a loaded machine
         text = r.read().decode()
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for f in text_string_to_metric_families(text) for s in f.samples}
