@@ -66,6 +66,9 @@ DEPARTED = ("lost", "left")
 INFERENCE = "inference"  # the Forward meta "mode" of an inference call (no graph kept)
 #: how far behind its own step a replica still takes a sync part (a late part gets the result)
 ROUND_LAG = 4
+#: a request for a finished round's aggregate (meta "replay": a laggard catching up) may name a
+#: round this far back: peer/sync/rounds.py's KEEP_ROUNDS
+REPLAY_LAG = 8
 #: an EndStep may name a step this far beyond the attested swarm step + 1 (the attestation
 #: trails a fast swarm by its heartbeats): the receiver then re-downloads its stage from its
 #: replicas instead of adopting the step (peer/services.py); beyond it, INVALID_ARGUMENT
@@ -218,7 +221,8 @@ def check_stage(rule: str, stage: int, receiver: Receiver, method: str) -> None:
                      "refresh your swarm view and send it to a replica of that stage")
 
 
-def check_step(rule: str, step: int, receiver: Receiver, method: str) -> None:
+def check_step(rule: str, step: int, receiver: Receiver, method: str,
+               replay: bool = False) -> None:
     kind = RULES[rule][1]
     mine = receiver.step
     if not kind or mine is None:
@@ -244,10 +248,11 @@ def check_step(rule: str, step: int, receiver: Receiver, method: str) -> None:
                          "never one beyond the swarm", stale=True)
     elif kind == "round":
         high = max(mine + 2, bound)
-        if not mine - ROUND_LAG <= step <= high:
+        lag = REPLAY_LAG if replay else ROUND_LAG
+        if not mine - lag <= step <= high:
             raise Denied(grpc.StatusCode.INVALID_ARGUMENT,
                          f"{method} for round {step}, but this replica is after step {mine}: "
-                         f"it takes parts for rounds {max(0, mine - ROUND_LAG)}..{high} only")
+                         f"it takes parts for rounds {max(0, mine - lag)}..{high} only")
 
 
 def check_step_end_lists(request: pb.StepEnd, receiver: Receiver) -> None:
@@ -295,7 +300,8 @@ def decide(rule: str, caller: auth.Caller | None, receiver: Receiver, *,
     check_caller(rule, caller, receiver, method)
     if header is not None:
         check_stage(rule, header.stage, receiver, method)
-        check_step(rule, header.step, receiver, method)
+        check_step(rule, header.step, receiver, method,
+                   replay=header.meta.get("replay") == "1")
     if step_end is not None:
         check_step(rule, step_end.step, receiver, method)
         check_step_end_lists(step_end, receiver)

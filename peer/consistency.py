@@ -148,7 +148,8 @@ class StallClock:
 @dataclass(frozen=True)
 class Verdict:
     """What a replica must do after comparing itself with the view: `download` the stage again
-    (why says why), or `adopt` the swarm's `step` with its own weights."""
+    (why says why; `step`, when set, is the step it is behind of: it may catch up by replaying
+    the rounds up to it), or `adopt` the swarm's `step` with its own weights."""
 
     action: str  # "download" or "adopt"
     why: str = ""
@@ -198,7 +199,7 @@ def behind_the_swarm(view: SwarmView, me: str, stage: int, step: int, *, fast_fo
              and p.peer_id != me and p.stats.step >= step + 2]
     if ahead:
         return Verdict("download", f"{ahead[0].peer_id[:8]} is at step {ahead[0].stats.step}, "
-                                   f"this replica after step {step}")
+                                   f"this replica after step {step}", step=ahead[0].stats.step)
     # No replica of this stage is newer, but the other stages are steps ahead (the newer
     # replicas of this stage died): no download can help, and every caller refuses this step,
     # so the swarm would stall. Carry on at the swarm's step with these weights (only where the
@@ -219,7 +220,7 @@ def behind_the_attestation(view: SwarmView, stage: int, step: int) -> Verdict | 
     at_step, attested_hash = attested(view, stage)
     if attested_hash and at_step > step:
         return Verdict("download", f"the coordinator attests step {at_step} for the stage, this "
-                                   f"replica is after step {step}")
+                                   f"replica is after step {step}", step=at_step)
     return None
 
 

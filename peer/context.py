@@ -42,10 +42,12 @@ class PeerContext(DriverContext, Protocol):
         hash then belongs to `host.step` as it is now."""
         ...
 
-    def fall_behind(self, why: str) -> None:
-        """This replica missed a step or drifted: stop serving ("syncing") and re-download the
-        stage in the background (under the step lock). Returns at once; idempotent while a
-        re-download runs."""
+    def fall_behind(self, why: str, behind_of: int = 0) -> None:
+        """This replica missed a step or drifted: stop serving ("syncing") and bring the stage
+        back in the background (under the step lock). `behind_of` > 0: it only missed the rounds
+        up to that step, so it first replays them (peer/sync/replay.py) and downloads the stage
+        only when that cannot bring it there; else (it drifted) it downloads. Returns at once;
+        idempotent while a catch-up runs."""
         ...
 
     def sync_limits(self) -> codec.Limits:

@@ -50,6 +50,7 @@ from peer.recovery.transfer import download_state
 from peer.services import serve
 from peer.sync.base import SyncMode
 from peer.sync.registry import make_driver, make_sync_mode
+from peer.sync.replay import replay_rounds
 from peer.sync.rounds import SyncRounds
 from protocols import auth, codec, tls
 from protocols import shoal_pb2 as pb
@@ -274,6 +275,7 @@ class PeerDaemon:
             max_bytes=self.sync_limits().max_total_bytes,
             joined=lambda: consistency.joined_at(self.view),
             attested=lambda: consistency.attested(self.view, stage),
+            step_now=lambda: self.host.step if self.host is not None else 0,
         )
         report = await take_state(self, mode, stage, vars(self.args).get("init_model"))
         if report is not None:
@@ -284,18 +286,35 @@ class PeerDaemon:
             self.driver = make_driver(self, mode, self.args.data,
                                       getattr(self.args, "router", "swarm"))
 
-    def fall_behind(self, why: str) -> None:
-        """This replica missed a step: stop serving and re-download the stage."""
+    def fall_behind(self, why: str, behind_of: int = 0) -> None:
+        """This replica missed steps (`behind_of`: up to that one) or drifted: stop serving,
+        catch up by replay where it can, else re-download the stage (PeerContext.fall_behind)."""
         if self._resync_task and not self._resync_task.done():
             return
-        log.warning("stage %d replica is behind (%s): re-downloading", self.host.stage, why)
+        stage = self.host.stage
+        log.warning("stage %d replica is behind (%s): %s", stage, why,
+                    "replaying the rounds it missed" if behind_of else "re-downloading")
         self.state = "syncing"
 
         async def resync() -> None:
             async with self.step_lock:
-                sources = [p for p in self.live_replicas(self.host.stage) if p != self.peer_id]
+                if behind_of:
+                    got = await replay_rounds(self, self.mode, self.rounds)
+                    if not got.download and self.host.step >= behind_of:
+                        log.info("stage %d: caught up by replaying %d rounds, after step %d",
+                                 stage, got.rounds, self.host.step)
+                        self.state = "training"
+                        return
+                    log.warning("stage %d: replayed %d rounds, after step %d: %s; "
+                                "re-downloading", stage, got.rounds, self.host.step,
+                                got.download or f"the swarm is after step {behind_of}")
+                sources = [p for p in self.live_replicas(stage) if p != self.peer_id]
                 if await download_state(self, self.mode, sources):
                     self.state_hash = await self.host.run(self.host.state_hash)
+                    got = await replay_rounds(self, self.mode, self.rounds)
+                    if got.rounds:  # the rounds that passed during the download
+                        log.info("stage %d: downloaded, then replayed %d rounds, after step %d",
+                                 stage, got.rounds, self.host.step)
                 self.state = "training"
 
         self._resync_task = asyncio.ensure_future(resync())
@@ -364,7 +383,7 @@ class PeerDaemon:
         if verdict is None:
             return
         if verdict.action == "download":
-            self.fall_behind(verdict.why)
+            self.fall_behind(verdict.why, behind_of=verdict.step)
             return
         log.warning("stage %d: every replica is behind the swarm (after step %d, the others "
                     "after %d)", stage, step, verdict.step)

@@ -269,7 +269,8 @@ class StageService(pbg.StageServicer):
         jump_ok = request.step <= self.policy.receiver().jump_bound()
         if request.step > host.step + 1 and (carried or not jump_ok
                                              or not catch_up(d, request.step - 1)):
-            d.fall_behind(f"EndStep({request.step}) while after step {host.step}")
+            d.fall_behind(f"EndStep({request.step}) while after step {host.step}",
+                          behind_of=request.step - 1)
             self._abstain(request)
             self._ended(request, carried)
             return pb.StepDone(step=request.step, stage=host.stage, stepped=False,

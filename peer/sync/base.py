@@ -58,6 +58,9 @@ class SyncMode(ABC):
     #: the Forward header meta "mode" values this mode's stage-0 drivers send and its replicas
     #: serve with `serve_forward` (SPSA's perturbed pairs). Default: none.
     forward_kinds: ClassVar[frozenset[str]] = frozenset()
+    #: a replica that missed rounds may apply their kept aggregates in order (peer/sync/replay.py)
+    #: instead of downloading its stage. Default False.
+    replays_rounds: ClassVar[bool] = False
 
     def exchanges(self, step: int) -> bool:
         """Whether step `step` runs a round with the stage's other replicas (any thread; pure).
@@ -145,7 +148,10 @@ class SyncMode(ABC):
 
 class RoundMode(SyncMode):
     """A sync mode whose replicas run a leader-collects round (peer/sync/rounds.py) on every
-    step where `exchanges(step)` is True."""
+    step where `exchanges(step)` is True. Their rounds can be replayed: `apply` depends only
+    on the aggregate and the state the replicas share."""
+
+    replays_rounds = True
 
     def exchanges(self, step: int) -> bool:
         """Default: every step runs a round."""
@@ -189,6 +195,8 @@ class RoundMode(SyncMode):
         if ctx.peer_id in rmeta.get("diverged", "").split(","):
             ctx.fall_behind(f"round {step} began from other weights than the stage's "
                             "lowest-id replica")
+        else:  # for a replica that missed this round (peer/sync/replay.py)
+            rounds.keep(step, (result, rmeta), ctx.state_hash)
         return pb.StepDone(step=step, stage=host.stage, included=rounds.last_included,
                            state_hash=ctx.state_hash, grad_norm=norm, stepped=True)
 

@@ -35,7 +35,11 @@ SKIPPED: RoundResult = ({}, {"skip": "1"})
 
 
 class DelayedDilocoMode(DilocoMode):
-    """DiLoCo with one-round-delayed outer updates: its outer steps override `round_step`."""
+    """DiLoCo with one-round-delayed outer updates: its outer steps override `round_step`.
+    A round's aggregate is applied a round later, so a laggard cannot replay it alone: it
+    downloads the stage."""
+
+    replays_rounds = False
 
     def __init__(self, spec: RunSpec) -> None:
         super().__init__(spec)

@@ -28,7 +28,18 @@ Design (leader-collects, everyone-applies-the-same-bytes):
   replicas of the stage), never by a field of the message: one part per replica and round.
 
 Invariant: every replica that completes round `step` applies byte-identical aggregate arrays, so
-replicas stay bit-identical. A dead or frozen replica delays a round by at most `timeout`.
+replicas stay bit-identical. A dead or frozen replica delays a round by at most `timeout`, and
+once a few rounds have been measured by much less: the aggregator closes a round ROUND_SPREAD
+times the median time its last part took to come in recent complete rounds after its own part
+(at least ROUND_FLOOR_S, at most `timeout`). A replica left out that way replays the round.
+
+Catch-up by replay: every replica keeps the aggregates of its last KEEP_ROUNDS rounds (at most
+KEEP_BYTES of them), each with the state hash it had after applying it (`keep`). A replica that
+missed rounds asks the others for them, one round at a time, with a part whose meta is REPLAY
+(`fetch`): the holder answers with the kept aggregate and `state_hash_after`, or, when it keeps
+none for that round, with meta `not_kept` and its own step (`after_step`), from which the asker
+tells "no one is there yet" (it has caught up) from "too old" (it must download the stage).
+peer/sync/replay.py applies what comes back.
 
 The arithmetic of each round-based sync mode lives behind `RoundMode` (peer/sync/base.py; the
 modes in allreduce.py, demo.py and diloco.py, over the math in optim/); this module knows only its
@@ -41,8 +52,10 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from statistics import median
 from typing import Protocol
 
 import grpc
@@ -60,6 +73,17 @@ Meta = dict[str, str]
 LOCAL_STEP: Meta = {"local": "1"}
 #: the contribution of a replica that sits a round out (see `SyncRounds.abstain`)
 ABSTAIN: Meta = {"abstain": "1", "samples": "0"}
+#: the part of a replica asking for a finished round's aggregate (see `SyncRounds.fetch`)
+REPLAY: Meta = {"replay": "1"}
+#: how many finished rounds a replica keeps for the replicas that missed them, and the most
+#: bytes of aggregates it keeps (a dense allreduce aggregate is the size of the stage's
+#: gradients; the newest round is always kept)
+KEEP_ROUNDS = 8
+KEEP_BYTES = 256 << 20
+#: the round deadline, from measured rounds (see the module docstring)
+ROUND_SPREAD = 4.0
+ROUND_FLOOR_S = 2.0
+MEASURED_ROUNDS = 16
 
 
 class SyncFailed(RuntimeError):
@@ -101,8 +125,10 @@ class SyncRounds:
         max_bytes: int,
         joined: Callable[[], Mapping[str, float]] = dict,
         attested: Callable[[], tuple[int, str]] = lambda: (0, ""),
+        step_now: Callable[[], int] = lambda: 0,
     ) -> None:
         self.me = me
+        self.step_now = step_now  # the step this replica is after (told to a replay asker)
         self.joined = joined  # peer id -> joined_at from the swarm view (seniority)
         self.attested = attested  # the coordinator's (step, hash) for this stage
         self.stage = stage
@@ -119,6 +145,17 @@ class SyncRounds:
         # step -> the stage's replicas as the stage-0 driver listed them for that step: the
         # candidates every replica agrees on (its own view may lag). Falls back to `candidates`.
         self.agreed: dict[int, list[str]] = {}
+        # step -> (aggregate, meta with `state_hash_after`): the rounds a laggard may replay
+        self._kept: dict[int, tuple[Arrays, Meta]] = {}
+        # seconds from the aggregator's own part to the last expected one, in complete rounds
+        self._spreads: deque[float] = deque(maxlen=MEASURED_ROUNDS)
+
+    def round_deadline_s(self) -> float:
+        """How long the aggregator waits for the parts of a round (see the module docstring):
+        `timeout` until 3 complete rounds were measured."""
+        if len(self._spreads) < 3:
+            return self.timeout
+        return min(self.timeout, max(ROUND_FLOOR_S, ROUND_SPREAD * median(self._spreads)))
 
     def _candidates(self, step: int) -> list[str]:
         agreed = self.agreed.get(step)
@@ -145,6 +182,8 @@ class SyncRounds:
                              f"{self.stage}")
         if not caller or caller == self.me:
             raise ValueError("a sync part must come from another replica of the stage")
+        if header.meta.get("replay") == "1":
+            return self._kept_round(header.step)
         rnd = self._round(header.step)
         if rnd.result is None:
             rnd.parts[caller] = (dict(header.meta), arrays)
@@ -157,10 +196,14 @@ class SyncRounds:
                                    skip: set[str]) -> tuple[Arrays, Meta]:
         rnd = self._round(step)
         rnd.parts[self.me] = own
-        deadline = time.monotonic() + self.timeout
+        started = time.monotonic()
+        deadline = started + self.round_deadline_s()
         while True:
             expected = set(self._candidates(step)) - skip - self.departed() - self._past(step)
-            if expected <= set(rnd.parts) or time.monotonic() >= deadline:
+            if expected <= set(rnd.parts):
+                self._spreads.append(time.monotonic() - started)
+                break
+            if time.monotonic() >= deadline:
                 break
             rnd.arrived.clear()
             with contextlib.suppress(TimeoutError):
@@ -189,6 +232,49 @@ class SyncRounds:
         without this aggregator (their view left it out), so waiting for them is waiting out the
         timeout. Replicas run their rounds in order, so this never drops one still coming."""
         return {sender for s, r in self._rounds.items() if s > step for sender in r.parts}
+
+    # ------------------------------------------------------------------ kept rounds (replay)
+
+    def keep(self, step: int, result: tuple[Arrays, Meta], state_hash_after: str) -> None:
+        """Remember round `step`'s aggregate, applied and giving `state_hash_after`, for the
+        replicas that missed it; forget the oldest beyond KEEP_ROUNDS or KEEP_BYTES."""
+        arrays, meta = result
+        self._kept[step] = (arrays, {**meta, "state_hash_after": state_hash_after})
+        size = sum(_nbytes(a) for a, _ in self._kept.values())
+        for old in sorted(self._kept):
+            if (len(self._kept) <= KEEP_ROUNDS and size <= KEEP_BYTES) or old == step:
+                break
+            size -= _nbytes(self._kept.pop(old)[0])
+
+    def kept_steps(self) -> list[int]:
+        return sorted(self._kept)
+
+    def _kept_round(self, step: int) -> tuple[Arrays, Meta]:
+        kept = self._kept.get(step)
+        if kept is not None:
+            return kept
+        return {}, {"not_kept": "1", "after_step": str(self.step_now()),
+                    "kept": ",".join(str(s) for s in self.kept_steps())}
+
+    async def fetch(self, step: int) -> tuple[tuple[Arrays, Meta] | None, int]:
+        """Round `step`'s aggregate from the first other replica (seniority order) that keeps it,
+        and the newest step any asked replica is after (-1 when none answered). (None, newest)
+        when none keeps it: newest < step means the round has not happened yet."""
+        newest = -1
+        for cand in self._candidates(step + 1):
+            if cand == self.me:
+                continue
+            try:
+                arrays, meta = await self._send(cand, step, (dict(REPLAY), {}), self.timeout)
+            except (grpc.aio.AioRpcError, TimeoutError, ValueError, KeyError) as exc:
+                log.debug("stage %d: round %d not fetched from %s: %s", self.stage, step,
+                          cand[:8], _short(exc))
+                continue
+            if meta.get("not_kept") != "1":
+                return (arrays, meta), max(newest, step)
+            with contextlib.suppress(ValueError):
+                newest = max(newest, int(meta.get("after_step", "-1")))
+        return None, newest
 
     # ------------------------------------------------------------------ member side
 
@@ -222,7 +308,8 @@ class SyncRounds:
         except Exception as exc:  # the round goes on without this replica either way
             log.debug("stage %d step %d: abstaining failed: %s", self.stage, step, _short(exc))
 
-    async def _send(self, cand: str, step: int, own: tuple[Meta, Arrays]) -> tuple[Arrays, Meta]:
+    async def _send(self, cand: str, step: int, own: tuple[Meta, Arrays],
+                    timeout: float | None = None) -> tuple[Arrays, Meta]:
         meta, arrays = own
         header = pb.CallHeader(kind="sync", step=step, stage=self.stage, sender=self.me,
                                sent_at=time.time())
@@ -230,7 +317,7 @@ class SyncRounds:
         reply, result = await wire.call_tensors(
             self.exchange_stub(cand), header, arrays, encoding=pb.RAW,
             limits=wire.limits_for(self.max_bytes), counter=self.counter, kind=self.kind,
-            timeout=self.timeout * 2 + 10,
+            timeout=timeout or self.timeout * 2 + 10,
         )
         if reply.kind == "error":
             raise ValueError(reply.meta.get("error", "aggregator refused"))
@@ -247,6 +334,10 @@ def _diverged(hashes: Mapping[str, str], joined: Mapping[str, float] | None = No
         return []
     reference = attested or winning_hash(known, joined)
     return sorted(r for r, h in known.items() if h != reference)
+
+
+def _nbytes(arrays: Arrays) -> int:
+    return sum(int(getattr(a, "nbytes", 0)) for a in arrays.values())
 
 
 def _short(exc: BaseException) -> str:

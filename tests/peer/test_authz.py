@@ -47,6 +47,13 @@ def caller(pid: str, role: str = "peer") -> auth.Caller:
     return auth.Caller(peer_id=pid, public_key=b"k" * 32, certificate=None, method="m", role=role)
 
 
+def replay(step: int) -> pb.CallHeader:
+    """A laggard's request for a finished round (peer/sync/rounds.py's REPLAY)."""
+    h = pb.CallHeader(kind="sync", microbatch_id="m", stage=1, step=step)
+    h.meta.update({"replay": "1"})
+    return h
+
+
 def header(sender: str = "", stage: int = 1, step: int = 6, mode: str = "") -> pb.CallHeader:
     h = pb.CallHeader(kind="forward", microbatch_id="m", stage=stage, step=step, sender=sender)
     if mode:
@@ -129,6 +136,8 @@ TABLE = [
     ("sync part of a late round", authz.EXCHANGE, "r1b", "peer", header(step=2), None, OK),
     ("sync part of an ancient round", authz.EXCHANGE, "r1b", "peer", header(step=0), None, IA),
     ("sync part of round 10**12", authz.EXCHANGE, "r1b", "peer", header(step=10**12), None, IA),
+    ("replay of a kept round", authz.EXCHANGE, "r1b", "peer", replay(step=0), None, OK),
+    ("replay of round 10**12", authz.EXCHANGE, "r1b", "peer", replay(step=10**12), None, IA),
     # State.Download: any member
     ("download from an observer", authz.DOWNLOAD, "obs", "observer", None, None, OK),
     ("download from a peer of another stage", authz.DOWNLOAD, "r2", "peer", None, None, OK),

@@ -112,3 +112,27 @@ def test_parts_are_keyed_by_the_signing_caller_not_the_message() -> None:
             assert (await p)[1]["included"] == "a,b"
 
     asyncio.run(scenario())
+
+
+def test_the_round_deadline_follows_the_measured_rounds() -> None:
+    """Until three complete rounds were measured the aggregator waits the whole timeout; after
+    quick ones, a round that a replica never joins closes at the floor, and is not measured."""
+    from peer.sync import rounds as rounds_module
+
+    async def scenario() -> None:
+        a = rounds("a", timeout=60.0)
+        assert a.round_deadline_s() == 60.0
+        for step in (1, 2, 3):
+            a.agreed[step] = ["a", "b"]
+            served = asyncio.create_task(a.serve(header("b", step), {}, "b"))
+            await asyncio.sleep(0)  # b's part is in before a's own
+            await a.run(step, ({}, {}))
+            await served
+        assert a.round_deadline_s() == rounds_module.ROUND_FLOOR_S
+        a.agreed[4] = ["a", "b"]
+        # the bound only turns a wait of the whole 60 s timeout into a failure
+        _, meta = await asyncio.wait_for(a.run(4, ({}, {})), 30)
+        assert meta["included"] == "a"
+        assert a.round_deadline_s() == rounds_module.ROUND_FLOOR_S  # the lone round: unmeasured
+
+    asyncio.run(scenario())

@@ -1,0 +1,55 @@
+"""Churn on a real local swarm: a replica that misses rounds catches up by replaying them.
+
+A block replica is frozen (SIGSTOP) for several rounds, each of which its stage's aggregator
+closes without it after the sync timeout; thawed (SIGCONT), it learns from the next EndStep that
+it is behind, fetches the aggregates of the rounds it missed from the other replica
+(peer/sync/replay.py) and trains again, without downloading its stage. The run then ends with
+the stage's replicas at one step and one hash.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+
+import pytest
+
+from tests.swarm.local_swarm import (
+    check_replicas_of_an_endless_run,
+    spec_with,
+    step_of,
+    wait_for,
+)
+
+CAUGHT_UP = re.compile(r"caught up by replaying (\d+) rounds, after step (\d+)")
+
+
+@pytest.mark.slow
+def test_a_frozen_replica_catches_up_by_replay_without_a_download(swarm_factory) -> None:
+    # a lease longer than the freeze: the replica stays a member, it only misses rounds
+    spec = spec_with(**{"sync.timeout_s": 2.0, "membership.lease_s": 30.0})
+    swarm = swarm_factory(spec, [0, 1, 1, 2])
+    wait_for("3 steps", lambda: step_of(swarm) >= 3, 120, swarm)
+    victim, log = swarm.peers[2], swarm.logs / "peer2.log"
+    frozen_at = step_of(swarm)
+    os.kill(victim.pid, signal.SIGSTOP)
+    try:  # each of these rounds waits out the sync timeout for the frozen replica
+        wait_for("3 steps without the frozen replica", lambda: step_of(swarm) >= frozen_at + 3,
+                 120, swarm)
+    finally:
+        os.kill(victim.pid, signal.SIGCONT)
+    thawed_at = step_of(swarm)
+    seen = len(log.read_text(errors="replace"))
+    match = wait_for("the thawed replica catching up by replay",
+                     lambda: CAUGHT_UP.search(log.read_text(errors="replace"), seen), 90, swarm)
+    assert isinstance(match, re.Match)
+    replayed, after = int(match.group(1)), int(match.group(2))
+    print(f"frozen after step {frozen_at}, thawed at {thawed_at}: {match.group(0)}")
+    assert replayed >= 2, match.group(0)  # it missed at least frozen_at+1 .. thawed_at - 1
+    assert after <= thawed_at + 5, (match.group(0), thawed_at)  # training again within 5 steps
+    at = step_of(swarm)
+    wait_for("5 more steps", lambda: step_of(swarm) >= at + 5, 120, swarm)
+    since_thaw = log.read_text(errors="replace")[seen:]
+    assert "downloaded state" not in since_thaw, since_thaw[-3000:]
+    check_replicas_of_an_endless_run(swarm, swarm.peers[:1], {0: 1, 1: 2, 2: 1})
