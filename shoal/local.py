@@ -199,6 +199,22 @@ def _stage_hashes(peers: list[dict]) -> dict[str, list[str]]:
     return out
 
 
+def tokens_per_s(rows: list[dict], last: int = 8) -> float:
+    """The swarm's tokens per second over its last `last` optimizer steps, from the stage-0
+    drivers' metrics rows (one per driver and step; the drivers of a step run side by side, so
+    a step's tokens add up and it lasts as long as its slowest driver). Stalls and faults count:
+    this is the time the steps really took."""
+    tokens: dict[int, int] = {}
+    seconds: dict[int, float] = {}
+    for r in rows:
+        s = r.get("step", 0)
+        tokens[s] = tokens.get(s, 0) + int(r.get("tokens") or 0)
+        seconds[s] = max(seconds.get(s, 0.0), float(r.get("seconds") or 0.0))
+    recent = sorted(tokens)[-last:]
+    total_s = sum(seconds[s] for s in recent)
+    return sum(tokens[s] for s in recent) / total_s if total_s > 0 else 0.0
+
+
 def progress_line(step: int, total: int, loss: float | None, tps: float, bps: float | None,
               tty: bool) -> str:
     width = 30
@@ -267,8 +283,7 @@ def main(args: argparse.Namespace) -> int:
             step = max((r["step"] for r in rows), default=0)
             recent = [r for r in rows if r["step"] >= step - 2 and r.get("loss") is not None]
             loss = sum(r["loss"] for r in recent) / len(recent) if recent else None
-            tps = sum(r["tokens"] for r in rows[-8:]) / max(sum(r["seconds"] for r in rows[-8:])
-                                                           / max(1, len(rows[-8:])) * 8, 1e-6)
+            tps = tokens_per_s(rows)
             bps = sum(r["bytes"] for r in rows) / step if step else None
             if tty or time.monotonic() - last_print > 10:
                 print(progress_line(step, spec.run.steps, loss, tps, bps, tty), end="" if tty else

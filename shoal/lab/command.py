@@ -49,7 +49,7 @@ from protocols.runspec import RunSpec, RunSpecError
 from shoal.lab.network import LabError, LabNetwork, check_root, clean_stale
 from shoal.lab.scenario import ScenarioError, ScenarioRunner, chaos, parse, parse_line
 from shoal.lab.swarm import COORD_HOST, LabSwarm
-from shoal.local import DEMO_DEFAULTS, progress_line, settle, summarize
+from shoal.local import DEMO_DEFAULTS, progress_line, settle, summarize, tokens_per_s
 from shoal.swarm import read_metrics
 
 # The demo's small model, with leases long enough for a machine whose cores are shared by many
@@ -270,7 +270,7 @@ def follow(swarm: LabSwarm, spec: RunSpec, faults: list, args: argparse.Namespac
         recent = [r for r in rows if r["step"] >= step - 2 and r.get("loss") is not None]
         loss = sum(r["loss"] for r in recent) / len(recent) if recent else None
         if tty or time.monotonic() - last_print > 10:
-            print(progress_line(step, spec.run.steps, loss, 0.0, None, tty),
+            print(progress_line(step, spec.run.steps, loss, tokens_per_s(rows), None, tty),
                   end="" if tty else "\n", flush=True)
             last_print = time.monotonic()
         if step >= spec.run.steps or time.monotonic() > deadline:
