@@ -84,7 +84,7 @@ def _handler_totals(http_url: str) -> tuple[float, int]:
     text = urllib.request.urlopen(http_url + "metrics", timeout=10).read().decode()
     total = re.search(r"^shoal_heartbeat_duration_seconds_sum (\S+)$", text, re.M)
     count = re.search(r"^shoal_heartbeat_duration_seconds_count (\S+)$", text, re.M)
-    return (float(total.group(1)) if total else 0.0, int(count.group(1)) if count else 0)
+    return (float(total.group(1)) if total else 0.0, int(float(count.group(1))) if count else 0)
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
