@@ -108,3 +108,18 @@ def test_server_serves_refuses_a_taken_port_and_stops() -> None:
             sock.bind(("127.0.0.1", port))
 
     asyncio.run(scenario())
+
+
+def test_metrics_port_flag_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`shoal peer --metrics-port`: off by default, SHOAL_METRICS_PORT when no flag, the flag
+    over the environment, a bad value refused by the parser."""
+    from shoal.cli import build_parser
+
+    monkeypatch.delenv("SHOAL_METRICS_PORT", raising=False)
+    assert build_parser().parse_args(["peer"]).metrics_port is None
+    monkeypatch.setenv("SHOAL_METRICS_PORT", "0")
+    assert build_parser().parse_args(["peer"]).metrics_port == 0
+    assert build_parser().parse_args(["peer", "--metrics-port", "9400"]).metrics_port == 9400
+    monkeypatch.setenv("SHOAL_METRICS_PORT", "nine")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["peer"])
