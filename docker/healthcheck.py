@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""shoal-healthcheck: the container's health probe (standard library only, no curl needed).
+"""shoal-healthcheck: the container's health probe (no curl needed).
 
     shoal-healthcheck --url http://127.0.0.1:8080/healthz   healthy when it answers 2xx
     shoal-healthcheck --tcp 127.0.0.1:7100                  healthy when the port accepts
@@ -7,8 +7,14 @@
 
 With no option (the image's HEALTHCHECK) it reads the command line of the `shoal` process in this
 container from /proc: `shoal coordinator` is probed at http://127.0.0.1:HTTP_PORT/healthz
-(--http-port, default 8080); `shoal peer` by a TCP connection to its gRPC port (--port, when it is
-not 0); any other shoal command is healthy while it runs. No shoal process: unhealthy.
+(--http-port, default 8080); `shoal peer` is asked for its state: its gRPC port (--port) must
+accept, and the coordinator's /api/status must list this peer (its id, from the key file at
+--identity / $SHOAL_IDENTITY) as live and not "lost". The coordinator's HTTP address is
+$SHOAL_COORDINATOR_HTTP (HOST:PORT), else --coordinator's host with port 8080; a bearer token is
+read from $SHOAL_HTTP_TOKEN_FILE when set. A coordinator that cannot be reached does not make a
+peer unhealthy (Swarm would replace every peer while the coordinator restarts): the probe then
+falls back to the port. Any other shoal command is healthy while it runs. No shoal process:
+unhealthy.
 
 Exit 0 = healthy, 1 = unhealthy (what Docker's HEALTHCHECK expects); one line says why.
 """
@@ -16,6 +22,7 @@ Exit 0 = healthy, 1 = unhealthy (what Docker's HEALTHCHECK expects); one line sa
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import sys
@@ -89,8 +96,62 @@ def probe_auto(timeout: float, proc: Path = Path("/proc")) -> tuple[bool, str]:
         host = flag(args, "--host", "127.0.0.1")
         if host in ("0.0.0.0", "::", ""):
             host = "127.0.0.1"
-        return probe_tcp(f"{host}:{port}", timeout)
+        ok, why = probe_tcp(f"{host}:{port}", timeout)
+        if not ok:
+            return ok, why
+        return probe_peer_state(args, timeout)
     return True, f"shoal {cmd or '(no subcommand)'} running"
+
+
+def peer_id_from_key(path: str) -> str:
+    """The peer id of the Ed25519 key at `path` (protocols.identity's rule, in the image)."""
+    from protocols.identity import Identity
+
+    return Identity.load(path).peer_id
+
+
+def coordinator_http(args: list[str]) -> str | None:
+    explicit = os.environ.get("SHOAL_COORDINATOR_HTTP", "").strip()
+    if explicit:
+        return explicit
+    grpc = flag(args, "--coordinator", os.environ.get("SHOAL_COORDINATOR", ""))
+    host = grpc.rpartition(":")[0] if ":" in grpc else grpc
+    return f"{host}:8080" if host else None
+
+
+def probe_peer_state(args: list[str], timeout: float) -> tuple[bool, str]:
+    """Whether the coordinator lists this peer as live (see the module docstring)."""
+    key = flag(args, "--identity", os.environ.get("SHOAL_IDENTITY", "./shoal-peer.key"))
+    try:
+        peer_id = peer_id_from_key(key)
+    except FileNotFoundError:
+        return False, f"no identity key at {key} yet: the peer has not started its join"
+    except Exception as exc:  # a key the peer itself would refuse: it says so in its log
+        return False, f"identity key {key}: {exc}"
+    http = coordinator_http(args)
+    if http is None:
+        return True, f"peer {peer_id}: port accepting (no coordinator address to ask)"
+    req = urllib.request.Request(f"http://{http}/api/status")
+    token_file = os.environ.get("SHOAL_HTTP_TOKEN_FILE", "").strip()
+    if token_file:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as exc:
+            return False, f"SHOAL_HTTP_TOKEN_FILE={token_file}: {exc}"
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            status = json.load(resp)
+    except (OSError, ValueError) as exc:
+        return True, (f"peer {peer_id}: port accepting; coordinator {http} not answering ({exc}), "
+                      f"so its view was not checked")
+    for p in status.get("peers", []) if isinstance(status, dict) else []:
+        if isinstance(p, dict) and p.get("peer_id") == peer_id:
+            state, step, stage = p.get("state"), p.get("step"), p.get("stage")
+            if not p.get("live") or state == "lost":
+                return False, f"peer {peer_id}: the coordinator lists it {state}, not live"
+            return True, f"peer {peer_id}: stage {stage}, {state}, step {step}"
+    return False, f"peer {peer_id}: not a member of the swarm at {http}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
-"""docker/: the image, the compose file and the entrypoint, checked without a Docker engine.
+"""docker/: the image, the compose files and the entrypoint, checked without a Docker engine.
 
-Nothing here builds an image or starts a container (no engine on the machines these tests run
-on). What can be checked is:
+Nothing here builds an image or starts a container: docker/smoke.sh does that for real (a CI
+step of its own, .ci/run). What is checked here, fast, is:
 - the compose file: `docker-compose config` (Debian's Compose v1, a validating offline parser)
   accepts it, and its content keeps the promises docker/README.md makes (PyYAML when present);
 - the Dockerfile: exec-form ENTRYPOINT under tini, a non-root USER, a HEALTHCHECK, COPY sources
@@ -32,6 +32,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import ClassVar
 
 import pytest
 
@@ -56,12 +57,13 @@ def _compose_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _compose_config(**env: str) -> str:
+def _compose_config(*overrides: str, **env: str) -> str:
     exe = shutil.which("docker-compose")
     if exe is None:
         pytest.skip("docker-compose not installed (Debian: apt-get install docker-compose); "
                     "the compose file was not validated")
-    out = subprocess.run([exe, "-f", str(COMPOSE), "config"], cwd=ROOT, env=_compose_env(**env),
+    files = [a for f in (str(COMPOSE), *(str(DOCKER / o) for o in overrides)) for a in ("-f", f)]
+    out = subprocess.run([exe, *files, "config"], cwd=ROOT, env=_compose_env(**env),
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, f"docker-compose config failed:\n{out.stdout}\n{out.stderr}"
     assert "ignored" not in out.stderr.lower(), f"docker-compose ignores something:\n{out.stderr}"
@@ -70,9 +72,25 @@ def _compose_config(**env: str) -> str:
 
 def test_compose_config_accepts_the_file() -> None:
     text = _compose_config()
-    for needle in ("coordinator:", "peer:", "coordinator:7000", "NET_ADMIN", "shoal_join_token",
-                   "/healthz", "stop_grace_period: 30s", "replicas: 4"):
+    for needle in ("coordinator:", "peer:", "coordinator:7000", "shoal_join_token",
+                   "/healthz", "stop_grace_period: 30s", "replicas: 4",
+                   "snapshots:/var/lib/shoal/snapshots", "exports:/var/lib/shoal/exports"):
         assert needle in text, needle
+    assert "NET_ADMIN" not in text and "user:" not in text, "no root, no NET_ADMIN without caps"
+
+
+def test_caps_override_adds_root_and_net_admin_to_peers_only() -> None:
+    text = _compose_config("compose.caps.yaml", SHOAL_EGRESS_MBIT="25")
+    assert text.count("NET_ADMIN") == 1 and "user: 0:0" in text
+    peer = text[text.index("\n  peer:"):]
+    assert "NET_ADMIN" in peer and "user: 0:0" in peer
+
+
+def test_gpu_override_reserves_a_gpu_and_asks_for_cuda() -> None:
+    text = _compose_config("compose.gpu.yaml")
+    peer = text[text.index("\n  peer:"):]
+    assert "driver: nvidia" in peer and "count: 1" in peer and "- gpu" in peer
+    assert "- --device\n    - cuda" in peer
 
 
 def test_compose_config_interpolates_the_variables() -> None:
@@ -80,7 +98,7 @@ def test_compose_config_interpolates_the_variables() -> None:
                            SHOAL_IMAGE="registry.example:5000/shoal:1", SHOAL_HTTP_PUBLISH="18080")
     assert "replicas: 7" in text
     assert "SHOAL_EGRESS_MBIT: '25'" in text
-    assert "127.0.0.1:7200" in text and "SHOAL_PEER_PORT: '7200'" in text
+    assert "SHOAL_PEER_PORT: '7200'" in text
     assert text.count("image: registry.example:5000/shoal:1") == 2
     assert "published: 18080" in text
 
@@ -115,7 +133,10 @@ def test_compose_keeps_its_promises(compose: dict) -> None:
     assert cmd[0] == "peer" and cmd[cmd.index("--coordinator") + 1] == "coordinator:7000"
     grace = float(cmd[cmd.index("--grace") + 1])
     assert _grace_s(peer["stop_grace_period"]) >= grace + 5, "SIGKILL must come after the drain"
-    assert peer["cap_add"] == ["NET_ADMIN"] and peer["user"] == "0:0"
+    assert "cap_add" not in peer and "user" not in peer, "uid 10001, no NET_ADMIN by default"
+    assert peer["healthcheck"]["test"] == ["CMD", "/usr/local/bin/shoal-healthcheck"]
+    assert {v.split(":")[0] for v in peer["volumes"]} == {"data", "snapshots", "exports"}
+    assert set(compose["volumes"]) == {"coordinator-state", "data", "snapshots", "exports"}
     assert str(peer["deploy"]["replicas"]).startswith("${SHOAL_PEERS")
     assert "ports" not in peer, "scaled peers cannot share published host ports"
     env = peer["environment"]
@@ -407,6 +428,24 @@ def test_daemon_keeps_the_entrypoint_pid_and_gets_sigterm(stubs: Path) -> None:
 # --------------------------------------------------------------------------- healthcheck
 
 
+class _Coordinator(http.server.BaseHTTPRequestHandler):
+    """/api/status with the peers in `doc` (a class attribute the test sets)."""
+
+    doc: ClassVar[dict] = {"peers": []}
+    auth: ClassVar[list[str | None]] = []
+
+    def do_GET(self) -> None:
+        type(self).auth.append(self.headers.get("Authorization"))
+        body = json.dumps(type(self).doc).encode() if self.path == "/api/status" else b"{}"
+        self.send_response(200 if self.path == "/api/status" else 404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
 @pytest.fixture(scope="module")
 def hc() -> ModuleType:
     spec = importlib.util.spec_from_file_location("shoal_docker_healthcheck", HEALTHCHECK)
@@ -477,8 +516,47 @@ def test_healthcheck_auto_finds_the_daemon(hc: ModuleType, http_port: int,
                                        f"--port={_closed_port()}"])
     ok, why = hc.probe_auto(2.0, proc=peer)
     assert not ok and "refused" in why.lower()
-    peer_listening = _fake_proc(tmp_path / "c", ["/usr/local/bin/shoal", "peer", "--port",
-                                                 str(http_port)])
-    assert hc.probe_auto(2.0, proc=peer_listening)[0]
     nothing = _fake_proc(tmp_path / "d", tini)
     assert hc.probe_auto(2.0, proc=nothing) == (False, "no shoal process in this container")
+
+
+def test_healthcheck_peer_asks_the_coordinator_for_its_state(
+        hc: ModuleType, http_port: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from protocols.identity import Identity
+
+    key = tmp_path / "peer.key"
+    me = Identity.generate()
+    me.save(key)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Coordinator)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    coord = f"127.0.0.1:{server.server_address[1]}"
+    token = tmp_path / "http.token"
+    token.write_text("s3cret\n")
+    monkeypatch.setenv("SHOAL_COORDINATOR_HTTP", coord)
+    monkeypatch.setenv("SHOAL_HTTP_TOKEN_FILE", str(token))
+    # the peer's gRPC port is the test's HTTP server: it accepts connections
+    proc = _fake_proc(tmp_path / "p", ["/usr/local/bin/shoal", "peer", "--coordinator",
+                                       "coordinator:7000", "--port", str(http_port),
+                                       "--identity", str(key)])
+    row = {"peer_id": me.peer_id, "stage": 1, "state": "training", "live": True, "step": 12}
+    try:
+        _Coordinator.doc = {"peers": [{"peer_id": "0" * 16, "live": True}, row]}
+        ok, why = hc.probe_auto(2.0, proc=proc)
+        assert ok and f"peer {me.peer_id}: stage 1, training, step 12" == why
+        assert _Coordinator.auth[-1] == "Bearer s3cret"
+        _Coordinator.doc = {"peers": [dict(row, live=False, state="lost")]}
+        ok, why = hc.probe_auto(2.0, proc=proc)
+        assert not ok and "lost, not live" in why
+        _Coordinator.doc = {"peers": []}
+        ok, why = hc.probe_auto(2.0, proc=proc)
+        assert not ok and "not a member" in why
+    finally:
+        server.shutdown()
+        server.server_close()
+    # the coordinator gone: the peer is not blamed for it (Swarm would replace every peer)
+    ok, why = hc.probe_auto(2.0, proc=proc)
+    assert ok and "not answering" in why
+    # no key yet: the peer has not started its join
+    key.unlink()
+    ok, why = hc.probe_auto(2.0, proc=proc)
+    assert not ok and "no identity key" in why
