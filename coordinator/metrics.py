@@ -167,7 +167,7 @@ def _labelled(family: type[GaugeMetricFamily] | type[CounterMetricFamily], name:
 def metrics_registry(svc: CoordinatorService) -> CollectorRegistry:
     """A registry of its own for one coordinator app: the swarm, the process, the platform
     and the garbage collector (the default collectors' names, on this registry only)."""
-    registry = CollectorRegistry(auto_describe=True)
+    registry = CollectorRegistry()
     registry.register(SwarmCollector(svc))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)

@@ -213,7 +213,7 @@ class PeerMetrics:
     `note_step` and `start`/`stop` are called on the daemon's event loop."""
 
     def __init__(self, source: MetricsSource) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry = CollectorRegistry()
         self.registry.register(PeerCollector(source))
         self.step_seconds = Histogram(
             "shoal_peer_step_seconds",
