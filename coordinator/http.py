@@ -5,6 +5,7 @@ Routes:
   `/static/...` its files.
 - `/api/status` the whole swarm as one JSON document. Its keys are a contract with the dashboard
   and `shoal status`; add keys, never rename them. JSON has no NaN: unknown numbers are null.
+  `join` says how a peer joins (address, fingerprint, the token file's path, never the token).
 - `/api/events` server-sent events: the same document about once a second (`event: status`),
   sooner (within a quarter second) when the membership changed.
 - `/healthz` a tiny liveness document (ok, epoch, live peers) for probes and scripts.
@@ -45,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from coordinator.metrics import exposition, metrics_registry
+from protocols.tls import is_loopback
 
 if TYPE_CHECKING:
     from coordinator.service import CoordinatorService
@@ -88,6 +90,7 @@ def build_status(svc: CoordinatorService, now: float) -> dict[str, Any]:
             "microbatches_done": s.microbatches_done, "lease_expires": x.lease_expires,
             "last_seen": x.last_seen, "joined_at": x.joined_at, "device": x.benchmark.device,
             "benchmark_samples_per_s": x.benchmark.samples_per_s,
+            "memory_bytes": x.benchmark.memory_bytes or None,
             "bytes_by_kind": dict(s.bytes_by_kind)})
     stages = [{"stage": s.stage, "replicas": list(s.replicas), "throughput": _num(s.throughput),
                "grad_norm": _num(s.grad_norm), "step": s.step, "rebuild": s.rebuild,
@@ -113,6 +116,7 @@ def build_status(svc: CoordinatorService, now: float) -> dict[str, Any]:
                    "dropped_microbatches": m.dropped_total, "step": step},
         "bytes_per_step_by_mode": bytes_per_step_by_mode(svc, step),
         "banned": [{"peer_id": b.peer_id, "t": b.t, "reason": b.reason} for b in m.bans()],
+        "join": join_info(svc),
     }
 
 
@@ -130,6 +134,24 @@ def bytes_per_step_by_mode(svc: CoordinatorService, step: int) -> dict[str, floa
     if svc.spec.sync.mode not in out and m.bytes_sent_total:
         out[svc.spec.sync.mode] = m.bytes_sent_total / step
     return out
+
+
+def join_info(svc: CoordinatorService) -> dict[str, Any]:
+    """How a peer joins, for the dashboard's "waiting for peers": the coordinator's gRPC address,
+    its fingerprint, the join token's path on the coordinator's machine (never the token) and the
+    command a peer machine runs once it has a copy of that file (README, several machines)."""
+    addr = svc.grpc_address
+    fingerprint = svc.ca.fingerprint if svc.ca is not None else None
+    token_file = svc.join_token_file or None
+    cmd = ["shoal", "peer", "--coordinator", addr]
+    if token_file:
+        cmd += ["--token-file", Path(token_file).name]
+    elif fingerprint:  # an allow-list only: the peer's key is listed, it pins the fingerprint
+        cmd += ["--coordinator-fingerprint", fingerprint]
+    if addr and not svc.tls and not is_loopback(addr.rpartition(":")[0]):
+        cmd.append("--plaintext")  # the coordinator serves plaintext beyond this machine
+    return {"coordinator": addr or None, "fingerprint": fingerprint, "token_file": token_file,
+            "command": " ".join(cmd) if addr else None}
 
 
 def _spec_dict(spec: Any) -> dict[str, Any]:

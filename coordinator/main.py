@@ -317,6 +317,7 @@ async def serve(config: str | Path | RunSpec | None = None, port: int = 7000,
     handle = CoordinatorHandle(svc, host, bound, bound_http, state, token_path, server, runner,
                                journal)
     svc.grpc_address = handle.grpc_address
+    svc.join_token_file = str(token_path) if token_path is not None else ""
     handle.tasks.append(asyncio.create_task(_tick_loop(svc, clock), name="shoal-tick"))
     handle.tasks.append(asyncio.create_task(_watch_loop_lag(svc), name="shoal-loop-lag"))
     if mdns:

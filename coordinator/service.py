@@ -116,6 +116,7 @@ class CoordinatorService:
         self.journal: Journal | None = None
         self.ca: CoordinatorCA | None = None  # the swarm's TLS CA (set by coordinator.main)
         self.tls = False  # whether the gRPC port serves TLS (set by coordinator.main)
+        self.join_token_file = ""  # the join token's path, for the dashboard (set by main)
         self.last_rebalance = clock()
         self.rejected: dict[str, int] = {}  # INVALID_ARGUMENT / PERMISSION_DENIED by method
         self.heartbeat_seconds = _Histogram((0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05))

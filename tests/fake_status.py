@@ -37,6 +37,8 @@ from aiohttp import web
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "coordinator" / "static"
 DEVICES = ("cuda:0 (A10G)", "cuda:0 (T4)", "cpu (8 cores)", "mps (M2)", "cuda:0 (L4)")
+COORDINATOR = "198.18.0.10:7000"
+FINGERPRINT = "sha256:" + hashlib.sha256(b"fake coordinator").hexdigest()
 BYTES_PER_STEP_BY_MODE = {"allreduce": 41_943_040, "demo": 1_310_720, "diloco": 655_360, "spsa": 64}
 
 Status = dict[str, Any]
@@ -75,6 +77,7 @@ def make_peer(i: int, stage: int, now: float, state: str = "training", seed: int
         "lease_expires": now + rng.uniform(2, 10),
         "joined_at": joined,
         "device": rng.choice(DEVICES),
+        "memory_bytes": rng.choice((16, 32, 64)) << 30,
         "bytes_by_kind": {"activations": sent // 2, "grads": sent // 3, "sync": sent // 6},
     }
 
@@ -88,8 +91,12 @@ def make_status(
     seed: int = 0,
     now: float | None = None,
 ) -> Status:
-    """A whole /api/status document: `n_peers` spread over `n_stages` (stage 0 included)."""
+    """A whole /api/status document: `n_peers` spread over `n_stages` (stage 0 included).
+
+    With no peer and no emptied stage it is a fresh coordinator's: no peer has ever joined, no
+    history, no traffic, one "start" event."""
     now = time.time() if now is None else now
+    fresh = n_peers == 0 and not empty_stages
     rebuilt = rebuilt or {}
     live_stages = [s for s in range(n_stages) if s not in empty_stages] or [0]
     states = ("training",) * 8 + ("syncing", "joining", "draining", "rebuilt")
@@ -100,7 +107,7 @@ def make_status(
     for s in empty_stages:  # the replica that was there, now gone
         peers.append(make_peer(n_peers + s, s, now, "lost", seed))
     history = []
-    for k in range(120):
+    for k in range(0 if fresh else 120):
         t = now - (120 - k) * 5.0
         history.append({
             "t": t, "step": 1080 + k,
@@ -110,7 +117,7 @@ def make_status(
         })
     events = [{"t": p["joined_at"], "kind": "join", "peer_id": p["peer_id"], "stage": p["stage"],
                "detail": f"from {p['address']}"} for p in peers]
-    events += [
+    events += [] if not peers else [
         {"t": now - 400, "kind": "restart", "peer_id": "", "stage": -1,
          "detail": "coordinator restarted; 11 peers reconnected"},
         {"t": now - 200, "kind": "drain", "peer_id": peers[0]["peer_id"], "stage": 0,
@@ -123,6 +130,10 @@ def make_status(
                        "stage": s, "detail": "missed lease (10 s)"})
         events.append({"t": now - 29, "kind": "skip", "peer_id": None, "stage": s,
                        "detail": "no live replica: SkipPipe routes around it"})
+    if fresh:
+        events.append({"t": now - 5, "kind": "start", "peer_id": "", "stage": -1,
+                       "detail": f"swarm 9f2c41d07a3b: run 'bytes-llama-8L', {n_stages - 1} block "
+                                 f"stages, sync {sync_mode}"})
     for s, kind in rebuilt.items():
         events.append({"t": now - 60, "kind": "rebuild", "peer_id": None, "stage": s,
                        "detail": f"rebuilt by {kind} from neighbours"})
@@ -133,9 +144,12 @@ def make_status(
                                              "sync": {"mode": sync_mode}}},
         "epoch": 3, "now": now,
         "coordinator": {"started_at": now - 3725, "uptime_s": 3725.0,
-                        "grpc_address": "127.0.0.1:7000", "version": "0.1.0", "restarts": 1},
+                        "grpc_address": COORDINATOR, "version": "0.1.0", "restarts": 1},
         "stages": [], "peers": peers, "history": history, "events": events,
-        "totals": {}, "bytes_per_step_by_mode": dict(BYTES_PER_STEP_BY_MODE),
+        "totals": {}, "bytes_per_step_by_mode": {} if fresh else dict(BYTES_PER_STEP_BY_MODE),
+        "join": {"coordinator": COORDINATOR, "fingerprint": FINGERPRINT,
+                 "token_file": "/var/lib/shoal/join.token",
+                 "command": f"shoal peer --coordinator {COORDINATOR} --token-file join.token"},
     }
     for s in range(n_stages):
         status["stages"].append({"stage": s, "replicas": [], "throughput": None, "grad_norm": None,

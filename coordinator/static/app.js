@@ -8,18 +8,23 @@
 //
 // Hooks for tests (keep them stable): #banner (hidden unless the coordinator is lost),
 // body[data-conn] = connecting|live|polling|lost, #stage-map .stage[data-stage][data-state]
-// [data-rebuild], .tile[data-peer-id][data-state], #peer-rows tr[data-peer-id][data-stage]
-// [data-state], #timeline li[data-kind][data-peer-id], #bytes-by-mode li[data-mode], and
+// [data-rebuild][data-view], .tile[data-peer-id][data-state][data-link], #join (hidden while a
+// peer is live; data-emptiness = never|none-live), #join-command, #stage-map-wrap[data-overflow],
+// #peer-rows tr[data-peer-id][data-stage][data-state] (td.c-link, td.c-mem only when a peer
+// reports them), #timeline li[data-kind][data-peer-id], #bytes-by-mode li[data-mode], and
 // window.__shoal = {status, conn, renders, lastRenderMs}.
 //
-// Files: app.js (this: connection, drawing order), views.js (summary, stage map, timeline),
-// peers.js (peer table, detail drawer), charts.js (uPlot charts, bytes by sync mode), util.js.
+// Files: app.js (this: connection, drawing order), views.js (summary, stage map), timeline.js,
+// join.js (waiting for peers), scroll.js (sideways scrolling that shows), peers.js (peer table,
+// detail drawer), charts.js (uPlot charts, bytes by sync mode), util.js.
 // Plain ES modules, no build step; the only library is uPlot, vendored in vendor/uplot.
 
 import { Charts, renderBytesByMode } from "./charts.js";
+import { renderJoin } from "./join.js";
 import { renderPeerDetail, renderPeerTable, setupPeerTable } from "./peers.js";
 import { fmtClock, fmtDuration, Rates, setData, setText, unknown } from "./util.js";
-import { renderStageMap, renderSummary, renderTimeline } from "./views.js";
+import { renderTimeline } from "./timeline.js";
+import { renderStageMap, renderSummary } from "./views.js";
 
 const POLL_MS = 2000; // polling period while events are not flowing
 const SSE_QUIET_MS = 3500; // events come about every second: this long without one means trouble
@@ -58,6 +63,7 @@ function draw(status, fresh = true) {
   const t0 = performance.now();
   if (fresh) rates.update(status.peers ?? [], status.now);
   renderSummary(status, rates);
+  renderJoin(status);
   renderStageMap(status, rates, select, selected);
   renderPeerTable(status, rates, selected);
   renderPeerDetail(status, rates, selected);

@@ -22,8 +22,38 @@ import { STATES } from "./views.js";
 const $ = (id) => document.getElementById(id);
 const STATE_RANK = Object.fromEntries(STATES.map((s, i) => [s, i]));
 
+/** Device memory as "in use / total" (either may be missing); null when neither is reported. */
+function fmtDeviceMemory(p) {
+  const used = p.device_memory_bytes;
+  const total = p.device_memory_total_bytes;
+  if (unknown(used) && unknown(total)) return null;
+  if (unknown(total)) return fmtBytes(used);
+  return `${unknown(used) ? "–" : fmtBytes(used)} / ${fmtBytes(total)}`;
+}
+
+// Columns shown only once some peer reports the field (nothing, not a row of dashes, before):
+// `link` ("direct" or "relayed": how the swarm reaches the peer) and device memory.
+const OPTIONAL = [
+  {
+    key: "link",
+    label: "Link",
+    has: (p) => !unknown(p.link),
+    sort: (p) => p.link,
+    text: (p) => p.link ?? "–",
+  },
+  {
+    key: "mem",
+    label: "Device mem",
+    num: true,
+    has: (p) => fmtDeviceMemory(p) !== null,
+    sort: (p) => p.device_memory_bytes,
+    text: (p) => fmtDeviceMemory(p) ?? "–",
+  },
+];
+
 // Each column: header, sort value, cell text. `num` columns are right-aligned.
-function columns(rates, now) {
+function columns(rates, now, peers) {
+  const optional = OPTIONAL.filter((c) => peers.some(c.has));
   const lease = (p) => {
     const t = toSeconds(p.lease_expires);
     return t === null || departed(p) ? null : t - now;
@@ -90,6 +120,7 @@ function columns(rates, now) {
     },
     { key: "step", label: "Step", num: true, sort: (p) => p.step, text: (p) => p.step ?? "–" },
     { key: "device", label: "Device", sort: (p) => p.device, text: (p) => p.device ?? "–" },
+    ...optional,
     {
       key: "lease",
       label: "Lease",
@@ -170,7 +201,8 @@ function rerender() {
 export function renderPeerTable(s, rates, selected) {
   lastArgs = [s, rates, selected];
   const now = toSeconds(s.now) ?? Date.now() / 1000;
-  const cols = columns(rates, now);
+  const cols = columns(rates, now, s.peers ?? []);
+  const colsKey = cols.map((c) => c.key).join(",");
   const head = $("peer-head");
   reconcile(
     head,
@@ -221,7 +253,8 @@ export function renderPeerTable(s, rates, selected) {
   reconcile(
     $("peer-rows"),
     items,
-    (it) => ("group" in it ? `g:${it.group}` : `p:${it.p.peer_id}`),
+    // a row is rebuilt when the set of columns changes (an optional one appears or goes)
+    (it) => ("group" in it ? `g:${it.group}:${colsKey}` : `p:${it.p.peer_id}:${colsKey}`),
     (it) => {
       const tr = el("tr");
       if ("group" in it) {
@@ -251,6 +284,7 @@ export function renderPeerTable(s, rates, selected) {
       setData(tr, "peerId", p.peer_id);
       setData(tr, "stage", stageOf(p.stage));
       setData(tr, "state", p.state);
+      setData(tr, "link", p.link);
       tr.classList.toggle("departed", departed(p));
       tr.classList.toggle("selected", p.peer_id === selected);
       cols.forEach((c, i) => {
@@ -282,6 +316,9 @@ export function renderPeerDetail(s, rates, selected) {
         ["stage", stageOf(p.stage) ?? "–"],
         ["address", p.address ?? "–"],
         ["device", p.device ?? "–"],
+        ...(fmtDeviceMemory(p) === null ? [] : [["device memory", fmtDeviceMemory(p)]]),
+        ...(unknown(p.memory_bytes) ? [] : [["host memory", fmtBytes(p.memory_bytes)]]),
+        ...(unknown(p.link) ? [] : [["link", p.link]]),
         [
           "joined",
           unknown(p.joined_at)

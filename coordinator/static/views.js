@@ -2,11 +2,12 @@
 // /api/status document and updates its part of the page in place (keyed by peer id / stage / event)
 // so that a second-by-second refresh neither flickers nor loses hover and scroll.
 
+import { swarmEmptiness } from "./join.js";
+import { watchSideScroll } from "./scroll.js";
 import {
   departed,
   el,
   fmtBytes,
-  fmtClock,
   fmtDateTime,
   fmtDuration,
   fmtInt,
@@ -31,6 +32,18 @@ const REBUILD_LABEL = {
   copy: "bypassed · to copy",
 };
 const COMPACT_ABOVE = 12; // tiles per stage beyond which tiles become small squares
+// What a stage column shows (data-view): the coordinator's state, except "waiting" while no peer
+// has ever joined (nothing is wrong yet) and "rebuilding" while a pending rebuild has holders
+// that are not ready yet (a bypassed stage never says "ok").
+const VIEW_BADGE = { empty: "EMPTY", waiting: "waiting", rebuilding: "rebuilding" };
+const VIEW_NOTE = {
+  empty: "no live replica: SkipPipe routes around this stage until it is rebuilt",
+  degraded: "one replica or fewer training: a failure here empties the stage",
+  rebuilding: "paths bypass this stage until a holder has rebuilt it",
+  waiting: "",
+};
+const ARROWS = { left: "←", right: "→", both: "← →" };
+let mapScroll = null;
 
 const $ = (id) => document.getElementById(id);
 
@@ -171,6 +184,7 @@ function tileTitle(p, rates) {
     `${p.peer_id}  (${p.state})`,
     `stage ${stageOf(p.stage) ?? "–"} · ${p.device ?? "device ?"}`,
     `${fmtNum(p.samples_per_s)} samples/s · queue ${p.queue ?? "–"}`,
+    unknown(p.link) ? null : `link: ${p.link}`,
     `↑ ${fmtRate(r.up)}  ↓ ${fmtRate(r.down)}`,
     unknown(p.loss) ? null : `loss ${Number(p.loss).toFixed(3)}`,
   ]
@@ -178,9 +192,23 @@ function tileTitle(p, rates) {
     .join("\n");
 }
 
+function stageView(state, info, live, waiting) {
+  if (waiting) return "waiting";
+  if (!unknown(info.rebuild)) return live.length ? "rebuilding" : "empty";
+  return state;
+}
+
 export function renderStageMap(s, rates, onSelect, selected = null) {
   const cols = stageColumns(s);
   const map = $("stage-map");
+  const waiting = swarmEmptiness(s) === "never";
+  map.classList.toggle("waiting", waiting);
+  mapScroll ??= watchSideScroll(
+    $("stage-map-wrap"),
+    map,
+    $("stage-map-scroll"),
+    (side) => `${map.children.length} stages: scroll sideways ${ARROWS[side]} for the rest`,
+  );
   const compact = Math.max(0, ...cols.map((c) => c.peers.length)) > COMPACT_ABOVE;
   map.classList.toggle("compact", compact);
   map.style.setProperty("--stage-count", String(Math.max(1, cols.length)));
@@ -217,10 +245,12 @@ export function renderStageMap(s, rates, onSelect, selected = null) {
       setData(col, "stage", c.n);
       setData(col, "state", state);
       setData(col, "rebuild", info.rebuild);
+      const view = stageView(state, info, live, waiting);
+      setData(col, "view", view);
       const [name, badge, rebuild] = col.firstChild.children;
       setText(name, `Stage ${c.n}`);
-      setText(badge, state === "empty" ? "EMPTY" : state);
-      setData(badge, "state", state);
+      setText(badge, VIEW_BADGE[view] ?? view);
+      setData(badge, "state", view);
       setText(
         rebuild,
         unknown(info.rebuild) ? "" : (REBUILD_LABEL[info.rebuild] ?? `to rebuild · ${info.rebuild}`),
@@ -252,6 +282,7 @@ export function renderStageMap(s, rates, onSelect, selected = null) {
         (t, p) => {
           setData(t, "peerId", p.peer_id);
           setData(t, "state", p.state);
+          setData(t, "link", p.link);
           t.classList.toggle("departed", departed(p));
           t.classList.toggle("selected", p.peer_id === selected);
           setText(t.firstChild, shortId(p.peer_id));
@@ -261,16 +292,12 @@ export function renderStageMap(s, rates, onSelect, selected = null) {
           t.setAttribute("aria-label", `peer ${p.peer_id}, ${p.state}`);
         },
       );
-      const note =
-        state === "empty"
-          ? "no live replica: SkipPipe routes around this stage until it is rebuilt"
-          : state === "degraded"
-            ? "one replica or fewer training: a failure here empties the stage"
-            : "";
+      const note = VIEW_NOTE[view] ?? "";
       setText(col.children[4], note);
       col.children[4].hidden = !note;
     },
   );
+  mapScroll();
   renderLegend(countStates(s.peers ?? []));
 }
 
@@ -287,92 +314,5 @@ function renderLegend(counts) {
       return item;
     },
     (item, k) => setText(item.lastChild, `${k} ${counts[k] ?? 0}`),
-  );
-}
-
-// ---------------------------------------------------------------------------------------------
-// Timeline
-
-const KIND_TEXT = {
-  join: "joined",
-  rejoin: "re-joined",
-  leave: "left",
-  expire: "lease expired",
-  drain: "draining",
-  move: "moved",
-  rebuild: "stage rebuilt",
-  restart: "coordinator restarted",
-  skip: "stage bypassed (no live replica)",
-  state: "state",
-  start: "run started",
-};
-// Kinds hidden until the user asks: "state" (every joining -> training step) drowns the rest.
-const timelineFilter = new Set(["state"]);
-
-export function renderTimeline(s, onSelect) {
-  const events = (s.events ?? []).slice(-500);
-  const counts = {};
-  for (const e of events) counts[e.kind] = (counts[e.kind] ?? 0) + 1;
-  const kinds = Object.keys(counts).sort();
-  reconcile(
-    $("timeline-kinds"),
-    kinds,
-    (k) => k,
-    (k) => {
-      const b = el("button", "kind-chip");
-      b.type = "button";
-      setData(b, "kind", k);
-      b.addEventListener("click", () => {
-        if (timelineFilter.has(k)) timelineFilter.delete(k);
-        else timelineFilter.add(k);
-        renderTimeline(window.__shoal.status, onSelect);
-      });
-      return b;
-    },
-    (b, k) => {
-      setText(b, `${k} ${counts[k]}`);
-      b.setAttribute("aria-pressed", String(!timelineFilter.has(k)));
-    },
-  );
-  const shown = events
-    .map((e, i) => ({ e, key: `${e.t}|${e.kind}|${e.peer_id ?? ""}|${e.stage ?? ""}|${i}` }))
-    .filter(({ e }) => !timelineFilter.has(e.kind))
-    .reverse()
-    .slice(0, 300);
-  setText($("timeline-empty"), shown.length ? "" : "no events yet");
-  reconcile(
-    $("timeline"),
-    shown,
-    (x) => x.key,
-    () => {
-      const li = el("li", "event");
-      li.append(el("time", "ev-time"), el("span", "ev-kind"), el("span", "ev-text"));
-      li.addEventListener("click", () => li.dataset.peerId && onSelect(li.dataset.peerId));
-      return li;
-    },
-    (li, { e }) => {
-      setData(li, "kind", e.kind);
-      setData(li, "peerId", e.peer_id);
-      setData(li, "stage", stageOf(e.stage));
-      setText(li.children[0], fmtClock(e.t));
-      const when = fmtDateTime(e.t);
-      if (li.children[0].title !== when) li.children[0].title = when;
-      setText(li.children[1], e.kind);
-      const who = [
-        unknown(e.peer_id) ? null : `peer ${shortId(e.peer_id)}`,
-        stageOf(e.stage) === null ? null : `stage ${stageOf(e.stage)}`,
-      ]
-        .filter(Boolean)
-        .join(" · ");
-      const detail = unknown(e.detail)
-        ? ""
-        : typeof e.detail === "string"
-          ? e.detail
-          : JSON.stringify(e.detail);
-      setText(
-        li.children[2],
-        [KIND_TEXT[e.kind] ?? e.kind, who, detail].filter(Boolean).join(" — "),
-      );
-    },
   );
 }

@@ -19,7 +19,7 @@ from protocols.runspec import RunSpec
 from tests.sim_peer import CoordinatorProcess, SimSwarm
 
 STATUS_KEYS = {"run", "epoch", "now", "coordinator", "stages", "peers", "history", "events",
-               "totals", "bytes_per_step_by_mode", "banned"}
+               "totals", "bytes_per_step_by_mode", "banned", "join"}
 RUN_KEYS = {"name", "swarm_id", "sync_mode", "stages", "spec"}
 COORDINATOR_KEYS = {"started_at", "uptime_s", "grpc_address", "version", "restarts"}
 STAGE_KEYS = {"stage", "replicas", "throughput", "grad_norm", "step", "rebuild", "state",

@@ -1,7 +1,8 @@
 """The dashboard page in a real headless Chromium (Debian's, driven by Playwright's sync API).
 
-By default each test starts the fake status server (tests/fake_status.py) and changes the swarm
-through it. Set SHOAL_DASHBOARD_URL=http://HOST:PORT to point the read-only checks at a live
+The fixtures `browser` and `page` are in tests/coordinator/conftest.py. By default each test
+starts the fake status server (tests/fake_status.py) and changes the swarm through it. Set
+SHOAL_DASHBOARD_URL=http://HOST:PORT to point the read-only checks at a live
 coordinator instead; the tests that must change the swarm (join, loss, outage) then skip.
 
 Screenshots land in test-artifacts/dashboard/ (gitignored). Needs `apt-get install chromium` and
@@ -24,10 +25,7 @@ from tests.fake_status import FakeStatusServer, join_peer, leave_peer, lose_peer
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "dashboard"
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
-         "--no-first-run", "--disable-component-update", "--disable-sync"]
 MS = 1000
 
 
@@ -36,25 +34,6 @@ class LiveDashboard:
 
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/")
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """One Chromium for the module, with a fresh profile directory."""
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("playwright is not installed: `pip install playwright` (and never run "
-                    "`playwright install`: these tests use Debian's /usr/bin/chromium)")
-    if not CHROMIUM.exists():
-        pytest.skip("/usr/bin/chromium is missing: `apt-get install -y chromium`")
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as pw:
-        context = pw.chromium.launch_persistent_context(
-            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=str(CHROMIUM),
-            headless=True, args=FLAGS, viewport={"width": 1440, "height": 900})
-        yield context
-        context.close()
 
 
 @pytest.fixture
@@ -76,25 +55,6 @@ def fake(dashboard: FakeStatusServer | LiveDashboard) -> FakeStatusServer:
         pytest.skip("needs a swarm it can change (the fake status server); "
                     "SHOAL_DASHBOARD_URL points at a live coordinator")
     return dashboard
-
-
-@pytest.fixture
-def page(browser: Any) -> Iterator[Any]:
-    """A new tab; fails the test if the page throws, logs an error, or gets an HTTP error.
-
-    Failed loads are judged by their responses, not the console: connection failures are expected
-    while a test takes the server away, and api/events may be refused (the page then polls).
-    """
-    tab = browser.new_page()
-    errors: list[str] = []
-    tab.on("pageerror", lambda exc: errors.append(f"page error: {exc}"))
-    tab.on("console", lambda msg: errors.append(f"console: {msg.text}")
-           if msg.type == "error" and not msg.text.startswith("Failed to load resource") else None)
-    tab.on("response", lambda resp: errors.append(f"HTTP {resp.status} for {resp.url}")
-           if resp.status >= 400 and not resp.url.endswith("/api/events") else None)
-    yield tab
-    tab.close()
-    assert not errors, errors
 
 
 def open_dashboard(page: Any, url: str) -> dict:
