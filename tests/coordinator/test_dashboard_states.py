@@ -159,7 +159,8 @@ def test_fake_fresh_swarm_waits_without_red(page: Any) -> None:
         page.wait_for_selector('#join[data-emptiness="never"]', state="visible", timeout=5 * MS)
         assert fake.status["join"]["coordinator"] in page.inner_text("#join")
         no_red_empty(page)
-        shot(page, "empty-narrow.png")
+        page.locator("#stage-map-panel").screenshot(path=str(base.ARTIFACTS / "empty-map.png"))
+        shot(page, "empty-narrow.png")  # after: a full-page screenshot hides scrollbars
 
 
 @pytest.mark.parametrize("width", [1440, 1100, 820])
@@ -250,7 +251,11 @@ def test_stage_map_scrolls_visibly_at_820_px(page: Any) -> None:
         last = '#stage-map .stage[data-stage="4"]'
         frame = boxes(page, "#stage-map")[0]
         assert boxes(page, last)[0]["right"] > frame["right"], "the last stage should start hidden"
-        shot(page, "narrow.png")
+        # Viewport pictures: a full-page screenshot hides scrollbars (Playwright), and the
+        # scrollbar is what these show.
+        page.evaluate("window.scrollTo(0, 0)")
+        shot(page, "narrow.png", full_page=False)
+        page.locator("#stage-map-panel").screenshot(path=str(base.ARTIFACTS / "narrow-map.png"))
 
         page.locator(last).scroll_into_view_if_needed()
         page.wait_for_function(f"""(() => {{
@@ -265,7 +270,9 @@ def test_stage_map_scrolls_visibly_at_820_px(page: Any) -> None:
         page.wait_for_function("getComputedStyle(document.getElementById('stage-map-wrap'),"
                                " '::before').opacity === '1'", timeout=5 * MS)
         assert "←" in page.inner_text("#stage-map-scroll")
-        shot(page, "narrow-scrolled.png")
+        shot(page, "narrow-scrolled.png", full_page=False)
+        page.locator("#stage-map-panel").screenshot(
+            path=str(base.ARTIFACTS / "narrow-map-scrolled.png"))
 
         # Keyboard: the map takes focus and arrow keys scroll it back.
         page.focus("#stage-map")
