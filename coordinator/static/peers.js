@@ -17,6 +17,7 @@ import {
   toSeconds,
   unknown,
 } from "./util.js";
+import { watchSideScroll } from "./scroll.js";
 import { STATES } from "./views.js";
 
 const $ = (id) => document.getElementById(id);
@@ -134,6 +135,8 @@ function columns(rates, now, peers) {
 /** Table state the user controls; survives every refresh. */
 const view = { sortKey: "stage", sortDir: 1, group: true, filter: "", state: "" };
 let lastArgs = null;
+let tableScroll = () => {};
+const ARROWS = { left: "←", right: "→", both: "← →" };
 
 function compare(col, dir) {
   return (a, b) => {
@@ -162,6 +165,12 @@ function matches(p) {
 }
 
 export function setupPeerTable(onSelect) {
+  tableScroll = watchSideScroll(
+    $("peer-table-frame"),
+    $("peer-table-wrap"),
+    $("peer-table-scroll"),
+    (side) => `wider than the screen: scroll the table sideways ${ARROWS[side]} for all columns`,
+  );
   $("peer-filter").addEventListener("input", (ev) => {
     view.filter = ev.target.value.trim();
     rerender();
@@ -295,6 +304,7 @@ export function renderPeerTable(s, rates, selected) {
       if (tr.firstChild.title !== p.peer_id) tr.firstChild.title = p.peer_id;
     },
   );
+  tableScroll();
 }
 
 // ---------------------------------------------------------------------------------------------

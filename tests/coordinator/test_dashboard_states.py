@@ -6,7 +6,7 @@
 - The bytes-per-step panel's empty note and caption do not overlap; the "bypassed" badge stays
   inside its stage column, and a bypassed stage never says "ok".
 - At 820 px the stage map scrolls sideways, visibly (scrollbar, fade, hint line), and its last
-  stage can be scrolled into view.
+  stage can be scrolled into view; so does the peer table, to its last column.
 - The peer table shows a peer's link (direct / relayed) and device memory when the status has
   them, and no such column when it does not.
 
@@ -279,6 +279,28 @@ def test_stage_map_scrolls_visibly_at_820_px(page: Any) -> None:
         for _ in range(12):  # 190 px to go, 40 px or so a press
             page.keyboard.press("ArrowLeft")
         page.wait_for_selector('#stage-map-wrap[data-overflow="right"]', timeout=5 * MS)
+
+
+def test_peer_table_scrolls_visibly_at_820_px(page: Any) -> None:
+    page.set_viewport_size({"width": 820, "height": 1000})
+    with FakeStatusServer(make_status(n_peers=8, n_stages=3)) as fake:
+        open_dashboard(page, fake.url)
+        page.wait_for_selector('#peer-table-frame[data-overflow="right"]', timeout=5 * MS)
+        hint = page.locator("#peer-table-scroll")
+        assert hint.is_visible() and "scroll the table sideways" in hint.inner_text()
+        wrap = page.evaluate("""(() => { const w = document.getElementById('peer-table-wrap');
+            return [w.scrollWidth, w.clientWidth, w.offsetHeight - w.clientHeight]; })()""")
+        assert wrap[0] > wrap[1] and wrap[2] >= 6, wrap
+        lease = '#peer-head th[data-sort="lease"]'
+        frame = boxes(page, "#peer-table-wrap")[0]
+        assert boxes(page, lease)[0]["right"] > frame["right"], "Lease should start hidden"
+        page.evaluate("(() => { const w = document.getElementById('peer-table-wrap');"
+                      " w.scrollLeft = w.scrollWidth; })()")
+        page.wait_for_selector('#peer-table-frame[data-overflow="left"]', timeout=5 * MS)
+        assert inside(boxes(page, lease)[0], boxes(page, "#peer-table-wrap")[0], slack=1.0)
+        page.locator("#peer-table-frame").scroll_into_view_if_needed()
+        page.locator("#peer-table-frame").screenshot(
+            path=str(base.ARTIFACTS / "narrow-peers-scrolled.png"))
 
 
 def test_peer_link_and_device_memory_show_only_when_reported(page: Any) -> None:
