@@ -16,7 +16,8 @@ import pytest
 
 from protocols.runspec import RunSpec
 from shoal.swarm import Swarm
-from tests.coordinator.test_dashboard import MS, browser, open_dashboard, page, sel, shot  # noqa: F401
+from tests.coordinator.conftest import browser, page  # noqa: F401
+from tests.coordinator.test_dashboard import MS, open_dashboard, sel, shot
 from tests.swarm.local_swarm import TINY, step_of, wait_for, wait_replicas_agree
 
 pytestmark = pytest.mark.browser
