@@ -71,9 +71,17 @@ def served_step(url: str) -> int:
 
 
 def shot(page: Any, name: str, full_page: bool = True) -> None:
-    if full_page:  # a scrolled window would draw the sticky top bar mid-page
-        page.evaluate("window.scrollTo(0, 0)")
-    page.screenshot(path=str(ARTIFACTS / name), full_page=full_page)
+    """A screenshot in test-artifacts/dashboard/. A full-page one is taken without the window's
+    scrollbar (the capture hides it but keeps its width: the right edge would be cut off)."""
+    if not full_page:
+        page.screenshot(path=str(ARTIFACTS / name))
+        return
+    page.evaluate("window.scrollTo(0, 0)")  # a scrolled window draws the sticky top bar mid-page
+    page.evaluate("document.documentElement.style.overflowY = 'hidden'")
+    try:
+        page.screenshot(path=str(ARTIFACTS / name), full_page=True)
+    finally:
+        page.evaluate("document.documentElement.style.overflowY = ''")
 
 
 def sel(kind: str, peer_id: str) -> str:
