@@ -127,6 +127,9 @@ def test_compose_keeps_its_promises(compose: dict) -> None:
         assert svc["networks"] == ["shoal"]
         assert svc["deploy"]["restart_policy"]["condition"] in ("any", "on-failure")
     assert "/healthz" in " ".join(coord["healthcheck"]["test"])
+    # no IPVS needed on Swarm (docker/smoke.sh runs on a kernel without it): DNS, host ports
+    assert coord["deploy"]["endpoint_mode"] == peer["deploy"]["endpoint_mode"] == "dnsrr"
+    assert [p["mode"] for p in coord["ports"]] == ["host", "host"]
     assert "--no-mdns" in coord["command"]
 
     cmd = peer["command"]
