@@ -226,11 +226,13 @@ def test_entrypoint_parses() -> None:
     assert os.access(ENTRYPOINT, os.X_OK), "docker/entrypoint.sh must be executable"
 
 
-def test_entrypoint_shellcheck() -> None:
+@pytest.mark.parametrize("script", ["entrypoint.sh", "smoke.sh", "local-base.sh"])
+def test_scripts_pass_shellcheck(script: str) -> None:
     exe = shutil.which("shellcheck")
     if exe is None:
         pytest.skip("shellcheck not installed (Debian: apt-get install shellcheck)")
-    out = subprocess.run([exe, str(ENTRYPOINT)], capture_output=True, text=True)
+    subprocess.run(["bash", "-n", str(DOCKER / script)], check=True)
+    out = subprocess.run([exe, str(DOCKER / script)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout
 
 
