@@ -68,7 +68,7 @@ INFERENCE = "inference"  # the Forward meta "mode" of an inference call (no grap
 ROUND_LAG = 4
 #: a request for a finished round's aggregate (meta "replay": a laggard catching up) may name a
 #: round this far back: peer/sync/rounds.py's KEEP_ROUNDS
-REPLAY_LAG = 8
+REPLAY_LAG = 32
 #: an EndStep may name a step this far beyond the attested swarm step + 1 (the attestation
 #: trails a fast swarm by its heartbeats): the receiver then re-downloads its stage from its
 #: replicas instead of adopting the step (peer/services.py); beyond it, INVALID_ARGUMENT

@@ -168,8 +168,8 @@ class PeerDaemon:
                     None)
         return getattr(info, field) if info is not None else None
 
-    async def refresh_view(self) -> None:
-        self.view = await self.client.view()
+    async def refresh_view(self, retry_s: float = 30.0) -> None:
+        self.view = await self.client.view(retry_s=retry_s)
 
     # ------------------------------------------------------------------ start-up
 

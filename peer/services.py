@@ -35,6 +35,7 @@ from peer.pipeline import wire
 from peer.pipeline.stage_host import NotYours, PendingQuota, StageError
 from peer.recovery.rebuild import catch_up
 from peer.sync.base import SyncMode
+from peer.sync.deadline import MeasuredDeadline
 from peer.sync.registry import FORWARD_KINDS
 from peer.sync.rounds import SyncRounds
 from protocols import auth, codec, tensor_stream
@@ -123,6 +124,7 @@ class StageService(pbg.StageServicer):
         self.d = ctx
         self.policy = authz.Policy.of(ctx)
         self._ends: dict[int, _StepEnds] = {}
+        self._barrier = MeasuredDeadline()  # the wait for a step's EndSteps
         self._abstaining: set[asyncio.Task] = set()
 
     def _check_serving(self, header: pb.CallHeader) -> None:
@@ -314,10 +316,20 @@ class StageService(pbg.StageServicer):
         return {s for st, e in self._ends.items() if st > step for s in e.got}
 
     async def _finish(self, step: int, ends: _StepEnds) -> pb.StepDone:
+        """Wait for the step's EndSteps from every stage-0 replica it names (at most the
+        measured deadline: peer/sync/deadline.py), then sync and step."""
         d = self.d
-        deadline = time.monotonic() + d.spec.sync.timeout_s
-        while (not ends.expected - self._moved_on(step) <= ends.got
-               and time.monotonic() < deadline):
+        started = time.monotonic()
+        deadline = started + self._barrier.seconds(d.spec.sync.timeout_s)
+        while True:
+            if ends.expected - self._moved_on(step) <= ends.got:
+                self._barrier.complete(time.monotonic() - started)
+                break
+            if time.monotonic() >= deadline:
+                missing = sorted(p[:8] for p in ends.expected - ends.got)
+                log.warning("step %d: stepping without the EndStep of %s (waited %.1f s)",
+                            step, ",".join(missing), time.monotonic() - started)
+                break
             ends.arrived.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(ends.arrived.wait(), max(0.05, deadline - time.monotonic()))

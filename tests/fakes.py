@@ -103,7 +103,7 @@ class FakePeer:
     def note_compute(self, samples: int, seconds: float) -> None:
         self.computed += samples
 
-    async def refresh_view(self) -> None:
+    async def refresh_view(self, retry_s: float = 30.0) -> None:
         return None  # the view is whatever the test set
 
     async def sync_step(self, step: int, replicas: Iterable[str] | None = None) -> pb.StepDone:

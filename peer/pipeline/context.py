@@ -61,8 +61,9 @@ class DriverContext(Protocol):
         """Count `samples` computed here in `seconds` (the throughput heartbeats report)."""
         ...
 
-    async def refresh_view(self) -> None:
-        """Ask the coordinator for the current view and keep it; raises when it cannot."""
+    async def refresh_view(self, retry_s: float = 30.0) -> None:
+        """Ask the coordinator for the current view and keep it, retrying for up to `retry_s`
+        while it does not answer; raises when it cannot."""
         ...
 
     async def sync_step(self, step: int, replicas: list[str] | None = None) -> pb.StepDone:

@@ -59,6 +59,10 @@ from protocols.coordinator_client import READY_STATES
 log = logging.getLogger("shoal.driver")
 MAX_HOP_ATTEMPTS = 4
 START_GRACE_S = 10.0  # the first step waits at most this long for peers still starting
+#: a step asks the coordinator for the view for at most this long; after a failure the next
+#: ask is this much later (see `Driver._refresh`)
+VIEW_RETRY_S = 2.0
+VIEW_BACKOFF_S = 5.0
 
 
 class MicrobatchDropped(Exception):
@@ -93,6 +97,7 @@ class Driver:
         self.bypassed_hops = 0  # forward hops skipped because their stage had no usable replica
         self._visits: Counter[int] = Counter()  # block stage -> microbatches through it, this step
         self._start_wait: float | None = None  # when the first step began to wait for peers
+        self._view_retry_at = 0.0  # no view asked for before this (the coordinator was away)
 
     def stop(self) -> None:
         self._stop = True
@@ -134,11 +139,19 @@ class Driver:
                 await asyncio.sleep(1.0)
 
     async def _refresh(self) -> None:
+        """A fresh view for the step, when the coordinator answers at once. While it does not
+        (restarting, partitioned away) the driver steps on its last view and asks again only
+        VIEW_BACKOFF_S later: the heartbeats bring the view back once it answers, and no step
+        waits for it."""
         d = self.d
-        try:
-            await d.refresh_view()
-        except Exception as exc:
-            log.warning("swarm view refresh failed (%s); using the last one", exc)
+        now = time.monotonic()
+        if now >= self._view_retry_at:
+            try:
+                await d.refresh_view(retry_s=VIEW_RETRY_S)
+            except Exception as exc:
+                self._view_retry_at = now + VIEW_BACKOFF_S
+                log.warning("swarm view refresh failed (%s); stepping on the last one, asking "
+                            "again in %.0f s", exc, VIEW_BACKOFF_S)
         for s in range(1, d.spec.pipeline.stages + 1):
             seeds = {}
             for p in d.view.replicas(s):

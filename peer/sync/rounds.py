@@ -29,9 +29,9 @@ Design (leader-collects, everyone-applies-the-same-bytes):
 
 Invariant: every replica that completes round `step` applies byte-identical aggregate arrays, so
 replicas stay bit-identical. A dead or frozen replica delays a round by at most `timeout`, and
-once a few rounds have been measured by much less: the aggregator closes a round ROUND_SPREAD
-times the median time its last part took to come in recent complete rounds after its own part
-(at least ROUND_FLOOR_S, at most `timeout`). A replica left out that way replays the round.
+once a few rounds have been measured by much less: the aggregator closes a round a few times
+the median time its last part took to come in recent complete rounds (peer/sync/deadline.py).
+A replica left out that way replays the round.
 
 Catch-up by replay: every replica keeps the aggregates of its last KEEP_ROUNDS rounds (at most
 KEEP_BYTES of them), each with the state hash it had after applying it (`keep`). A replica that
@@ -52,10 +52,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from statistics import median
 from typing import Protocol
 
 import grpc
@@ -63,6 +61,7 @@ import numpy as np
 
 from peer.consistency import leader_order, winning_hash
 from peer.pipeline import wire
+from peer.sync.deadline import MeasuredDeadline
 from protocols import shoal_pb2 as pb
 
 log = logging.getLogger("shoal.sync")
@@ -78,12 +77,8 @@ REPLAY: Meta = {"replay": "1"}
 #: how many finished rounds a replica keeps for the replicas that missed them, and the most
 #: bytes of aggregates it keeps (a dense allreduce aggregate is the size of the stage's
 #: gradients; the newest round is always kept)
-KEEP_ROUNDS = 8
+KEEP_ROUNDS = 32
 KEEP_BYTES = 256 << 20
-#: the round deadline, from measured rounds (see the module docstring)
-ROUND_SPREAD = 4.0
-ROUND_FLOOR_S = 2.0
-MEASURED_ROUNDS = 16
 
 
 class SyncFailed(RuntimeError):
@@ -147,15 +142,12 @@ class SyncRounds:
         self.agreed: dict[int, list[str]] = {}
         # step -> (aggregate, meta with `state_hash_after`): the rounds a laggard may replay
         self._kept: dict[int, tuple[Arrays, Meta]] = {}
-        # seconds from the aggregator's own part to the last expected one, in complete rounds
-        self._spreads: deque[float] = deque(maxlen=MEASURED_ROUNDS)
+        # from the aggregator's own part to the last expected one, in complete rounds
+        self.deadline = MeasuredDeadline()
 
     def round_deadline_s(self) -> float:
-        """How long the aggregator waits for the parts of a round (see the module docstring):
-        `timeout` until 3 complete rounds were measured."""
-        if len(self._spreads) < 3:
-            return self.timeout
-        return min(self.timeout, max(ROUND_FLOOR_S, ROUND_SPREAD * median(self._spreads)))
+        """How long the aggregator waits for the parts of a round now."""
+        return self.deadline.seconds(self.timeout)
 
     def _candidates(self, step: int) -> list[str]:
         agreed = self.agreed.get(step)
@@ -184,6 +176,15 @@ class SyncRounds:
             raise ValueError("a sync part must come from another replica of the stage")
         if header.meta.get("replay") == "1":
             return self._kept_round(header.step)
+        if header.step not in self._rounds and header.step <= self.step_now():
+            # a part for a round this replica closed and forgot (its sender was frozen, or
+            # slow): the same aggregate the others applied, never a new round that no one
+            # else will join (the sender would wait out its call for nothing)
+            kept = self._kept.get(header.step)
+            if kept is None:
+                raise ValueError(f"round {header.step} is over here (after step "
+                                 f"{self.step_now()}) and no longer kept")
+            return kept
         rnd = self._round(header.step)
         if rnd.result is None:
             rnd.parts[caller] = (dict(header.meta), arrays)
@@ -201,7 +202,7 @@ class SyncRounds:
         while True:
             expected = set(self._candidates(step)) - skip - self.departed() - self._past(step)
             if expected <= set(rnd.parts):
-                self._spreads.append(time.monotonic() - started)
+                self.deadline.complete(time.monotonic() - started)
                 break
             if time.monotonic() >= deadline:
                 break

@@ -151,3 +151,21 @@ def test_a_mode_without_round_replay_downloads() -> None:
     ctx = SimpleNamespace(host=s.hosts["c"], state_hash="")
     got = asyncio.run(replay_rounds(ctx, NoReplay(), s.rounds["c"]))
     assert got.rounds == 0 and "does not replay" in got.download
+
+
+def test_a_late_part_for_a_forgotten_round_gets_the_kept_aggregate_at_once() -> None:
+    """A replica frozen mid-round sends its part when it thaws: the aggregator, steps further
+    and without that round in its live rounds, answers with the aggregate it kept instead of
+    opening a round no one will close (the sender used to wait out its call)."""
+    s = Swarm(**{"sync.mode": "allreduce"})
+    for _ in range(6):
+        s.step(("a", "b"))
+    r = s.rounds["a"]
+    h = pb.CallHeader(kind="sync", step=2, stage=1, sender="c")
+    h.meta.update({"samples": "0"})
+    arrays, meta = asyncio.run(asyncio.wait_for(r.serve(h, {}, "c"), 5))
+    kept_arrays, kept_meta = r._kept[2]
+    assert meta == kept_meta and sorted(arrays) == sorted(kept_arrays)
+    h.step = 0  # before anything kept: refused at once, with the reason
+    with pytest.raises(ValueError, match="round 0 is over"):
+        asyncio.run(asyncio.wait_for(r.serve(h, {}, "c"), 5))

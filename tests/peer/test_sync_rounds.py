@@ -117,7 +117,7 @@ def test_parts_are_keyed_by_the_signing_caller_not_the_message() -> None:
 def test_the_round_deadline_follows_the_measured_rounds() -> None:
     """Until three complete rounds were measured the aggregator waits the whole timeout; after
     quick ones, a round that a replica never joins closes at the floor, and is not measured."""
-    from peer.sync import rounds as rounds_module
+    from peer.sync import deadline
 
     async def scenario() -> None:
         a = rounds("a", timeout=60.0)
@@ -128,11 +128,27 @@ def test_the_round_deadline_follows_the_measured_rounds() -> None:
             await asyncio.sleep(0)  # b's part is in before a's own
             await a.run(step, ({}, {}))
             await served
-        assert a.round_deadline_s() == rounds_module.ROUND_FLOOR_S
+        assert a.round_deadline_s() == deadline.FLOOR_S
         a.agreed[4] = ["a", "b"]
         # the bound only turns a wait of the whole 60 s timeout into a failure
         _, meta = await asyncio.wait_for(a.run(4, ({}, {})), 30)
         assert meta["included"] == "a"
-        assert a.round_deadline_s() == rounds_module.ROUND_FLOOR_S  # the lone round: unmeasured
+        assert a.round_deadline_s() == deadline.FLOOR_S  # the lone round: unmeasured
 
     asyncio.run(scenario())
+
+
+def test_the_measured_deadline_is_a_few_medians_between_a_floor_and_the_timeout() -> None:
+    from peer.sync.deadline import FLOOR_S, SPREAD, MeasuredDeadline
+
+    d = MeasuredDeadline()
+    d.complete(1.0)
+    d.complete(1.0)
+    assert d.seconds(30.0) == 30.0  # fewer than three measured: the configured timeout
+    d.complete(5.0)
+    assert d.seconds(30.0) == SPREAD * 1.0  # the median, not the mean: one slow wait is noise
+    assert d.seconds(3.0) == 3.0  # never past the timeout
+    quick = MeasuredDeadline()
+    for _ in range(3):
+        quick.complete(0.01)
+    assert quick.seconds(30.0) == FLOOR_S
