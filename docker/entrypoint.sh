@@ -8,8 +8,9 @@
 # In order, and every step ends in `exec`, so the process that finally runs is tini's direct
 # child and gets `docker stop`'s SIGTERM itself (tini forwards it; no shell sits in between):
 #
-# 1. Bandwidth caps, when asked for (needs root and CAP_NET_ADMIN: compose `user: "0:0"` and
-#    `cap_add: [NET_ADMIN]`):
+# 1. Bandwidth caps, when asked for (needs root and CAP_NET_ADMIN: docker/compose.caps.yaml
+#    gives the peers `user: "0:0"` and `cap_add: [NET_ADMIN]`; without it they start as uid
+#    10001 and a cap asked for stops the container, exit 3, with a message saying so):
 #      SHOAL_EGRESS_MBIT=25   tbf on the container's interface:
 #                             tc qdisc replace dev eth0 root tbf rate 25mbit burst B latency 50ms
 #      SHOAL_INGRESS_MBIT=50  the same tbf on an ifb device that eth0's ingress is redirected to
@@ -68,7 +69,7 @@ tbf_burst() {
 run_tc() {
   if ! "$@"; then
     die 3 "'$*' failed. Bandwidth caps need the container to start as root with NET_ADMIN" \
-      "(compose: user: \"0:0\" and cap_add: [NET_ADMIN]; the entrypoint drops to" \
+      "(add -f docker/compose.caps.yaml: user: \"0:0\", cap_add: [NET_ADMIN]; the entrypoint drops to" \
       "\$SHOAL_RUN_AS after applying them). Unset SHOAL_EGRESS_MBIT/SHOAL_INGRESS_MBIT to run" \
       "without caps."
   fi
@@ -79,6 +80,11 @@ apply_caps() {
   local latency=${SHOAL_TBF_LATENCY:-50ms}
   local egress=${SHOAL_EGRESS_MBIT:-} ingress=${SHOAL_INGRESS_MBIT:-}
   [[ -z $egress && -z $ingress ]] && return 0
+  if [[ $(id -u) != 0 ]]; then
+    die 3 "SHOAL_EGRESS_MBIT/SHOAL_INGRESS_MBIT are set but the container started as uid" \
+      "$(id -u): bandwidth caps need root and NET_ADMIN at start (add -f" \
+      "docker/compose.caps.yaml; the entrypoint drops both after applying the caps)"
+  fi
   command -v tc >/dev/null 2>&1 || die 3 "tc not found (Debian package iproute2)"
   if [[ -n $egress ]]; then
     valid_mbit "$egress" || die 3 "SHOAL_EGRESS_MBIT=$egress: write a positive number of Mbit/s"

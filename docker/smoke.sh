@@ -24,6 +24,7 @@
 #
 # The last line: `docker swarm: peers = N, steps = S, drained = D`.
 # Knobs: SHOAL_SMOKE_PEERS (3), SHOAL_SMOKE_STEPS (10), SHOAL_SMOKE_TIMEOUT (300 s per wait),
+# SHOAL_SMOKE_EGRESS_MBIT=N (deploy with compose.caps.yaml and check the tbf and the drop),
 # SHOAL_SMOKE_KEEP_LOGS=DIR (copy the service logs there), SHOAL_BASE_CACHE (local-base.sh).
 set -euo pipefail
 
@@ -281,12 +282,15 @@ heartbeat_s = 2.0
 lease_s = 15.0
 EOF
 
+CAPS=${SHOAL_SMOKE_EGRESS_MBIT:-}
+files=(-c "$REPO/docker/compose.yaml")
+[[ -n $CAPS ]] && files+=(-c "$REPO/docker/compose.caps.yaml")
 deploy() { # deploy PEERS [FINGERPRINT]
-  SHOAL_IMAGE=$IMAGE SHOAL_PEERS=$1 SHOAL_COORDINATOR_FINGERPRINT=${2:-} \
+  SHOAL_EGRESS_MBIT=$CAPS SHOAL_IMAGE=$IMAGE SHOAL_PEERS=$1 SHOAL_COORDINATOR_FINGERPRINT=${2:-} \
     SHOAL_TOKEN_FILE=$WORK/join.token SHOAL_RUN_SPEC=$WORK/run.toml \
     SHOAL_HTTP_PUBLISH=$HTTP_PUBLISH SHOAL_GRPC_PUBLISH=$GRPC_PUBLISH \
     SHOAL_PEER_CPUS=1 SHOAL_PEER_MEMORY=2G SHOAL_TORCH_THREADS=1 \
-    docker stack deploy --resolve-image never -c "$REPO/docker/compose.yaml" "$STACK" \
+    docker stack deploy --resolve-image never "${files[@]}" "$STACK" \
     >>"$WORK/deploy.log" 2>&1 || { cat "$WORK/deploy.log" >&2; fail "docker stack deploy"; }
 }
 
@@ -324,6 +328,18 @@ live_at_least() { (($(status | field 's["totals"]["live_peers"]') >= $1)); }
 step_at_least() { (($(status | field 's["totals"]["step"]') >= $1)); }
 wait_for "$PEERS live peers" live_at_least "$PEERS"
 wait_for "$STEPS training steps" step_at_least "$STEPS"
+if [[ -n $CAPS ]]; then # compose.caps.yaml: the cap is on eth0, the daemon has no capability
+  cid=$(docker ps -q --filter "label=com.docker.swarm.service.name=${STACK}_peer" | head -n 1)
+  qdisc=$(docker exec "$cid" tc qdisc show dev eth0)
+  [[ $qdisc == *"tbf"*"rate ${CAPS}Mbit"* ]] || fail "no ${CAPS} Mbit/s tbf on eth0: $qdisc"
+  # the daemon: the process named shoal (the console script), tini's child
+  daemon=$(docker exec "$cid" sh -c 'for p in /proc/[0-9]*; do
+    [ "$(cat "$p/comm" 2>/dev/null)" = shoal ] && grep -E "^(Uid|CapEff)" "$p/status"; done' |
+    tr -s '\t\n' '  ')
+  [[ $daemon == "Uid: 10001 10001 10001 10001 CapEff: 0000000000000000 " ]] ||
+    fail "the capped peer's daemon kept root or capabilities: $daemon"
+  say "egress cap: $(head -n 1 <<<"$qdisc"); daemon: $daemon"
+fi
 step_before=$(status | field 's["totals"]["step"]')
 say "step $step_before with $PEERS peers after $((SECONDS - t0)) s; scaling down to $((PEERS - 1))"
 

@@ -343,6 +343,13 @@ def test_failing_tc_stops_the_container_and_says_why(stubs: Path) -> None:
     assert calls == ["tc qdisc replace dev eth0 root tbf rate 25mbit burst 32768 latency 50ms"]
 
 
+def test_cap_without_root_stops_and_names_the_override(stubs: Path) -> None:
+    out, calls = _run(stubs, "peer", SHOAL_EGRESS_MBIT="25", STUB_UID="10001")
+    assert out.returncode == 3
+    assert "compose.caps.yaml" in out.stderr and "NET_ADMIN" in out.stderr
+    assert calls == []
+
+
 def test_root_applies_caps_then_drops_to_run_as_user(stubs: Path) -> None:
     nobody = subprocess.run(["id", "-u", "nobody"], capture_output=True, text=True)
     if nobody.returncode != 0:
