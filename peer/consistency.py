@@ -82,11 +82,27 @@ def vouched(view: SwarmView | None, stage: int, peer_id: str) -> bool:
 
 
 def live_replicas(view: SwarmView | None, stage: int) -> list[str]:
-    """The ready, unrevoked replicas of `stage`, in peer-id order."""
+    """The ready, unrevoked replicas of `stage`, in peer-id order (not one whose address a
+    later joiner took: see `superseded`)."""
     if view is None:
         return []
+    gone = superseded(view)
     return sorted(p.peer_id for p in view.replicas(stage)
-                  if p.state in READY_STATES and p.peer_id not in view.revoked)
+                  if p.state in READY_STATES and p.peer_id not in view.revoked
+                  and p.peer_id not in gone)
+
+
+def superseded(view: SwarmView | None) -> set[str]:
+    """Peers whose host:port a later joiner took (a respawn on the same machine): the old
+    process is gone even while its lease runs, and a call to its address reaches the new peer,
+    so it must neither lead a round nor be waited for."""
+    latest: dict[str, tuple[float, str]] = {}
+    for p in (view.peers if view is not None else ()):
+        if p.address:
+            key = (float(getattr(p, "joined_at", 0.0) or 0.0), p.peer_id)
+            latest[p.address] = max(latest.get(p.address, key), key)
+    return {p.peer_id for p in (view.peers if view is not None else ())
+            if p.address and latest[p.address][1] != p.peer_id}
 
 
 def address_of(view: SwarmView | None, peer_id: str) -> str:
@@ -98,11 +114,11 @@ def address_of(view: SwarmView | None, peer_id: str) -> str:
 
 
 def departed_peers(view: SwarmView | None) -> set[str]:
-    """Peers the view says are gone or going (not ready, not syncing; or revoked)."""
+    """Peers the view says are gone or going (not ready, not syncing; revoked; superseded)."""
     if view is None:
         return set()
     gone = {p.peer_id for p in view.peers if p.state not in (*READY_STATES, "syncing")}
-    return gone | set(view.revoked)
+    return gone | set(view.revoked) | superseded(view)
 
 
 def swarm_step(view: SwarmView | None) -> int:

@@ -32,11 +32,12 @@ from peer import authz
 from peer.consistency import READY_STATES
 from peer.context import PeerContext
 from peer.pipeline import wire
+from peer.pipeline.deadline import MeasuredDeadline
 from peer.pipeline.stage_host import NotYours, PendingQuota, StageError
 from peer.recovery.rebuild import catch_up
 from peer.sync.base import SyncMode
-from peer.sync.deadline import MeasuredDeadline
 from peer.sync.registry import FORWARD_KINDS
+from peer.sync.replay import replay_rounds
 from peer.sync.rounds import SyncRounds
 from protocols import auth, codec, tensor_stream
 from protocols import shoal_pb2 as pb
@@ -44,6 +45,9 @@ from protocols import shoal_pb2_grpc as pbg
 from protocols.tensor_stream import Assembler, MalformedStream
 
 log = logging.getLogger("shoal.services")
+#: an EndStep this many rounds ahead of the replica or fewer: the rounds are replayed before it
+#: is answered (see `StageService.EndStep`)
+REPLAY_INLINE = 8
 INFERENCE = authz.INFERENCE  # the Forward meta "mode" of an inference call (no graph kept)
 
 
@@ -265,6 +269,17 @@ class StageService(pbg.StageServicer):
                     await d.mode.replay(d, request.step - 1)
             except (RuntimeError, StageError, ValueError) as exc:
                 log.warning("stage %d: ledger replay failed: %s", host.stage, exc)
+        # round modes: a few rounds missed (a freeze, a download that landed behind) are
+        # replayed here, so that this replica takes part in this very round and is back in
+        # step with the swarm; further behind, it catches up in the background (fall_behind)
+        gap = request.step - 1 - host.step
+        if (0 < gap <= REPLAY_INLINE and not carried and d.mode is not None
+                and d.mode.replays_rounds and d.rounds is not None):
+            async with d.step_lock:
+                got = await replay_rounds(d, d.mode, d.rounds)
+            if got.rounds:
+                log.info("stage %d: replayed %d rounds for EndStep(%d), after step %d",
+                         host.stage, got.rounds, request.step, host.step)
         # a carried step never fast-forwards: every step's update must be applied; nor does a
         # step beyond the attested swarm step + 1 (peer/authz.py let it through only because
         # the attestation may lag): the replica re-downloads, from replicas, what is real
@@ -317,7 +332,7 @@ class StageService(pbg.StageServicer):
 
     async def _finish(self, step: int, ends: _StepEnds) -> pb.StepDone:
         """Wait for the step's EndSteps from every stage-0 replica it names (at most the
-        measured deadline: peer/sync/deadline.py), then sync and step."""
+        measured deadline: peer/pipeline/deadline.py), then sync and step."""
         d = self.d
         started = time.monotonic()
         deadline = started + self._barrier.seconds(d.spec.sync.timeout_s)
@@ -352,6 +367,10 @@ class SyncService(pbg.SyncServicer):
                 d.counter, f"sync:{d.spec.sync.mode}")
             if d.rounds is None:
                 raise NotServing("this peer holds no stage yet")
+            if d.state not in READY_STATES and header.meta.get("replay") != "1":
+                # re-downloading: it cannot aggregate a round it will not take part in (the
+                # caller tries the next replica); the rounds it kept it still serves
+                raise NotServing(f"peer {d.peer_id[:8]} is {d.state}: not aggregating rounds")
             # the part is keyed by the signing caller (the policy bound header.sender to it)
             result, meta = await d.rounds.serve(header, arrays, header.sender)
         except codec.CodecError as exc:

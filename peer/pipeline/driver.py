@@ -49,6 +49,7 @@ import torch
 from peer.pipeline import wire
 from peer.pipeline.context import DriverContext
 from peer.pipeline.data import inputs_targets, load_corpus, shard
+from peer.pipeline.deadline import MeasuredDeadline
 from peer.pipeline.paths import ReplicaTiming
 from peer.pipeline.planner import plan_iteration
 from peer.pipeline.router import NoReplicaAvailable, RoundRobinRouter, Router
@@ -98,6 +99,8 @@ class Driver:
         self._visits: Counter[int] = Counter()  # block stage -> microbatches through it, this step
         self._start_wait: float | None = None  # when the first step began to wait for peers
         self._view_retry_at = 0.0  # no view asked for before this (the coordinator was away)
+        self._answers = MeasuredDeadline()  # the wait for the block replicas' EndStep answers
+        self._late: set[asyncio.Future] = set()  # EndSteps answered after the step went on
 
     def stop(self) -> None:
         self._stop = True
@@ -377,7 +380,15 @@ class Driver:
                          ) -> dict[str, pb.StepDone | None]:
         """End `step`: EndStep (`request_for(peer, stage)`) to every replica in `replicas`, at
         the same time as this replica's own sync (`own`); returns each replica's answer (None
-        when it failed). `on_send` sees each request as it goes out (SPSA counts its bytes)."""
+        when it failed, or did not come in time). `on_send` sees each request as it goes out
+        (SPSA counts its bytes).
+
+        After its own sync, the driver waits for every answer for a measured deadline
+        (peer/pipeline/deadline.py: a few times the usual spread of the answers), then only
+        until each block stage has one replica that stepped (up to the call's timeout): a frozen
+        or cut-off replica must not hold every step of the swarm, and the next step must find a
+        replica of every stage at it. A late call goes on in the background; its replica
+        catches up by replaying the rounds it missed."""
         d = self.d
         timeout = d.spec.sync.timeout_s * 3 + 10
         stage_of = {pid: s for s, pids in replicas.items() for pid in pids}
@@ -393,11 +404,33 @@ class Driver:
                 log.warning("EndStep(%d) to %s failed: %s", step, pid[:8], exc)
                 return None
 
-        results = await asyncio.gather(own, *(end(p) for p in stage_of))
-        mine = results[0]
+        calls = {pid: asyncio.ensure_future(end(pid)) for pid in stage_of}
+        mine = await own
         if not mine.stepped:
             log.warning("stage 0 did not step at %d: %s", step, mine.detail)
-        return dict(zip(stage_of, results[1:], strict=True))
+        if calls:
+            started = time.monotonic()
+            _, late = await asyncio.wait(calls.values(),
+                                         timeout=self._answers.seconds(timeout))
+
+            def waiting() -> set[int]:  # stages without a replica that stepped yet
+                return {s for s, pids in replicas.items() if pids and not any(
+                    calls[p].done() and calls[p].result() is not None
+                    and calls[p].result().stepped for p in pids)}
+            while late and waiting() and time.monotonic() < started + timeout:
+                _, late = await asyncio.wait(late, timeout=started + timeout - time.monotonic(),
+                                             return_when=asyncio.FIRST_COMPLETED)
+            if late:
+                self._late |= late  # still running: keep a reference until they end
+                for task in late:
+                    task.add_done_callback(self._late.discard)
+                log.warning("step %d: going on without the EndStep answers of %s (waited %.1f "
+                            "s)", step, ",".join(sorted(p[:8] for p, t in calls.items()
+                                                        if t in late)),
+                            time.monotonic() - started)
+            else:
+                self._answers.complete(time.monotonic() - started)
+        return {pid: t.result() if t.done() else None for pid, t in calls.items()}
 
     async def _end_step(self, step: int, stage0: list[str], n_mb: int, samples: int) -> None:
         d = self.d

@@ -30,7 +30,7 @@ Design (leader-collects, everyone-applies-the-same-bytes):
 Invariant: every replica that completes round `step` applies byte-identical aggregate arrays, so
 replicas stay bit-identical. A dead or frozen replica delays a round by at most `timeout`, and
 once a few rounds have been measured by much less: the aggregator closes a round a few times
-the median time its last part took to come in recent complete rounds (peer/sync/deadline.py).
+the median time its last part took to come in recent complete rounds (peer/pipeline/deadline.py).
 A replica left out that way replays the round.
 
 Catch-up by replay: every replica keeps the aggregates of its last KEEP_ROUNDS rounds (at most
@@ -61,7 +61,7 @@ import numpy as np
 
 from peer.consistency import leader_order, winning_hash
 from peer.pipeline import wire
-from peer.sync.deadline import MeasuredDeadline
+from peer.pipeline.deadline import MeasuredDeadline
 from protocols import shoal_pb2 as pb
 
 log = logging.getLogger("shoal.sync")

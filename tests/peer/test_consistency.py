@@ -105,3 +105,28 @@ def test_fast_forward_only_when_no_other_holder_is_ahead_or_differs() -> None:
     assert not consistency.may_fast_forward(v, "a", 1, 5, "other")
     v.steps["b"] = 6
     assert not consistency.may_fast_forward(v, "a", 1, 5, "h")
+
+
+def test_a_peer_whose_address_a_later_joiner_took_is_no_live_replica() -> None:
+    # a killed replica's lease still runs when its host respawns a new peer on the same port:
+    # a call to that address reaches the new one, so the old one must not lead or be waited for
+    from dataclasses import replace
+
+    v = view({}, {1: ["old", "b"]})
+    new = replace(v.replicas(1)[0], peer_id="new", joined_at=50.0)
+    old = replace(v.replicas(1)[0], joined_at=10.0)
+    other = v.replicas(1)[1]
+
+    class Respawned(FakeView):
+        @property
+        def peers(self):
+            return [old, other, new]
+
+        def replicas(self, stage):
+            return [old, other, new] if stage == 1 else []
+
+    r = Respawned(stage_infos(3))
+    assert old.address == new.address != other.address
+    assert consistency.superseded(r) == {"old"}
+    assert consistency.live_replicas(r, 1) == ["b", "new"]
+    assert "old" in consistency.departed_peers(r)

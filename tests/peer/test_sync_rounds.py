@@ -117,7 +117,7 @@ def test_parts_are_keyed_by_the_signing_caller_not_the_message() -> None:
 def test_the_round_deadline_follows_the_measured_rounds() -> None:
     """Until three complete rounds were measured the aggregator waits the whole timeout; after
     quick ones, a round that a replica never joins closes at the floor, and is not measured."""
-    from peer.sync import deadline
+    from peer.pipeline import deadline
 
     async def scenario() -> None:
         a = rounds("a", timeout=60.0)
@@ -139,7 +139,7 @@ def test_the_round_deadline_follows_the_measured_rounds() -> None:
 
 
 def test_the_measured_deadline_is_a_few_medians_between_a_floor_and_the_timeout() -> None:
-    from peer.sync.deadline import FLOOR_S, SPREAD, MeasuredDeadline
+    from peer.pipeline.deadline import FLOOR_S, SPREAD, MeasuredDeadline
 
     d = MeasuredDeadline()
     d.complete(1.0)

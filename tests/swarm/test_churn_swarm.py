@@ -22,8 +22,10 @@ from tests.swarm.local_swarm import (
     wait_for,
 )
 
-CAUGHT_UP = re.compile(r"caught up by replaying (\d+) rounds, after step (\d+)")
-BEHIND = re.compile(r"behind \(EndStep\((\d+)\) while after step (\d+)\)")
+# the rounds replayed as an EndStep came in, or in the background after falling behind
+CAUGHT_UP = re.compile(r"(?:caught up by replaying|replayed) (\d+) rounds"
+                       r"(?: for EndStep\((\d+)\))?, after step (\d+)")
+FIRST_END = re.compile(r"EndStep\((\d+)\)")
 
 
 @pytest.mark.slow
@@ -46,14 +48,14 @@ def test_a_frozen_replica_catches_up_by_replay_without_a_download(swarm_factory)
     assert isinstance(match, re.Match)
     # the first EndStep after the thaw names the swarm's step: that is when it learnt it was
     # behind (the driver's metrics file, which step_of reads, can lag by a few steps)
-    behind = BEHIND.search(log.read_text(errors="replace"), seen)
-    assert behind, log.read_text(errors="replace")[seen:]
-    swarm_step, own_step = int(behind.group(1)), int(behind.group(2))
-    replayed, after = int(match.group(1)), int(match.group(2))
-    print(f"frozen after step {frozen_at}; thawed after step {own_step}, the swarm at step "
-          f"{swarm_step}: {match.group(0)}")
-    assert replayed >= swarm_step - 1 - own_step, match.group(0)
-    assert after <= swarm_step + 5, (match.group(0), swarm_step)  # training within 5 steps
+    first_end = FIRST_END.search(log.read_text(errors="replace"), seen)
+    assert first_end, log.read_text(errors="replace")[seen:]
+    swarm_step = int(first_end.group(1))
+    replayed, after = int(match.group(1)), int(match.group(3))
+    print(f"frozen after step {frozen_at}; thawed with the swarm at step {swarm_step}: "
+          f"{match.group(0)}")
+    assert replayed >= 2, match.group(0)  # several rounds closed without it
+    assert swarm_step - 1 <= after <= swarm_step + 5, (match.group(0), swarm_step)
     at = step_of(swarm)
     wait_for("5 more steps", lambda: step_of(swarm) >= at + 5, 120, swarm)
     since_thaw = log.read_text(errors="replace")[seen:]
