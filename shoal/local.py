@@ -162,7 +162,15 @@ def summarize(spec: RunSpec, peers: int, rows: list[dict], status: dict | None,
         "bytes_by_kind": _sum_kinds(peers_info),
         "dropped_microbatches": sum(p.get("dropped_microbatches") or 0 for p in peers_info),
         "stage_hashes": _stage_hashes(peers_info),
+        "stages_differ": stages_differ(_stage_hashes(peers_info)),
     }
+
+
+def stages_differ(hashes: dict[str, list[str]]) -> list[str]:
+    """The stages whose replicas did not end on one known state hash (an unknown hash counts
+    as a difference: it was never shown equal)."""
+    return sorted((s for s, h in hashes.items() if not h or not all(h) or len(set(h)) > 1),
+                  key=int)
 
 
 def _sum_kinds(peers: list[dict]) -> dict[str, int]:

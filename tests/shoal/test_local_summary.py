@@ -28,3 +28,11 @@ def test_settle_returns_once_every_stage_agrees_and_gives_up_after_its_bound() -
     assert settle(lambda: stuck, None, timeout_s=0.05, poll_s=0.01) == stuck
     # a coordinator that does not answer: the status the caller had
     assert settle(lambda: None, stuck, timeout_s=0.05, poll_s=0.01) == stuck
+
+
+def test_the_summary_names_the_stages_whose_replicas_differ() -> None:
+    from shoal.local import stages_differ
+
+    assert stages_differ({"0": ["a", "a"], "1": ["b"], "2": ["c", "d"], "3": ["e", ""]}) == [
+        "2", "3"]
+    assert stages_differ({"0": ["a"], "10": ["x", "y"], "9": ["z", "w"]}) == ["9", "10"]
