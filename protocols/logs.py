@@ -21,7 +21,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from datetime import UTC, datetime
 
 LOG_FORMATS = ("text", "json")
@@ -87,19 +87,22 @@ def logging_settings(args: argparse.Namespace,
         LogSettingError: SHOAL_LOG_FORMAT or SHOAL_LOG_LEVEL holds something unknown (a flag
             never does: argparse refused it already).
     """
-    fmt = getattr(args, "log_format", None)
-    if fmt is None:
-        fmt = environ.get(ENV_FORMAT, "").strip().lower() or DEFAULT_FORMAT
-        if fmt not in LOG_FORMATS:
-            raise LogSettingError(f"{ENV_FORMAT}={environ[ENV_FORMAT]!r} is not a log format: "
-                                  f"choose from {', '.join(LOG_FORMATS)}")
-    level = getattr(args, "log_level", None)
-    if level is None:
-        level = environ.get(ENV_LEVEL, "").strip().upper() or DEFAULT_LEVEL
-        if level not in LOG_LEVELS:
-            raise LogSettingError(f"{ENV_LEVEL}={environ[ENV_LEVEL]!r} is not a log level: "
-                                  f"choose from {', '.join(LOG_LEVELS)}")
+    fmt = getattr(args, "log_format", None) or _from_env(
+        environ, ENV_FORMAT, str.lower, LOG_FORMATS, DEFAULT_FORMAT, "log format")
+    level = getattr(args, "log_level", None) or _from_env(
+        environ, ENV_LEVEL, str.upper, LOG_LEVELS, DEFAULT_LEVEL, "log level")
     return fmt, level
+
+
+def _from_env(environ: Mapping[str, str], name: str, normal: Callable[[str], str],
+              allowed: Sequence[str], default: str, what: str) -> str:
+    """`environ[name]` normalized, `default` when unset or blank; LogSettingError when it is
+    not one of `allowed`."""
+    value = normal(environ.get(name, "").strip()) or default
+    if value not in allowed:
+        raise LogSettingError(f"{name}={environ[name]!r} is not a {what}: choose from "
+                              f"{', '.join(allowed)}")
+    return value
 
 
 def export_logging_settings(fmt: str, level: str,

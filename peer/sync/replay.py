@@ -44,7 +44,7 @@ async def replay_rounds(ctx: PeerContext, mode: SyncMode, rounds: SyncRounds) ->
     Event loop, with the step lock held; mutates the stage through the compute thread."""
     host = ctx.host
     assert host is not None
-    if not getattr(mode, "replays_rounds", False):
+    if not mode.replays_rounds:
         return Replayed(0, f"sync mode {mode.name} does not replay rounds")
     done = 0
     while done < MAX_REPLAY:
