@@ -83,7 +83,7 @@ class JoinRequest(_message.Message):
     def __init__(self, public_key: _Optional[bytes] = ..., token_proof: _Optional[bytes] = ..., timestamp: _Optional[float] = ..., benchmark: _Optional[_Union[Benchmark, _Mapping]] = ..., address: _Optional[str] = ..., stage_hint: _Optional[int] = ..., step_hint: _Optional[int] = ..., version: _Optional[str] = ..., tls_csr: _Optional[bytes] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("certificate", "coordinator_public_key", "run_spec_toml", "stage", "epoch", "lease_seconds", "heartbeat_interval", "view", "swarm_id", "tls_certificate", "tls_ca")
+    __slots__ = ("certificate", "coordinator_public_key", "run_spec_toml", "stage", "epoch", "lease_seconds", "heartbeat_interval", "view", "swarm_id", "tls_certificate", "tls_ca", "address")
     CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     RUN_SPEC_TOML_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,7 @@ class JoinReply(_message.Message):
     SWARM_ID_FIELD_NUMBER: _ClassVar[int]
     TLS_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     TLS_CA_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
     certificate: SignedCertificate
     coordinator_public_key: bytes
     run_spec_toml: str
@@ -106,7 +107,8 @@ class JoinReply(_message.Message):
     swarm_id: str
     tls_certificate: bytes
     tls_ca: bytes
-    def __init__(self, certificate: _Optional[_Union[SignedCertificate, _Mapping]] = ..., coordinator_public_key: _Optional[bytes] = ..., run_spec_toml: _Optional[str] = ..., stage: _Optional[int] = ..., epoch: _Optional[int] = ..., lease_seconds: _Optional[float] = ..., heartbeat_interval: _Optional[float] = ..., view: _Optional[_Union[SwarmView, _Mapping]] = ..., swarm_id: _Optional[str] = ..., tls_certificate: _Optional[bytes] = ..., tls_ca: _Optional[bytes] = ...) -> None: ...
+    address: str
+    def __init__(self, certificate: _Optional[_Union[SignedCertificate, _Mapping]] = ..., coordinator_public_key: _Optional[bytes] = ..., run_spec_toml: _Optional[str] = ..., stage: _Optional[int] = ..., epoch: _Optional[int] = ..., lease_seconds: _Optional[float] = ..., heartbeat_interval: _Optional[float] = ..., view: _Optional[_Union[SwarmView, _Mapping]] = ..., swarm_id: _Optional[str] = ..., tls_certificate: _Optional[bytes] = ..., tls_ca: _Optional[bytes] = ..., address: _Optional[str] = ...) -> None: ...
 
 class PeerStats(_message.Message):
     __slots__ = ("state", "samples_per_s", "queue", "bytes_sent", "bytes_received", "loss", "step", "tokens_per_s", "dropped_microbatches", "grad_norm", "state_hash", "bytes_by_kind", "microbatches_done")
@@ -146,28 +148,36 @@ class PeerStats(_message.Message):
     def __init__(self, state: _Optional[str] = ..., samples_per_s: _Optional[float] = ..., queue: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., loss: _Optional[float] = ..., step: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., dropped_microbatches: _Optional[int] = ..., grad_norm: _Optional[float] = ..., state_hash: _Optional[str] = ..., bytes_by_kind: _Optional[_Mapping[str, int]] = ..., microbatches_done: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("stats", "known_epoch")
+    __slots__ = ("stats", "known_epoch", "address", "relayed_by")
     STATS_FIELD_NUMBER: _ClassVar[int]
     KNOWN_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    RELAYED_BY_FIELD_NUMBER: _ClassVar[int]
     stats: PeerStats
     known_epoch: int
-    def __init__(self, stats: _Optional[_Union[PeerStats, _Mapping]] = ..., known_epoch: _Optional[int] = ...) -> None: ...
+    address: str
+    relayed_by: str
+    def __init__(self, stats: _Optional[_Union[PeerStats, _Mapping]] = ..., known_epoch: _Optional[int] = ..., address: _Optional[str] = ..., relayed_by: _Optional[str] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
-    __slots__ = ("epoch", "lease_expires", "renewed", "stage", "view", "action")
+    __slots__ = ("epoch", "lease_expires", "renewed", "stage", "view", "action", "reach", "relay")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRES_FIELD_NUMBER: _ClassVar[int]
     RENEWED_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     VIEW_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
+    REACH_FIELD_NUMBER: _ClassVar[int]
+    RELAY_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     lease_expires: float
     renewed: SignedCertificate
     stage: int
     view: SwarmView
     action: str
-    def __init__(self, epoch: _Optional[int] = ..., lease_expires: _Optional[float] = ..., renewed: _Optional[_Union[SignedCertificate, _Mapping]] = ..., stage: _Optional[int] = ..., view: _Optional[_Union[SwarmView, _Mapping]] = ..., action: _Optional[str] = ...) -> None: ...
+    reach: str
+    relay: str
+    def __init__(self, epoch: _Optional[int] = ..., lease_expires: _Optional[float] = ..., renewed: _Optional[_Union[SignedCertificate, _Mapping]] = ..., stage: _Optional[int] = ..., view: _Optional[_Union[SwarmView, _Mapping]] = ..., action: _Optional[str] = ..., reach: _Optional[str] = ..., relay: _Optional[str] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("reason",)
@@ -184,7 +194,7 @@ class SwarmViewRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PeerInfo(_message.Message):
-    __slots__ = ("peer_id", "public_key", "address", "stage", "state", "benchmark", "stats", "lease_expires", "joined_at")
+    __slots__ = ("peer_id", "public_key", "address", "stage", "state", "benchmark", "stats", "lease_expires", "joined_at", "reach", "relay")
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +204,8 @@ class PeerInfo(_message.Message):
     STATS_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRES_FIELD_NUMBER: _ClassVar[int]
     JOINED_AT_FIELD_NUMBER: _ClassVar[int]
+    REACH_FIELD_NUMBER: _ClassVar[int]
+    RELAY_FIELD_NUMBER: _ClassVar[int]
     peer_id: str
     public_key: bytes
     address: str
@@ -203,7 +215,9 @@ class PeerInfo(_message.Message):
     stats: PeerStats
     lease_expires: float
     joined_at: float
-    def __init__(self, peer_id: _Optional[str] = ..., public_key: _Optional[bytes] = ..., address: _Optional[str] = ..., stage: _Optional[int] = ..., state: _Optional[str] = ..., benchmark: _Optional[_Union[Benchmark, _Mapping]] = ..., stats: _Optional[_Union[PeerStats, _Mapping]] = ..., lease_expires: _Optional[float] = ..., joined_at: _Optional[float] = ...) -> None: ...
+    reach: str
+    relay: bool
+    def __init__(self, peer_id: _Optional[str] = ..., public_key: _Optional[bytes] = ..., address: _Optional[str] = ..., stage: _Optional[int] = ..., state: _Optional[str] = ..., benchmark: _Optional[_Union[Benchmark, _Mapping]] = ..., stats: _Optional[_Union[PeerStats, _Mapping]] = ..., lease_expires: _Optional[float] = ..., joined_at: _Optional[float] = ..., reach: _Optional[str] = ..., relay: _Optional[bool] = ...) -> None: ...
 
 class StageInfo(_message.Message):
     __slots__ = ("stage", "replicas", "throughput", "grad_norm", "step", "rebuild", "attested_hash", "attested_step")
@@ -393,3 +407,37 @@ class SpsaLedgerReply(_message.Message):
     next_step: int
     base_step: int
     def __init__(self, steps: _Optional[_Iterable[_Union[SpsaLedgerStep, _Mapping]]] = ..., next_step: _Optional[int] = ..., base_step: _Optional[int] = ...) -> None: ...
+
+class ReachPing(_message.Message):
+    __slots__ = ("nonce", "peer_id")
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    nonce: bytes
+    peer_id: str
+    def __init__(self, nonce: _Optional[bytes] = ..., peer_id: _Optional[str] = ...) -> None: ...
+
+class ReachPong(_message.Message):
+    __slots__ = ("nonce", "signature")
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    nonce: bytes
+    signature: bytes
+    def __init__(self, nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class RelayFrame(_message.Message):
+    __slots__ = ("conn", "data", "open", "close", "keepalive", "address", "error")
+    CONN_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_FIELD_NUMBER: _ClassVar[int]
+    KEEPALIVE_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    conn: int
+    data: bytes
+    open: bool
+    close: bool
+    keepalive: bool
+    address: str
+    error: str
+    def __init__(self, conn: _Optional[int] = ..., data: _Optional[bytes] = ..., open: _Optional[bool] = ..., close: _Optional[bool] = ..., keepalive: _Optional[bool] = ..., address: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
