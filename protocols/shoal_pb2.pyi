@@ -61,7 +61,7 @@ class Benchmark(_message.Message):
     def __init__(self, samples_per_s: _Optional[float] = ..., bandwidth_mbps: _Optional[float] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., declared: _Optional[bool] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("public_key", "token_proof", "timestamp", "benchmark", "address", "stage_hint", "step_hint", "version", "tls_csr")
+    __slots__ = ("public_key", "token_proof", "timestamp", "benchmark", "address", "stage_hint", "step_hint", "version", "tls_csr", "relay")
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     TOKEN_PROOF_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,7 @@ class JoinRequest(_message.Message):
     STEP_HINT_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TLS_CSR_FIELD_NUMBER: _ClassVar[int]
+    RELAY_FIELD_NUMBER: _ClassVar[int]
     public_key: bytes
     token_proof: bytes
     timestamp: float
@@ -80,7 +81,8 @@ class JoinRequest(_message.Message):
     step_hint: int
     version: str
     tls_csr: bytes
-    def __init__(self, public_key: _Optional[bytes] = ..., token_proof: _Optional[bytes] = ..., timestamp: _Optional[float] = ..., benchmark: _Optional[_Union[Benchmark, _Mapping]] = ..., address: _Optional[str] = ..., stage_hint: _Optional[int] = ..., step_hint: _Optional[int] = ..., version: _Optional[str] = ..., tls_csr: _Optional[bytes] = ...) -> None: ...
+    relay: bool
+    def __init__(self, public_key: _Optional[bytes] = ..., token_proof: _Optional[bytes] = ..., timestamp: _Optional[float] = ..., benchmark: _Optional[_Union[Benchmark, _Mapping]] = ..., address: _Optional[str] = ..., stage_hint: _Optional[int] = ..., step_hint: _Optional[int] = ..., version: _Optional[str] = ..., tls_csr: _Optional[bytes] = ..., relay: _Optional[bool] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("certificate", "coordinator_public_key", "run_spec_toml", "stage", "epoch", "lease_seconds", "heartbeat_interval", "view", "swarm_id", "tls_certificate", "tls_ca", "address")
