@@ -165,6 +165,12 @@ class CoordinatorClient:
         self.rejoins = 0
         self._join_args: tuple[Benchmark, str] | None = None
         self._last_step = 0
+        self.relay = False  # Join says this peer offers to relay (`shoal peer --relay`)
+        #: the address the coordinator registered at the last Join (JoinReply.address), or the
+        #: one announced since (`announce_address`)
+        self.registered_address = ""
+        self._announced: tuple[str, str] | None = None  # (address, relayed_by), see announce
+        self._announce_pending = False
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.CoordinatorStub | None = None
 
@@ -185,7 +191,7 @@ class CoordinatorClient:
             stage_hint=stage_hint, step_hint=step_hint, version=VERSION,
             token_proof=token_proof(self.token, key, now) if self.token else b"",
             tls_csr=tls_.csr_for_key(self.identity.peer_id, self.tls_key) if self.tls_key
-            else b"")
+            else b"", relay=self.relay)
         reply = await self._call("Join", request, retry_s, backoff_cap_s=5.0)
         self._check_tls_reply(reply)  # before anything else in the reply is trusted
         key_changed = bool(self.coordinator_public_key) and \
@@ -212,9 +218,12 @@ class CoordinatorClient:
         self.lease_expires = self.clock() + reply.lease_seconds
         self._join_args = (benchmark, address)
         self._last_step = step_hint
+        self.registered_address = reply.address or address
+        self._announce_pending = self._announced is not None  # a re-join: announce it again
         return JoinResult(reply.certificate, self.coordinator_public_key, reply.run_spec_toml,
                           self.spec, reply.stage, reply.epoch, reply.lease_seconds,
-                          reply.heartbeat_interval, reply.swarm_id, reply.view)
+                          reply.heartbeat_interval, reply.swarm_id, reply.view,
+                          address=self.registered_address)
 
     async def heartbeat(self, stats: PeerStats, *, retry_s: float | None = None
                         ) -> HeartbeatResult:
@@ -229,11 +238,19 @@ class CoordinatorClient:
             raise NotJoined("call join() before heartbeat()")
         self._last_step = stats.step
         request = pb.HeartbeatRequest(stats=stats.to_proto(), known_epoch=self.known_epoch)
+        announced = self._announced if self._announce_pending else None
+        if announced is not None:
+            request.address, request.relayed_by = announced
         try:
             reply = await self._call("Heartbeat", request,
                                      self.lease_s if retry_s is None else retry_s,
                                      backoff_cap_s=self.heartbeat_s)
         except CoordinatorRefused as exc:
+            if announced is not None and exc.code == grpc.StatusCode.INVALID_ARGUMENT:
+                log.warning("the coordinator refused the announced address %s: %s; keeping %s",
+                            announced[0], exc, self.registered_address)
+                self._announced, self._announce_pending = None, False
+                return await self.heartbeat(stats, retry_s=retry_s)
             if exc.code not in FORGOTTEN:
                 raise
             log.warning("coordinator refused our heartbeat (%s); re-joining with stage %d",
@@ -243,6 +260,9 @@ class CoordinatorClient:
             self.rejoins += 1
             return HeartbeatResult(joined.epoch, self.lease_expires, joined.stage, "rejoin",
                                    joined.view_proto)
+        if announced is not None and self._announced == announced:
+            self._announce_pending = False
+            self.registered_address = announced[0]
         if (self.tls_certificate and tls_.leaf_not_after(self.tls_certificate) - self.clock()
                 < 86400 and reply.action != "drain"):
             # the TLS leaf ends within a day: a re-join (same stage) issues a new one
@@ -258,7 +278,16 @@ class CoordinatorClient:
         view = reply.view if reply.HasField("view") else None
         if view is not None:
             self.known_epoch = view.epoch
-        return HeartbeatResult(reply.epoch, reply.lease_expires, reply.stage, reply.action, view)
+        return HeartbeatResult(reply.epoch, reply.lease_expires, reply.stage, reply.action, view,
+                               reach=reply.reach, relay=reply.relay)
+
+    def announce_address(self, address: str, relayed_by: str = "") -> None:
+        """Tell the coordinator, with the next heartbeats until one is answered, that this peer
+        is now reached at `address`: through the relay whose Relay service is `relayed_by`, or
+        directly again (`relayed_by` empty). Re-joins keep sending it. The coordinator checks the
+        address like Join's and dials it back (HeartbeatResult.reach tells the outcome)."""
+        self._announced = (address, relayed_by)
+        self._announce_pending = True
 
     async def connect(self, *, retry_s: float = 300.0) -> None:
         """Reach the coordinator now: its port is probed and, when it speaks TLS, its CA checked

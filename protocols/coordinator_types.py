@@ -116,12 +116,15 @@ class PeerInfo:
     stats: PeerStats
     lease_expires: float
     joined_at: float
+    #: "" (not checked yet) | "direct" | "relayed" | "unreachable": the coordinator's dial-back
+    reach: str = ""
+    relay: bool = False  # offers to relay for unreachable peers (`shoal peer --relay`)
 
     @classmethod
     def from_proto(cls, m: pb.PeerInfo) -> PeerInfo:
         return cls(m.peer_id, m.public_key, m.address, m.stage, m.state,
                    Benchmark.from_proto(m.benchmark), PeerStats.from_proto(m.stats),
-                   m.lease_expires, m.joined_at)
+                   m.lease_expires, m.joined_at, m.reach, m.relay)
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +188,9 @@ class JoinResult:
     swarm_id: str
     view_proto: pb.SwarmView
     _view: SwarmView | None = None
+    #: the address the coordinator registered for this peer (JoinReply.address: the given one,
+    #: its empty host filled with the host the coordinator saw the Join come from)
+    address: str = ""
 
     @property
     def view(self) -> SwarmView:
@@ -210,6 +216,10 @@ class HeartbeatResult:
     action: str
     view_proto: pb.SwarmView | None = None
     _view: SwarmView | None = None
+    #: this peer's reachability as the coordinator found it (PeerInfo.reach) and, when it is
+    #: "unreachable", the relay to attach to (host:port; "" when none is offered)
+    reach: str = ""
+    relay: str = ""
 
     @property
     def view(self) -> SwarmView | None:
