@@ -79,6 +79,9 @@ REPLAY: Meta = {"replay": "1"}
 #: gradients; the newest round is always kept)
 KEEP_ROUNDS = 32
 KEEP_BYTES = 256 << 20
+#: how long an aggregator missing parts waits for each missing replica to say whether it
+#: closed the round without it (`_closed_elsewhere`)
+PROBE_S = 1.0
 
 
 class SyncFailed(RuntimeError):
@@ -149,6 +152,11 @@ class SyncRounds:
         """How long the aggregator waits for the parts of a round now."""
         return self.deadline.seconds(self.timeout)
 
+    @property
+    def call_timeout_s(self) -> float:
+        """How long a member waits for the aggregator's answer before it fails over."""
+        return self.timeout * 2 + 10
+
     def _candidates(self, step: int) -> list[str]:
         agreed = self.agreed.get(step)
         if agreed:
@@ -175,6 +183,9 @@ class SyncRounds:
         if not caller or caller == self.me:
             raise ValueError("a sync part must come from another replica of the stage")
         if header.meta.get("replay") == "1":
+            if header.meta.get("probe") == "1":  # only whether this replica keeps the round
+                return {}, {"kept": "1" if header.step in self._kept else "0",
+                            "after_step": str(self.step_now())}
             return self._kept_round(header.step)
         if header.step not in self._rounds and header.step <= self.step_now():
             # a part for a round this replica closed and forgot (its sender was frozen, or
@@ -189,7 +200,12 @@ class SyncRounds:
         if rnd.result is None:
             rnd.parts[caller] = (dict(header.meta), arrays)
             rnd.arrived.set()
-        await asyncio.wait_for(rnd.done.wait(), self.timeout * 2 + 10)
+        try:
+            await asyncio.wait_for(rnd.done.wait(), self.call_timeout_s)
+        except (asyncio.CancelledError, TimeoutError):
+            if rnd.result is None:  # the caller gave up and fails over: its part is not in it
+                rnd.parts.pop(caller, None)
+            raise
         assert rnd.result is not None
         return rnd.result
 
@@ -209,6 +225,15 @@ class SyncRounds:
             rnd.arrived.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(rnd.arrived.wait(), min(0.5, deadline - time.monotonic()))
+        missing = (set(self._candidates(step)) - skip) - set(rnd.parts)
+        ask = missing - self.departed()
+        if time.monotonic() - started > self.call_timeout_s:  # this replica was frozen: the
+            ask |= set(rnd.parts) - {self.me}  # callers gave up on it and may have failed over
+        elsewhere = await self._closed_elsewhere(step, ask)
+        if elsewhere is not None:  # this replica was the one away: it applies what they did
+            result = rnd.result = elsewhere
+            rnd.done.set()
+            return result
         # an abstaining replica (re-downloading its stage) said so: not waited for, not averaged
         parts = {r: p for r, p in rnd.parts.items() if p[0].get("abstain") != "1"}
         arrays, meta = self.mode.aggregate(parts)
@@ -222,11 +247,41 @@ class SyncRounds:
                         ",".join(r[:8] for r in diverged))
         result = rnd.result = (arrays, meta)
         rnd.done.set()
-        missing = (set(self._candidates(step)) - skip) - set(rnd.parts)
         if missing:
             log.warning("stage %d step %d: averaged %d replicas; missing %s", self.stage, step,
                         len(parts), ",".join(sorted(m[:8] for m in missing)))
         return result
+
+    async def _closed_elsewhere(self, step: int, missing: set[str]
+                                ) -> tuple[Arrays, Meta] | None:
+        """Round `step`'s aggregate as the missing replicas applied it, when they closed the
+        round without this aggregator (it was frozen or cut off, they failed over to the next
+        candidate); None when none of them is past the round. Without this, an aggregator back
+        from a freeze closes the rounds it slept through alone, and the stage splits into two
+        histories that only a re-download mends, often the wrong way round (a tie of two
+        replicas goes to the senior one, the one that was away). The probe is tiny and bounded
+        by a short timeout, so a replica that is merely frozen costs the round little."""
+        if not missing:
+            return None
+        probe_s = min(self.timeout, PROBE_S)
+        probes = await asyncio.gather(*(self._send(r, step, ({**REPLAY, "probe": "1"}, {}),
+                                                   probe_s) for r in sorted(missing)),
+                                      return_exceptions=True)
+        for replica, answer in zip(sorted(missing), probes, strict=True):
+            if isinstance(answer, BaseException) or answer[1].get("kept") != "1":
+                continue
+            try:
+                arrays, meta = await self._send(replica, step, (dict(REPLAY), {}))
+            except (grpc.aio.AioRpcError, TimeoutError, ValueError, KeyError) as exc:
+                log.debug("stage %d: round %d not fetched from %s: %s", self.stage, step,
+                          replica[:8], _short(exc))
+                continue
+            if meta.get("not_kept") == "1":
+                continue
+            log.warning("stage %d step %d: %s closed this round without this replica; "
+                        "applying its aggregate", self.stage, step, replica[:8])
+            return arrays, {k: v for k, v in meta.items() if k != "state_hash_after"}
+        return None
 
     def _past(self, step: int) -> set[str]:
         """Replicas that already sent a part for a later round: they finished round `step`
@@ -318,7 +373,7 @@ class SyncRounds:
         reply, result = await wire.call_tensors(
             self.exchange_stub(cand), header, arrays, encoding=pb.RAW,
             limits=wire.limits_for(self.max_bytes), counter=self.counter, kind=self.kind,
-            timeout=timeout or self.timeout * 2 + 10,
+            timeout=timeout or self.call_timeout_s,
         )
         if reply.kind == "error":
             raise ValueError(reply.meta.get("error", "aggregator refused"))

@@ -169,3 +169,33 @@ def test_a_late_part_for_a_forgotten_round_gets_the_kept_aggregate_at_once() -> 
     h.step = 0  # before anything kept: refused at once, with the reason
     with pytest.raises(ValueError, match="round 0 is over"):
         asyncio.run(asyncio.wait_for(r.serve(h, {}, "c"), 5))
+
+
+def test_an_aggregator_back_from_a_freeze_applies_the_round_closed_without_it() -> None:
+    """a, the senior replica and so the aggregator, slept through round 2: b and c failed over
+    and closed it without a. Back, a must not close round 2 alone (two histories of one stage,
+    which a tie of two replicas would settle in favour of the one that was away): it asks the
+    replicas that did not come, takes their aggregate, and ends on their weights."""
+    s = Swarm(**{"sync.mode": "allreduce"})
+    s.step(("a", "b", "c"))
+    s.step(("b", "c"))
+    a = s.rounds["a"]
+    a.timeout = 0.5  # the round's wait for b and c, who will not come, is short here
+    a.agreed[2] = ["a", "b", "c"]
+    train_microbatch(s.hosts["a"], seed=7, step=2)
+    arrays, meta = s.modes["a"].contribution(s.hosts["a"])
+    result, result_meta = asyncio.run(a.run(2, (meta, arrays)))
+    assert "a" not in result_meta.get("included", "a").split(",")
+    s.modes["a"].apply(s.hosts["a"], result, result_meta)
+    assert s.hosts["a"].step == 2 and params_equal(s.hosts["a"], s.hosts["b"])
+
+
+def test_an_aggregator_missing_parts_closes_the_round_itself_when_no_one_is_past_it() -> None:
+    s = Swarm(**{"sync.mode": "allreduce"})
+    s.step(("a", "b", "c"))
+    a = s.rounds["a"]
+    a.timeout = 0.5
+    a.agreed[2] = ["a", "b", "c"]
+    arrays, meta = s.modes["a"].contribution(s.hosts["a"])
+    _, result_meta = asyncio.run(a.run(2, (meta, arrays)))  # b and c are slow, not past it
+    assert result_meta["included"] == "a"

@@ -17,6 +17,7 @@ import pytest
 
 from tests.swarm.local_swarm import (
     check_replicas_of_an_endless_run,
+    peers_by_stage,
     spec_with,
     step_of,
     wait_for,
@@ -26,15 +27,28 @@ from tests.swarm.local_swarm import (
 CAUGHT_UP = re.compile(r"(?:caught up by replaying|replayed) (\d+) rounds"
                        r"(?: for EndStep\((\d+)\))?, after step (\d+)")
 FIRST_END = re.compile(r"EndStep\((\d+)\)")
+JOINED = re.compile(r"joined \S+ as ([0-9a-f]{8}) at")
+
+
+def stage1_replica(swarm, role: str) -> int:
+    """The index in swarm.peers (1 or 2) of stage 1's round aggregator (its senior replica:
+    earliest joined_at, then peer id) or of its other replica."""
+    ids = {i: JOINED.search((swarm.logs / f"peer{i}.log").read_text(errors="replace"))
+           for i in (1, 2)}
+    members = {p["peer_id"][:8]: p for p in peers_by_stage(swarm).get(1, [])}
+    senior = min((1, 2), key=lambda i: (members[ids[i].group(1)]["joined_at"], ids[i].group(1)))
+    return senior if role == "aggregator" else 3 - senior
 
 
 @pytest.mark.slow
-def test_a_frozen_replica_catches_up_by_replay_without_a_download(swarm_factory) -> None:
+@pytest.mark.parametrize("role", ["member", "aggregator"])
+def test_a_frozen_replica_catches_up_by_replay_without_a_download(swarm_factory, role) -> None:
     # a lease longer than the freeze: the replica stays a member, it only misses rounds
     spec = spec_with(**{"sync.timeout_s": 2.0, "membership.lease_s": 120.0})
     swarm = swarm_factory(spec, [0, 1, 1, 2])
     wait_for("3 steps", lambda: step_of(swarm) >= 3, 120, swarm)
-    victim, log = swarm.peers[2], swarm.logs / "peer2.log"
+    i = stage1_replica(swarm, role)
+    victim, log = swarm.peers[i], swarm.logs / f"peer{i}.log"
     frozen_at = step_of(swarm)
     os.kill(victim.pid, signal.SIGSTOP)
     try:  # each of these rounds waits out the sync timeout for the frozen replica
