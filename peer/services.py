@@ -38,7 +38,7 @@ from peer.recovery.rebuild import catch_up
 from peer.sync.base import SyncMode
 from peer.sync.registry import FORWARD_KINDS
 from peer.sync.replay import replay_rounds
-from peer.sync.rounds import SyncRounds
+from peer.sync.rounds import ACK_KEY, SyncRounds
 from protocols import auth, codec, tensor_stream
 from protocols import shoal_pb2 as pb
 from protocols import shoal_pb2_grpc as pbg
@@ -371,6 +371,8 @@ class SyncService(pbg.SyncServicer):
                 # re-downloading: it cannot aggregate a round it will not take part in (the
                 # caller tries the next replica); the rounds it kept it still serves
                 raise NotServing(f"peer {d.peer_id[:8]} is {d.state}: not aggregating rounds")
+            if header.meta.get("replay") != "1":  # the member fails over without this ack
+                await context.send_initial_metadata(((ACK_KEY, "1"),))
             # the part is keyed by the signing caller (the policy bound header.sender to it)
             result, meta = await d.rounds.serve(header, arrays, header.sender)
         except codec.CodecError as exc:

@@ -79,6 +79,8 @@ REPLAY: Meta = {"replay": "1"}
 #: gradients; the newest round is always kept)
 KEEP_ROUNDS = 32
 KEEP_BYTES = 256 << 20
+#: the initial-metadata key an aggregator sends as soon as a round's part is in (see `_send`)
+ACK_KEY = "shoal-part-in"
 #: how long an aggregator missing parts waits for each missing replica to say whether it
 #: closed the round without it (`_closed_elsewhere`)
 PROBE_S = 1.0
@@ -147,6 +149,8 @@ class SyncRounds:
         self._kept: dict[int, tuple[Arrays, Meta]] = {}
         # from the aggregator's own part to the last expected one, in complete rounds
         self.deadline = MeasuredDeadline()
+        # from sending a part to the aggregator's acknowledgement of it
+        self.ack_deadline = MeasuredDeadline()
 
     def round_deadline_s(self) -> float:
         """How long the aggregator waits for the parts of a round now."""
@@ -366,18 +370,37 @@ class SyncRounds:
 
     async def _send(self, cand: str, step: int, own: tuple[Meta, Arrays],
                     timeout: float | None = None) -> tuple[Arrays, Meta]:
+        """One part to `cand` and its answer. A round's part (not a replay request) must be
+        acknowledged: the aggregator sends ACK_KEY as soon as the part is in, and a member that
+        hears nothing within the measured acknowledgement deadline fails over at once; a
+        partitioned aggregator used to hold every member for the whole call timeout."""
         meta, arrays = own
         header = pb.CallHeader(kind="sync", step=step, stage=self.stage, sender=self.me,
                                sent_at=time.time())
         header.meta.update(meta)
-        reply, result = await wire.call_tensors(
-            self.exchange_stub(cand), header, arrays, encoding=pb.RAW,
-            limits=wire.limits_for(self.max_bytes), counter=self.counter, kind=self.kind,
-            timeout=timeout or self.call_timeout_s,
-        )
+        chunks = wire.encode_chunks(header, arrays, pb.RAW)
+        call = self.exchange_stub(cand)(wire.send_iter(chunks, self.counter, self.kind),
+                                        timeout=timeout or self.call_timeout_s)
+        if meta.get("replay") != "1":
+            await self._acknowledged(call, cand)
+        reply, result = await wire.receive(call.__aiter__(), wire.limits_for(self.max_bytes),
+                                           self.counter, self.kind)
         if reply.kind == "error":
             raise ValueError(reply.meta.get("error", "aggregator refused"))
         return result, dict(reply.meta)
+
+
+    async def _acknowledged(self, call, cand: str) -> None:
+        sent = time.monotonic()
+        wait = self.ack_deadline.seconds(self.call_timeout_s)
+        try:
+            metadata = await asyncio.wait_for(call.initial_metadata(), wait)
+        except TimeoutError:
+            call.cancel()
+            raise TimeoutError(f"{cand[:8]} did not acknowledge the part within {wait:.1f} s"
+                               ) from None
+        if any(k == ACK_KEY for k, _ in (metadata or ())):
+            self.ack_deadline.complete(time.monotonic() - sent)
 
 
 def _diverged(hashes: Mapping[str, str], joined: Mapping[str, float] | None = None,

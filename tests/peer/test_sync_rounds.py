@@ -152,3 +152,56 @@ def test_the_measured_deadline_is_a_few_medians_between_a_floor_and_the_timeout(
     for _ in range(3):
         quick.complete(0.01)
     assert quick.seconds(30.0) == FLOOR_S
+
+
+def test_a_member_fails_over_from_an_aggregator_that_does_not_acknowledge_its_part() -> None:
+    """The aggregator b is cut off: its port accepts TCP but nothing answers (as when a partition
+    drops its packets). Member a's part is not acknowledged within the measured deadline, so a
+    fails over to the next candidate (itself) long before the call timeout (2 * 60 + 10 s)."""
+    import grpc
+
+    from peer.pipeline import deadline
+    from protocols import shoal_pb2_grpc as pbg
+
+    async def scenario() -> None:
+        async def swallow(reader, writer):  # reads and never answers
+            while await reader.read(65536):
+                pass
+
+        server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        a = SyncRounds(me="b-member", stage=1, mode=CountingMode(),
+                       candidates=lambda: ["a-silent", "b-member"],
+                       exchange_stub=lambda pid: pbg.SyncStub(channel).Exchange,
+                       counter=wire.ByteCounter(), timeout=60.0, max_bytes=1 << 20)
+        for _ in range(deadline.WARMUP):  # earlier parts were acknowledged at once
+            a.ack_deadline.complete(0.01)
+        a.agreed[1] = ["a-silent", "b-member"]
+        try:
+            _, meta = await asyncio.wait_for(a.run(1, ({}, {})), 60)
+        finally:
+            await channel.close()
+            server.close()
+        assert meta["included"] == "b-member"  # it closed the round alone, as the next in line
+
+    asyncio.run(scenario())
+
+
+def test_an_acknowledgement_is_measured_and_its_absence_is_not() -> None:
+    from peer.sync.rounds import ACK_KEY
+
+    class Call:
+        def __init__(self, metadata):
+            self.metadata = metadata
+
+        async def initial_metadata(self):
+            return self.metadata
+
+    async def scenario() -> None:
+        a = rounds("a", timeout=60.0)
+        await a._acknowledged(Call(((ACK_KEY, "1"),)), "b")
+        await a._acknowledged(Call(()), "b")  # an answer without the ack (an error): not timed
+        assert len(a.ack_deadline._waits) == 1
+
+    asyncio.run(scenario())
