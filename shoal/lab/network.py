@@ -15,13 +15,18 @@ removes the labs whose owning process is gone (`shoal lab --clean`).
 Per host and direction the link is a token bucket (tc tbf): egress on eth0, ingress redirected to
 ifb0 (ingress qdisc + u32 match-all + mirred) and shaped there. These are the qdiscs this kernel
 has; netem, fq, fq_codel, cake, red and the police action are not available, so latency comes
-from the delay relay (shoal/lab/relay.py): an iptables REDIRECT in each host sends every incoming
-TCP connection on eth0 to the host's relay, which holds each chunk for the one-way delay in both
-directions before passing it on to the original destination. Each connection thus crosses
-exactly one relay: RTT grows by twice the delay. Without iptables (nat table) the lab falls back
-to relaying the peers' advertised ports only (LabNetwork.transparent is then False).
+from the delay relay (shoal/lab/relay.py): an iptables REDIRECT (nat OUTPUT) in each host sends
+every TCP connection the host opens to another host to the host's own relay, which dials the
+original destination (its socket marked so it is not redirected again) and holds each chunk for
+the one-way delay in both directions. Each connection thus crosses exactly one relay, on the
+dialling side, so RTT grows by twice the delay and the far end still sees the dialler's address
+as the source (a coordinator observes its peers' addresses). Without iptables (nat table) the lab
+falls back to relaying the peers' advertised ports only (LabNetwork.transparent is then False).
 
 Partitions take the switch-side port down (the host keeps its configuration), heals bring it up.
+
+Hosts named in `nat` sit behind their own router namespace PREFIX-rI (shoal/lab/nat.py): the
+router holds the host's public address on the switch port, the host a private one behind it.
 """
 
 from __future__ import annotations
@@ -38,6 +43,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
+
+from shoal.lab.nat import NatError, build_router, check_iptables
+from shoal.lab.relay import RELAY_MARK
 
 RUN_DIR = Path("/run/shoal-lab")
 NETNS_DIR = Path("/var/run/netns")
@@ -119,6 +127,8 @@ class LabHost:
     port: str  # the veth end in the switch namespace
     mbit: float = 0.0
     up: bool = True
+    router: str = ""  # behind a NAT (shoal/lab/nat.py): the router's netns, else ""
+    private: str = ""  # behind a NAT: the host's own (private) address on its router's link
 
 
 @dataclass
@@ -131,6 +141,7 @@ class LabNetwork:
     hosts: dict[str, LabHost] = field(default_factory=dict)
     transparent: bool = False
     made: list[str] = field(default_factory=list)
+    nat: list[str] = field(default_factory=list)  # hosts behind their own NAT (shoal/lab/nat.py)
 
     @property
     def switch(self) -> str:
@@ -139,6 +150,14 @@ class LabNetwork:
     def create(self) -> None:
         """Build everything; on failure removes what was made and raises LabError."""
         check_root()
+        unknown = [n for n in self.nat if n not in self.names]
+        if unknown:
+            raise LabError(f"--nat {','.join(unknown)}: no such host in this lab")
+        if self.nat:
+            try:
+                check_iptables()
+            except NatError as exc:
+                raise LabError(str(exc)) from None
         self._record()
         try:
             self._netns_add(self.switch)
@@ -161,26 +180,34 @@ class LabNetwork:
     def _add_host(self, i: int, name: str) -> None:
         ns, port = f"{self.prefix}-h{i}", f"p{i}"
         self._netns_add(ns)
-        run("ip", "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", port,
-            "netns", self.switch)
-        run("ip", "-n", self.switch, "link", "set", port, "master", "br0", "up")
         addr = host_address(i)
-        run("ip", "-n", ns, "addr", "add", f"{addr}/{SUBNET_BITS}", "dev", "eth0")
-        run("ip", "-n", ns, "link", "set", "lo", "up")
-        run("ip", "-n", ns, "link", "set", "eth0", "up")
         host = LabHost(i, name, ns, addr, port)
+        if name in self.nat:  # eth0 leads to the host's router, whose uplink is the port
+            host.router = f"{self.prefix}-r{i}"
+            self._netns_add(host.router)
+            host.private = build_router(run, host.router, ns, self.switch, port, addr,
+                                        SUBNET_BITS, i)
+        else:
+            run("ip", "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", port,
+                "netns", self.switch)
+            run("ip", "-n", self.switch, "link", "set", port, "master", "br0", "up")
+            run("ip", "-n", ns, "addr", "add", f"{addr}/{SUBNET_BITS}", "dev", "eth0")
+            run("ip", "-n", ns, "link", "set", "lo", "up")
+            run("ip", "-n", ns, "link", "set", "eth0", "up")
         self.hosts[name] = host
         if self.mbit > 0:
             self.shape(name, self.mbit)
 
     def _redirect_all(self) -> bool:
-        """Send incoming TCP on every host's eth0 to its relay; False if iptables cannot."""
+        """Send every TCP connection a host opens to another host through its own relay (all
+        but the relay's own, which carry RELAY_MARK); False if iptables cannot."""
         if shutil.which("iptables") is None:
             return False
         for h in self.hosts.values():
-            p = run("ip", "netns", "exec", h.netns, "iptables", "-t", "nat", "-A", "PREROUTING",
-                    "-i", "eth0", "-p", "tcp", "-j", "REDIRECT", "--to-ports", str(RELAY_PORT),
-                    check=False)
+            p = run("ip", "netns", "exec", h.netns, "iptables", "-t", "nat", "-A", "OUTPUT",
+                    "-p", "tcp", "-m", "addrtype", "!", "--dst-type", "LOCAL", "-m", "mark",
+                    "!", "--mark", str(RELAY_MARK), "-j", "REDIRECT", "--to-ports",
+                    str(RELAY_PORT), check=False)
             if p.returncode != 0:
                 return False
         return True

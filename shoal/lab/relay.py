@@ -3,10 +3,14 @@
     python -m shoal.lab.relay --listen 0.0.0.0:7999 --delay-ms 40            (transparent)
     python -m shoal.lab.relay --listen 198.18.0.2:7100 --to 127.0.0.1:7100 --delay-ms 40
 
-It runs inside one lab host (shoal/lab/network.py). In transparent mode an iptables REDIRECT sends
-every TCP connection arriving on eth0 here and the relay dials the connection's original destination
-(SO_ORIGINAL_DST) from inside the host; with `--to` it dials a fixed target instead (the
-fallback where iptables is missing: the peer listens on loopback and advertises the relay).
+It runs inside one lab host (shoal/lab/network.py). In transparent mode an iptables REDIRECT
+(nat OUTPUT) sends every TCP connection the host opens to another host here, and the relay dials
+the connection's original destination (SO_ORIGINAL_DST) from the same host, its socket marked
+RELAY_MARK so that this second connection is not redirected again. Relaying on the dialling side
+keeps the source address honest: the far end sees the dialling host's address (or, for a host
+behind the lab's NAT, its router's), as a server that observes its callers' addresses must. With
+`--to` it dials a fixed target instead (the fallback where iptables is missing: the peer
+listens on loopback and advertises the relay).
 
 Each direction of a connection is a reader and a writer joined by a bounded queue: the reader
 stamps each chunk with `arrival + delay`, the writer sleeps until that time and writes. Order is
@@ -34,6 +38,7 @@ log = logging.getLogger("shoal.lab.relay")
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
 CHUNK = 64 * 1024
 QUEUE_CHUNKS = 64  # at most 4 MiB in flight per direction
+RELAY_MARK = 0x5E1A  # SO_MARK of the relay's own outgoing connections (not redirected again)
 
 
 def original_destination(sock: socket.socket) -> tuple[str, int]:
@@ -70,7 +75,7 @@ class DelayRelay:
             writer.close()  # a direct call to the relay's own port would loop forever
             return
         try:
-            up_reader, up_writer = await asyncio.open_connection(*dest)
+            up_reader, up_writer = await self._dial(dest)
         except OSError as exc:
             log.info("cannot reach %s:%d: %s", *dest, exc)
             writer.close()
@@ -87,6 +92,22 @@ class DelayRelay:
         for w in (writer, up_writer):
             with contextlib.suppress(Exception):
                 w.close()
+
+    async def _dial(self, dest: tuple[str, int]
+                    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Connect to `dest`; in transparent mode with RELAY_MARK set, so the host's REDIRECT
+        of outgoing connections lets this one through instead of sending it back here."""
+        if self.target is not None:
+            return await asyncio.open_connection(*dest)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, RELAY_MARK)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, dest)
+        except BaseException:
+            sock.close()
+            raise
+        return await asyncio.open_connection(sock=sock)
 
     async def _direction(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                          counts: list[int], index: int) -> None:

@@ -2,7 +2,7 @@
 (root only).
 
 Host peer1 holds stage 1 (its weights, ~25 MB at step 0); peer2 joins the same stage and
-downloads it from peer1 through peer1's delay relay (40 ms each way) and both hosts' tbf caps.
+downloads it from peer1 through peer2's delay relay (40 ms each way) and both hosts' tbf caps.
 Checked: the state bytes peer1's transport counted all crossed peer2's eth0 (its byte counter
 grew by at least as much while the download ran), and peer2 then holds what peer1 holds (one
 non-empty state hash). How much of the cap the download fills is a figure, printed here for
