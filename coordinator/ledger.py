@@ -23,9 +23,13 @@ START_SLACK steps further is asked to retry (`LedgerBehind`): after a coordinato
 attested step may lag a driver's for a heartbeat. Older steps cannot be replayed from here.
 
 Torch-free, like everything in coordinator/: messages are peer ids and int8 codes, kept as
-bytes. The store is in memory and holds the last `keep_steps` closed steps (a late joiner needs
-only the steps since the replica snapshot it downloads, at most sync.spsa.hash_every old); it is
-not persisted: after a coordinator restart the ledger starts again at the next posted step.
+bytes. The ledger holds the last `keep_steps` closed steps in memory (a late joiner needs only
+the steps since the replica snapshot it downloads, at most sync.spsa.hash_every old), and the
+coordinator's journal persists each closed step (`take_unsaved`, coordinator/store.py's `spsa`
+table), so a restarted coordinator goes on from its last saved step (`restore`) and a replica
+that missed steps across the restart still replays them instead of downloading its stage. A
+SIGKILL loses at most the steps of the journal's last few seconds; then the first post beyond
+the saved steps starts the ledger afresh, as before.
 """
 
 from __future__ import annotations
@@ -85,6 +89,32 @@ class SpsaLedger:
         self._closed: list[ClosedStep] = []  # increasing steps
         self._open: dict[int, _OpenStep] = {}
         self.started = False
+        # for the journal: steps closed since the last `take_unsaved`, and whether the saved
+        # history must be dropped first (the ledger started afresh)
+        self._unsaved: list[ClosedStep] = []
+        self._reset = False
+
+    def restore(self, closed: list[ClosedStep]) -> None:
+        """Go on from persisted closed steps (consecutive, increasing), after a restart."""
+        closed = closed[-self.keep_steps:]
+        for i in range(len(closed) - 1, 0, -1):  # only the newest consecutive run is usable
+            if closed[i].step != closed[i - 1].step + 1:
+                closed = closed[i:]
+                break
+        if not closed:
+            return
+        self.started = True
+        self._closed = list(closed)
+        self.base_step = closed[0].step
+        self.next_step = closed[-1].step + 1
+        self._open.clear()
+
+    def take_unsaved(self) -> tuple[bool, list[ClosedStep]]:
+        """(reset, steps) to persist since the last call: with reset, the persisted history is
+        dropped first."""
+        out = (self._reset, self._unsaved)
+        self._reset, self._unsaved = False, []
+        return out
 
     def post(self, step: int, peer: str, codes: bytes, expect: list[str], now: float,
              max_start: int | None = None) -> None:
@@ -137,6 +167,7 @@ class SpsaLedger:
             peers = tuple(sorted(p for p, c in rnd.posted.items() if c))
             codes = b"".join(rnd.posted[p] for p in peers)
             self._closed.append(ClosedStep(self.next_step, peers, codes))
+            self._unsaved.append(self._closed[-1])
             del self._open[self.next_step]
             self.next_step += 1
             if len(self._closed) > self.keep_steps:
@@ -159,6 +190,7 @@ class SpsaLedger:
         self.base_step = self.next_step = step
         self._closed.clear()
         self._open.clear()
+        self._reset, self._unsaved = True, []
 
 
 def training_stage0(membership: Membership) -> list[str]:

@@ -260,8 +260,13 @@ async def serve(config: str | Path | RunSpec | None = None, port: int = 7000,
     svc.restarts = restarts
     svc.ca = ca
 
+    if snapshot is not None and svc.spsa_ledger is not None:
+        svc.spsa_ledger.restore(snapshot.spsa)  # replicas replay steps across the restart
+
     def collect(progress: bool) -> Batch:
         batch = svc.collect(progress)
+        if svc.spsa_ledger is not None:
+            batch.spsa_reset, batch.spsa = svc.spsa_ledger.take_unsaved()
         if progress:
             batch.meta["totals"] = json.dumps({
                 "sent": membership.bytes_sent_total, "received": membership.bytes_received_total,

@@ -3,7 +3,8 @@
 Tables: `meta` (run spec TOML, swarm id, epoch, certificate serial, restart count), `members`
 (peer id, key, address, stage, state, benchmark, stats, lease and certificate times, whether
 live), `events` (the last EVENTS_KEPT), `history` (the training curve, appended at most once
-a second) and `bans` (the operator's `shoal ban`s: peer id, time, reason; kept for good).
+a second), `bans` (the operator's `shoal ban`s: peer id, time, reason; kept for good) and
+`spsa` (the SPSA ledger's closed steps, the last SPSA_KEPT: coordinator/ledger.py).
 
 The database and its WAL / shared-memory files are mode 0600 and the state directory 0700:
 they hold the members' keys and addresses, which are nobody else's business on the machine.
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coordinator.events import Event, HistoryPoint
+from coordinator.ledger import ClosedStep
 from coordinator.membership import Ban, Member
 from protocols.coordinator_client import Benchmark, PeerStats
 
@@ -45,6 +47,7 @@ log = logging.getLogger("shoal.coordinator.store")
 SCHEMA_VERSION = "1"
 EVENTS_KEPT = 10_000
 HISTORY_LOADED = 2_000
+SPSA_KEPT = 10_000  # closed SPSA ledger steps kept (coordinator/ledger.py's keep_steps)
 DB_NAME = "coordinator.sqlite"
 
 _SCHEMA = """
@@ -61,6 +64,8 @@ CREATE TABLE IF NOT EXISTS history (
     t REAL NOT NULL, step INTEGER NOT NULL, loss REAL, tokens_per_s REAL, bytes_per_step REAL);
 CREATE TABLE IF NOT EXISTS bans (
     peer_id TEXT PRIMARY KEY, t REAL NOT NULL, reason TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS spsa (
+    step INTEGER PRIMARY KEY, peers TEXT NOT NULL, codes BLOB NOT NULL);
 """
 PRIVATE_MODE = 0o600
 
@@ -80,10 +85,12 @@ class Batch:
     events: list[Event] = field(default_factory=list)
     history: list[HistoryPoint] = field(default_factory=list)
     bans: list[Ban] = field(default_factory=list)
+    spsa: list[ClosedStep] = field(default_factory=list)  # closed SPSA ledger steps
+    spsa_reset: bool = False  # drop the saved ledger first (it started afresh)
 
     def __bool__(self) -> bool:
         return bool(self.meta or self.members or self.progress or self.deleted or self.events
-                    or self.history or self.bans)
+                    or self.history or self.bans or self.spsa or self.spsa_reset)
 
 
 @dataclass
@@ -95,6 +102,7 @@ class Snapshot:
     events: list[Event]
     history: list[HistoryPoint]
     bans: list[Ban] = field(default_factory=list)
+    spsa: list[ClosedStep] = field(default_factory=list)
 
 
 class Store:
@@ -154,7 +162,14 @@ class Store:
                        " ORDER BY rowid", (every,))]
         bans = [Ban(*r) for r in self._db.execute(
             "SELECT peer_id, t, reason FROM bans ORDER BY t")]
-        return Snapshot(meta, members, events, history, bans)
+        return Snapshot(meta, members, events, history, bans, self.load_spsa())
+
+    def load_spsa(self) -> list[ClosedStep]:
+        """The saved SPSA ledger steps, oldest first."""
+        return [ClosedStep(step, tuple(json.loads(peers)), bytes(codes))
+                for step, peers, codes in reversed(self._db.execute(
+                    "SELECT step, peers, codes FROM spsa ORDER BY step DESC LIMIT ?",
+                    (SPSA_KEPT,)).fetchall())]
 
     def write(self, batch: Batch) -> None:
         """Write `batch` in one transaction (all or nothing)."""
@@ -181,6 +196,12 @@ class Store:
                              _finite(p.bytes_per_step)) for p in batch.history])
             db.executemany("INSERT OR REPLACE INTO bans VALUES (?,?,?)",
                            [(b.peer_id, b.t, b.reason) for b in batch.bans])
+            if batch.spsa_reset:
+                db.execute("DELETE FROM spsa")
+            db.executemany("INSERT OR REPLACE INTO spsa VALUES (?,?,?)",
+                           [(c.step, json.dumps(list(c.peers)), c.codes) for c in batch.spsa])
+            if batch.spsa:
+                db.execute("DELETE FROM spsa WHERE step <= ?", (batch.spsa[-1].step - SPSA_KEPT,))
             if batch.events:
                 db.execute("DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - ?",
                            (EVENTS_KEPT,))

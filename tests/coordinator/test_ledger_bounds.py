@@ -53,3 +53,52 @@ def test_a_start_a_little_ahead_of_the_attested_step_is_asked_to_retry() -> None
     with pytest.raises(LedgerRefused) as info:  # holding history: no retry, refused
         led.post(45, "a", b"\x01", ["a"], now=2.0, max_start=42)
     assert not isinstance(info.value, LedgerBehind)
+
+
+def test_closed_steps_survive_a_restart_through_the_store(tmp_path) -> None:
+    """Closed steps go to the SQLite store as they close; a new ledger restored from it goes on
+    at the next step and serves the old steps to a replica that replays them."""
+    from coordinator.store import Batch, Store
+
+    ledger = SpsaLedger(directions=2, timeout_s=5.0)
+    for step in (1, 2, 3):
+        ledger.post(step, "a", bytes([1, 255]), ["a", "b"], now=float(step))
+        ledger.post(step, "b", bytes([step, 0]), [], now=float(step))
+    store = Store(tmp_path)
+    reset, steps = ledger.take_unsaved()
+    store.write(Batch(spsa=steps, spsa_reset=reset))
+    assert ledger.take_unsaved() == (False, [])  # taken once
+    store.close()
+
+    again = SpsaLedger(directions=2, timeout_s=5.0)
+    again.restore(Store(tmp_path).load_spsa())
+    assert (again.base_step, again.next_step) == (1, 4)
+    assert [c.step for c in again.steps(2)] == [2, 3]
+    assert again.steps(3)[0].codes == bytes([1, 255, 3, 0])
+    assert again.steps(3)[0].peers == ("a", "b")
+    again.post(4, "a", bytes([1, 1]), ["a"], now=10.0)  # goes on; no fresh start
+    assert again.next_step == 5 and again.base_step == 1
+
+
+def test_a_fresh_start_drops_the_saved_history(tmp_path) -> None:
+    from coordinator.store import Batch, Store
+
+    ledger = SpsaLedger(directions=1, timeout_s=5.0)
+    ledger.post(1, "a", b"\x01", [], now=1.0)
+    store = Store(tmp_path)
+    store.write(Batch(spsa=ledger.take_unsaved()[1]))
+    ledger.post(50, "a", b"\x01", [], now=2.0)  # stage 0 rebuilt far ahead: a new start
+    reset, steps = ledger.take_unsaved()
+    assert reset and [c.step for c in steps] == [50]
+    store.write(Batch(spsa=steps, spsa_reset=reset))
+    restored = SpsaLedger(directions=1, timeout_s=5.0)
+    restored.restore(store.load_spsa())
+    assert (restored.base_step, restored.next_step) == (50, 51)
+
+
+def test_restore_keeps_the_newest_consecutive_steps() -> None:
+    from coordinator.ledger import ClosedStep
+
+    ledger = SpsaLedger(directions=1, timeout_s=5.0)
+    ledger.restore([ClosedStep(s, ("a",), b"\x01") for s in (1, 2, 7, 8, 9)])
+    assert (ledger.base_step, ledger.next_step) == (7, 10)
