@@ -6,6 +6,9 @@ Routes:
 - `/api/status` the whole swarm as one JSON document. Its keys are a contract with the dashboard
   and `shoal status`; add keys, never rename them. JSON has no NaN: unknown numbers are null.
   `join` says how a peer joins (address, fingerprint, the token file's path, never the token).
+  Each of `peers` has `reach` ("" not checked yet, "direct", "relayed", "unreachable": the
+  coordinator's dial-back, coordinator/reach.py; `link` is the same, null until checked, for the
+  dashboard's tiles), `relay` (offers to relay) and `relayed_by`.
 - `/api/events` server-sent events: the same document about once a second (`event: status`),
   sooner (within a quarter second) when the membership changed.
 - `/healthz` a tiny liveness document (ok, epoch, live peers) for probes and scripts.
@@ -83,6 +86,8 @@ def build_status(svc: CoordinatorService, now: float) -> dict[str, Any]:
         peers.append({
             "peer_id": x.peer_id, "address": x.address, "stage": x.stage, "state": x.state,
             "live": x.live, "samples_per_s": _num(s.samples_per_s), "queue": s.queue,
+            "reach": x.reach, "link": x.reach or None, "relay": x.relay,
+            "relayed_by": x.relayed_by,
             "bytes_sent": s.bytes_sent, "bytes_received": s.bytes_received,
             "loss": _num(s.loss), "step": s.step, "tokens_per_s": _num(s.tokens_per_s),
             "state_hash": s.state_hash,

@@ -90,6 +90,12 @@ class Member:
     pending_action: str = ""  # "" | "move": delivered with the next heartbeat reply
     beat_tokens: float = -1.0  # heartbeat rate limit (service.py); < 0 until the first beat
     beat_at: float = 0.0
+    # reachability (coordinator/reach.py; not persisted: a restarted coordinator checks again)
+    reach: str = ""  # "" not checked yet | "direct" | "relayed" | "unreachable"
+    relay: bool = False  # offers to relay for unreachable peers (shoal peer --relay)
+    relayed_by: str = ""  # the relay `address` is a port of (HeartbeatRequest.relayed_by)
+    has_leaf: bool = False  # holds a swarm TLS leaf (sent a CSR at join): serves mTLS off-host
+    relay_told: str = ""  # the relay this member was last told to attach to
 
     @property
     def throughput(self) -> float:
@@ -267,7 +273,8 @@ class Membership:
     # ------------------------------------------------------------------ changes
 
     def join(self, peer_id: str, public_key: bytes, address: str, benchmark: Benchmark,
-             stage_hint: int, step_hint: int, now: float) -> Member:
+             stage_hint: int, step_hint: int, now: float, *, relay: bool = False,
+             has_leaf: bool = False) -> Member:
         """Admit (or re-admit) a peer and give it a stage; the caller checked admission.
 
         A stage hint is honoured where it takes nothing from anyone (`stage_for_hint`): a peer
@@ -304,7 +311,8 @@ class Membership:
         m = Member(peer_id=peer_id, public_key=bytes(public_key), address=address, stage=stage,
                    state="joining", benchmark=benchmark, joined_at=now, last_seen=now,
                    lease_expires=now + self.lease_s,
-                   cert_expires=old.cert_expires if old is not None else 0.0)
+                   cert_expires=old.cert_expires if old is not None else 0.0,
+                   relay=relay, has_leaf=has_leaf)
         if old is not None:  # a re-join does not refill the heartbeat rate limit
             m.beat_tokens, m.beat_at = old.beat_tokens, old.beat_at
         m.stats.step = clamped
@@ -342,6 +350,33 @@ class Membership:
         st.trained = st.trained or (stats.step > 0 and stats.state in HEALTHY_STATES)
         self._progressed.add(peer_id)
         return m
+
+    def change_address(self, peer_id: str, address: str, relayed_by: str, now: float) -> bool:
+        """A live member is now reached at `address` (through the relay `relayed_by`, or
+        directly when it is empty): its reach is unknown again until checked. Returns whether
+        anything changed (a repeated announcement changes nothing). KeyError if not live."""
+        m = self._members[peer_id]
+        if not m.live:
+            raise KeyError(peer_id)
+        if (m.address, m.relayed_by) == (address, relayed_by):
+            return False
+        detail = f"{m.address} -> {address}" + (f" (relayed by {relayed_by})" if relayed_by
+                                                 else " (direct)")
+        m.address, m.relayed_by, m.reach = address, relayed_by, ""
+        self._changed_member(m, Event(now, "address", peer_id, m.stage, detail))
+        return True
+
+    def set_reach(self, peer_id: str, address: str, reach: str, detail: str, now: float
+                  ) -> bool:
+        """Record a dial-back of a live member at `address`; ignored when the member left or
+        moved to another address since the check began. Returns whether its reach changed (the
+        epoch then moves, so views carry it)."""
+        m = self._members.get(peer_id)
+        if m is None or not m.live or m.address != address or m.reach == reach:
+            return False
+        m.reach = reach
+        self._changed_member(m, Event(now, "reach", peer_id, m.stage, f"{reach}: {detail}"))
+        return True
 
     def leave(self, peer_id: str, reason: str, now: float) -> None:
         """A member says it is going (drain finished, or told to): revoke it at once."""

@@ -54,7 +54,16 @@ from coordinator.messages import (
     member_to_wire,
     stats_from_wire,
 )
+from coordinator.reach import (
+    Outcome,
+    ReachChecker,
+    dial_tls,
+    observed_address,
+    pick_relay,
+    relay_loads,
+)
 from coordinator.store import Batch, Journal, StoreError
+from protocols import reach as reach_wire
 from protocols import shoal_pb2 as pb
 from protocols.auth import Admission, AdmissionDenied, current_caller, issue_certificate
 from protocols.coordinator_client import OBSERVER_STAGE, VERSION
@@ -72,6 +81,8 @@ VIEW_STATS_MAX_AGE_S = 1.0
 # meets it; a peer beating much faster gets RESOURCE_EXHAUSTED.
 BEAT_RATE_FACTOR = 2.0
 BEAT_BURST_SLACK = 4.0
+# an unreachable member is dialled again this often (it may have opened its port since)
+RECHECK_UNREACHABLE_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -128,6 +139,13 @@ class CoordinatorService:
         ms = spec.membership
         self.beat_rate = BEAT_RATE_FACTOR / ms.heartbeat_s
         self.beat_burst = 2.0 * ms.lease_s / ms.heartbeat_s + BEAT_BURST_SLACK
+        # reachability (coordinator/reach.py): the dial-back, and the relays on offer
+        self.reach = ReachChecker(identity, lambda: self.ca, self._reach_result)
+        #: host:port of this coordinator's own Relay service, named to unreachable members;
+        #: "" while it runs none (coordinator.main sets it when it serves one)
+        self.relay_address = ""
+        self._relays: dict[str, int] = {}  # relay address -> members on it (tick refreshes)
+        self._reach_checked: dict[str, float] = {}  # peer id -> when its last check began
 
     # ------------------------------------------------------------------ RPCs
 
@@ -158,8 +176,9 @@ class CoordinatorService:
             if caller is not None and caller.public_key != key:
                 raise BadRequest("public_key differs from the key that signed the Join call; "
                                  "sign Join with the key you are joining with")
-            address = "" if observer else check_address(request.address,
-                                                        is_loopback_peer(context.peer()))
+            address = "" if observer else check_address(
+                observed_address(request.address, context.peer()),
+                is_loopback_peer(context.peer()))
             bench = None if observer else check_benchmark(request.benchmark)
             n = self.membership.n_stages
             if not OBSERVER_STAGE <= request.stage_hint < n:
@@ -188,9 +207,11 @@ class CoordinatorService:
         if request.stage_hint == OBSERVER_STAGE:
             return self._join_observer(peer_id, key, now, tls_fields)
         member = self.membership.join(peer_id, key, address, bench, request.stage_hint,
-                                      request.step_hint, now)
+                                      request.step_hint, now, relay=request.relay,
+                                      has_leaf=bool(tls_fields.get("tls_certificate")))
         cert = self._issue(member, now)
         await self._commit(context)
+        self._check_reach(member, now)  # dials back later, off this call
         log.info("peer %s joined at %s: stage %d, epoch %d", peer_id, address, member.stage,
                  self.membership.epoch)
         reply = pb.JoinReply(
@@ -198,7 +219,7 @@ class CoordinatorService:
             run_spec_toml=self.spec_toml, stage=member.stage, epoch=self.membership.epoch,
             lease_seconds=self.spec.membership.lease_s,
             heartbeat_interval=self.spec.membership.heartbeat_s, swarm_id=self.swarm_id,
-            **tls_fields)
+            address=address, **tls_fields)
         return reply.SerializeToString() + self.view(now).join_field
 
     def _tls_fields(self, csr: bytes, peer_id: str) -> dict[str, bytes]:
@@ -254,6 +275,7 @@ class CoordinatorService:
                                f"(membership.heartbeat_s); slow down")
         try:
             stats = stats_from_wire(request.stats, self.beat_kinds, self.membership.n_stages)
+            moved = self._announced(request, context.peer())
         except BadRequest as exc:
             await self._refuse(context, "Heartbeat", grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         epoch_before = self.membership.epoch
@@ -263,8 +285,15 @@ class CoordinatorService:
             await self._refuse(context, "Heartbeat", grpc.StatusCode.PERMISSION_DENIED,
                                f"peer {caller.peer_id} is not a member (its lease lapsed or it "
                                f"left); re-join the coordinator")
+        if moved is not None and self.membership.change_address(member.peer_id, *moved, now):
+            log.info("peer %s now at %s%s", member.peer_id, moved[0],
+                     f" (relayed by {moved[1]})" if moved[1] else "")
+            self._check_reach(member, now)
         reply = pb.HeartbeatReply(epoch=self.membership.epoch, lease_expires=member.lease_expires,
-                                  stage=member.stage, action=member.pending_action)
+                                  stage=member.stage, action=member.pending_action,
+                                  reach=member.reach)
+        if member.reach == reach_wire.UNREACHABLE:
+            reply.relay = self._relay_for(member)
         member.pending_action = ""
         cert = caller.certificate
         if cert is not None and cert.not_after - now < self.cert_ttl_s / 3:
@@ -278,6 +307,48 @@ class CoordinatorService:
             self.journal.request()  # a state change: persist soon, but do not wait for it
         self.heartbeat_seconds.observe(time.perf_counter() - t0)
         return out
+
+    def _announced(self, request: pb.HeartbeatRequest, grpc_peer: str) -> tuple[str, str] | None:
+        """The (address, relayed_by) a heartbeat announces, checked like Join's address (an
+        empty host filled with the observed one); None when it announces nothing."""
+        if not request.address:
+            if request.relayed_by:
+                raise BadRequest("relayed_by is set but address is empty: announce the address "
+                                 "the relay listens on for this peer")
+            return None
+        loopback = is_loopback_peer(grpc_peer)
+        address = check_address(observed_address(request.address, grpc_peer), loopback)
+        relayed_by = check_address(request.relayed_by, loopback) if request.relayed_by else ""
+        return address, relayed_by
+
+    def _check_reach(self, member: Member, now: float) -> None:
+        """Dial `member` back at its address (coordinator/reach.py), off the calling path."""
+        use_tls = dial_tls(member.address, self.tls, member.has_leaf)
+        if self.reach.check(member.peer_id, member.public_key, member.address, use_tls):
+            self._reach_checked[member.peer_id] = now
+
+    def _reach_result(self, peer_id: str, address: str, outcome: Outcome) -> None:
+        member = self.membership.get(peer_id)
+        if member is None:
+            return
+        reach = ((reach_wire.RELAYED if member.relayed_by else reach_wire.DIRECT)
+                 if outcome.reached else reach_wire.UNREACHABLE)
+        if not self.membership.set_reach(peer_id, address, reach, outcome.detail, self.clock()):
+            return
+        if outcome.reached:
+            log.info("peer %s is reachable (%s): %s", peer_id, reach, outcome.detail)
+        else:
+            log.warning("peer %s is unreachable: %s", peer_id, outcome.detail)
+        if self.journal is not None:
+            self.journal.request()
+
+    def _relay_for(self, member: Member) -> str:
+        """The relay an unreachable member is told to attach to (least loaded; sticky)."""
+        told = pick_relay(self._relays, member.relay_told)
+        if told and told != member.relay_told:
+            self._relays[told] += 1
+        member.relay_told = told
+        return told
 
     def _beat_allowed(self, member: Member, now: float) -> bool:
         """Take one token from `member`'s heartbeat bucket (see BEAT_RATE_FACTOR)."""
@@ -370,6 +441,7 @@ class CoordinatorService:
         for peer_id in expired:
             log.info("peer %s expired (lease lapsed)", peer_id)
         m.sample_history(now)
+        self._tick_reach(now)
         if self.spsa_ledger is not None:
             self.spsa_ledger.close_due(time.monotonic())
         move = None
@@ -381,6 +453,20 @@ class CoordinatorService:
                          move.to_stage)
         if expired or move is not None:
             await self._commit()
+
+    def _tick_reach(self, now: float) -> None:
+        """Refresh the relays' loads; dial back members never checked (restored after a
+        restart, or skipped while MAX_PENDING checks waited) and, every RECHECK_UNREACHABLE_S,
+        the unreachable ones."""
+        live = self.membership.live_members()
+        self._relays = relay_loads(live, self.relay_address)
+        for m in live:
+            due = m.reach == "" or (m.reach == reach_wire.UNREACHABLE and now - self._reach_checked
+                                    .get(m.peer_id, 0.0) >= RECHECK_UNREACHABLE_S)
+            if due and not self.reach.pending(m.peer_id):
+                self._check_reach(m, now)
+        for pid in [p for p in self._reach_checked if not self.membership.is_member(p)]:
+            del self._reach_checked[pid]
 
     def view(self, now: float, max_age_s: float = VIEW_MIN_INTERVAL_S,
              stats_max_age_s: float = math.inf) -> ViewSnapshot:
@@ -402,7 +488,9 @@ class CoordinatorService:
         m = self.membership
         view = pb.SwarmView(epoch=m.epoch, swarm_id=self.swarm_id, revoked=m.revoked())
         for x in m.live_members():
-            view.peers.append(member_to_wire(x, full_stats=False))
+            info = member_to_wire(x, full_stats=False)
+            info.reach, info.relay = x.reach, x.relay
+            view.peers.append(info)
         for s in m.stage_summaries():
             view.stages.append(pb.StageInfo(stage=s.stage, replicas=s.replicas,
                                             throughput=s.throughput, grad_norm=s.grad_norm,

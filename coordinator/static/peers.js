@@ -32,15 +32,22 @@ function fmtDeviceMemory(p) {
   return `${unknown(used) ? "–" : fmtBytes(used)} / ${fmtBytes(total)}`;
 }
 
+/** How the swarm reaches a peer: the coordinator's dial-back (`reach`: "direct", "relayed",
+ * "unreachable"; "" until checked), or the older `link` key; null when unknown. */
+function reachOf(p) {
+  const r = unknown(p.reach) ? p.link : p.reach;
+  return unknown(r) ? null : r;
+}
+
 // Columns shown only once some peer reports the field (nothing, not a row of dashes, before):
-// `link` ("direct" or "relayed": how the swarm reaches the peer) and device memory.
+// `link` (the peer's reach: direct, relayed or unreachable) and device memory.
 const OPTIONAL = [
   {
     key: "link",
     label: "Link",
-    has: (p) => !unknown(p.link),
-    sort: (p) => p.link,
-    text: (p) => p.link ?? "–",
+    has: (p) => reachOf(p) !== null,
+    sort: (p) => reachOf(p),
+    text: (p) => reachOf(p) ?? "–",
   },
   {
     key: "mem",
@@ -293,7 +300,7 @@ export function renderPeerTable(s, rates, selected) {
       setData(tr, "peerId", p.peer_id);
       setData(tr, "stage", stageOf(p.stage));
       setData(tr, "state", p.state);
-      setData(tr, "link", p.link);
+      setData(tr, "link", reachOf(p));
       tr.classList.toggle("departed", departed(p));
       tr.classList.toggle("selected", p.peer_id === selected);
       cols.forEach((c, i) => {
