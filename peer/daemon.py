@@ -17,6 +17,12 @@ swarm's CA). Its server serves mTLS whenever it is reachable from another machin
 The coordinator is verified against its fingerprint (the token file's, or
 --coordinator-fingerprint); mDNS discovery is used only with one.
 
+Reachability (peer/reach.py): by default the peer serves on all interfaces and joins with
+":PORT", and the coordinator registers it at the host it sees the Join come from (the Join
+reply's address); 127.0.0.1 when the coordinator itself is on loopback. The coordinator then
+dials it back (Reach.Ping, answered with the peer's identity key); heartbeat replies say whether
+it is reached directly, and a peer nobody can dial logs what to do about it.
+
 One asyncio event loop (uvloop) per process; torch runs on the StageHost's compute thread, so a
 long forward pass never delays a heartbeat.
 
@@ -45,6 +51,7 @@ from peer.pipeline.driver import Driver
 from peer.pipeline.stage_host import StageHost
 from peer.preemption import SpotWatcher
 from peer.progress import ProgressReporter, peer_stats, progress_text
+from peer.reach import ReachNotice, ReachService
 from peer.recovery.rebuild import catch_up, snapshot_if_due, take_state
 from peer.recovery.transfer import download_state
 from peer.services import serve
@@ -111,6 +118,7 @@ class PeerDaemon:
         self.snapshot_dir: str | None = getattr(args, "snapshot_dir", None)
         self._snapshot_step = 0
         self.metrics = PeerMetrics(self)  # served only with --metrics-port
+        self.reach_notice = ReachNotice()  # logs what the coordinator's dial-back found
 
     # ------------------------------------------------------------------ what collaborators use
 
@@ -175,23 +183,28 @@ class PeerDaemon:
 
     async def start(self) -> None:
         args = self.args
-        self.server_tls = self._server_tls()
-        self.server, port = serve(self, f"{args.host}:{args.port}",
-                                  self.server_tls.credentials if self.server_tls else None)
-        if port == 0:
-            raise SystemExit(f"cannot listen on {args.host}:{args.port}: address in use?")
-        await self.server.start()
-        self.address = f"{args.advertise or args.host}:{port}"
-        if getattr(args, "metrics_port", None) is not None:
-            bound = await self.metrics.start(args.host, args.metrics_port)
-            log.info("metrics at http://%s:%d/metrics", args.host, bound)
         fingerprint = self._fingerprint()
         coordinator = args.coordinator or await self._discover(fingerprint)
+        bind = self._bind_host(coordinator)
+        self.server_tls = self._server_tls(bind)
+        self.server, port = serve(self, f"{bind}:{args.port}",
+                                  self.server_tls.credentials if self.server_tls else None,
+                                  reach=ReachService(self.identity))
+        if port == 0:
+            raise SystemExit(f"cannot listen on {bind}:{args.port}: address in use?")
+        await self.server.start()
+        # no --advertise on all interfaces: the coordinator fills in the host it sees (":PORT")
+        self.address = (f"{args.advertise}:{port}" if args.advertise else
+                        f":{port}" if _all_interfaces(bind) else f"{bind}:{port}")
+        if getattr(args, "metrics_port", None) is not None:
+            bound = await self.metrics.start(bind, args.metrics_port)
+            log.info("metrics at http://%s:%d/metrics", bind, bound)
         tls_key = None if self.plaintext else tls.load_or_create_tls_key(
             Path(args.identity).with_suffix(".tls.key"))
         self.client = CoordinatorClient(coordinator, self.identity, token=self.token,
                                         fingerprint=fingerprint, plaintext=self.plaintext,
                                         tls_key=tls_key)
+        self.client.relay = bool(getattr(args, "relay", False))  # PeerInfo.relay (--relay)
         try:
             await self.client.connect()  # a coordinator that fails its fingerprint: fail fast
             bench = await asyncio.to_thread(machine.benchmark, args.throttle,
@@ -206,6 +219,8 @@ class PeerDaemon:
                                  "peer cannot serve mTLS: update the coordinator, or run both "
                                  "with --plaintext on a network you trust")
             self.server_tls.update(leaf)
+        self.address = joined.address or self.address
+        self._check_link(bind)
         self.spec = joined.spec
         self.view = joined.view
         log.info("joined %s as %s at %s: stage %d of %d, sync %s", coordinator,
@@ -215,10 +230,31 @@ class PeerDaemon:
         self._heartbeats = asyncio.ensure_future(self.heartbeat_loop())
         await self._take_stage(joined.stage)
 
-    def _server_tls(self) -> tls.PeerServerTls | None:
+    def _bind_host(self, coordinator: str) -> str:
+        """--host, or by default all interfaces; 127.0.0.1 when neither --host nor --advertise
+        is given and the coordinator is on this machine's loopback (a plaintext link,
+        protocols.tls.link_is_local): it then sees the Join come from 127.0.0.1 and registers
+        this peer there, where no other machine reaches it, and peers dial loopback in
+        plaintext."""
+        if self.args.host:
+            return self.args.host
+        with contextlib.suppress(ValueError):
+            if not self.args.advertise and tls.link_is_local(tls.split_host_port(coordinator)[0]):
+                return "127.0.0.1"
+        return "0.0.0.0"
+
+    def _check_link(self, bind: str) -> None:
+        """The registered address and the server must agree on TLS, as other peers dial it
+        (protocols.tls.peer_channel: plaintext on loopback links, else mTLS)."""
+        host = tls.split_host_port(self.address)[0]
+        if self.server_tls is not None and tls.link_is_local(host):
+            raise SystemExit(f"shoal peer: the coordinator registered this peer at "
+                             f"{self.address}, a loopback address, but it serves mTLS on {bind}: "
+                             f"pass --host 127.0.0.1, or --advertise an address others reach")
+
+    def _server_tls(self, bind: str) -> tls.PeerServerTls | None:
         """mTLS for this peer's server unless --plaintext or every address of it is loopback."""
         args = self.args
-        bind = args.host
         advertise = args.advertise or bind  # a host: the port is appended to it
         if self.plaintext or (tls.link_is_local(bind) and tls.link_is_local(advertise)):
             return None
@@ -341,6 +377,8 @@ class PeerDaemon:
                 res = await self.client.heartbeat(self.stats())
                 if self.server_tls is not None and self.client.tls() is not None:
                     self.server_tls.update(self.client.tls())  # a re-join renews the leaf
+                self.address = self.client.registered_address or self.address
+                self.reach_notice.update(res.reach, res.relay, self.address)
                 view = res.view
                 if view is not None:
                     self.view = view
@@ -455,6 +493,10 @@ class PeerDaemon:
             self.host.close()
         log.info("peer %s stopped", self.peer_id[:8])
         return 0
+
+
+def _all_interfaces(host: str) -> bool:
+    return host.strip("[]") in ("0.0.0.0", "::", "")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -431,13 +431,17 @@ class StateService(pbg.StateServicer):
 
 
 def serve(ctx: ServiceContext, address: str,
-          credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.aio.Server, int]:
+          credentials: grpc.ServerCredentials | None = None, *,
+          reach: pbg.ReachServicer | None = None, relay: pbg.RelayServicer | None = None,
+          ) -> tuple[grpc.aio.Server, int]:
     """A gRPC server with the Stage, Sync and State services of `ctx`, listening on `address`
     (HOST:PORT, port 0: any); every call is authenticated against the swarm's coordinator (its
     key and swarm id from `ctx.client` once joined) and refused from revoked peers. With
     `credentials` (protocols.tls.PeerServerTls) it serves mTLS only, and a client certificate
-    must name the call's signer (AuthInterceptor). Returns the server (not started) and its port
-    (0 when the address is in use)."""
+    must name the call's signer (AuthInterceptor). `reach` (peer/reach.py) answers the
+    coordinator's dial-back; `relay` (protocols.relay.RelayHub, `shoal peer --relay`) carries
+    unreachable peers' connections. Returns the server (not started) and its port (0 when the
+    address is in use)."""
     server = grpc.aio.server(
         options=tensor_stream.grpc_options(),
         interceptors=[auth.AuthInterceptor(
@@ -450,6 +454,10 @@ def serve(ctx: ServiceContext, address: str,
     pbg.add_StageServicer_to_server(StageService(ctx), server)
     pbg.add_SyncServicer_to_server(SyncService(ctx), server)
     pbg.add_StateServicer_to_server(StateService(ctx), server)
+    if reach is not None:
+        pbg.add_ReachServicer_to_server(reach, server)
+    if relay is not None:
+        pbg.add_RelayServicer_to_server(relay, server)
     if credentials is not None:
         return server, server.add_secure_port(address, credentials)
     return server, server.add_insecure_port(address)

@@ -156,8 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file", default=os.environ.get("SHOAL_TOKEN_FILE"))
     p.add_argument("--data", help="text files or directory for stage 0 (default: stdlib)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
-    p.add_argument("--host", default="127.0.0.1", help="address to serve on")
-    p.add_argument("--advertise", help="address other peers use to reach this one")
+    p.add_argument("--host", help="address to serve on (default: all interfaces, 0.0.0.0; "
+                   "127.0.0.1 when the coordinator is on this machine's loopback)")
+    p.add_argument("--advertise", metavar="HOST",
+                   help="host other peers use to reach this one (default: the host the "
+                   "coordinator sees this peer's Join come from)")
+    p.add_argument("--relay", action="store_true",
+                   help="offer to relay for peers nobody can dial (the coordinator names this "
+                   "peer to them once it has reached it directly)")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--grace", type=float, default=20.0, help="drain grace period, seconds")
     p.add_argument("--spot-url", action="append", default=[],

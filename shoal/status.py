@@ -2,7 +2,8 @@
 
 It reads the same JSON document the dashboard draws (one GET, standard library only, so it runs
 on the coordinator's tiny VM and in a container health check) and prints the run, each stage with
-its replicas and throughput, and each peer. `--json` prints the document itself, for scripts.
+its replicas and throughput, and each peer with its REACH (the coordinator's dial-back: direct,
+relayed, unreachable; "-" until checked). `--json` prints the document itself, for scripts.
 `--watch` redraws the view every `--interval` seconds until Ctrl-C (with `--json`: one document a
 line); a coordinator that stops answering mid-watch is shown as such above the last view it gave,
 and asked again at the next interval.
@@ -31,7 +32,8 @@ DEFAULT_HTTP = "127.0.0.1:8080"
 STATE_ORDER = ("training", "syncing", "joining", "rebuilt", "draining", "lost", "left")
 DEPARTED = ("lost", "left")  # no lease any more; the coordinator lists them for a while
 ANSI = {"training": "32", "syncing": "34", "joining": "36", "rebuilt": "35", "draining": "33",
-        "lost": "31", "left": "90", "empty": "1;31", "degraded": "33", "ok": "32"}
+        "lost": "31", "left": "90", "empty": "1;31", "degraded": "33", "ok": "32",
+        "relayed": "33", "unreachable": "1;31"}
 CLEAR = "\x1b[H\x1b[2J"  # cursor home, erase the screen: one redraw of --watch on a terminal
 HIDE_CURSOR, SHOW_CURSOR = "\x1b[?25l", "\x1b[?25h"
 
@@ -221,6 +223,7 @@ def render(status: dict[str, Any], color: bool = False) -> str:
         _short(p.get("peer_id")),
         str(stage_of(p.get("stage")) if stage_of(p.get("stage")) is not None else "-"),
         str(p.get("state") or "-"),
+        str(p.get("reach") or "-"),
         fmt_num(p.get("samples_per_s")),
         fmt_int(p.get("queue")),
         fmt_bytes(p.get("bytes_sent")),
@@ -229,9 +232,10 @@ def render(status: dict[str, Any], color: bool = False) -> str:
         str(p.get("device") or "-"),
     ] for p in ordered]
     if peer_rows:
-        headers = ["PEER", "STAGE", "STATE", "SAMPLES/S", "QUEUE", "SENT", "RECEIVED", "LOSS",
-                   "DEVICE"]
-        lines += table(headers, peer_rows, right={1, 3, 4, 5, 6, 7}, paint=(2,), color=color)
+        headers = ["PEER", "STAGE", "STATE", "REACH", "SAMPLES/S", "QUEUE", "SENT", "RECEIVED",
+                   "LOSS", "DEVICE"]
+        lines += table(headers, peer_rows, right={1, 4, 5, 6, 7, 8}, paint=(2, 3),
+                       color=color)
     else:
         lines.append("no peers have joined yet")
     return "\n".join(lines) + "\n"

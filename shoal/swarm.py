@@ -84,9 +84,10 @@ class Swarm:
     def add_peer(self, i: int, extra: list[str] | None = None) -> subprocess.Popen:
         keys = self.work / "keys"
         keys.mkdir(exist_ok=True)
-        args = ["peer", "--coordinator", f"127.0.0.1:{self.port}", "--identity",
-                str(keys / f"peer{i}.key"), "--token-file", str(self.token_file), "--device",
-                self.device, "--metrics-file", str(self.logs / f"peer{i}.metrics.jsonl"),
+        args = ["peer", "--coordinator", f"127.0.0.1:{self.port}", "--host", "127.0.0.1",
+                "--identity", str(keys / f"peer{i}.key"), "--token-file", str(self.token_file),
+                "--device", self.device, "--metrics-file",
+                str(self.logs / f"peer{i}.metrics.jsonl"),
                 *(extra or [])]
         if self.data:
             args += ["--data", self.data]
