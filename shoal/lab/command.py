@@ -23,7 +23,8 @@ Design. Three layers, one file each, so each can be used alone (tests and bench.
 This module ties them into a run: build the network, start the swarm, follow the steps, fire
 faults when due, export the model at the end (from inside `coord`, over the capped links), load
 it back, and write `summary.json`: the demo's summary plus the lab's settings, every fault fired,
-dropped microbatches (count and share of those planned) and rebuilt stages.
+dropped microbatches (count and share of those planned) and rebuilt stages, and how each peer
+was reached (`peers_reach`, `relayed_bytes`, `direct_bytes`: shoal/lab/reach.py).
 
 Everything this run made — processes, namespaces (and with them veths, ifbs, qdiscs, iptables
 rules) — is removed on exit, on error, on Ctrl-C and on SIGTERM; names carry a per-run prefix so
@@ -46,7 +47,9 @@ from pathlib import Path
 from typing import Any
 
 from protocols.runspec import RunSpec, RunSpecError
+from shoal.lab.nat import NatError, parse_nat
 from shoal.lab.network import LabError, LabNetwork, check_root, clean_stale
+from shoal.lab.reach import reach_summary
 from shoal.lab.scenario import ScenarioError, ScenarioRunner, chaos, parse, parse_line
 from shoal.lab.swarm import COORD_HOST, LabSwarm
 from shoal.local import DEMO_DEFAULTS, progress_line, settle, summarize, tokens_per_s
@@ -90,6 +93,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=0.0,
                    help="give up after this many seconds (default: 600 + 10 s per step)")
     p.add_argument("--no-export", action="store_true", help="skip the export at the end")
+    p.add_argument("--nat", metavar="HOSTS",
+                   help="put these peer hosts behind their own NAT, e.g. --nat peer3,peer4: "
+                   "they dial out, nothing dials in (shoal/lab/nat.py)")
+    p.add_argument("--place", action="append", default=[], metavar="HOST=STAGE",
+                   help="start HOST's peer with --stage STAGE, e.g. --place peer3=0 (default: "
+                   "the coordinator places every peer)")
     p.add_argument("--clean", action="store_true",
                    help="only remove namespaces left by lab runs whose process is gone")
 
@@ -149,6 +158,20 @@ def _faults(args: argparse.Namespace) -> list:
         raise SystemExit(f"scenario: {exc}") from None
 
 
+def _places(items: list[str], peer_names: list[str], stages: int) -> dict[str, int]:
+    """`--place peer3=0` as {host: stage}, checked against this lab's hosts and stages."""
+    out: dict[str, int] = {}
+    for item in items:
+        host, eq, stage = item.partition("=")
+        host = host.strip()
+        if not eq or host not in peer_names or not stage.strip().isdigit() \
+                or int(stage) > stages:
+            raise SystemExit(f"shoal lab: --place {item!r}: write HOST=STAGE with HOST one of "
+                             f"{', '.join(peer_names)} and STAGE 0..{stages}")
+        out[host] = int(stage)
+    return out
+
+
 def _stdin_commands(into: queue.Queue) -> None:
     for line in sys.stdin:
         into.put(line)
@@ -171,11 +194,16 @@ def main(args: argparse.Namespace) -> int:
         return 0
     spec = lab_spec(args)
     faults = _faults(args)
+    peer_names = [f"peer{i}" for i in range(1, args.hosts + 1)]
+    try:
+        nat_hosts = parse_nat(getattr(args, "nat", None), peer_names, COORD_HOST)
+    except NatError as exc:
+        raise SystemExit(f"shoal lab: {exc}") from None
+    places = _places(getattr(args, "place", []), peer_names, spec.pipeline.stages)
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="shoal-lab-"))
     work.mkdir(parents=True, exist_ok=True)
     old_term = signal.signal(signal.SIGTERM, _on_sigterm)
-    net = LabNetwork([COORD_HOST, *(f"peer{i}" for i in range(1, args.hosts + 1))],
-                     mbit=args.mbit)
+    net = LabNetwork([COORD_HOST, *peer_names], mbit=args.mbit, nat=nat_hosts)
     swarm: LabSwarm | None = None
     try:
         net.create()
@@ -187,8 +215,9 @@ def main(args: argparse.Namespace) -> int:
               f"({'every TCP connection' if net.transparent else 'peer ports only'}), "
               f"{len(faults)} faults scheduled; "
               f"{'plaintext links' if swarm.plaintext else 'mTLS on every link'}; "
-              f"logs: {swarm.logs}")
-        swarm.start()
+              + (f"behind NAT: {', '.join(nat_hosts)}; " if nat_hosts else "")
+              + f"logs: {swarm.logs}")
+        swarm.start(stages=places)
         summary = follow(swarm, spec, faults, args)
         (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(f"loss {summary['initial_loss']} -> {summary['final_loss']} over "
@@ -292,7 +321,7 @@ def follow(swarm: LabSwarm, spec: RunSpec, faults: list, args: argparse.Namespac
     summary.update({
         "lab": {"prefix": swarm.net.prefix, "hosts": args.hosts, "mbit": args.mbit,
                 "delay_ms": args.delay_ms, "transparent_relay": swarm.net.transparent,
-                "mdns": args.mdns, "tls": not swarm.plaintext},
+                "mdns": args.mdns, "tls": not swarm.plaintext, "nat": swarm.net.nat},
         "completed": summary["steps"] >= spec.run.steps,
         "planned_microbatches": planned, "completed_microbatches": completed,
         "dropped_microbatches": dropped, "discarded_graphs": coord_dropped,
@@ -301,6 +330,7 @@ def follow(swarm: LabSwarm, spec: RunSpec, faults: list, args: argparse.Namespac
         "coordinator_restarts": ((status or {}).get("coordinator") or {}).get("restarts"),
         "faults": [vars(r) for r in runner.log],
         "faults_not_fired": [f.line for f in runner.pending],
+        **reach_summary(swarm, status, summary.get("bytes_sent") or 0),
     })
     if summary["completed"] and not args.no_export:
         from peer.pipeline.checkpoint import load_model

@@ -19,7 +19,7 @@ public address as the source, and no lab host can dial the host: the case Shoal'
 Everything else of the lab applies unchanged, because it acts where the host's traffic passes:
 the tbf caps sit on the host's own eth0 (the link to its router), a partition takes the
 switch port down (now the router's uplink), and latency is added by the delay relay of the host
-that accepts a connection (the far end of every connection a NAT'd host makes; see
+that dials (for a NAT'd host's connections its own relay, before the router; see
 shoal/lab/network.py). Rules live in the router's namespace and go with it on `destroy`.
 """
 

@@ -5,7 +5,8 @@
 but each process is started with `ip netns exec HOST` (which execs, so the recorded pid is the
 program itself and signals reach it directly). Host `coord` (198.18.0.1) runs the coordinator
 and nothing else; hosts `peer1..peerN` run one peer each at a time, and a delay relay each
-(shoal/lab/relay.py) when the lab adds latency.
+(shoal/lab/relay.py) when the lab adds latency. A peer on a host behind the lab's NAT
+(LabNetwork.nat) gets neither --host nor --advertise, as on a volunteer's machine.
 
 Every link is mTLS (the coordinator, bound to 0.0.0.0, serves TLS with the swarm CA; peers
 advertise 198.18.x addresses, so their servers require client certificates from it), unless
@@ -98,7 +99,7 @@ class LabSwarm(Swarm):
 
             self.token_file.write_text(new_token() + "\n")
             self.token_file.chmod(0o600)
-        if self.delay_ms > 0:
+        if self.delay_ms > 0 or self.net.transparent:  # the REDIRECT sends every link there
             self._start_relays()
         self.start_coordinator()
         for host in self.peer_hosts:
@@ -140,8 +141,11 @@ class LabSwarm(Swarm):
         keys.mkdir(exist_ok=True)
         addr = self.net.hosts[host].address
         listen = "127.0.0.1" if (self.delay_ms > 0 and not self.net.transparent) else "0.0.0.0"
+        # Behind the lab's NAT a peer is started as the README's several-machines recipe says:
+        # no --host, no --advertise (it advertises what the coordinator observes: its router).
+        where = ([] if host in self.net.nat else ["--host", listen, "--advertise", addr])
         args = ["peer", "--identity", str(keys / f"{host}-{gen}.key"), "--token-file",
-                str(self.token_file), "--host", listen, "--advertise", addr, "--port",
+                str(self.token_file), *where, "--port",
                 str(PEER_PORT), "--grace", str(self.grace_s), "--metrics-file",
                 str(self.logs / f"{host}-{gen}.metrics.jsonl"), *self.peer_args, *(extra or [])]
         if not self.mdns:
@@ -265,18 +269,27 @@ class LabSwarm(Swarm):
             time.sleep(0.2)
         raise SystemExit(f"nothing listens on {host} {addr}:{port} after {timeout:.0f} s")
 
-    def status(self) -> dict | None:
-        """The coordinator's /api/status, fetched from inside `coord`; None if unreachable."""
+    def http_get(self, path: str) -> bytes | None:
+        """GET `path` from the coordinator's HTTP port, from inside `coord`; None on any
+        failure (unreachable, not 200)."""
         addr = self.net.hosts[COORD_HOST].address
         try:
             conn = http.client.HTTPConnection(addr, HTTP_PORT, timeout=5)
             conn.sock = self.connect(COORD_HOST, addr, HTTP_PORT)
-            conn.request("GET", "/api/status")
+            conn.request("GET", path)
             r = conn.getresponse()
             body = r.read()
             conn.close()
-            return json.loads(body) if r.status == 200 else None
-        except (OSError, ValueError, http.client.HTTPException):
+            return body if r.status == 200 else None
+        except (OSError, http.client.HTTPException):
+            return None
+
+    def status(self) -> dict | None:
+        """The coordinator's /api/status, fetched from inside `coord`; None if unreachable."""
+        body = self.http_get("/api/status")
+        try:
+            return json.loads(body) if body is not None else None
+        except ValueError:
             return None
 
     def export(self, out: Path, timeout: float = 300) -> None:
