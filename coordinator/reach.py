@@ -170,6 +170,8 @@ class ReachChecker:
                                             max(0.05, min(ATTEMPT_S, deadline - loop.time())))
             except grpc.aio.AioRpcError as exc:
                 last = f"{exc.code().name}: {exc.details()}"
+                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:  # another peer answers there
+                    return Outcome(False, f"{address} ({how}) answered for another peer: {last}")
             except (ValueError, OSError) as exc:
                 last = str(exc)
             else:
