@@ -3,9 +3,10 @@
     peers_reach     one row per peer the coordinator knows: host, peer id, address, stage,
                     step, live, behind_nat, reachable ("direct" | "relayed" | "unreachable" | "", as
                     the coordinator's /api/status `reach` says; "" where it says nothing)
-    relayed_bytes   the coordinator's relay counter from its /metrics (every sample of a
-                    `*_total` whose name holds "relay" and "bytes"; 0 when none is exposed,
-                    with `relayed_bytes_metric` naming what was read, or saying it was absent)
+    relayed_bytes   the coordinator's relay counter, shoal_relayed_bytes_total on its /metrics
+                    (0 when it is not exposed, with `relayed_bytes_metric` naming what was
+                    read or saying it was absent). Relays offered by peers (`--relay`) are
+                    not counted: their bytes appear on no coordinator counter.
     direct_bytes    the peers' own bytes sent (their reported payload totals) minus
                     relayed_bytes, never below 0: the payload that went peer to peer. An
                     estimate: the relay counts tunnelled TCP bytes both ways (TLS and HTTP/2
@@ -21,6 +22,10 @@ import contextlib
 from typing import Protocol
 
 from protocols.identity import Identity
+
+#: coordinator/metrics.py's total of the bytes its relay carried, both ways (the per-peer
+#: shoal_peer_relayed_bytes_total splits the same bytes, so it is not added)
+RELAYED_METRIC = "shoal_relayed_bytes_total"
 
 
 class _Swarm(Protocol):
@@ -40,25 +45,17 @@ def peer_hosts_by_id(swarm: _Swarm) -> dict[str, str]:
 
 
 def relayed_bytes(metrics_text: str | None) -> tuple[int, str]:
-    """(bytes, what was read) from the coordinator's /metrics text."""
+    """(bytes, what was read) from the coordinator's /metrics text: RELAYED_METRIC's value."""
     if not metrics_text:
         return 0, "no /metrics answer: 0 reported"
-    total, names = 0.0, []
     for line in metrics_text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if not (name.endswith("_total") and "relay" in name and "bytes" in name):
-            continue
-        try:
-            total += float(line.rsplit(" ", 1)[1])
-        except (IndexError, ValueError):
-            return 0, f"unreadable /metrics line {line!r}: 0 reported"
-        if name not in names:
-            names.append(name)
-    if not names:
-        return 0, "no relay byte counter on the coordinator's /metrics: 0 reported"
-    return int(total), ", ".join(names)
+        name, _, value = line.partition(" ")
+        if name == RELAYED_METRIC:
+            try:
+                return int(float(value.split()[0])), RELAYED_METRIC
+            except (IndexError, ValueError):
+                return 0, f"unreadable /metrics line {line!r}: 0 reported"
+    return 0, f"no {RELAYED_METRIC} on the coordinator's /metrics: 0 reported"
 
 
 def reach_summary(swarm: _Swarm, status: dict | None, bytes_sent: int) -> dict:

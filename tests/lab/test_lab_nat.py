@@ -223,3 +223,14 @@ def test_nat_needs_iptables_and_peer_hosts(netns_ok, monkeypatch):
     with pytest.raises(LabError, match="--nat needs iptables"):
         net.create()
     assert machine_state() == before
+
+
+def test_relayed_bytes_reads_the_coordinators_total():
+    from shoal.lab.reach import RELAYED_METRIC, relayed_bytes
+
+    text = (f"# TYPE {RELAYED_METRIC} counter\n{RELAYED_METRIC} 1234.0\n"
+            'shoal_peer_relayed_bytes_total{peer="ab"} 1234.0\n')
+    assert relayed_bytes(text) == (1234, RELAYED_METRIC)  # the per-peer split is not added
+    n, why = relayed_bytes("# TYPE shoal_x gauge\nshoal_x 1\n")
+    assert n == 0 and RELAYED_METRIC in why
+    assert relayed_bytes(None)[0] == 0
