@@ -57,8 +57,10 @@ from coordinator.http import DEFAULT_MAX_SSE_CLIENTS, make_app, start_http
 from coordinator.membership import DEFAULT_REJOIN_COOLDOWN_S, RESTART_EPOCH_GAP, Membership
 from coordinator.service import CoordinatorService
 from coordinator.store import Batch, Journal, Store
+from protocols import shoal_pb2_grpc as pbg
 from protocols.auth import Admission, AuthInterceptor, new_token
 from protocols.identity import Identity
+from protocols.relay import RelayHub, parse_ports
 from protocols.runspec import RunSpec
 from protocols.tensor_stream import grpc_options
 from protocols.tls import coordinator_server_credentials, link_is_local
@@ -91,6 +93,7 @@ class CoordinatorHandle:
     _journal: Journal
     tasks: list[asyncio.Task] = field(default_factory=list)
     announcement: object | None = None
+    relay: RelayHub | None = None  # the relay for unreachable peers (None with --no-relay)
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -116,6 +119,8 @@ class CoordinatorHandle:
         self._stopped.set()
         for task in self.tasks:
             task.cancel()
+        if self.relay is not None:
+            await self.relay.stop()
         await self._server.stop(grace_s)
         await self._runner.cleanup()  # type: ignore[attr-defined]
         if self.announcement is not None:
@@ -202,8 +207,14 @@ async def serve(config: str | Path | RunSpec | None = None, port: int = 7000,
                 http_token_file: str | None = None,
                 max_sse_clients: int = DEFAULT_MAX_SSE_CLIENTS,
                 join_nonce_capacity: int = DEFAULT_JOIN_NONCE_CAPACITY,
+                relay: bool = True, relay_ports: str | None = None,
+                relay_host: str | None = None,
                 clock: Callable[[], float] = time.time) -> CoordinatorHandle:
     """Start a coordinator on the running event loop; see the module docstring."""
+    try:
+        ports = parse_ports(relay_ports)
+    except ValueError as exc:
+        raise CoordinatorStartError(f"--relay-ports: {exc}") from None
     state = Path(state_dir)
     store = Store(state)
     loop = asyncio.get_running_loop()
@@ -290,6 +301,12 @@ async def serve(config: str | Path | RunSpec | None = None, port: int = 7000,
     options.append(("grpc.max_receive_message_length", MAX_REQUEST_BYTES))
     server = grpc.aio.server(interceptors=[auth], options=options)
     svc.add_to_server(server)
+    hub = None
+    if relay:  # relayed ports listen where gRPC does; peers dial them at --relay-host
+        hub = RelayHub(admit=membership.is_member, bind_host=host, ports=ports,
+                       advertise_host=relay_host or _connect_host(host))
+        pbg.add_RelayServicer_to_server(hub, server)
+    svc.relay_hub = hub
     try:
         if tls_dir:
             from protocols.tls import server_credentials
@@ -320,8 +337,10 @@ async def serve(config: str | Path | RunSpec | None = None, port: int = 7000,
         await journal.close()
         raise CoordinatorStartError(str(exc.strerror or exc)) from exc
     handle = CoordinatorHandle(svc, host, bound, bound_http, state, token_path, server, runner,
-                               journal)
+                               journal, relay=hub)
     svc.grpc_address = handle.grpc_address
+    # where unreachable peers attach (HeartbeatReply.relay): this coordinator's own gRPC address
+    svc.relay_address = handle.grpc_address if hub is not None else ""
     svc.join_token_file = str(token_path) if token_path is not None else ""
     handle.tasks.append(asyncio.create_task(_tick_loop(svc, clock), name="shoal-tick"))
     handle.tasks.append(asyncio.create_task(_watch_loop_lag(svc), name="shoal-loop-lag"))
@@ -408,6 +427,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds a peer that left must wait before joining again")
     p.add_argument("--plaintext", action="store_true",
                    help="serve gRPC without TLS even on a non-loopback address (lab only)")
+    p.add_argument("--no-relay", action="store_true",
+                   help="do not relay for peers nobody can dial (they then need a peer started "
+                        "with --relay)")
+    p.add_argument("--relay-ports", default=None,
+                   help="ports relayed peers are reached at, FIRST-LAST (e.g. 40000-40999; "
+                        "default: any free port); open them in the firewall")
+    p.add_argument("--relay-host", default=None,
+                   help="the host others dial to reach a relayed peer (default: this "
+                        "coordinator's address, as in its gRPC address)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -434,7 +462,10 @@ async def _run(args: argparse.Namespace) -> int:
                              max_sse_clients=getattr(args, "max_sse_clients",
                                                      DEFAULT_MAX_SSE_CLIENTS),
                              join_nonce_capacity=getattr(args, "join_nonce_capacity",
-                                                         DEFAULT_JOIN_NONCE_CAPACITY))
+                                                         DEFAULT_JOIN_NONCE_CAPACITY),
+                             relay=not getattr(args, "no_relay", False),
+                             relay_ports=getattr(args, "relay_ports", None),
+                             relay_host=getattr(args, "relay_host", None))
     except Exception as exc:  # RunSpecError, StoreError, KeyFileError, CoordinatorStartError
         print(f"shoal coordinator: {exc}", file=sys.stderr)
         return 2

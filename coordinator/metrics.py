@@ -38,6 +38,7 @@ from protocols.coordinator_client import PEER_STATES
 
 if TYPE_CHECKING:
     from coordinator.service import CoordinatorService
+    from protocols.relay import RelayHub
 
 _COUNTERS = (("heartbeats", "Heartbeats accepted."), ("joins", "First joins."),
              ("rejoins", "Joins by peers already known."), ("leaves", "Clean leaves."),
@@ -99,6 +100,7 @@ class SwarmCollector(Collector):
                        m.bytes_received_total)
         yield _counter("shoal_dropped_microbatches", "Microbatches dropped, whole run.",
                        m.dropped_total)
+        yield from self._relay(getattr(svc, "relay_hub", None))
         drivers = [x for x in live if x.stage == 0 and math.isfinite(x.stats.loss)]
         loss = sum(x.stats.loss for x in drivers) / len(drivers) if drivers else math.nan
         yield _gauge("shoal_loss", "Mean training loss over stage-0 peers (NaN: unknown).", loss)
@@ -122,6 +124,21 @@ class SwarmCollector(Collector):
             "shoal_heartbeat_duration_seconds",
             "Time to handle one heartbeat (after authentication).", buckets=buckets,
             sum_value=h.total)
+
+    @staticmethod
+    def _relay(hub: RelayHub | None) -> Iterator[Metric]:
+        """What this coordinator's relay (protocols/relay.py) carries; nothing with --no-relay."""
+        if hub is None:
+            return
+        yield _counter("shoal_relayed_bytes", "Bytes relayed for unreachable peers, both ways, "
+                       "since this coordinator started.", hub.relayed_bytes)
+        yield _gauge("shoal_relay_attached_peers", "Peers attached to this relay now.",
+                     len(hub.attached))
+        yield _gauge("shoal_relay_connections", "TCP connections carried by this relay now.",
+                     hub.connections())
+        yield _labelled(CounterMetricFamily, "shoal_peer_relayed_bytes",
+                        "Bytes relayed for each peer, both ways.", "peer",
+                        sorted(hub.bytes_by_peer.items()))
 
     @staticmethod
     def _stages(stages: list) -> Iterator[Metric]:
