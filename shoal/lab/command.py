@@ -5,12 +5,15 @@ added latency and faults on command (root only).
     shoal lab --hosts 8 --chaos 7 --out DIR                           seeded chaos, report kept
     shoal lab --hosts 4 --fault 'at step 10 kill peer2 respawn=20' --fault 'at 60s restart'
     shoal lab --hosts 4 --scenario faults.txt --interactive            + commands typed on stdin
+    shoal lab --hosts 4 --nat peer3,peer4 --place peer4=1             two peers behind NAT
     shoal lab --clean                                                 remove labs left by dead runs
 
 Design. Three layers, one file each, so each can be used alone (tests and bench.wan do):
 - shoal/lab/network.py — the network: a switch namespace with a bridge, one namespace per host with
   an address in 198.18.0.0/15, tbf caps both ways per host (ingress through ifb), an iptables
-  REDIRECT that sends incoming TCP to the host's delay relay, partitions by switch port.
+  REDIRECT that sends the TCP connections a host opens to its own delay relay, partitions by
+  switch port; with `--nat peer3,peer4` those hosts sit behind routers of their own
+  (shoal/lab/nat.py: masquerade out, nothing in).
 - shoal/lab/relay.py — the delay relay (asyncio): holds each chunk `--delay-ms` in each direction.
 - shoal/lab/swarm.py — processes inside the hosts: the real `shoal coordinator` on host `coord`,
   one real `shoal peer` on each host `peerN` (with `--mdns` they find the coordinator by

@@ -2,8 +2,9 @@
 
 A host behind `--nat` dials out to any lab host, which sees its router's public address as the
 source; nothing dials in, neither to the host's private address (even when the sender routes it
-at the router) nor to the router's public address on any port; the host's link is still capped;
-and `destroy` leaves no namespace, interface or iptables rule behind.
+at the router) nor to the router's public address on any port; a partition cuts the host off
+and a heal restores it; the host's link is still capped; and `destroy` leaves no namespace,
+interface or iptables rule behind.
 
 Connections are made both ways the lab makes them: through the delay relays (every TCP
 connection a lab host opens goes through its own relay, shoal/lab/relay.py) and, with the
@@ -151,6 +152,16 @@ def test_nat_host_dials_out_and_nobody_dials_in(netns_ok, tmp_path):
             with pytest.raises(TimeoutError):
                 s.accept()
             s.close()
+        # a partition of the NAT'd host cuts its router's uplink; a heal restores it
+        net.set_link("peer2", False)
+        with pytest.raises(OSError):
+            dial(p2.netns, p1.address, 9000, marked=True, timeout=2).close()
+        net.set_link("peer2", True)
+        c = dial(p2.netns, p1.address, 9000, marked=True, timeout=10)
+        a, seen = srv.accept()
+        assert seen[0] == p2.address
+        c.close()
+        a.close()
         srv.close()
 
 
