@@ -54,6 +54,7 @@ from peer.progress import ProgressReporter, peer_stats, progress_text
 from peer.reach import ReachNotice, ReachService
 from peer.recovery.rebuild import catch_up, snapshot_if_due, take_state
 from peer.recovery.transfer import download_state
+from peer.relayed import RelayLink, local_target, relay_hub
 from peer.services import serve
 from peer.sync.base import SyncMode
 from peer.sync.registry import make_driver, make_sync_mode
@@ -71,6 +72,7 @@ from protocols.coordinator_client import (
 )
 from protocols.identity import Identity
 from protocols.recovery_report import RecoveryReport
+from protocols.relay import RelayHub
 from protocols.runspec import RunSpec
 
 log = logging.getLogger("shoal.peer")
@@ -119,6 +121,8 @@ class PeerDaemon:
         self._snapshot_step = 0
         self.metrics = PeerMetrics(self)  # served only with --metrics-port
         self.reach_notice = ReachNotice()  # logs what the coordinator's dial-back found
+        self.relay_link: RelayLink | None = None  # attaches to a relay while nobody can dial in
+        self.relay_hub: RelayHub | None = None  # the relay it offers with --relay
 
     # ------------------------------------------------------------------ what collaborators use
 
@@ -187,9 +191,11 @@ class PeerDaemon:
         coordinator = args.coordinator or await self._discover(fingerprint)
         bind = self._bind_host(coordinator)
         self.server_tls = self._server_tls(bind)
+        if getattr(args, "relay", False):  # relayed ports at this peer's registered host
+            self.relay_hub = relay_hub(lambda: self.view, self._own_host, bind)
         self.server, port = serve(self, f"{bind}:{args.port}",
                                   self.server_tls.credentials if self.server_tls else None,
-                                  reach=ReachService(self.identity))
+                                  reach=ReachService(self.identity), relay=self.relay_hub)
         if port == 0:
             raise SystemExit(f"cannot listen on {bind}:{args.port}: address in use?")
         await self.server.start()
@@ -205,6 +211,8 @@ class PeerDaemon:
                                         fingerprint=fingerprint, plaintext=self.plaintext,
                                         tls_key=tls_key)
         self.client.relay = bool(getattr(args, "relay", False))  # PeerInfo.relay (--relay)
+        self.relay_link = RelayLink(self.client, local_target(bind, port), lambda: self.view,
+                                    self.channel)
         try:
             await self.client.connect()  # a coordinator that fails its fingerprint: fail fast
             bench = await asyncio.to_thread(machine.benchmark, args.throttle,
@@ -379,6 +387,7 @@ class PeerDaemon:
                     self.server_tls.update(self.client.tls())  # a re-join renews the leaf
                 self.address = self.client.registered_address or self.address
                 self.reach_notice.update(res.reach, res.relay, self.address)
+                await self.relay_link.update(res.reach, res.relay)
                 view = res.view
                 if view is not None:
                     self.view = view
@@ -485,6 +494,10 @@ class PeerDaemon:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.relay_link is not None:
+            await self.relay_link.stop()
+        if self.relay_hub is not None:
+            await self.relay_hub.stop()
         await self.server.stop(1.0)
         await self.metrics.stop()
         await self._channels.close()
@@ -493,6 +506,13 @@ class PeerDaemon:
             self.host.close()
         log.info("peer %s stopped", self.peer_id[:8])
         return 0
+
+
+    def _own_host(self) -> str:
+        """The host others reach this peer at (where a --relay peer's relayed ports are)."""
+        with contextlib.suppress(ValueError):
+            return tls.split_host_port(self.address)[0] or "127.0.0.1"
+        return "127.0.0.1"
 
 
 def _all_interfaces(host: str) -> bool:

@@ -1,0 +1,49 @@
+"""A block replica nobody can dial trains through the coordinator's relay: real processes.
+
+The stage-1 peer listens on 127.0.0.1 but registers at 127.0.0.2, where nothing listens, so
+the coordinator's dial-back fails and nobody can call it directly (a stand-in for NAT that needs
+no root; the lab's `--nat` is the real thing). The coordinator tells it to attach to its relay
+(peer/relayed.py), it announces the relayed port, and every Forward/Backward of the run goes
+into it through the relay: steps complete, /api/status calls it relayed, and /metrics counts
+the relayed bytes. Bounded waits only catch hangs; nothing is timed.
+"""
+
+from __future__ import annotations
+
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from shoal.swarm import Swarm
+from tests.swarm.local_swarm import spec_with, step_of, wait_for
+
+
+def _relayed_bytes(swarm: Swarm) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{swarm.http_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "shoal_relayed_bytes_total")
+
+
+def test_a_block_replica_nobody_can_dial_trains_through_the_relay(tmp_path) -> None:
+    steps = 12
+    swarm = Swarm(tmp_path / "swarm", spec_with(**{"run.steps": steps}), 0, None, "cpu")
+    try:
+        swarm.start(0)
+        swarm.add_peer(0, ["--stage", "0", "--grace", "10"])
+        swarm.add_peer(1, ["--stage", "1", "--grace", "10", "--advertise", "127.0.0.2"])
+        swarm.add_peer(2, ["--stage", "2", "--grace", "10"])
+
+        def relayed_peer() -> dict | None:
+            peers = (swarm.status() or {}).get("peers", [])
+            return next((p for p in peers if p["stage"] == 1 and p.get("reach") == "relayed"
+                         and p["live"]), None)
+
+        peer = wait_for("the stage-1 peer to be reached through the relay", relayed_peer, 180,
+                        swarm)
+        assert not peer["address"].startswith("127.0.0.2:"), peer
+        wait_for(f"{steps} steps", lambda: step_of(swarm) >= steps, 300, swarm)
+        assert relayed_peer() is not None  # still relayed: nothing dialled it directly
+        assert _relayed_bytes(swarm) > 0
+    finally:
+        swarm.stop(grace=5)
