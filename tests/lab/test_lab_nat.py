@@ -34,15 +34,18 @@ pytestmark = pytest.mark.root
 CAP_MBIT = 4.0
 
 
-def machine_state() -> tuple[str, str, list[str]]:
-    """The machine's own iptables rules, its links and the lab's namespaces: what a lab must
-    leave as it found."""
+def machine_state() -> tuple[str, str]:
+    """The machine's own iptables rules and links: what a lab must leave as it found."""
     rules = subprocess.run(["iptables-save"], capture_output=True, text=True).stdout
     rules = "\n".join(x for x in rules.splitlines() if not x.startswith("#"))
     links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
     links = "\n".join(sorted(x.split(":")[1].strip() for x in links.splitlines()))
+    return rules, links
+
+
+def namespaces_of(net: LabNetwork) -> list[str]:
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    return rules, links, [n for n in names.split() if n.startswith("sl")]
+    return [n for n in names.split() if n.startswith(net.prefix)]
 
 
 def dial(netns: str, address: str, port: int, *, marked: bool, timeout: float = 3.0
@@ -91,7 +94,7 @@ def lab(names: list[str], nat_hosts: list[str], mbit: float, relays: bool, tmp: 
             p.wait(10)
         net.destroy()
     after = machine_state()
-    assert after[2] == before[2], f"lab namespaces left behind: {after[2]}"
+    assert not namespaces_of(net), f"lab namespaces left behind: {namespaces_of(net)}"
     assert after[1] == before[1], "the machine's own links changed"
     assert after[0] == before[0], "the machine's own iptables rules changed"
 
@@ -233,7 +236,7 @@ def test_nat_needs_iptables_and_peer_hosts(netns_ok, monkeypatch):
     net = LabNetwork(["coord", "peer1"], nat=["peer1"])
     with pytest.raises(LabError, match="--nat needs iptables"):
         net.create()
-    assert machine_state() == before
+    assert machine_state() == before and not namespaces_of(net)
 
 
 def test_relayed_bytes_reads_the_coordinators_total():
@@ -245,3 +248,22 @@ def test_relayed_bytes_reads_the_coordinators_total():
     n, why = relayed_bytes("# TYPE shoal_x gauge\nshoal_x 1\n")
     assert n == 0 and RELAYED_METRIC in why
     assert relayed_bytes(None)[0] == 0
+
+
+def test_clean_stale_removes_a_dead_labs_routers(netns_ok):
+    from shoal.lab.network import RUN_DIR, clean_stale
+
+    before = machine_state()
+    net = LabNetwork(["coord", "peer1"], nat=["peer1"])
+    try:
+        net.create()
+        router = net.hosts["peer1"].router
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        rec = RUN_DIR / f"{net.prefix}.json"
+        rec.write_text(json.dumps({**json.loads(rec.read_text()), "pid": dead.pid}))
+        assert router in clean_stale()
+        assert not rec.exists()
+    finally:
+        net.destroy()
+    assert machine_state() == before and not namespaces_of(net)
