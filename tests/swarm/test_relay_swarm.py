@@ -47,3 +47,34 @@ def test_a_block_replica_nobody_can_dial_trains_through_the_relay(tmp_path) -> N
         assert _relayed_bytes(swarm) > 0
     finally:
         swarm.stop(grace=5)
+
+
+def test_a_peer_started_with_relay_carries_another(tmp_path) -> None:
+    """The coordinator's relay carries the first unreachable replica; the second goes to the
+    less loaded relay on offer, a reachable peer started with --relay, and trains through it."""
+    steps = 12
+    swarm = Swarm(tmp_path / "swarm", spec_with(**{"run.steps": steps}), 0, None, "cpu")
+
+    def by_stage(stage: int, **want: object) -> list[dict]:
+        return [p for p in (swarm.status() or {}).get("peers", []) if p["live"]
+                and p["stage"] == stage and all(p.get(k) == v for k, v in want.items())]
+
+    try:
+        swarm.start(0)
+        swarm.add_peer(0, ["--stage", "0", "--grace", "10"])
+        swarm.add_peer(1, ["--stage", "2", "--grace", "10", "--relay"])
+        relay = wait_for("the --relay peer to be reached directly",
+                         lambda: by_stage(2, reach="direct", relay=True), 180, swarm)[0]
+        swarm.add_peer(2, ["--stage", "1", "--grace", "10", "--advertise", "127.0.0.2"])
+        first = wait_for("the first unreachable replica relayed by the coordinator",
+                         lambda: by_stage(1, reach="relayed"), 180, swarm)[0]
+        assert first["relayed_by"] != relay["address"], first
+        swarm.add_peer(3, ["--stage", "1", "--grace", "10", "--advertise", "127.0.0.3"])
+        second = wait_for("the second relayed by the --relay peer",
+                          lambda: by_stage(1, reach="relayed", relayed_by=relay["address"]),
+                          180, swarm)[0]
+        assert second["peer_id"] != first["peer_id"]
+        wait_for(f"{steps} steps", lambda: step_of(swarm) >= steps, 300, swarm)
+        assert len(by_stage(1, reach="relayed")) == 2  # both still relayed, both live
+    finally:
+        swarm.stop(grace=5)
