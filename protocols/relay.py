@@ -157,6 +157,9 @@ class RelayHub(pbg.RelayServicer):
             error = f"malformed frame: {exc}; the stream ends (attach again)"
         except grpc.RpcError:
             pass  # the peer's side of the stream broke: end ours
+        except Exception:  # a bug here must end this stream, not leave it half-served
+            log.exception("relay stream of peer %s failed", session.peer_id[:8])
+            error = "the relay failed on this stream; attach again"
         if error:
             log.warning("relay stream of peer %s ends: %s", session.peer_id[:8], error)
         session.conns.finish(error)

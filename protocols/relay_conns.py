@@ -93,6 +93,10 @@ class Conns:
     def __len__(self) -> int:
         return len(self._conns)
 
+    def queued(self) -> int:
+        """Frames from the far end waiting for their sockets, all connections together."""
+        return sum(len(c.pending) for c in self._conns.values())
+
     # ---------------------------------------------------------------- opening
 
     def accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int | None:

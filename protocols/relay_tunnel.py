@@ -75,7 +75,7 @@ class RelayTunnel:
         self.last_error = ""  # why the last stream ended, in words
         self._task: asyncio.Task | None = None
         self._call: grpc.aio.StreamStreamCall | None = None
-        self._conns: Conns | None = None
+        self.conns: Conns | None = None  # the current stream's connections
 
     def start(self) -> None:
         if self._task is None:
@@ -90,13 +90,17 @@ class RelayTunnel:
         self._set_address("")
 
     def connections(self) -> int:
-        return len(self._conns) if self._conns is not None else 0
+        return len(self.conns) if self.conns is not None else 0
 
     # ---------------------------------------------------------------- the loop
 
     async def _run(self) -> None:
         while True:
-            attached = await self._attach_once()
+            try:
+                attached = await self._attach_once()
+            except Exception as exc:  # e.g. no channel to the relay: retry, never stop trying
+                log.exception("relay %s: attaching failed", self.relay)
+                self.last_error, attached = f"attaching failed: {exc}", False
             self.failures = 0 if attached else self.failures + 1
             self._set_address("")
             delay = (min(self._backoff_cap_s, self._backoff_s * 2 ** min(self.failures, 30))
@@ -108,7 +112,7 @@ class RelayTunnel:
     async def _attach_once(self) -> bool:
         """One stream, from attach to its end; True when it got an address."""
         self.last_error = ""
-        conns = self._conns = Conns(self.limits, self._count, connect=self._dial)
+        conns = self.conns = Conns(self.limits, self._count, connect=self._dial)
         got_address = False
         call = self._call = pbg.RelayStub(self._channel()).Attach(
             conns.frames(pb.RelayFrame(keepalive=True)))  # the first (signed) frame

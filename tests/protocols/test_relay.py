@@ -359,3 +359,55 @@ def test_relay_ports_parse_with_clear_errors() -> None:
         parse_ports("forty")
     with pytest.raises(ValueError, match="FIRST <= LAST"):
         parse_ports("5-4")
+
+
+def test_a_socket_that_does_not_read_holds_the_sender_back_with_bounded_queues() -> None:
+    """The peer's server stops reading: the relay's queues fill to their bounds and the sender
+    is held back (its writes wait); nothing piles up without bound, and once the server reads
+    again every byte arrives, in order."""
+    total = 64 << 20
+    limits = RelayLimits(conn_queue_frames=4, stream_queue_frames=4)
+
+    async def main(w: World) -> None:
+        reading = asyncio.Event()
+        received = hashlib.sha256()
+        got = [0]
+
+        async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reading.wait()
+            while data := await reader.read(1 << 20):
+                received.update(data)
+                got[0] += len(data)
+            writer.close()
+
+        target = await asyncio.start_server(slow, "127.0.0.1", 0)
+        hub, _, hub_port = await w.hub(limits=limits)
+        tunnel = w.tunnel(hub_port, target.sockets[0].getsockname()[1], limits=limits)
+        host, port = tls.split_host_port(await until(lambda: tunnel.address))
+        payload = os.urandom(total)
+        _, writer = await asyncio.open_connection(host, port)
+
+        async def send() -> None:
+            for i in range(0, total, 1 << 20):
+                writer.write(payload[i:i + (1 << 20)])
+                await writer.drain()
+            writer.write_eof()
+
+        sending = asyncio.create_task(send())
+        try:
+            await until(lambda: tunnel.conns.queued() == limits.conn_queue_frames)
+            await asyncio.sleep(0.5)  # let whatever can still move move (no timing asserted)
+            assert tunnel.conns.queued() <= limits.conn_queue_frames
+            assert not sending.done()  # the sender is held back
+            # in flight: the frame queues plus the sockets' and gRPC's buffers, far below total
+            assert hub.relayed_bytes < total // 2
+            reading.set()
+            await sending
+            await until(lambda: got[0] == total)
+            assert received.digest() == hashlib.sha256(payload).digest()
+        finally:
+            sending.cancel()
+            writer.close()
+            target.close()
+
+    run(main)
