@@ -20,6 +20,9 @@ someone tries. Three pieces, used by coordinator/service.py:
 - `pick_relay`: which relay an unreachable member is told to use: the least loaded of the
   coordinator's own Relay service and the members started with --relay that were reached
   directly; a member keeps its relay while it is still offered.
+
+`Reachability` ties them to the membership for the service: announced addresses, when to dial,
+the reach each result means (PeerInfo.reach; a change moves the epoch), the relay to name.
 """
 
 from __future__ import annotations
@@ -37,8 +40,8 @@ from dataclasses import dataclass
 import grpc
 
 from coordinator.ca import CoordinatorCA
-from coordinator.membership import Member
-from coordinator.messages import BadRequest
+from coordinator.membership import Member, Membership
+from coordinator.messages import BadRequest, check_address, is_loopback_peer
 from protocols import reach as reach_wire
 from protocols import shoal_pb2 as pb
 from protocols import shoal_pb2_grpc as pbg
@@ -55,6 +58,8 @@ ATTEMPT_S = 4.0  # one attempt (connect, TLS, the call)
 FIRST_DELAY_S = 0.3  # the peer reads its Join reply (coordinator key, TLS leaf) meanwhile
 MAX_IN_FLIGHT = 16
 MAX_PENDING = 1024
+# an unreachable member is dialled again this often (it may have opened its port since)
+RECHECK_UNREACHABLE_S = 120.0
 _LEAF_RENEW_S = 86400.0
 
 
@@ -251,3 +256,87 @@ def pick_relay(loads: dict[str, int], current: str) -> str:
         return ""
     order = {a: i for i, a in enumerate(loads)}
     return min(loads, key=lambda a: (loads[a], order[a]))
+
+
+class Reachability:
+    """The coordinator's reachability bookkeeping, for coordinator/service.py: which address a
+    heartbeat announces, when to dial members back, what their reach is, which relay an
+    unreachable member is told. Event loop only.
+
+    Args:
+        identity, ca: the coordinator's key and CA, for the dial-back (ReachChecker).
+        membership: the members; their `reach`, `relay_told` and addresses change here.
+        tls: whether the coordinator serves TLS (then every member holds a swarm leaf).
+        on_change: called when a reach changed (the service persists soon).
+    """
+
+    def __init__(self, identity: Identity, membership: Membership, *,
+                 ca: Callable[[], CoordinatorCA | None], tls: Callable[[], bool],
+                 clock: Callable[[], float], on_change: Callable[[], None]) -> None:
+        self.membership = membership
+        self.checker = ReachChecker(identity, ca, self._result)
+        self._tls = tls
+        self._clock = clock
+        self._on_change = on_change
+        self.relay_address = ""  # this coordinator's own Relay service (set by main)
+        self._relays: dict[str, int] = {}  # relay address -> members on it (tick refreshes)
+        self._checked: dict[str, float] = {}  # peer id -> when its last check began
+
+    def announced(self, request: pb.HeartbeatRequest, grpc_peer: str) -> tuple[str, str] | None:
+        """The (address, relayed_by) a heartbeat announces, checked like Join's address (an
+        empty host filled with the observed one); None when it announces nothing. BadRequest."""
+        if not request.address:
+            if request.relayed_by:
+                raise BadRequest("relayed_by is set but address is empty: announce the address "
+                                 "the relay listens on for this peer")
+            return None
+        loopback = is_loopback_peer(grpc_peer)
+        address = check_address(observed_address(request.address, grpc_peer), loopback)
+        relayed_by = check_address(request.relayed_by, loopback) if request.relayed_by else ""
+        return address, relayed_by
+
+    def check(self, member: Member, now: float) -> None:
+        """Dial `member` back at its address, off the calling path (returns at once)."""
+        use_tls = dial_tls(member.address, self._tls(), member.has_leaf)
+        if self.checker.check(member.peer_id, member.public_key, member.address, use_tls):
+            self._checked[member.peer_id] = now
+
+    def relay_for(self, member: Member) -> str:
+        """The relay an unreachable member is told to attach to (least loaded; sticky)."""
+        told = pick_relay(self._relays, member.relay_told)
+        if told and told != member.relay_told:
+            self._relays[told] += 1
+        member.relay_told = told
+        return told
+
+    def tick(self, now: float) -> None:
+        """Once a second: refresh the relays' loads; dial back members never checked (restored
+        after a restart, or skipped while MAX_PENDING checks waited) and, every
+        RECHECK_UNREACHABLE_S, the unreachable ones."""
+        live = self.membership.live_members()
+        self._relays = relay_loads(live, self.relay_address)
+        for m in live:
+            due = m.reach == "" or (m.reach == reach_wire.UNREACHABLE and now - self._checked
+                                    .get(m.peer_id, 0.0) >= RECHECK_UNREACHABLE_S)
+            if due and not self.checker.pending(m.peer_id):
+                self.check(m, now)
+        for pid in [p for p in self._checked if not self.membership.is_member(p)]:
+            del self._checked[pid]
+
+    async def close(self) -> None:
+        """Cancel the checks in flight (the coordinator stops)."""
+        await self.checker.close()
+
+    def _result(self, peer_id: str, address: str, outcome: Outcome) -> None:
+        member = self.membership.get(peer_id)
+        if member is None:
+            return
+        reach = ((reach_wire.RELAYED if member.relayed_by else reach_wire.DIRECT)
+                 if outcome.reached else reach_wire.UNREACHABLE)
+        if not self.membership.set_reach(peer_id, address, reach, outcome.detail, self._clock()):
+            return
+        if outcome.reached:
+            log.info("peer %s is reachable (%s): %s", peer_id, reach, outcome.detail)
+        else:
+            log.warning("peer %s is unreachable: %s", peer_id, outcome.detail)
+        self._on_change()

@@ -54,14 +54,7 @@ from coordinator.messages import (
     member_to_wire,
     stats_from_wire,
 )
-from coordinator.reach import (
-    Outcome,
-    ReachChecker,
-    dial_tls,
-    observed_address,
-    pick_relay,
-    relay_loads,
-)
+from coordinator.reach import Reachability, observed_address
 from coordinator.store import Batch, Journal, StoreError
 from protocols import reach as reach_wire
 from protocols import shoal_pb2 as pb
@@ -81,8 +74,6 @@ VIEW_STATS_MAX_AGE_S = 1.0
 # meets it; a peer beating much faster gets RESOURCE_EXHAUSTED.
 BEAT_RATE_FACTOR = 2.0
 BEAT_BURST_SLACK = 4.0
-# an unreachable member is dialled again this often (it may have opened its port since)
-RECHECK_UNREACHABLE_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -140,12 +131,9 @@ class CoordinatorService:
         self.beat_rate = BEAT_RATE_FACTOR / ms.heartbeat_s
         self.beat_burst = 2.0 * ms.lease_s / ms.heartbeat_s + BEAT_BURST_SLACK
         # reachability (coordinator/reach.py): the dial-back, and the relays on offer
-        self.reach = ReachChecker(identity, lambda: self.ca, self._reach_result)
-        #: host:port of this coordinator's own Relay service, named to unreachable members;
-        #: "" while it runs none (coordinator.main sets it when it serves one)
-        self.relay_address = ""
-        self._relays: dict[str, int] = {}  # relay address -> members on it (tick refreshes)
-        self._reach_checked: dict[str, float] = {}  # peer id -> when its last check began
+        self.reach = Reachability(identity, membership, ca=lambda: self.ca,
+                                  tls=lambda: self.tls, clock=clock,
+                                  on_change=self._journal_soon)
 
     # ------------------------------------------------------------------ RPCs
 
@@ -211,7 +199,7 @@ class CoordinatorService:
                                       has_leaf=bool(tls_fields.get("tls_certificate")))
         cert = self._issue(member, now)
         await self._commit(context)
-        self._check_reach(member, now)  # dials back later, off this call
+        self.reach.check(member, now)  # dials back later, off this call
         log.info("peer %s joined at %s: stage %d, epoch %d", peer_id, address, member.stage,
                  self.membership.epoch)
         reply = pb.JoinReply(
@@ -275,7 +263,7 @@ class CoordinatorService:
                                f"(membership.heartbeat_s); slow down")
         try:
             stats = stats_from_wire(request.stats, self.beat_kinds, self.membership.n_stages)
-            moved = self._announced(request, context.peer())
+            moved = self.reach.announced(request, context.peer())
         except BadRequest as exc:
             await self._refuse(context, "Heartbeat", grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         epoch_before = self.membership.epoch
@@ -288,12 +276,12 @@ class CoordinatorService:
         if moved is not None and self.membership.change_address(member.peer_id, *moved, now):
             log.info("peer %s now at %s%s", member.peer_id, moved[0],
                      f" (relayed by {moved[1]})" if moved[1] else "")
-            self._check_reach(member, now)
+            self.reach.check(member, now)
         reply = pb.HeartbeatReply(epoch=self.membership.epoch, lease_expires=member.lease_expires,
                                   stage=member.stage, action=member.pending_action,
                                   reach=member.reach)
         if member.reach == reach_wire.UNREACHABLE:
-            reply.relay = self._relay_for(member)
+            reply.relay = self.reach.relay_for(member)
         member.pending_action = ""
         cert = caller.certificate
         if cert is not None and cert.not_after - now < self.cert_ttl_s / 3:
@@ -308,47 +296,19 @@ class CoordinatorService:
         self.heartbeat_seconds.observe(time.perf_counter() - t0)
         return out
 
-    def _announced(self, request: pb.HeartbeatRequest, grpc_peer: str) -> tuple[str, str] | None:
-        """The (address, relayed_by) a heartbeat announces, checked like Join's address (an
-        empty host filled with the observed one); None when it announces nothing."""
-        if not request.address:
-            if request.relayed_by:
-                raise BadRequest("relayed_by is set but address is empty: announce the address "
-                                 "the relay listens on for this peer")
-            return None
-        loopback = is_loopback_peer(grpc_peer)
-        address = check_address(observed_address(request.address, grpc_peer), loopback)
-        relayed_by = check_address(request.relayed_by, loopback) if request.relayed_by else ""
-        return address, relayed_by
+    @property
+    def relay_address(self) -> str:
+        """host:port of this coordinator's own Relay service, named to unreachable members; ""
+        while it runs none (coordinator.main sets it when it serves one)."""
+        return self.reach.relay_address
 
-    def _check_reach(self, member: Member, now: float) -> None:
-        """Dial `member` back at its address (coordinator/reach.py), off the calling path."""
-        use_tls = dial_tls(member.address, self.tls, member.has_leaf)
-        if self.reach.check(member.peer_id, member.public_key, member.address, use_tls):
-            self._reach_checked[member.peer_id] = now
+    @relay_address.setter
+    def relay_address(self, value: str) -> None:
+        self.reach.relay_address = value
 
-    def _reach_result(self, peer_id: str, address: str, outcome: Outcome) -> None:
-        member = self.membership.get(peer_id)
-        if member is None:
-            return
-        reach = ((reach_wire.RELAYED if member.relayed_by else reach_wire.DIRECT)
-                 if outcome.reached else reach_wire.UNREACHABLE)
-        if not self.membership.set_reach(peer_id, address, reach, outcome.detail, self.clock()):
-            return
-        if outcome.reached:
-            log.info("peer %s is reachable (%s): %s", peer_id, reach, outcome.detail)
-        else:
-            log.warning("peer %s is unreachable: %s", peer_id, outcome.detail)
+    def _journal_soon(self) -> None:
         if self.journal is not None:
             self.journal.request()
-
-    def _relay_for(self, member: Member) -> str:
-        """The relay an unreachable member is told to attach to (least loaded; sticky)."""
-        told = pick_relay(self._relays, member.relay_told)
-        if told and told != member.relay_told:
-            self._relays[told] += 1
-        member.relay_told = told
-        return told
 
     def _beat_allowed(self, member: Member, now: float) -> bool:
         """Take one token from `member`'s heartbeat bucket (see BEAT_RATE_FACTOR)."""
@@ -441,7 +401,7 @@ class CoordinatorService:
         for peer_id in expired:
             log.info("peer %s expired (lease lapsed)", peer_id)
         m.sample_history(now)
-        self._tick_reach(now)
+        self.reach.tick(now)
         if self.spsa_ledger is not None:
             self.spsa_ledger.close_due(time.monotonic())
         move = None
@@ -453,20 +413,6 @@ class CoordinatorService:
                          move.to_stage)
         if expired or move is not None:
             await self._commit()
-
-    def _tick_reach(self, now: float) -> None:
-        """Refresh the relays' loads; dial back members never checked (restored after a
-        restart, or skipped while MAX_PENDING checks waited) and, every RECHECK_UNREACHABLE_S,
-        the unreachable ones."""
-        live = self.membership.live_members()
-        self._relays = relay_loads(live, self.relay_address)
-        for m in live:
-            due = m.reach == "" or (m.reach == reach_wire.UNREACHABLE and now - self._reach_checked
-                                    .get(m.peer_id, 0.0) >= RECHECK_UNREACHABLE_S)
-            if due and not self.reach.pending(m.peer_id):
-                self._check_reach(m, now)
-        for pid in [p for p in self._reach_checked if not self.membership.is_member(p)]:
-            del self._reach_checked[pid]
 
     def view(self, now: float, max_age_s: float = VIEW_MIN_INTERVAL_S,
              stats_max_age_s: float = math.inf) -> ViewSnapshot:
