@@ -6,8 +6,11 @@ service), it keeps a RelayTunnel (protocols/relay_tunnel.py) attached there, car
 connection made to the relayed port to this peer's own server; each address the relay gives is
 announced with the next heartbeats (CoordinatorClient.announce_address: HeartbeatRequest.address
 and relayed_by). When the stream drops the tunnel attaches again with back-off (and announces
-the port it gets, which is usually the same); when the coordinator names another relay (its
-relay left), the link moves there. The stage is never touched: only the address changes.
+the port it gets, which is usually the same); when the coordinator names another relay, the link
+moves there. A relay lost for good (LOST_AFTER_FAILURES attaches in a row fail while the
+coordinator still calls this peer relayed) makes the link announce the address registered at
+join again: the coordinator checks it, finds it unreachable and names a relay it still has. The
+stage is never touched: only the address changes.
 
 `relay_hub` is the RelayHub a reachable peer started with `--relay` serves on its own server:
 it admits members that are live in this peer's view of the swarm.
@@ -31,6 +34,10 @@ from protocols.coordinator_client import CoordinatorClient, SwarmView
 from protocols.relay import RelayHub, RelayTunnel
 
 log = logging.getLogger("shoal.peer")
+
+#: attach attempts in a row that fail, while the coordinator still calls this peer relayed,
+#: before the relay counts as lost (0.5 + 1 + 2 s of back-off at least)
+LOST_AFTER_FAILURES = 3
 
 
 class RelayLink:
@@ -57,6 +64,8 @@ class RelayLink:
         self.tunnel: RelayTunnel | None = None
         self._coordinator_channels: dict[str, grpc.aio.Channel] = {}
         self._warned_no_relay = False
+        self._direct = ""  # the address the coordinator registered at join (not relayed)
+        self._fell_back = False
 
     @property
     def address(self) -> str:
@@ -65,8 +74,10 @@ class RelayLink:
 
     async def update(self, reach: str, relay: str) -> None:
         """Act on one heartbeat reply's `reach` and `relay` (may stop the old tunnel)."""
+        if reach == "relayed":
+            self._check_lost()
         if reach != "unreachable":
-            return  # direct, or already relayed (the tunnel keeps itself up), or not checked yet
+            return  # direct, or relayed (the tunnel keeps itself up), or not checked yet
         if not relay:
             if not self._warned_no_relay:
                 log.warning("no relay is offered for this peer yet: it stays unreachable until "
@@ -82,13 +93,29 @@ class RelayLink:
                      self.tunnel.relay, relay)
             await self.tunnel.stop()
         log.info("this peer cannot be dialled: attaching to the relay at %s", relay)
+        if not self._direct:
+            self._direct = self.client.registered_address
         self.tunnel = self._make_tunnel(relay, self.target, lambda: self._channel(relay),
                                         on_address=self._on_address)
         self.tunnel.start()
 
     def _on_address(self, address: str) -> None:
         if address and self.tunnel is not None:
+            self._fell_back = False
             self.client.announce_address(address, relayed_by=self.tunnel.relay)
+
+    def _check_lost(self) -> None:
+        """The coordinator still routes calls through a relay this peer cannot attach to (it
+        left, or the path to it broke): announce the address registered at join again. The
+        coordinator dials it back, finds it unreachable and names a relay it still has."""
+        t = self.tunnel
+        if (t is None or t.address or t.failures < LOST_AFTER_FAILURES or self._fell_back
+                or not self._direct):
+            return
+        log.warning("relay %s is lost (%s); announcing %s again so that the coordinator names "
+                    "another relay", t.relay, t.last_error or "no stream", self._direct)
+        self._fell_back = True
+        self.client.announce_address(self._direct, relayed_by="")
 
     def _channel(self, relay: str) -> grpc.aio.Channel:
         view = self._view()

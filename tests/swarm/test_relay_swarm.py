@@ -78,3 +78,43 @@ def test_a_peer_started_with_relay_carries_another(tmp_path) -> None:
         assert len(by_stage(1, reach="relayed")) == 2  # both still relayed, both live
     finally:
         swarm.stop(grace=5)
+
+
+def test_a_relays_loss_moves_its_peer_to_another_relay_with_its_stage(tmp_path) -> None:
+    """The --relay peer carrying a block replica is killed (SIGKILL): the replica finds its relay
+    lost, the coordinator names its own relay, the replica moves there as the same member of the
+    same stage, and training goes on."""
+    swarm = Swarm(tmp_path / "swarm", spec_with(**{"run.steps": 10_000}), 0, None, "cpu")
+
+    def by_stage(stage: int, **want: object) -> list[dict]:
+        return [p for p in (swarm.status() or {}).get("peers", []) if p["live"]
+                and p["stage"] == stage and all(p.get(k) == v for k, v in want.items())]
+
+    try:
+        swarm.start(0)
+        swarm.add_peer(0, ["--stage", "0", "--grace", "10"])
+        swarm.add_peer(1, ["--stage", "2", "--grace", "10"])
+        relay_proc = swarm.add_peer(2, ["--stage", "2", "--grace", "10", "--relay"])
+        relay = wait_for("the --relay peer to be reached directly",
+                         lambda: by_stage(2, reach="direct", relay=True), 180, swarm)[0]
+        swarm.add_peer(3, ["--stage", "1", "--grace", "10", "--advertise", "127.0.0.2"])
+        wait_for("the first unreachable replica relayed by the coordinator",
+                 lambda: by_stage(1, reach="relayed"), 180, swarm)
+        swarm.add_peer(4, ["--stage", "1", "--grace", "10", "--advertise", "127.0.0.3"])
+        moved = wait_for("the second relayed by the --relay peer",
+                         lambda: by_stage(1, reach="relayed", relayed_by=relay["address"]),
+                         180, swarm)[0]
+        relay_proc.kill()
+        relay_proc.wait()
+        at_kill = step_of(swarm)
+
+        def moved_on() -> dict | None:
+            return next((p for p in by_stage(1, reach="relayed") if p["peer_id"] ==
+                         moved["peer_id"] and p["relayed_by"] != relay["address"]), None)
+
+        after = wait_for("the replica to move to another relay", moved_on, 240, swarm)
+        assert after["stage"] == 1 and after["address"] != moved["address"]
+        wait_for("training to go on after the relay's loss",
+                 lambda: step_of(swarm) >= at_kill + 5, 300, swarm)
+    finally:
+        swarm.stop(grace=5)
