@@ -5,6 +5,10 @@ dials out, so it trains without any relay). It must complete, the NAT'd peer mus
 (its own step rows), the coordinator must not call it directly reachable (it cannot dial in),
 and summary.json must carry the NAT fields: `lab.nat`, per peer `peers_reach` rows with
 `reachable`, `relayed_bytes` and `direct_bytes`. Nothing of the lab may be left behind.
+
+The slow run puts a block replica (stage 1) behind the NAT: calls into it can only arrive
+through a relay (the coordinator's, by default). It must be called `relayed`, train to the
+end, and the coordinator's relay must have carried bytes (`relayed_bytes > 0`).
 """
 
 from __future__ import annotations
@@ -67,3 +71,18 @@ def test_nat_driver_trains_and_summary_has_reach_fields(tmp_path):
     assert nat["reachable"] != "direct", "nothing can dial in to a NAT'd peer"
     assert not any(r["behind_nat"] for r in s["peers_reach"] if r["host"] != "peer3")
     assert trained_steps(tmp_path / "lab", "peer3") >= steps - 1, "the NAT'd driver did not train"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_nat_block_replica_trains_through_the_relay(tmp_path):
+    steps = 10
+    out = tmp_path / "lab"
+    s = run_lab(out, "peer4", "peer4=1", steps, 900)
+    assert s["completed"]
+    nat = row_of(s, "peer4")
+    assert nat["behind_nat"] and nat["stage"] == 1
+    assert nat["reachable"] == "relayed", nat
+    assert s["relayed_bytes"] > 0, s["relayed_bytes_metric"]
+    assert (nat["step"] or 0) >= steps - 1, f"the NAT'd replica did not train: {nat}"
+    assert s["final_loss"] < s["initial_loss"]
