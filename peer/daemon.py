@@ -387,10 +387,11 @@ class PeerDaemon:
                     self.server_tls.update(self.client.tls())  # a re-join renews the leaf
                 self.address = self.client.registered_address or self.address
                 self.reach_notice.update(res.reach, res.relay, self.address)
-                await self.relay_link.update(res.reach, res.relay)
                 view = res.view
                 if view is not None:
                     self.view = view
+                if self.relay_link is not None:  # after the view: it may name a relay peer
+                    await self.relay_link.update(res.reach, res.relay)
                 if res.action == "move" and self.host and res.stage != self.host.stage:
                     log.info("coordinator moves this peer to stage %d", res.stage)
                     async with self.step_lock:
