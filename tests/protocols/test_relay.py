@@ -411,3 +411,27 @@ def test_a_socket_that_does_not_read_holds_the_sender_back_with_bounded_queues()
             target.close()
 
     run(main)
+
+
+def test_a_silent_peer_is_taken_as_dead_and_its_port_closed() -> None:
+    """A stream that sends nothing after its first frame (no keep-alives) ends with an error
+    naming the keep-alive interval, and the port allocated for it closes."""
+    limits = RelayLimits(keepalive_s=0.2, idle_timeout_s=1.0)
+
+    async def main(w: World) -> None:
+        hub, _, hub_port = await w.hub(limits=limits)
+        ch = w.channel(f"127.0.0.1:{hub_port}", w.peer)
+
+        async def frames():
+            yield pb.RelayFrame(keepalive=True)
+            await asyncio.sleep(60)  # then silence
+
+        got = [f async for f in pbg.RelayStub(ch).Attach(frames())]
+        assert got[0].address and "taken as dead" in got[-1].error, got
+        assert "keepalive at least every 0.2 s" in got[-1].error
+        host, port = tls.split_host_port(got[0].address)
+        await until(lambda: not hub.attached)
+        with pytest.raises(OSError):
+            await asyncio.open_connection(host, port)
+
+    run(main)
