@@ -15,10 +15,17 @@ from pathlib import Path
 
 import grpc
 
+from coordinator.main import KEY_FILE
 from coordinator.main import serve as serve_coordinator
 from peer.relayed import RelayLink, local_target, relay_hub
 from protocols import shoal_pb2_grpc as pbg
-from protocols.auth import AuthInterceptor, CallSigner, client_interceptors, current_caller
+from protocols.auth import (
+    AuthInterceptor,
+    CallSigner,
+    client_interceptors,
+    current_caller,
+    issue_certificate,
+)
 from protocols.coordinator_client import Benchmark, CoordinatorClient, PeerStats
 from protocols.identity import Identity
 from protocols.relay import RelayTunnel
@@ -100,8 +107,7 @@ def test_an_unreachable_peer_is_reached_through_the_relays_it_is_told(tmp_path: 
             relay_server = grpc.aio.server(interceptors=[AuthInterceptor(
                 issuer_public_key=lambda: nat.coordinator_public_key,
                 swarm_id=lambda: nat.swarm_id,
-                is_member=lambda pid: coord.service.membership.is_member(pid),
-                key_only_methods=frozenset())])
+                is_member=lambda pid: True, key_only_methods=frozenset())])
             pbg.add_RelayServicer_to_server(hub, relay_server)
             relay_port = relay_server.add_insecure_port("127.0.0.1:0")
             await relay_server.start()
@@ -113,8 +119,20 @@ def test_an_unreachable_peer_is_reached_through_the_relays_it_is_told(tmp_path: 
             assert await call(second, b"via a peer") == (
                 caller.identity.peer_id.encode() + b" via a peer")
             assert hub.bytes_by_peer[nat.identity.peer_id] > 0
-            # a stranger to the relay peer's view may not attach
-            assert not hub._admit(Identity.generate().peer_id)
+            # a key the coordinator certified but that is not in the relay peer's view (this
+            # relay's server lets every certified caller through to the hub) may not attach
+            stranger = Identity.generate()
+            cert = issue_certificate(Identity.load_or_create(tmp_path / "state" / KEY_FILE),
+                                     stranger.public_key, nat.swarm_id, 600, time.time(),
+                                     serial=10_000)
+            async with grpc.aio.insecure_channel(
+                    f"127.0.0.1:{relay_port}", interceptors=client_interceptors(
+                        CallSigner(stranger, lambda: cert))) as ch:
+                refused = _quick(f"127.0.0.1:{relay_port}", link.target, lambda: ch)
+                refused.start()
+                await until(lambda: refused.failures >= 1)
+                await refused.stop()
+            assert "not a live member" in refused.last_error and refused.attaches == 0
             await hub.stop()
         finally:
             if link is not None:
