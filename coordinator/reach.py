@@ -58,6 +58,7 @@ ATTEMPT_S = 4.0  # one attempt (connect, TLS, the call)
 FIRST_DELAY_S = 0.3  # the peer reads its Join reply (coordinator key, TLS leaf) meanwhile
 MAX_IN_FLIGHT = 16
 MAX_PENDING = 1024
+REFUSED_ATTEMPTS = 2  # connection refused this often: nothing listens, stop early
 # an unreachable member is dialled again this often (it may have opened its port since)
 RECHECK_UNREACHABLE_S = 120.0
 _LEAF_RENEW_S = 86400.0
@@ -160,7 +161,7 @@ class ReachChecker:
         signature is not the member's fails at once: something else listens there."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.deadline_s
-        delay, attempts, last = FIRST_DELAY_S, 0, "no attempt"
+        delay, attempts, refused, last = FIRST_DELAY_S, 0, 0, "no attempt"
         how = "mTLS" if use_tls else "plaintext"
         while True:
             await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
@@ -177,6 +178,11 @@ class ReachChecker:
                 last = f"{exc.code().name}: {exc.details()}"
                 if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:  # another peer answers there
                     return Outcome(False, f"{address} ({how}) answered for another peer: {last}")
+                # refused: nothing listens (the peer listens before it joins); once more in case
+                # of a restart, then stop (a swarm of such members must not cost many dials)
+                refused += "connection refused" in last.lower()
+                if refused >= REFUSED_ATTEMPTS:
+                    break
             except (ValueError, OSError) as exc:
                 last = str(exc)
             else:
@@ -186,8 +192,9 @@ class ReachChecker:
                 return Outcome(False, f"something answered at {address} ({how}) but not with "
                                       f"peer {peer_id}'s signature over the nonce")
             delay = min(delay * 2, 4.0)
-        return Outcome(False, f"no answer from {address} ({how}) in {self.deadline_s:g} s, "
-                              f"{attempts} attempts; last: {last}")
+        return Outcome(False, f"no answer from {address} ({how}), {attempts} attempts in "
+                              f"{self.deadline_s - max(0.0, deadline - loop.time()):.0f} s; "
+                              f"last: {last}")
 
     async def _ping(self, peer_id: str, address: str, use_tls: bool, nonce: bytes,
                     timeout: float) -> pb.ReachPong:
