@@ -4,7 +4,7 @@ in heartbeat replies, views and /api/status; an address announced by heartbeat i
 
 Members are real CoordinatorClients on 127.0.0.1; the ones that can be reached serve the peer's
 own Reach service behind the peer's AuthInterceptor (tests/reach_member.py). A failed dial-back
-takes coordinator.reach.DEADLINE_S (20 s), so the unreachable cases share one wait.
+ends after two refused connections; an impostor answers at once.
 """
 
 from __future__ import annotations
