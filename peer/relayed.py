@@ -166,6 +166,6 @@ def relay_hub(view: Callable[[], SwarmView | None], advertise_host: Callable[[],
 def local_target(bind: str, port: int) -> str:
     """How this peer's tunnel dials its own server bound to `bind`:`port`."""
     host = bind.strip("[]")
-    if host in ("0.0.0.0", "::", "") or tls.is_loopback(host):
+    if host in ("0.0.0.0", "::", ""):
         return f"127.0.0.1:{port}"
-    return f"{tls.split_host_port(f'{bind}:{port}')[0]}:{port}"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -77,6 +77,7 @@ def test_an_unreachable_peer_is_reached_through_the_relays_it_is_told(tmp_path: 
             await server.start()
             servers.append(server)
             assert local_target("0.0.0.0", port) == f"127.0.0.1:{port}"
+            assert local_target("::1", port) == f"[::1]:{port}"
 
             link = RelayLink(nat, local_target("127.0.0.1", port), view=lambda: None,
                              peer_channel=lambda a: None, tunnel=_quick)
