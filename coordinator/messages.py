@@ -24,6 +24,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+import urllib.parse
 
 from coordinator.membership import Member
 from protocols import shoal_pb2 as pb
@@ -120,7 +121,7 @@ def check_address(value: str, caller_is_loopback: bool = False) -> str:
 def is_loopback_peer(grpc_peer: str) -> bool:
     """Whether a gRPC `context.peer()` string ("ipv4:127.0.0.1:5000", "ipv6:[::1]:5000",
     "unix:...") names a loopback connection."""
-    kind, _, rest = grpc_peer.partition(":")
+    kind, _, rest = urllib.parse.unquote(grpc_peer).partition(":")  # "ipv6:%5B::1%5D:5000"
     if kind == "unix":
         return True
     if kind == "ipv4":

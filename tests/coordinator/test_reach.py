@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from coordinator.messages import BadRequest
+from coordinator.messages import BadRequest, is_loopback_peer
 from coordinator.reach import observed_address, pick_relay
 from protocols.identity import Identity
 from tests.reach_member import ReachMember, closed_port
@@ -47,6 +47,9 @@ def test_observed_host_fills_only_an_empty_host() -> None:
     assert observed_address("peer.example:7100", "ipv4:10.1.2.3:1") == "peer.example:7100"
     with pytest.raises(BadRequest, match="--advertise"):
         observed_address(":7100", "unix:/tmp/s")
+    # grpc writes IPv6 peers percent-encoded; a Join over [::1] is a loopback Join
+    assert is_loopback_peer("ipv6:%5B::1%5D:50000")
+    assert not is_loopback_peer("ipv6:%5B2001:db8::5%5D:50000")
 
 
 def test_relays_are_kept_then_least_loaded() -> None:
