@@ -68,7 +68,9 @@ def test_a_frozen_replica_catches_up_by_replay_without_a_download(swarm_factory,
     replayed, after = int(match.group(1)), int(match.group(3))
     print(f"frozen after step {frozen_at}; thawed with the swarm at step {swarm_step}: "
           f"{match.group(0)}")
-    assert replayed >= 2, match.group(0)  # several rounds closed without it
+    # rounds closed without it: some it may take as late parts of the EndSteps queued while it
+    # slept (the aggregator answers those with the kept aggregate), the rest it replays
+    assert replayed >= 1, match.group(0)
     assert swarm_step - 1 <= after <= swarm_step + 5, (match.group(0), swarm_step)
     at = step_of(swarm)
     wait_for("5 more steps", lambda: step_of(swarm) >= at + 5, 120, swarm)
