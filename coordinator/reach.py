@@ -59,8 +59,12 @@ FIRST_DELAY_S = 0.3  # the peer reads its Join reply (coordinator key, TLS leaf)
 MAX_IN_FLIGHT = 16
 MAX_PENDING = 1024
 REFUSED_ATTEMPTS = 2  # connection refused this often: nothing listens, stop early
-# an unreachable member is dialled again this often (it may have opened its port since)
+# an unreachable or relayed member is dialled again this often (it may have opened its port
+# since; its relay may have failed)
 RECHECK_UNREACHABLE_S = 120.0
+# a relayed member whose relay is no longer offered (it left, or stopped relaying) is dialled
+# again at once, at most this often: a failure names it another relay
+RECHECK_RELAY_GONE_S = 30.0
 _LEAF_RENEW_S = 86400.0
 
 
@@ -318,13 +322,17 @@ class Reachability:
 
     def tick(self, now: float) -> None:
         """Once a second: refresh the relays' loads; dial back members never checked (restored
-        after a restart, or skipped while MAX_PENDING checks waited) and, every
-        RECHECK_UNREACHABLE_S, the unreachable ones."""
+        after a restart, or skipped while MAX_PENDING checks waited), relayed members whose
+        relay is gone, and every RECHECK_UNREACHABLE_S the unreachable and relayed ones."""
         live = self.membership.live_members()
         self._relays = relay_loads(live, self.relay_address)
         for m in live:
-            due = m.reach == "" or (m.reach == reach_wire.UNREACHABLE and now - self._checked
-                                    .get(m.peer_id, 0.0) >= RECHECK_UNREACHABLE_S)
+            since = now - self._checked.get(m.peer_id, 0.0)
+            relay_gone = (m.reach == reach_wire.RELAYED and m.relayed_by not in self._relays
+                          and since >= RECHECK_RELAY_GONE_S)
+            due = m.reach == "" or relay_gone or (
+                m.reach in (reach_wire.UNREACHABLE, reach_wire.RELAYED)
+                and since >= RECHECK_UNREACHABLE_S)
             if due and not self.checker.pending(m.peer_id):
                 self.check(m, now)
         for pid in [p for p in self._checked if not self.membership.is_member(p)]:

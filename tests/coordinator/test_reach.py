@@ -16,9 +16,12 @@ from collections.abc import Iterator
 
 import pytest
 
+from coordinator.membership import Membership
 from coordinator.messages import BadRequest, is_loopback_peer
-from coordinator.reach import observed_address, pick_relay
+from coordinator.reach import RECHECK_RELAY_GONE_S, Reachability, observed_address, pick_relay
+from protocols.coordinator_client import Benchmark
 from protocols.identity import Identity
+from protocols.runspec import RunSpec
 from tests.reach_member import ReachMember, closed_port
 from tests.sim_peer import CoordinatorProcess
 
@@ -58,6 +61,28 @@ def test_relays_are_kept_then_least_loaded() -> None:
     assert pick_relay({"c:7000": 0, "p:1": 0}, "") == "c:7000"  # ties: the coordinator's first
     assert pick_relay({"c:7000": 0, "p:1": 5}, "p:1") == "p:1"  # sticky while offered
     assert pick_relay({"c:7000": 3}, "p:1") == "c:7000"  # its relay is gone
+
+
+def test_a_relayed_member_whose_relay_is_gone_is_dialled_again() -> None:
+    async def scenario() -> None:
+        m = Membership(RunSpec(), "swarm")
+        r = Reachability(Identity.generate(), m, ca=lambda: None, tls=lambda: False,
+                         clock=lambda: 0.0, on_change=lambda: None)
+        r.relay_address = "198.51.100.1:7000"
+        key = Identity.generate().public_key
+        m.join("p1", key, "203.0.113.7:7100", Benchmark(samples_per_s=1.0), -1, 0, 100.0)
+        assert m.change_address("p1", "198.51.100.1:40001", "198.51.100.1:7000", 101.0)
+        assert m.get("p1").reach == ""  # unknown until dialled again
+        m.get("p1").reach = "relayed"
+        r._checked["p1"] = 101.0
+        r.tick(102.0 + RECHECK_RELAY_GONE_S)  # its relay is offered: nothing to do
+        assert not r.checker.pending("p1")
+        r.relay_address = ""  # the relay went away
+        r.tick(102.0 + RECHECK_RELAY_GONE_S)
+        assert r.checker.pending("p1")
+        await r.close()
+
+    asyncio.run(scenario())
 
 
 def test_join_registers_the_observed_host_and_dials_it_back(coord: CoordinatorProcess) -> None:
