@@ -21,6 +21,9 @@ Invariants:
   replicas report, ties to the most senior member. The stage's step and `step()` (the swarm's)
   are attested steps, never the max of what one member claims; a stage keeps its last attested
   step while no replica attests one. Attestation runs lazily (views, status), not per heartbeat.
+- A member's `reach` is "" until the coordinator's dial-back ends (coordinator/reach.py), and
+  again after a (re-)join or an announced address (`change_address`); `set_reach` records a
+  result only for the address it was dialled at. A reach or address change moves the epoch.
 - A stage hint is honoured only to re-attach, or for an empty / rebuilding stage
   (`assignment.stage_for_hint`; `trust_stage_hints` for an operator's lab). A member that left
   may join again only after `rejoin_cooldown_s`; a banned peer id (`ban`, persisted by the

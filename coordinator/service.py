@@ -6,6 +6,11 @@ this module decides its admission (join token proof or allow-list). Handlers the
 the interceptor cannot see, the message fields, and refuse nonsense with INVALID_ARGUMENT and a
 message naming the field; a refused call never disturbs the others.
 
+Reachability (coordinator/reach.py): Join registers an empty host (":PORT") as the host the call
+came from and answers the result in JoinReply.address; after a join, and after an address a
+heartbeat announces, the member is dialled back off the calling path, and every heartbeat reply
+carries its reach (and, when unreachable, the relay to attach to).
+
 Cost model (the budget is 1000 peers at 1 Hz, p99 < 50 ms on 2 cores): a heartbeat is one dict
 lookup, a stats check and an O(1) update; it writes nothing to disk (the journal saves leases and
 stats every few seconds) and carries the swarm view only when the peer's known epoch is stale.
