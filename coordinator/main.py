@@ -435,7 +435,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "default: any free port); open them in the firewall")
     p.add_argument("--relay-host", default=None,
                    help="the host others dial to reach a relayed peer (default: this "
-                        "coordinator's address, as in its gRPC address)")
+                        "coordinator's address, as in its gRPC address; behind a cloud's 1:1 "
+                        "NAT give the public one)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -121,9 +121,12 @@ class RelayLink:
         view = self._view()
         if view is not None and any(p.address == relay for p in view.peers):
             return self._peer_channel(relay)  # a peer started with --relay
-        ch = self._coordinator_channels.get(relay)
+        # the coordinator's own relay: dialled where this peer reaches the coordinator already
+        # (the address it names itself by may be one only its own network reaches)
+        address = self.client.address
+        ch = self._coordinator_channels.get(address)
         if ch is None:
-            ch = self._coordinator_channels[relay] = coordinator_channel(self.client, relay)
+            ch = self._coordinator_channels[address] = coordinator_channel(self.client, address)
         return ch
 
     async def stop(self) -> None:

@@ -56,13 +56,14 @@ def test_an_unreachable_peer_is_reached_through_the_relays_it_is_told(tmp_path: 
         clients: list[CoordinatorClient] = []
         servers: list[grpc.aio.Server] = []
         link = None
+        peer_channels: dict[str, grpc.aio.Channel] = {}
         try:
             assert coord.service.relay_address == coord.grpc_address and coord.relay is not None
 
-            async def member() -> CoordinatorClient:
+            async def member(address: str = "") -> CoordinatorClient:
                 c = CoordinatorClient(coord.grpc_address, Identity.generate(), coord.token)
                 await c.join(Benchmark(samples_per_s=1.0, device="test"),
-                             f"127.0.0.1:{20_000 + len(clients)}")
+                             address or f"127.0.0.1:{20_000 + len(clients)}")
                 clients.append(c)
                 return c
 
@@ -79,8 +80,15 @@ def test_an_unreachable_peer_is_reached_through_the_relays_it_is_told(tmp_path: 
             assert local_target("0.0.0.0", port) == f"127.0.0.1:{port}"
             assert local_target("::1", port) == f"[::1]:{port}"
 
-            link = RelayLink(nat, local_target("127.0.0.1", port), view=lambda: None,
-                             peer_channel=lambda a: None, tunnel=_quick)
+            def peer_channel(address: str) -> grpc.aio.Channel:  # kept, as the daemon's are
+                if address not in peer_channels:
+                    peer_channels[address] = grpc.aio.insecure_channel(
+                        address, interceptors=client_interceptors(
+                            CallSigner(nat.identity, lambda: nat.certificate)))
+                return peer_channels[address]
+
+            link = RelayLink(nat, local_target("127.0.0.1", port), view=lambda: _view_of(coord),
+                             peer_channel=peer_channel, tunnel=_quick)
             await link.update("direct", "")
             await link.update("unreachable", "")  # nothing offered: it waits, with a warning
             assert link.tunnel is None
@@ -113,9 +121,11 @@ def test_an_unreachable_peer_is_reached_through_the_relays_it_is_told(tmp_path: 
             relay_port = relay_server.add_insecure_port("127.0.0.1:0")
             await relay_server.start()
             servers.append(relay_server)
+            await member(f"127.0.0.1:{relay_port}")  # the relay peer, in the swarm's view
             await link.update("unreachable", f"127.0.0.1:{relay_port}")
             second = await until(lambda: link.address if link.address != first else "")
             assert link.tunnel.relay == f"127.0.0.1:{relay_port}"
+            assert list(peer_channels) == [f"127.0.0.1:{relay_port}"]  # dialled as a peer
             await until(lambda: not coord.relay.attached)  # the coordinator's port is closed
             assert await call(second, b"via a peer") == (
                 caller.identity.peer_id.encode() + b" via a peer")
@@ -138,6 +148,8 @@ def test_an_unreachable_peer_is_reached_through_the_relays_it_is_told(tmp_path: 
         finally:
             if link is not None:
                 await link.stop()
+            for ch in peer_channels.values():
+                await ch.close()
             for s in servers:
                 await s.stop(None)
             for c in clients:
