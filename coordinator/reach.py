@@ -59,6 +59,11 @@ FIRST_DELAY_S = 0.3  # the peer reads its Join reply (coordinator key, TLS leaf)
 MAX_IN_FLIGHT = 16
 MAX_PENDING = 1024
 REFUSED_ATTEMPTS = 2  # connection refused this often: nothing listens, stop early
+# connection closed before an answer this often (refused, reset, or a socket closed during the
+# handshake: what a NAT or a firewall that rejects gives, and a lab host's delay relay that finds
+# nothing behind it): stop early too. Timeouts (a busy peer) keep being retried.
+CLOSED_ATTEMPTS = 3
+_CLOSED = ("connection refused", "socket closed", "connection reset")
 # an unreachable or relayed member is dialled again this often (it may have opened its port
 # since; its relay may have failed)
 RECHECK_UNREACHABLE_S = 120.0
@@ -165,7 +170,7 @@ class ReachChecker:
         signature is not the member's fails at once: something else listens there."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.deadline_s
-        delay, attempts, refused, last = FIRST_DELAY_S, 0, 0, "no attempt"
+        delay, attempts, refused, closed, last = FIRST_DELAY_S, 0, 0, 0, "no attempt"
         how = "mTLS" if use_tls else "plaintext"
         while True:
             await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
@@ -185,7 +190,9 @@ class ReachChecker:
                 # refused: nothing listens (the peer listens before it joins); once more in case
                 # of a restart, then stop (a swarm of such members must not cost many dials)
                 refused += "connection refused" in last.lower()
-                if refused >= REFUSED_ATTEMPTS:
+                closed += exc.code() == grpc.StatusCode.UNAVAILABLE and any(
+                    c in last.lower() for c in _CLOSED)
+                if refused >= REFUSED_ATTEMPTS or closed >= CLOSED_ATTEMPTS:
                     break
             except (ValueError, OSError) as exc:
                 last = str(exc)

@@ -172,3 +172,30 @@ def test_unreachable_members_are_spread_over_relays(coord: CoordinatorProcess) -
                 assert max(counts) - min(counts) <= 1, told
 
     asyncio.run(scenario())
+
+
+def test_a_port_that_closes_every_connection_is_unreachable_after_a_few_attempts(
+        coord: CoordinatorProcess) -> None:
+    """A listener that accepts and closes at once (a firewall that rejects, or the lab's delay
+    relay with nothing behind it: what a NAT'd peer's address gives) ends the dial-back after
+    CLOSED_ATTEMPTS attempts, not after DEADLINE_S of retries: the sooner the peer is told, the
+    sooner it is relayed."""
+    from coordinator.reach import CLOSED_ATTEMPTS
+
+    async def scenario() -> None:
+        async def close_at_once(reader, writer):
+            writer.close()
+
+        server = await asyncio.start_server(close_at_once, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            async with ReachMember(coord.grpc_address, coord.token) as member:
+                await member.join(f"127.0.0.1:{port}")
+                await member.wait_reach("unreachable")
+                detail = next(e["detail"] for e in status(coord)["events"]
+                              if e["kind"] == "reach" and e["peer_id"] == member.peer_id)
+        finally:
+            server.close()
+        assert f"{CLOSED_ATTEMPTS} attempts" in detail, detail
+
+    asyncio.run(scenario())
