@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -25,15 +23,7 @@ from protocols.coordinator_client import Benchmark, CoordinatorClient
 from protocols.identity import Identity
 from protocols.relay import RelayTunnel
 from protocols.runspec import RunSpec
-
-
-async def until(pred: Callable[[], object], timeout: float = 30.0) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := pred():
-            return value
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"still false after {timeout} s: {pred}")
+from tests.polling import until
 
 
 async def _metrics(url: str) -> dict[str, float]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -30,15 +29,7 @@ from protocols.coordinator_client import Benchmark, CoordinatorClient, PeerStats
 from protocols.identity import Identity
 from protocols.relay import RelayTunnel
 from protocols.runspec import RunSpec
-
-
-async def until(pred: Callable[[], object], timeout: float = 30.0) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := pred():
-            return value
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"still false after {timeout} s: {pred}")
+from tests.polling import until
 
 
 async def _who(request: bytes, context) -> bytes:

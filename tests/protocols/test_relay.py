@@ -33,20 +33,12 @@ from protocols.auth import (
 from protocols.identity import Identity
 from protocols.relay import MAX_DATA_BYTES, RelayHub, RelayLimits, RelayTunnel, parse_ports
 from protocols.tensor_stream import grpc_options
+from tests.polling import until
 
 SWARM = "relay-test"
 BIG = 8 << 20  # one call's payload: many relay frames, more than gRPC's default 4 MiB message
 OPTIONS = [*grpc_options(64 << 20), ("grpc.use_local_subchannel_pool", 1)]  # own TCP connections
 
-
-async def until(pred: Callable[[], object], timeout: float = 30.0) -> object:
-    """`pred()` once it is true; fails the test after `timeout` s (a hang, not a timing)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := pred():
-            return value
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"still false after {timeout} s: {pred}")
 
 
 # ---------------------------------------------------------------- the peer's own service
