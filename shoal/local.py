@@ -117,22 +117,24 @@ def demo_spec(args: argparse.Namespace) -> RunSpec:
     return spec
 
 
-def out_dir(path: str | None) -> Path:
-    """The demo's working folder: --out when given (new or empty), else a fresh temporary one.
+def out_dir(path: str | None, command: str = "demo") -> Path:
+    """The working folder of `shoal demo` or `shoal lab`: --out when given (new or empty), else a
+    fresh temporary one.
 
     A folder with an earlier run in it is refused: the coordinator would resume its stored state
     (the old swarm's members and leases) and the metrics files would get the new run appended,
-    so the summary mixes two runs and the export waits on replicas that no longer exist.
+    so the summary mixes two runs (a lab run pointed at an old folder read the old metrics and
+    ended at once) and the export waits on replicas that no longer exist.
     """
     if not path:
-        return Path(tempfile.mkdtemp(prefix="shoal-demo-"))
+        return Path(tempfile.mkdtemp(prefix=f"shoal-{command}-"))
     work = Path(path)
     if work.exists() and not work.is_dir():
-        raise SystemExit(f"shoal demo: --out {work} is a file; name a new or empty folder")
+        raise SystemExit(f"shoal {command}: --out {work} is a file; name a new or empty folder")
     if work.is_dir() and any(work.iterdir()):
-        raise SystemExit(f"shoal demo: --out {work} is not empty (an earlier run's state, logs "
-                         "and model are there, and a demo does not resume one): name a new or "
-                         "empty folder, or remove this one")
+        raise SystemExit(f"shoal {command}: --out {work} is not empty (an earlier run's state, "
+                         f"logs and model are there, and a {command} run does not resume one): "
+                         "name a new or empty folder, or remove this one")
     work.mkdir(parents=True, exist_ok=True)
     return work
 

@@ -42,7 +42,6 @@ import json
 import queue
 import signal
 import sys
-import tempfile
 import threading
 import time
 import tomllib
@@ -55,7 +54,14 @@ from shoal.lab.network import LabError, LabNetwork, check_root, clean_stale
 from shoal.lab.reach import reach_summary
 from shoal.lab.scenario import ScenarioError, ScenarioRunner, chaos, parse, parse_line
 from shoal.lab.swarm import COORD_HOST, LabSwarm
-from shoal.local import DEMO_DEFAULTS, progress_line, settle, summarize, tokens_per_s
+from shoal.local import (
+    DEMO_DEFAULTS,
+    out_dir,
+    progress_line,
+    settle,
+    summarize,
+    tokens_per_s,
+)
 from shoal.swarm import read_metrics
 
 # The demo's small model, with leases long enough for a machine whose cores are shared by many
@@ -203,8 +209,7 @@ def main(args: argparse.Namespace) -> int:
     except NatError as exc:
         raise SystemExit(f"shoal lab: {exc}") from None
     places = _places(getattr(args, "place", []), peer_names, spec.pipeline.stages)
-    work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="shoal-lab-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = out_dir(args.out, "lab")
     old_term = signal.signal(signal.SIGTERM, _on_sigterm)
     net = LabNetwork([COORD_HOST, *peer_names], mbit=args.mbit, nat=nat_hosts)
     swarm: LabSwarm | None = None
