@@ -193,7 +193,17 @@ def test_view_carries_fresh_stats_without_a_membership_change(tmp_path: Path) ->
             await c.join(BENCH, "127.0.0.1:9000", stage_hint=1)
             await c.heartbeat(PeerStats(state="training", samples_per_s=5.0, step=1,
                                         state_hash="01"))
-            await asyncio.sleep(0.3)  # the state change moved the epoch; let the view follow
+            # the state change moved the epoch, and so will the dial-back's verdict on this
+            # member (nothing listens at its address: unreachable); let both settle first
+            deadline = time.monotonic() + 60
+            while True:
+                view = await c.view()
+                me = next(p for p in view.peers if p.peer_id == c.identity.peer_id)
+                if me.reach or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.2)
+            assert me.reach == "unreachable", me
+            await asyncio.sleep(0.3)
             epoch = (await c.view()).epoch
             await c.heartbeat(PeerStats(state="training", samples_per_s=5.0, step=7,
                                         grad_norm=0.5, state_hash="07"))

@@ -11,6 +11,7 @@ timing is asserted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import time
@@ -129,14 +130,19 @@ class World:
         return t
 
     async def close(self) -> None:
+        # the relay's own stops must end (a hang there fails the test, named); gRPC's channel
+        # close and server stop are bounded too, so that a library call stuck on a loaded
+        # machine cannot hold the whole test session (CI once timed out here after 300 s)
         for t in self.tunnels:
-            await t.stop()
+            await asyncio.wait_for(t.stop(), 30)
         for h in self.hubs:
-            await h.stop()
+            await asyncio.wait_for(h.stop(), 30)
         for ch in self.channels:
-            await ch.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ch.close(), 10)
         for s in self.servers:
-            await s.stop(None)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(s.stop(None), 10)
 
 
 def run(test: Callable[[World], Awaitable[None]]) -> None:
@@ -222,11 +228,12 @@ def test_mtls_runs_end_to_end_through_the_relay(monkeypatch) -> None:
         assert who.decode() == tls_id.decode() == w.client.peer_id
         assert digest == hashlib.sha256(payload).digest()
         # dialled as another peer, the handshake fails: the relay cannot stand in for the peer
-        async with tls.peer_channel(address, w.client.peer_id, leaf(w.client),
-                                    interceptors=client_interceptors(
-                                        CallSigner(w.client, lambda: cert))) as ch:
-            with pytest.raises(grpc.aio.AioRpcError):
-                await ch.unary_unary("/t.Peer/Unary")(b"x", timeout=5)
+        ch = tls.peer_channel(address, w.client.peer_id, leaf(w.client),
+                              interceptors=client_interceptors(
+                                  CallSigner(w.client, lambda: cert)))
+        w.channels.append(ch)  # closed, bounded, by World.close
+        with pytest.raises(grpc.aio.AioRpcError):
+            await ch.unary_unary("/t.Peer/Unary")(b"x", timeout=5)
 
     run(main)
 
