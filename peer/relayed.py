@@ -95,7 +95,12 @@ class RelayLink:
         log.info("this peer cannot be dialled: attaching to the relay at %s", relay)
         if not self._direct:
             self._direct = self.client.registered_address
-        self.tunnel = self._make_tunnel(relay, self.target, lambda: self._channel(relay),
+        # which kind of relay is decided now, once: a --relay peer that dies later drops out of
+        # the view, and its tunnel must keep failing towards it (so that the loss is noticed and
+        # announced), never quietly attach to the coordinator's relay under the dead one's name
+        via_peer = self._is_peer(relay)
+        self.tunnel = self._make_tunnel(relay, self.target,
+                                        lambda: self._channel(relay, via_peer),
                                         on_address=self._on_address)
         self.tunnel.start()
 
@@ -117,9 +122,12 @@ class RelayLink:
         self._fell_back = True
         self.client.announce_address(self._direct, relayed_by="")
 
-    def _channel(self, relay: str) -> grpc.aio.Channel:
+    def _is_peer(self, relay: str) -> bool:
         view = self._view()
-        if view is not None and any(p.address == relay for p in view.peers):
+        return view is not None and any(p.address == relay for p in view.peers)
+
+    def _channel(self, relay: str, via_peer: bool) -> grpc.aio.Channel:
+        if via_peer:
             return self._peer_channel(relay)  # a peer started with --relay
         # the coordinator's own relay: dialled where this peer reaches the coordinator already
         # (the address it names itself by may be one only its own network reaches)

@@ -155,3 +155,35 @@ def _view_of(coord):
     from protocols.coordinator_client import SwarmView
 
     return SwarmView.from_proto(coord.service.build_view())
+
+
+def test_a_dead_relay_peer_is_not_replaced_by_the_coordinators_relay_under_its_name() -> None:
+    """The kind of relay is decided when the link attaches. A --relay peer that dies drops out of
+    the view; its tunnel must go on dialling it (and fail, so the loss is announced), never
+    attach to the coordinator's relay while announcing the dead peer as its relay (CI once saw a
+    replica relayed by the coordinator and reported as relayed by the dead peer, for good)."""
+    from types import SimpleNamespace
+
+    from peer.relayed import RelayLink
+
+    dialled: list[str] = []
+    made: dict = {}
+
+    class FakeTunnel:
+        def __init__(self, relay, target, channel, on_address):
+            self.relay, self.channel, self.address = relay, channel, ""
+            made["tunnel"] = self
+
+        def start(self) -> None:
+            pass
+
+    relay_peer = SimpleNamespace(address="127.0.0.1:7001")
+    view = SimpleNamespace(peers=[relay_peer])
+    client = SimpleNamespace(registered_address="127.0.0.2:7000", address="127.0.0.1:9")
+    link = RelayLink(client, "127.0.0.1:7000", lambda: view,
+                     lambda address: dialled.append(address) or f"channel to {address}",
+                     tunnel=FakeTunnel)
+    asyncio.run(link.update("unreachable", relay_peer.address))
+    view.peers = []  # the relay peer died and its lease lapsed
+    assert made["tunnel"].channel() == "channel to 127.0.0.1:7001"
+    assert dialled == ["127.0.0.1:7001"]
