@@ -106,6 +106,7 @@ class _Round:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     result: tuple[Arrays, Meta] | None = None
     created: float = field(default_factory=time.monotonic)
+    sent_at: dict[str, float] = field(default_factory=dict)  # sender -> its header's sent_at
 
 
 class SyncRounds:
@@ -203,6 +204,7 @@ class SyncRounds:
         rnd = self._round(header.step)
         if rnd.result is None:
             rnd.parts[caller] = (dict(header.meta), arrays)
+            rnd.sent_at[caller] = header.sent_at
             rnd.arrived.set()
         try:
             await asyncio.wait_for(rnd.done.wait(), self.call_timeout_s)
@@ -233,6 +235,11 @@ class SyncRounds:
         ask = missing - self.departed()
         if time.monotonic() - started > self.call_timeout_s:  # this replica was frozen: the
             ask |= set(rnd.parts) - {self.me}  # callers gave up on it and may have failed over
+        # a part sent long ago (by its sender's clock) may be one its sender gave up on while
+        # this replica was frozen, read only now: that sender may have closed the round without
+        # it. Asking costs a tiny bounded probe; a clock skew only makes it ask needlessly.
+        ask |= {r for r, t in rnd.sent_at.items()
+                if r in rnd.parts and r != self.me and time.time() - t > self.call_timeout_s / 2}
         elsewhere = await self._closed_elsewhere(step, ask)
         if elsewhere is not None:  # this replica was the one away: it applies what they did
             result = rnd.result = elsewhere

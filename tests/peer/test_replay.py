@@ -11,6 +11,7 @@ drifted, and a mode that cannot replay each end in "download", with the reason.
 from __future__ import annotations
 
 import asyncio
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -199,3 +200,30 @@ def test_an_aggregator_missing_parts_closes_the_round_itself_when_no_one_is_past
     arrays, meta = s.modes["a"].contribution(s.hosts["a"])
     _, result_meta = asyncio.run(a.run(2, (meta, arrays)))  # b and c are slow, not past it
     assert result_meta["included"] == "a"
+
+
+def test_a_part_its_sender_gave_up_on_does_not_split_the_round() -> None:
+    """a was frozen while b closed round 2 without it; b's part for round 2, sent long ago (its
+    call timed out), is read by a only after the thaw. a must not average it with its own as if
+    b were still waiting: it asks b, which kept round 2, and applies that."""
+    s = Swarm(**{"sync.mode": "allreduce"})
+    s.step(("a", "b", "c"))
+    s.step(("b", "c"))
+    a = s.rounds["a"]
+    a.timeout = 0.5
+    a.agreed[2] = ["a", "b"]
+    train_microbatch(s.hosts["a"], seed=7, step=2)
+    arrays, meta = s.modes["a"].contribution(s.hosts["a"])
+
+    async def scenario():
+        stale = pb.CallHeader(kind="sync", step=2, stage=1, sender="b",
+                              sent_at=time.time() - 3600)
+        late = asyncio.create_task(a.serve(stale, {}, "b"))
+        await asyncio.sleep(0)
+        result = await a.run(2, (meta, arrays))
+        await late
+        return result
+
+    result, result_meta = asyncio.run(scenario())
+    s.modes["a"].apply(s.hosts["a"], result, result_meta)
+    assert params_equal(s.hosts["a"], s.hosts["b"])
