@@ -28,12 +28,15 @@ from shoal.lab.network import netns_available
 GOODPUT = Target("goodput", 0.7)
 
 
-def lab_run(args: argparse.Namespace, out: Path, faults: list[str]) -> dict:
-    """One `shoal lab` run as a user types it; its summary.json (with `wall_s` added)."""
+def lab_run(args: argparse.Namespace, out: Path, extra: list[str],
+            bench: str = "bench.churn") -> dict:
+    """One `shoal lab` run as a user types it (`extra`: its further flags); its summary.json
+    with `wall_s` added. bench.nat runs its labs through this too."""
     cmd = [sys.executable, "-m", "shoal.cli", "lab", "--hosts", str(args.hosts), "--stages",
-           str(args.stages), "--steps", str(args.steps), "--sync", args.sync, "--mbit",
-           f"{args.mbit:g}", "--delay-ms", f"{args.delay_ms:g}", "--seed", str(args.seed),
-           "--out", str(out), "--no-export", *faults]
+           str(args.stages), "--steps", str(args.steps),
+           *(["--sync", args.sync] if args.sync else []), "--mbit", f"{args.mbit:g}",
+           "--delay-ms", f"{args.delay_ms:g}", "--seed", str(args.seed), "--out", str(out),
+           "--no-export", *extra]
     for kv in args.set:
         cmd += ["--set", kv]
     t = time.monotonic()
@@ -42,7 +45,7 @@ def lab_run(args: argparse.Namespace, out: Path, faults: list[str]) -> dict:
     wall = time.monotonic() - t
     summary_file = out / "summary.json"
     if not summary_file.exists():
-        raise SystemExit(f"bench.churn: the lab run wrote no summary (exit {p.returncode}):\n"
+        raise SystemExit(f"{bench}: the lab run wrote no summary (exit {p.returncode}):\n"
                          f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     s = json.loads(summary_file.read_text())
     s["wall_s"] = wall

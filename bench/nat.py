@@ -24,13 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from bench.churn import lab_run as churn_lab_run
 from bench.report import Target, machine, targets_line
 
 RATIO = Target("relayed/direct step time", 1.3, at_least=False)
@@ -73,23 +71,8 @@ def steady_step_s(ends: dict[int, float], warmup: int) -> tuple[float, int, int]
 
 
 def lab_run(args: argparse.Namespace, out: Path, extra: list[str]) -> dict:
-    """One `shoal lab` run as a user types it; its summary.json with `wall_s` and `steady` added."""
-    cmd = [sys.executable, "-m", "shoal.cli", "lab", "--hosts", str(args.hosts), "--stages",
-           str(args.stages), "--steps", str(args.steps), "--mbit", f"{args.mbit:g}",
-           "--delay-ms", f"{args.delay_ms:g}", "--seed", str(args.seed), "--out", str(out),
-           "--no-export", *(["--sync", args.sync] if args.sync else []), *extra]
-    for kv in args.set:
-        cmd += ["--set", kv]
-    t = time.monotonic()
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout,
-                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    wall = time.monotonic() - t
-    summary_file = out / "summary.json"
-    if not summary_file.exists():
-        raise SystemExit(f"bench.nat: the lab run wrote no summary (exit {p.returncode}):\n"
-                         f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    s = json.loads(summary_file.read_text())
-    s["wall_s"] = wall
+    """One `shoal lab` run (bench.churn's), with `steady` added."""
+    s = churn_lab_run(args, out, extra, bench="bench.nat")
     s["steady"] = steady_step_s(step_ends(out / "logs"), args.warmup)
     return s
 
