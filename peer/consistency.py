@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from protocols.coordinator_client import READY_STATES, SwarmView
@@ -42,11 +42,19 @@ def seniority_key(joined: Mapping[str, float]):
     return lambda pid: (joined.get(pid) or math.inf, pid)
 
 
-def leader_order(peer_ids: Iterable[str], joined: Mapping[str, float] | None = None
-                 ) -> list[str]:
-    """Replicas in the order a round picks its aggregator: the first reachable one, most senior
-    first (earliest joined_at in the view, then peer id; without seniorities, peer id order)."""
-    return sorted(set(peer_ids), key=seniority_key(joined or {}))
+def leader_order(peer_ids: Iterable[str], joined: Mapping[str, float] | None = None,
+                 relayed: Collection[str] = ()) -> list[str]:
+    """Replicas in the order a round picks its aggregator: the first reachable one, directly
+    dialled replicas before relayed ones (every part of a round goes to the aggregator, and
+    through a relay each byte crosses two links and the relay's loop), then most senior first
+    (earliest joined_at in the view, then peer id; without seniorities, peer id order)."""
+    senior = seniority_key(joined or {})
+    return sorted(set(peer_ids), key=lambda pid: (pid in relayed, *senior(pid)))
+
+
+def relayed(view: SwarmView | None) -> set[str]:
+    """The peers the view marks as reached through a relay (coordinator/reach.py's verdict)."""
+    return {p.peer_id for p in (view.peers if view is not None else ()) if p.reach == "relayed"}
 
 
 def winning_hash(hashes: Mapping[str, str], joined: Mapping[str, float] | None = None) -> str:

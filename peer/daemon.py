@@ -312,7 +312,8 @@ class PeerDaemon:
         self.rounds = SyncRounds(
             me=self.peer_id, stage=stage, mode=mode,
             candidates=lambda: consistency.leader_order({*self.live_replicas(stage), self.peer_id},
-                                                        consistency.joined_at(self.view)),
+                                                        consistency.joined_at(self.view),
+                                                        consistency.relayed(self.view)),
             exchange_stub=lambda pid: pbg.SyncStub(self.channel(self.address_of(pid))).Exchange,
             departed=lambda: consistency.departed_peers(self.view),
             counter=self.counter, timeout=self.spec.sync.timeout_s,
@@ -320,6 +321,7 @@ class PeerDaemon:
             joined=lambda: consistency.joined_at(self.view),
             attested=lambda: consistency.attested(self.view, stage),
             step_now=lambda: self.host.step if self.host is not None else 0,
+            relayed=lambda: consistency.relayed(self.view),
         )
         report = await take_state(self, mode, stage, vars(self.args).get("init_model"))
         if report is not None:

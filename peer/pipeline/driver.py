@@ -155,13 +155,14 @@ class Driver:
                 self._view_retry_at = now + VIEW_BACKOFF_S
                 log.warning("swarm view refresh failed (%s); stepping on the last one, asking "
                             "again in %.0f s", exc, VIEW_BACKOFF_S)
+        relayed = {p.peer_id for p in d.view.peers if p.reach == "relayed"}
         for s in range(1, d.spec.pipeline.stages + 1):
             seeds = {}
             for p in d.view.replicas(s):
                 if p.peer_id in d.live_replicas(s):
                     seeds[p.peer_id] = max(p.stats.samples_per_s, p.benchmark.samples_per_s,
                                            1e-3)
-            self.router.update_replicas(s, seeds)
+            self.router.update_replicas(s, seeds, relayed)
 
     def _my_shard(self):
         stage0 = sorted(set(self.d.live_replicas(0)) | {self.d.peer_id})

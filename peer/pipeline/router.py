@@ -14,6 +14,14 @@ work in proportion to its measured speed). Ties break at random through an injec
 `random.Random`; a replica that has never been used, or has nothing outstanding, is "free now",
 so a new replica is tried at once.
 
+Relayed replicas (the view's `reach`): when replicas are compared, a relayed one's expected
+finish is moved later by `relay_factor - 1` (1) times the estimated duration of the call being
+placed there; its booking stays the measured one. Every byte to it crosses two links (the
+caller's to the relay, the relay's to it) and the relay's one event loop, which every other
+relayed peer shares, while this sender's estimate sees only its own share of that. So a direct
+replica is preferred while it is free or nearly so, and a relayed one still takes the work a
+busy direct one cannot (Petals penalizes relayed servers in its routing for the same reason).
+
 Invariants:
 - expected finish time = now + (work outstanding at the replica) / throughput, re-anchored on
   every completion, timeout and ban, so the estimate never drifts away from what was measured;
@@ -49,6 +57,7 @@ from dataclasses import dataclass
 
 EMA_ALPHA = 0.1
 BACKWARD_WORK_FACTOR = 2.5
+RELAY_FACTOR = 2.0
 _MIN_SECONDS = 1e-6
 
 
@@ -110,12 +119,19 @@ class Router:
         rng: the only source of randomness (tie-breaking); seed it for reproducible runs.
         alpha: EMA weight of a new measurement.
         timeouts: the adaptive timeout policy.
+        relay_factor: how many times its estimate a call to a relayed replica is charged when
+            replicas are compared (>= 1; 1 = no preference for direct paths).
     """
 
     def __init__(self, rng: random.Random, alpha: float = EMA_ALPHA,
-                 timeouts: TimeoutPolicy | None = None) -> None:
+                 timeouts: TimeoutPolicy | None = None,
+                 relay_factor: float = RELAY_FACTOR) -> None:
         if not 0.0 < alpha <= 1.0:
             raise ValueError(f"alpha={alpha} must be in (0, 1]")
+        if not (relay_factor >= 1.0 and math.isfinite(relay_factor)):
+            raise ValueError(f"relay_factor={relay_factor} must be a finite number >= 1")
+        self._relay_factor = relay_factor
+        self._relayed: set[str] = set()
         self._rng = rng
         self._alpha = alpha
         self._timeouts = timeouts or TimeoutPolicy()
@@ -125,16 +141,20 @@ class Router:
 
     # -- the swarm view -------------------------------------------------------------------
 
-    def update_replicas(self, stage: int, seeds: Mapping[str, float]) -> None:
+    def update_replicas(self, stage: int, seeds: Mapping[str, float],
+                        relayed: Collection[str] = ()) -> None:
         """Replace the replica set of `stage` with the keys of `seeds` (peer id -> self-benchmark
-        throughput in samples/s). Known replicas keep their measurements; new ones start free now
-        with the seed as their estimate; replicas no longer listed are forgotten. A peer serves
-        one stage: a peer listed under a new stage is re-seeded there (new work, new speed)."""
+        throughput in samples/s); those in `relayed` are reached through a relay. Known replicas
+        keep their measurements; new ones start free now with the seed as their estimate;
+        replicas no longer listed are forgotten. A peer serves one stage: a peer listed under a
+        new stage is re-seeded there (new work, new speed)."""
         for peer_id, seed in seeds.items():
             _check_positive(f"seed throughput of {peer_id}", seed)
         for peer_id in self._stages.get(stage, []):
+            self._relayed.discard(peer_id)
             if peer_id not in seeds:
                 del self._replicas[peer_id]
+        self._relayed |= set(relayed) & set(seeds)
         for peer_id, seed in seeds.items():
             known = self._replicas.get(peer_id)
             if known is not None and known.stage != stage:
@@ -174,16 +194,25 @@ class Router:
                 f"stage {stage} has no usable replica at t={now:.3f}: {len(known)} in view, "
                 f"{len(banned)} banned, {len([p for p in known if p in exclude])} excluded; "
                 "refresh the swarm view or bypass the stage")
-        peer_id = self._pick(stage, candidates, now)
+        peer_id = self._pick(stage, candidates, now, work_samples)
         e = self._replicas[peer_id]
         e.outstanding += work_samples
         e.expected_finish = max(e.expected_finish, now) + work_samples / e.throughput
         e.calls += 1
         return peer_id
 
-    def _pick(self, stage: int, candidates: list[str], now: float) -> str:
-        """Smallest expected finish time (anything <= now counts as now); random among ties."""
-        finish = {p: max(self._replicas[p].expected_finish, now) for p in candidates}
+    def is_relayed(self, peer_id: str) -> bool:
+        """Whether the view said `peer_id` is reached through a relay."""
+        return peer_id in self._relayed
+
+    def _pick(self, stage: int, candidates: list[str], now: float, work: float) -> str:
+        """Smallest expected finish time (anything <= now counts as now), a relayed replica
+        charged `relay_factor - 1` times this call's estimated duration on top; random among
+        ties."""
+        extra = self._relay_factor - 1.0
+        finish = {p: max(self._replicas[p].expected_finish, now)
+                  + (extra * work / self._replicas[p].throughput if p in self._relayed else 0.0)
+                  for p in candidates}
         best = min(finish.values())
         tied = [p for p in candidates if finish[p] <= best]
         return tied[0] if len(tied) == 1 else self._rng.choice(tied)
@@ -277,11 +306,12 @@ class RoundRobinRouter(Router):
     Bookkeeping (estimates, timeouts, bans) is the same as `Router`'s."""
 
     def __init__(self, rng: random.Random, alpha: float = EMA_ALPHA,
-                 timeouts: TimeoutPolicy | None = None) -> None:
-        super().__init__(rng, alpha, timeouts)
+                 timeouts: TimeoutPolicy | None = None,
+                 relay_factor: float = RELAY_FACTOR) -> None:
+        super().__init__(rng, alpha, timeouts, relay_factor)
         self._turn: dict[int, int] = {}
 
-    def _pick(self, stage: int, candidates: list[str], now: float) -> str:
+    def _pick(self, stage: int, candidates: list[str], now: float, work: float) -> str:
         turn = self._turn.get(stage, 0)
         self._turn[stage] = turn + 1
         return candidates[turn % len(candidates)]

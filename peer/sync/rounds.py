@@ -1,9 +1,10 @@
 """Sync rounds: how the replicas of one stage agree on one aggregate per optimizer step.
 
 Design (leader-collects, everyone-applies-the-same-bytes):
-- The round's aggregator is the first live replica of the stage in seniority order (earliest
-  joined_at in the swarm view, then peer id: peer/consistency.py's `leader_order`; a key that
-  sorts first buys nothing). Every other
+- The round's aggregator is the first live replica of the stage in leader order: directly
+  reachable replicas before relayed ones, then seniority (earliest joined_at in the swarm view,
+  then peer id: peer/consistency.py's `leader_order`; a key that sorts first buys nothing).
+  Every other
   replica sends it its contribution over `Sync.Exchange` and waits for the reply.
 - The aggregator waits until every replica it expects has contributed, or `timeout` passes, or
   the expected ones leave the swarm view; it then aggregates *in peer-id order* and answers every
@@ -127,8 +128,10 @@ class SyncRounds:
         joined: Callable[[], Mapping[str, float]] = dict,
         attested: Callable[[], tuple[int, str]] = lambda: (0, ""),
         step_now: Callable[[], int] = lambda: 0,
+        relayed: Callable[[], set[str]] = set,
     ) -> None:
         self.me = me
+        self.relayed = relayed  # replicas reached through a relay: last in the leader order
         self.step_now = step_now  # the step this replica is after (told to a replay asker)
         self.joined = joined  # peer id -> joined_at from the swarm view (seniority)
         self.attested = attested  # the coordinator's (step, hash) for this stage
@@ -165,7 +168,7 @@ class SyncRounds:
     def _candidates(self, step: int) -> list[str]:
         agreed = self.agreed.get(step)
         if agreed:
-            return leader_order(set(agreed) | {self.me}, self.joined())
+            return leader_order(set(agreed) | {self.me}, self.joined(), self.relayed())
         return self.candidates()
 
     def _round(self, step: int) -> _Round:

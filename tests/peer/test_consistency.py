@@ -20,6 +20,13 @@ def test_seniority_orders_the_candidates_and_the_id_only_breaks_ties() -> None:
     assert consistency.leader_order({"x", "a"}, {"a": 5.0}) == ["a", "x"]
 
 
+def test_a_relayed_replica_leads_a_round_only_when_no_direct_one_can() -> None:
+    joined = {"a": 10.0, "b": 20.0, "c": 30.0}
+    # "a" is the most senior, but every part sent to it would cross its relay twice
+    assert consistency.leader_order({"a", "b", "c"}, joined, relayed={"a"}) == ["b", "c", "a"]
+    assert consistency.leader_order({"a", "b"}, joined, relayed={"a", "b"}) == ["a", "b"]
+
+
 def test_a_hash_belongs_to_the_step_it_was_computed_after() -> None:
     h = consistency.StateHash()
     h.set(4, "abc")

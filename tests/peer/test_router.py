@@ -41,6 +41,32 @@ def test_smallest_expected_finish_then_adds_work_over_throughput() -> None:
     assert r.estimate("fast").outstanding == pytest.approx(30 * picks.count("fast"))
 
 
+def test_a_direct_replica_is_preferred_and_a_relayed_one_takes_the_overflow() -> None:
+    r = _router(relay_factor=2.0)
+    r.update_replicas(1, {"direct": 10.0, "relayed": 10.0}, relayed={"relayed"})
+    assert r.is_relayed("relayed") and not r.is_relayed("direct")
+    # both free: the relayed call is charged one more call's duration (1 s), so direct wins
+    assert r.choose(1, 10, now=0.0) == "direct"
+    # direct now busy until t=1: a tie with the relayed one's charged finish (0 + 1), then
+    # direct busy until t=2 loses to the relayed one
+    picks = [r.choose(1, 10, now=0.0) for _ in range(20)]
+    assert 5 <= picks.count("relayed") <= 15  # it still takes a share of a backlog
+    # whatever the tie-breaking seed, a free direct replica goes first; with no preference
+    # (relay_factor 1) the two free replicas tie and either may
+    firsts: dict[float, set[str]] = {2.0: set(), 1.0: set()}
+    for factor, seen in firsts.items():
+        for seed in range(20):
+            fresh = _router(seed, relay_factor=factor)
+            fresh.update_replicas(1, {"direct": 10.0, "relayed": 10.0}, relayed={"relayed"})
+            seen.add(fresh.choose(1, 10, now=0.0))
+    assert firsts == {2.0: {"direct"}, 1.0: {"direct", "relayed"}}
+    # a view that no longer marks it relayed lifts the charge
+    r.update_replicas(1, {"direct": 10.0, "relayed": 10.0})
+    assert not r.is_relayed("relayed")
+    with pytest.raises(ValueError, match="relay_factor"):
+        _router(relay_factor=0.5)
+
+
 def test_ties_break_with_the_injected_rng() -> None:
     def first(seed: int) -> str:
         r = _router(seed)
