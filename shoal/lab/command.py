@@ -6,6 +6,8 @@ added latency and faults on command (root only).
     shoal lab --hosts 4 --fault 'at step 10 kill peer2 respawn=20' --fault 'at 60s restart'
     shoal lab --hosts 4 --scenario faults.txt --interactive            + commands typed on stdin
     shoal lab --hosts 4 --nat peer3,peer4 --place peer4=1             two peers behind NAT
+    shoal lab --hosts 4 --nat peer3,peer4 --relay peer2 --fault 'at step 8 kill peer2'
+                                                                      a relay peer, lost mid-run
     shoal lab --clean                                                 remove labs left by dead runs
 
 Design. Three layers, one file each, so each can be used alone (tests and bench.wan do):
@@ -108,6 +110,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--place", action="append", default=[], metavar="HOST=STAGE",
                    help="start HOST's peer with --stage STAGE, e.g. --place peer3=0 (default: "
                    "the coordinator places every peer)")
+    p.add_argument("--relay", metavar="HOSTS",
+                   help="start these peer hosts' peers with --relay (they offer to relay for "
+                   "the NAT'd ones; the coordinator spreads relayed peers over the relays on "
+                   "offer), e.g. --relay peer2; not hosts behind --nat")
     p.add_argument("--clean", action="store_true",
                    help="only remove namespaces left by lab runs whose process is gone")
 
@@ -181,6 +187,38 @@ def _places(items: list[str], peer_names: list[str], stages: int) -> dict[str, i
     return out
 
 
+def parse_relay(value: str | None, peer_names: list[str], nat_hosts: list[str]) -> list[str]:
+    """The hosts of `--relay peer1,peer2`, checked: each a peer host of this lab, once, and not
+    behind the lab's NAT (nobody could dial in to the relay). SystemExit naming the bad one."""
+    out: list[str] = []
+    for item in (value.split(",") if value else []):
+        host = item.strip()
+        if host not in peer_names:
+            raise SystemExit(f"shoal lab: --relay {value!r}: {host!r} is not a peer host of this "
+                             f"lab; use some of {', '.join(peer_names)}")
+        if host in nat_hosts:
+            raise SystemExit(f"shoal lab: --relay {value!r}: {host} is behind the lab's NAT "
+                             "(--nat), so nobody can dial in to relay through it; pick a host "
+                             "not named in --nat")
+        if host in out:
+            raise SystemExit(f"shoal lab: --relay {value!r}: {host} is named twice")
+        out.append(host)
+    return out
+
+
+def nat_default_place(nat_hosts: list[str], places: dict[str, int], stages: int
+                      ) -> tuple[dict[str, int], str]:
+    """When `--nat` names hosts and no `--place` names any of them, the last NAT'd host starts
+    at stage 1, a block stage, so that calls *into* a relayed replica are part of the run (a
+    stage-0 driver only dials out). Returns (places, the line to print; "" when unchanged)."""
+    if not nat_hosts or stages < 1 or any(h in places for h in nat_hosts):
+        return places, ""
+    host = nat_hosts[-1]
+    return ({**places, host: 1},
+            f"--nat: {host} starts at stage 1 (a block replica: calls into it go through a "
+            f"relay); --place {host}=STAGE overrides")
+
+
 def _stdin_commands(into: queue.Queue) -> None:
     for line in sys.stdin:
         into.put(line)
@@ -208,22 +246,32 @@ def main(args: argparse.Namespace) -> int:
         nat_hosts = parse_nat(getattr(args, "nat", None), peer_names, COORD_HOST)
     except NatError as exc:
         raise SystemExit(f"shoal lab: {exc}") from None
-    places = _places(getattr(args, "place", []), peer_names, spec.pipeline.stages)
+    relay_hosts = parse_relay(getattr(args, "relay", None), peer_names, nat_hosts)
+    places, note = nat_default_place(
+        nat_hosts, _places(getattr(args, "place", []), peer_names, spec.pipeline.stages),
+        spec.pipeline.stages)
+    if note:
+        print(note)
     work = out_dir(args.out, "lab")
     old_term = signal.signal(signal.SIGTERM, _on_sigterm)
     net = LabNetwork([COORD_HOST, *peer_names], mbit=args.mbit, nat=nat_hosts)
     swarm: LabSwarm | None = None
     try:
         net.create()
+        if relay_hosts and not net.transparent:  # peers then listen on 127.0.0.1 only
+            raise LabError("--relay needs iptables in the lab's hosts (every connection "
+                           "through the delay relay); without it a relay peer's relayed ports "
+                           "would listen on loopback, where no other host reaches them")
         swarm = LabSwarm(work, spec, net, delay_ms=args.delay_ms, mdns=args.mdns,
                          data=args.data, grace_s=args.grace,
-                         plaintext=getattr(args, "plaintext", False))
+                         plaintext=getattr(args, "plaintext", False), relay_hosts=relay_hosts)
         print(f"shoal lab {net.prefix}: {args.hosts} peer hosts + coord on 198.18.0.0/15, "
               f"{args.mbit:g} Mbit/s each way, +{args.delay_ms:g} ms each way "
               f"({'every TCP connection' if net.transparent else 'peer ports only'}), "
               f"{len(faults)} faults scheduled; "
               f"{'plaintext links' if swarm.plaintext else 'mTLS on every link'}; "
               + (f"behind NAT: {', '.join(nat_hosts)}; " if nat_hosts else "")
+              + (f"relays: {', '.join(relay_hosts)}; " if relay_hosts else "")
               + f"logs: {swarm.logs}")
         swarm.start(stages=places)
         summary = follow(swarm, spec, faults, args)
@@ -286,6 +334,7 @@ def follow(swarm: LabSwarm, spec: RunSpec, faults: list, args: argparse.Namespac
     while True:
         time.sleep(0.5)
         status = swarm.status() or status
+        swarm.note_relays(status, time.monotonic() - (t_train or time.monotonic()), step)
         for e in (status or {}).get("events", []):
             if e.get("kind") == "rebuild":
                 rebuilds.add((e.get("t"), e.get("peer_id"), e.get("stage")))
@@ -329,7 +378,8 @@ def follow(swarm: LabSwarm, spec: RunSpec, faults: list, args: argparse.Namespac
     summary.update({
         "lab": {"prefix": swarm.net.prefix, "hosts": args.hosts, "mbit": args.mbit,
                 "delay_ms": args.delay_ms, "transparent_relay": swarm.net.transparent,
-                "mdns": args.mdns, "tls": not swarm.plaintext, "nat": swarm.net.nat},
+                "mdns": args.mdns, "tls": not swarm.plaintext, "nat": swarm.net.nat,
+                "relay": swarm.relay_hosts},
         "completed": summary["steps"] >= spec.run.steps,
         "planned_microbatches": planned, "completed_microbatches": completed,
         "dropped_microbatches": dropped, "discarded_graphs": coord_dropped,
@@ -339,7 +389,13 @@ def follow(swarm: LabSwarm, spec: RunSpec, faults: list, args: argparse.Namespac
         "faults": [vars(r) for r in runner.log],
         "faults_not_fired": [f.line for f in runner.pending],
         **reach_summary(swarm, status, summary.get("bytes_sent") or 0),
+        "relay_track": swarm.relay_track, "peer_relay_bytes": swarm.peer_relay_bytes(),
     })
+    relays = {p.get("peer_id"): p for p in (status or {}).get("peers") or []}
+    for row in summary["peers_reach"]:  # which relay carried each peer at the end
+        info = relays.get(row["peer_id"]) or {}
+        row["relayed_by"] = swarm.relay_name(info.get("relayed_by") or "")
+        row["relay"] = bool(info.get("relay"))
     if summary["completed"] and not args.no_export:
         from peer.pipeline.checkpoint import load_model
 

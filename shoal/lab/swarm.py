@@ -8,6 +8,11 @@ and nothing else; hosts `peer1..peerN` run one peer each at a time, and a delay 
 (shoal/lab/relay.py) when the lab adds latency. A peer on a host behind the lab's NAT
 (LabNetwork.nat) gets neither --host nor --advertise, as on a volunteer's machine.
 
+Peers on `relay_hosts` are started with `--relay` (respawned ones too), before the others: the
+others start once the coordinator lists them as reached directly and offering to relay, so that
+the NAT'd peers' relays are spread over them and the coordinator. `note_relays` records, per
+peer, each change of the relay that carries it (`relay_track`, in summary.json).
+
 Every link is mTLS (the coordinator, bound to 0.0.0.0, serves TLS with the swarm CA; peers
 advertise 198.18.x addresses, so their servers require client certificates from it), unless
 `plaintext=True` passes `--plaintext` to every program.
@@ -37,13 +42,14 @@ import time
 from pathlib import Path
 
 from protocols.runspec import RunSpec
-from shoal.lab.network import RELAY_PORT, LabNetwork, in_netns
+from shoal.lab.network import RELAY_PORT, LabError, LabNetwork, in_netns
 from shoal.swarm import Swarm
 
 COORD_HOST = "coord"
 GRPC_PORT = 7000
 HTTP_PORT = 8080
 PEER_PORT = 7100
+RELAY_OFFER_S = 180.0  # how long start() waits for the --relay peers to be offered as relays
 
 
 class LabSwarm(Swarm):
@@ -51,7 +57,8 @@ class LabSwarm(Swarm):
 
     def __init__(self, work: Path, spec: RunSpec, net: LabNetwork, *, delay_ms: float = 0.0,
                  mdns: bool = False, data: str | None = None, peer_args: list[str] | None = None,
-                 grace_s: float = 10.0, plaintext: bool = False) -> None:
+                 grace_s: float = 10.0, plaintext: bool = False,
+                 relay_hosts: list[str] | None = None) -> None:
         peer_hosts = [n for n in net.names if n != COORD_HOST]
         super().__init__(work, spec, len(peer_hosts), data, "cpu")
         self.net = net
@@ -69,6 +76,9 @@ class LabSwarm(Swarm):
         self.others: list[subprocess.Popen] = []
         self.frozen: set[str] = set()
         self.killed: list[str] = []  # "host-generation" of every peer killed with SIGKILL
+        self.relay_hosts = list(relay_hosts or [])  # their peers offer to relay (--relay)
+        self.relay_track: dict[str, list[dict]] = {}  # "host-gen" -> relay changes (note_relays)
+        self._ids: dict[str, str] = {}  # peer id -> "host-gen", from the identity files
 
     @property
     def coordinator_address(self) -> str:
@@ -102,9 +112,37 @@ class LabSwarm(Swarm):
         if self.delay_ms > 0 or self.net.transparent:  # the REDIRECT sends every link there
             self._start_relays()
         self.start_coordinator()
-        for host in self.peer_hosts:
+        # --relay peers first, and only once the coordinator offers them as relays the others:
+        # a NAT'd peer is told its relay when its dial-back fails (in about a second here) and
+        # keeps it (sticky), so a relay offered later would carry nobody
+        first = [h for h in self.peer_hosts if h in self.relay_hosts]
+        for host in [*first, *[h for h in self.peer_hosts if h not in first]]:
             stage = (stages or {}).get(host)
             self.spawn_peer(host, None if stage is None else ["--stage", str(stage)])
+            if host == (first or [None])[-1]:
+                self.wait_relays_offered(first, RELAY_OFFER_S)
+
+    def wait_relays_offered(self, hosts: list[str], timeout: float) -> None:
+        """Until the coordinator lists the peer of each of `hosts` as live, reached directly
+        and offering to relay (/api/status: reach "direct", relay true). LabError after
+        `timeout` seconds or when one of those peers exits."""
+        deadline = time.monotonic() + timeout
+        waiting = set(hosts)
+        while waiting:
+            for host in waiting:
+                if self.on_host[host].poll() is not None:
+                    raise LabError(f"the --relay peer on {host} exited with code "
+                                   f"{self.on_host[host].returncode}; see {self.logs}/{host}.log")
+            for p in (self.status() or {}).get("peers") or []:
+                host = self.peer_name(p.get("peer_id") or "").rpartition("-")[0]
+                if p.get("live") and p.get("relay") and p.get("reach") == "direct":
+                    waiting.discard(host)
+            if waiting and time.monotonic() > deadline:
+                raise LabError(f"the coordinator did not offer {', '.join(sorted(waiting))} as "
+                               f"relays within {timeout:.0f} s (reached directly, --relay); see "
+                               f"{self.logs}")
+            if waiting:
+                time.sleep(0.5)
 
     def _start_relays(self) -> None:
         for name, h in self.net.hosts.items():
@@ -148,6 +186,8 @@ class LabSwarm(Swarm):
                 str(self.token_file), *where, "--port",
                 str(PEER_PORT), "--grace", str(self.grace_s), "--metrics-file",
                 str(self.logs / f"{host}-{gen}.metrics.jsonl"), *self.peer_args, *(extra or [])]
+        if host in self.relay_hosts:  # a respawned peer on a relay host offers to relay too
+            args.append("--relay")
         if not self.mdns:
             args += ["--coordinator", self.coordinator_address]
         args += self._tls_args()
@@ -166,6 +206,65 @@ class LabSwarm(Swarm):
     def live_peer_hosts(self) -> list[str]:
         return [h for h in self.peer_hosts
                 if h in self.on_host and self.on_host[h].poll() is None]
+
+    # ------------------------------------------------------------------ relays
+
+    def relay_name(self, address: str) -> str:
+        """The lab host a relay `address` (HOST:PORT) is on: `coord` for the coordinator's own
+        relay, `peerN` for a peer started with --relay; the address itself if no host has it;
+        "" for "" (not relayed)."""
+        host = address.rpartition(":")[0]
+        for name, h in self.net.hosts.items():
+            if host and h.address == host:
+                return name
+        return address
+
+    def peer_name(self, peer_id: str) -> str:
+        """`host-generation` of the lab peer with `peer_id` (from the identity files the lab
+        wrote), or "" if none of them has it."""
+        if peer_id not in self._ids:
+            from protocols.identity import Identity
+
+            for key in sorted((self.work / "keys").glob("peer*-*.key")):
+                if key.stem not in self._ids.values():
+                    with contextlib.suppress(Exception):
+                        self._ids[Identity.load(key).peer_id] = key.stem
+        return self._ids.get(peer_id, "")
+
+    def note_relays(self, status: dict | None, t: float, step: int) -> None:
+        """Record, per lab peer, each change of (relay, reach) the coordinator reports:
+        `relay_track[host-gen]` gains {t, step, relay, reach, address, stage} when the peer's
+        `relayed_by` (as a lab host name: relay_name) or `reach` changed since the last
+        status. t and step are the lab's training clock (as in the fault records)."""
+        for p in (status or {}).get("peers") or []:
+            if not p.get("live"):
+                continue
+            name = self.peer_name(p.get("peer_id") or "")
+            if not name:
+                continue
+            row = {"t": round(max(0.0, t), 2), "step": step,
+                   "relay": self.relay_name(p.get("relayed_by") or ""),
+                   "reach": p.get("reach") or "", "address": p.get("address") or "",
+                   "stage": p.get("stage")}
+            track = self.relay_track.setdefault(name, [])
+            if not track or (track[-1]["relay"], track[-1]["reach"]) != (row["relay"],
+                                                                          row["reach"]):
+                track.append(row)
+
+    def peer_relay_bytes(self) -> int:
+        """Bytes the lab's hosts sent to and received from ports that --relay peers opened for
+        relayed peers (their relayed addresses, as recorded by note_relays), from the delay
+        relays' per-port counters (logs/HOST.relay.json; 0 without delay relays). An estimate:
+        the counters are per destination port only, so another host's connection to the
+        same port number would be counted too."""
+        ports = {row["address"].rpartition(":")[2] for track in self.relay_track.values()
+                 for row in track if row["relay"] in self.relay_hosts and row["address"]}
+        total = 0
+        for f in self.logs.glob("*.relay.json"):
+            with contextlib.suppress(OSError, ValueError):
+                by_port = json.loads(f.read_text()).get("bytes_by_port") or {}
+                total += sum(sum(v) for k, v in by_port.items() if k in ports)
+        return total
 
     # ------------------------------------------------------------------ faults
 
