@@ -29,7 +29,10 @@ This module ties them into a run: build the network, start the swarm, follow the
 faults when due, export the model at the end (from inside `coord`, over the capped links), load
 it back, and write `summary.json`: the demo's summary plus the lab's settings, every fault fired,
 dropped microbatches (count and share of those planned) and rebuilt stages, and how each peer
-was reached (`peers_reach`, `relayed_bytes`, `direct_bytes`: shoal/lab/reach.py).
+was reached (`peers_reach`, `relayed_bytes`, `direct_bytes`: shoal/lab/reach.py; with
+`--relay HOSTS`, peers started with --relay, also `relay_track` and `peer_relay_bytes`:
+LabSwarm.note_relays). `--nat` without a `--place` for any NAT'd host starts the last one at
+stage 1 (nat_default_place).
 
 Everything this run made — processes, namespaces (and with them veths, ifbs, qdiscs, iptables
 rules) — is removed on exit, on error, on Ctrl-C and on SIGTERM; names carry a per-run prefix so
