@@ -36,11 +36,12 @@ coordinator refreshes the number after the move.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 REBALANCE_PERIOD_S = 300.0
 DEFAULT_MIN_GAIN = 0.1
+RELAY_FACTOR = 2.0  # a relayed byte crosses two links (peer/pipeline/router.py charges the same)
 # A move must beat the bottleneck by this relative margin even with min_gain=0: sums of floats
 # recomputed after a move differ in the last bits, and without a margin two peers can swap
 # places forever over a gain of one ulp (Petals' block_selection keeps epsilons for the same).
@@ -103,15 +104,33 @@ def assign_stage(stages: Mapping[int, StageLoad], peer_throughput: float) -> int
     return _weakest(stages)
 
 
+def contribution(stages: Mapping[int, StageLoad], stage: int, peer_id: str, throughput: float,
+                 relayed: Collection[str] = ()) -> float:
+    """What a peer of `throughput` samples/s adds to `stage`'s capacity: a peer nobody can dial
+    serves a block stage at 1 / RELAY_FACTOR of it (every call into it crosses its relay)."""
+    if stage != 0 and peer_id in relayed:
+        throughput /= RELAY_FACTOR
+    return throughput / stages[stage].visit_share
+
+
+def capacities(stages: Mapping[int, StageLoad], relayed: Collection[str] = ()
+               ) -> dict[int, float]:
+    """Each stage's capacity, relayed block replicas counted as `contribution` says."""
+    return {i: sum(contribution(stages, i, p, v, relayed) for p, v in s.replicas.items())
+            for i, s in stages.items()}
+
+
 def plan_rebalance(stages: Mapping[int, StageLoad],
-                   min_gain: float = DEFAULT_MIN_GAIN) -> Move | None:
-    """The one move that best raises the bottleneck, or None when no move is worth it."""
+                   min_gain: float = DEFAULT_MIN_GAIN,
+                   relayed: Collection[str] = ()) -> Move | None:
+    """The one move that best raises the bottleneck, or None when no move is worth it. Peers in
+    `relayed` (nobody can dial them) are counted at a block stage as `contribution` says."""
     if min_gain < 0.0:
         raise ValueError(f"min_gain={min_gain} must be >= 0 (relative bottleneck gain)")
-    to = _weakest(stages)
+    caps = capacities(stages, relayed)
+    to = min(stages, key=lambda i: (bool(stages[i].replicas), caps[i], i))  # `_weakest`
     filling = not stages[to].replicas
-    before = bottleneck(stages)
-    caps = {i: s.capacity for i, s in stages.items()}
+    before = min(caps.values())
     best: tuple[list[float], float] | None = None
     best_move: tuple[int, str] | None = None
     for donor in sorted(stages):
@@ -119,9 +138,10 @@ def plan_rebalance(stages: Mapping[int, StageLoad],
         if donor == to or len(load.replicas) < 2:
             continue
         for peer_id in sorted(load.replicas):
+            value = load.replicas[peer_id]
             after = dict(caps)
-            after[donor] -= load.replicas[peer_id] / load.visit_share
-            after[to] += load.replicas[peer_id] / stages[to].visit_share
+            after[donor] -= contribution(stages, donor, peer_id, value, relayed)
+            after[to] += contribution(stages, to, peer_id, value, relayed)
             # the best sorted capacity vector; ties to the donor with most spare, then to the
             # lowest stage index and peer id (strict > keeps the first one met)
             key = (sorted(after.values()), caps[donor])

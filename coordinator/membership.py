@@ -44,6 +44,7 @@ from coordinator.assignment import (
     stage_for_hint,
 )
 from coordinator.events import Event, EventLog, History, HistoryPoint
+from coordinator.placement import plan_relay_move
 from protocols.coordinator_client import READY_STATES, Benchmark, PeerStats
 from protocols.recovery_report import describe, is_report_key
 from protocols.runspec import RunSpec
@@ -99,6 +100,9 @@ class Member:
     relayed_by: str = ""  # the relay `address` is a port of (HeartbeatRequest.relayed_by)
     has_leaf: bool = False  # holds a swarm TLS leaf (sent a CSR at join): serves mTLS off-host
     relay_told: str = ""  # the relay this member was last told to attach to
+    # placed by an operator (a stage hint honoured under trust_stage_hints, the lab's --place):
+    # relay-aware placement never moves it (not persisted)
+    placed: bool = False
 
     @property
     def throughput(self) -> float:
@@ -193,6 +197,7 @@ class Membership:
         self._stages = [_Stage() for _ in range(self.n_stages)]
         self._revoked: dict[str, float] = {}  # peer id -> when its last certificate expires
         self._changed: set[str] = set()  # structural changes, persisted at once
+        self._placing: set[str] = set()  # moved by place_relayed, not serving the new stage yet
         self._deleted: set[str] = set()
         self._progressed: set[str] = set()  # heartbeated since the last periodic flush
         self.counters = {k: 0 for k in ("joins", "rejoins", "heartbeats", "leaves", "expired",
@@ -315,7 +320,8 @@ class Membership:
                    state="joining", benchmark=benchmark, joined_at=now, last_seen=now,
                    lease_expires=now + self.lease_s,
                    cert_expires=old.cert_expires if old is not None else 0.0,
-                   relay=relay, has_leaf=has_leaf)
+                   relay=relay, has_leaf=has_leaf,
+                   placed=self.trust_stage_hints and 0 <= stage_hint == stage)
         if old is not None:  # a re-join does not refill the heartbeat rate limit
             m.beat_tokens, m.beat_at = old.beat_tokens, old.beat_at
         m.stats.step = clamped
@@ -437,10 +443,42 @@ class Membership:
         return [m.peer_id for m in expired]
 
     def rebalance(self, now: float, min_gain: float = 0.1) -> Move | None:
-        """Plan and apply at most one SWARM rebalancing move; the peer learns it by heartbeat."""
-        move = plan_rebalance(self._loads(), min_gain)
+        """Plan and apply at most one SWARM rebalancing move; the peer learns it by heartbeat.
+        A peer nobody can dial counts at a block stage for what it delivers through its relay."""
+        move = plan_rebalance(self._loads(), min_gain, relayed=self._not_direct())
         if move is None:
             return None
+        self._move(move, now, f"bottleneck {move.bottleneck_before:.3g} -> "
+                              f"{move.bottleneck_after:.3g} samples/s")
+        return move
+
+    def place_relayed(self, now: float) -> Move | None:
+        """At most one move that puts a relayed peer where it costs least (stage 0) or brings a
+        reachable replica to its stage first (coordinator/placement.py); none while a peer an
+        earlier such move sent does not serve its new stage yet."""
+        live = [m for m in self._members.values() if m.live]
+        ready = {m.peer_id for m in live
+                 if m.stats.state in READY_STATES and m.stats.held_stage == m.stage
+                 and not m.pending_action}
+        self._placing &= {m.peer_id for m in live} - ready
+        if self._placing:
+            return None  # the last such move has not settled: loads and readiness will change
+        move = plan_relay_move(self._loads(), self._not_direct(), ready,
+                               {m.peer_id for m in live if m.placed})
+        if move is None:
+            return None
+        why = ("nobody can dial it; a driver only dials out" if move.to_stage == 0 else
+               f"it can be dialled; stage {move.to_stage}'s replica cannot")
+        self._move(move, now, f"{why}; bottleneck {move.bottleneck_before:.3g} -> "
+                              f"{move.bottleneck_after:.3g} samples/s")
+        self._placing.add(move.peer_id)
+        return move
+
+    def _not_direct(self) -> set[str]:
+        return {m.peer_id for m in self._members.values()
+                if m.live and m.reach in ("relayed", "unreachable")}
+
+    def _move(self, move: Move, now: float, detail: str) -> None:
         m = self._members[move.peer_id]
         self._stages[m.stage].replicas.discard(m.peer_id)
         self._stages[move.to_stage].replicas.add(m.peer_id)
@@ -448,11 +486,8 @@ class Membership:
         m.stage = move.to_stage
         m.pending_action = "move"
         self.counters["moves"] += 1
-        self._changed_member(m, Event(
-            now, "move", m.peer_id, move.to_stage,
-            f"stage {move.from_stage} -> {move.to_stage}; bottleneck "
-            f"{move.bottleneck_before:.3g} -> {move.bottleneck_after:.3g} samples/s"))
-        return move
+        self._changed_member(m, Event(now, "move", m.peer_id, move.to_stage,
+                                      f"stage {move.from_stage} -> {move.to_stage}; {detail}"))
 
     def restore(self, members: list[Member], now: float, grace_s: float, detail: str) -> None:
         """Load members persisted by a previous coordinator process.

@@ -198,6 +198,10 @@ def stats_from_wire(s: pb.PeerStats, kinds: frozenset[str] | None = None,
         if len(kind) > 64 or not kind.isprintable():
             raise BadRequest(f"stats.bytes_by_kind key {kind!r:.80} must be printable, <= 64 "
                              f"characters")
+    if s.HasField("held_stage") and not (
+            s.held_stage >= 0 and (n_stages <= 0 or s.held_stage < n_stages)):
+        raise BadRequest(f"stats.held_stage must be a stage of this run (0.."
+                         f"{max(n_stages - 1, 0)}) or unset, got {s.held_stage}")
     if kinds is not None:
         check_kinds(s.bytes_by_kind, kinds, n_stages)
     return PeerStats.from_proto(s)

@@ -416,6 +416,12 @@ class CoordinatorService:
             if move is not None:
                 log.info("rebalance: peer %s stage %d -> %d", move.peer_id, move.from_stage,
                          move.to_stage)
+        placed = m.place_relayed(now) if move is None else None
+        if placed is not None:
+            move = placed
+            log.info("placement: peer %s stage %d -> %d (%s)", placed.peer_id, placed.from_stage,
+                     placed.to_stage, "relayed: to a driver's stage" if placed.to_stage == 0
+                     else "reachable: partners a relayed replica")
         if expired or move is not None:
             await self._commit()
 

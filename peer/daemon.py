@@ -109,6 +109,9 @@ class PeerDaemon:
             peer_of=self._peer_at)
         self._throughput = 0.0  # EMA of samples/s actually computed here
         self.driver: Driver | None = None
+        self._driving: list[asyncio.Future] = []  # the drivers' run loops (run() starts them)
+        self._running = False
+        self._moving: asyncio.Future | None = None  # a move to another stage, under way
         self.client: CoordinatorClient | None = None
         self.server: grpc.aio.Server | None = None
         self.address = ""
@@ -303,6 +306,9 @@ class PeerDaemon:
         peer/recovery/rebuild.py); or start from the initial weights when it is the first holder."""
         if self.host is not None:
             self.host.close()
+        if stage != 0 and self.driver is not None:  # moved off stage 0: it drives no more
+            self.driver.stop()  # its loop ends at its next turn (it may hold step_lock's waiters)
+            self.driver = None
         self.state = "syncing"
         self.host = StageHost(self.spec, stage, device=machine.device(self.args.device))
         self._hash.clear()
@@ -331,6 +337,8 @@ class PeerDaemon:
         if stage == 0 and self.driver is None:
             self.driver = make_driver(self, mode, self.args.data,
                                       getattr(self.args, "router", "swarm"))
+            if self._running:  # moved to stage 0 while serving: drive from now on
+                self._driving.append(asyncio.ensure_future(self.driver.run()))
 
     def fall_behind(self, why: str, behind_of: int = 0) -> None:
         """This replica missed steps (`behind_of`: up to that one) or drifted: stop serving,
@@ -394,10 +402,12 @@ class PeerDaemon:
                     self.view = view
                 if self.relay_link is not None:  # after the view: it may name a relay peer
                     await self.relay_link.update(res.reach, res.relay)
-                if res.action == "move" and self.host and res.stage != self.host.stage:
+                if (res.action == "move" and self.host and res.stage != self.host.stage
+                        and self._moving is None):
                     log.info("coordinator moves this peer to stage %d", res.stage)
-                    async with self.step_lock:
-                        await self._take_stage(res.stage)
+                    # beside the heartbeats, which must go on while it downloads the stage (a
+                    # lapsed lease would make it a newcomer again)
+                    self._moving = asyncio.ensure_future(self._move(res.stage))
                 self._check_hash()
                 self._snapshot_step = await snapshot_if_due(self, self._snapshot_step)
             except Exception as exc:  # the loop must outlive any one failure
@@ -406,6 +416,16 @@ class PeerDaemon:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopped.wait(), self.spec.membership.heartbeat_s)
             self._write_metrics()
+
+    async def _move(self, stage: int) -> None:
+        try:
+            async with self.step_lock:
+                await self._take_stage(stage)
+        except Exception:
+            log.exception("moving to stage %d failed; the coordinator will say what next",
+                          stage)
+        finally:
+            self._moving = None
 
     def _report_progress(self) -> None:
         if self.host is None:
@@ -491,9 +511,11 @@ class PeerDaemon:
         tasks = [self._heartbeats]
         watcher = SpotWatcher(self.args.spot_url, on_notice=self.drain)
         tasks.append(asyncio.ensure_future(watcher.run(self.stopped)))
+        self._running = True
         if self.driver:
-            tasks.append(asyncio.ensure_future(self.driver.run()))
+            self._driving.append(asyncio.ensure_future(self.driver.run()))
         await self.stopped.wait()
+        tasks += self._driving
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

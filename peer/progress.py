@@ -41,6 +41,7 @@ def peer_stats(state: str, samples_per_s: float, queue: int, counter: ByteCounte
         bytes_by_kind={**counter.by_kind(),
                        **({recovery.wire_key(): recovery.step} if recovery is not None else {})},
         microbatches_done=driver.done if driver else 0,
+        held_stage=h.stage if h else -1,
     )
 
 

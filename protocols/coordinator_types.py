@@ -65,6 +65,7 @@ class PeerStats:
     state_hash: str = ""
     bytes_by_kind: dict[str, int] = field(default_factory=dict)
     microbatches_done: int = 0
+    held_stage: int = -1  # the stage whose weights it holds now; -1 none (or not said)
 
     def to_proto(self) -> pb.PeerStats:
         return pb.PeerStats(
@@ -73,13 +74,15 @@ class PeerStats:
             step=self.step, tokens_per_s=self.tokens_per_s,
             dropped_microbatches=self.dropped_microbatches, grad_norm=self.grad_norm,
             state_hash=self.state_hash, bytes_by_kind=self.bytes_by_kind,
-            microbatches_done=self.microbatches_done)
+            microbatches_done=self.microbatches_done,
+            held_stage=self.held_stage if self.held_stage >= 0 else None)
 
     @classmethod
     def from_proto(cls, m: pb.PeerStats) -> PeerStats:
         return cls(m.state, m.samples_per_s, m.queue, m.bytes_sent, m.bytes_received, m.loss,
                    m.step, m.tokens_per_s, m.dropped_microbatches, m.grad_norm, m.state_hash,
-                   dict(m.bytes_by_kind), m.microbatches_done)
+                   dict(m.bytes_by_kind), m.microbatches_done,
+                   m.held_stage if m.HasField("held_stage") else -1)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (NaN and infinities become None). Cheap: no deep copy."""

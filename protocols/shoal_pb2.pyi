@@ -113,7 +113,7 @@ class JoinReply(_message.Message):
     def __init__(self, certificate: _Optional[_Union[SignedCertificate, _Mapping]] = ..., coordinator_public_key: _Optional[bytes] = ..., run_spec_toml: _Optional[str] = ..., stage: _Optional[int] = ..., epoch: _Optional[int] = ..., lease_seconds: _Optional[float] = ..., heartbeat_interval: _Optional[float] = ..., view: _Optional[_Union[SwarmView, _Mapping]] = ..., swarm_id: _Optional[str] = ..., tls_certificate: _Optional[bytes] = ..., tls_ca: _Optional[bytes] = ..., address: _Optional[str] = ...) -> None: ...
 
 class PeerStats(_message.Message):
-    __slots__ = ("state", "samples_per_s", "queue", "bytes_sent", "bytes_received", "loss", "step", "tokens_per_s", "dropped_microbatches", "grad_norm", "state_hash", "bytes_by_kind", "microbatches_done")
+    __slots__ = ("state", "samples_per_s", "queue", "bytes_sent", "bytes_received", "loss", "step", "tokens_per_s", "dropped_microbatches", "grad_norm", "state_hash", "bytes_by_kind", "microbatches_done", "held_stage")
     class BytesByKindEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +134,7 @@ class PeerStats(_message.Message):
     STATE_HASH_FIELD_NUMBER: _ClassVar[int]
     BYTES_BY_KIND_FIELD_NUMBER: _ClassVar[int]
     MICROBATCHES_DONE_FIELD_NUMBER: _ClassVar[int]
+    HELD_STAGE_FIELD_NUMBER: _ClassVar[int]
     state: str
     samples_per_s: float
     queue: int
@@ -147,7 +148,8 @@ class PeerStats(_message.Message):
     state_hash: str
     bytes_by_kind: _containers.ScalarMap[str, int]
     microbatches_done: int
-    def __init__(self, state: _Optional[str] = ..., samples_per_s: _Optional[float] = ..., queue: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., loss: _Optional[float] = ..., step: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., dropped_microbatches: _Optional[int] = ..., grad_norm: _Optional[float] = ..., state_hash: _Optional[str] = ..., bytes_by_kind: _Optional[_Mapping[str, int]] = ..., microbatches_done: _Optional[int] = ...) -> None: ...
+    held_stage: int
+    def __init__(self, state: _Optional[str] = ..., samples_per_s: _Optional[float] = ..., queue: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., loss: _Optional[float] = ..., step: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., dropped_microbatches: _Optional[int] = ..., grad_norm: _Optional[float] = ..., state_hash: _Optional[str] = ..., bytes_by_kind: _Optional[_Mapping[str, int]] = ..., microbatches_done: _Optional[int] = ..., held_stage: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("stats", "known_epoch", "address", "relayed_by")

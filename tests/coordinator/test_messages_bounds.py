@@ -12,7 +12,9 @@ from coordinator.messages import (
     check_kinds,
     heartbeat_kinds,
     is_loopback_peer,
+    stats_from_wire,
 )
+from protocols import shoal_pb2 as pb
 
 
 @pytest.mark.parametrize("address", [
@@ -59,6 +61,14 @@ def test_heartbeat_kinds_are_a_fixed_set() -> None:
                 {"recovery:snapshot:": 1, "recovery:initial:": 1}):
         with pytest.raises(BadRequest, match="bytes_by_kind"):
             check_kinds(bad, kinds, 4)
+
+
+def test_the_stage_a_peer_says_it_holds_must_be_one_of_the_run() -> None:
+    assert stats_from_wire(pb.PeerStats(state="training"), None, 3).held_stage == -1  # unset
+    assert stats_from_wire(pb.PeerStats(state="training", held_stage=0), None, 3).held_stage == 0
+    for bad in (-1, 3, 2**31 - 1):
+        with pytest.raises(BadRequest, match="held_stage"):
+            stats_from_wire(pb.PeerStats(state="training", held_stage=bad), None, 3)
 
 
 def test_a_stage_hint_is_honoured_only_where_it_takes_nothing() -> None:

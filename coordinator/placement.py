@@ -1,0 +1,81 @@
+"""Placement that knows who is relayed: a peer nobody can dial serves where it costs least.
+
+A stage-0 peer (a driver) only dials out: its microbatches leave it and come back as replies on
+its own calls, so being behind a NAT costs it nothing but its sync round's parts. A block replica
+is called *into* for every microbatch; relayed, each of those bytes crosses two links (the
+caller's to the relay, the relay's down the peer's stream) and the relay's event loop. So where
+the swarm has a choice, relayed peers hold stage 0 and reachable ones the block stages.
+
+Stages are assigned at join, before the coordinator's dial-back (coordinator/reach.py) knows
+whether the newcomer can be dialled, so this corrects the assignment once the verdict is in, one
+move at a time, never emptying a stage and never taking a stage's only weights away:
+
+- A relayed block replica whose stage has a ready, reachable replica besides it moves to stage 0
+  unless that lowers the swarm's bottleneck by more than TOLERANCE, the relayed replica counted
+  at a block stage at 1 / RELAY_FACTOR of its measured throughput (what it delivers there
+  through the relay: coordinator/assignment.py's `contribution`). The tolerance is for the
+  figures: EMAs of noisy measurements, and a driver's is its stage-0 work's, not what it will
+  serve at a block stage.
+- A relayed block replica with no reachable ready partner first gets one: a reachable, ready
+  stage-0 replica moves to its stage (stage 0 keeping another replica), unless the swap as a
+  whole (that one at the block stage, the relayed one at stage 0) lowers the bottleneck by
+  more than TOLERANCE. It
+  downloads the stage from the relayed replica, which keeps serving; once it is ready, the rule
+  above moves the relayed one to stage 0. The two moves make a swap in which the stage's weights
+  are never left without a holder.
+
+Peers an operator placed (`--stage` honoured under `--trust-stage-hints`, the lab's `--place`)
+are never moved. Pure functions of the loads and sets the coordinator passes in (no clock, no
+I/O), like coordinator/assignment.py; coordinator/membership.py applies the move.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+
+from coordinator.assignment import Move, StageLoad, contribution
+
+TOLERANCE = 0.25  # a placement move may lower the computed bottleneck by this fraction
+
+
+def _capacities(stages: Mapping[int, StageLoad], where: Mapping[str, int],
+                relayed: Collection[str]) -> list[float]:
+    """The stages' capacities, weakest first, with the peers at the stages `where` says."""
+    speed = {p: v for load in stages.values() for p, v in load.replicas.items()}
+    caps = dict.fromkeys(stages, 0.0)
+    for peer_id, stage in where.items():
+        caps[stage] += contribution(stages, stage, peer_id, speed[peer_id], relayed)
+    return sorted(caps.values())
+
+
+def plan_relay_move(stages: Mapping[int, StageLoad], relayed: Collection[str],
+                    ready: Collection[str], placed: Collection[str] = ()) -> Move | None:
+    """The one move that puts a relayed peer where it costs least, or None (see the module
+    docstring). `relayed`: peers no one can dial directly; `ready`: peers that hold their stage
+    and serve it now; `placed`: peers an operator placed, which never move."""
+    if 0 not in stages or len(stages) < 2:
+        return None
+    where = {p: s for s, load in stages.items() for p in load.replicas}
+    before = _capacities(stages, where, relayed)
+    movable = set(where) - set(placed)
+    for stage in sorted(s for s in stages if s != 0):
+        here = sorted(stages[stage].replicas)
+        for peer_id in (p for p in here if p in relayed and p in movable and p in ready):
+            partners = [p for p in here if p not in relayed and p in ready]
+            if partners:
+                after = _capacities(stages, {**where, peer_id: 0}, relayed)
+                if after[0] >= before[0] * (1.0 - TOLERANCE):
+                    return Move(peer_id, stage, 0, before[0], after[0])
+                continue
+            if len(stages[0].replicas) < 2:
+                continue  # stage 0 cannot spare a driver
+            best: tuple[list[float], str] | None = None
+            for donor in sorted(stages[0].replicas):
+                if donor in relayed or donor not in movable or donor not in ready:
+                    continue
+                swapped = _capacities(stages, {**where, donor: stage, peer_id: 0}, relayed)
+                if best is None or swapped > best[0]:
+                    best = (swapped, donor)
+            if best is not None and best[0][0] >= before[0] * (1.0 - TOLERANCE):
+                return Move(best[1], 0, stage, before[0], best[0][0])
+    return None
