@@ -70,6 +70,10 @@ RECHECK_UNREACHABLE_S = 120.0
 # a relayed member whose relay is no longer offered (it left, or stopped relaying) is dialled
 # again at once, at most this often: a failure names it another relay
 RECHECK_RELAY_GONE_S = 30.0
+# a member that was relayed by a peer's relay announces its direct address again: that relay
+# failed it (peer/relayed.py LOST_AFTER_FAILURES). It is not offered to anyone for this long,
+# though its own lease may still run for a while (a killed relay peer lives until it lapses)
+LOST_RELAY_S = 30.0
 _LEAF_RENEW_S = 86400.0
 
 
@@ -299,6 +303,7 @@ class Reachability:
         self.relay_address = ""  # this coordinator's own Relay service (set by main)
         self._relays: dict[str, int] = {}  # relay address -> members on it (tick refreshes)
         self._checked: dict[str, float] = {}  # peer id -> when its last check began
+        self._lost: dict[str, float] = {}  # relay address -> offered again from then on
 
     def announced(self, request: pb.HeartbeatRequest, grpc_peer: str) -> tuple[str, str] | None:
         """The (address, relayed_by) a heartbeat announces, checked like Join's address (an
@@ -319,6 +324,14 @@ class Reachability:
         if self.checker.check(member.peer_id, member.public_key, member.address, use_tls):
             self._checked[member.peer_id] = now
 
+    def relay_lost(self, relay: str, now: float) -> None:
+        """A member relayed by `relay` announced its direct address again: that relay failed
+        it. Offer it to no one for LOST_RELAY_S (the coordinator's own relay stays: its loss
+        is the coordinator's)."""
+        if relay and relay != self.relay_address:
+            self._lost[relay] = now + LOST_RELAY_S
+            self._relays.pop(relay, None)
+
     def relay_for(self, member: Member) -> str:
         """The relay an unreachable member is told to attach to (least loaded; sticky)."""
         told = pick_relay(self._relays, member.relay_told)
@@ -332,7 +345,9 @@ class Reachability:
         after a restart, or skipped while MAX_PENDING checks waited), relayed members whose
         relay is gone, and every RECHECK_UNREACHABLE_S the unreachable and relayed ones."""
         live = self.membership.live_members()
-        self._relays = relay_loads(live, self.relay_address)
+        self._lost = {a: until for a, until in self._lost.items() if until > now}
+        self._relays = {a: n for a, n in relay_loads(live, self.relay_address).items()
+                        if a not in self._lost}
         for m in live:
             since = now - self._checked.get(m.peer_id, 0.0)
             relay_gone = (m.reach == reach_wire.RELAYED and m.relayed_by not in self._relays

@@ -278,9 +278,12 @@ class CoordinatorService:
             await self._refuse(context, "Heartbeat", grpc.StatusCode.PERMISSION_DENIED,
                                f"peer {caller.peer_id} is not a member (its lease lapsed or it "
                                f"left); re-join the coordinator")
+        was_relayed_by = member.relayed_by
         if moved is not None and self.membership.change_address(member.peer_id, *moved, now):
             log.info("peer %s now at %s%s", member.peer_id, moved[0],
                      f" (relayed by {moved[1]})" if moved[1] else "")
+            if was_relayed_by and not moved[1]:  # its relay failed it (peer/relayed.py)
+                self.reach.relay_lost(was_relayed_by, now)
             self.reach.check(member, now)
         reply = pb.HeartbeatReply(epoch=self.membership.epoch, lease_expires=member.lease_expires,
                                   stage=member.stage, action=member.pending_action,

@@ -18,7 +18,13 @@ import pytest
 
 from coordinator.membership import Membership
 from coordinator.messages import BadRequest, is_loopback_peer
-from coordinator.reach import RECHECK_RELAY_GONE_S, Reachability, observed_address, pick_relay
+from coordinator.reach import (
+    LOST_RELAY_S,
+    RECHECK_RELAY_GONE_S,
+    Reachability,
+    observed_address,
+    pick_relay,
+)
 from protocols.coordinator_client import Benchmark
 from protocols.identity import Identity
 from protocols.runspec import RunSpec
@@ -80,6 +86,37 @@ def test_a_relayed_member_whose_relay_is_gone_is_dialled_again() -> None:
         r.relay_address = ""  # the relay went away
         r.tick(102.0 + RECHECK_RELAY_GONE_S)
         assert r.checker.pending("p1")
+        await r.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_relay_that_failed_a_member_is_not_offered_for_a_while() -> None:
+    async def scenario() -> None:
+        m = Membership(RunSpec(), "swarm")
+        r = Reachability(Identity.generate(), m, ca=lambda: None, tls=lambda: False,
+                         clock=lambda: 0.0, on_change=lambda: None)
+        r.relay_address = "198.51.100.1:7000"
+        m.join("relay", Identity.generate().public_key, "203.0.113.9:7100",
+               Benchmark(samples_per_s=1.0), -1, 0, 100.0, relay=True)
+        m.get("relay").reach = "direct"
+        m.join("p1", Identity.generate().public_key, "203.0.113.7:7100",
+               Benchmark(samples_per_s=1.0), -1, 0, 100.0)
+        r.tick(101.0)
+        # the coordinator's relay carries nobody yet; the tie goes to it, so load it first
+        r._relays["198.51.100.1:7000"] = 5
+        assert r.relay_for(m.get("p1")) == "203.0.113.9:7100"
+        # the relay peer dies; p1 finds it lost and announces its own address again: the dead
+        # relay is still live by its lease, but it is offered to nobody for LOST_RELAY_S
+        r.relay_lost("203.0.113.9:7100", 110.0)
+        assert r.relay_for(m.get("p1")) == "198.51.100.1:7000"
+        r.tick(111.0)
+        assert "203.0.113.9:7100" not in r._relays
+        r.tick(110.0 + LOST_RELAY_S + 1)
+        assert "203.0.113.9:7100" in r._relays  # offered again
+        r.relay_lost("198.51.100.1:7000", 200.0)  # the coordinator's own is never dropped
+        r.tick(201.0)
+        assert "198.51.100.1:7000" in r._relays
         await r.close()
 
     asyncio.run(scenario())
