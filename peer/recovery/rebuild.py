@@ -211,16 +211,17 @@ async def await_sources_or_rebuild(d: PeerContext, mode: SyncMode, stage: int
     return None
 
 
-def catch_up(d: PeerContext, step: int) -> bool:
+def catch_up(d: PeerContext, step: int, *, holding_lock: bool = False) -> bool:
     """A later step reached a replica whose whole stage missed the steps in between (it was
     just rebuilt while paths bypassed it, or every replica missed the same EndSteps): no replica
     applied those steps, so adopting the step counter is exact. That holds when no other holder
     of the stage is ahead of this one or differs from it (peer/consistency.py's
     `may_fast_forward`). Returns False (and changes nothing) otherwise (the state must then be
-    downloaded) or while a step is in progress. A view that lags is caught by the state-hash
-    check of heartbeats."""
+    downloaded) or while a step is in progress (`holding_lock`: the caller holds the step lock,
+    so none is). A view that lags is caught by the state-hash check of heartbeats."""
     host = d.host
-    if host is None or step <= host.step or d.step_lock.locked() or d.view is None:
+    if (host is None or step <= host.step or (d.step_lock.locked() and not holding_lock)
+            or d.view is None):
         return False
     if not may_fast_forward(d.view, d.peer_id, host.stage, host.step, d.state_hash):
         return False

@@ -149,6 +149,18 @@ def test_catch_up_only_when_no_holder_of_the_stage_stepped_meanwhile() -> None:
     assert not recovery.catch_up(d, 20) and d.host.step == 18
 
 
+def test_catch_up_waits_for_a_step_in_progress_unless_the_caller_holds_the_lock() -> None:
+    async def scenario() -> None:
+        d = rebuilding_peer(SPEC, 2, {1: trained(SPEC, 1, 9, 1)}, norms={})
+        d.host.step, d.state_hash = 9, "h"
+        async with d.step_lock:  # a step (or another catch-up) holds the stage
+            assert not recovery.catch_up(d, 15) and d.host.step == 9
+            # the re-sync of the stage's only holder holds the lock itself
+            assert recovery.catch_up(d, 15, holding_lock=True) and d.host.step == 15
+
+    asyncio.run(scenario())
+
+
 def test_coordinator_logs_skip_and_the_rebuild_the_peer_reports() -> None:
     spec = RunSpec().replace(**{"pipeline.stages": 3})
     m = Membership(spec, "swarm")
