@@ -40,7 +40,7 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 
 import grpc
 import numpy as np
@@ -97,6 +97,7 @@ class Driver:
         self._stage0_s = 0.0  # EMA of this peer's own compute per microbatch (embed, head, loss)
         self.bypassed_hops = 0  # forward hops skipped because their stage had no usable replica
         self._visits: Counter[int] = Counter()  # block stage -> microbatches through it, this step
+        self._bypassed: set[int] = set()  # block stages this step went around (no replica)
         self._start_wait: float | None = None  # when the first step began to wait for peers
         self._view_retry_at = 0.0  # no view asked for before this (the coordinator was away)
         self._answers = MeasuredDeadline()  # the wait for the block replicas' EndStep answers
@@ -233,6 +234,7 @@ class Driver:
         bytes0 = d.counter.total_sent() + d.counter.total_received()
         bypassed0 = self.bypassed_hops
         self._visits: Counter[int] = Counter()
+        self._bypassed: set[int] = set()  # stages a microbatch of this step found no replica of
         t0 = time.monotonic()
         window = max(2, 2 * (spec.pipeline.stages + 1))
         sem = asyncio.Semaphore(window)
@@ -291,6 +293,7 @@ class Driver:
                     # the same from the next iteration on, once the view or the bans show it).
                     path.remove(s)
                     self.bypassed_hops += 1
+                    self._bypassed.add(s)
                     continue
                 hops.append((s, peer))
             t0 = time.monotonic()
@@ -378,6 +381,7 @@ class Driver:
                          request_for: Callable[[str, int], pb.StepEnd],
                          own: Awaitable[pb.StepDone],
                          on_send: Callable[[str, pb.StepEnd], None] | None = None,
+                         bypassed: Collection[int] = (),
                          ) -> dict[str, pb.StepDone | None]:
         """End `step`: EndStep (`request_for(peer, stage)`) to every replica in `replicas`, at
         the same time as this replica's own sync (`own`); returns each replica's answer (None
@@ -389,7 +393,11 @@ class Driver:
         until each block stage has one replica that stepped (up to the call's timeout): a frozen
         or cut-off replica must not hold every step of the swarm, and the next step must find a
         replica of every stage at it. A late call goes on in the background; its replica
-        catches up by replaying the rounds it missed."""
+        catches up by replaying the rounds it missed. A stage in `bypassed` (this step's
+        microbatches found no usable replica of it and went around it) is not waited for past
+        the measured deadline: none of its replicas answered a call this step, the next step
+        will go around it too, and they catch up when they are back (recovery's fast-forward,
+        or replay)."""
         d = self.d
         timeout = d.spec.sync.timeout_s * 3 + 10
         stage_of = {pid: s for s, pids in replicas.items() for pid in pids}
@@ -415,7 +423,7 @@ class Driver:
                                          timeout=self._answers.seconds(timeout))
 
             def waiting() -> set[int]:  # stages without a replica that stepped yet
-                return {s for s, pids in replicas.items() if pids and not any(
+                return {s for s, pids in replicas.items() if pids and s not in bypassed and not any(
                     calls[p].done() and calls[p].result() is not None
                     and calls[p].result().stepped for p in pids)}
             while late and waiting() and time.monotonic() < started + timeout:
@@ -441,4 +449,4 @@ class Driver:
             lambda pid, stage: pb.StepEnd(step=step, sender=d.peer_id, microbatches=n_mb,
                                           samples=samples, stage0_replicas=stage0,
                                           stage_replicas=replicas[stage]),
-            d.sync_step(step, stage0))
+            d.sync_step(step, stage0), bypassed=self._bypassed)
