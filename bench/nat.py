@@ -1,10 +1,15 @@
 """NAT: the same `shoal lab` run with every peer reachable and with two peers behind NAT.
 
 Two runs of the namespace lab (root), same hosts, links, model, sync mode and steps: one with no
-host behind NAT, one with `--nat peer3,peer4`, peer3 pinned to stage 0 (a driver: it only dials
-out) and peer4 to the first block stage (`--place`), so the calls *into* peer4 go through the
-coordinator's relay. The direct run pins the same hosts to the same stages, so the two runs differ
-only in the NAT.
+host behind NAT, one with `--nat peer3,peer4`. In both, peer3 is pinned to stage 0 (`--place`:
+where the coordinator's placement puts a relayed peer anyway; it also keeps the lab from pinning
+a NAT'd host to a block stage) and the coordinator places everyone else as it would in a real
+swarm: a relayed peer that lands on a block stage trades places with a reachable driver
+(coordinator/placement.py), so the runs differ only in the NAT and what the swarm makes of it.
+
+`--pinned` adds a third run, the worst case: peer4 pinned to stage 1 behind NAT (`--place
+peer4=1`: an operator's choice the coordinator never overrides), so every call into it goes
+through the coordinator's relay. Its ratio is printed; the last line stays the default's.
 
 Time per step, two ways:
 - steady: from the drivers' metrics files (`logs/peer*.metrics.jsonl`, one row per finished step
@@ -17,7 +22,7 @@ R = the NAT'd run's steady time per step / the direct run's (whole when steady i
 Also printed: each run's `relayed_bytes` and `direct_bytes`, and per NAT'd peer its stage, last
 step and how the coordinator reached it (`peers_reach`).
 
-Last line: `nat: relayed/direct step time = R` (target R <= 1.3).
+Last line: `nat: relayed/direct step time = R` (target R <= 1.3), R of the default placement.
 """
 
 from __future__ import annotations
@@ -139,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="run spec overrides for both runs")
     ap.add_argument("--timeout", type=float, default=1500.0, help="per run, seconds")
-    ap.add_argument("--out", help="keep both runs here (a new or empty folder)")
+    ap.add_argument("--out", help="keep the runs here (a new or empty folder)")
+    ap.add_argument("--pinned", action="store_true",
+                    help="also run the worst case: peer4 pinned to stage 1 behind NAT")
     args = ap.parse_args(argv)
     if args.hosts < 4:
         raise SystemExit("bench.nat: --hosts must be at least 4 (peer3 and peer4 go behind NAT)")
@@ -150,18 +157,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench.nat: {why}", file=sys.stderr)
         return 2
     work = fresh_out(args.out)
-    place = ["--place", "peer3=0", "--place", "peer4=1"]
+    place = ["--place", "peer3=0"]
+    nat = ["--nat", ",".join(NAT_HOSTS)]
     direct = lab_run(args, work / "direct", place)
-    natted = lab_run(args, work / "nat", ["--nat", ",".join(NAT_HOSTS), *place])
+    natted = lab_run(args, work / "nat", [*nat, *place])
+    pinned = (lab_run(args, work / "nat-pinned", [*nat, *place, "--place", "peer4=1"])
+              if args.pinned else None)
     print(f"bench.nat: {args.hosts} hosts, {args.stages} block stages, sync "
           f"{args.sync or 'lab default'}, {args.steps} steps, {args.mbit:g} Mbit/s and "
-          f"+{args.delay_ms:g} ms each way; peer3 at stage 0, peer4 at stage 1; NAT'd run: "
-          f"--nat {','.join(NAT_HOSTS)}; steady s/step after step {args.warmup}; {machine()}; "
-          f"runs: {work}")
+          f"+{args.delay_ms:g} ms each way; peer3 at stage 0, the rest placed by the "
+          f"coordinator; NAT'd runs: --nat {','.join(NAT_HOSTS)}; steady s/step after step "
+          f"{args.warmup}; {machine()}; runs: {work}")
     print(f"{'run':<8} {'steps':>5} {'train s':>8} {'s/step':>7} {'steady s/step':<17} "
           f"{'relayed MB':>10} {'direct MB':>9} {'completed':>9}")
     print(describe("direct", direct))
     print(describe("2 NAT'd", natted))
+    if pinned is not None:
+        print(describe("pinned", pinned))
+    for name, s in (("2 NAT'd", natted), ("pinned", pinned)):
+        if s is not None:
+            print(f"{name}: " + "; ".join(f"{r.get('host')} stage {r.get('stage')}"
+                                          for r in s.get("peers_reach") or [] if r.get("live")))
+    if pinned is not None:
+        lines, _ = verdict(direct, pinned)
+        print(f"worst case (peer4 pinned to stage 1 behind NAT): {lines[-1].split(' = ')[-1]}")
     lines, code = verdict(direct, natted)
     print("\n".join(lines))
     return code
