@@ -12,10 +12,13 @@ replicas on one state.
 
 from __future__ import annotations
 
+import pytest
+
 from shoal.swarm import Swarm
 from tests.swarm.local_swarm import describe, replicas_agree, spec_with, step_of, wait_for
 
 
+@pytest.mark.slow  # ~30 s: CI's slow pass runs it; the default suite stays under 15 min
 def test_a_relayed_block_replica_and_a_reachable_driver_trade_places(tmp_path) -> None:
     steps = 40
     swarm = Swarm(tmp_path / "swarm", spec_with(**{"run.steps": steps}), 0, None, "cpu")
