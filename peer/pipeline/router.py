@@ -42,7 +42,11 @@ Timeouts adapt to measured speed instead of SWARM's fixed 30 s forward / 75 s ba
 work this sender has outstanding at the replica (this call included) divided by its throughput
 estimate. The floors (5 s forward, 12.5 s backward, the reference's 2.5 ratio) protect against
 an optimistic estimate right after join; the reference's fixed values are what a replica whose
-expected forward takes 7.5 s gets with the default factor of 4.
+expected forward takes 7.5 s gets with the default factor of 4. Once a replica completed
+`measured_after` (3) calls for this sender its estimate is measured, and the floors drop to 1 s
+and 2.5 s: a frozen or cut-off replica then costs a microbatch about that, not 5 or 12.5 s (a
+backward cannot go elsewhere: the replica holds its graph). A timeout lowers the estimate, so a
+replica that is only slow gets a longer timeout next time.
 
 `RoundRobinRouter` has the same interface and bookkeeping but ignores the estimates when it
 chooses: it is the baseline the benchmarks compare `Router` against.
@@ -79,6 +83,11 @@ class TimeoutPolicy:
     forward_floor_s: float = 5.0
     backward_floor_s: float = 12.5
     ceiling_s: float = 600.0
+    # once a replica completed `measured_after` calls for this sender, its estimate is a
+    # measurement, not a guess: the floors drop to these (same 2.5 ratio; never above the floors)
+    measured_after: int = 3
+    measured_forward_floor_s: float = 1.0
+    measured_backward_floor_s: float = 2.5
 
     def __post_init__(self) -> None:
         if self.factor < 1.0:
@@ -88,6 +97,8 @@ class TimeoutPolicy:
             raise ValueError("TimeoutPolicy needs 0 < forward_floor_s <= ceiling_s")
         if not 0.0 < self.backward_floor_s <= self.ceiling_s:
             raise ValueError("TimeoutPolicy needs 0 < backward_floor_s <= ceiling_s")
+        if not (self.measured_forward_floor_s > 0.0 and self.measured_backward_floor_s > 0.0):
+            raise ValueError("TimeoutPolicy needs measured floors > 0")
 
 
 @dataclass
@@ -105,6 +116,7 @@ class ReplicaEstimate:
     last_completion: float = -math.inf
     calls: int = 0
     timeouts: int = 0
+    completions: int = 0
 
 
 def _check_positive(name: str, value: float) -> None:
@@ -172,7 +184,8 @@ class Router:
         """A copy of what this router knows about `peer_id` (KeyError if not in the view)."""
         e = self._replicas[peer_id]
         return ReplicaEstimate(e.peer_id, e.stage, e.throughput, e.expected_finish,
-                               e.outstanding, e.last_completion, e.calls, e.timeouts)
+                               e.outstanding, e.last_completion, e.calls, e.timeouts,
+                               e.completions)
 
     def banned_until(self, peer_id: str) -> float:
         """End of the peer's ban, or -inf if it was never banned."""
@@ -237,6 +250,7 @@ class Router:
         if busy > 0.0:
             self._measure(e, samples, busy)
         e.last_completion = now
+        e.completions += 1
         self._release(e, samples, now)
 
     def on_timeout(self, peer_id: str, samples: float, seconds: float, now: float) -> None:
@@ -272,6 +286,9 @@ class Router:
         e = self._replicas.get(peer_id)
         if e is None:
             return floor
+        if e.completions >= policy.measured_after:
+            floor = min(floor, policy.measured_backward_floor_s if backward
+                        else policy.measured_forward_floor_s)
         expected = max(work_samples, e.outstanding) / e.throughput
         return min(policy.ceiling_s, max(floor, policy.factor * expected))
 

@@ -85,6 +85,7 @@ ACK_KEY = "shoal-part-in"
 #: how long an aggregator missing parts waits for each missing replica to say whether it
 #: closed the round without it (`_closed_elsewhere`)
 PROBE_S = 1.0
+DEAD_PROBE_AFTER_S = 0.5  # a part this late: ask whether the missing replicas' ports refuse
 
 
 class SyncFailed(RuntimeError):
@@ -224,16 +225,28 @@ class SyncRounds:
         rnd.parts[self.me] = own
         started = time.monotonic()
         deadline = started + self.round_deadline_s()
-        while True:
-            expected = set(self._candidates(step)) - skip - self.departed() - self._past(step)
-            if expected <= set(rnd.parts):
-                self.deadline.complete(time.monotonic() - started)
-                break
-            if time.monotonic() >= deadline:
-                break
-            rnd.arrived.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(rnd.arrived.wait(), min(0.5, deadline - time.monotonic()))
+        gone: set[str] = set()  # refused a connection this round: their process is dead
+        probing: asyncio.Future | None = None
+        try:
+            while True:
+                expected = (set(self._candidates(step)) - skip - self.departed()
+                            - self._past(step) - gone)
+                if expected <= set(rnd.parts):
+                    self.deadline.complete(time.monotonic() - started)
+                    break
+                if time.monotonic() >= deadline:
+                    break
+                if probing is None and time.monotonic() - started >= DEAD_PROBE_AFTER_S:
+                    probing = asyncio.ensure_future(self._refusing(step, expected - set(rnd.parts)))
+                if probing is not None and probing.done() and not probing.cancelled():
+                    gone |= probing.result()
+                rnd.arrived.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(rnd.arrived.wait(),
+                                           min(0.25, max(0.0, deadline - time.monotonic())))
+        finally:
+            if probing is not None and not probing.done():
+                probing.cancel()
         missing = (set(self._candidates(step)) - skip) - set(rnd.parts)
         ask = missing - self.departed()
         if time.monotonic() - started > self.call_timeout_s:  # this replica was frozen: the
@@ -265,6 +278,24 @@ class SyncRounds:
             log.warning("stage %d step %d: averaged %d replicas; missing %s", self.stage, step,
                         len(parts), ",".join(sorted(m[:8] for m in missing)))
         return result
+
+    async def _refusing(self, step: int, missing: set[str]) -> set[str]:
+        """The missing replicas whose address refuses a connection now (a killed or crashed
+        process: nothing listens there). Until its lease lapses the swarm view still lists such
+        a replica, and the round would wait its whole deadline for it at every step; a frozen or
+        cut-off one does not refuse, it is only slow to answer, and is waited for as before."""
+        probe_s = min(self.timeout, PROBE_S)
+        order = sorted(missing)
+        answers = await asyncio.gather(*(self._send(r, step, ({**REPLAY, "probe": "1"}, {}),
+                                                    probe_s) for r in order),
+                                       return_exceptions=True)
+        refused = {r for r, a in zip(order, answers, strict=True)
+                   if isinstance(a, grpc.aio.AioRpcError)
+                   and a.code() == grpc.StatusCode.UNAVAILABLE}
+        if refused:
+            log.info("stage %d step %d: not waiting for %s (connection refused)", self.stage,
+                     step, ",".join(sorted(r[:8] for r in refused)))
+        return refused
 
     async def _closed_elsewhere(self, step: int, missing: set[str]
                                 ) -> tuple[Arrays, Meta] | None:

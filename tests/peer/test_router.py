@@ -130,6 +130,20 @@ def test_timeout_adapts_to_measured_speed_with_floors() -> None:
     assert r.timeout_for("unknown", 10) == 2.0
 
 
+def test_a_measured_replica_gets_the_lower_floors() -> None:
+    r = _router()  # the default policy: floors 5 / 12.5 s, 1 / 2.5 s once measured
+    r.update_replicas(1, {"a": 100.0})
+    for i in range(3):
+        assert r.timeout_for("a", 10) == 5.0 and r.timeout_for("a", 10, backward=True) == 12.5
+        r.choose(1, 10, now=float(i))
+        r.record("a", 10, 0.1, now=i + 0.1)
+    # three calls completed: a frozen replica now costs a microbatch about 1 s (2.5 s back)
+    assert r.timeout_for("a", 10) == 1.0 and r.timeout_for("a", 10, backward=True) == 2.5
+    assert r.estimate("a").completions == 3
+    with pytest.raises(ValueError, match="measured floors"):
+        TimeoutPolicy(measured_forward_floor_s=0.0)
+
+
 def test_timeout_counts_our_own_queue_at_the_replica() -> None:
     r = _router(timeouts=TimeoutPolicy(factor=2.0, forward_floor_s=0.1))
     r.update_replicas(1, {"a": 1.0})

@@ -205,3 +205,32 @@ def test_an_acknowledgement_is_measured_and_its_absence_is_not() -> None:
         assert len(a.ack_deadline._waits) == 1
 
     asyncio.run(scenario())
+
+
+def test_aggregator_does_not_wait_for_a_replica_whose_port_refuses() -> None:
+    """b was killed: the view lists it until its lease lapses, but its address refuses every
+    connection, so a closes the round without it instead of waiting out its deadline (60 s
+    here, as no round was measured yet); a frozen replica would not refuse, and is waited for
+    (test_aggregator_waits_for_a_replica_that_is_still_coming)."""
+    import socket
+
+    import grpc
+
+    from protocols import shoal_pb2_grpc as pbg
+
+    async def scenario() -> None:
+        with socket.socket() as s:  # a port nothing listens on any more
+            s.bind(("127.0.0.1", 0))
+            closed = s.getsockname()[1]
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{closed}")
+        a = SyncRounds(me="a", stage=1, mode=CountingMode(), candidates=lambda: ["a", "b"],
+                       exchange_stub=lambda pid: pbg.SyncStub(channel).Exchange,
+                       counter=wire.ByteCounter(), timeout=60.0, max_bytes=1 << 20)
+        a.agreed[1] = ["a", "b"]
+        try:
+            _, meta = await asyncio.wait_for(a.run(1, ({}, {})), 30)  # a hang guard only
+            assert meta["included"] == "a"
+        finally:
+            await channel.close()
+
+    asyncio.run(scenario())
