@@ -387,7 +387,13 @@ class SyncRounds:
                 result = await self._aggregate_as_leader(step, own, tried)
                 break
             try:
+                sent = time.monotonic()
                 result = await self._send(cand, step, own)
+                if set(self._candidates(step)) <= set(result[1].get("included", "").split(",")):
+                    # a complete round, seen from a member: how long rounds take here, so that
+                    # a member that must lead one (its aggregator cut off) waits a measured
+                    # deadline, not the whole timeout, for the replica that is not coming
+                    self.deadline.complete(time.monotonic() - sent)
                 break
             except (grpc.aio.AioRpcError, TimeoutError, ValueError, KeyError) as exc:
                 # KeyError: the candidate left the swarm view (killed) since the round began

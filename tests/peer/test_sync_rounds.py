@@ -234,3 +234,29 @@ def test_aggregator_does_not_wait_for_a_replica_whose_port_refuses() -> None:
             await channel.close()
 
     asyncio.run(scenario())
+
+
+def test_a_member_measures_complete_rounds_and_leads_with_that_deadline() -> None:
+    """Member b saw three complete rounds through aggregator a: when a is cut off and b must
+    lead, b waits a measured deadline (the floor here) for the others, not the 60 s timeout
+    (bench.churn: a stage's new leader waited 30 s for a partitioned replica)."""
+    from peer.pipeline import deadline
+
+    async def scenario() -> None:
+        b = rounds("b", timeout=60.0)
+        included = {"value": "a,b"}
+
+        async def answered(cand, step, own, timeout=None):
+            return {}, {"included": included["value"]}
+
+        b._send = answered
+        assert b.round_deadline_s() == 60.0
+        included["value"] = "a"  # an incomplete round (b's part came late): not a measure
+        await b.run(1, ({}, {}))
+        assert b.round_deadline_s() == 60.0
+        included["value"] = "a,b"
+        for step in range(2, 2 + deadline.WARMUP):
+            await b.run(step, ({}, {}))
+        assert b.round_deadline_s() == deadline.FLOOR_S
+
+    asyncio.run(scenario())
