@@ -38,7 +38,7 @@ from peer.recovery.rebuild import catch_up
 from peer.sync.base import SyncMode
 from peer.sync.registry import FORWARD_KINDS
 from peer.sync.replay import replay_rounds
-from peer.sync.rounds import ACK_KEY, SyncRounds
+from peer.sync.rounds import ACK_KEY, DEAD_PROBE_AFTER_S, SyncRounds
 from protocols import auth, codec, tensor_stream
 from protocols import shoal_pb2 as pb
 from protocols import shoal_pb2_grpc as pbg
@@ -121,6 +121,7 @@ class _StepEnds:
     got: set[str] = field(default_factory=set)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None
+    gone: set[str] = field(default_factory=set)  # their address refused a connection
 
 
 class StageService(pbg.StageServicer):
@@ -336,10 +337,19 @@ class StageService(pbg.StageServicer):
         d = self.d
         started = time.monotonic()
         deadline = started + self._barrier.seconds(d.spec.sync.timeout_s)
+        probing: asyncio.Future | None = None
         while True:
-            if ends.expected - self._moved_on(step) <= ends.got:
+            if ends.expected - self._moved_on(step) - ends.gone <= ends.got:
                 self._barrier.complete(time.monotonic() - started)
                 break
+            if probing is None and time.monotonic() - started >= DEAD_PROBE_AFTER_S:
+                # a stage-0 replica killed a moment ago is still named by the others until its
+                # lease lapses: its port refuses, and every step would wait the deadline for it
+                probing = asyncio.ensure_future(self._refusing(ends.expected - ends.got))
+            if probing is not None and probing.done():
+                ends.gone |= probing.result()
+                if ends.gone:
+                    ends.arrived.set()
             if time.monotonic() >= deadline:
                 missing = sorted(p[:8] for p in ends.expected - ends.got)
                 log.warning("step %d: stepping without the EndStep of %s (waited %.1f s)",
@@ -347,11 +357,31 @@ class StageService(pbg.StageServicer):
                 break
             ends.arrived.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ends.arrived.wait(), max(0.05, deadline - time.monotonic()))
+                await asyncio.wait_for(ends.arrived.wait(),
+                                       min(0.25, max(0.05, deadline - time.monotonic())))
+        if probing is not None and not probing.done():
+            probing.cancel()
         reply = await d.sync_step(step)
         for old in [s for s in self._ends if s < step - 4]:
             del self._ends[old]
         return reply
+
+    async def _refusing(self, peers: set[str]) -> set[str]:
+        """The `peers` whose address refuses a TCP connection now (wire.refuses_connections)."""
+        order = sorted(peers)
+        addresses = []
+        for p in order:
+            try:
+                addresses.append(self.d.address_of(p))
+            except KeyError:  # left the view: the view's own rules stop waiting for it
+                addresses.append("")
+        refused = await asyncio.gather(*(wire.refuses_connections(a) if a else _false()
+                                         for a in addresses))
+        gone = {p for p, r in zip(order, refused, strict=True) if r}
+        if gone:
+            log.info("not waiting for the EndStep of %s (connection refused)",
+                     ",".join(sorted(p[:8] for p in gone)))
+        return gone
 
 
 class SyncService(pbg.SyncServicer):
@@ -461,3 +491,8 @@ def serve(ctx: ServiceContext, address: str,
     if credentials is not None:
         return server, server.add_secure_port(address, credentials)
     return server, server.add_insecure_port(address)
+
+
+async def _false() -> bool:
+    return False
+
