@@ -39,6 +39,7 @@ from peer.sync.base import SyncMode
 from peer.sync.registry import FORWARD_KINDS
 from peer.sync.replay import replay_rounds
 from peer.sync.rounds import ACK_KEY, DEAD_PROBE_AFTER_S, SyncRounds
+from peer.sync.rounds import PROBE_S as DEAD_PROBE_S
 from protocols import auth, codec, tensor_stream
 from protocols import shoal_pb2 as pb
 from protocols import shoal_pb2_grpc as pbg
@@ -367,21 +368,24 @@ class StageService(pbg.StageServicer):
         return reply
 
     async def _refusing(self, peers: set[str]) -> set[str]:
-        """The `peers` whose address refuses a TCP connection now (wire.refuses_connections)."""
+        """The `peers` that cannot be connected to now: a tiny call fails with UNAVAILABLE
+        (nothing listens at their address, or whatever answers there closes the connection),
+        as for a killed peer whose lease has not lapsed. Reach.Ping answers only the
+        coordinator, so a live peer answers PERMISSION_DENIED; a frozen or cut-off one does not
+        answer within the probe's second, and is waited for as before."""
         order = sorted(peers)
-        addresses = []
-        for p in order:
-            try:
-                addresses.append(self.d.address_of(p))
-            except KeyError:  # left the view: the view's own rules stop waiting for it
-                addresses.append("")
-        refused = await asyncio.gather(*(wire.refuses_connections(a) if a else _false()
-                                         for a in addresses))
-        gone = {p for p, r in zip(order, refused, strict=True) if r}
+        answers = await asyncio.gather(*(self._ping(p) for p in order), return_exceptions=True)
+        gone = {p for p, a in zip(order, answers, strict=True)
+                if isinstance(a, grpc.aio.AioRpcError)
+                and a.code() == grpc.StatusCode.UNAVAILABLE}
         if gone:
-            log.info("not waiting for the EndStep of %s (connection refused)",
+            log.info("not waiting for the EndStep of %s (it cannot be connected to)",
                      ",".join(sorted(p[:8] for p in gone)))
         return gone
+
+    async def _ping(self, peer_id: str) -> None:
+        stub = pbg.ReachStub(self.d.channel(self.d.address_of(peer_id)))
+        await stub.Ping(pb.ReachPing(), timeout=DEAD_PROBE_S)
 
 
 class SyncService(pbg.SyncServicer):
@@ -491,8 +495,4 @@ def serve(ctx: ServiceContext, address: str,
     if credentials is not None:
         return server, server.add_secure_port(address, credentials)
     return server, server.add_insecure_port(address)
-
-
-async def _false() -> bool:
-    return False
 

@@ -8,8 +8,6 @@ upstream estimates sizes.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import threading
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
@@ -19,7 +17,7 @@ import grpc
 import numpy as np
 import torch
 
-from protocols import codec, tensor_stream, tls
+from protocols import codec, tensor_stream
 from protocols import shoal_pb2 as pb
 from protocols.runspec import RunSpec
 from protocols.tls import PeerTls, peer_channel
@@ -174,21 +172,4 @@ class Channels:
     async def close(self) -> None:
         for ch in self._by_address.values():
             await ch.close()
-
-
-async def refuses_connections(address: str, timeout: float = 1.0) -> bool:
-    """Whether `address` (host:port) refuses a TCP connection now: nothing listens there (a
-    killed or crashed peer whose lease has not lapsed yet). A frozen or cut-off peer does not
-    refuse, it is only slow or silent, and this returns False for it after `timeout`."""
-    try:
-        host, port = tls.split_host_port(address)
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout)
-    except ConnectionRefusedError:
-        return True
-    except (OSError, ValueError, TimeoutError):
-        return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return False
 

@@ -1,12 +1,13 @@
-"""A block replica's EndStep barrier (peer/services.py `StageService._finish`) and the
-connection-refused probe it uses (peer/pipeline/wire.py `refuses_connections`), on 127.0.0.1."""
+"""A block replica's EndStep barrier (peer/services.py `StageService._finish`) and its probe of a
+missing driver (a Reach.Ping that fails UNAVAILABLE), over gRPC on 127.0.0.1."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
 
-from peer.pipeline import wire
+import grpc
+
 from peer.services import StageService, _StepEnds
 from protocols.runspec import RunSpec
 from tests.fakes import FakePeer, FakeView, stage_infos
@@ -18,36 +19,51 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-def test_only_a_port_nothing_listens_on_refuses() -> None:
+def test_the_barrier_does_not_wait_for_a_driver_that_cannot_be_connected_to() -> None:
+    """Drivers d1..d4 name each other for step 5; d1 ended it. d2 was killed (nothing listens at
+    its port any more) and d3's address accepts and closes every connection (as the lab's delay
+    relay does when the peer behind it is dead): the view still lists both until their leases
+    lapse, and neither is waited for. d4 is frozen (its port accepts and never answers): it is
+    waited for until the barrier's measured deadline."""
+    from peer.pipeline import deadline
+
+    channels: list[grpc.aio.Channel] = []
+
     async def scenario() -> None:
-        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
-        open_port = server.sockets[0].getsockname()[1]
+        async def close_at_once(reader, writer):
+            writer.close()
+
+        async def swallow(reader, writer):
+            while await reader.read(65536):
+                pass
+
+        closing = await asyncio.start_server(close_at_once, "127.0.0.1", 0)
+        frozen = await asyncio.start_server(swallow, "127.0.0.1", 0)
+        address = {"d1": "127.0.0.1:1", "d2": f"127.0.0.1:{closed_port()}",
+                   "d3": f"127.0.0.1:{closing.sockets[0].getsockname()[1]}",
+                   "d4": f"127.0.0.1:{frozen.sockets[0].getsockname()[1]}"}
+
+        class Peer(FakePeer):
+            def address_of(self, peer_id: str) -> str:
+                return address[peer_id]
+
+            def channel(self, address: str) -> grpc.aio.Channel:
+                channels.append(grpc.aio.insecure_channel(address))
+                return channels[-1]
+
+        spec = RunSpec().replace(**{"pipeline.stages": 2})
+        d = Peer(spec, view=FakeView(stage_infos(2), {0: sorted(address), 1: ["ab" * 8]}))
+        service = StageService(d)
+        for _ in range(deadline.WARMUP):  # measured barriers: its deadline is the 2 s floor
+            service._barrier.complete(0.01)
+        ends = _StepEnds(expected=set(address), got={"d1"})
         try:
-            assert await wire.refuses_connections(f"127.0.0.1:{closed_port()}")
-            assert not await wire.refuses_connections(f"127.0.0.1:{open_port}")
-            assert not await wire.refuses_connections("not an address")
+            reply = await asyncio.wait_for(service._finish(5, ends), 20)  # a hang guard only
         finally:
-            server.close()
-
-    asyncio.run(scenario())
-
-
-def test_the_barrier_does_not_wait_for_a_driver_whose_port_refuses() -> None:
-    """Drivers d1 and d2 name each other for step 5; d2 was killed (the view still lists it
-    until its lease lapses). The replica steps once d1's EndStep is in and d2's port refused,
-    not after the barrier's deadline (the 30 s sync timeout, as nothing was measured yet)."""
-    class Peer(FakePeer):
-        def address_of(self, peer_id: str) -> str:
-            return {"d1": "127.0.0.1:1", "d2": f"127.0.0.1:{dead}"}[peer_id]
-
-    dead = closed_port()
-    spec = RunSpec().replace(**{"pipeline.stages": 2})
-    d = Peer(spec, view=FakeView(stage_infos(2), {0: ["d1", "d2"], 1: ["ab" * 8]}))
-    service = StageService(d)
-
-    async def scenario() -> None:
-        ends = _StepEnds(expected={"d1", "d2"}, got={"d1"})
-        reply = await asyncio.wait_for(service._finish(5, ends), 20)  # a hang guard only
-        assert reply.stepped and d.stepped == [5] and ends.gone == {"d2"}
+            for ch in channels:
+                await ch.close()
+            closing.close()
+            frozen.close()
+        assert reply.stepped and d.stepped == [5] and ends.gone == {"d2", "d3"}
 
     asyncio.run(scenario())
