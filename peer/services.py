@@ -368,24 +368,37 @@ class StageService(pbg.StageServicer):
         return reply
 
     async def _refusing(self, peers: set[str]) -> set[str]:
-        """The `peers` that cannot be connected to now: a tiny call fails with UNAVAILABLE
-        (nothing listens at their address, or whatever answers there closes the connection),
-        as for a killed peer whose lease has not lapsed. Reach.Ping answers only the
-        coordinator, so a live peer answers PERMISSION_DENIED; a frozen or cut-off one does not
-        answer within the probe's second, and is waited for as before."""
+        """The `peers` that cannot be connected to now (`_cannot_connect`), as a killed peer
+        whose lease has not lapsed; a frozen or cut-off one is waited for as before."""
         order = sorted(peers)
-        answers = await asyncio.gather(*(self._ping(p) for p in order), return_exceptions=True)
-        gone = {p for p, a in zip(order, answers, strict=True)
-                if isinstance(a, grpc.aio.AioRpcError)
-                and a.code() == grpc.StatusCode.UNAVAILABLE}
+        answers = await asyncio.gather(*(self._cannot_connect(p) for p in order),
+                                       return_exceptions=True)
+        gone = {p for p, a in zip(order, answers, strict=True) if a is True}
         if gone:
             log.info("not waiting for the EndStep of %s (it cannot be connected to)",
                      ",".join(sorted(p[:8] for p in gone)))
         return gone
 
-    async def _ping(self, peer_id: str) -> None:
-        stub = pbg.ReachStub(self.d.channel(self.d.address_of(peer_id)))
-        await stub.Ping(pb.ReachPing(), timeout=DEAD_PROBE_S)
+    async def _cannot_connect(self, peer_id: str) -> bool:
+        """Whether the channel to `peer_id` fails to connect within DEAD_PROBE_S: nothing
+        listens at its address, or whatever answers there (a TCP proxy, the lab's delay relay)
+        closes the connection. No call is made, so a live peer logs nothing; a frozen one
+        accepts TCP but never completes the handshake, and stays "connecting"."""
+        channel = self.d.channel(self.d.address_of(peer_id))
+        state = channel.get_state(try_to_connect=True)
+        deadline = time.monotonic() + DEAD_PROBE_S
+        while state != grpc.ChannelConnectivity.READY:
+            if state == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                await asyncio.wait_for(channel.wait_for_state_change(state), left)
+            except TimeoutError:
+                return False
+            state = channel.get_state()
+        return False
 
 
 class SyncService(pbg.SyncServicer):

@@ -1,5 +1,5 @@
 """A block replica's EndStep barrier (peer/services.py `StageService._finish`) and its probe of a
-missing driver (a Reach.Ping that fails UNAVAILABLE), over gRPC on 127.0.0.1."""
+missing driver (does a gRPC channel to it fail to connect?), on 127.0.0.1."""
 
 from __future__ import annotations
 
