@@ -198,6 +198,7 @@ class Membership:
         self._revoked: dict[str, float] = {}  # peer id -> when its last certificate expires
         self._changed: set[str] = set()  # structural changes, persisted at once
         self._placing: set[str] = set()  # moved by place_relayed, not serving the new stage yet
+        self._placement_turn = 0  # where place_relayed begins among the relayed candidates
         self._deleted: set[str] = set()
         self._progressed: set[str] = set()  # heartbeated since the last periodic flush
         self.counters = {k: 0 for k in ("joins", "rejoins", "heartbeats", "leaves", "expired",
@@ -463,8 +464,13 @@ class Membership:
         self._placing &= {m.peer_id for m in live} - ready
         if self._placing:
             return None  # the last such move has not settled: loads and readiness will change
-        move = plan_relay_move(self._loads(), self._not_direct(), ready,
-                               {m.peer_id for m in live if m.placed})
+        not_direct = self._not_direct()
+        if not any(self._members[p].stage != 0 for p in not_direct):
+            return None  # no relayed block replica: nothing to weigh (the common case)
+        self._placement_turn += 1
+        move = plan_relay_move(self._loads(), not_direct, ready,
+                               {m.peer_id for m in live if m.placed},
+                               start=self._placement_turn)
         if move is None:
             return None
         why = ("nobody can dial it; a driver only dials out" if move.to_stage == 0 else

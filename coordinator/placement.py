@@ -36,6 +36,7 @@ from collections.abc import Collection, Mapping
 from coordinator.assignment import Move, StageLoad, contribution
 
 TOLERANCE = 0.25  # a placement move may lower the computed bottleneck by this fraction
+MAX_CANDIDATES = 8  # relayed replicas (and stage-0 partners for each) weighed per call
 
 
 def _capacities(stages: Mapping[int, StageLoad], where: Mapping[str, int],
@@ -49,33 +50,41 @@ def _capacities(stages: Mapping[int, StageLoad], where: Mapping[str, int],
 
 
 def plan_relay_move(stages: Mapping[int, StageLoad], relayed: Collection[str],
-                    ready: Collection[str], placed: Collection[str] = ()) -> Move | None:
+                    ready: Collection[str], placed: Collection[str] = (), *, start: int = 0,
+                    max_candidates: int = MAX_CANDIDATES) -> Move | None:
     """The one move that puts a relayed peer where it costs least, or None (see the module
     docstring). `relayed`: peers no one can dial directly; `ready`: peers that hold their stage
-    and serve it now; `placed`: peers an operator placed, which never move."""
+    and serve it now; `placed`: peers an operator placed, which never move. Each weighing costs
+    O(peers), so at most `max_candidates` relayed replicas are weighed per call, beginning at
+    the `start`-th (the caller rotates it: a large swarm gets to every one over a few calls),
+    and for each at most `max_candidates` stage-0 partners, the fastest first."""
     if 0 not in stages or len(stages) < 2:
         return None
     where = {p: s for s, load in stages.items() for p in load.replicas}
-    before = _capacities(stages, where, relayed)
     movable = set(where) - set(placed)
-    for stage in sorted(s for s in stages if s != 0):
-        here = sorted(stages[stage].replicas)
-        for peer_id in (p for p in here if p in relayed and p in movable and p in ready):
-            partners = [p for p in here if p not in relayed and p in ready]
-            if partners:
-                after = _capacities(stages, {**where, peer_id: 0}, relayed)
-                if after[0] >= before[0] * (1.0 - TOLERANCE):
-                    return Move(peer_id, stage, 0, before[0], after[0])
-                continue
-            if len(stages[0].replicas) < 2:
-                continue  # stage 0 cannot spare a driver
-            best: tuple[list[float], str] | None = None
-            for donor in sorted(stages[0].replicas):
-                if donor in relayed or donor not in movable or donor not in ready:
-                    continue
-                swapped = _capacities(stages, {**where, donor: stage, peer_id: 0}, relayed)
-                if best is None or swapped > best[0]:
-                    best = (swapped, donor)
-            if best is not None and best[0][0] >= before[0] * (1.0 - TOLERANCE):
-                return Move(best[1], 0, stage, before[0], best[0][0])
+    candidates = [(stage, p) for stage in sorted(s for s in stages if s != 0)
+                  for p in sorted(stages[stage].replicas)
+                  if p in relayed and p in movable and p in ready]
+    if not candidates:
+        return None
+    first = start % len(candidates)
+    before = _capacities(stages, where, relayed)
+    donors = sorted((p for p in stages[0].replicas
+                     if p not in relayed and p in movable and p in ready),
+                    key=lambda p: (-stages[0].replicas[p], p))[:max_candidates]
+    for stage, peer_id in (candidates[first:] + candidates[:first])[:max_candidates]:
+        if any(p not in relayed and p in ready for p in stages[stage].replicas):
+            after = _capacities(stages, {**where, peer_id: 0}, relayed)
+            if after[0] >= before[0] * (1.0 - TOLERANCE):
+                return Move(peer_id, stage, 0, before[0], after[0])
+            continue
+        if len(stages[0].replicas) < 2:
+            continue  # stage 0 cannot spare a driver
+        best: tuple[list[float], str] | None = None
+        for donor in donors:
+            swapped = _capacities(stages, {**where, donor: stage, peer_id: 0}, relayed)
+            if best is None or swapped > best[0]:
+                best = (swapped, donor)
+        if best is not None and best[0][0] >= before[0] * (1.0 - TOLERANCE):
+            return Move(best[1], 0, stage, before[0], best[0][0])
     return None

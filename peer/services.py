@@ -397,7 +397,8 @@ class StageService(pbg.StageServicer):
                 await asyncio.wait_for(channel.wait_for_state_change(state), left)
             except TimeoutError:
                 return False
-            state = channel.get_state()
+            # an open connection that broke goes idle: connect again, or it stays idle
+            state = channel.get_state(try_to_connect=True)
         return False
 
 

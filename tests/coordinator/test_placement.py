@@ -47,6 +47,16 @@ def test_nothing_moves_that_is_not_ready_placed_or_needed() -> None:
     assert plan_relay_move(both, relayed={"r", "q", "c"}, ready={"c", "q", "r"}) is None
 
 
+def test_a_call_weighs_a_bounded_number_of_candidates_and_the_caller_rotates_them() -> None:
+    # three relayed replicas with a reachable partner each; one weighed per call
+    stages = loads(s0={"c": 10.0}, s1={"r1": 10.0, "d1": 10.0}, s2={"r2": 10.0, "d2": 10.0},
+                   s3={"r3": 10.0, "d3": 10.0})
+    ready = {"c", "r1", "d1", "r2", "d2", "r3", "d3"}
+    picked = {plan_relay_move(stages, {"r1", "r2", "r3"}, ready, start=turn,
+                              max_candidates=1).peer_id for turn in range(3)}
+    assert picked == {"r1", "r2", "r3"}
+
+
 def test_a_move_that_would_lower_the_bottleneck_is_not_made() -> None:
     # stage 1 has a fast relayed replica and a slow direct one: without "r", stage 1 would
     # carry 1 sample/s where it now carries 1 + 20 / 2
