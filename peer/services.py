@@ -131,6 +131,9 @@ class StageService(pbg.StageServicer):
         self.policy = authz.Policy.of(ctx)
         self._ends: dict[int, _StepEnds] = {}
         self._barrier = MeasuredDeadline()  # the wait for a step's EndSteps
+        # stage-0 replicas whose EndStep the last barrier stepped without (frozen, cut off):
+        # not waited for until one of their EndSteps comes in again (rounds.py does the same)
+        self._suspects: set[str] = set()
         self._abstaining: set[asyncio.Task] = set()
 
     def _check_serving(self, header: pb.CallHeader) -> None:
@@ -320,6 +323,7 @@ class StageService(pbg.StageServicer):
             ends = self._ends[request.step] = _StepEnds(
                 expected=set() if carried else set(request.stage0_replicas))
         ends.got.add(request.sender)
+        self._suspects.discard(request.sender)
         ends.arrived.set()
         for step, earlier in self._ends.items():  # a sender that moved on is not coming back
             if step < request.step:
@@ -340,7 +344,7 @@ class StageService(pbg.StageServicer):
         deadline = started + self._barrier.seconds(d.spec.sync.timeout_s)
         probing: asyncio.Future | None = None
         while True:
-            if ends.expected - self._moved_on(step) - ends.gone <= ends.got:
+            if ends.expected - self._moved_on(step) - ends.gone - self._suspects <= ends.got:
                 self._barrier.complete(time.monotonic() - started)
                 break
             if probing is None and time.monotonic() - started >= DEAD_PROBE_AFTER_S:
@@ -355,6 +359,7 @@ class StageService(pbg.StageServicer):
                 missing = sorted(p[:8] for p in ends.expected - ends.got)
                 log.warning("step %d: stepping without the EndStep of %s (waited %.1f s)",
                             step, ",".join(missing), time.monotonic() - started)
+                self._suspects |= ends.expected - ends.got
                 break
             ends.arrived.clear()
             with contextlib.suppress(TimeoutError):

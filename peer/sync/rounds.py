@@ -32,7 +32,9 @@ Invariant: every replica that completes round `step` applies byte-identical aggr
 replicas stay bit-identical. A dead or frozen replica delays a round by at most `timeout`, and
 once a few rounds have been measured by much less: the aggregator closes a round a few times
 the median time its last part took to come in recent complete rounds (peer/pipeline/deadline.py).
-A replica left out that way replays the round.
+A replica left out that way replays the round, and is not waited for in the next rounds until
+it is heard from again (any part or replay request of its own): a freeze costs one deadline,
+not one per round. One whose port refuses connections (killed) is not waited for at all.
 
 Catch-up by replay: every replica keeps the aggregates of its last KEEP_ROUNDS rounds (at most
 KEEP_BYTES of them), each with the state hash it had after applying it (`keep`). A replica that
@@ -146,6 +148,9 @@ class SyncRounds:
         self.max_bytes = max_bytes
         self.kind = f"sync:{mode.name}"
         self._rounds: dict[int, _Round] = {}
+        # replicas whose part the last round closed without (frozen, cut off, or dead): the
+        # next rounds do not wait for them until they are heard from again (any call of theirs)
+        self._suspects: set[str] = set()
         self.last_included = 0
         # step -> the stage's replicas as the stage-0 driver listed them for that step: the
         # candidates every replica agrees on (its own view may lag). Falls back to `candidates`.
@@ -191,6 +196,7 @@ class SyncRounds:
                              f"{self.stage}")
         if not caller or caller == self.me:
             raise ValueError("a sync part must come from another replica of the stage")
+        self._suspects.discard(caller)  # heard from: waited for again from the next round on
         if header.meta.get("replay") == "1":
             if header.meta.get("probe") == "1":  # only whether this replica keeps the round
                 return {}, {"kept": "1" if header.step in self._kept else "0",
@@ -230,7 +236,7 @@ class SyncRounds:
         try:
             while True:
                 expected = (set(self._candidates(step)) - skip - self.departed()
-                            - self._past(step) - gone)
+                            - self._past(step) - gone - self._suspects)
                 if expected <= set(rnd.parts):
                     self.deadline.complete(time.monotonic() - started)
                     break
@@ -249,6 +255,7 @@ class SyncRounds:
                 probing.cancel()
         missing = (set(self._candidates(step)) - skip) - set(rnd.parts)
         ask = missing - self.departed()
+        self._suspects = set(ask)  # the next round does not wait for them (see __init__)
         if time.monotonic() - started > self.call_timeout_s:  # this replica was frozen: the
             ask |= set(rnd.parts) - {self.me}  # callers gave up on it and may have failed over
         # a part sent long ago (by its sender's clock) may be one its sender gave up on while

@@ -67,3 +67,60 @@ def test_the_barrier_does_not_wait_for_a_driver_that_cannot_be_connected_to() ->
         assert reply.stepped and d.stepped == [5] and ends.gone == {"d2", "d3"}
 
     asyncio.run(scenario())
+
+
+def test_a_driver_the_last_barrier_stepped_without_is_not_waited_for_until_heard_from() -> None:
+    """d2 is frozen (its port accepts and never answers): step 5's barrier waits its deadline
+    for d2's EndStep; step 6's does not wait for it at all; once d2's EndStep comes in again
+    it is waited for as usual."""
+    from peer.pipeline import deadline
+    from protocols import shoal_pb2 as pb
+
+    channels: list[grpc.aio.Channel] = []
+
+    async def scenario() -> None:
+        async def swallow(reader, writer):
+            while await reader.read(65536):
+                pass
+
+        frozen = await asyncio.start_server(swallow, "127.0.0.1", 0)
+        address = {"d1": "127.0.0.1:1",
+                   "d2": f"127.0.0.1:{frozen.sockets[0].getsockname()[1]}"}
+
+        class Peer(FakePeer):
+            def address_of(self, peer_id: str) -> str:
+                return address[peer_id]
+
+            def channel(self, address: str) -> grpc.aio.Channel:
+                channels.append(grpc.aio.insecure_channel(address))
+                return channels[-1]
+
+        spec = RunSpec().replace(**{"pipeline.stages": 2})
+        d = Peer(spec, view=FakeView(stage_infos(2), {0: ["d1", "d2"], 1: ["ab" * 8]}))
+        service = StageService(d)
+        for _ in range(deadline.WARMUP):  # measured: step 5 waits the 2 s floor for d2
+            service._barrier.complete(0.01)
+        try:
+            ends = _StepEnds(expected={"d1", "d2"}, got={"d1"})
+            assert (await asyncio.wait_for(service._finish(5, ends), 20)).stepped
+            for _ in range(deadline.MEASURED):  # a wait for d2 would now last 30 s
+                service._barrier.complete(100.0)
+            ends = _StepEnds(expected={"d1", "d2"}, got={"d1"})
+            assert (await asyncio.wait_for(service._finish(6, ends), 20)).stepped
+            # d2 thawed: its late EndStep comes in, and step 7 waits for it again
+            service._ended(pb.StepEnd(step=6, sender="d2", stage0_replicas=["d1", "d2"]),
+                           False)
+            ends = _StepEnds(expected={"d1", "d2"}, got={"d1"})
+            seventh = asyncio.ensure_future(service._finish(7, ends))
+            await asyncio.sleep(1.0)
+            assert not seventh.done()
+            ends.got.add("d2")
+            ends.arrived.set()
+            assert (await asyncio.wait_for(seventh, 20)).stepped
+            assert d.stepped == [5, 6, 7]
+        finally:
+            for ch in channels:
+                await ch.close()
+            frozen.close()
+
+    asyncio.run(scenario())

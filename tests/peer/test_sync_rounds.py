@@ -260,3 +260,33 @@ def test_a_member_measures_complete_rounds_and_leads_with_that_deadline() -> Non
         assert b.round_deadline_s() == deadline.FLOOR_S
 
     asyncio.run(scenario())
+
+
+def test_a_replica_the_last_round_closed_without_is_not_waited_for_until_heard_from() -> None:
+    """b is frozen: round 1 waits its deadline for b and closes without it; round 2 does not
+    wait for b at all (a freeze costs one deadline, not one per round); once b is heard from
+    again (its late part), round 3 waits for it as usual."""
+    from peer.pipeline import deadline
+
+    async def scenario() -> None:
+        a = rounds("a", timeout=60.0)
+        for _ in range(deadline.WARMUP):
+            a.deadline.complete(0.01)  # measured: round 1 waits the 2 s floor for b
+        for step in (1, 2, 3):
+            a.agreed[step] = ["a", "b"]
+        _, meta = await asyncio.wait_for(a.run(1, ({}, {})), 30)  # hang guards only
+        assert meta["included"] == "a"
+        for _ in range(deadline.MEASURED):
+            a.deadline.complete(100.0)  # from now on a wait for b would last the 60 s timeout
+        _, meta = await asyncio.wait_for(a.run(2, ({}, {})), 30)
+        assert meta["included"] == "a"
+        late = await a.serve(header("b", 2), {}, "b")  # b thawed: the same aggregate back
+        assert late[1]["included"] == "a"
+        third = asyncio.create_task(a.run(3, ({}, {})))
+        await asyncio.sleep(0.6)
+        assert not third.done()  # waiting for b again
+        served = asyncio.create_task(a.serve(header("b", 3), {}, "b"))
+        _, meta = await asyncio.wait_for(third, 30)
+        assert meta["included"] == "a,b" and (await served)[1]["included"] == "a,b"
+
+    asyncio.run(scenario())
