@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import urllib.request
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from shoal.swarm import Swarm
@@ -50,6 +51,7 @@ def test_a_block_replica_nobody_can_dial_trains_through_the_relay(tmp_path) -> N
         swarm.stop(grace=5)
 
 
+@pytest.mark.slow  # CI's slow pass; the default suite keeps the first relay test
 def test_a_peer_started_with_relay_carries_another(tmp_path) -> None:
     """The coordinator's relay carries the first unreachable replica; the second goes to the
     less loaded relay on offer, a reachable peer started with --relay, and trains through it."""
@@ -82,6 +84,7 @@ def test_a_peer_started_with_relay_carries_another(tmp_path) -> None:
         swarm.stop(grace=5)
 
 
+@pytest.mark.slow  # CI's slow pass (tests/lab/test_lab_relay_chaos.py does it under NAT)
 def test_a_relays_loss_moves_its_peer_to_another_relay_with_its_stage(tmp_path) -> None:
     """The --relay peer carrying a block replica is killed (SIGKILL): the replica finds its relay
     lost, the coordinator names its own relay, the replica moves there as the same member of the
