@@ -57,21 +57,29 @@ def test_a_frozen_replica_catches_up_by_replay_without_a_download(swarm_factory,
     finally:
         os.kill(victim.pid, signal.SIGCONT)
     seen = len(log.read_text(errors="replace"))
-    match = wait_for("the thawed replica catching up by replay",
-                     lambda: CAUGHT_UP.search(log.read_text(errors="replace"), seen), 90, swarm)
-    assert isinstance(match, re.Match)
-    # the first EndStep after the thaw names the swarm's step: that is when it learnt it was
-    # behind (the driver's metrics file, which step_of reads, can lag by a few steps)
-    first_end = FIRST_END.search(log.read_text(errors="replace"), seen)
-    assert first_end, log.read_text(errors="replace")[seen:]
-    swarm_step = int(first_end.group(1))
-    replayed, after = int(match.group(1)), int(match.group(3))
+
+    def caught_up() -> tuple[re.Match, int] | None:
+        """The catch-up line that brought the thawed replica to the swarm's step, and that
+        step: the one its first EndStep after the thaw named (the driver's metrics file, which
+        step_of reads, can lag by a few steps)."""
+        text = log.read_text(errors="replace")
+        first_end = FIRST_END.search(text, seen)
+        if first_end is None:
+            return None
+        swarm_step = int(first_end.group(1))
+        return next(((m, swarm_step) for m in CAUGHT_UP.finditer(text, seen)
+                     if int(m.group(3)) >= swarm_step - 1), None)
+
+    match, swarm_step = wait_for("the thawed replica catching up to the swarm's step",
+                                 caught_up, 90, swarm)
     print(f"frozen after step {frozen_at}; thawed with the swarm at step {swarm_step}: "
           f"{match.group(0)}")
-    # rounds closed without it: some it may take as late parts of the EndSteps queued while it
-    # slept (the aggregator answers those with the kept aggregate), the rest it replays
-    assert replayed >= 1, match.group(0)
-    assert swarm_step - 1 <= after <= swarm_step + 5, (match.group(0), swarm_step)
+    # The rounds closed without it come back three ways, none a download: as replies to the
+    # late parts of the EndSteps queued while it slept (the aggregator answers them with the
+    # kept aggregate), as the others' aggregate when it was the aggregator itself (it asks
+    # whether they closed the round without it), or by replay; which mix depends on timing.
+    # What must hold: it is at the swarm's step within 5 steps of the thaw, never downloads.
+    assert int(match.group(3)) <= swarm_step + 5, (match.group(0), swarm_step)
     at = step_of(swarm)
     wait_for("5 more steps", lambda: step_of(swarm) >= at + 5, 120, swarm)
     since_thaw = log.read_text(errors="replace")[seen:]
