@@ -9,7 +9,7 @@ end on one state hash), peer4 is the only replica of stage 1 and peer3 of stage 
 call into a block stage is relayed and the relay peer carries training calls, not only pings.
 The lab starts peer2 first and the others once the coordinator offers it as a relay, so the
 two NAT'd peers are spread over the coordinator's relay and peer2's (the coordinator breaks the
-tie towards its own, so one of them is peer2's). At step 10 peer2 is killed with SIGKILL and
+tie towards its own, so one of them is peer2's). At step 20 peer2 is killed with SIGKILL and
 *not* respawned: a respawned relay peer would come back at the same address (host:7100), and
 the coordinator's sticky choice could re-attach the NAT'd peer there, which would not show a
 move to another relay. Asserted from the coordinator's reports (summary.json `relay_track`,
@@ -38,7 +38,7 @@ PEERS = [f"peer{i}" for i in range(1, 6)]
 # calls, and its replica keeps stage 1 going while the other moves); stage 2 by peer5
 PLACES = {"peer1": 0, "peer2": 0, "peer3": 1, "peer4": 1, "peer5": 2}
 STEPS = 60
-KILL_STEP = 10
+KILL_STEP = 20  # late enough for peer2's relay to carry training calls first
 COORD_RELAY = "198.18.0.1:7000"  # the coordinator on host `coord`, gRPC port 7000
 PEER2_RELAY = "198.18.0.3:7100"  # peer2's own server, where its Relay service is
 

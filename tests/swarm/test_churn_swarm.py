@@ -55,8 +55,9 @@ def test_a_frozen_replica_catches_up_by_replay_without_a_download(swarm_factory,
         wait_for("3 steps without the frozen replica", lambda: step_of(swarm) >= frozen_at + 3,
                  120, swarm)
     finally:
+        # read while it is stopped: thawed, it logs its catch-up within milliseconds
+        seen = len(log.read_text(errors="replace"))
         os.kill(victim.pid, signal.SIGCONT)
-    seen = len(log.read_text(errors="replace"))
 
     def caught_up() -> tuple[re.Match, int] | None:
         """The catch-up line that brought the thawed replica to the swarm's step, and that
