@@ -19,13 +19,41 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
+async def swallow(reader, writer) -> None:
+    """A port that accepts and never answers: a frozen peer."""
+    while await reader.read(65536):
+        pass
+
+
+def measured_service(address: dict[str, str], channels: list[grpc.aio.Channel]
+                     ) -> tuple[FakePeer, StageService]:
+    """A stage-1 replica whose stage-0 replicas are `address`'s keys, dialled at its values over
+    real gRPC channels (collected in `channels` to close), with a measured barrier (its
+    deadline is the 2 s floor)."""
+    from peer.pipeline import deadline
+
+    class Peer(FakePeer):
+        def address_of(self, peer_id: str) -> str:
+            return address[peer_id]
+
+        def channel(self, address: str) -> grpc.aio.Channel:
+            channels.append(grpc.aio.insecure_channel(address))
+            return channels[-1]
+
+    spec = RunSpec().replace(**{"pipeline.stages": 2})
+    d = Peer(spec, view=FakeView(stage_infos(2), {0: sorted(address), 1: ["ab" * 8]}))
+    service = StageService(d)
+    for _ in range(deadline.WARMUP):
+        service._barrier.complete(0.01)
+    return d, service
+
+
 def test_the_barrier_does_not_wait_for_a_driver_that_cannot_be_connected_to() -> None:
     """Drivers d1..d4 name each other for step 5; d1 ended it. d2 was killed (nothing listens at
     its port any more) and d3's address accepts and closes every connection (as the lab's delay
     relay does when the peer behind it is dead): the view still lists both until their leases
     lapse, and neither is waited for. d4 is frozen (its port accepts and never answers): it is
     waited for until the barrier's measured deadline."""
-    from peer.pipeline import deadline
 
     channels: list[grpc.aio.Channel] = []
 
@@ -33,29 +61,12 @@ def test_the_barrier_does_not_wait_for_a_driver_that_cannot_be_connected_to() ->
         async def close_at_once(reader, writer):
             writer.close()
 
-        async def swallow(reader, writer):
-            while await reader.read(65536):
-                pass
-
         closing = await asyncio.start_server(close_at_once, "127.0.0.1", 0)
         frozen = await asyncio.start_server(swallow, "127.0.0.1", 0)
         address = {"d1": "127.0.0.1:1", "d2": f"127.0.0.1:{closed_port()}",
                    "d3": f"127.0.0.1:{closing.sockets[0].getsockname()[1]}",
                    "d4": f"127.0.0.1:{frozen.sockets[0].getsockname()[1]}"}
-
-        class Peer(FakePeer):
-            def address_of(self, peer_id: str) -> str:
-                return address[peer_id]
-
-            def channel(self, address: str) -> grpc.aio.Channel:
-                channels.append(grpc.aio.insecure_channel(address))
-                return channels[-1]
-
-        spec = RunSpec().replace(**{"pipeline.stages": 2})
-        d = Peer(spec, view=FakeView(stage_infos(2), {0: sorted(address), 1: ["ab" * 8]}))
-        service = StageService(d)
-        for _ in range(deadline.WARMUP):  # measured barriers: its deadline is the 2 s floor
-            service._barrier.complete(0.01)
+        d, service = measured_service(address, channels)
         ends = _StepEnds(expected=set(address), got={"d1"})
         try:
             reply = await asyncio.wait_for(service._finish(5, ends), 20)  # a hang guard only
@@ -79,27 +90,10 @@ def test_a_driver_the_last_barrier_stepped_without_is_not_waited_for_until_heard
     channels: list[grpc.aio.Channel] = []
 
     async def scenario() -> None:
-        async def swallow(reader, writer):
-            while await reader.read(65536):
-                pass
-
         frozen = await asyncio.start_server(swallow, "127.0.0.1", 0)
         address = {"d1": "127.0.0.1:1",
                    "d2": f"127.0.0.1:{frozen.sockets[0].getsockname()[1]}"}
-
-        class Peer(FakePeer):
-            def address_of(self, peer_id: str) -> str:
-                return address[peer_id]
-
-            def channel(self, address: str) -> grpc.aio.Channel:
-                channels.append(grpc.aio.insecure_channel(address))
-                return channels[-1]
-
-        spec = RunSpec().replace(**{"pipeline.stages": 2})
-        d = Peer(spec, view=FakeView(stage_infos(2), {0: ["d1", "d2"], 1: ["ab" * 8]}))
-        service = StageService(d)
-        for _ in range(deadline.WARMUP):  # measured: step 5 waits the 2 s floor for d2
-            service._barrier.complete(0.01)
+        d, service = measured_service(address, channels)  # step 5 waits 2 s for d2
         try:
             ends = _StepEnds(expected={"d1", "d2"}, got={"d1"})
             assert (await asyncio.wait_for(service._finish(5, ends), 20)).stepped
