@@ -166,20 +166,26 @@ def rebuild_method(stage: int, live: set[int], n_stages: int, checkfree_plus: bo
     """How the next holder of an emptied `stage` gets weights (ALGORITHMS.md §3), given the stages
     that still have a live replica (`live`, stage 0 included) of `n_stages` in all.
 
-    "checkfree" for an inner block stage with both neighbours live; "checkfree+" for a CheckFree+
-    swap partner (1<->2, S-1<->S, as optim/checkfree.plan_recovery pairs them) whose partner is
-    live; otherwise "snapshot" (the holder's local snapshot, else a degraded copy).
+    "checkfree" for an inner block stage averaged from both neighbours; "checkfree+" for a copy
+    of a CheckFree+ swap partner (1<->2, S-1<->S; at S = 3 stages 1 and 3 both swap with 2 on
+    alternate odd microbatches, so 1 and 3 copy 2, and 2 averages 1 and 3 or copies the one left:
+    peer/pipeline/paths.py's `checkfree_swap_pairs`, optim/checkfree.plan_recovery) and for stage
+    0 rebuilt from the copy stage 1 or S keeps; otherwise "snapshot" (the holder's local
+    snapshot, else a degraded copy).
     """
     last = n_stages - 1
-    partner = None
+    if stage == 0:
+        return "checkfree+" if checkfree_plus and ({1, last} & live) else "snapshot"
+    partners: set[int] = set()
     if checkfree_plus and last >= 2:
-        partner = 3 - stage if stage in (1, 2) else (
-            2 * last - 1 - stage if stage in (last - 1, last) else None)
-    if partner is not None:
-        return "checkfree+" if partner in live else "snapshot"
-    if 2 <= stage <= last - 1 and stage - 1 in live and stage + 1 in live:
+        pairs = {(1, 2), (2, 3)} if last == 3 else {(1, 2), (last - 1, last)}
+        partners = {b if a == stage else a for a, b in pairs if stage in (a, b)}
+    if len(partners) == 1:
+        return "checkfree+" if partners & live else "snapshot"
+    inner = 2 <= stage <= last - 1 and stage - 1 in live and stage + 1 in live
+    if inner:
         return "checkfree"
-    return "snapshot"
+    return "checkfree+" if partners & live else "snapshot"
 
 
 def stage_for_hint(hint: int, stages: Mapping[int, StageLoad], *, held: int | None,

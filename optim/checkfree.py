@@ -2,11 +2,18 @@
 
 A block stage with no live replica left is rebuilt from its neighbours' weights:
     W[s] = (w_prev * W[s-1] + w_next * W[s+1]) / (w_prev + w_next)
-with w the neighbour's most recent gradient norm plus `norm_floor` (1e-4, as the reference code
-does so the weights never sum to zero). The rebuilt stage gets a fresh optimizer state and its
-learning rate multiplied by `lr_boost` (1.1; the paper used 1.1-1.2) for the rest of the run.
-CheckFree+ edge stages (1, 2, S-1, S) are copies of their swap partner instead; `plan_recovery`
-says which rule applies to a loss.
+with w the neighbour's most recent gradient norm *after clipping* (`post_clip_norm`: the
+reference measures each stage's norm after clipping it at max-norm 1.0, so the rule is a uniform
+average while norms exceed the clip) plus `norm_floor` (1e-4, as the reference code does so the
+weights never sum to zero). The rebuilt stage gets a fresh optimizer state and its learning rate
+multiplied by `lr_boost` (1.1; the paper used 1.1-1.2) for the rest of the run.
+CheckFree+ stages that the odd-microbatch swaps train to stand in for each other are copies of
+their swap partner instead (peer/pipeline/paths.py's `checkfree_swap_pairs` is the rule: 1<->2
+and S-1<->S; at S = 3 both edge stages swap with stage 2 on alternate odd microbatches, so stage
+1 or 3 is a copy of stage 2, and stage 2, trained in by both, is their weighted average, or a
+copy of the one left). Stage 0 (embedding, final norm, tied head) is rebuilt from the copy of it
+that the first and last block stages keep under CheckFree+ (`EDGE_COPY_KEYS`,
+`stage_zero_from_edge_copy`). `plan_recovery` says which rule applies to a loss.
 
 Key mapping. Stage s-1 and s+1 name their layers differently ("layers.3.attn.wq.weight" vs
 "layers.7.attn.wq.weight"). `canonical_keys` replaces the first purely numeric component of a
@@ -34,6 +41,17 @@ from optim.errors import ConfigError, NonFiniteValues, ShapeMismatch, StateMisma
 
 StageState = Mapping[str, Tensor]
 Like = Mapping[str, Tensor] | Iterable[str] | None
+
+
+def post_clip_norm(norm: float, max_norm: float | None) -> float:
+    """The gradient norm after `torch.nn.utils.clip_grad_norm_(…, max_norm)` scaled the gradient
+    whose pre-clip norm is `norm` (which is what that call returns, and what a peer records):
+    norm * min(1, max_norm / (norm + 1e-6)). `max_norm` None or <= 0: no clipping. NaN stays NaN
+    (weighted_average then falls back to uniform)."""
+    norm = float(norm)
+    if max_norm is None or max_norm <= 0 or not math.isfinite(norm) or norm < 0:
+        return norm
+    return norm * min(1.0, max_norm / (norm + 1e-6))
 
 
 @dataclass(frozen=True)
@@ -184,7 +202,41 @@ def random_reinit(
     return Recovery(out, "random")
 
 
-Method = Literal["copy_replica", "weighted_average", "copy_neighbor", "snapshot"]
+# CheckFree+ copies of stage 0 on the edge block stages (peer/pipeline/model.py's EDGE_COPY_KEYS)
+# and the stage-0 parameters they stand for.
+EDGE_COPY_OF = {"edge_embedding": "embedding.weight", "edge_norm": "norm.weight"}
+
+
+def stage_zero_from_edge_copy(edge_state: StageState, like: Like = None) -> Recovery:
+    """CheckFree+: stage 0's parameters from an edge block stage's copy of them (its
+    `edge_embedding` and `edge_norm` buffers), checked against stage 0's own (`like`).
+
+    Raises:
+        StateMismatch: the state holds no copy of stage 0 (not an edge stage, or CheckFree+ off).
+        ShapeMismatch: a copy's shape differs from stage 0's.
+        NonFiniteValues: a copy holds NaN/inf.
+    """
+    missing = sorted(k for k in EDGE_COPY_OF if k not in edge_state)
+    if missing:
+        raise StateMismatch(f"the stage holds no copy of stage 0 (no {missing}): only the first "
+                            "and last block stages keep one, under CheckFree+")
+    out: dict[str, Tensor] = {}
+    for key, name in EDGE_COPY_OF.items():
+        t = edge_state[key].detach()
+        if not bool(torch.isfinite(t).all()):
+            raise NonFiniteValues(f"{key}: the copy of stage 0 holds NaN/inf")
+        if isinstance(like, Mapping):
+            if name not in like:
+                raise StateMismatch(f"stage 0 has no {name!r}: {sorted(like)}")
+            if like[name].shape != t.shape:
+                raise ShapeMismatch(f"{name}: the copy has {tuple(t.shape)}, stage 0 has "
+                                    f"{tuple(like[name].shape)}")
+            t = t.to(like[name].dtype)
+        out[name] = t.clone()
+    return Recovery(out, "copy")
+
+
+Method = Literal["copy_replica", "weighted_average", "copy_neighbor", "edge_copy", "snapshot"]
 
 
 @dataclass(frozen=True)
@@ -204,22 +256,38 @@ def plan_recovery(
     replica_alive: bool = False,
     checkfree_plus: bool = True,
 ) -> RecoveryPlan:
-    """Choose the recovery rule for lost block stage `stage` given the stages still alive.
+    """Choose the recovery rule for lost stage `stage` (0..S) given the block stages alive.
 
-    A surviving replica is copied (ordinary state transfer). With CheckFree+, stages 1 and 2
-    copy each other, as do S-1 and S (their swapped microbatches trained them to stand in);
+    A surviving replica is copied (ordinary state transfer). Stage 0 (CheckFree+ only) is the
+    copy of it kept by stage 1, else by stage S ("edge_copy"). With CheckFree+, a stage the swaps
+    trained one partner to stand in for copies it (1<->2, S-1<->S; at S = 3, 1 and 3 copy 2);
+    a stage with two such partners (stage 2 at S = 3) averages them, or copies the one left;
     other stages average s-1 and s+1. When the sources are gone too (adjacent losses), the
     plan is "snapshot" and `sources` names the nearest live neighbour to copy if there is none.
     """
+    if stage == 0 and n_stages >= 1:
+        if replica_alive:
+            return RecoveryPlan("copy_replica")
+        holders = tuple(s for s in dict.fromkeys((1, n_stages)) if s in alive)
+        if checkfree_plus and holders:
+            return RecoveryPlan("edge_copy", holders, True)
+        why = ("CheckFree+ is off, so no block stage keeps a copy of it" if not checkfree_plus
+               else f"stages {sorted({1, n_stages})}, which keep its copy, were lost too")
+        return RecoveryPlan("snapshot", (), False,
+                            f"stage 0: {why}; restore the newest snapshot, else initial weights")
     if not 1 <= stage <= n_stages:
-        raise ConfigError(f"stage {stage} is not a block stage of 1..{n_stages}")
+        raise ConfigError(f"stage {stage} is not a stage of 0..{n_stages}")
     if replica_alive:
         return RecoveryPlan("copy_replica")
-    partner = _swap_partner(stage, n_stages) if checkfree_plus else None
-    if partner is not None and partner in alive:
-        return RecoveryPlan("copy_neighbor", (partner,), True)
-    if partner is None and 1 < stage < n_stages and {stage - 1, stage + 1} <= set(alive):
+    partners = checkfree_stand_ins(stage, n_stages) if checkfree_plus else ()
+    live_partners = tuple(p for p in partners if p in alive)
+    if len(partners) == 1 and live_partners:
+        return RecoveryPlan("copy_neighbor", live_partners, True)
+    if len(partners) == 2 and len(live_partners) == 1:
+        return RecoveryPlan("copy_neighbor", live_partners, True)
+    if len(partners) != 1 and 1 < stage < n_stages and {stage - 1, stage + 1} <= set(alive):
         return RecoveryPlan("weighted_average", (stage - 1, stage + 1), True)
+    partner = partners[0] if partners else None
     nearest = sorted((s for s in alive if 1 <= s <= n_stages and s != stage),
                      key=lambda s: (abs(s - stage), s))
     why = ("an edge stage cannot be averaged (CheckFree+ is off)"
@@ -230,14 +298,22 @@ def plan_recovery(
                         f"{nearest[:1] or 'nothing: no stage alive'}")
 
 
-def _swap_partner(stage: int, n: int) -> int | None:
-    if n < 2:
-        return None
-    if stage in (1, 2):
-        return 3 - stage
-    if stage in (n - 1, n):
-        return 2 * n - 1 - stage
-    return None
+def checkfree_swap_pairs(n_stages: int, microbatch: int) -> tuple[tuple[int, int], ...]:
+    """The CheckFree+ swap rule, the same function as peer/pipeline/paths.py's (optim/ may not
+    import peer/; tests/peer/test_checkfree_pairing.py holds the two equal)."""
+    if microbatch % 2 == 0 or n_stages < 2:
+        return ()
+    if n_stages == 2:
+        return ((1, 2),)
+    if n_stages == 3:
+        return ((1, 2),) if microbatch % 4 == 1 else ((2, 3),)
+    return ((1, 2), (n_stages - 1, n_stages))
+
+
+def checkfree_stand_ins(stage: int, n_stages: int) -> tuple[int, ...]:
+    """The block stages the swaps train to run in `stage`'s place, sorted (see paths.py)."""
+    pairs = {p for mb in (1, 3) for p in checkfree_swap_pairs(n_stages, mb)}
+    return tuple(sorted({b if a == stage else a for a, b in pairs if stage in (a, b)}))
 
 
 def _canonical(state: StageState) -> dict[str, Tensor]:

@@ -26,9 +26,14 @@ Empty stages (no live replica) are bypassed: they are left out of every path and
 every path visits every live stage (more skipping than skip_ratio asks); with no live stage,
 paths are empty and stage 0 trains its embedding and head alone.
 
-CheckFree+ (option): odd microbatches run with stages 1 and 2 swapped and with S-1 and S swapped
-(only 1 and 2 when S < 4), when both stages of a pair are on the path; the planner then adds no
-swaps of its own, so exactly the odd microbatches are swapped.
+CheckFree+ (option): odd microbatches run with stages 1 and 2 swapped and with S-1 and S swapped,
+when both stages of a pair are on the path (`checkfree_swap_pairs`); the planner then adds no
+swaps of its own, so exactly the odd microbatches are swapped. At S = 3 the two pairs (1, 2) and
+(2, 3) share stage 2 and cannot both swap in one path, so the odd microbatches alternate: (1, 2)
+on microbatches 1, 5, 9, … and (2, 3) on 3, 7, 11, …. Each edge stage then runs at stage 2's place
+on a quarter of the microbatches, which is what lets it stand in (the paper's rule: an edge stage
+is replaced by its swap partner, `checkfree_stand_ins`); swapping (1, 2) alone, as before, never
+trained stage 2 to stand in for stage 3. At S = 2 the one pair (1, 2) swaps on every odd one.
 
 Time model (the paper's): a forward on a replica takes its measured `forward_s`, a backward
 1.5 x that; a link costs latency + bytes/bandwidth (both ends' latencies and the slower end's
@@ -50,8 +55,12 @@ What it cannot guarantee across several stage-0 replicas: each plans its own mic
 own view, so the per-replica memory bound and the collision avoidance hold only for one stage-0
 peer's traffic (feed `ReplicaTiming.ready_at` from measured queues to account for the others),
 and the equal share holds per stage-0 peer, so across k of them the visit counts of an iteration
-differ by at most k. At run time the plan's replicas are advice: the SWARM router
-(peer/pipeline/router.py) still resends a timed-out hop to another replica of the same stage.
+differ by at most k. At run time the driver sends each hop to the plan's replica (with
+skip_ratio > 0; the plain SWARM pipeline keeps choosing replicas as it goes) unless that one
+is banned or fails, and the SWARM router (peer/pipeline/router.py) resends a failed or timed-out
+hop to another replica of the same stage. The times come from peer/pipeline/links.py: compute
+and queue from the replicas' replies, latency from EndStep round trips, bandwidth from what is
+left of a call's network time; the activation size from the run spec.
 """
 
 from __future__ import annotations
@@ -156,3 +165,40 @@ def count_swaps(stages: Sequence[int]) -> int | None:
         else:
             return None
     return swaps
+
+
+def checkfree_swap_pairs(n_stages: int, microbatch: int) -> tuple[tuple[int, int], ...]:
+    """CheckFree+: the (s, s+1) block-stage pairs run swapped on `microbatch` (module docstring).
+
+    Even microbatches: none. Odd ones: (1, 2) and (S-1, S) for S >= 4; alternately (1, 2) and
+    (2, 3) for S = 3; (1, 2) for S = 2; none for S < 2. The one rule: the planner swaps by it,
+    and recovery (optim/checkfree.py) and the coordinator (coordinator/assignment.py) pair the
+    stages it trains to stand in for each other (tests/peer/test_checkfree_pairing.py).
+    """
+    if microbatch % 2 == 0 or n_stages < 2:
+        return ()
+    if n_stages == 2:
+        return ((1, 2),)
+    if n_stages == 3:
+        return ((1, 2),) if microbatch % 4 == 1 else ((2, 3),)
+    return ((1, 2), (n_stages - 1, n_stages))
+
+
+def checkfree_stand_ins(stage: int, n_stages: int) -> tuple[int, ...]:
+    """The block stages that the CheckFree+ swaps train to run in `stage`'s place (sorted): the
+    stages it is swapped with on some microbatch. Empty for stages that are never swapped."""
+    pairs = {p for mb in (1, 3) for p in checkfree_swap_pairs(n_stages, mb)}
+    return tuple(sorted({b if a == stage else a for a, b in pairs if stage in (a, b)}))
+
+
+def apply_checkfree_swaps(order: Sequence[int], n_stages: int, microbatch: int,
+                          max_swaps: int) -> tuple[tuple[int, ...], int]:
+    """`order` (ascending block stages) with `microbatch`'s CheckFree+ pairs swapped where both
+    stages of a pair are on it, at most `max_swaps` of them; returns (order, swaps)."""
+    seq, swaps = list(order), 0
+    for a, b in checkfree_swap_pairs(n_stages, microbatch)[:max_swaps]:
+        if a in seq and b in seq and seq.index(b) == seq.index(a) + 1:
+            i = seq.index(a)
+            seq[i], seq[i + 1] = b, a
+            swaps += 1
+    return tuple(seq), swaps

@@ -22,6 +22,7 @@ from peer.pipeline.paths import (
     Path,
     PlanError,
     ReplicaTiming,
+    apply_checkfree_swaps,
     is_full_depth,
     path_length,
 )
@@ -191,18 +192,6 @@ def _swap_variants(order: tuple[int, ...], max_swaps: int, budget: int,
     return out
 
 
-def _checkfree_swap(order: tuple[int, ...], n_stages: int,
-                    max_swaps: int) -> tuple[tuple[int, ...], int]:
-    pairs = [(1, 2), (n_stages - 1, n_stages)] if n_stages >= 4 else [(1, 2)]
-    seq, swaps = list(order), 0
-    for a, b in pairs[:max_swaps]:
-        if a in seq and b in seq:
-            i = seq.index(a)
-            seq[i], seq[i + 1] = seq[i + 1], seq[i]
-            swaps += 1
-    return tuple(seq), swaps
-
-
 def _validate(n_microbatches: int, stages: Mapping[int, list[ReplicaTiming]],
               origin: ReplicaTiming, links: Mapping[tuple[str, str], Link], skip_ratio: float,
               full_depth_every: int | None, max_swaps: int, max_held: int,
@@ -274,7 +263,7 @@ def plan_iteration(iteration: int, n_microbatches: int,
         else:
             orders = [(_stage_sets(counts, length, 1, rng, dict.fromkeys(live, 0.0))[0], 0)]
         if checkfree_plus and mb % 2 == 1:
-            orders = [_checkfree_swap(o, n_stages, max_swaps) for o, _ in orders]
+            orders = [apply_checkfree_swaps(o, n_stages, mb, max_swaps) for o, _ in orders]
         trials = [planner.trial(o, n) for o, n in orders]
         if planner_swaps:
             base = min(trials, key=lambda t: t.finish)

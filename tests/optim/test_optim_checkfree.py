@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -114,4 +116,66 @@ def test_plan_recovery() -> None:
     assert plain.method == "snapshot" and "edge" in plain.note
     assert checkfree.plan_recovery(2, 6, {1, 3}, checkfree_plus=False).method == "weighted_average"
     with pytest.raises(ConfigError):
-        checkfree.plan_recovery(0, 6, alive)
+        checkfree.plan_recovery(7, 6, alive)
+
+
+def test_plan_recovery_at_three_block_stages_follows_the_alternating_swaps() -> None:
+    # stages 1 and 3 each swap with 2 (on alternate odd microbatches): each copies 2; stage 2,
+    # trained in by both, averages them, or copies the one left
+    assert checkfree.plan_recovery(3, 3, {1, 2}).sources == (2,)
+    assert checkfree.plan_recovery(1, 3, {2, 3}).sources == (2,)
+    mid = checkfree.plan_recovery(2, 3, {1, 3})
+    assert (mid.method, mid.sources) == ("weighted_average", (1, 3))
+    one = checkfree.plan_recovery(2, 3, {3})
+    assert (one.method, one.sources) == ("copy_neighbor", (3,))
+    assert checkfree.plan_recovery(3, 3, {1}).method == "snapshot"
+    assert checkfree.plan_recovery(2, 2, {1}).sources == (1,)
+
+
+def test_plan_recovery_of_stage_zero_takes_an_edge_stages_copy() -> None:
+    plan = checkfree.plan_recovery(0, 6, {1, 2, 3, 4, 5, 6})
+    assert (plan.method, plan.sources, plan.lr_boost) == ("edge_copy", (1, 6), True)
+    assert checkfree.plan_recovery(0, 6, {2, 3, 6}).sources == (6,)
+    assert checkfree.plan_recovery(0, 1, {1}).sources == (1,)
+    gone = checkfree.plan_recovery(0, 6, {2, 3, 4, 5})
+    assert gone.method == "snapshot" and "were lost too" in gone.note
+    off = checkfree.plan_recovery(0, 6, {1, 6}, checkfree_plus=False)
+    assert off.method == "snapshot" and "CheckFree+ is off" in off.note
+
+
+def test_post_clip_norm_is_what_clip_grad_norm_leaves() -> None:
+    for norm in (0.2, 1.0, 3.5, 40.0):
+        g = torch.full((4,), norm / 2)  # its norm is `norm`
+        pre = float(torch.nn.utils.clip_grad_norm_([_with_grad(g)], 1.0))
+        assert pre == pytest.approx(norm)
+    for norm, clip in ((0.2, 1.0), (3.5, 1.0), (40.0, 0.5), (2.0, None), (2.0, 0.0)):
+        p = _with_grad(torch.full((4,), norm / 2))
+        torch.nn.utils.clip_grad_norm_([p], clip if clip else float("inf"))
+        after = float(p.grad.norm())
+        assert checkfree.post_clip_norm(norm, clip) == pytest.approx(after, rel=1e-5)
+    assert math.isnan(checkfree.post_clip_norm(float("nan"), 1.0))
+
+
+def _with_grad(g: torch.Tensor) -> torch.Tensor:
+    p = torch.zeros_like(g, requires_grad=True)
+    p.grad = g.clone()
+    return p
+
+
+def test_stage_zero_from_an_edge_copy_checks_what_it_takes() -> None:
+    like = {"embedding.weight": torch.zeros(5, 3), "norm.weight": torch.ones(3)}
+    copy = {"edge_embedding": torch.randn(5, 3), "edge_norm": torch.rand(3),
+            "layers.7.attn.wq.weight": torch.randn(3, 3)}
+    rec = checkfree.stage_zero_from_edge_copy(copy, like=like)
+    assert set(rec.state) == set(like) and rec.method == "copy"
+    assert torch.equal(rec.state["embedding.weight"], copy["edge_embedding"])
+    assert torch.equal(rec.state["norm.weight"], copy["edge_norm"])
+    rec.state["norm.weight"].add_(1.0)
+    assert not torch.equal(rec.state["norm.weight"], copy["edge_norm"])  # a copy, not a view
+    with pytest.raises(StateMismatch, match="no copy of stage 0"):
+        checkfree.stage_zero_from_edge_copy({"layers.0.w": torch.zeros(1)}, like=like)
+    with pytest.raises(ShapeMismatch):
+        checkfree.stage_zero_from_edge_copy({**copy, "edge_norm": torch.ones(4)}, like=like)
+    with pytest.raises(NonFiniteValues):
+        checkfree.stage_zero_from_edge_copy(
+            {**copy, "edge_embedding": torch.full((5, 3), float("nan"))}, like=like)
