@@ -33,6 +33,7 @@ from peer.consistency import READY_STATES
 from peer.context import PeerContext
 from peer.pipeline import wire
 from peer.pipeline.deadline import MeasuredDeadline
+from peer.pipeline.links import COMPUTE_S, QUEUED, SERVER_S
 from peer.pipeline.stage_host import NotYours, PendingQuota, StageError
 from peer.recovery.rebuild import catch_up
 from peer.sync.base import SyncMode
@@ -166,6 +167,7 @@ class StageService(pbg.StageServicer):
             header, arrays = await receive_authorized(
                 request_iterator, context, self.policy, method, d.activation_limits(),
                 d.counter, "activations", self._quota if kind == "forward" else None)
+            received = time.monotonic()
             self._check_serving(header)
             if kind == "forward" and header.meta.get("mode") != INFERENCE:
                 await self._drop_departed()
@@ -175,7 +177,7 @@ class StageService(pbg.StageServicer):
             d.queue += 1
             try:
                 t0 = time.monotonic()
-                y = await d.host.run(work, header, x)
+                y, compute_s = await d.host.run_timed(work, header, x)
                 d.note_compute(int(x.shape[0]), time.monotonic() - t0)
             finally:
                 d.queue -= 1
@@ -196,6 +198,11 @@ class StageService(pbg.StageServicer):
             return
         out = pb.CallHeader(kind=kind, microbatch_id=header.microbatch_id, step=header.step,
                             stage=d.host.stage, sender=d.peer_id, sent_at=time.time())
+        # what the caller's SkipPipe planner needs (peer/pipeline/links.py): the compute this
+        # call took here, the whole time it spent here once received (its wait for the compute
+        # thread too), and the calls still queued or running here
+        out.meta.update({COMPUTE_S: f"{compute_s:.6f}",
+                         SERVER_S: f"{time.monotonic() - received:.6f}", QUEUED: str(d.queue)})
         enc = wire.ACTIVATION_ENCODINGS[d.spec.pipeline.activations]
         for chunk in wire.encode_chunks(out, {"x": y.numpy()}, enc):
             d.counter.add("activations", sent=chunk.ByteSize())
@@ -251,6 +258,12 @@ class StageService(pbg.StageServicer):
         task.add_done_callback(self._abstaining.discard)
 
     async def EndStep(self, request: pb.StepEnd, context) -> pb.StepDone:
+        t0 = time.monotonic()
+        done = await self._end_step(request, context)
+        done.server_s = time.monotonic() - t0
+        return done
+
+    async def _end_step(self, request: pb.StepEnd, context) -> pb.StepDone:
         d = self.d
         try:
             await self.policy.authorize(authz.END_STEP, step_end=request)

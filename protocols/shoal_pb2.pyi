@@ -351,7 +351,7 @@ class StepEnd(_message.Message):
     def __init__(self, step: _Optional[int] = ..., sender: _Optional[str] = ..., microbatches: _Optional[int] = ..., samples: _Optional[int] = ..., stage0_replicas: _Optional[_Iterable[str]] = ..., stage_replicas: _Optional[_Iterable[str]] = ..., spsa: _Optional[_Union[SpsaCodes, _Mapping]] = ..., spsa_check_step: _Optional[int] = ..., spsa_check_hash: _Optional[bytes] = ...) -> None: ...
 
 class StepDone(_message.Message):
-    __slots__ = ("step", "stage", "included", "state_hash", "grad_norm", "stepped", "detail")
+    __slots__ = ("step", "stage", "included", "state_hash", "grad_norm", "stepped", "detail", "server_s")
     STEP_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     INCLUDED_FIELD_NUMBER: _ClassVar[int]
@@ -359,6 +359,7 @@ class StepDone(_message.Message):
     GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
     STEPPED_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    SERVER_S_FIELD_NUMBER: _ClassVar[int]
     step: int
     stage: int
     included: int
@@ -366,7 +367,8 @@ class StepDone(_message.Message):
     grad_norm: float
     stepped: bool
     detail: str
-    def __init__(self, step: _Optional[int] = ..., stage: _Optional[int] = ..., included: _Optional[int] = ..., state_hash: _Optional[str] = ..., grad_norm: _Optional[float] = ..., stepped: _Optional[bool] = ..., detail: _Optional[str] = ...) -> None: ...
+    server_s: float
+    def __init__(self, step: _Optional[int] = ..., stage: _Optional[int] = ..., included: _Optional[int] = ..., state_hash: _Optional[str] = ..., grad_norm: _Optional[float] = ..., stepped: _Optional[bool] = ..., detail: _Optional[str] = ..., server_s: _Optional[float] = ...) -> None: ...
 
 class SpsaCodes(_message.Message):
     __slots__ = ("codes",)

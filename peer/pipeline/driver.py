@@ -5,8 +5,9 @@ One optimizer step on this replica:
 2. plan the iteration's paths (SkipPipe, peer/pipeline/paths.py; ALGORITHMS.md §2): which block
    stages each microbatch visits and in which order. The planner runs *here, on each stage-0 peer*,
    once per iteration, for this peer's own microbatches only: stage 0 owns the microbatches,
-   starts and ends every path, and is where the times a plan needs are measured (the router's
-   per-replica throughput EMAs and outstanding work, this peer's own head/loss time). Nothing
+   starts and ends every path, and is where the times a plan needs are measured (each replica's
+   compute, link latency and bandwidth and queue, peer/pipeline/links.py; the router's
+   outstanding work; this peer's own head/loss time; the activation size from the spec). Nothing
    is planned centrally; two stage-0 peers plan independently. `pipeline.skip_ratio` = 0 gives
    every stage in order on every microbatch (the plain SWARM pipeline); every
    `pipeline.full_depth_every`-th iteration is full depth; with `pipeline.checkfree_plus` odd
@@ -16,8 +17,9 @@ One optimizer step on this replica:
    the forward hops that find it empty. A stage that never had a replica (start of the run) is
    waited for instead;
 3. run the microbatches, several in flight: embed → for each block stage of the planned path,
-   the replica with the smallest expected finish time (peer/pipeline/router.py; the plan's own
-   replica choice is advice only) → head and loss → backward along the *same* hops in reverse →
+   with SkipPipe (skip_ratio > 0) the planned replica, which the plan chose to avoid collisions,
+   and in the plain SWARM pipeline the replica with the smallest expected finish time now
+   (peer/pipeline/router.py) → head and loss → backward along the *same* hops in reverse →
    embedding; a hop that fails or times out in the forward pass is resent to the next-best
    replica (the failing one is banned until its lease would expire); a microbatch whose backward
    cannot finish (the replica holding its graph is gone) is dropped and counted;
@@ -50,6 +52,7 @@ from peer.pipeline import wire
 from peer.pipeline.context import DriverContext
 from peer.pipeline.data import inputs_targets, load_corpus, shard
 from peer.pipeline.deadline import MeasuredDeadline
+from peer.pipeline.links import LinkEstimates
 from peer.pipeline.paths import ReplicaTiming
 from peer.pipeline.planner import plan_iteration
 from peer.pipeline.router import NoReplicaAvailable, RoundRobinRouter, Router
@@ -101,6 +104,7 @@ class Driver:
         self._start_wait: float | None = None  # when the first step began to wait for peers
         self._view_retry_at = 0.0  # no view asked for before this (the coordinator was away)
         self._answers = MeasuredDeadline()  # the wait for the block replicas' EndStep answers
+        self.links = LinkEstimates()  # per replica: compute, latency, bandwidth (the plan's)
         self._late: set[asyncio.Future] = set()  # EndSteps answered after the step went on
 
     def stop(self) -> None:
@@ -164,6 +168,8 @@ class Driver:
                     seeds[p.peer_id] = max(p.stats.samples_per_s, p.benchmark.samples_per_s,
                                            1e-3)
             self.router.update_replicas(s, seeds, relayed)
+        self.links.keep_only({p for s in range(1, d.spec.pipeline.stages + 1)
+                              for p in self.router.replicas(s)})
 
     def _my_shard(self):
         stage0 = sorted(set(self.d.live_replicas(0)) | {self.d.peer_id})
@@ -196,8 +202,9 @@ class Driver:
         return f"stage {late[0].stage} replica {late[0].peer_id[:8]} is {late[0].state}" if late \
             else None
 
-    async def plan(self, step: int, n_mb: int) -> list[tuple[int, ...]]:
-        """Each microbatch's block stages, in visiting order (see the module docstring)."""
+    async def plan(self, step: int, n_mb: int) -> list[tuple[tuple[int, str], ...]]:
+        """Each microbatch's (block stage, replica) hops, in visiting order (see the module
+        docstring)."""
         d = self.d
         p = d.spec.pipeline
         now = time.monotonic()
@@ -209,8 +216,11 @@ class Driver:
         for s in range(1, p.stages + 1):
             stages[s] = []
             for pid in self.router.usable(s, now):
-                forward_s, busy = self.router.planning_timing(pid, mb, now)
-                stages[s].append(ReplicaTiming(pid, forward_s, ready_at=busy))
+                whole_call_s, busy = self.router.planning_timing(pid, mb, now)
+                t = self.links.timing(pid, mb)
+                forward_s = whole_call_s if t.forward_s is None else t.forward_s
+                stages[s].append(ReplicaTiming(pid, forward_s, t.latency_s, t.bandwidth_Bps,
+                                               ready_at=busy + t.queued * forward_s))
             if not stages[s] and not self.has_trained(s):
                 # Never trained (the swarm is starting): wait for its first replica rather than
                 # train without it. Only a stage that lost its replicas is bypassed.
@@ -219,8 +229,8 @@ class Driver:
         rng = random.Random(f"{d.peer_id}:{step}")
         paths = await asyncio.to_thread(
             plan_iteration, step, n_mb, stages, p.skip_ratio, rng, p.full_depth_every or None,
-            2, 3, p.checkfree_plus, origin=origin)
-        return [path.stages for path in paths]
+            2, 3, p.checkfree_plus, origin=origin, activation_bytes=wire.activation_bytes(d.spec))
+        return [path.route for path in paths]
 
     async def _one_step(self) -> None:
         d = self.d
@@ -271,7 +281,7 @@ class Driver:
     # ------------------------------------------------------------------ one microbatch
 
     async def _microbatch(self, step: int, i: int, batch: torch.Tensor,
-                          planned: list[int]) -> float | None:
+                          planned: list[tuple[int, str]]) -> float | None:
         d = self.d
         host = d.host
         mb_id = f"{d.peer_id[:12]}-{step}-{i}"
@@ -282,10 +292,12 @@ class Driver:
             t0 = time.monotonic()
             h = await host.run(host.embed, mb_id, tokens, step)
             compute = time.monotonic() - t0
-            path = list(planned)
-            for s in planned:
+            path = [s for s, _ in planned]
+            keep = d.spec.pipeline.skip_ratio > 0  # SkipPipe: the planned replica first
+            for s, planned_peer in planned:
                 try:
-                    h, peer = await self._hop("forward", s, step, mb_id, path, len(hops), h)
+                    h, peer = await self._hop("forward", s, step, mb_id, path, len(hops), h,
+                                              prefer=planned_peer if keep else None)
                 except StageEmpty:
                     if not self.has_trained(s):
                         raise  # never trained: no bypass at the start of a run (see plan)
@@ -331,17 +343,20 @@ class Driver:
 
     async def _hop(self, kind: str, stage: int, step: int, mb_id: str, path: list[int],
                    hop: int, x: torch.Tensor, peer: str | None = None,
-                   meta: Mapping[str, str] | None = None) -> tuple[torch.Tensor, str]:
+                   meta: Mapping[str, str] | None = None,
+                   prefer: str | None = None) -> tuple[torch.Tensor, str]:
         """One forward or backward hop of a microbatch, retried on the next-best replica (a
-        forward hop; a backward hop must reach the `peer` holding its graph). `meta` goes into
-        the call header (SPSA's perturbed streams say so there)."""
+        forward hop; a backward hop must reach the `peer` holding its graph). A forward goes to
+        `prefer` first while it is usable (the plan's choice). `meta` goes into the call header
+        (SPSA's perturbed streams say so there)."""
         d = self.d
         samples = int(x.shape[0])
         tried: set[str] = set()
         for _ in range(MAX_HOP_ATTEMPTS if peer is None else 1):
             now = time.monotonic()
             try:
-                target = peer or self.router.choose(stage, samples, now, exclude=tried)
+                target = peer or self.router.choose(stage, samples, now, exclude=tried,
+                                                    prefer=prefer)
             except NoReplicaAvailable as exc:
                 raise StageEmpty(f"stage {stage}: {exc}") from exc
             timeout = self.router.timeout_for(target, samples, backward=kind == "backward")
@@ -352,12 +367,15 @@ class Driver:
             try:
                 stub = pbg.StageStub(d.channel(d.address_of(target)))
                 method = stub.Forward if kind == "forward" else stub.Backward
-                _, arrays = await wire.call_tensors(
+                reply, arrays = await wire.call_tensors(
                     method, header, {"x": x.float().numpy()},
                     encoding=wire.ACTIVATION_ENCODINGS[d.spec.pipeline.activations],
                     limits=d.activation_limits(), counter=d.counter, kind="activations",
                     timeout=timeout)
-                self.router.record(target, samples, time.monotonic() - t0, time.monotonic())
+                wall = time.monotonic() - t0
+                self.router.record(target, samples, wall, time.monotonic())
+                self.links.record_call(target, kind, samples, wall, reply.meta,
+                                       2 * reply.total_bytes)
                 return torch.from_numpy(arrays["x"].copy()), target
             except grpc.aio.AioRpcError as exc:
                 tried.add(target)
@@ -408,7 +426,10 @@ class Driver:
                 stub = pbg.StageStub(d.channel(d.address_of(pid)))
                 if on_send is not None:
                     on_send(pid, req)
-                return await stub.EndStep(req, timeout=timeout)
+                t0 = time.monotonic()
+                done = await stub.EndStep(req, timeout=timeout)
+                self.links.record_round_trip(pid, time.monotonic() - t0, done.server_s)
+                return done
             except (grpc.aio.AioRpcError, KeyError) as exc:
                 log.warning("EndStep(%d) to %s failed: %s", step, pid[:8], exc)
                 return None

@@ -194,9 +194,10 @@ class Router:
     # -- choosing -------------------------------------------------------------------------
 
     def choose(self, stage: int, work_samples: float, now: float,
-               exclude: Collection[str] = ()) -> str:
+               exclude: Collection[str] = (), prefer: str | None = None) -> str:
         """Pick the replica of `stage` for `work_samples` of work sent at `now` and book the
-        work on it. Raises NoReplicaAvailable when every replica is banned or excluded."""
+        work on it: `prefer` (a SkipPipe plan's replica) when it is usable, else the policy's.
+        Raises NoReplicaAvailable when every replica is banned or excluded."""
         _check_positive("work_samples", work_samples)
         candidates = [p for p in self._stages.get(stage, [])
                       if p not in exclude and self._banned_until.get(p, -math.inf) <= now]
@@ -207,7 +208,8 @@ class Router:
                 f"stage {stage} has no usable replica at t={now:.3f}: {len(known)} in view, "
                 f"{len(banned)} banned, {len([p for p in known if p in exclude])} excluded; "
                 "refresh the swarm view or bypass the stage")
-        peer_id = self._pick(stage, candidates, now, work_samples)
+        peer_id = (prefer if prefer in candidates
+                   else self._pick(stage, candidates, now, work_samples))
         e = self._replicas[peer_id]
         e.outstanding += work_samples
         e.expected_finish = max(e.expected_finish, now) + work_samples / e.throughput

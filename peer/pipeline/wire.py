@@ -19,6 +19,7 @@ import torch
 
 from protocols import codec, tensor_stream
 from protocols import shoal_pb2 as pb
+from protocols.encodings import CODECS, DEFAULT_BLOCK_SIZE
 from protocols.runspec import RunSpec
 from protocols.tls import PeerTls, peer_channel
 
@@ -133,6 +134,14 @@ def activation_limits(spec: RunSpec) -> codec.Limits:
     """One activation or gradient message of a run: a few microbatches' worth, with slack."""
     m, p = spec.model, spec.pipeline
     return limits_for(4 * p.target_batch * m.seq_len * m.d_model * 4 + 4096)
+
+
+def activation_bytes(spec: RunSpec) -> int:
+    """Payload bytes of one microbatch's activation (or its gradient) in the run's encoding."""
+    m = spec.model
+    numel = spec.pipeline.microbatch * m.seq_len * m.d_model
+    enc = ACTIVATION_ENCODINGS[spec.pipeline.activations]
+    return CODECS[enc].payload_bytes("float32", numel, DEFAULT_BLOCK_SIZE)
 
 
 def sync_limits(n_params: int) -> codec.Limits:

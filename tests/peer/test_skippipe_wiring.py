@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from peer.pipeline.driver import Driver
+from peer.pipeline.links import LinkEstimates
 from peer.pipeline.router import NoReplicaAvailable, Router
 from peer.pipeline.stage_host import StageHost
 from peer.sync.allreduce import AllreduceMode
@@ -28,6 +29,7 @@ def driver(stages: int, skip: float = 0.0, plus: bool = False, replicas: int = 2
     drv.d = FakePeer(spec, SimpleNamespace(step=own_step), view, peer_id="0f" * 8)
     drv.router = Router(rng=random.Random(0))
     drv._stage0_s = 0.01
+    drv.links = LinkEstimates()
     drv._start_wait = None
     for s in range(1, stages + 1):
         drv.router.update_replicas(s, {f"s{s}r{i}": 10.0 * (i + 1) for i in range(replicas)})
@@ -35,7 +37,7 @@ def driver(stages: int, skip: float = 0.0, plus: bool = False, replicas: int = 2
 
 
 def plan(drv: Driver, step: int, n: int) -> list[tuple[int, ...]]:
-    return asyncio.run(drv.plan(step, n))
+    return [tuple(s for s, _ in route) for route in asyncio.run(drv.plan(step, n))]
 
 
 def test_skip_ratio_zero_is_the_plain_pipeline() -> None:
