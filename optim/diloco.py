@@ -17,6 +17,9 @@ Invariants:
   when a value exceeds fp16's range); int8 is per-block absmax, scale = absmax/127 in float32,
   q = round-half-even(x/scale) in [-127, 127], error <= scale/2 per element. Blocks are runs of
   `int8_block` elements of the flattened tensor (default 4096: 4 bytes of scale per 4096 bytes).
+  int4 is the same with scale = absmax/7 and q in [-7, 7], two codes per byte (even index in the
+  low nibble, two's complement), so 0.5 byte per value plus the scales (Streaming DiLoCo's 4-bit
+  outer gradients; the paper's E3M0 is a 4-bit float, this is the uniform 4-bit grid).
   Quantised deltas are wire objects and always live on the CPU.
 - `DelayedOuter` is the one-round-delayed (async) variant: the update computed from round r's
   average is applied at the end of round r+1, so the exchange of round r overlaps round r+1's
@@ -39,7 +42,9 @@ from torch import Tensor
 from optim import robust
 from optim.errors import ConfigError, NonFiniteValues, ShapeMismatch, StateMismatch
 
-Quant = Literal["fp32", "fp16", "int8"]
+Quant = Literal["fp32", "fp16", "int8", "int4"]
+QUANTS = ("fp32", "fp16", "int8", "int4")
+LEVELS = {"int8": 127, "int4": 7}  # largest code of each integer format
 FP16_MAX = 65504.0
 
 
@@ -60,10 +65,10 @@ class OuterConfig:
             raise ConfigError(f"outer momentum must be in [0, 1), got {self.momentum}")
         if self.nesterov and self.momentum == 0.0:
             raise ConfigError("Nesterov needs momentum > 0; set nesterov=False or momentum=0.9")
-        if self.quant not in ("fp32", "fp16", "int8"):
-            raise ConfigError(f"unknown quant {self.quant!r}; use fp32, fp16 or int8")
-        if self.int8_block < 1:
-            raise ConfigError(f"int8_block must be >= 1, got {self.int8_block}")
+        if self.quant not in QUANTS:
+            raise ConfigError(f"unknown quant {self.quant!r}; use one of {QUANTS}")
+        if self.int8_block < 1 or (self.quant == "int4" and self.int8_block % 2):
+            raise ConfigError(f"int8_block must be >= 1 (even for int4), got {self.int8_block}")
 
 
 def inner_optimizer(
@@ -91,11 +96,12 @@ class QuantizedDelta:
     """One pseudo-gradient tensor in its wire format.
 
     Attributes:
-        quant: "fp32", "fp16" or "int8".
+        quant: "fp32", "fp16", "int8" or "int4".
         shape: the tensor's shape.
-        data: flattened values (float32, float16, or int8 codes padded to whole blocks).
-        scales: float32 [n_blocks] for int8, None otherwise.
-        block: int8 block length in elements (0 for fp32/fp16).
+        data: flattened values (float32, float16, int8 codes padded to whole blocks, or for
+            int4 uint8 bytes of two codes each, padded to whole blocks).
+        scales: float32 [n_blocks] for int8/int4, None otherwise.
+        block: int8/int4 block length in elements (0 for fp32/fp16).
     """
 
     quant: Quant
@@ -118,23 +124,29 @@ class QuantizedDelta:
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> QuantizedDelta:
         kinds: dict[np.dtype, Quant] = {np.dtype(np.float32): "fp32",
-                                        np.dtype(np.float16): "fp16", np.dtype(np.int8): "int8"}
+                                        np.dtype(np.float16): "fp16", np.dtype(np.int8): "int8",
+                                        np.dtype(np.uint8): "int4"}
         data = np.asarray(arrays["data"])
         if data.dtype not in kinds or data.ndim != 1:
-            raise ShapeMismatch(f"pseudo-gradient data must be 1-D fp32/fp16/int8, got "
-                                f"{data.dtype} {data.shape}")
+            raise ShapeMismatch(f"pseudo-gradient data must be 1-D fp32/fp16/int8/uint8 (int4), "
+                                f"got {data.dtype} {data.shape}")
         quant = kinds[data.dtype]
         shape = tuple(int(d) for d in arrays["shape"])
         block = int(np.asarray(arrays["block"])[0])
         scales = arrays.get("scales")
         n = int(np.prod(shape)) if shape else 1
-        if quant == "int8":
-            if block < 1 or scales is None or np.asarray(scales).dtype != np.float32:
-                raise ShapeMismatch("int8 pseudo-gradient needs block >= 1 and float32 scales")
+        if quant in LEVELS:
+            per_byte = 2 if quant == "int4" else 1
+            if (block < 1 or block % per_byte or scales is None
+                    or np.asarray(scales).dtype != np.float32):
+                raise ShapeMismatch(f"{quant} pseudo-gradient needs block >= 1 (even for int4) "
+                                    "and float32 scales")
             n_blocks = -(-n // block)
-            if data.size != n_blocks * block or np.asarray(scales).shape != (n_blocks,):
-                raise ShapeMismatch(f"int8 pseudo-gradient of shape {shape}: expected "
-                                    f"{n_blocks * block} codes and {n_blocks} scales")
+            if (data.size != n_blocks * block // per_byte
+                    or np.asarray(scales).shape != (n_blocks,)):
+                raise ShapeMismatch(f"{quant} pseudo-gradient of shape {shape}: expected "
+                                    f"{n_blocks * block // per_byte} bytes of codes and "
+                                    f"{n_blocks} scales")
         elif data.size != n or scales is not None:
             raise ShapeMismatch(f"{quant} pseudo-gradient of shape {shape} needs {n} values")
         sc = None if scales is None else torch.from_numpy(np.array(scales))
@@ -155,18 +167,22 @@ def quantize(delta: Tensor, quant: Quant, block: int = 4096) -> QuantizedDelta:
             raise NonFiniteValues(f"pseudo-gradient exceeds the fp16 range ({FP16_MAX}); "
                                   "use quant='int8' or 'fp32' for this run")
         return QuantizedDelta("fp16", shape, flat.to(torch.float16))
-    if quant != "int8":
-        raise ConfigError(f"unknown quant {quant!r}; use fp32, fp16 or int8")
-    if block < 1:
-        raise ConfigError(f"int8 block must be >= 1 element, got {block}; use 4096")
+    if quant not in LEVELS:
+        raise ConfigError(f"unknown quant {quant!r}; use one of {QUANTS}")
+    if block < 1 or (quant == "int4" and block % 2):
+        raise ConfigError(f"{quant} block must be >= 1 element (even for int4), got {block}")
+    level = LEVELS[quant]
     n_blocks = -(-flat.numel() // block)
     padded = torch.zeros(n_blocks * block, dtype=torch.float32)
     padded[: flat.numel()] = flat
     blocks = padded.reshape(n_blocks, block)
-    scales = blocks.abs().amax(dim=1) / 127.0
+    scales = blocks.abs().amax(dim=1) / float(level)
     safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-    codes = torch.round(blocks / safe[:, None]).clamp(-127, 127).to(torch.int8)
-    return QuantizedDelta("int8", shape, codes.reshape(-1), scales, block)
+    codes = torch.round(blocks / safe[:, None]).clamp(-level, level).to(torch.int8).reshape(-1)
+    if quant == "int4":
+        nibbles = (codes.to(torch.int16) & 0xF).to(torch.uint8).reshape(-1, 2)
+        codes = nibbles[:, 0] | (nibbles[:, 1] << 4)
+    return QuantizedDelta(quant, shape, codes, scales, block)
 
 
 def dequantize(q: QuantizedDelta) -> Tensor:
@@ -174,9 +190,13 @@ def dequantize(q: QuantizedDelta) -> Tensor:
     n = 1
     for d in q.shape:
         n *= d
-    if q.quant == "int8":
+    if q.quant in LEVELS:
         assert q.scales is not None
-        blocks = q.data.reshape(-1, q.block).to(torch.float32) * q.scales[:, None]
+        codes = q.data
+        if q.quant == "int4":
+            nibbles = torch.stack([q.data & 0xF, q.data >> 4], dim=1).reshape(-1).to(torch.int16)
+            codes = torch.where(nibbles >= 8, nibbles - 16, nibbles)
+        blocks = codes.reshape(-1, q.block).to(torch.float32) * q.scales[:, None]
         return blocks.reshape(-1)[:n].reshape(q.shape)
     return q.data.to(torch.float32).reshape(q.shape)
 

@@ -163,7 +163,7 @@ def test_outer_state_export_import_round_trip() -> None:
 
 def test_config_and_shapes_are_validated() -> None:
     with pytest.raises(ConfigError):
-        OuterConfig(quant="int4")  # type: ignore[arg-type]
+        OuterConfig(quant="int2")  # type: ignore[arg-type]
     with pytest.raises(ConfigError):
         OuterConfig(momentum=0.0, nesterov=True)
     theta = _tensors(0, SHAPES)
