@@ -5,12 +5,10 @@ Rademacher vector drawn from seed = seed_for(run, step, p, j), and sends the one
 g = (L+ - L-) / (2 eps). Every replica applies every message of the step, regenerating z.
 ALGORITHMS.md §4; every trap listed there is handled here:
 
-- z is not torch.randn. `rademacher` is a counter-based integer hash of (seed, tensor id,
-  flat element index): murmur3's 32-bit finalizer, done on int64 tensors holding 32-bit values
-  with the multiply split into 16-bit halves, so no intermediate exceeds 2**49, there is no
-  signed overflow and no right shift of a negative number; each 32-bit hash word gives 32
-  signs. Same bits on CPU and CUDA, for any layout, and a stage (or a block of a big tensor)
-  can generate only its slice via `start`.
+- z is not torch.randn: optim/spsa_z.py draws it from a counter-based integer hash of (seed,
+  tensor id, flat element index), as Rademacher +-1 (`rademacher`, the default) or as a Gaussian
+  in fixed point (`gaussian_fixed`, Box-Muller without libm; `sync.spsa.perturbation`). Same
+  values on CPU and CUDA, for any layout, and a stage can generate only its slice via `start`.
 - Perturbation is undone by restoring saved copies (`perturb` returns them, `restore` copies
   them back), never by subtracting: +eps, -2eps, +eps does not return fp32 to the same bits.
 - The byte is a linear int8 code on a scale every replica derives from the ledger:
@@ -41,9 +39,23 @@ import torch
 from torch import Tensor
 
 from optim.errors import ConfigError, LedgerError, NonFiniteValues, PrecisionError
+from optim.spsa_z import (
+    GAUSS_ONE,
+    MASK32,
+    PERTURBATIONS,
+    TensorId,
+    check_perturbation,
+    direction,
+    direction_int,
+    gaussian_fixed,
+    rademacher,
+    unit,
+)
+from optim.spsa_z import tensor_key as _tensor_key
 
-TensorId = int | str
-MASK32 = 0xFFFFFFFF
+__all__ = ["GAUSS_ONE", "MASK32", "PERTURBATIONS", "_tensor_key", "direction", "direction_int",
+           "gaussian_fixed", "rademacher"]
+
 BLOCK = 1 << 20  # elements generated at once: bounds the int64 scratch to ~8 MiB per buffer
 CODE_MAX = 127
 
@@ -57,63 +69,6 @@ def seed_for(run_id: str, step: int, peer: str, j: int = 0) -> int:
     h.update(step.to_bytes(8, "little", signed=True))
     h.update(j.to_bytes(4, "little", signed=True))
     return int.from_bytes(h.digest(), "little")
-
-
-def _tensor_key(seed: int, tensor_id: TensorId) -> tuple[int, int]:
-    if not 0 <= seed < 1 << 64:
-        raise ConfigError(f"seed must be an unsigned 64-bit integer, got {seed}")
-    h = hashlib.blake2b(digest_size=8, person=b"shoal-spsa-key")
-    h.update(seed.to_bytes(8, "little"))
-    tag = (b"s" + tensor_id.encode()) if isinstance(tensor_id, str) else (
-        b"i" + int(tensor_id).to_bytes(8, "little", signed=True))
-    h.update(tag)
-    key = int.from_bytes(h.digest(), "little")
-    return key & MASK32, key >> 32
-
-
-def _mul32(x: Tensor, m: int) -> Tensor:
-    """(x * m) mod 2**32 for int64 x in [0, 2**32): split m into 16-bit halves, never overflow."""
-    lo, hi = m & 0xFFFF, m >> 16
-    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & MASK32
-
-
-def _fmix32(x: Tensor) -> Tensor:
-    """murmur3's 32-bit finalizer on int64 tensors holding values in [0, 2**32)."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x85EBCA6B)
-    x = x ^ (x >> 13)
-    x = _mul32(x, 0xC2B2AE35)
-    return x ^ (x >> 16)
-
-
-def rademacher(
-    seed: int,
-    tensor_id: TensorId,
-    numel: int,
-    start: int = 0,
-    device: torch.device | str = "cpu",
-) -> Tensor:
-    """int8 tensor of +-1: elements [start, start + numel) of the stream for (seed, tensor_id).
-
-    Element i is bit (i mod 32) of word(i // 32), where word(c) = fmix32(fmix32(c_lo ^ k0) ^
-    mul32(c_hi, 0x9E3779B9) ^ k1) and (k0, k1) = blake2b(seed, tensor_id); bit set means -1.
-    It depends only on (seed, tensor_id, i), so slices concatenate to the whole and every device
-    produces the same values. One hash per 32 elements keeps it cheap. tensor_id is a
-    parameter's stable name (or index): use the model-wide name so that any stage holding the
-    tensor draws the same z.
-    """
-    if numel < 0 or start < 0:
-        raise ConfigError(f"numel and start must be >= 0, got {numel}, {start}")
-    if numel == 0:
-        return torch.zeros(0, dtype=torch.int8, device=device)
-    k0, k1 = _tensor_key(seed, tensor_id)
-    first, last = start >> 5, (start + numel - 1) >> 5
-    c = torch.arange(first, last + 1, dtype=torch.int64, device=device)
-    word = _fmix32(_fmix32((c & MASK32) ^ k0) ^ _mul32(c >> 32, 0x9E3779B9) ^ k1)
-    shifts = torch.arange(32, dtype=torch.int64, device=device)
-    bits = ((word[:, None] >> shifts) & 1).reshape(-1)
-    offset = start - (first << 5)
-    return (1 - 2 * bits[offset : offset + numel]).to(torch.int8)
 
 
 def _ids(params: Sequence[Tensor], tensor_ids: Sequence[TensorId] | None) -> Sequence[TensorId]:
@@ -147,6 +102,7 @@ def perturb(
     eps: float,
     sign: int,
     tensor_ids: Sequence[TensorId] | None = None,
+    perturbation: str = "rademacher",
 ) -> list[Tensor]:
     """theta <- theta + sign*eps*z in place; returns exact copies of the old values (`restore`)."""
     if sign not in (1, -1):
@@ -158,7 +114,7 @@ def perturb(
         flat = p.view(-1)
         for start in range(0, flat.numel(), BLOCK):
             n = min(BLOCK, flat.numel() - start)
-            z = rademacher(seed, tid, n, start, flat.device).to(torch.float32)
+            z = direction(perturbation, seed, tid, n, start, flat.device)
             flat[start : start + n].add_(z * step)
     return saved
 
@@ -177,9 +133,10 @@ def perturbed(
     eps: float,
     sign: int,
     tensor_ids: Sequence[TensorId] | None = None,
+    perturbation: str = "rademacher",
 ) -> Iterator[None]:
     """`with perturbed(params, seed, eps, +1): loss = f()` perturbs, then restores exactly."""
-    saved = perturb(params, seed, eps, sign, tensor_ids)
+    saved = perturb(params, seed, eps, sign, tensor_ids, perturbation)
     try:
         yield
     finally:
@@ -227,8 +184,10 @@ def apply(
     lr: float,
     scale: float,
     tensor_ids: Sequence[TensorId] | None = None,
+    perturbation: str = "rademacher",
 ) -> None:
-    """Apply one step's messages, given as (seed, code) pairs, in place; order does not matter."""
+    """Apply one step's N messages, given as (seed, code) pairs, in place: theta -= lr times the
+    mean of g*z over them (1/N); order does not matter."""
     _require_fp32(params)
     if not (math.isfinite(scale) and scale > 0.0):
         raise ConfigError(f"scale must be finite and > 0, got {scale}; take it from the ledger")
@@ -237,14 +196,17 @@ def apply(
             raise ConfigError(f"code {code} is outside [-127, 127]")
     if not updates:
         return
-    coeff = torch.tensor(lr * scale / CODE_MAX, dtype=torch.float32)
+    acc_dtype = torch.int32 if check_perturbation(perturbation) == "rademacher" else torch.int64
+    coeff = torch.tensor(lr * scale / CODE_MAX / len(updates) / unit(perturbation),
+                         dtype=torch.float32)
     for p, tid in zip(params, _ids(params, tensor_ids), strict=True):
         flat = p.view(-1)
         for start in range(0, flat.numel(), BLOCK):
             n = min(BLOCK, flat.numel() - start)
-            acc = torch.zeros(n, dtype=torch.int32, device=flat.device)
+            acc = torch.zeros(n, dtype=acc_dtype, device=flat.device)
             for seed, code in updates:
-                acc += rademacher(seed, tid, n, start, flat.device).to(torch.int32) * code
+                acc += direction_int(perturbation, seed, tid, n, start, flat.device
+                                     ).to(acc_dtype) * code
             delta = acc.to(torch.float32) * coeff.to(flat.device)
             flat[start : start + n].sub_(delta)
 
@@ -274,8 +236,10 @@ class SpsaConfig:
     scale_factor: float = 3.0
     min_scale: float = 1e-6
     max_scale: float = 1e6
+    perturbation: str = "rademacher"  # or "gaussian" (optim/spsa_z.py)
 
     def __post_init__(self) -> None:
+        check_perturbation(self.perturbation)
         if not (self.lr > 0 and self.eps > 0):
             raise ConfigError(f"lr and eps must be > 0, got {self.lr}, {self.eps}")
         if not 0 < self.min_scale <= self.initial_scale <= self.max_scale:
@@ -371,7 +335,8 @@ class Ledger:
     def apply_step(self, params: Sequence[Tensor], step: int,
                    tensor_ids: Sequence[TensorId] | None = None) -> None:
         """Apply the recorded messages of `step` with the ledger's lr and scale."""
-        apply(params, self.updates(step), self.config.lr, self.scale_at(step), tensor_ids)
+        apply(params, self.updates(step), self.config.lr, self.scale_at(step), tensor_ids,
+              self.config.perturbation)
 
     def replay(self, params: Sequence[Tensor], from_step: int, to_step: int | None = None,
                tensor_ids: Sequence[TensorId] | None = None) -> None:

@@ -25,6 +25,7 @@ SYNC_MODES = ("allreduce", "demo", "diloco", "spsa")
 LEDGER_MODES = frozenset({"spsa"})
 ACTIVATION_ENCODINGS = ("fp32", "bf16", "int8")
 AGGREGATORS = ("mean", "clipped_mean", "trimmed_mean")
+SCHEDULE_DECAYS = ("constant", "cosine", "linear")  # optim/schedule.py
 
 
 class RunSpecError(ValueError):
@@ -59,10 +60,22 @@ class PipelineSection:
 
 
 @dataclass(frozen=True)
+class ScheduleSection:
+    """An optimizer's learning-rate schedule (optim/schedule.py): `warmup_steps` rising linearly,
+    then `decay` to `final` x the base rate at `total_steps`. The defaults keep it constant."""
+
+    warmup_steps: int = 0
+    decay: str = "constant"  # constant | cosine | linear
+    total_steps: int = 0  # 0: run.steps (a DiLoCo outer schedule: run.steps / inner_steps)
+    final: float = 0.1  # share of the base rate at the end of a decay
+
+
+@dataclass(frozen=True)
 class OptimSection:
     lr: float = 3e-3
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
 
 
 @dataclass(frozen=True)
@@ -85,6 +98,7 @@ class DemoSection:
     aggregator: str = "mean"
     trim: float = 0.25  # per side, for trimmed_mean (at least one replica when > 0)
     clip_norm: float = 0.0  # for clipped_mean; <= 0: the median of the replicas' norms
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
 
 
 @dataclass(frozen=True)
@@ -99,15 +113,25 @@ class DilocoSection:
     aggregator: str = "mean"
     trim: float = 0.25
     clip_norm: float = 10.0
+    quant_block: int = 0  # int8/int4 values per scale; 0: 4096 for int8, 1024 for int4
+    # Streaming DiLoCo (peer/sync/diloco_streaming.py): P fragments synced in turn, each
+    # inner_steps apart; 0 = off. streaming_delay is tau (merge tau inner steps after the sync,
+    # 0 <= tau < H/P), streaming_alpha the global side's weight in the merge
+    streaming_fragments: int = 0
+    streaming_delay: int = 1
+    streaming_alpha: float = 0.5
 
 
 @dataclass(frozen=True)
 class SpsaSection:
     eps: float = 1e-3
-    lr: float = 1e-4  # per message (n-SPSA's linear scaling: more peers per step move further)
+    lr: float = 1e-4  # step size of the mean over a step's messages (1/N: MeZO's n-SPSA average)
     samples_per_step: int = 1  # perturbations j per peer and step
     hash_every: int = 10  # K: replicas keep a hash-checked checkpoint every K steps
     initial_scale: float = 1.0  # scale of the int8 codes until the ledger has adapted it
+    perturbation: str = "rademacher"  # z: "rademacher" (+-1) or "gaussian" (optim/spsa_z.py)
+    verify: float = 0.0  # p: fraction of contributions a stage-0 peer recomputes (0: off)
+    verify_tolerance: int = 2  # codes a recomputed contribution may differ by (fp noise)
 
 
 @dataclass(frozen=True)
@@ -212,8 +236,23 @@ class RunSpec:
                f"one of {AGGREGATORS}", s.allreduce.aggregator)
         _check(s.diloco.aggregator in AGGREGATORS, "sync.diloco.aggregator",
                f"one of {AGGREGATORS}", s.diloco.aggregator)
-        _check(s.diloco.quant in ("fp32", "fp16", "int8"), "sync.diloco.quant",
-               "one of ('fp32', 'fp16', 'int8')", s.diloco.quant)
+        _check(s.diloco.quant in ("fp32", "fp16", "int8", "int4"), "sync.diloco.quant",
+               "one of ('fp32', 'fp16', 'int8', 'int4')", s.diloco.quant)
+        _check(s.diloco.quant_block >= 0 and s.diloco.quant_block % 2 == 0,
+               "sync.diloco.quant_block", "an even integer >= 0 (0: the default)",
+               s.diloco.quant_block)
+        df = s.diloco.streaming_fragments
+        _check(df >= 0 and (df == 0 or s.diloco.inner_steps % df == 0),
+               "sync.diloco.streaming_fragments",
+               f"0 (off) or a divisor of inner_steps ({s.diloco.inner_steps})", df)
+        _check(df == 0 or 0 <= s.diloco.streaming_delay < s.diloco.inner_steps // df,
+               "sync.diloco.streaming_delay", "in [0, inner_steps / streaming_fragments)",
+               s.diloco.streaming_delay)
+        _check(0.0 < s.diloco.streaming_alpha <= 1.0, "sync.diloco.streaming_alpha",
+               "in (0, 1]", s.diloco.streaming_alpha)
+        _check(not (df and s.diloco.delayed), "sync.diloco.delayed",
+               "false when streaming_fragments > 0 (streaming already overlaps)",
+               s.diloco.delayed)
         _check(s.diloco.inner_steps >= 1, "sync.diloco.inner_steps", "an integer >= 1",
                s.diloco.inner_steps)
         _check(s.demo.aggregator in AGGREGATORS, "sync.demo.aggregator",
@@ -228,14 +267,49 @@ class RunSpec:
         _check(s.spsa.hash_every >= 1, "sync.spsa.hash_every", "an integer >= 1",
                s.spsa.hash_every)
         _check(s.spsa.initial_scale > 0, "sync.spsa.initial_scale", "> 0", s.spsa.initial_scale)
+        _check(s.spsa.perturbation in ("rademacher", "gaussian"), "sync.spsa.perturbation",
+               "'rademacher' or 'gaussian'", s.spsa.perturbation)
+        _check(0.0 <= s.spsa.verify <= 1.0, "sync.spsa.verify", "a fraction in [0, 1]",
+               s.spsa.verify)
+        _check(0 <= s.spsa.verify_tolerance <= 254, "sync.spsa.verify_tolerance",
+               "an integer in [0, 254]", s.spsa.verify_tolerance)
         _check(s.spsa.samples_per_step >= 1, "sync.spsa.samples_per_step", "an integer >= 1",
                s.spsa.samples_per_step)
+        for key, sched, total in self.schedules():
+            _check_schedule(key, sched, total)
         ms = self.membership
         _check(ms.heartbeat_s > 0, "membership.heartbeat_s", "> 0", ms.heartbeat_s)
         _check(ms.lease_s > 2 * ms.heartbeat_s, "membership.lease_s",
                f"> 2 x membership.heartbeat_s ({ms.heartbeat_s})", ms.lease_s)
         _check(ms.certificate_s > ms.lease_s, "membership.certificate_s",
                "> membership.lease_s", ms.certificate_s)
+
+
+    def schedules(self) -> list[tuple[str, ScheduleSection, int]]:
+        """Every optimizer's schedule: (its key, the section, its total steps)."""
+        out = []
+        for key, sched, per in (("optim.schedule", self.optim.schedule, 1),
+                                ("sync.demo.schedule", self.sync.demo.schedule, 1)):
+            out.append((key, sched, sched.total_steps or self.run.steps // per))
+        return out
+
+    def schedule(self, key: str) -> tuple[ScheduleSection, int]:
+        """The schedule at `key` (e.g. "optim.schedule") and its total steps."""
+        for k, sched, total in self.schedules():
+            if k == key:
+                return sched, total
+        raise RunSpecError(f"no schedule {key!r}; known: {[k for k, _, _ in self.schedules()]}")
+
+
+def _check_schedule(key: str, s: ScheduleSection, total: int) -> None:
+    _check(s.warmup_steps >= 0, f"{key}.warmup_steps", "an integer >= 0", s.warmup_steps)
+    _check(s.decay in SCHEDULE_DECAYS, f"{key}.decay", f"one of {SCHEDULE_DECAYS}", s.decay)
+    _check(0.0 <= s.final <= 1.0, f"{key}.final", "in [0, 1] (a share of the base rate)",
+           s.final)
+    _check(s.total_steps >= 0, f"{key}.total_steps", "an integer >= 0", s.total_steps)
+    _check(s.decay == "constant" or total > s.warmup_steps, f"{key}.total_steps",
+           f"> warmup_steps ({s.warmup_steps}) for a {s.decay} decay (0 takes run.steps, "
+           f"which is {total} here)", s.total_steps)
 
 
 def _check(ok: bool, key: str, what: str, got: Any) -> None:

@@ -113,7 +113,8 @@ class SpsaMode(SyncMode):
 
     def __init__(self, spec: RunSpec) -> None:
         s = spec.sync.spsa
-        self.config = spsa.SpsaConfig(lr=s.lr, eps=s.eps, initial_scale=s.initial_scale)
+        self.config = spsa.SpsaConfig(lr=s.lr, eps=s.eps, initial_scale=s.initial_scale,
+                                      perturbation=s.perturbation)
         self.run_id = run_id(spec)
         self.directions = s.samples_per_step
         self.hash_every = s.hash_every
@@ -277,8 +278,9 @@ class SpsaMode(SyncMode):
         cache = self._z.setdefault(host, OrderedDict())
         zs = cache.get(seed)
         if zs is None:
-            zs = [spsa.rademacher(seed, tid, p.numel(), 0, p.device).to(torch.float32)
-                  .view_as(p) for tid, p in zip(tensor_ids(host), host.module.parameters(),
+            kind = self.config.perturbation
+            zs = [spsa.direction(kind, seed, tid, p.numel(), 0, p.device).view_as(p)
+                  for tid, p in zip(tensor_ids(host), host.module.parameters(),
                                                 strict=True)]
             if sum(p.numel() for p in host.module.parameters()) <= Z_CACHE_MAX_NUMEL:
                 cache[seed] = zs

@@ -148,13 +148,13 @@ def test_float_accumulation_of_the_same_messages_depends_on_order() -> None:
 
 
 def _peer_losses(params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, seed: int,
-                 eps: float) -> float:
+                 eps: float, kind: str = "rademacher") -> float:
     def loss() -> float:
         return float(((x @ params[0] - y) ** 2).mean())
 
-    with spsa.perturbed(params, seed, eps, +1):
+    with spsa.perturbed(params, seed, eps, +1, None, kind):
         plus = loss()
-    with spsa.perturbed(params, seed, eps, -1):
+    with spsa.perturbed(params, seed, eps, -1, None, kind):
         minus = loss()
     return spsa.projected_gradient(plus, minus, eps)
 
@@ -175,24 +175,28 @@ def _train(steps: int, peers: int, ledger: Ledger, replicas: list[list[torch.Ten
             peer = f"peer-{i}"
             rows = torch.randint(0, 256, (32,), generator=g)
             seed = spsa.seed_for(ledger.run_id, step, peer)
-            grad = _peer_losses(replicas[0], x[rows], y[rows], seed, ledger.config.eps)
+            grad = _peer_losses(replicas[0], x[rows], y[rows], seed, ledger.config.eps,
+                                ledger.config.perturbation)
             messages.append(Message(step, peer, spsa.encode(grad, scale)))
         random.Random(step).shuffle(messages)
         ledger.record(step, messages)
         for r, params in enumerate(replicas):
             updates = ledger.updates(step)
             random.Random(step * 10 + r).shuffle(updates)
-            spsa.apply(params, updates, ledger.config.lr, ledger.scale_at(step))
+            spsa.apply(params, updates, ledger.config.lr, ledger.scale_at(step), None,
+                       ledger.config.perturbation)
     return snapshot
 
 
-def test_defaults_learn_a_tiny_linear_regression() -> None:
+@pytest.mark.parametrize("kind", ["rademacher", pytest.param("gaussian", marks=pytest.mark.slow)])
+def test_defaults_learn_a_tiny_linear_regression(kind: str) -> None:
+    """4 peers per step; lr 4e-3 on their mean is the old 1e-3 per message (1/N scaling)."""
     g = torch.Generator().manual_seed(7)
     x = torch.randn(256, 16, generator=g)
     y = x @ torch.randn(16, generator=g)
     replicas = [[torch.zeros(16)] for _ in range(3)]
     loss0 = float(((x @ replicas[0][0] - y) ** 2).mean())
-    _train(300, 4, Ledger("run"), replicas)
+    _train(300, 4, Ledger("run", SpsaConfig(lr=4e-3, perturbation=kind)), replicas)
     loss = float(((x @ replicas[0][0] - y) ** 2).mean())
     assert loss < 0.05 * loss0
     assert len({spsa.state_hash(p) for p in replicas}) == 1
@@ -246,7 +250,94 @@ def test_cuda_draws_and_applies_the_same_bits_as_cpu() -> None:
         cpu = spsa.rademacher(seed, "w", 300_000, start)
         assert torch.equal(spsa.rademacher(seed, "w", 300_000, start, "cuda").cpu(), cpu)
     updates = [(spsa.seed_for("run", 1, f"p{i}"), c) for i, c in enumerate([5, -127, 64])]
-    on_cpu, on_gpu = _params(), [p.cuda() for p in _params()]
-    spsa.apply(on_cpu, updates, 1e-3, 0.37)
-    spsa.apply(on_gpu, updates, 1e-3, 0.37)
-    assert spsa.state_hash(on_gpu) == spsa.state_hash(on_cpu)
+    for kind in spsa.PERTURBATIONS:
+        on_cpu, on_gpu = _params(), [p.cuda() for p in _params()]
+        spsa.apply(on_cpu, updates, 1e-3, 0.37, None, kind)
+        spsa.apply(on_gpu, updates, 1e-3, 0.37, None, kind)
+        assert spsa.state_hash(on_gpu) == spsa.state_hash(on_cpu), kind
+    for start in (0, 12_345, 2**33 + 1):
+        cpu = spsa.gaussian_fixed(seed, "w", 300_001, start)
+        assert torch.equal(spsa.gaussian_fixed(seed, "w", 300_001, start, "cuda").cpu(), cpu)
+
+
+def test_a_step_is_the_mean_of_its_messages_not_the_sum() -> None:
+    """1/N: the same direction posted by 4 peers moves theta as far as posted once; 4 distinct
+    directions move it by their mean; the coefficient is the same fp32 on every replica."""
+    seed = spsa.seed_for("run", 1, "p")
+    once, four = _params(), _params()
+    spsa.apply(once, [(seed, 50)], 1e-2, 2.0)
+    spsa.apply(four, [(seed, 50)] * 4, 1e-2, 2.0)
+    assert spsa.state_hash(once) == spsa.state_hash(four)
+    base, mean = _params(), _params()
+    updates = [(spsa.seed_for("run", 1, f"p{i}"), c) for i, c in enumerate([5, -127, 64, 9])]
+    spsa.apply(mean, updates, 1e-2, 2.0)
+    want = [b.clone() for b in base]
+    for s, c in updates:
+        for tid, p in enumerate(want):
+            z = spsa.rademacher(s, tid, p.numel()).to(torch.float64).reshape(p.shape)
+            p.sub_((1e-2 * spsa.decode(c, 2.0) / 4 * z).to(torch.float32))
+    for got, w in zip(mean, want, strict=True):
+        torch.testing.assert_close(got, w, rtol=0, atol=1e-6)
+
+
+def test_gaussian_is_reproducible_sliceable_and_standard_normal() -> None:
+    seed = spsa.seed_for("run", 3, "p", 0)
+    full = spsa.gaussian_fixed(seed, "layers.0.w", 400_001)
+    assert full.dtype == torch.int32
+    assert torch.equal(full, spsa.gaussian_fixed(seed, "layers.0.w", 400_001))
+    cuts = [0, 1, 2, 3, 137, 1000, 4097, 400_001]  # odd starts split a Box-Muller pair
+    parts = [spsa.gaussian_fixed(seed, "layers.0.w", b - a, start=a)
+             for a, b in itertools.pairwise(cuts)]
+    assert torch.equal(torch.cat(parts), full)
+    far = 2**36 + 5
+    tail = spsa.gaussian_fixed(seed, 7, 64, start=far - 11)
+    assert torch.equal(spsa.gaussian_fixed(seed, 7, 53, start=far), tail[11:])
+    z = full.to(torch.float64) / spsa.GAUSS_ONE
+    n = z.numel()
+    assert abs(z.mean().item()) < 5 / n**0.5  # 5 sigma
+    assert abs(z.var().item() - 1) < 0.01
+    assert abs((z**3).mean().item()) < 0.03
+    assert abs((z**4).mean().item() - 3) < 0.06  # Gaussian kurtosis (Rademacher has 1)
+    assert abs(((z > 1.96).double().mean().item()) - 0.025) < 0.002  # tail mass
+    assert abs((z[1:] * z[:-1]).mean().item()) < 0.01  # pairs (cos, sin) are uncorrelated
+    other = spsa.gaussian_fixed(seed, "layers.1.w", 400_001).to(torch.float64)
+    assert abs((z * other).mean().item() / spsa.GAUSS_ONE) < 0.01
+    assert z.abs().max().item() < 6.7
+
+
+def test_gaussian_elements_match_a_plain_python_box_muller() -> None:
+    """The libm-free polynomials agree with math.log/cos/sin to the fixed-point grid."""
+    import math
+
+    seed = spsa.seed_for("run", 9, "q", 1)
+    k0, k1 = spsa._tensor_key(seed, "w")
+    from optim.spsa_z import GAUSS_KEY
+    got = spsa.gaussian_fixed(seed, "w", 2000).tolist()
+    for i in range(0, 2000, 2):
+        c = i  # counters 2k, 2k+1 of pair k = i // 2
+        w1, w2 = (_fmix32_ref(_fmix32_ref((x & MASK) ^ k0) ^ (k1 ^ GAUSS_KEY))
+                  for x in (c, c + 1))
+        r = math.sqrt(-2 * math.log((w1 + 1) / 2**32))
+        theta = 2 * math.pi * w2 / 2**32
+        for d, v in ((0, r * math.cos(theta)), (1, r * math.sin(theta))):
+            assert abs(got[i + d] - v * spsa.GAUSS_ONE) <= 0.5 + 1e-6, (i + d, got[i + d], v)
+
+
+def test_gaussian_apply_is_order_free_and_matches_the_perturbation() -> None:
+    updates = [(spsa.seed_for("run", 2, f"p{i}"), c) for i, c in enumerate([5, -127, 64, 1])]
+    hashes = set()
+    for order in range(4):
+        params = _params()
+        perm = list(updates)
+        random.Random(order).shuffle(perm)
+        spsa.apply(params, perm, 1e-2, 3.0, None, "gaussian")
+        hashes.add(spsa.state_hash(params))
+    assert len(hashes) == 1
+    params = _params()
+    seed = updates[0][0]
+    saved = spsa.perturb(params, seed, 1.0, +1, None, "gaussian")
+    for tid, (p, s) in enumerate(zip(params, saved, strict=True)):
+        z = spsa.gaussian_fixed(seed, tid, p.numel()).to(torch.float32) / spsa.GAUSS_ONE
+        torch.testing.assert_close(p.reshape(-1) - s.reshape(-1), z, rtol=0, atol=1e-6)
+    with pytest.raises(Exception, match="perturbation"):
+        spsa.SpsaConfig(perturbation="uniform")
