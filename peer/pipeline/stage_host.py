@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from peer.pipeline import lr
 from peer.pipeline.model import ModelConfig
 from peer.pipeline.stages import StageZero, init_block_stage, stage_layers
 from protocols.runspec import RunSpec
@@ -362,6 +363,10 @@ class StageHost:
             p.grad = g.to(p.device, p.dtype).clone()
         norm = float(torch.nn.utils.clip_grad_norm_(list(params.values()),
                                                     self.spec.optim.grad_clip))
+        rate = (self.spec.optim.lr * self.lr_scale
+                * lr.factor(self.spec, "optim.schedule", self.step + 1))
+        for group in self.optimizer.param_groups:
+            group["lr"] = rate
         self.optimizer.step()
         self.finish_step(norm)
         return norm

@@ -39,6 +39,7 @@ import torch
 
 from optim import demo
 from optim.errors import OptimError
+from peer.pipeline import lr
 from peer.pipeline.stage_host import StageHost
 from peer.sync.base import Parts, RoundMode, dropped_text, mean_grads, skipped, trim_count
 from peer.sync.rounds import Arrays, Meta
@@ -81,6 +82,11 @@ class DemoMode(RoundMode):
                 demo.DemoState(list(host.module.parameters()), self.config))
         return local
 
+    def _lr(self, host: StageHost) -> float:
+        """This step's learning rate: the base, CheckFree's scale, the schedule's factor."""
+        return (self.config.lr * host.lr_scale
+                * lr.factor(host.spec, "sync.demo.schedule", host.step + 1))
+
     def contribution(self, host: StageHost) -> tuple[Arrays, Meta]:
         local = self._state(host)
         params = list(host.module.parameters())
@@ -90,7 +96,7 @@ class DemoMode(RoundMode):
             torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
         if local.norm > self.grad_clip:  # the local clip DeMo's reference (OLMo) applies
             grads = [g * (self.grad_clip / (local.norm + 1e-6)) for g in grads]
-        packets = local.state.compress(params, grads, self.config.lr * host.lr_scale)
+        packets = local.state.compress(params, grads, self._lr(host))
         arrays: Arrays = {}
         for i, pk in enumerate(packets):
             arrays.update({f"{i}.{WIRE_KEYS[k]}": v for k, v in pk.to_arrays().items()
@@ -155,7 +161,7 @@ class DemoMode(RoundMode):
                                      self.aggregator,  # type: ignore[arg-type]
                                      trim=trim_count(self.trim, len(packets)),
                                      max_norm=self.clip_norm if self.clip_norm > 0 else None)
-                demo.apply(params, agg, self.config.lr * host.lr_scale)
+                demo.apply(params, agg, self._lr(host))
             except OptimError as exc:
                 log.warning("demo step %d applies nothing: %s", host.step + 1, exc)
         host.finish_step(local.norm)

@@ -1,0 +1,70 @@
+"""Learning-rate schedules (optim/schedule.py), their run-spec keys, and the optimizers that
+follow them: the stage's AdamW (allreduce) and DeMo."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from optim.schedule import lr_factor
+from peer.pipeline import lr
+from peer.pipeline.stage_host import StageHost
+from protocols.runspec import RunSpec, RunSpecError
+
+
+def test_warmup_rises_linearly_then_cosine_falls_to_final() -> None:
+    f = [lr_factor(s, warmup=10, decay="cosine", total=110, final=0.1) for s in range(1, 131)]
+    assert f[0] == pytest.approx(0.1) and f[4] == pytest.approx(0.5) and f[9] == 1.0
+    assert all(a >= b for a, b in zip(f[9:], f[10:], strict=False))  # never rises after warm-up
+    assert f[59] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))  # halfway
+    assert f[109] == pytest.approx(0.1) and f[129] == pytest.approx(0.1)  # past the end: final
+
+
+def test_constant_and_linear() -> None:
+    assert [lr_factor(s) for s in (1, 7, 10**6)] == [1.0, 1.0, 1.0]
+    assert lr_factor(0, warmup=4) == 0.25  # step 0 counts as the first step: never a zero rate
+    assert lr_factor(6, decay="linear", total=10, final=0.0) == pytest.approx(0.4)
+
+
+def test_spec_keys_default_constant_and_errors_name_the_key() -> None:
+    spec = RunSpec()
+    assert RunSpec.from_toml(spec.to_toml()) == spec
+    assert lr.factor(spec, "optim.schedule", 123) == 1.0
+    with pytest.raises(RunSpecError, match=r"optim.schedule.total_steps must be > warmup_steps"):
+        spec.replace(**{"optim.schedule.decay": "cosine"})  # run.steps 0: no end to decay to
+    with pytest.raises(RunSpecError, match=r"sync.demo.schedule.decay must be one of"):
+        spec.replace(**{"sync.demo.schedule.decay": "exp"})
+    with pytest.raises(RunSpecError, match=r"optim.schedule.final must be in \[0, 1\]"):
+        spec.replace(**{"optim.schedule.final": 2.0})
+    cos = spec.replace(**{"run.steps": 100, "sync.demo.schedule.decay": "cosine",
+                          "sync.demo.schedule.warmup_steps": 5})
+    assert cos.schedule("sync.demo.schedule")[1] == 100
+    assert lr.factor(cos, "sync.demo.schedule", 5) == 1.0
+
+
+def test_the_stage_optimizer_steps_at_the_scheduled_rate() -> None:
+    spec = RunSpec().replace(**{"run.steps": 20, "optim.lr": 0.01,
+                                "optim.schedule.warmup_steps": 4,
+                                "model.d_model": 16, "model.n_layers": 2, "model.n_heads": 2})
+    host = StageHost(spec, 1)
+    rates = []
+    for _ in range(5):
+        host.apply_gradient({n: torch.ones_like(p) for n, p in host.params().items()})
+        rates.append(host.optimizer.param_groups[0]["lr"])
+    assert rates == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01])
+
+
+def test_demo_compresses_and_steps_at_the_scheduled_rate() -> None:
+    from peer.sync.demo import DemoMode
+    spec = RunSpec().replace(**{"run.steps": 10, "sync.demo.lr": 0.002,
+                                "sync.demo.schedule.decay": "linear",
+                                "sync.demo.schedule.final": 0.0,
+                                "model.d_model": 16, "model.n_layers": 2, "model.n_heads": 2})
+    host = StageHost(spec, 1)
+    mode = DemoMode(spec)
+    host.step = 4  # the step being taken is the 5th: 1 - 5/10 of the base rate
+    assert mode._lr(host) == pytest.approx(0.001)
+    host.lr_scale = 1.2  # CheckFree's boost of a rebuilt stage still applies
+    assert mode._lr(host) == pytest.approx(0.0012)
