@@ -53,6 +53,7 @@ from peer.pipeline.stage_host import StageHost
 from peer.preemption import SpotWatcher
 from peer.progress import ProgressReporter, peer_stats, progress_text
 from peer.reach import ReachNotice, ReachService
+from peer.recovery.edge_copy import EdgeCopies
 from peer.recovery.rebuild import catch_up, snapshot_if_due, take_state
 from peer.recovery.transfer import download_state
 from peer.relayed import RelayLink, local_target, relay_hub
@@ -123,6 +124,7 @@ class PeerDaemon:
         self.recovery: RecoveryReport | None = None  # of the last rebuild, if any
         self.snapshot_dir: str | None = getattr(args, "snapshot_dir", None)
         self._snapshot_step = 0
+        self.edge_copies = EdgeCopies()  # CheckFree+: stage 1's / S's copy of stage 0, kept current
         self.metrics = PeerMetrics(self)  # served only with --metrics-port
         self.reach_notice = ReachNotice()  # logs what the coordinator's dial-back found
         self.relay_link: RelayLink | None = None  # attaches to a relay while nobody can dial in
@@ -419,6 +421,7 @@ class PeerDaemon:
                     self._moving = asyncio.ensure_future(self._move(res.stage))
                 self._check_hash()
                 self._snapshot_step = await snapshot_if_due(self, self._snapshot_step)
+                self.edge_copies.poll(self)
             except Exception as exc:  # the loop must outlive any one failure
                 log.warning("heartbeat failed: %s", exc)
             self._report_progress()
@@ -496,6 +499,7 @@ class PeerDaemon:
 
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.client.heartbeat(self.stats()), left(2.0))
+        self.edge_copies.stop()
         if self.driver:
             self.driver.stop()
         while time.monotonic() < deadline - reserve:

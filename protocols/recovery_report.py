@@ -6,7 +6,8 @@ stage was rebuilt at), the one free-form map a heartbeat has. The coordinator
 (coordinator/membership.py) takes the key out again (it is not bytes) and turns it into the
 rebuild event's detail. Both ends encode and parse it here.
 
-Methods: "weighted_average" and "copy_neighbor" are CheckFree / CheckFree+ proper; "snapshot",
+Methods: "weighted_average" and "copy_neighbor" are CheckFree / CheckFree+ proper, as is
+"edge_copy" (stage 0 from the copy of it a CheckFree+ edge stage keeps); "snapshot",
 "copy_nearest" and "initial" are degraded recoveries. Sources are block stages.
 """
 
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 RECOVERY_KEY = "recovery:"
 #: the methods that are a full CheckFree recovery; every other method is degraded
-FULL_METHODS = ("weighted_average", "copy_neighbor")
+FULL_METHODS = ("weighted_average", "copy_neighbor", "edge_copy")
 MAX_KEY_CHARS = 64  # a heartbeat key stays printable and short
 
 

@@ -8,9 +8,14 @@ optim/checkfree.plan_recovery:
 - inner stage s, both neighbours live (CheckFree): download the parameters of s-1 and s+1 from
   live replicas (peer/recovery/transfer.py: every download hash-checked against the state hash
   the sender claims and the one the coordinator attests), average them weighted by each
-  neighbour's last gradient norm *as the coordinator's view reports it* (StageInfo.grad_norm);
+  neighbour's last gradient norm *as the coordinator's view reports it* (StageInfo.grad_norm),
+  taken after clipping at `optim.grad_clip` as the reference measures it (peers report the
+  pre-clip norm: `optim.checkfree.post_clip_norm`);
 - edge stage with CheckFree+ (stages 1, 2, S-1, S): a copy of its swap partner, which the
-  odd-microbatch swaps trained to stand in for it;
+  odd-microbatch swaps trained to stand in for it (at S = 3: stages 1 and 3 copy stage 2, stage 2
+  averages 1 and 3; peer/pipeline/paths.py's `checkfree_swap_pairs`);
+- stage 0 with CheckFree+: its embedding and norm from the copy that stage 1 (else stage S) keeps
+  and refreshes every few steps (peer/recovery/edge_copy.py);
 - otherwise (two adjacent stages lost, an edge stage without CheckFree+, or any failure of the
   above): the newest local snapshot in `--snapshot-dir` (peer/recovery/snapshots.py), else a copy
   of the nearest live stage, else the initial weights. This is a *degraded* recovery and is logged
@@ -38,7 +43,15 @@ import time
 import grpc
 import torch
 
-from optim.checkfree import LR_BOOST, Recovery, copy_neighbor, plan_recovery, weighted_average
+from optim.checkfree import (
+    LR_BOOST,
+    Recovery,
+    copy_neighbor,
+    plan_recovery,
+    post_clip_norm,
+    stage_zero_from_edge_copy,
+    weighted_average,
+)
 from optim.errors import NonFiniteValues, ShapeMismatch, StateMismatch
 from peer.consistency import READY_STATES, may_fast_forward, swarm_step
 from peer.context import PeerContext
@@ -55,9 +68,11 @@ class RebuildFailed(RuntimeError):
     """A source of the rebuild (a neighbour's download, a snapshot) could not be used."""
 
 
-async def fetch_stage_params(d: PeerContext, stage: int) -> tuple[dict[str, torch.Tensor], int]:
-    """The parameters of `stage` and its step, from the first live replica that gives a state
-    whose hash matches what it claims and what the coordinator attests for its step
+async def fetch_stage_params(d: PeerContext, stage: int, buffers: bool = False
+                             ) -> tuple[dict[str, torch.Tensor], int]:
+    """The parameters of `stage` (with `buffers`: its whole state dict, CheckFree+'s copy of
+    stage 0 included) and its step, from the first live replica that gives a state whose hash
+    matches what it claims and what the coordinator attests for its step
     (peer/recovery/transfer.py; replicas that report the attested state are tried first).
     Raises RebuildFailed when none does."""
     spec = d.spec
@@ -66,7 +81,8 @@ async def fetch_stage_params(d: PeerContext, stage: int) -> tuple[dict[str, torc
         scratch = StageHost(spec, stage, device="cpu")
         try:
             await fetch_state(d, pid, scratch)
-            return {k: v.detach().clone() for k, v in scratch.params().items()}, scratch.step
+            got = scratch.module.state_dict() if buffers else scratch.params()
+            return {k: v.detach().clone() for k, v in got.items()}, scratch.step
         except (grpc.aio.AioRpcError, StageError, KeyError, ValueError) as exc:
             errors.append(f"{pid[:8]}: {exc}")
             log.warning("stage %d download from %s for a rebuild failed: %s", stage, pid[:8], exc)
@@ -81,8 +97,11 @@ def _alive_block_stages(d: PeerContext) -> set[int]:
 
 
 def _grad_norm(d: PeerContext, stage: int) -> float:
+    """`stage`'s last gradient norm after clipping (CheckFree's weight; NaN when unknown)."""
     norm = d.stage_info(stage, "grad_norm")
-    return float(norm) if isinstance(norm, (int, float)) else float("nan")
+    if not isinstance(norm, (int, float)):
+        return float("nan")
+    return post_clip_norm(float(norm), d.spec.optim.grad_clip)
 
 
 async def rebuild_stage(d: PeerContext) -> RecoveryReport:
@@ -105,9 +124,27 @@ async def rebuild_stage(d: PeerContext) -> RecoveryReport:
             state, step = await fetch_stage_params(d, plan.sources[0])
             return await _load(d, RecoveryReport(stage, "copy_neighbor", plan.sources, step),
                                copy_neighbor(state, like=like))
+        if plan.method == "edge_copy":
+            return await _from_edge_copy(d, plan.sources, like)
     except (RebuildFailed, StateMismatch, ShapeMismatch, NonFiniteValues) as exc:
         note = f"{plan.method} from stages {list(plan.sources)} failed: {exc}"
-    return await _degraded(d, stage, like, alive, note)
+    return await _degraded(d, stage, like, alive if stage > 0 else set(), note)
+
+
+async def _from_edge_copy(d: PeerContext, sources: tuple[int, ...],
+                          like: dict[str, torch.Tensor]) -> RecoveryReport:
+    """Stage 0 from the CheckFree+ copy of it that the first of `sources` (stage 1, else S) to
+    answer keeps. Raises RebuildFailed when none does."""
+    errors = []
+    for source in sources:
+        try:
+            state, step = await fetch_stage_params(d, source, buffers=True)
+            rec = stage_zero_from_edge_copy(state, like=like)
+        except (RebuildFailed, StateMismatch, ShapeMismatch, NonFiniteValues) as exc:
+            errors.append(f"stage {source}: {exc}")
+            continue
+        return await _load(d, RecoveryReport(0, "edge_copy", (source,), step), rec)
+    raise RebuildFailed("; ".join(errors))
 
 
 async def _degraded(d: PeerContext, stage: int, like: dict[str, torch.Tensor], alive: set[int],
@@ -165,10 +202,10 @@ async def take_state(d: PeerContext, mode: SyncMode, stage: int, init_model: str
     assert host is not None
     report = None
     sources = [p for p in d.live_replicas(stage) if p != d.peer_id]
-    if stage > 0 and not sources and d.stage_info(stage, "rebuild"):
+    if not sources and d.stage_info(stage, "rebuild"):
         report = await rebuild(d)
     elif not (sources and await download_state(d, mode, sources)):
-        if sources and stage > 0 and d.stage_info(stage, "step"):
+        if sources and d.stage_info(stage, "step"):
             # The view listed replicas that did not answer: likely dead, lease not yet
             # expired. Wait for the coordinator to expire them, then rebuild or copy.
             report = await await_sources_or_rebuild(d, mode, stage)
@@ -244,7 +281,7 @@ async def snapshot_if_due(d: PeerContext, last_step: int) -> int:
     (heartbeat loop). Returns the step of the newest snapshot (`last_step` when none was due)."""
     directory = d.snapshot_dir
     host = d.host
-    if (not directory or host is None or host.stage == 0 or d.state not in READY_STATES
+    if (not directory or host is None or d.state not in READY_STATES
             or host.step < last_step + snapshots.SNAPSHOT_EVERY_STEPS):
         return last_step
     async with d.step_lock:

@@ -5,6 +5,7 @@ neighbours' downloads are replaced by real StageHosts of those stages."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 
@@ -30,7 +31,7 @@ def rebuilding_peer(spec: RunSpec, stage: int, alive: dict[int, StageHost],
     """The peer rebuilding `stage` (tests/fakes.py), with the `alive` stages' holders in its
     view; the `neighbours` fixture downloads from `alive`."""
     view = FakeView(stage_infos(spec.pipeline.stages,
-                                step=lambda s: alive[s].step if s in alive else 40,
+                                step=lambda s: alive[s].step if alive.get(s) else 40,
                                 grad_norm=lambda s: norms.get(s, 0.0)),
                     {s: [f"peer-of-{s}"] for s in alive})
     d = FakePeer(spec, StageHost(spec, stage), view, snapshot_dir=snapshot_dir)
@@ -52,9 +53,12 @@ def trained(spec: RunSpec, stage: int, step: int, seed: int) -> StageHost:
 @pytest.fixture
 def neighbours(monkeypatch: pytest.MonkeyPatch):
     def install(d: FakePeer) -> None:
-        async def fetch(daemon, stage):
+        async def fetch(daemon, stage, buffers=False):
             h = daemon.alive[stage]
-            return {k: v.detach().clone() for k, v in h.params().items()}, h.step
+            if h is None:
+                raise recovery.RebuildFailed(f"stage {stage}'s holder does not answer")
+            got = h.module.state_dict() if buffers else h.params()
+            return {k: v.detach().clone() for k, v in got.items()}, h.step
         monkeypatch.setattr(recovery, "fetch_stage_params", fetch)
     return install
 
@@ -187,3 +191,99 @@ def test_coordinator_logs_skip_and_the_rebuild_the_peer_reports() -> None:
     assert m.stage_summaries()[2].rebuild == ""
     assert "recovery:weighted_average:1,3" not in m.get("p9").stats.bytes_by_kind
     assert "recovery:weighted_average:1,3" not in m.bytes_by_kind_total
+
+
+def test_neighbours_weigh_by_their_post_clip_gradient_norm(neighbours) -> None:
+    alive = {1: trained(SPEC, 1, 40, 1), 3: trained(SPEC, 3, 40, 3)}
+    d = rebuilding_peer(SPEC, 2, alive, norms={1: 7.5, 3: 0.25})  # grad_clip 1.0
+    neighbours(d)
+    report = asyncio.run(recovery.rebuild_stage(d))
+    a = 7.5 * SPEC.optim.grad_clip / (7.5 + 1e-6) + 1e-4  # the clipped norm, as the reference
+    assert report.weights == pytest.approx((a, 0.25 + 1e-4))
+
+
+# ------------------------------------------------------------------ stage 0 (CheckFree+)
+
+PLUS = SPEC.replace(**{"pipeline.checkfree_plus": True})
+
+
+def with_copy(host: StageHost, seed: int) -> StageHost:
+    """An edge stage whose copy of stage 0 is distinct (as if refreshed from a trained one)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        host.module.edge_embedding.normal_(generator=gen)
+        host.module.edge_norm.uniform_(0.5, 1.5, generator=gen)
+    return host
+
+
+def stage_zero_peer(spec: RunSpec, alive: dict[int, StageHost | None], rebuild: str,
+                    snapshot_dir: str | None = None) -> FakePeer:
+    d = rebuilding_peer(spec, 0, {s: h for s, h in alive.items()}, norms={},
+                        snapshot_dir=snapshot_dir)
+    d.view.stages = [dataclasses.replace(i, rebuild=rebuild) if i.stage == 0 else i
+                     for i in d.view.stages]
+    return d
+
+
+def test_stage_zero_lost_is_rebuilt_from_stage_ones_copy(neighbours) -> None:
+    alive = {1: with_copy(trained(PLUS, 1, 50, 1), 11), 2: trained(PLUS, 2, 50, 2),
+             4: with_copy(trained(PLUS, 4, 50, 4), 44)}
+    d = stage_zero_peer(PLUS, alive, "checkfree+")
+    neighbours(d)
+    # the daemon's path: no replica of stage 0 is live and the view marks it for a rebuild
+    report = asyncio.run(recovery.take_state(d, None, 0))  # type: ignore[arg-type]
+    assert report is not None
+    assert (report.method, report.sources, report.step) == ("edge_copy", (1,), 50)
+    assert not report.degraded and parse_wire_key(report.wire_key()) == ("edge_copy", (1,))
+    zero = d.host.params()
+    assert torch.equal(zero["embedding.weight"].detach(), alive[1].module.edge_embedding)
+    assert torch.equal(zero["norm.weight"].detach(), alive[1].module.edge_norm)
+    assert d.host.step == 50 and d.host.lr_scale == pytest.approx(LR_BOOST)
+
+
+def test_stage_zero_takes_the_last_stages_copy_when_stage_one_fails(neighbours) -> None:
+    alive = {1: None, 4: with_copy(trained(PLUS, 4, 50, 4), 44)}
+    d = stage_zero_peer(PLUS, alive, "checkfree+")
+    neighbours(d)
+    report = asyncio.run(recovery.rebuild_stage(d))
+    assert (report.method, report.sources) == ("edge_copy", (4,))
+    assert torch.equal(d.host.params()["embedding.weight"].detach(),
+                       alive[4].module.edge_embedding)
+
+
+def test_stage_zero_without_copies_restores_its_own_snapshot_loudly(neighbours, tmp_path,
+                                                                    caplog) -> None:
+    old = trained(SPEC, 0, 30, 7)
+    old_d = FakePeer(SPEC, old, snapshot_dir=str(tmp_path))
+    assert asyncio.run(recovery.snapshot_if_due(old_d, 0)) == 30  # stage 0 is snapshotted too
+    d = stage_zero_peer(SPEC, {1: trained(SPEC, 1, 35, 1)}, "snapshot",
+                        snapshot_dir=str(tmp_path))
+    neighbours(d)
+    with caplog.at_level(logging.ERROR, logger="shoal.recovery"):
+        report = asyncio.run(recovery.rebuild_stage(d))
+    assert report.method == "snapshot" and report.degraded and "DEGRADED" in caplog.text
+    for name, p in d.host.params().items():
+        assert torch.equal(p.detach(), old.params()[name].detach()), name
+
+
+def test_coordinator_marks_a_lost_stage_zero_for_a_checkfree_plus_rebuild() -> None:
+    spec = RunSpec().replace(**{"pipeline.stages": 3, "pipeline.checkfree_plus": True})
+    m = Membership(spec, "swarm")
+    bench = Benchmark(samples_per_s=10.0)
+    for i, stage in enumerate([0, 1, 2, 3]):
+        m.join(f"p{i}", b"k", f"127.0.0.1:{9000 + i}", bench, stage, 0, now=0.0)
+        m.heartbeat(f"p{i}", PeerStats(state="training", step=5, grad_norm=0.2), now=1.0)
+    for p in ("p1", "p2", "p3"):
+        m.heartbeat(p, PeerStats(state="training", step=6), now=20.0)
+    m.sweep(now=20.0 + spec.membership.lease_s - 1)  # p0, stage 0's only replica, expired
+    st0 = m.stage_summaries()[0]
+    assert (st0.state, st0.rebuild) == ("empty", "checkfree+")
+    assert not [e for e in m.events.recent() if e.kind == "skip"]  # stage 0 is never bypassed
+    m.join("p9", b"k", "127.0.0.1:9009", bench, 0, 0, now=30.0)
+    assert m.get("p9").stage == 0
+    m.heartbeat("p9", PeerStats(state="rebuilt", step=6,
+                                bytes_by_kind={"recovery:edge_copy:1": 6}), now=30.0)
+    rebuild = [e for e in m.events.recent() if e.kind == "rebuild"]
+    assert len(rebuild) == 1 and rebuild[0].stage == 0
+    assert "stage rebuilt (checkfree+): edge_copy of stages 1 at step 6" in rebuild[0].detail
+    assert "DEGRADED" not in rebuild[0].detail
