@@ -37,6 +37,12 @@ from protocols.runspec import RunSpec
 
 log = logging.getLogger("shoal.sync")
 INT8_BLOCK = 4096  # elements per int8 scale of a pseudo-gradient (optim.diloco's default)
+INT4_BLOCK = 1024  # elements per int4 scale: 4 bytes of scale per 512 bytes of codes
+
+
+def quant_block(quant: str, block: int = 0) -> int:
+    """Values per scale of an int8/int4 pseudo-gradient (`sync.diloco.quant_block`, 0: default)."""
+    return block or (INT4_BLOCK if quant == "int4" else INT8_BLOCK)
 
 
 def delta_to_wire(q: diloco.QuantizedDelta) -> Arrays:
@@ -44,16 +50,19 @@ def delta_to_wire(q: diloco.QuantizedDelta) -> Arrays:
     arrays = q.to_arrays()
     if q.quant == "int8":
         arrays["data"] = arrays["data"][: math.prod(q.shape)]
+    elif q.quant == "int4":  # two codes per byte
+        arrays["data"] = arrays["data"][: -(-math.prod(q.shape) // 2)]
     return arrays
 
 
 def delta_from_wire(arrays: Arrays, block: int = INT8_BLOCK) -> torch.Tensor:
     """Inverse of `delta_to_wire`, validated by `QuantizedDelta.from_arrays`; float32, 1-D."""
     data = np.asarray(arrays["data"])
-    if data.dtype == np.int8:  # restore the padding (exact: padded values quantize to 0)
+    if data.dtype in (np.int8, np.uint8):  # restore the padding (exact: pads quantize to 0)
         if int(np.asarray(arrays["block"]).reshape(-1)[0]) != block:
-            raise ShapeMismatch(f"int8 blocks of {arrays['block']} values; this run uses {block}")
-        data = np.concatenate([data, np.zeros(-data.size % block, dtype=np.int8)])
+            raise ShapeMismatch(f"blocks of {arrays['block']} values; this run uses {block}")
+        per_block = block // 2 if data.dtype == np.uint8 else block
+        data = np.concatenate([data, np.zeros(-data.size % per_block, dtype=data.dtype)])
     q = diloco.QuantizedDelta.from_arrays({**arrays, "data": data})
     return diloco.dequantize(q).reshape(-1)
 
@@ -75,7 +84,7 @@ class DilocoMode(RoundMode):
         self.inner_weight_decay = d.inner_weight_decay
         self.outer = diloco.OuterConfig(
             lr=d.outer_lr, momentum=d.outer_momentum, nesterov=d.outer_momentum > 0,
-            quant=d.quant, int8_block=INT8_BLOCK)  # type: ignore[arg-type]
+            quant=d.quant, int8_block=quant_block(d.quant, d.quant_block))  # type: ignore[arg-type]
         self.aggregator, self.trim, self.clip_norm = d.aggregator, d.trim, d.clip_norm
         self.grad_clip = spec.optim.grad_clip
         self._local: weakref.WeakKeyDictionary[StageHost, _DilocoLocal] = (
@@ -131,6 +140,11 @@ class DilocoMode(RoundMode):
         return delta_to_wire(q), meta
 
     def aggregate(self, parts: Parts) -> tuple[Arrays, Meta]:
+        return self.average_parts(parts, self._numel)
+
+    def average_parts(self, parts: Parts, numel: int | None) -> tuple[Arrays, Meta]:
+        """The quantized average of the parts' pseudo-gradients of `numel` values (None: not
+        checked), or a skip; never raises."""
         deltas: dict[str, list[torch.Tensor]] = {}
         dropped: dict[str, str] = {}
         for rid in sorted(parts):
@@ -146,7 +160,7 @@ class DilocoMode(RoundMode):
                     dropped[rid] = f"bad pseudo-gradient: {exc}"
         if not deltas:
             return skipped(dropped, "no replica sent a usable pseudo-gradient")
-        shapes = [(self._numel,)] if self._numel is not None else None
+        shapes = [(numel,)] if numel is not None else None
         try:
             agg = diloco.average(deltas, shapes, self.aggregator,  # type: ignore[arg-type]
                                  trim=trim_count(self.trim, len(deltas)),

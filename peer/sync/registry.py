@@ -16,6 +16,7 @@ from peer.sync.base import SyncMode
 from peer.sync.demo import DemoMode
 from peer.sync.diloco import DilocoMode
 from peer.sync.diloco_delayed import DelayedDilocoMode
+from peer.sync.diloco_streaming import StreamingDilocoMode
 from peer.sync.spsa import SpsaMode
 from peer.sync.spsa_driver import SpsaDriver
 from protocols.runspec import RunSpec
@@ -29,7 +30,10 @@ def _allreduce(spec: RunSpec) -> SyncMode:
 
 
 def _diloco(spec: RunSpec) -> SyncMode:
-    return DelayedDilocoMode(spec) if spec.sync.diloco.delayed else DilocoMode(spec)
+    d = spec.sync.diloco
+    if d.streaming_fragments > 0:
+        return StreamingDilocoMode(spec)
+    return DelayedDilocoMode(spec) if d.delayed else DilocoMode(spec)
 
 
 #: sync.mode -> the factory of its replica-side mode
@@ -43,7 +47,8 @@ MODES: dict[str, Callable[[RunSpec], SyncMode]] = {
 #: every Forward header meta "mode" a sync mode's stream may carry (services refuse a stream
 #: of a mode this replica does not run, instead of computing it as a plain forward)
 FORWARD_KINDS: frozenset[str] = frozenset().union(*(cls.forward_kinds for cls in (
-    AllreduceMode, RobustAllreduceMode, DemoMode, DilocoMode, DelayedDilocoMode, SpsaMode)))
+    AllreduceMode, RobustAllreduceMode, DemoMode, DilocoMode, DelayedDilocoMode,
+    StreamingDilocoMode, SpsaMode)))
 
 
 def make_sync_mode(spec: RunSpec) -> SyncMode:
