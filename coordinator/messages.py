@@ -40,8 +40,8 @@ _NUMERIC_HOST_RE = re.compile(r"^(0x[0-9a-fA-F]+|[0-9.]+)$")
 _METADATA_HOSTS = frozenset({"metadata", "metadata.google.internal", "instance-data",
                              "instance-data.ec2.internal"})
 #: the methods a `recovery:` report may name (protocols/recovery_report.py)
-RECOVERY_METHODS = frozenset({"weighted_average", "copy_neighbor", "snapshot", "copy_nearest",
-                              "initial"})
+RECOVERY_METHODS = frozenset({"weighted_average", "copy_neighbor", "edge_copy", "snapshot",
+                              "copy_nearest", "initial"})
 
 
 class BadRequest(ValueError):

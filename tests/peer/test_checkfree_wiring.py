@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from coordinator.membership import Membership
+from coordinator.messages import check_kinds, heartbeat_kinds
 from optim.checkfree import LR_BOOST, canonical_keys
 from peer.pipeline.stage_host import StageError, StageHost
 from peer.recovery import rebuild as recovery
@@ -281,6 +282,8 @@ def test_coordinator_marks_a_lost_stage_zero_for_a_checkfree_plus_rebuild() -> N
     assert not [e for e in m.events.recent() if e.kind == "skip"]  # stage 0 is never bypassed
     m.join("p9", b"k", "127.0.0.1:9009", bench, 0, 0, now=30.0)
     assert m.get("p9").stage == 0
+    # the heartbeat's gate lets the report through (it refused it, and so the peer, before)
+    check_kinds({"recovery:edge_copy:1": 6}, heartbeat_kinds("allreduce"), 4)
     m.heartbeat("p9", PeerStats(state="rebuilt", step=6,
                                 bytes_by_kind={"recovery:edge_copy:1": 6}), now=30.0)
     rebuild = [e for e in m.events.recent() if e.kind == "rebuild"]

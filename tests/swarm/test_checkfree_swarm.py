@@ -8,7 +8,7 @@ What tells CheckFree from a random re-init (on this tiny model a random block be
 skipping it, so the loss alone cannot): the stage-0 driver is frozen (SIGSTOP) before the new
 peer joins, so stages 1 and 3 hold still; then the rebuilt stage 2, downloaded from the new
 peer, must equal (w1 * W1 + w3 * W3) / (w1 + w3) of the neighbours' weights downloaded at the
-same moment, with w the neighbours' gradient norms as the coordinator reports them plus
+same moment, with w the neighbours' gradient norms as the coordinator reports them, clipped, plus
 CheckFree's floor (optim/checkfree.py), at the neighbours' step; and the coordinator's rebuild
 event must name CheckFree and the two neighbours. After the thaw, paths go through stage 2
 again, the loss returns to its pre-failure level, and a periodic snapshot of stage 2 is written.
@@ -24,7 +24,7 @@ import grpc
 import pytest
 import torch
 
-from optim.checkfree import CheckFreeConfig
+from optim.checkfree import CheckFreeConfig, post_clip_norm
 from peer.pipeline.stage_host import tensor_hash
 from protocols import auth, tensor_stream
 from protocols import shoal_pb2 as pb
@@ -109,7 +109,8 @@ def check_checkfree_average(swarm: Swarm, step: int) -> None:
     assert s1 == s2 == s3 == step, (s1, s2, s3, step)
     norms = {s["stage"]: s["grad_norm"] for s in (swarm.status() or {}).get("stages", [])}
     floor = CheckFreeConfig().norm_floor
-    a, b = norms[1] + floor, norms[3] + floor
+    clip = swarm.spec.optim.grad_clip
+    a, b = post_clip_norm(norms[1], clip) + floor, post_clip_norm(norms[3], clip) + floor
     assert len(w2) == len(w1) == len(w3) > 0
     for name, rebuilt in w2.items():
         p, n = w1[layer_key(name, 0)], w3[layer_key(name, 2)]
