@@ -1,11 +1,18 @@
 """A trained model out of the swarm and back into one process: assembling, files, sampling.
 
 ``shoal export`` pulls one state dict per stage from live peers, ``assemble`` merges them into a
-``Decoder`` state dict, and ``save_model`` writes the directory ``shoal generate`` reads:
+``Decoder`` state dict, and ``save_model`` writes the directory ``shoal generate`` reads, in
+Hugging Face's Llama layout (peer/pipeline/hf_format.py: ``transformers`` loads it as it is):
 
-    model.safetensors   the Decoder state dict (the tied head is stored once, as
-                        embedding.weight; rotary tables are recomputed, never stored)
-    config.json         {"format": "shoal-decoder", "version": 1, "model": {ModelConfig}, ...}
+    model.safetensors   the weights under Llama's names (the tied head is stored once, as
+                        model.embed_tokens.weight; rotary tables are recomputed, never stored);
+                        sharded with model.safetensors.index.json past 2 GB
+    config.json         LlamaForCausalLM's config; its "shoal" section is
+                        {"format": "shoal-decoder", "version": 2, "model": {ModelConfig}, ...}
+    generation_config.json, tokenizer.json, tokenizer_config.json (bytes are ids 0-255)
+
+``load_config`` / ``load_model`` also read the version-1 layout of earlier exports (config.json
+is the {"format": "shoal-decoder", "version": 1, ...} description, Shoal's own tensor names).
 
 Invariants: ``load_model`` trusts nothing on disk (no pickle, ever: safetensors only) and refuses,
 with a message that says what to do, a file that is corrupt, a tensor that is missing, extra,
@@ -26,6 +33,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from peer.pipeline import hf_format
 from peer.pipeline.model import EDGE_COPY_KEYS, Decoder, ModelConfig
 from peer.pipeline.stages import count_params, layer_of
 
@@ -103,27 +111,53 @@ def save_model(
     config: ModelConfig,
     state_dict: Mapping[str, torch.Tensor],
     metadata: Mapping[str, str] | None = None,
+    max_shard_bytes: int = hf_format.MAX_SHARD_BYTES,
 ) -> Path:
-    """Validate and write ``model.safetensors`` + ``config.json`` into ``directory``.
+    """Validate and write the model into ``directory`` in Hugging Face's Llama layout
+    (peer/pipeline/hf_format.py): weights, config, generation config, byte tokenizer.
 
-    ``metadata`` (e.g. run id, step) goes into both files, as strings.
+    ``metadata`` (e.g. run id, step) goes into config.json's "shoal" section and the weight
+    files' headers, as strings. Past ``max_shard_bytes`` the weights are sharded with an index.
     """
     validate_state_dict(config, state_dict)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    tensors = {hf_format.to_hf_name(k): v.detach().to("cpu").contiguous()
+               for k, v in state_dict.items()}
     extra = {str(k): str(v) for k, v in (metadata or {}).items()}
-    description = {"format": FORMAT, "version": VERSION, "model": config.to_dict(),
-                   "parameters": sum(v.numel() for v in tensors.values()), "metadata": extra}
-    tmp_weights, tmp_config = out / f".{WEIGHTS_FILE}.tmp", out / f".{CONFIG_FILE}.tmp"
-    save_file(tensors, str(tmp_weights), metadata={"format": FORMAT, **extra})
-    tmp_config.write_text(json.dumps(description, indent=2) + "\n")
-    os.replace(tmp_weights, out / WEIGHTS_FILE)
-    os.replace(tmp_config, out / CONFIG_FILE)
+    section = {"format": FORMAT, "version": hf_format.HF_VERSION, "model": config.to_dict(),
+               "parameters": sum(v.numel() for v in tensors.values()), "metadata": extra}
+    header = {**extra, "format": "pt", "shoal_format": FORMAT}  # transformers wants "pt"
+    groups = hf_format.shard(tensors, max_shard_bytes)
+    written = set()
+    if len(groups) == 1:
+        names = [hf_format.SINGLE_FILE]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    for name, group in zip(names, groups, strict=True):
+        tmp = out / f".{name}.tmp"
+        save_file(group, str(tmp), metadata=header)
+        os.replace(tmp, out / name)
+        written.add(name)
+    if len(groups) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size()
+                                                for t in tensors.values())},
+                 "weight_map": {k: n for n, g in zip(names, groups, strict=True) for k in g}}
+        hf_format.write_atomic(out / hf_format.INDEX_FILE, json.dumps(index, indent=2) + "\n")
+        written.add(hf_format.INDEX_FILE)
+    for stale in hf_format.stale_weight_files(out, written):
+        stale.unlink()
+    files = {"generation_config.json": hf_format.generation_config(),
+             **hf_format.tokenizer_files(config.seq_len),
+             CONFIG_FILE: hf_format.hf_config(config, section)}  # config.json last
+    for name, content in files.items():
+        hf_format.write_atomic(out / name, json.dumps(content, indent=2) + "\n")
     return out
 
 
-def load_config(directory: str | os.PathLike[str]) -> ModelConfig:
+def _description(directory: str | os.PathLike[str]) -> dict:
+    """Shoal's description of a model directory: config.json's "shoal" section (the Hugging Face
+    layout, version 2) or config.json itself (Shoal's own layout, version 1)."""
     path = Path(directory) / CONFIG_FILE
     try:
         description = json.loads(path.read_text())
@@ -132,28 +166,55 @@ def load_config(directory: str | os.PathLike[str]) -> ModelConfig:
                           "make one with `shoal export`") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ExportError(f"{path} is not readable JSON ({exc}); export the model again") from exc
+    if isinstance(description, dict) and isinstance(description.get(hf_format.SHOAL_KEY), dict):
+        description = description[hf_format.SHOAL_KEY]
+        version = hf_format.HF_VERSION
+    else:
+        version = VERSION
     if not isinstance(description, dict) or description.get("format") != FORMAT:
-        raise ExportError(f"{path} does not describe a Shoal model (format != {FORMAT!r})")
-    if description.get("version") != VERSION:
+        raise ExportError(f"{path} does not describe a Shoal model (format != {FORMAT!r}, and "
+                          f"no {hf_format.SHOAL_KEY!r} section)")
+    if description.get("version") != version:
         raise ExportError(f"{path} has format version {description.get('version')}; this "
-                          f"Shoal reads version {VERSION}")
+                          f"Shoal reads version {version} there")
+    return description
+
+
+def load_config(directory: str | os.PathLike[str]) -> ModelConfig:
+    path = Path(directory) / CONFIG_FILE
     try:
-        return ModelConfig.from_dict(description.get("model", {}))
+        return ModelConfig.from_dict(_description(directory).get("model", {}))
     except (TypeError, ValueError) as exc:
+        if isinstance(exc, ExportError):
+            raise
         raise ExportError(f"{path}: bad model config: {exc}") from exc
 
 
-def load_model(directory: str | os.PathLike[str], device: str | torch.device = "cpu") -> Decoder:
-    """Read and validate an exported model; returns a Decoder on ``device``."""
-    config = load_config(directory)
-    path = Path(directory) / WEIGHTS_FILE
+def load_state(directory: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The weights of an exported model under Shoal's names (either layout), unchecked."""
+    hf = _description(directory)["version"] == hf_format.HF_VERSION
     try:
-        state = load_file(str(path))
-    except FileNotFoundError:
-        raise ExportError(f"{path} does not exist; export the model again") from None
-    except (SafetensorError, OSError) as exc:
-        raise ExportError(f"{path} is corrupt or truncated ({exc}); export the model again "
-                          "or copy it over once more") from exc
+        files = (hf_format.weight_files(Path(directory)) if hf
+                 else [Path(directory) / WEIGHTS_FILE])
+    except ValueError as exc:
+        raise ExportError(f"{exc}; export the model again") from exc
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        try:
+            part = load_file(str(path))
+        except FileNotFoundError:
+            raise ExportError(f"{path} does not exist; export the model again") from None
+        except (SafetensorError, OSError) as exc:
+            raise ExportError(f"{path} is corrupt or truncated ({exc}); export the model again "
+                              "or copy it over once more") from exc
+        state.update({hf_format.from_hf_name(k) if hf else k: v for k, v in part.items()})
+    return state
+
+
+def load_model(directory: str | os.PathLike[str], device: str | torch.device = "cpu") -> Decoder:
+    """Read and validate an exported model (either layout); returns a Decoder on ``device``."""
+    config = load_config(directory)
+    state = load_state(directory)
     validate_state_dict(config, state)
     model = Decoder(config)
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)

@@ -15,9 +15,11 @@ from peer.pipeline.checkpoint import (
     decode,
     generate,
     kept_layers,
+    load_config,
     load_model,
     save_model,
 )
+from peer.pipeline.hf_format import byte_chars, to_hf_name
 from peer.pipeline.model import Decoder, ModelConfig
 from peer.pipeline.stages import split
 
@@ -52,7 +54,9 @@ def test_assemble_refuses_missing_and_duplicated_stages() -> None:
 
 
 def test_save_then_load_gives_identical_logits(exported: Path) -> None:
-    description = json.loads((exported / "config.json").read_text())
+    config = json.loads((exported / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["model_type"] == "llama"
+    description = config["shoal"]
     assert description["format"] == "shoal-decoder" and description["metadata"] == {"step": "12"}
     assert ModelConfig.from_dict(description["model"]) == TINY
     assert not list(exported.glob(".*.tmp"))
@@ -79,7 +83,8 @@ def _rewrite(directory: Path, change: dict[str, torch.Tensor | None]) -> None:
             del state[name]
         else:
             state[name] = tensor
-    save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"))
+    save_file({to_hf_name(k): v.contiguous() for k, v in state.items()},
+              str(directory / "model.safetensors"))
 
 
 @pytest.mark.parametrize(
@@ -87,7 +92,7 @@ def _rewrite(directory: Path, change: dict[str, torch.Tensor | None]) -> None:
     [
         ({"layers.1.attn.wq.weight": torch.zeros(32, 16)}, r"has shape \(32, 16\) but"),
         ({"layers.3.mlp.up.weight": None}, "missing tensors layers.3.mlp.up.weight"),
-        ({"head.weight": torch.zeros(256, 32)}, "unexpected tensors head.weight"),
+        ({"lm_head.weight": torch.zeros(256, 32)}, "unexpected tensors lm_head.weight"),
         ({"norm.weight": torch.full((32,), float("nan"))}, "norm.weight holds 32 non-finite"),
         ({"norm.weight": torch.ones(32, dtype=torch.int32)}, "weights must be float"),
     ],
@@ -103,11 +108,11 @@ def test_bad_config_is_refused(exported: Path, tmp_path: Path) -> None:
         load_model(tmp_path / "nowhere")
     config = exported / "config.json"
     description = json.loads(config.read_text())
-    description["model"]["d_model"] = 64
+    description["shoal"]["model"]["d_model"] = 64
     config.write_text(json.dumps(description))
     with pytest.raises(ExportError, match="different models"):
         load_model(exported)
-    description["model"]["dmodel"] = 64
+    description["shoal"]["model"]["dmodel"] = 64
     config.write_text(json.dumps(description))
     with pytest.raises(ExportError, match="unknown model config keys"):
         load_model(exported)
@@ -152,3 +157,54 @@ def test_generate_with_skipped_layers(exported: Path) -> None:
 def test_decode_replaces_invalid_utf8() -> None:
     assert decode("héllo".encode()) == "héllo"
     assert decode(b"ok\xff\xfe") == "ok\ufffd\ufffd"
+
+
+def test_version_one_exports_still_load(tmp_path: Path) -> None:
+    """Exports written before the Hugging Face layout: Shoal's names, its own config.json."""
+    state = Decoder(TINY).state_dict()
+    old = tmp_path / "old"
+    old.mkdir()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(old / "model.safetensors"),
+              metadata={"format": "shoal-decoder"})
+    (old / "config.json").write_text(json.dumps(
+        {"format": "shoal-decoder", "version": 1, "model": TINY.to_dict(), "metadata": {}}))
+    assert load_config(old) == TINY
+    x = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(load_model(old)(x), Decoder(TINY)(x))
+    (old / "config.json").write_text(json.dumps({"format": "shoal-decoder", "version": 2}))
+    with pytest.raises(ExportError, match="reads version 1"):
+        load_model(old)
+    (old / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ExportError, match="does not describe a Shoal model"):
+        load_model(old)
+
+
+def test_sharded_export_has_an_index_and_loads(tmp_path: Path) -> None:
+    state = Decoder(TINY).state_dict()
+    out = save_model(tmp_path / "m", TINY, state, max_shard_bytes=20_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted({*index["weight_map"].values()})
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert set(index["weight_map"]) == {to_hf_name(k) for k in state}
+    assert index["metadata"]["total_size"] == sum(v.numel() * 4 for v in state.values())
+    assert not (out / "model.safetensors").exists()
+    x = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(load_model(out)(x), Decoder(TINY)(x))
+    save_model(out, TINY, state)  # one file again: the shards and index of before are gone
+    assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
+    save_model(out, TINY, state, max_shard_bytes=20_000)
+    (out / shards[1]).unlink()
+    with pytest.raises(ExportError, match=f"{shards[1]} does not exist"):
+        load_model(out)
+
+
+def test_byte_tokenizer_file_maps_bytes_to_ids(exported: Path) -> None:
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer.from_file(str(exported / "tokenizer.json"))
+    assert tok.get_vocab_size() == 256 and len(set(byte_chars())) == 256
+    for text in ["héllo, wörld", "\x00\x01\n\t\x7f ", "🐟 ∑ 中文", "".join(map(chr, range(256)))]:
+        ids = tok.encode(text).ids
+        assert ids == list(text.encode()), text
+        assert tok.decode(ids) == text
+    assert tok.decode([104, 0xFF, 0xFE]) == decode(bytes([104, 0xFF, 0xFE]))
+    assert [tok.id_to_token(b) for b in range(256)] == byte_chars()
