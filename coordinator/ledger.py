@@ -22,6 +22,12 @@ with step 1e15 cannot wipe the history. Only while the ledger holds nothing, a s
 START_SLACK steps further is asked to retry (`LedgerBehind`): after a coordinator restart its
 attested step may lag a driver's for a heartbeat. Older steps cannot be replayed from here.
 
+Verified SPSA (`sync.spsa.verify` = p > 0, coordinator/spsa_verify.py): the ledger assigns
+some contributions of each step to other stage-0 peers, which post their recomputations with
+their own codes; when the step closes, a contribution its recomputation contradicts is struck
+from the closed set and listed in `flagged`, so no replica ever applies it. The closure rule is
+unchanged: a verifier is an expected poster anyway, so the step waits for its checks.
+
 Torch-free, like everything in coordinator/: messages are peer ids and int8 codes, kept as
 bytes. The ledger holds the last `keep_steps` closed steps in memory (a late joiner needs only
 the steps since the replica snapshot it downloads, at most sync.spsa.hash_every old), and the
@@ -38,6 +44,7 @@ import bisect
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from coordinator.spsa_verify import Verification
 from protocols import shoal_pb2 as pb
 from protocols.coordinator_client import READY_STATES
 
@@ -66,6 +73,7 @@ class ClosedStep:
     step: int
     peers: tuple[str, ...]
     codes: bytes  # len(peers) * directions int8 codes, peer-major
+    flagged: tuple[str, ...] = ()  # verified SPSA: struck from peers and codes
 
 
 @dataclass
@@ -73,15 +81,21 @@ class _OpenStep:
     opened_at: float
     expected: set[str] = field(default_factory=set)
     posted: dict[str, bytes] = field(default_factory=dict)
+    shards: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # contributor -> (verifier, recomputed codes, the (shard, shards) it used)
+    checks: dict[str, tuple[str, bytes, tuple[int, int]]] = field(default_factory=dict)
 
 
 class SpsaLedger:
     """Closes SPSA steps and keeps the recent history (see the module docstring)."""
 
-    def __init__(self, directions: int, timeout_s: float, keep_steps: int = 10_000) -> None:
+    def __init__(self, directions: int, timeout_s: float, keep_steps: int = 10_000,
+                 verify: float = 0.0, tolerance: int = 2, key: bytes | None = None) -> None:
         if directions < 1:
             raise ValueError(f"directions must be >= 1, got {directions}")
         self.directions = directions
+        #: verified SPSA (sync.spsa.verify > 0): assignments, verdicts, suspects
+        self.verification = Verification(verify, tolerance, key) if verify > 0 else None
         self.timeout_s = timeout_s
         self.keep_steps = keep_steps
         self.base_step = 1  # first step held
@@ -117,12 +131,19 @@ class SpsaLedger:
         return out
 
     def post(self, step: int, peer: str, codes: bytes, expect: list[str], now: float,
-             max_start: int | None = None) -> None:
+             max_start: int | None = None, shard: tuple[int, int] = (0, 0),
+             checks: list[tuple[str, bytes, tuple[int, int]]] | None = None) -> None:
         """Record `peer`'s codes for `step` (empty codes: it abstains). Closed steps ignore it.
 
         LedgerRefused for a step that is not open (see the module docstring) or a second,
         different post by `peer` for one step. `max_start`: the furthest step the ledger may
-        (re)start at (None: any)."""
+        (re)start at (None: any). Verified SPSA: `shard` is the poster's (shard, shards);
+        `checks` its recomputations (contributor, codes, (shard, shards) used) of the
+        contributions it was assigned; others are ignored."""
+        for contributor, recomputed, _ in checks or []:
+            if len(recomputed) != self.directions:
+                raise LedgerRefused(f"a check of {contributor:.40} must carry {self.directions} "
+                                    f"codes, got {len(recomputed)}")
         if len(codes) not in (0, self.directions):
             raise LedgerRefused(f"codes must be {self.directions} bytes (one int8 per direction, "
                                 f"sync.spsa.samples_per_step) or empty, got {len(codes)}")
@@ -152,6 +173,11 @@ class SpsaLedger:
                                     f"one post per peer per step")
             return  # a retry of the same post
         rnd.posted[peer] = bytes(codes)
+        rnd.shards[peer] = shard
+        if self.verification is not None:
+            for contributor, recomputed, used in checks or []:
+                if self.verification.assigned(step, contributor, peer):
+                    rnd.checks[contributor] = (peer, bytes(recomputed), used)
         rnd.expected.update(expect)
         rnd.expected.add(peer)
         self.close_due(now)
@@ -164,9 +190,14 @@ class SpsaLedger:
                 return
             if not (rnd.expected <= set(rnd.posted) or now - rnd.opened_at >= self.timeout_s):
                 return
-            peers = tuple(sorted(p for p, c in rnd.posted.items() if c))
+            flagged: list[str] = []
+            if self.verification is not None:
+                flagged = self.verification.judge(
+                    self.next_step, {p: c for p, c in rnd.posted.items() if c}, rnd.shards,
+                    rnd.checks)
+            peers = tuple(sorted(p for p, c in rnd.posted.items() if c and p not in flagged))
             codes = b"".join(rnd.posted[p] for p in peers)
-            self._closed.append(ClosedStep(self.next_step, peers, codes))
+            self._closed.append(ClosedStep(self.next_step, peers, codes, tuple(flagged)))
             self._unsaved.append(self._closed[-1])
             del self._open[self.next_step]
             self.next_step += 1
@@ -184,6 +215,12 @@ class SpsaLedger:
                 break
             out.append(c)
         return out
+
+    def checks_for(self, verifier: str, step: int, stage0: list[str]) -> list[str]:
+        """The contributions `verifier` recomputes at `step` (an open step), else none."""
+        if self.verification is None or not self.next_step <= step <= self.next_step + 1:
+            return []
+        return self.verification.checks_for(verifier, step, stage0)
 
     def _restart_at(self, step: int) -> None:
         self.started = True
@@ -204,5 +241,6 @@ def ledger_reply(ledger: SpsaLedger, from_step: int, to_step: int) -> pb.SpsaLed
     reply = pb.SpsaLedgerReply(next_step=ledger.next_step, base_step=ledger.base_step)
     for c in ledger.steps(from_step, to_step):
         reply.steps.append(pb.SpsaLedgerStep(step=c.step, peers=c.peers,
-                                             codes=pb.SpsaCodes(codes=c.codes)))
+                                             codes=pb.SpsaCodes(codes=c.codes),
+                                             flagged=c.flagged))
     return reply

@@ -129,7 +129,9 @@ class CoordinatorService:
         self.heartbeat_seconds = _Histogram((0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05))
         self._view: ViewSnapshot | None = None
         self._saved_meta: dict[str, str] = {}
-        self.spsa_ledger = (SpsaLedger(spec.sync.spsa.samples_per_step, spec.sync.timeout_s)
+        self.spsa_ledger = (SpsaLedger(spec.sync.spsa.samples_per_step, spec.sync.timeout_s,
+                                       verify=spec.sync.spsa.verify,
+                                       tolerance=spec.sync.spsa.verify_tolerance)
                             if spec.sync.keeps_ledger else None)
         self.beat_kinds = heartbeat_kinds(spec.sync.mode)
         ms = spec.membership
@@ -384,13 +386,30 @@ class CoordinatorService:
                                      f"member; send an empty list to let the coordinator "
                                      f"fill it in")
             expect = list(dict.fromkeys(request.expect)) or training_stage0(self.membership)
+            if len(request.checks) > MAX_EXPECT:
+                raise BadRequest(f"{len(request.checks)} checks; at most {MAX_EXPECT}")
+            checks = [(c.peer, bytes(c.codes), (c.shard, c.shards)) for c in request.checks]
             ledger.post(request.step, caller.peer_id, bytes(request.codes), expect,
-                        time.monotonic(), max_start=self.membership.step() + 2)
+                        time.monotonic(), max_start=self.membership.step() + 2,
+                        shard=(request.shard, request.shards), checks=checks)
         except LedgerBehind as exc:  # UNAVAILABLE: the client retries; the step may catch up
             await self._refuse(context, "PostSpsa", grpc.StatusCode.UNAVAILABLE, str(exc))
         except (BadRequest, LedgerRefused) as exc:
             await self._refuse(context, "PostSpsa", grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        return ledger_reply(ledger, request.step, 0)
+        return self._spsa_checks(ledger_reply(ledger, request.step, 0), caller.peer_id, 0)
+
+    def _spsa_checks(self, reply: pb.SpsaLedgerReply, peer_id: str, step: int
+                     ) -> pb.SpsaLedgerReply:
+        """Verified SPSA: tell a stage-0 caller what it recomputes at `step` if that step is
+        open (else at the ledger's next step)."""
+        ledger = self.spsa_ledger
+        if ledger is not None and ledger.verification is not None:
+            if not ledger.next_step <= step <= ledger.next_step + 1:
+                step = ledger.next_step
+            reply.check_step = step
+            reply.check_peers.extend(ledger.checks_for(peer_id, step,
+                                                       training_stage0(self.membership)))
+        return reply
 
     async def GetSpsaLedger(self, request: pb.SpsaLedgerRequest,
                             context: grpc.aio.ServicerContext) -> Message:
@@ -398,7 +417,11 @@ class CoordinatorService:
             await self._refuse(context, "GetSpsaLedger", grpc.StatusCode.FAILED_PRECONDITION,
                                "this run's sync mode is not spsa: there is no ledger")
         self.spsa_ledger.close_due(time.monotonic())
-        return ledger_reply(self.spsa_ledger, request.from_step, request.to_step)
+        reply = ledger_reply(self.spsa_ledger, request.from_step, request.to_step)
+        caller = current_caller()
+        member = self.membership.get(caller.peer_id) if caller is not None else None
+        return (self._spsa_checks(reply, member.peer_id, request.from_step)
+                if member is not None and member.stage == 0 else reply)
 
     # ------------------------------------------------------------------ periodic work
 

@@ -377,14 +377,32 @@ class SpsaCodes(_message.Message):
     def __init__(self, codes: _Optional[bytes] = ...) -> None: ...
 
 class SpsaPost(_message.Message):
-    __slots__ = ("step", "codes", "expect")
+    __slots__ = ("step", "codes", "expect", "shard", "shards", "checks")
     STEP_FIELD_NUMBER: _ClassVar[int]
     CODES_FIELD_NUMBER: _ClassVar[int]
     EXPECT_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    CHECKS_FIELD_NUMBER: _ClassVar[int]
     step: int
     codes: bytes
     expect: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, step: _Optional[int] = ..., codes: _Optional[bytes] = ..., expect: _Optional[_Iterable[str]] = ...) -> None: ...
+    shard: int
+    shards: int
+    checks: _containers.RepeatedCompositeFieldContainer[SpsaCheck]
+    def __init__(self, step: _Optional[int] = ..., codes: _Optional[bytes] = ..., expect: _Optional[_Iterable[str]] = ..., shard: _Optional[int] = ..., shards: _Optional[int] = ..., checks: _Optional[_Iterable[_Union[SpsaCheck, _Mapping]]] = ...) -> None: ...
+
+class SpsaCheck(_message.Message):
+    __slots__ = ("peer", "codes", "shard", "shards")
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    CODES_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    peer: str
+    codes: bytes
+    shard: int
+    shards: int
+    def __init__(self, peer: _Optional[str] = ..., codes: _Optional[bytes] = ..., shard: _Optional[int] = ..., shards: _Optional[int] = ...) -> None: ...
 
 class SpsaLedgerRequest(_message.Message):
     __slots__ = ("from_step", "to_step")
@@ -395,24 +413,30 @@ class SpsaLedgerRequest(_message.Message):
     def __init__(self, from_step: _Optional[int] = ..., to_step: _Optional[int] = ...) -> None: ...
 
 class SpsaLedgerStep(_message.Message):
-    __slots__ = ("step", "peers", "codes")
+    __slots__ = ("step", "peers", "codes", "flagged")
     STEP_FIELD_NUMBER: _ClassVar[int]
     PEERS_FIELD_NUMBER: _ClassVar[int]
     CODES_FIELD_NUMBER: _ClassVar[int]
+    FLAGGED_FIELD_NUMBER: _ClassVar[int]
     step: int
     peers: _containers.RepeatedScalarFieldContainer[str]
     codes: SpsaCodes
-    def __init__(self, step: _Optional[int] = ..., peers: _Optional[_Iterable[str]] = ..., codes: _Optional[_Union[SpsaCodes, _Mapping]] = ...) -> None: ...
+    flagged: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, step: _Optional[int] = ..., peers: _Optional[_Iterable[str]] = ..., codes: _Optional[_Union[SpsaCodes, _Mapping]] = ..., flagged: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SpsaLedgerReply(_message.Message):
-    __slots__ = ("steps", "next_step", "base_step")
+    __slots__ = ("steps", "next_step", "base_step", "check_step", "check_peers")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     NEXT_STEP_FIELD_NUMBER: _ClassVar[int]
     BASE_STEP_FIELD_NUMBER: _ClassVar[int]
+    CHECK_STEP_FIELD_NUMBER: _ClassVar[int]
+    CHECK_PEERS_FIELD_NUMBER: _ClassVar[int]
     steps: _containers.RepeatedCompositeFieldContainer[SpsaLedgerStep]
     next_step: int
     base_step: int
-    def __init__(self, steps: _Optional[_Iterable[_Union[SpsaLedgerStep, _Mapping]]] = ..., next_step: _Optional[int] = ..., base_step: _Optional[int] = ...) -> None: ...
+    check_step: int
+    check_peers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, steps: _Optional[_Iterable[_Union[SpsaLedgerStep, _Mapping]]] = ..., next_step: _Optional[int] = ..., base_step: _Optional[int] = ..., check_step: _Optional[int] = ..., check_peers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ReachPing(_message.Message):
     __slots__ = ("nonce", "peer_id")

@@ -62,6 +62,7 @@ from protocols.runspec import RunSpec
 log = logging.getLogger("shoal.spsa")
 KIND = "sync:spsa"
 FORWARD_KIND = "spsa"  # the Forward meta "mode" of a perturbed [h+; h-] stream
+OF_KEY = "of"  # Forward meta: the contributor whose direction a verifier recomputes
 SCALE_KEY = "spsa.scale"
 Z_CACHE_SEEDS = 4  # seeds whose z a replica keeps (one step's J directions, plus slack)
 Z_CACHE_MAX_NUMEL = 50_000_000  # above this, regenerate z per use instead of caching it
@@ -163,7 +164,10 @@ class SpsaMode(SyncMode):
         """A block stage's [h+; h-] under +-eps z of direction j (the seed is derived here)."""
         if header.meta.get("mode") != FORWARD_KIND or not header.meta.get("j", "0").isdigit():
             return super().serve_forward(host, header, x)
-        seed = self.seed(header.step, header.sender, int(header.meta.get("j", "0")))
+        of = header.meta.get(OF_KEY) or header.sender  # a verifier recomputes `of`'s direction
+        if len(of) > 128:
+            raise StageError(f"spsa forward: meta {OF_KEY!r} is not a peer id")
+        seed = self.seed(header.step, of, int(header.meta.get("j", "0")))
         return self.block_pair(host, seed, x)
 
     # ------------------------------------------------------------------ the ledger

@@ -15,6 +15,14 @@ peer/sync/spsa.py):
    retried (the loop waits a second): the other stage-0 replicas close it without this one;
 4. EndStep with the closed set to every live block replica, and the same set applied here.
 
+Verified SPSA (`sync.spsa.verify` > 0, coordinator/spsa_verify.py): at the start of a step the
+driver asks the ledger which contributions it recomputes there (`check_peers`), runs each
+contributor's batch (its shard as this driver's view of the stage-0 set places it) under the
+contributor's seeds alongside its own microbatches (Forward meta `of`), encodes them exactly as
+the contributor must have, and posts them with its own codes (`SpsaPost.checks`, with its own
+shard). A contribution whose microbatches did not all finish abstains, so every posted one is
+checkable.
+
 Paths are always full depth, whatever `pipeline.skip_ratio` says: every replica of every stage
 applies every code, which is right only for stages the direction's streams went through (a
 skipped stage would need the route in the message; not built).
@@ -30,7 +38,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
+import random
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -39,31 +50,49 @@ from optim import spsa
 from optim.errors import NonFiniteValues
 from peer.consistency import joined_at, winning_hash
 from peer.context import PeerContext
-from peer.pipeline.data import inputs_targets
+from peer.pipeline.data import Shard, inputs_targets, shard
 from peer.pipeline.driver import Driver, MicrobatchDropped
 from peer.pipeline.router import NoReplicaAvailable
-from peer.sync.spsa import FORWARD_KIND, KIND, SpsaMode, fetch_ledger, from_codes
+from peer.sync.spsa import (
+    FORWARD_KIND,
+    KIND,
+    OF_KEY,
+    SpsaMode,
+    fetch_ledger,
+    from_codes,
+    to_codes,
+)
 from protocols import shoal_pb2 as pb
 
 log = logging.getLogger("shoal.spsa")
 POLL_S = 0.05
+#: test/bench hook (bench/spsa_verify.py): a stage-0 peer started with this set posts uniformly
+#: random codes instead of its own (it still computes them, and verifies others honestly)
+LIE_ENV = "SHOAL_TEST_SPSA_LIE"
 
 
 async def post_codes(d: PeerContext, step: int, codes: bytes, expect: list[str],
-                     timeout: float) -> tuple[pb.SpsaLedgerStep, int]:
+                     timeout: float, shard: tuple[int, int] = (0, 0),
+                     checks: list[pb.SpsaCheck] | None = None,
+                     on_reply: Callable[[pb.SpsaLedgerReply], None] | None = None
+                     ) -> tuple[pb.SpsaLedgerStep, int]:
     """Post this replica's codes of `step`; wait until the coordinator closes the step.
 
-    Returns the closed step and the ledger's next step. With `expect` empty (what the driver
-    sends) the coordinator waits for the stage-0 replicas its membership sees training, so a
-    post is a step and its codes.
+    Returns the closed step and the ledger's next step; `on_reply` sees the reply that had it
+    (verified SPSA: it carries the caller's checks of the next step). With `expect` empty (what
+    the driver sends) the coordinator waits for the stage-0 replicas its membership sees
+    training, so a post is a step and its codes.
     """
-    req = pb.SpsaPost(step=step, codes=codes, expect=expect)
+    req = pb.SpsaPost(step=step, codes=codes, expect=expect, shard=shard[0], shards=shard[1],
+                      checks=checks or [])
     reply = await d.client.post_spsa(req)
     d.counter.add(KIND, sent=req.ByteSize(), received=reply.ByteSize())
     deadline = time.monotonic() + timeout + 10
     while True:
         for st in reply.steps:
             if st.step == step:
+                if on_reply is not None:
+                    on_reply(reply)
                 return st, reply.next_step
         if reply.next_step > step or time.monotonic() > deadline:
             raise RuntimeError(f"spsa step {step} is not in the coordinator's ledger "
@@ -82,6 +111,10 @@ class SpsaDriver(Driver):
         self.mode = mode
         self._ledger_next = 0  # the ledger's next step, as of this replica's last post
         self._check: dict[int, tuple[int, bytes]] = {}  # stage -> (K-step, majority hash[:16])
+        self._other_shards: dict[tuple[int, int], Shard] = {}  # verified contributors' shards
+        self._next_checks: tuple[int, list[str]] = (0, [])  # (step, contributors to verify)
+        lie = os.environ.get(LIE_ENV, "")
+        self._lie = random.Random(f"{lie}/{ctx.peer_id}") if lie else None
 
     async def _one_step(self) -> None:
         d = self.d
@@ -99,68 +132,144 @@ class SpsaDriver(Driver):
         window = max(2, 2 * (spec.pipeline.stages + 1))
         sem = asyncio.Semaphore(window)
         scale = self.mode.scale_for(d.host)
+        verify = spec.sync.spsa.verify > 0
+        checks = await self._checks_to_do(step, stage0) if verify else []
 
-        async def one(i: int, j: int) -> tuple[float, float] | None:
+        async def one(of: str, batches: Shard, i: int, j: int) -> tuple[float, float] | None:
             async with sem:
                 if self._stop:
                     return None
-                batch = data.batch(mb, spec.run.seed, step * 10007 + i)
-                return await self._microbatch(step, i, j, batch)
+                batch = batches.batch(mb, spec.run.seed, step * 10007 + i)
+                return await self._microbatch(step, i, j, batch, of)
 
-        codes: list[int] = []
-        done = 0  # forward pairs finished, over every direction
-        unique = 0  # microbatches seen (each direction evaluates the same ones)
-        losses: list[float] = []
-        for j in range(self.mode.directions):
-            pairs = [x for x in await asyncio.gather(*(one(i, j) for i in range(n_mb)))
-                     if x is not None]
-            done += len(pairs)
-            unique = max(unique, len(pairs))
-            if not pairs:
-                codes = []
-                break
-            lp = float(np.mean([p for p, _ in pairs]))
-            lm = float(np.mean([m for _, m in pairs]))
-            losses.append((lp + lm) / 2)
-            try:
-                g = spsa.projected_gradient(lp, lm, spec.sync.spsa.eps)
-            except NonFiniteValues as exc:
-                log.warning("step %d direction %d abstains: %s", step, j, exc)
-                codes = []
-                break
-            seed = self.mode.seed(step, d.peer_id, j)
-            codes.append(spsa.encode(g, scale, spsa.dither_for(seed)))
+        async def contribution(of: str, batches: Shard) -> list[list[tuple[float, float]]]:
+            return [[x for x in await asyncio.gather(*(one(of, batches, i, j)
+                                                       for i in range(n_mb))) if x is not None]
+                    for j in range(self.mode.directions)]
+
+        me = d.peer_id
+        results = await asyncio.gather(contribution(me, data),
+                                       *(contribution(x, self._shard_of(x, stage0))
+                                         for x in checks))
+        own = results[0]
+        done = sum(len(pairs) for pairs in own)  # forward pairs finished, over every direction
+        unique = max(len(pairs) for pairs in own)  # each direction evaluates the same batches
+        codes, losses = self._encode(step, me, own, scale, n_mb if verify else 0)
         if not losses:  # nothing finished: a step without data must not advance the swarm
             if self._stop:
                 return
             raise NoReplicaAvailable(f"no microbatch of step {step} finished ({self.dropped} "
                                      "dropped so far); waiting for the block replicas")
-        closed, self._ledger_next = await post_codes(d, step, from_codes(codes), [],
-                                                     spec.sync.timeout_s)
+        honest = list(codes)
+        if self._lie is not None and codes:  # test/bench hook: this peer posts random scalars
+            codes = [self._lie.randint(-spsa.CODE_MAX, spsa.CODE_MAX) for _ in codes]
+        recomputed = []
+        for x, pairs in zip(checks, results[1:], strict=True):
+            got, _ = self._encode(step, x, pairs, scale, n_mb)
+            if got:  # every microbatch of the contributor's batch finished: comparable
+                recomputed.append(pb.SpsaCheck(peer=x, codes=from_codes(got),
+                                               shard=stage0.index(x), shards=len(stage0)))
+        closed, self._ledger_next = await post_codes(
+            d, step, from_codes(codes), [], spec.sync.timeout_s,
+            (stage0.index(me), len(stage0)), recomputed, self._keep_checks)
+        if closed.flagged:
+            log.warning("spsa step %d: verification struck the codes of %s", step,
+                        ", ".join(p[:12] for p in closed.flagged))
         await self._end_step(step, closed)
+        diffs = self._check_diffs(closed, recomputed)
         dt = time.monotonic() - t0
         tokens = unique * mb * spec.model.seq_len
         self.tokens_per_s = tokens / max(dt, 1e-6)
-        if losses:
-            self.last_loss = float(np.mean(losses))
+        self.last_loss = float(np.mean(losses))
         wire_bytes = d.counter.total_sent() + d.counter.total_received() - bytes0
         self._metrics.append({
-            "t": time.time(), "step": step, "loss": self.last_loss if losses else None,
+            "t": time.time(), "step": step, "loss": self.last_loss,
             "microbatches": n_mb * self.mode.directions, "completed": done, "tokens": tokens,
             "seconds": dt, "tokens_per_s": self.tokens_per_s, "bytes": wire_bytes,
             "dropped": self.dropped, "spsa_codes": codes, "spsa_scale": scale,
+            "spsa_honest_codes": honest, "spsa_checked": checks,
+            "spsa_recomputed": [len(c.codes) > 0 for c in recomputed],
+            "spsa_flagged": list(closed.flagged), "spsa_peers": list(closed.peers),
+            "spsa_check_diff": diffs,
         })
+
+    def _check_diffs(self, closed: pb.SpsaLedgerStep, recomputed: list[pb.SpsaCheck]
+                     ) -> dict[str, int]:
+        """For the contributions this peer recomputed and the step kept: the largest code
+        difference between what they posted and what this peer got (fp noise; measured)."""
+        out = {}
+        j_of = self.mode.directions
+        posted = to_codes(closed.codes.codes)
+        for c in recomputed:
+            if c.peer in closed.peers:
+                i = list(closed.peers).index(c.peer)
+                out[c.peer] = max(abs(a - b) for a, b in
+                                  zip(posted[i * j_of:(i + 1) * j_of], to_codes(c.codes),
+                                      strict=True))
+        return out
+
+    def _encode(self, step: int, of: str, pairs_by_j: list[list[tuple[float, float]]],
+                scale: float, need: int) -> tuple[list[int], list[float]]:
+        """The J codes of `of`'s contribution from its (L+, L-) pairs per direction, and the
+        mean losses; no codes (abstain) if a direction has no pair, fewer than `need` pairs or a
+        non-finite g."""
+        codes: list[int] = []
+        losses: list[float] = []
+        abstain = False
+        for j, pairs in enumerate(pairs_by_j):
+            if not pairs:
+                return [], losses
+            lp = float(np.mean([p for p, _ in pairs]))
+            lm = float(np.mean([m for _, m in pairs]))
+            losses.append((lp + lm) / 2)
+            try:
+                g = spsa.projected_gradient(lp, lm, self.d.spec.sync.spsa.eps)
+            except NonFiniteValues as exc:
+                log.warning("step %d direction %d of %s abstains: %s", step, j, of[:12], exc)
+                abstain = True
+                continue
+            abstain = abstain or len(pairs) < need  # verified: only a whole batch is checkable
+            codes.append(spsa.encode(g, scale, spsa.dither_for(self.mode.seed(step, of, j))))
+        return ([] if abstain else codes), losses
+
+    def _keep_checks(self, reply: pb.SpsaLedgerReply) -> None:
+        self._next_checks = (reply.check_step, list(reply.check_peers))
+
+    async def _checks_to_do(self, step: int, stage0: list[str]) -> list[str]:
+        """Verified SPSA: the contributions the coordinator assigned this peer at `step` (from
+        the reply that closed the previous step, else asked for)."""
+        check_step, peers = self._next_checks
+        if check_step != step:
+            reply = await fetch_ledger(self.d, step, step)
+            check_step, peers = reply.check_step, list(reply.check_peers)
+        if check_step != step:
+            return []
+        return [x for x in peers if x in stage0 and x != self.d.peer_id]
+
+    def _shard_of(self, peer: str, stage0: list[str]) -> Shard:
+        """`peer`'s data shard as this replica's view of the stage-0 set places it."""
+        key = (stage0.index(peer), len(stage0))
+        got = self._other_shards.get(key)
+        if got is None:
+            if len(self._other_shards) > 16:
+                self._other_shards.clear()
+            got = self._other_shards[key] = shard(self.corpus, key[0], key[1],
+                                                  self.d.spec.model.seq_len)
+        return got
 
     # ------------------------------------------------------------------ one microbatch
 
-    async def _microbatch(self, step: int, i: int, j: int, batch: torch.Tensor
+    async def _microbatch(self, step: int, i: int, j: int, batch: torch.Tensor, of: str = ""
                           ) -> tuple[float, float] | None:
+        """(L+, L-) of one microbatch of direction j of `of`'s contribution (default: ours;
+        another peer's when verifying it: the block replicas derive its seed from meta "of")."""
         d = self.d
         host = d.host
         mode = self.mode
-        mb_id = f"{d.peer_id[:12]}-{step}-{i}-{j}"
+        of = of or d.peer_id
+        mb_id = f"{d.peer_id[:12]}-{step}-{i}-{j}" + ("" if of == d.peer_id else f"-v{of[:12]}")
         tokens, targets = inputs_targets(batch)
-        seed = mode.seed(step, d.peer_id, j)
+        seed = mode.seed(step, of, j)
         self._inflight += 1
         try:
             t0 = time.monotonic()
@@ -168,6 +277,8 @@ class SpsaDriver(Driver):
             compute = time.monotonic() - t0
             path = list(range(1, d.spec.pipeline.stages + 1))
             meta = {"mode": FORWARD_KIND, "j": str(j)}
+            if of != d.peer_id:
+                meta[OF_KEY] = of
             for hop, s in enumerate(path):
                 h, _ = await self._hop("forward", s, step, mb_id, path, hop, h, meta=meta)
             t0 = time.monotonic()
