@@ -120,6 +120,8 @@ class DilocoSection:
     streaming_fragments: int = 0
     streaming_delay: int = 1
     streaming_alpha: float = 0.5
+    inner_schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    outer_schedule: ScheduleSection = field(default_factory=ScheduleSection)  # in outer rounds
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,7 @@ class SpsaSection:
     perturbation: str = "rademacher"  # z: "rademacher" (+-1) or "gaussian" (optim/spsa_z.py)
     verify: float = 0.0  # p: fraction of contributions a stage-0 peer recomputes (0: off)
     verify_tolerance: int = 2  # codes a recomputed contribution may differ by (fp noise)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
 
 
 @dataclass(frozen=True)
@@ -277,6 +280,8 @@ class RunSpec:
                s.spsa.samples_per_step)
         for key, sched, total in self.schedules():
             _check_schedule(key, sched, total)
+        _check(s.diloco.outer_schedule.final > 0, "sync.diloco.outer_schedule.final",
+               "> 0 (an outer step needs a rate)", s.diloco.outer_schedule.final)
         ms = self.membership
         _check(ms.heartbeat_s > 0, "membership.heartbeat_s", "> 0", ms.heartbeat_s)
         _check(ms.lease_s > 2 * ms.heartbeat_s, "membership.lease_s",
@@ -288,8 +293,13 @@ class RunSpec:
     def schedules(self) -> list[tuple[str, ScheduleSection, int]]:
         """Every optimizer's schedule: (its key, the section, its total steps)."""
         out = []
+        d = self.sync.diloco
         for key, sched, per in (("optim.schedule", self.optim.schedule, 1),
-                                ("sync.demo.schedule", self.sync.demo.schedule, 1)):
+                                ("sync.demo.schedule", self.sync.demo.schedule, 1),
+                                ("sync.diloco.inner_schedule", d.inner_schedule, 1),
+                                ("sync.diloco.outer_schedule", d.outer_schedule,
+                                 max(1, d.inner_steps)),
+                                ("sync.spsa.schedule", self.sync.spsa.schedule, 1)):
             out.append((key, sched, sched.total_steps or self.run.steps // per))
         return out
 

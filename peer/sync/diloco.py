@@ -20,6 +20,7 @@ peer id, and `apply` of the same bytes leaves every replica's stage bit-identica
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import weakref
@@ -30,6 +31,7 @@ import torch
 
 from optim import diloco
 from optim.errors import OptimError, ShapeMismatch
+from peer.pipeline import lr
 from peer.pipeline.stage_host import StageHost
 from peer.sync.base import Parts, RoundMode, dropped_text, samples_of, skipped, trim_count
 from peer.sync.rounds import Arrays, Meta
@@ -119,7 +121,8 @@ class DilocoMode(RoundMode):
                 p.grad.div_(host.samples)
         local.norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
         for group in host.optimizer.param_groups:  # the mode owns the inner hyperparameters
-            group["lr"] = self.inner_lr * host.lr_scale
+            group["lr"] = (self.inner_lr * host.lr_scale
+                           * lr.factor(host.spec, "sync.diloco.inner_schedule", host.step + 1))
             group["weight_decay"] = self.inner_weight_decay
         host.optimizer.step()
         local.round_samples += host.samples
@@ -195,6 +198,13 @@ class DilocoMode(RoundMode):
         host.finish_step(local.norm)
         return local.norm
 
+    def scheduled_outer(self, host: StageHost) -> diloco.OuterConfig:
+        """The outer optimizer's settings for the round ending at step host.step + 1, its rate
+        following sync.diloco.outer_schedule (counted in outer rounds)."""
+        rounds = max(1, (host.step + 1) // self.inner_steps)
+        factor = lr.factor(host.spec, "sync.diloco.outer_schedule", rounds)
+        return dataclasses.replace(self.outer, lr=self.outer.lr * factor)
+
     def outer_step(self, host: StageHost, result: Arrays, meta: Meta) -> None:
         """The outer Nesterov step of the shared weights on one round's average (none when the
         round was skipped or its average is unusable: every replica decides alike)."""
@@ -213,7 +223,7 @@ class DilocoMode(RoundMode):
                 log.warning("diloco step %d: average unusable (%s); no outer step",
                             host.step + 1, exc)
         if avg is not None:
-            outer = diloco.OuterOptimizer(shared, self.outer)
+            outer = diloco.OuterOptimizer(shared, self.scheduled_outer(host))
             state = {k[13:]: v for k, v in host.mode_state.items()
                      if k.startswith("shared.outer.")}
             if state:

@@ -68,3 +68,28 @@ def test_demo_compresses_and_steps_at_the_scheduled_rate() -> None:
     assert mode._lr(host) == pytest.approx(0.001)
     host.lr_scale = 1.2  # CheckFree's boost of a rebuilt stage still applies
     assert mode._lr(host) == pytest.approx(0.0012)
+
+
+def test_diloco_inner_and_outer_rates_follow_their_schedules() -> None:
+    from peer.sync.diloco import DilocoMode
+    spec = RunSpec().replace(**{
+        "run.steps": 40, "sync.mode": "diloco", "sync.diloco.inner_steps": 4,
+        "sync.diloco.outer_lr": 0.8, "sync.diloco.outer_schedule.warmup_steps": 2,
+        "sync.diloco.inner_schedule.decay": "linear", "sync.diloco.inner_schedule.final": 0.5,
+        "model.d_model": 16, "model.n_layers": 2, "model.n_heads": 2})
+    assert spec.schedule("sync.diloco.outer_schedule")[1] == 10  # 40 steps / H = 4 rounds
+    mode = DilocoMode(spec)
+    host = StageHost(spec, 1)
+    host.step = 3  # the 4th step ends the first outer round: half the warm-up
+    assert mode.scheduled_outer(host).lr == pytest.approx(0.4)
+    host.step = 7  # second round: warmed up
+    assert mode.scheduled_outer(host).lr == pytest.approx(0.8)
+    host.step = 19  # inner step 20 of 40: 1 - 0.5 x 20/40
+    for p in host.module.parameters():
+        p.grad = torch.ones_like(p)
+    host.samples = 1
+    mode._inner_step(host)
+    assert host.optimizer.param_groups[0]["lr"] == pytest.approx(
+        spec.sync.diloco.inner_lr * 0.75)
+    with pytest.raises(RunSpecError, match="outer_schedule.final must be > 0"):
+        spec.replace(**{"sync.diloco.outer_schedule.final": 0.0})
