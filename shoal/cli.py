@@ -218,9 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("generate", help="sample text from an exported model")
-    p.add_argument("--model", required=True, help="folder written by export or demo --out")
+    p.add_argument("--model", required=True, help="folder written by export or demo --out, or "
+                   "a local Hugging Face model folder")
     p.add_argument("--prompt", default="def ")
-    p.add_argument("--tokens", type=int, default=200)
+    p.add_argument("--tokens", "--max-new-tokens", dest="tokens", type=int, default=200)
+    p.add_argument("--greedy", action="store_true", help="take the likeliest token each time "
+                   "(temperature 0): deterministic")
+    p.add_argument("--engine", choices=("auto", "shoal", "transformers"), default="auto",
+                   help="shoal: Shoal's own model; transformers: AutoModelForCausalLM on the "
+                   "folder (any local Hugging Face model); auto: shoal for a Shoal export")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)

@@ -2,8 +2,9 @@
 
 Export joins the coordinator as an *observer* (it is given no stage and no lease that counts),
 reads the swarm view, downloads each stage from a live replica over `State.Download` (the same
-hash-checked path a joining replica uses), assembles the Decoder state dict and writes
-`model.safetensors` + `config.json` (peer/pipeline/checkpoint.py).
+hash-checked path a joining replica uses), assembles the Decoder state dict and writes a Hugging
+Face Llama directory (peer/pipeline/checkpoint.py, hf_format.py: weights, config, generation
+config, byte tokenizer) that `transformers` and `shoal generate` load.
 """
 
 from __future__ import annotations
@@ -204,5 +205,7 @@ def export_main(args: argparse.Namespace) -> int:
     except ExportFailed as exc:
         print(f"shoal export: {exc}")
         return 1
-    print(f"wrote {out}/model.safetensors and {out}/config.json")
+    print(f"wrote {out}: a Hugging Face LlamaForCausalLM with a byte tokenizer (model.safetensors, "
+          "config.json, tokenizer.json); try shoal generate --model "
+          f"{out} --greedy, or transformers' AutoModelForCausalLM.from_pretrained")
     return 0

@@ -242,6 +242,49 @@ def kept_layers(n_layers: int, skip_ratio: float) -> list[int]:
 
 
 @torch.inference_mode()
+def generate_ids(
+    model: torch.nn.Module,
+    context: Sequence[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    layers: Sequence[int] | None = None,
+    *,
+    seq_len: int,
+    vocab: int = 256,
+) -> list[int]:
+    """Sample ``max_new_tokens`` token ids after ``context`` (not empty); returns the new ids.
+
+    ``model(window, layers)`` gives logits [1, T, vocab] (a ``Decoder``, or
+    ``shoal.generate``'s wrapper of a transformers model, which takes ``layers=None`` only).
+    ``temperature`` 0 is greedy. ``top_k`` keeps the k likeliest. The window is the last
+    ``seq_len`` ids. No KV cache: each id recomputes its window, which is fine at these sizes.
+    """
+    if max_new_tokens < 0 or temperature < 0 or (top_k is not None and not 1 <= top_k <= vocab):
+        raise ValueError(f"need max_new_tokens >= 0, temperature >= 0 and top_k in 1..{vocab}; "
+                         f"got {max_new_tokens}, {temperature}, {top_k}")
+    if not context:
+        raise ValueError("generation needs a context of at least one token")
+    device = next(model.parameters()).device
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    context = list(context)
+    new: list[int] = []
+    for _ in range(max_new_tokens):
+        window = torch.tensor([context[-seq_len:]], device=device)
+        logits = model(window, layers)[0, -1].float().cpu()
+        if temperature == 0:
+            token = int(logits.argmax())
+        else:
+            logits = logits / temperature
+            if top_k is not None:
+                logits[logits < torch.topk(logits, top_k).values[-1]] = float("-inf")
+            token = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
+        context.append(token)
+        new.append(token)
+    return new
+
+
 def generate(
     model: Decoder,
     prompt: bytes,
@@ -253,31 +296,12 @@ def generate(
 ) -> bytes:
     """Sample ``max_new_tokens`` bytes after ``prompt``; returns only the new bytes.
 
-    ``temperature`` 0 is greedy. ``top_k`` keeps the k likeliest bytes. ``layers`` runs a subset
-    or reordering of the layers (``kept_layers`` for ``--skip``). The context is the last
-    ``seq_len`` bytes; an empty prompt starts from a newline. No KV cache: each byte recomputes
-    its context, which is fine at these sizes.
+    ``generate_ids`` over bytes: ``layers`` runs a subset or reordering of the layers
+    (``kept_layers`` for ``--skip``); the context is the last ``seq_len`` bytes; an empty prompt
+    starts from a newline. A pure function of (model, prompt, settings, seed).
     """
-    if max_new_tokens < 0 or temperature < 0 or (top_k is not None and not 1 <= top_k <= 256):
-        raise ValueError(f"need max_new_tokens >= 0, temperature >= 0 and top_k in 1..256; got "
-                         f"{max_new_tokens}, {temperature}, {top_k}")
-    device = next(model.parameters()).device
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    context = list(prompt) or [ord("\n")]
-    new: list[int] = []
-    for _ in range(max_new_tokens):
-        window = torch.tensor([context[-model.config.seq_len :]], device=device)
-        logits = model(window, layers)[0, -1].float().cpu()
-        if temperature == 0:
-            byte = int(logits.argmax())
-        else:
-            logits = logits / temperature
-            if top_k is not None:
-                logits[logits < torch.topk(logits, top_k).values[-1]] = float("-inf")
-            byte = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
-        context.append(byte)
-        new.append(byte)
-    return bytes(new)
+    return bytes(generate_ids(model, list(prompt) or [ord("\n")], max_new_tokens, temperature,
+                              top_k, seed, layers, seq_len=model.config.seq_len))
 
 
 def decode(data: bytes) -> str:
