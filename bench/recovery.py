@@ -1,68 +1,58 @@
-"""`python -m bench.recovery`: how well each rule rebuilds one lost middle block stage.
+"""`python -m bench.recovery`: how well each rule rebuilds a lost stage: stage 0 and a middle one.
 
 CheckFree (ALGORITHMS.md §3) rebuilds a block stage that lost every replica from its two
-neighbours, weighted by their last gradient norms. This bench measures recovery *quality*, not
-transport, so it runs in one process: the real model (peer/pipeline/model.py, cut by ``split``),
-the real corpus loader (peer/pipeline/data.py: the stdlib's sources, a training shard and the
-holdout) and the real recovery math (optim/checkfree.py: ``plan_recovery``, ``weighted_average``,
-``uniform_average``, ``copy_neighbor``, ``random_reinit``, ``boosted_lr``).
+neighbours, weighted by their last (post-clip) gradient norms; CheckFree+ rebuilds stage 0 (the
+embedding, final norm and tied head) from the copy of it that block stages 1 and S keep,
+refreshed every `REFRESH_EVERY_STEPS` (5) steps (peer/recovery/edge_copy.py). This bench measures
+recovery *quality*, not transport, so it runs in one process: the real model
+(peer/pipeline/model.py, cut by ``split``), the real corpus loader (peer/pipeline/data.py) and the
+real recovery math (optim/checkfree.py: ``plan_recovery``, ``weighted_average``,
+``post_clip_norm``, ``uniform_average``, ``copy_neighbor``, ``stage_zero_from_edge_copy``,
+``random_reinit``, ``boosted_lr``).
 
 What one seed does:
 
 1. The trunk trains the pipeline (stage 0 plus S block stages, one AdamW per stage with the
-   peer's betas, each stage's gradient clipped on its own, as ``StageHost.apply_gradient`` does)
-   for ``--steps`` steps. Batch ``i`` is a pure function of (shard, seed, i), so every arm sees the
-   same bytes in the same order. The trunk itself is the **no-failure** arm.
-2. At ``--fail-at`` F the trunk is snapshotted (weights, optimizer states, each stage's last
-   pre-clip gradient norm: the norm ``StageHost`` records and a peer reports), just before step
-   F's first microbatch: the moment the lost stage's weights and optimizer state vanish.
-3. Each recovery arm starts from a copy of that snapshot, replaces the lost stage's weights,
-   gives it a fresh AdamW at ``boosted_lr`` (x1.1, every arm alike, so the arms differ only in
-   the weights), and trains steps F..N-1 on the same batches:
-   - ``checkfree``: ``weighted_average`` of stages s-1 and s+1 by their step F-1 gradient norms;
-   - ``uniform``: ``uniform_average`` of the same two;
-   - ``copy``: ``copy_neighbor`` of stage s-1 (the reference code's naive baseline);
-   - ``random``: ``random_reinit`` (matrices ~ N(0, 0.02), norm gains 1: what the stage would
-     be with nothing to recover from).
+   peer's betas, each stage's gradient clipped on its own and its pre-clip norm recorded, as
+   ``StageHost.apply_gradient`` does; stage 0's copy refreshed every 5 steps, as an edge stage
+   does) for ``--steps`` steps. Batch ``i`` is a pure function of (shard, seed, i), so every arm
+   sees the same bytes in the same order. The trunk itself is the **no-failure** arm.
+2. At ``--fail-at`` F the trunk is snapshotted just before step F's first microbatch: the moment
+   the lost stage's weights and optimizer state vanish.
+3. For each lost stage in ``--lost`` and each rule, an arm starts from a copy of that snapshot,
+   replaces the lost stage's weights, gives it a fresh AdamW at ``boosted_lr`` (x1.1, every arm
+   alike, so the arms differ only in the weights), and trains steps F..N-1 on the same batches:
+   - a middle block stage s: ``checkfree`` (``weighted_average`` of s-1 and s+1 by their step
+     F-1 post-clip gradient norms), ``uniform`` (``uniform_average``), ``copy`` (of s-1: the
+     reference code's naive baseline), ``random`` (``random_reinit``: matrices ~ N(0, 0.02));
+   - stage 0: ``checkfree+`` (the edge stages' copy, up to 4 steps old at F) and ``random``
+     (a fresh embedding, norm gains 1: what a holder with nothing to recover from gets).
    ``none`` (not run by default) branches from the snapshot and replaces nothing: it must end
    bit-identical to the no-failure trunk, which checks that branching changes nothing by itself.
 4. Every arm is evaluated on the same held-out batches (mean loss over ``--eval-batches``) right
-   after the rebuild (the jump), ``--early`` steps later, and at the end. Each is reported as a
-   gap to the no-failure arm at the same step, averaged over the seeds. A reference row gives
-   the jump of skipping the lost stage altogether (SkipPipe's way round a missing stage).
+   after the rebuild (the jump), ``--early`` steps later, and at the end, each as a gap to the
+   no-failure arm at the same step, averaged over the seeds. A reference row gives the jump of
+   skipping a lost middle stage altogether (SkipPipe's way round a missing stage).
 
-Default setting, and why. d_model 64, 8 layers cut into 4 block stages of 2 layers; block
-stage 3 is lost (neighbours 2 and 4); seq 64, batch 16, AdamW lr 3e-3 (the run spec's); 450
-steps, the failure at step 300, the last 150 steps decaying linearly to 0.1x lr (a warm-up-free
-WSD schedule, the same in every arm); seeds 0 and 1. About 0.1 s of CPU a step, so
-2 x (300 + 5 x 150) steps took 4 min (3.3 CPU-min) on this shared 2-core box when it was
-quiet, 23 min when five jobs shared it.
-- The lr decay after the failure: with a constant lr the arms' end losses wander by +-0.01 nats
-  (the runs diverge chaotically after the rebuild), as large as the gaps being compared; the
-  decay settles them, so the final gap measures what the rebuild lost, not noise.
-- Stage 3, not stage 2: measured first, losing stage 2 ranked uniform < random < checkfree <
-  copy (random/checkfree 0.95). Its neighbour stage 1 holds layer 0, whose gradient norm is 3-7x
-  the deeper stages' (in this pre-norm model the residual stream grows with depth, so deeper
-  blocks see smaller gradients), so CheckFree's weights were 78-85 % stage 1: nearly a copy,
-  and it landed between the uniform average and the copy. Stage 3's neighbours have similar
-  norms (weights 0.48-0.55), which is the case the rule is meant for; ``--lost 2`` shows the
-  other case.
-- 300 steps before the failure: the paper fails stages after thousands of steps. Failing stage
-  2 at step 1000 instead (``--steps 1150 --fail-at 1000 --lost 2``, seeds 0 and 1) moved random
-  from second to last (mean final gaps uniform 0.050 < checkfree 0.052 < copy 0.056 < random
-  0.060, ratio 1.16) but costs ~1.7x the CPU; the default stays short.
-- A random re-init is nearly the identity at this width: an N(0, 0.02) block's output grows
-  like sqrt(d_model), tiny at 64 (its jump equals the skip-the-stage reference), while at the
-  paper's d_model 1024+ it injects real noise into the residual stream. So "random" here is
-  "skip the stage and relearn it", which SkipPipe shows costs little, and it ends worst by tens
-  of percent, not the paper's 5x (121 vs 22.6 perplexity, after many repeated failures over 10k
-  steps, not one).
+Default setting, and why (issue #16: make it faithful to the paper at a size a shared 2-core
+machine runs). The paper's stages hold 2-4 layers of a model trained for thousands of steps
+before stages fail; its random re-init is destructive at d_model 1024+. Here: d_model 64,
+**12 layers in 4 block stages of 3** (the old default had 2 per stage: a lost stage held less of
+the model, and at this width a fresh block is close to the identity, so "random" cost about what
+skipping a thin stage does); the failure at **step 400 of 600**, when the held-out loss has come
+down most of the way (the printout shows it at step 0 and at the failure); **3 seeds**; seq 64,
+batch 16, AdamW lr 3e-3 (the run spec's); the last 100 steps decaying linearly to 0.1x lr (a
+warm-up-free WSD schedule, the same in every arm), because with a constant lr the arms' end losses
+wander by +-0.01 nats after the rebuild, as large as the gaps compared. Lost stages: 0 and 3 (a
+middle stage whose neighbours 2 and 4 both hold deep layers; ``--lost 0 2 3`` adds stage 2, whose
+neighbour stage 1 holds layer 0 and the largest gradient norms).
 
-Last line: ``recovery: random/checkfree = R``, the ratio of the two arms' mean final gaps to the
-no-failure arm, rounded down (bench/report.py). When CheckFree's gap is <= 0 (it caught up with
-the no-failure run entirely, or the noise put it ahead) the ratio means nothing, and the line says
-so and gives both gaps: ``recovery: random/checkfree = undefined (checkfree gap -0.0003 <= 0:
-ratio undefined; random gap +0.0012)``.
+Last lines: ``stage 0: random/checkfree+ = R0`` and ``recovery: random/checkfree = R``, each the
+ratio of the two arms' mean final gaps to the no-failure arm, rounded down (bench/report.py); R is
+over the middle stage (the smallest over them when several are lost). When CheckFree's gap is
+<= 0 (it caught up with the no-failure run entirely, or the noise put it ahead) the ratio means
+nothing, and the line says so and gives both gaps: ``recovery: random/checkfree = undefined
+(checkfree gap -0.0003 <= 0: ratio undefined; random gap +0.0012)``.
 """
 
 from __future__ import annotations
@@ -72,12 +62,11 @@ import copy
 import math
 import statistics
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
+from bench.recovery_model import Trainee
 from bench.report import rounded
 from optim.checkfree import (
     CheckFreeConfig,
@@ -85,33 +74,37 @@ from optim.checkfree import (
     boosted_lr,
     copy_neighbor,
     plan_recovery,
+    post_clip_norm,
     random_reinit,
+    stage_zero_from_edge_copy,
     uniform_average,
     weighted_average,
 )
-from peer.pipeline.data import Shard, holdout, inputs_targets, load_corpus, shard
+from peer.pipeline.data import Shard, holdout, load_corpus, shard
 from peer.pipeline.model import ModelConfig
-from peer.pipeline.stages import BlockStage, StageZero, init_block_stage, run_pipeline, split
+from peer.pipeline.stages import BlockStage, StageZero, init_block_stage
 
-RECOVERY_ARMS = ("checkfree", "uniform", "copy", "random")
-ARMS = ("no_failure", *RECOVERY_ARMS)
+MIDDLE_ARMS = ("checkfree", "uniform", "copy", "random")
+ZERO_ARMS = ("checkfree+", "random")
+RECOVERY_ARMS = MIDDLE_ARMS  # the middle stage's rules, in table order
+ARMS = ("no_failure", "checkfree", "uniform", "copy", "random", "checkfree+")
 CONTROL_ARM = "none"  # branches from the snapshot, rebuilds nothing
-BETAS = (0.9, 0.95)  # StageHost's AdamW
 DECAY_TO = 0.1
+NO_LOSS = -1  # the `lost` key of the no-failure arm
 
 
 @dataclass(frozen=True)
 class Setting:
     d_model: int = 64
-    n_layers: int = 8
+    n_layers: int = 12
     n_heads: int = 4
     seq_len: int = 64
-    stages: int = 4  # block stages; stage 0 (embedding, head) never fails
-    lost: int = 3  # the block stage that fails, 1-based; it needs two live neighbours
+    stages: int = 4  # block stages; stage 0 holds the embedding, final norm and head
+    lost: tuple[int, ...] = (0, 3)  # stage 0 and/or middle block stages (two live neighbours)
     batch: int = 16
-    steps: int = 450
-    fail_at: int = 300
-    decay: int = 150  # the last `decay` steps decay the lr linearly to DECAY_TO of it
+    steps: int = 600
+    fail_at: int = 400
+    decay: int = 100  # the last `decay` steps decay the lr linearly to DECAY_TO of it
     early: int = 25  # steps after the rebuild at which the recovery is also evaluated
     lr: float = 3e-3
     grad_clip: float = 1.0
@@ -120,9 +113,13 @@ class Setting:
     arms: tuple[str, ...] = ARMS
 
     def __post_init__(self) -> None:
-        if not 1 < self.lost < self.stages:
-            raise SystemExit(f"--lost {self.lost}: a middle block stage (2..{self.stages - 1}) "
-                             "is needed, CheckFree averages both neighbours")
+        if isinstance(self.lost, int):
+            object.__setattr__(self, "lost", (self.lost,))
+        for lost in self.lost:
+            if lost != 0 and not 1 < lost < self.stages:
+                raise SystemExit(f"--lost {lost}: stage 0 or a middle block stage "
+                                 f"(2..{self.stages - 1}) is needed, CheckFree averages both "
+                                 "neighbours")
         if self.n_layers % self.stages:
             raise SystemExit(f"--layers {self.n_layers} must split evenly into --stages "
                              f"{self.stages}: neighbours must hold as many layers as the lost one")
@@ -137,6 +134,11 @@ class Setting:
         if "no_failure" not in self.arms:
             raise SystemExit("the no_failure arm is the baseline every gap is measured against")
 
+    def arms_for(self, lost: int) -> list[str]:
+        """The arms run for a loss of `lost`, in table order (the control arm last)."""
+        rules = ZERO_ARMS if lost == 0 else MIDDLE_ARMS
+        return [a for a in (*rules, CONTROL_ARM) if a in self.arms]
+
     def schedule(self, step: int) -> float:
         """Warm-up-free WSD: 1 until the decay phase, then linearly down to DECAY_TO."""
         start = self.steps - self.decay
@@ -149,86 +151,39 @@ class Setting:
                            seq_len=self.seq_len, seed=seed)
 
 
-@dataclass
-class Trainee:
-    """The pipeline in one process: stage 0, the block stages, one AdamW per module.
-
-    ``modules[0]`` is stage 0, ``modules[s]`` block stage s, so indices match stage numbers.
-    Deep-copied as a whole (modules and optimizers together keep their parameter links).
-    """
-
-    modules: list[nn.Module]
-    optimizers: list[torch.optim.Optimizer]
-    lr: float  # the base learning rate, before the schedule and a stage's boost
-    grad_clip: float
-    lr_scale: list[float] = field(default_factory=list)  # 1.0, or the boost of a rebuilt stage
-    last_norms: list[float] = field(default_factory=list)  # pre-clip, per stage, last step
-
-    @classmethod
-    def build(cls, config: ModelConfig, n_stages: int, lr: float, grad_clip: float) -> Trainee:
-        stage_zero, blocks = split(config, n_stages)
-        modules: list[nn.Module] = [stage_zero, *blocks]
-        return cls(modules, [_adamw(m, lr) for m in modules], lr, grad_clip,
-                   [1.0] * len(modules), [0.0] * len(modules))
-
-    def loss(self, batch: torch.Tensor, skip: int | None = None) -> torch.Tensor:
-        x, y = inputs_targets(batch)
-        stage_zero = self.modules[0]
-        assert isinstance(stage_zero, StageZero)
-        blocks = [m for s, m in enumerate(self.modules) if isinstance(m, BlockStage) and s != skip]
-        loss, _ = run_pipeline(stage_zero, blocks, x, y)
-        return loss
-
-    def train_step(self, batch: torch.Tensor, schedule: float = 1.0) -> float:
-        """One optimizer step for every stage at ``lr * schedule * lr_scale[stage]``; each
-        stage clips its own gradient and records its pre-clip norm (StageHost's order)."""
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=True)
-        loss = self.loss(batch)
-        loss.backward()
-        for s, (module, opt) in enumerate(zip(self.modules, self.optimizers, strict=True)):
-            norm = torch.nn.utils.clip_grad_norm_(list(module.parameters()), self.grad_clip)
-            self.last_norms[s] = float(norm)
-            for group in opt.param_groups:
-                group["lr"] = self.lr * schedule * self.lr_scale[s]
-            opt.step()
-        return float(loss.detach())
-
-    @torch.no_grad()
-    def evaluate(self, batches: Sequence[torch.Tensor], skip: int | None = None) -> float:
-        """Mean held-out loss; ``skip`` leaves that block stage out of the path (SkipPipe)."""
-        return statistics.fmean(float(self.loss(b, skip)) for b in batches)
-
-    def replace(self, stage: int, state: dict[str, torch.Tensor], module: BlockStage,
-                lr_scale: float) -> None:
-        """Install a rebuilt stage: its new weights, a fresh optimizer, its lr boost."""
-        module.load_state_dict(state, strict=True)
-        self.modules[stage] = module
-        self.lr_scale[stage] = lr_scale
-        self.optimizers[stage] = _adamw(module, self.lr * lr_scale)
-
-
-def _adamw(module: nn.Module, lr: float) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=0.0, betas=BETAS)
-
-
 def rebuild(arm: str, trainee: Trainee, setting: Setting, config: ModelConfig,
-            seed: int) -> Recovery:
-    """Rebuild ``setting.lost`` in ``trainee`` by ``arm``'s rule; the old stage is gone."""
-    s, n = setting.lost, setting.stages
+            seed: int, lost: int | None = None) -> Recovery:
+    """Rebuild stage ``lost`` (default: the setting's first middle stage) in ``trainee`` by
+    ``arm``'s rule; the old stage is gone."""
+    s, n = (lost if lost is not None else next(x for x in setting.lost if x)), setting.stages
+    cfg = CheckFreeConfig()
+    if s == 0:
+        fresh_zero = StageZero(config)
+        like = {k: v.clone() for k, v in fresh_zero.state_dict().items()}
+        plan = plan_recovery(0, n, alive=set(range(1, n + 1)), checkfree_plus=True)
+        assert plan.method == "edge_copy", plan
+        if arm == "checkfree+":
+            rec = stage_zero_from_edge_copy(trainee.edge_copy, like)
+        elif arm == "random":
+            rec = random_reinit(like, seed=seed * 100003 + setting.fail_at)
+        else:
+            raise ValueError(f"arm {arm!r} does not rebuild stage 0")
+        trainee.replace(0, rec.state, fresh_zero, boosted_lr(1.0, cfg))
+        return rec
     plan = plan_recovery(s, n, alive=set(range(1, n + 1)) - {s}, checkfree_plus=False)
     if plan.method != "weighted_average":
         raise SystemExit(f"stage {s} of {n} cannot be averaged: {plan.note}")
     prev_i, next_i = plan.sources
-    lost = trainee.modules[s]
-    assert isinstance(lost, BlockStage)
-    fresh = init_block_stage(config, lost.layer_indices)  # names and shapes only: no lost state
+    old = trainee.modules[s]
+    assert isinstance(old, BlockStage)
+    fresh = init_block_stage(config, old.layer_indices)  # names and shapes only: no lost state
     like = {k: v.clone() for k, v in fresh.state_dict().items()}
     prev_state, next_state = (trainee.modules[i].state_dict() for i in (prev_i, next_i))
-    cfg = CheckFreeConfig()
     if arm == "checkfree":
-        rec = weighted_average(prev_state, next_state, trainee.last_norms[prev_i],
-                               trainee.last_norms[next_i], like, cfg)
+        rec = weighted_average(prev_state, next_state,
+                               post_clip_norm(trainee.last_norms[prev_i], trainee.grad_clip),
+                               post_clip_norm(trainee.last_norms[next_i], trainee.grad_clip),
+                               like, cfg)
     elif arm == "uniform":
         rec = uniform_average(prev_state, next_state, like)
     elif arm == "copy":
@@ -250,11 +205,13 @@ class ArmResult:
     final: float
     train_losses: list[float]  # steps fail_at..steps-1
     weights: tuple[float, float] | None = None
-    skipped: float = math.nan  # no_failure only: the loss at fail_at with the lost stage skipped
+    skipped: dict[int, float] = field(default_factory=dict)  # no_failure: loss, stage skipped
+    lost: int = NO_LOSS
 
 
-def run_seed(setting: Setting, seed: int, log: bool = True) -> dict[str, ArmResult]:
-    """Train the trunk (the no-failure arm) and branch every other arm at ``fail_at``."""
+def run_seed(setting: Setting, seed: int, log: bool = True) -> dict[tuple[int, str], ArmResult]:
+    """Train the trunk (the no-failure arm) and branch every other arm at ``fail_at``; keyed
+    by (lost stage, arm), the no-failure arm by (NO_LOSS, "no_failure")."""
     torch.manual_seed(seed)
     config = setting.model(seed)
     corpus = load_corpus(max_bytes=setting.corpus_bytes)
@@ -265,18 +222,21 @@ def run_seed(setting: Setting, seed: int, log: bool = True) -> dict[str, ArmResu
     early_step = setting.fail_at + setting.early
 
     trunk = Trainee.build(config, setting.stages, setting.lr, setting.grad_clip)
+    initial = trunk.evaluate(evals)
     t0 = time.perf_counter()
     for step in range(setting.fail_at):
         trunk.train_step(batches[step], setting.schedule(step))
     snapshot = copy.deepcopy(trunk)
-    skipped = trunk.evaluate(evals, skip=setting.lost)
+    skipped = {s: trunk.evaluate(evals, skip=s) for s in setting.lost if s}
     if log:
-        print(f"  seed {seed}: {setting.fail_at} steps in {time.perf_counter() - t0:.0f} s, "
-              f"held-out loss {trunk.evaluate(evals):.4f} at the failure ({skipped:.4f} with "
-              f"stage {setting.lost} skipped); last gradient norms by stage "
-              + " ".join(f"{n:.3f}" for n in trunk.last_norms), flush=True)
+        print(f"  seed {seed}: held-out loss {initial:.4f} at step 0, "
+              f"{trunk.evaluate(evals):.4f} at the failure (step {setting.fail_at}, "
+              f"{time.perf_counter() - t0:.0f} s); "
+              + "".join(f"{v:.4f} with stage {s} skipped; " for s, v in skipped.items())
+              + "last gradient norms by stage " + " ".join(f"{n:.3f}" for n in trunk.last_norms),
+              flush=True)
 
-    def finish(arm: str, trainee: Trainee, weights: tuple[float, float] | None) -> ArmResult:
+    def finish(lost: int, arm: str, trainee: Trainee, weights) -> ArmResult:
         after = trainee.evaluate(evals)
         losses, early = [], math.nan
         for step in range(setting.fail_at, setting.steps):
@@ -285,55 +245,78 @@ def run_seed(setting: Setting, seed: int, log: bool = True) -> dict[str, ArmResu
             losses.append(trainee.train_step(batches[step], setting.schedule(step)))
         final = trainee.evaluate(evals)
         early = final if math.isnan(early) else early  # early == steps - fail_at
-        result = ArmResult(arm, seed, after, early, final, losses, weights)
+        result = ArmResult(arm, seed, after, early, final, losses, weights, lost=lost)
         if log:
-            print(f"  seed {seed} {arm:<10} after rebuild {after:.4f}  final {result.final:.4f}",
-                  flush=True)
+            print(f"  seed {seed} stage {lost if lost >= 0 else '-'} {arm:<10} after rebuild "
+                  f"{after:.4f}  final {result.final:.4f}", flush=True)
         return result
 
-    results = {"no_failure": finish("no_failure", trunk, None)}
-    results["no_failure"].skipped = skipped
-    for arm in setting.arms:
-        if arm == "no_failure":
-            continue
-        branch = copy.deepcopy(snapshot)
-        weights = None
-        if arm != CONTROL_ARM:
-            weights = rebuild(arm, branch, setting, config, seed).weights
-        results[arm] = finish(arm, branch, weights)
+    results = {(NO_LOSS, "no_failure"): finish(NO_LOSS, "no_failure", trunk, None)}
+    results[(NO_LOSS, "no_failure")].skipped = skipped
+    for lost in setting.lost:
+        for arm in setting.arms_for(lost):
+            branch = copy.deepcopy(snapshot)
+            weights = None
+            if arm != CONTROL_ARM:
+                weights = rebuild(arm, branch, setting, config, seed, lost).weights
+            results[(lost, arm)] = finish(lost, arm, branch, weights)
     return results
 
 
-def summarize(setting: Setting, runs: list[dict[str, ArmResult]]) -> tuple[list[str], str]:
-    """The table rows (means over seeds, gaps to the no-failure arm) and the ratio line."""
+def _ratio(gaps: dict[str, float], cf_arm: str) -> tuple[str, float]:
+    cf, rnd = gaps[cf_arm], gaps["random"]
+    if cf > 0:
+        return rounded(rnd / cf, 2, down=True), rnd / cf
+    return (f"undefined ({cf_arm} gap {cf:+.4f} <= 0: ratio undefined; random gap "
+            f"{rnd:+.4f})"), math.inf
 
-    def mean_gap(arm: str, what: str) -> tuple[float, float]:
-        per_seed = [getattr(r[arm], what) - getattr(r["no_failure"], what) for r in runs]
+
+def summarize(setting: Setting, runs: list[dict[tuple[int, str], ArmResult]]
+              ) -> tuple[list[str], str]:
+    """The table rows (means over seeds, gaps to the no-failure arm) and the ratio line."""
+    base = (NO_LOSS, "no_failure")
+
+    def mean_gap(key: tuple[int, str], what: str) -> tuple[float, float]:
+        per_seed = [getattr(r[key], what) - getattr(r[base], what) for r in runs]
         sd = statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0
         return statistics.fmean(per_seed), sd
 
-    rows = [f"{'arm':<11} {'jump':>8} {f'gap@+{setting.early}':>9} {'final':>8} "
+    rows = [f"{'lost':<5} {'arm':<11} {'jump':>8} {f'gap@+{setting.early}':>9} {'final':>8} "
             f"{'gap':>8} {'gap sd':>7}"]
-    gaps: dict[str, float] = {}
-    for arm in setting.arms:
-        gaps[arm], sd = mean_gap(arm, "final")
-        rows.append(f"{arm:<11} {mean_gap(arm, 'after_rebuild')[0]:>+8.4f} "
-                    f"{mean_gap(arm, 'early')[0]:>+9.4f} "
-                    f"{statistics.fmean(r[arm].final for r in runs):>8.4f} "
-                    f"{gaps[arm]:>+8.4f} {sd:>7.4f}")
-    skip_jump = statistics.fmean(r["no_failure"].skipped - r["no_failure"].after_rebuild
-                                 for r in runs)
-    rows.append(f"(reference: skipping stage {setting.lost} at step {setting.fail_at} instead of "
-                f"rebuilding it: jump {skip_jump:+.4f})")
-    ranked = sorted((a for a in RECOVERY_ARMS if a in gaps), key=lambda a: gaps[a])
-    rows.append("measured ordering by final gap (smallest first): " + " < ".join(ranked))
-    if "checkfree" in gaps and "random" in gaps:
-        cf, rnd = gaps["checkfree"], gaps["random"]
-        ratio = (rounded(rnd / cf, 2, down=True) if cf > 0 else
-                 f"undefined (checkfree gap {cf:+.4f} <= 0: ratio undefined; random gap "
-                 f"{rnd:+.4f})")
-    else:
-        ratio = "n/a"
+    keys = [base, *(k for k in runs[0] if k != base)]
+    gaps: dict[int, dict[str, float]] = {}
+    for key in keys:
+        lost, arm = key
+        gap, sd = mean_gap(key, "final")
+        gaps.setdefault(lost, {})[arm] = gap
+        rows.append(f"{lost if lost >= 0 else '-':<5} {arm:<11} "
+                    f"{mean_gap(key, 'after_rebuild')[0]:>+8.4f} "
+                    f"{mean_gap(key, 'early')[0]:>+9.4f} "
+                    f"{statistics.fmean(r[key].final for r in runs):>8.4f} {gap:>+8.4f} {sd:>7.4f}")
+    for s in sorted({lost for lost, _ in keys if lost > 0}):
+        if not all(s in r[base].skipped for r in runs):
+            continue
+        jump = statistics.fmean(r[base].skipped[s] - r[base].after_rebuild for r in runs)
+        rows.append(f"(reference: skipping stage {s} at step {setting.fail_at} instead of "
+                    f"rebuilding it: jump {jump:+.4f})")
+    middle: list[tuple[float, str]] = []
+    zero_line = []
+    for lost, by_arm in sorted(gaps.items()):
+        if lost == NO_LOSS:
+            continue
+        rules = ZERO_ARMS if lost == 0 else MIDDLE_ARMS
+        ranked = sorted((a for a in rules if a in by_arm), key=lambda a: by_arm[a])
+        rows.append(f"stage {lost} lost, ordering by final gap (smallest first): "
+                    + " < ".join(ranked))
+        cf_arm = "checkfree+" if lost == 0 else "checkfree"
+        if cf_arm in by_arm and "random" in by_arm:
+            text, value = _ratio(by_arm, cf_arm)
+            if lost == 0:
+                zero_line.append(f"stage 0: random/checkfree+ = {text}")
+            else:
+                middle.append((value, text))
+    rows += zero_line
+    ratio = min(middle)[1] if middle else "n/a"
     return rows, f"recovery: random/checkfree = {ratio}"
 
 
@@ -351,27 +334,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heads", type=int, default=d.n_heads)
     ap.add_argument("--seq", type=int, default=d.seq_len)
     ap.add_argument("--stages", type=int, default=d.stages, help="block stages")
-    ap.add_argument("--lost", type=int, default=d.lost, help="the block stage that fails")
+    ap.add_argument("--lost", type=int, nargs="+", default=list(d.lost),
+                    help="the stages that fail (one at a time): 0 and/or middle block stages")
     ap.add_argument("--batch", type=int, default=d.batch)
     ap.add_argument("--lr", type=float, default=d.lr)
     ap.add_argument("--eval-batches", type=int, default=d.eval_batches)
     ap.add_argument("--corpus-mib", type=float, default=d.corpus_bytes / 2**20)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--arms", nargs="+", default=list(ARMS),
                     help=f"from {[*ARMS, CONTROL_ARM]}; {CONTROL_ARM!r} is the no-event control")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     setting = Setting(d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
-                      seq_len=args.seq, stages=args.stages, lost=args.lost, batch=args.batch,
-                      steps=args.steps, fail_at=args.fail_at, decay=args.decay,
-                      early=args.early, lr=args.lr,
+                      seq_len=args.seq, stages=args.stages, lost=tuple(args.lost),
+                      batch=args.batch, steps=args.steps, fail_at=args.fail_at,
+                      decay=args.decay, early=args.early, lr=args.lr,
                       eval_batches=args.eval_batches,
                       corpus_bytes=int(args.corpus_mib * 2**20), arms=tuple(args.arms))
     print(f"recovery bench: d_model {setting.d_model}, {setting.n_layers} layers in "
-          f"{setting.stages} block stages, block stage {setting.lost} lost at step "
-          f"{setting.fail_at} of {setting.steps}; seq {setting.seq_len}, batch {setting.batch}, "
-          f"AdamW lr {setting.lr:g}, the last {setting.decay} steps decaying to "
+          f"{setting.stages} block stages, stages {list(setting.lost)} lost (one at a time) at "
+          f"step {setting.fail_at} of {setting.steps}; seq {setting.seq_len}, batch "
+          f"{setting.batch}, AdamW lr {setting.lr:g}, the last {setting.decay} steps decaying to "
           f"{DECAY_TO:g}x (rebuilt stage x{CheckFreeConfig().lr_boost:g}); "
           f"seeds {args.seeds}; held-out loss in nats/byte over {setting.eval_batches} batches",
           flush=True)
@@ -379,10 +363,11 @@ def main(argv: list[str] | None = None) -> int:
     runs = [run_seed(setting, seed) for seed in args.seeds]
     rows, last = summarize(setting, runs)
     for run in runs:
-        if (w := run.get("checkfree")) is not None and w.weights is not None:
-            a, b = w.weights
-            print(f"  seed {w.seed}: checkfree weights s-1 {a / (a + b):.3f}, "
-                  f"s+1 {b / (a + b):.3f}")
+        for (lost, arm), w in run.items():
+            if arm == "checkfree" and w.weights is not None:
+                a, b = w.weights
+                print(f"  seed {w.seed}, stage {lost}: checkfree weights s-1 {a / (a + b):.3f}, "
+                      f"s+1 {b / (a + b):.3f}")
     print(f"({time.perf_counter() - start:.0f} s)")
     for row in rows:
         print(row)
