@@ -23,6 +23,17 @@ coefficient) and with sign bits (Psyche's wire: 2 bytes of index, 1 bit of sign,
 chunk), both chunk 64, k 32; diloco H = 100 with int8 pseudo-gradients. DeMo is an all-gather
 relayed by the round's leader, so each replica downloads every replica's packets.
 
+Streaming DiLoCo (`sync.diloco.streaming_fragments` = P, ALGORITHMS.md §6b): H = --stream-h
+(default 128), P = 4 fragments (one round of 1/P of the stage every H/P steps), tau = 1,
+alpha = 0.5, int4 pseudo-gradients (1024 values per fp32 scale), inner AdamW at the allreduce
+arm's lr (`optim.lr`, --stream-lr) so that the two differ only in how they sync. Its two runs
+end at H and 2H: between them every fragment syncs exactly once, so the figure is one whole
+model's rounds over H steps, like DiLoCo's. Its loss is held against allreduce trained the same
+2H steps (the same tokens: one extra allreduce run of 2H steps, its loss only):
+gap = (streaming - allreduce) / allreduce, target <= 3 %, each loss the mean of the stage-0
+driver's logged training losses over the last eighth of the run (steps 7H/4..2H: one step's
+loss on 8 sequences swings by ~10 %, so the table's 4-step mean would compare noise).
+
 SPSA (J = 1 direction per stage-0 peer and step, forward passes only): its sync bytes are the
 stage-0 driver's, kind `sync:spsa` (peer/sync/spsa_driver.py): per step one PostSpsa to the
 coordinator (step + the int8 code; the closing reply is received, not counted in the sent
@@ -32,9 +43,10 @@ C = S / (block replicas + coordinator) = bytes per copy of one peer's message pe
 of payload (the code) plus protobuf framing (field tags, lengths, the step number in the post).
 The peer ids and the step barrier of StepEnd are sent in every mode and counted in none.
 
-Last line: `bandwidth: allreduce/demo = A, allreduce/diloco = B, spsa_bytes_per_step = C`
-(A with the sign-bit wire; targets A >= 100, B >= 400, C <= 16; each rounded toward missing its
-target, A and B down, C up: bench/report.py; the line above holds the verdicts).
+Last line: `bandwidth: allreduce/demo = A, allreduce/diloco = B, spsa_bytes_per_step = C,
+allreduce/streaming = S` (A with the sign-bit wire; targets A >= 100, B >= 400, C <= 16,
+S >= 1000; each rounded toward missing its target, A, B and S down, C up: bench/report.py; the
+line above holds the verdicts, the streaming loss gap's among them).
 """
 
 from __future__ import annotations
@@ -56,7 +68,9 @@ MODEL = {"model.d_model": 256, "model.n_layers": 2, "model.n_heads": 8, "model.s
          "sync.timeout_s": 20.0, "membership.heartbeat_s": 0.5, "membership.lease_s": 10.0}
 LAYOUT = [0, 1, 1]  # one stage-0 driver, two replicas of the block stage
 TARGETS = (Target("allreduce/demo", 100.0, digits=1), Target("allreduce/diloco", 400.0, digits=1),
-           Target("spsa_bytes_per_step", 16.0, at_least=False, digits=1))
+           Target("spsa_bytes_per_step", 16.0, at_least=False, digits=1),
+           Target("allreduce/streaming", 1000.0, digits=1))
+LOSS_GAP = Target("streaming loss gap vs allreduce", 3.0, at_least=False, digits=2, unit="%")
 
 
 def block_stage_params(spec: RunSpec) -> int:
@@ -77,6 +91,8 @@ class Arm:
     long: int
     final: dict[int, float] = field(default_factory=dict)  # steps -> mean sync bytes per replica
     loss: float = float("nan")
+    loss_only: bool = False  # trained once, `long` steps, for its loss
+    tail_loss: float = float("nan")  # mean training loss of the last eighth of the steps
 
     @property
     def kind(self) -> str:
@@ -144,19 +160,16 @@ def run_arm(work: Path, arm: Arm, steps: int) -> None:
         arm.final[steps] = sum(final.values()) / len(final)
         rows = [r for r in read_metrics(swarm.logs) if r.get("loss") is not None]
         arm.loss = sum(r["loss"] for r in rows[-4:]) / max(len(rows[-4:]), 1)
+        tail = rows[-max(4, steps // 8):]
+        arm.tail_loss = sum(r["loss"] for r in tail) / max(len(tail), 1)
     finally:
         swarm.stop(grace=10)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=30, help="steps of the every-step modes")
-    ap.add_argument("--warmup", type=int, default=10, help="steps not counted")
-    ap.add_argument("--inner-steps", type=int, default=100, help="DiLoCo's H")
-    ap.add_argument("--only", help="run only the modes whose label starts with this")
-    args = ap.parse_args(argv)
-    h = args.inner_steps
-    arms = [
+def make_arms(args: argparse.Namespace) -> list[Arm]:
+    """The bench's arms, in table order (the last one, allreduce at 2H steps, is loss only)."""
+    h, sh = args.inner_steps, args.stream_h
+    return [
         Arm("allreduce", {"sync.mode": "allreduce"}, args.warmup, args.steps),
         Arm("demo (fp32 values)", {"sync.mode": "demo"}, args.warmup, args.steps),
         Arm("demo (sign bits)", {"sync.mode": "demo", "sync.demo.sign_bits": True},
@@ -166,18 +179,45 @@ def main(argv: list[str] | None = None) -> int:
                                       "sync.diloco.quant": "int8"}, h, 2 * h),
         Arm("spsa (J=1, int8)", {"sync.mode": "spsa", "sync.spsa.lr": 1e-3}, args.warmup,
             args.steps),
+        Arm(f"streaming (H={sh}, P={args.fragments}, int4)", {
+            "sync.mode": "diloco", "sync.diloco.inner_steps": sh, "sync.diloco.quant": "int4",
+            "sync.diloco.streaming_fragments": args.fragments,
+            "sync.diloco.streaming_delay": args.delay, "sync.diloco.streaming_alpha": args.alpha,
+            "sync.diloco.inner_lr": args.stream_lr}, sh, 2 * sh),
+        Arm(f"allreduce ({2 * sh} steps)", {"sync.mode": "allreduce"}, 2 * sh, 2 * sh,
+            loss_only=True),
     ]
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=30, help="steps of the every-step modes")
+    ap.add_argument("--warmup", type=int, default=10, help="steps not counted")
+    ap.add_argument("--inner-steps", type=int, default=100, help="DiLoCo's H")
+    ap.add_argument("--stream-h", type=int, default=128, help="streaming DiLoCo's H")
+    ap.add_argument("--fragments", type=int, default=4, help="streaming DiLoCo's P")
+    ap.add_argument("--delay", type=int, default=1, help="streaming DiLoCo's tau")
+    ap.add_argument("--alpha", type=float, default=0.5, help="streaming DiLoCo's alpha")
+    ap.add_argument("--stream-lr", type=float, default=RunSpec().optim.lr,
+                    help="streaming DiLoCo's inner lr (default: allreduce's optim.lr)")
+    ap.add_argument("--only", help="run only the modes whose label starts with this")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    arms = make_arms(args)
     if args.only:
         arms = [a for a in arms if a.label.startswith(args.only)]
     tmp = Path(tempfile.mkdtemp(prefix="shoal-bench-bandwidth-"))
     for i, arm in enumerate(arms):
-        for steps in (arm.short, arm.long):
+        for steps in (arm.long,) if arm.loss_only else (arm.short, arm.long):
             run_arm(tmp / f"{i}-{steps}", arm, steps)  # on failure the logs stay in tmp
     shutil.rmtree(tmp, ignore_errors=True)
-    if len(arms) < 5:
+    if len(arms) < 7:
         for arm in arms:
-            print(f"{arm.label}: {arm.per_step():,.0f} B per block replica and step; loss "
-                  f"{arm.loss:.3f}")
+            per = "" if arm.loss_only else f"{arm.per_step():,.0f} B per block replica and step; "
+            print(f"{arm.label}: {per}loss {arm.loss:.3f} (last eighth {arm.tail_loss:.3f})")
         return 0
     base = arms[0].per_step()
     spec = RunSpec().replace(**MODEL)
@@ -191,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
           "peers' wire counters)")
     print(f"{'mode':<22} {'steps':>9} {'bytes/step':>12} {'vs dense':>9} {'allreduce/x':>12} "
           f"{'loss':>7}")
-    for arm in arms:
+    for arm in arms[:6]:
         b = arm.per_step()
         print(f"{arm.label:<22} {f'{arm.short}..{arm.long}':>9} {b:>12,.0f} {b / dense:>9.4f} "
               f"{rounded(base / b, 1, down=True):>12} {arm.loss:>7.3f}")
@@ -202,8 +242,15 @@ def main(argv: list[str] | None = None) -> int:
           f"{rounded(base / arms[1].per_step(), 1, down=True)}; spsa: the "
           f"driver sends {arms[4].per_step():.1f} B per step to {recipients} recipients, "
           f"{spsa_c:.1f} B per copy of its 1-byte code)")
-    figures = [demo_ratio, base / arms[3].per_step(), spsa_c]
-    print(targets_line(list(zip(TARGETS, figures, strict=True))))
+    stream, equal = arms[5], arms[6]
+    gap = 100.0 * (stream.tail_loss - equal.tail_loss) / equal.tail_loss
+    print(f"(streaming: mean loss {stream.tail_loss:.3f} over steps {stream.long * 7 // 8 + 1}"
+          f"..{stream.long}, allreduce {equal.tail_loss:.3f} over the same steps (last 4: "
+          f"{equal.loss:.3f}): gap {gap:+.2f} %; "
+          f"H = {args.stream_h}, P = {args.fragments}, tau = {args.delay}, "
+          f"alpha = {args.alpha}, inner lr {args.stream_lr:g})")
+    figures = [demo_ratio, base / arms[3].per_step(), spsa_c, base / stream.per_step()]
+    print(targets_line([*zip(TARGETS, figures, strict=True), (LOSS_GAP, gap)]))
     print("bandwidth: " + ", ".join(f"{t.name} = {t.figure(v)}"
                                     for t, v in zip(TARGETS, figures, strict=True)))
     return 0

@@ -62,13 +62,17 @@ def test_bandwidth_bench_small(capsys) -> None:
     """bench/bandwidth.py end to end at a small size (10 short swarms, ~3 minutes)."""
     from bench import bandwidth
 
-    assert bandwidth.main(["--steps", "6", "--warmup", "3", "--inner-steps", "3"]) == 0
+    assert bandwidth.main(["--steps", "6", "--warmup", "3", "--inner-steps", "3",
+                           "--stream-h", "4", "--fragments", "2", "--delay", "1"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     m = re.fullmatch(r"bandwidth: allreduce/demo = ([\d.]+), allreduce/diloco = ([\d.]+), "
-                     r"spsa_bytes_per_step = ([\d.]+)", lines[-1])
+                     r"spsa_bytes_per_step = ([\d.]+), allreduce/streaming = ([\d.]+)",
+                     lines[-1])
     assert m, lines[-1]
     assert float(m.group(1)) > 50 and float(m.group(2)) > 3 * 0.9 * 3
     assert 0 < float(m.group(3)) <= 16
+    assert float(m.group(4)) > 4 * 8 * 0.9  # int4 at H = 4: 8x fewer bytes per value, / H
+    assert "streaming loss gap vs allreduce = " in lines[-2]
 
 
 def test_async_diloco_swarm_trains_and_replicas_agree_after_the_flush(swarm_of) -> None:
@@ -78,6 +82,22 @@ def test_async_diloco_swarm_trains_and_replicas_agree_after_the_flush(swarm_of) 
                                 "sync.diloco.inner_steps": 5, "sync.diloco.inner_lr": 3e-3,
                                 "sync.diloco.inner_weight_decay": 0.0,
                                 "sync.diloco.delayed": True})
+    swarm = swarm_of(spec)
+    train_and_check(swarm, drop=0.3)
+    logs = "".join(f.read_text() for f in swarm.logs.glob("peer*.log"))
+    assert "re-downloading" not in logs
+
+
+@pytest.mark.slow
+def test_streaming_diloco_swarm_trains_and_replicas_agree(swarm_of) -> None:
+    """sync.diloco.streaming_fragments: 2 fragments synced in turn every 5 steps over the wire
+    in int4, each merged (alpha 0.5) one step later; the replicas share one hash at the end."""
+    spec = RunSpec().replace(**{**TINY, "run.steps": STEPS, "sync.mode": "diloco",
+                                "sync.diloco.inner_steps": 10, "sync.diloco.inner_lr": 3e-3,
+                                "sync.diloco.inner_weight_decay": 0.0,
+                                "sync.diloco.quant": "int4",
+                                "sync.diloco.streaming_fragments": 2,
+                                "sync.diloco.streaming_delay": 1})
     swarm = swarm_of(spec)
     train_and_check(swarm, drop=0.3)
     logs = "".join(f.read_text() for f in swarm.logs.glob("peer*.log"))
