@@ -25,7 +25,9 @@ attested step may lag a driver's for a heartbeat. Older steps cannot be replayed
 Verified SPSA (`sync.spsa.verify` = p > 0, coordinator/spsa_verify.py): the ledger assigns
 some contributions of each step to other stage-0 peers, which post their recomputations with
 their own codes; when the step closes, a contribution its recomputation contradicts is struck
-from the closed set and listed in `flagged`, so no replica ever applies it. The closure rule is
+from the closed set and listed in `flagged`, so no replica ever applies it; with
+`sync.spsa.verify_repair` the struck direction stays in the set with the verifier's codes instead
+(the step keeps N directions, as if the contributor had been honest). The closure rule is
 unchanged: a verifier is an expected poster anyway, so the step waits for its checks.
 
 Torch-free, like everything in coordinator/: messages are peer ids and int8 codes, kept as
@@ -90,12 +92,14 @@ class SpsaLedger:
     """Closes SPSA steps and keeps the recent history (see the module docstring)."""
 
     def __init__(self, directions: int, timeout_s: float, keep_steps: int = 10_000,
-                 verify: float = 0.0, tolerance: int = 2, key: bytes | None = None) -> None:
+                 verify: float = 0.0, tolerance: int = 2, key: bytes | None = None,
+                 repair: bool = False) -> None:
         if directions < 1:
             raise ValueError(f"directions must be >= 1, got {directions}")
         self.directions = directions
         #: verified SPSA (sync.spsa.verify > 0): assignments, verdicts, suspects
         self.verification = Verification(verify, tolerance, key) if verify > 0 else None
+        self.repair = repair  # sync.spsa.verify_repair
         self.timeout_s = timeout_s
         self.keep_steps = keep_steps
         self.base_step = 1  # first step held
@@ -195,7 +199,11 @@ class SpsaLedger:
                 flagged = self.verification.judge(
                     self.next_step, {p: c for p, c in rnd.posted.items() if c}, rnd.shards,
                     rnd.checks)
-            peers = tuple(sorted(p for p, c in rnd.posted.items() if c and p not in flagged))
+            if self.repair:  # a struck direction is applied with its verifier's codes
+                for x in flagged:
+                    rnd.posted[x] = rnd.checks[x][1]
+            peers = tuple(sorted(p for p, c in rnd.posted.items()
+                                 if c and (self.repair or p not in flagged)))
             codes = b"".join(rnd.posted[p] for p in peers)
             self._closed.append(ClosedStep(self.next_step, peers, codes, tuple(flagged)))
             self._unsaved.append(self._closed[-1])

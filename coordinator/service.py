@@ -131,7 +131,8 @@ class CoordinatorService:
         self._saved_meta: dict[str, str] = {}
         self.spsa_ledger = (SpsaLedger(spec.sync.spsa.samples_per_step, spec.sync.timeout_s,
                                        verify=spec.sync.spsa.verify,
-                                       tolerance=spec.sync.spsa.verify_tolerance)
+                                       tolerance=spec.sync.spsa.verify_tolerance,
+                                       repair=spec.sync.spsa.verify_repair)
                             if spec.sync.keeps_ledger else None)
         self.beat_kinds = heartbeat_kinds(spec.sync.mode)
         ms = spec.membership

@@ -46,6 +46,11 @@ class ModelSection:
     n_heads: int = 4
     seq_len: int = 64
     vocab: int = 256
+    # A local Hugging Face LlamaForCausalLM / Qwen2ForCausalLM folder (docs/models.md), the same
+    # path on every peer; "" is the built-in byte-level decoder. d_model, n_layers, n_heads and
+    # vocab must then be the folder's (shoal demo --model fills them in).
+    hf: str = ""
+    hf_weights: bool = True  # false: the folder's config alone, weights drawn from run.seed
 
 
 @dataclass(frozen=True)
@@ -134,6 +139,7 @@ class SpsaSection:
     perturbation: str = "rademacher"  # z: "rademacher" (+-1) or "gaussian" (optim/spsa_z.py)
     verify: float = 0.0  # p: fraction of contributions a stage-0 peer recomputes (0: off)
     verify_tolerance: int = 2  # codes a recomputed contribution may differ by (fp noise)
+    verify_repair: bool = True  # a struck contribution is applied with its verifier's codes
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
 
 
@@ -216,12 +222,21 @@ class RunSpec:
         m, p, s = self.model, self.pipeline, self.sync
         _check(m.d_model >= 8, "model.d_model", "an integer >= 8", m.d_model)
         _check(m.n_heads >= 1, "model.n_heads", "an integer >= 1", m.n_heads)
-        _check(m.d_model % m.n_heads == 0, "model.d_model", "divisible by model.n_heads", m.d_model)
-        _check((m.d_model // m.n_heads) % 2 == 0, "model.d_model",
-               "such that d_model / n_heads is even (rotary embeddings)", m.d_model)
+        if not m.hf:  # a Hugging Face config may set head_dim on its own
+            _check(m.d_model % m.n_heads == 0, "model.d_model", "divisible by model.n_heads",
+                   m.d_model)
+            _check((m.d_model // m.n_heads) % 2 == 0, "model.d_model",
+                   "such that d_model / n_heads is even (rotary embeddings)", m.d_model)
         _check(m.n_layers >= 1, "model.n_layers", "an integer >= 1", m.n_layers)
         _check(m.seq_len >= 2, "model.seq_len", "an integer >= 2", m.seq_len)
-        _check(m.vocab == 256, "model.vocab", "256 (the model is byte-level)", m.vocab)
+        if m.hf:  # the data are bytes until a tokenizer feeds them: ids 0-255 must exist
+            _check(m.vocab >= 256, "model.vocab", ">= 256 for a Hugging Face model (the data "
+                   "are bytes, ids 0-255)", m.vocab)
+            _check(not p.checkfree_plus, "pipeline.checkfree_plus",
+                   "false with model.hf (its edge copies know the built-in decoder only)",
+                   p.checkfree_plus)
+        else:
+            _check(m.vocab == 256, "model.vocab", "256 (the model is byte-level)", m.vocab)
         _check(p.stages >= 1, "pipeline.stages", "an integer >= 1", p.stages)
         _check(p.stages <= m.n_layers, "pipeline.stages",
                f"at most model.n_layers ({m.n_layers}): each stage needs a layer", p.stages)

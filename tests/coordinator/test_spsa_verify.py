@@ -72,6 +72,15 @@ def test_a_contradicted_contribution_is_struck_from_the_closed_step() -> None:
     assert led.verification.suspects == {"d": SUSPECT_CLEAR}
 
 
+def test_with_repair_a_struck_direction_is_applied_with_the_verifiers_codes() -> None:
+    led = SpsaLedger(directions=1, timeout_s=5.0, verify=1.0, tolerance=2, key=KEY, repair=True)
+    codes = {"a": i8(10), "b": i8(-20), "c": i8(30), "d": i8(99)}
+    _post_all(led, 1, codes, recompute={"d": i8(-40)})
+    closed = led.steps(1)[0]
+    assert closed.flagged == ("d",)
+    assert closed.peers == ("a", "b", "c", "d") and closed.codes == i8(10, -20, 30, -40)
+
+
 def test_a_suspect_is_checked_every_step_until_it_passes_enough() -> None:
     led = SpsaLedger(directions=1, timeout_s=5.0, verify=0.25, tolerance=2, key=KEY)
     v = led.verification

@@ -166,3 +166,27 @@ def test_several_directions_per_peer_apply_identically() -> None:
     assert one.state_hash() != hosts[0].state_hash()
     with pytest.raises(StageError):
         mode.offer(2, ["a"], from_codes([1]))  # J = 2 codes per peer
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_a_verifier_recomputes_the_contributors_stream_bit_for_bit(kind: str) -> None:
+    """Verified SPSA: a block replica serving a verifier's Forward with meta of=X perturbs with
+    X's seed, so the verifier gets exactly the [h+; h-] X got (and any other seed differs)."""
+    from protocols import shoal_pb2 as pb
+
+    spec = SPEC.replace(**{"sync.spsa.perturbation": kind})
+    host, mode = StageHost(spec, 1), SpsaMode(spec)
+    x = torch.randn(2, 8, 32)
+    x2 = torch.cat([x, x])
+    own = pb.CallHeader(kind="forward", step=4, stage=1, sender="peer-x")
+    own.meta.update({"mode": "spsa", "j": "0"})
+    check = pb.CallHeader(kind="forward", step=4, stage=1, sender="peer-v")
+    check.meta.update({"mode": "spsa", "j": "0", "of": "peer-x"})
+    plain = pb.CallHeader(kind="forward", step=4, stage=1, sender="peer-v")
+    plain.meta.update({"mode": "spsa", "j": "0"})
+    got_own = mode.serve_forward(host, own, x2)
+    assert torch.equal(mode.serve_forward(host, check, x2), got_own)
+    assert not torch.equal(mode.serve_forward(host, plain, x2), got_own)
+    check.meta["of"] = "x" * 129
+    with pytest.raises(StageError, match="not a peer id"):
+        mode.serve_forward(host, check, x2)
