@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="run seed (default: --config's, else 0)")
     p.add_argument("--init-model", help="start from an exported model (a folder with "
                    "model.safetensors)")
+    p.add_argument("--model", help="train a local Hugging Face LlamaForCausalLM or "
+                   "Qwen2ForCausalLM folder (config.json + safetensors) instead of the built-in "
+                   "byte model (docs/models.md)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("coordinator", help="the membership service and dashboard")

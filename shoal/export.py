@@ -143,12 +143,15 @@ async def export_to(out: str | Path, coordinator: str, identity: Identity,
                     fingerprint: str | None = None) -> Path:
     spec, _, states = await pull_stage_states(coordinator, identity, token,
                                               plaintext=plaintext, fingerprint=fingerprint)
-    full = assemble(states[0][0], [s for s, _ in states[1:]])
     steps = sorted({step for _, step in states})
-    return save_model(out, model_config(spec), full, metadata={
-        "run": spec.run.name, "sync": spec.sync.mode, "steps": ",".join(map(str, steps)),
-        "run_spec": spec.to_toml(),
-    })
+    metadata = {"run": spec.run.name, "sync": spec.sync.mode,
+                "steps": ",".join(map(str, steps)), "run_spec": spec.to_toml()}
+    if spec.model.hf:  # a Hugging Face model in: out as the same model, trained
+        from shoal.hf_export import save_hf_model
+
+        return save_hf_model(out, spec.model.hf, [s for s, _ in states], metadata)
+    full = assemble(states[0][0], [s for s, _ in states[1:]])
+    return save_model(out, model_config(spec), full, metadata=metadata)
 
 
 async def pipeline_logits(coordinator: str, identity: Identity, token: str | None,

@@ -93,7 +93,7 @@ def demo_spec(args: argparse.Namespace) -> RunSpec:
 
     stages, steps, sync, seed = (resolve(f) for f in ("stages", "steps", "sync", "seed"))
     defaults: dict[str, object] = dict(DEMO_DEFAULTS)
-    if sync == "spsa" and not args.init_model:
+    if sync == "spsa" and not args.init_model and not getattr(args, "model", None):
         defaults.update({**SPSA_DEMO_DEFAULTS, "model.n_layers": max(2, int(stages))})
     if sync == "diloco":
         defaults["sync.diloco.inner_steps"] = demo_inner_steps(int(steps))
@@ -105,6 +105,8 @@ def demo_spec(args: argparse.Namespace) -> RunSpec:
         c = load_config(args.init_model)
         values.update({"model.d_model": c.d_model, "model.n_layers": c.n_layers,
                        "model.n_heads": c.n_heads, "model.seq_len": c.seq_len})
+    if getattr(args, "model", None):  # a Hugging Face folder: its config fixes the shape
+        values.update(hf_model_keys(args.model))
     values.update({"pipeline.stages": stages, "run.steps": steps, "sync.mode": sync,
                    "run.seed": seed})
     spec = RunSpec().replace(**values)
@@ -259,6 +261,18 @@ def _dead_peer(swarm: Swarm) -> str | None:
             return (f"peer {i} exited with code {p.returncode} before the run ended (log: {log}):"
                     "\n  " + "\n  ".join(tail))
     return None
+
+
+def hf_model_keys(directory: str) -> dict[str, object]:
+    """Run spec keys for `shoal demo --model DIR` (a local Hugging Face folder, docs/models.md)."""
+    from peer.pipeline.hf import HFConfig, HFModelError
+
+    try:
+        c = HFConfig.read(directory)
+    except HFModelError as exc:
+        raise SystemExit(f"shoal demo: --model: {exc}") from None
+    return {"model.hf": str(Path(directory).resolve()), "model.d_model": c.hidden_size,
+            "model.n_layers": c.n_layers, "model.n_heads": c.n_heads, "model.vocab": c.vocab_size}
 
 
 def _on_sigterm(signum: int, frame: object) -> None:

@@ -195,6 +195,14 @@ class HFStageZero(nn.Module):
         weight = self.model.embed_tokens.weight if self.c.tied else self.lm_head.weight
         return F.linear(self.model.norm(h), weight)
 
+    def head_loss(self, h: torch.Tensor, targets: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean cross-entropy in nats per token, logits), as ``StageZero.head_loss``."""
+        logits = self.head(h)
+        loss = F.cross_entropy(logits.reshape(-1, self.c.vocab_size).float(),
+                               targets.reshape(-1).long())
+        return loss, logits
+
 
 class HFBlockStage(nn.Module):
     """A contiguous run of layers, named ``model.layers.<global index>``."""

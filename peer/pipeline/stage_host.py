@@ -98,6 +98,14 @@ def model_config(spec: RunSpec) -> ModelConfig:
 
 def build_stage_module(spec: RunSpec, stage: int) -> nn.Module:
     """The deterministic initial weights of `stage` (0 = embedding/head, 1..S = blocks)."""
+    if spec.model.hf:  # a Hugging Face folder: only this stage's tensors are read
+        from peer.pipeline.hf import HFModelError, build_stage
+
+        try:
+            return build_stage(spec.model.hf, stage, spec.pipeline.stages,
+                               weights=spec.model.hf_weights, seed=spec.run.seed)
+        except HFModelError as exc:
+            raise StageError(f"model.hf: {exc}") from exc
     config = model_config(spec)
     if stage == 0:
         return StageZero(config)
@@ -279,7 +287,7 @@ class StageHost:
     # ------------------------------------------------------------------ stage 0
 
     def embed(self, mb_id: str, tokens: torch.Tensor, step: int) -> torch.Tensor:
-        assert isinstance(self.module, StageZero)
+        assert hasattr(self.module, "head_loss"), "stage 0 only"
         with torch.enable_grad(), self.autocast():
             h = self.module.embed(tokens.to(self.device)).float()
         self.pending[mb_id] = Pending(tokens, h, int(tokens.shape[0]), step, time.monotonic())
@@ -288,7 +296,7 @@ class StageHost:
     def head(self, mb_id: str, h: torch.Tensor, targets: torch.Tensor
              ) -> tuple[float, torch.Tensor]:
         """Loss of the microbatch and the gradient of its summed loss w.r.t. the last activation."""
-        assert isinstance(self.module, StageZero)
+        assert hasattr(self.module, "head_loss"), "stage 0 only"
         self.check_activation(h, "last activation")
         leaf = h.to(self.device, torch.float32).requires_grad_(True)
         with torch.enable_grad(), self.autocast():

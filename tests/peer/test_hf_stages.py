@@ -83,3 +83,32 @@ def test_unsupported_or_broken_folders_are_refused(hf_dir, tmp_path: Path) -> No
         build_stage(tmp_path, 1, 2)
     with pytest.raises(HFModelError, match="index names no file"):
         read_tensors(directory, ["model.layers.9.mlp.up_proj.weight"])
+
+
+def test_a_run_spec_names_the_folder_and_stage_hosts_build_from_it(hf_dir) -> None:
+    from peer.pipeline.stage_host import StageHost
+    from protocols.runspec import RunSpec, RunSpecError
+
+    model, directory = hf_dir
+    keys = {"model.hf": str(directory), "model.d_model": 32, "model.n_layers": 3,
+            "model.n_heads": 4, "model.vocab": 300, "pipeline.stages": 2}
+    spec = RunSpec().replace(**keys)
+    assert RunSpec.from_toml(spec.to_toml()) == spec
+    with pytest.raises(RunSpecError, match=r"model\.vocab must be >= 256"):
+        RunSpec().replace(**{**keys, "model.vocab": 100})
+    with pytest.raises(RunSpecError, match=r"pipeline\.checkfree_plus must be false"):
+        RunSpec().replace(**{**keys, "pipeline.checkfree_plus": True})
+    hosts = [StageHost(spec, s) for s in range(3)]
+    try:
+        x = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(3))
+        h = hosts[0].embed("mb", x[:, :-1], 0)
+        for host in hosts[1:]:
+            h = host.forward("mb", h, 0)
+        loss, grad = hosts[0].head("mb", h, x[:, 1:])
+        with torch.no_grad():
+            logits = model(x[:, :-1]).logits
+        expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 300), x[:, 1:].reshape(-1))
+        assert abs(loss - float(expected)) < 1e-5 and grad.shape == h.shape
+    finally:
+        for host in hosts:
+            host.close()
