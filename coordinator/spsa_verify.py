@@ -12,13 +12,15 @@ any replica sees the closed set, so every replica applies the same, verified set
 Selection. Time is cut into windows of W = round(1/p) steps. In each window every contributor is
 checked at exactly one step, at a position drawn from a keyed hash (blake2b with a key the
 coordinator draws at start and never sends); its verifier is drawn the same way among the other
-stage-0 members. So a contributor that lies at every step is caught within W steps, a single lie
-is checked with probability 1/W, and since neither the selection nor the passing verdicts are
-published (only flags are), a contributor cannot tell which of its steps are checked. The
+stage-0 members. A contributor the coordinator has not seen before is on probation: checked at
+every step until it passes PROBATION checks, so a peer that joins (or rejoins under a new
+identity) to lie is caught at its first step. Past probation a contributor that lies at every
+step is caught within W steps, a single lie is checked with probability 1/W, and since neither
+the selection nor the passing verdicts are published (only flags are), a contributor cannot tell which of its steps are checked. The
 verifier learns its assignment when it starts the step (`SpsaLedgerReply.check_peers`), before
 the contributor has posted, and works on it while computing its own contribution. A flagged
 contributor becomes a suspect: every contribution of it is checked (by a drawn verifier) until
-it passes SUSPECT_CLEAR checks in a row.
+it passes SUSPECT_CLEAR checks in a row (a failed check starts the count again).
 
 Verdict. The verifier encodes its recomputed g exactly as the contributor must have (the
 ledger's scale, the seed's dither), so an honest pair of codes is equal up to floating-point
@@ -40,6 +42,7 @@ import secrets
 from dataclasses import dataclass, field
 
 SUSPECT_CLEAR = 20  # passed checks in a row that clear a suspect
+PROBATION = 3  # a contributor the ledger has not seen yet is checked at its first steps
 
 
 def consistent(posted: bytes, recomputed: bytes, tolerance: int) -> bool:
@@ -74,6 +77,7 @@ class Verification:
         self._key = key if key is not None else secrets.token_bytes(16)
         self._assign: dict[int, dict[str, str]] = {}  # step -> contributor -> verifier
         self.suspects: dict[str, int] = {}  # peer -> passes still needed to clear
+        self._seen: set[str] = set()  # contributors past their arrival (probation given)
         self.stats = VerifyStats()
 
     def _draw(self, *parts: object) -> int:
@@ -90,6 +94,12 @@ class Verification:
         if got is not None:
             return got
         members = sorted(set(stage0))
+        for x in members:  # newcomers start on probation: checked until PROBATION passes
+            if x not in self._seen:
+                if len(self._seen) >= 100_000:
+                    self._seen.clear()
+                self._seen.add(x)
+                self.suspects.setdefault(x, PROBATION)
         out: dict[str, str] = {}
         if len(members) >= 2:
             w = self.window

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from coordinator.ledger import LedgerRefused, SpsaLedger, ledger_reply
-from coordinator.spsa_verify import SUSPECT_CLEAR, Verification, consistent
+from coordinator.spsa_verify import PROBATION, SUSPECT_CLEAR, Verification, consistent
 
 PEERS = ["a", "b", "c", "d"]
 KEY = b"k" * 16
@@ -28,6 +28,8 @@ def test_the_verdict_is_a_code_tolerance_on_signed_codes() -> None:
 def test_every_contributor_is_checked_once_per_window_by_another_peer() -> None:
     v = Verification(0.25, 2, KEY)
     assert v.window == 4
+    assert set(v.assignment(0, PEERS)) == set(PEERS)  # newcomers: all on probation
+    v.suspects.clear()  # as if every one had passed it
     checked: dict[str, list[int]] = {p: [] for p in PEERS}
     for step in range(4, 44):  # windows 1..10, whole
         got = v.assignment(step, PEERS)
@@ -69,7 +71,8 @@ def test_a_contradicted_contribution_is_struck_from_the_closed_step() -> None:
     assert list(reply.steps[0].flagged) == ["d"] and list(reply.steps[0].peers) == ["a", "b", "c"]
     stats = led.verification.stats
     assert stats.checked == 4 and stats.flagged == 1 and stats.flagged_by_peer == {"d": 1}
-    assert led.verification.suspects == {"d": SUSPECT_CLEAR}
+    assert led.verification.suspects == {"a": PROBATION - 1, "b": PROBATION - 1,
+                                         "c": PROBATION - 1, "d": SUSPECT_CLEAR}
 
 
 def test_with_repair_a_struck_direction_is_applied_with_the_verifiers_codes() -> None:
@@ -79,6 +82,19 @@ def test_with_repair_a_struck_direction_is_applied_with_the_verifiers_codes() ->
     closed = led.steps(1)[0]
     assert closed.flagged == ("d",)
     assert closed.peers == ("a", "b", "c", "d") and closed.codes == i8(10, -20, 30, -40)
+
+
+def test_newcomers_are_checked_at_their_first_steps_then_once_per_window() -> None:
+    led = SpsaLedger(directions=1, timeout_s=5.0, verify=0.25, tolerance=2, key=KEY)
+    v = led.verification
+    for step in range(1, PROBATION + 1):
+        assert set(v.assignment(step, PEERS)) == set(PEERS)
+        _post_all(led, step, {p: i8(1) for p in PEERS})
+    assert v.suspects == {}
+    late = Verification(0.25, 2, KEY)
+    late.assignment(1, PEERS)
+    late.suspects.clear()
+    assert "e" in late.assignment(2, [*PEERS, "e"])  # a joiner is on probation at once
 
 
 def test_a_suspect_is_checked_every_step_until_it_passes_enough() -> None:
