@@ -138,7 +138,7 @@ class SpsaSection:
     initial_scale: float = 1.0  # scale of the int8 codes until the ledger has adapted it
     perturbation: str = "rademacher"  # z: "rademacher" (+-1) or "gaussian" (optim/spsa_z.py)
     verify: float = 0.0  # p: fraction of contributions a stage-0 peer recomputes (0: off)
-    verify_tolerance: int = 2  # codes a recomputed contribution may differ by (fp noise)
+    verify_tolerance: int = 3  # codes a recomputed contribution may differ by (fp noise)
     verify_repair: bool = True  # a struck contribution is applied with its verifier's codes
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
 
