@@ -208,7 +208,7 @@ def export_main(args: argparse.Namespace) -> int:
     except ExportFailed as exc:
         print(f"shoal export: {exc}")
         return 1
-    print(f"wrote {out}: a Hugging Face LlamaForCausalLM with a byte tokenizer (model.safetensors, "
-          "config.json, tokenizer.json); try shoal generate --model "
-          f"{out} --greedy, or transformers' AutoModelForCausalLM.from_pretrained")
+    print(f"wrote {out}/model.safetensors (or its shards), config.json and tokenizer.json: a "
+          "Hugging Face model (transformers' AutoModelForCausalLM.from_pretrained loads it); try "
+          f"shoal generate --model {out} --greedy")
     return 0

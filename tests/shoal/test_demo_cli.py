@@ -119,7 +119,7 @@ def test_demo_writes_summary_model_and_logs(first: DemoRun) -> None:
     assert s["tokens"] > 0 and s["bytes_sent"] > 0
     assert (first.out / "model" / "model.safetensors").stat().st_size > 0
     config = json.loads((first.out / "model" / "config.json").read_text())
-    assert config["model"]["d_model"] == 32 and config["model"]["n_layers"] == 4
+    assert config["hidden_size"] == 32 and config["shoal"]["model"]["n_layers"] == 4
     for stage in ("0", "1"):
         hashes = s["stage_hashes"][stage]
         assert hashes and all(hashes), s["stage_hashes"]  # known, not "" (unknown)
@@ -172,7 +172,7 @@ def test_init_model_starts_from_the_exported_weights(first: DemoRun, second: Dem
     assert start < fresh - 2.0, (start, fresh)
     assert start < first.summary["final_loss"] + 0.5, (start, first.summary["final_loss"])
     config = json.loads((second.out / "model" / "config.json").read_text())
-    assert config["model"]["n_layers"] == 4 and config["model"]["d_model"] == 32
+    assert config["shoal"]["model"]["n_layers"] == 4 and config["hidden_size"] == 32
 
 
 def test_too_few_peers_are_refused(files: Path) -> None:

@@ -173,7 +173,8 @@ def test_export_from_the_live_swarm_then_generate_with_skip(swarm: LiveSwarm) ->
     assert done.returncode == 0, done.stdout + done.stderr + swarm.logs()
     assert f"wrote {out}/model.safetensors" in done.stdout
     config = json.loads((out / "config.json").read_text())
-    assert config["model"]["n_layers"] == 4 and config["metadata"]["run"] == "recipe"
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["num_hidden_layers"] == 4
+    assert config["shoal"]["metadata"]["run"] == "recipe"
 
     full = shoal("generate", "--model", out, "--prompt", "def ", "--tokens", "200", "--seed", "2",
                  check=True)
