@@ -99,7 +99,7 @@ def demo_spec(args: argparse.Namespace) -> RunSpec:
         defaults["sync.diloco.inner_steps"] = demo_inner_steps(int(steps))
     defaults["run.name"] = f"demo-{sync}"
     values = {**defaults, **from_file}
-    if args.init_model:  # the model's shape comes from the exported model
+    if args.init_model and not getattr(args, "model", None):  # the shape is the export's
         from peer.pipeline.checkpoint import load_config
 
         c = load_config(args.init_model)

@@ -392,6 +392,14 @@ class StageHost:
         """Take this stage's slice of an exported model (shoal export / demo --out)."""
         from peer.pipeline.checkpoint import load_config, load_model
 
+        if self.spec.model.hf:  # a Hugging Face folder: read only this stage's tensors
+            from peer.pipeline.hf import HFModelError, load_into
+
+            try:
+                load_into(self.module, directory)
+            except HFModelError as exc:
+                raise StageError(f"{directory}: {exc}") from exc
+            return
         config = load_config(directory)
         mine = model_config(self.spec)
         for key in ("d_model", "n_layers", "n_heads", "seq_len"):

@@ -112,3 +112,12 @@ def test_a_run_spec_names_the_folder_and_stage_hosts_build_from_it(hf_dir) -> No
     finally:
         for host in hosts:
             host.close()
+    fresh = StageHost(spec.replace(**{"model.hf_weights": False}), 2)
+    try:  # --init-model / --resume with a Hugging Face folder: this stage's tensors from it
+        assert not torch.equal(fresh.params()["model.layers.2.mlp.up_proj.weight"],
+                               model.model.layers[2].mlp.up_proj.weight)
+        fresh.load_exported(str(directory))
+        for name, p in fresh.params().items():
+            assert torch.equal(p, model.state_dict()[name]), name
+    finally:
+        fresh.close()
