@@ -207,10 +207,11 @@ def false_flags(arm: Arm, liar_id: str | None) -> int:
                if p != liar_id) // DRIVERS  # every driver reports the same closed step
 
 
-def noise(arm: Arm) -> list[int]:
-    """Code differences between honest posts and their recomputations."""
+def noise(arm: Arm, liar_id: str | None = None) -> list[int]:
+    """Code differences between honest posts and their recomputations (the liar's posts that
+    passed are its random codes landing near its honest ones, not noise)."""
     return [d for rows in arm.rows.values() for r in rows
-            for d in r.get("spsa_check_diff", {}).values()]
+            for x, d in r.get("spsa_check_diff", {}).items() if x != liar_id]
 
 
 def run(steps: int, verify: float, lr: float, seed: int, tolerance: int,
@@ -264,7 +265,8 @@ def run(steps: int, verify: float, lr: float, seed: int, tolerance: int,
                   ) / ref.loss(steps, honest_peers)
     g_floor = 100 * (arms["honest+verify"].loss(steps, honest_peers) -
                      ref.loss(steps, honest_peers)) / ref.loss(steps, honest_peers)
-    diffs = noise(arms["honest+verify"]) + noise(arms["liar+verify"])
+    diffs = [d for name, arm in arms.items() if "verify" in name or "exclude" in name
+             for d in noise(arm, ids[LIAR])]
     same = ref.closed_sets() == arms["honest+verify"].closed_sets()
     fp = false_flags(arms["honest+verify"], None) + false_flags(arms["liar+verify"], ids[LIAR])
     out(f"lies posted {lies.posted} (and {lies.within_tolerance} random codes within tolerance "

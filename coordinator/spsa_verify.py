@@ -16,9 +16,10 @@ stage-0 members. A contributor the coordinator has not seen before is on probati
 every step until it passes PROBATION checks, so a peer that joins (or rejoins under a new
 identity) to lie is caught at its first step. Past probation a contributor that lies at every
 step is caught within W steps, a single lie is checked with probability 1/W, and since neither
-the selection nor the passing verdicts are published (only flags are), a contributor cannot tell which of its steps are checked. The
-verifier learns its assignment when it starts the step (`SpsaLedgerReply.check_peers`), before
-the contributor has posted, and works on it while computing its own contribution. A flagged
+the selection nor the passing verdicts are published (only flags are), a contributor cannot tell
+which of its steps are checked. The verifier learns its assignment when it starts the step
+(`SpsaLedgerReply.check_peers`), before the contributor has posted, and works on it while
+computing its own contribution. A flagged
 contributor becomes a suspect: every contribution of it is checked (by a drawn verifier) until
 it passes SUSPECT_CLEAR checks in a row (a failed check starts the count again).
 
@@ -76,6 +77,7 @@ class Verification:
         self.tolerance = tolerance
         self._key = key if key is not None else secrets.token_bytes(16)
         self._assign: dict[int, dict[str, str]] = {}  # step -> contributor -> verifier
+        self._members: dict[int, set[str]] = {}  # step -> members the assignment considered
         self.suspects: dict[str, int] = {}  # peer -> passes still needed to clear
         self._seen: set[str] = set()  # contributors past their arrival (probation given)
         self.stats = VerifyStats()
@@ -89,26 +91,28 @@ class Verification:
         return int.from_bytes(h.digest(), "little")
 
     def assignment(self, step: int, stage0: list[str]) -> dict[str, str]:
-        """contributor -> verifier at `step`; fixed by the first call for that step."""
-        got = self._assign.get(step)
-        if got is not None:
-            return got
+        """contributor -> verifier at `step`. Fixed for the members it was first asked with;
+        a member listed later in the same step (it joined meanwhile) is added then."""
+        out = self._assign.setdefault(step, {})
+        known = self._members.setdefault(step, set())
         members = sorted(set(stage0))
-        for x in members:  # newcomers start on probation: checked until PROBATION passes
+        new = [x for x in members if x not in known]
+        if not new:
+            return out
+        known.update(new)
+        for x in new:  # newcomers start on probation: checked until PROBATION passes
             if x not in self._seen:
                 if len(self._seen) >= 100_000:
                     self._seen.clear()
                 self._seen.add(x)
                 self.suspects.setdefault(x, PROBATION)
-        out: dict[str, str] = {}
         if len(members) >= 2:
             w = self.window
-            for x in members:
+            for x in new:
                 if x in self.suspects or self._draw("when", step // w, x) % w == step % w:
                     others = [m for m in members if m != x]
                     out[x] = others[self._draw("who", step, x) % len(others)]
-        self._assign[step] = out
-        self.stats.assigned += len(out)
+                    self.stats.assigned += 1
         return out
 
     def checks_for(self, verifier: str, step: int, stage0: list[str]) -> list[str]:
@@ -149,6 +153,8 @@ class Verification:
             self.stats.flagged += 1
             self.stats.flagged_by_peer[x] = self.stats.flagged_by_peer.get(x, 0) + 1
             self.suspects[x] = SUSPECT_CLEAR
+        self._members.pop(step, None)
         for old in [s for s in self._assign if s < step]:
             del self._assign[old]
+            self._members.pop(old, None)
         return flagged

@@ -46,6 +46,7 @@ def test_honest_contributions_struck_and_noise_are_read_from_every_driver() -> N
     every = bench.Arm("t", {i: honest_rows for i in range(bench.DRIVERS)}, 0.0, 0.0)
     assert bench.false_flags(every, LIAR_ID) == 1  # step 2 struck b, as all four drivers saw
     assert sorted(bench.noise(every)) == [0] * bench.DRIVERS + [1] * bench.DRIVERS
+    assert sorted(bench.noise(every, "c")) == [0] * bench.DRIVERS  # the liar's own are not noise
 
 
 def test_cpu_seconds_adds_the_swarms_processes() -> None:

@@ -33,7 +33,7 @@ def test_every_contributor_is_checked_once_per_window_by_another_peer() -> None:
     checked: dict[str, list[int]] = {p: [] for p in PEERS}
     for step in range(4, 44):  # windows 1..10, whole
         got = v.assignment(step, PEERS)
-        assert got is v.assignment(step, list(reversed(PEERS)))  # fixed by the first call
+        assert got == v.assignment(step, list(reversed(PEERS)))  # fixed by the first call
         for x, verifier in got.items():
             assert verifier != x and verifier in PEERS
             checked[x].append(step)
@@ -95,6 +95,10 @@ def test_newcomers_are_checked_at_their_first_steps_then_once_per_window() -> No
     late.assignment(1, PEERS)
     late.suspects.clear()
     assert "e" in late.assignment(2, [*PEERS, "e"])  # a joiner is on probation at once
+    first = dict(late.assignment(3, PEERS[:2]))  # step 3 first asked with two members only
+    assert late.assignment(3, PEERS[:2]) == first
+    assert "f" in late.assignment(3, [*PEERS[:2], "f"])  # one listed later in the step: added
+    assert {x: v for x, v in late.assignment(3, PEERS).items() if x in first} == first
 
 
 def test_a_suspect_is_checked_every_step_until_it_passes_enough() -> None:
