@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from peer.pipeline import hf_format
 from peer.pipeline.checkpoint import ExportError
-from peer.pipeline.hf import HFConfig, HFModelError, build_stage
+from peer.pipeline.hf import HFConfig, HFModelError, tensor_shapes
 
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
           "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt")
@@ -30,10 +30,7 @@ def save_hf_model(out: str | os.PathLike[str], source: str,
                   max_shard_bytes: int = hf_format.MAX_SHARD_BYTES) -> Path:
     """Write stage 0's and each block stage's state (in order) as one model folder."""
     try:
-        expected = {k: tuple(v.shape) for s in range(len(states))
-                    for k, v in build_stage(source, s, len(states) - 1, weights=False)
-                    .state_dict().items()}
-        HFConfig.read(source)
+        expected = tensor_shapes(HFConfig.read(source))
     except HFModelError as exc:
         raise ExportError(f"model.hf: {exc}") from exc
     full: dict[str, torch.Tensor] = {}

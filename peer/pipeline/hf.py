@@ -239,6 +239,13 @@ def build_stage(directory: str | Path, stage: int, stages: int, *, weights: bool
     return module
 
 
+def tensor_shapes(c: HFConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the whole model and its shape (no memory: built on the meta device)."""
+    with torch.device("meta"):
+        parts = (HFStageZero(c), HFBlockStage(c, range(c.n_layers)))
+    return {k: tuple(v.shape) for part in parts for k, v in part.state_dict().items()}
+
+
 def init_from_seed(module: nn.Module, seed: int, std: float) -> None:
     with torch.no_grad():
         for name, p in module.named_parameters():

@@ -58,3 +58,23 @@ def test_demo_trains_a_hugging_face_model_and_exports_it(name: str, tmp_path: Pa
     with torch.no_grad():
         greedy = hf.generate(ids, max_new_tokens=32, do_sample=False)
     assert text == "def " + tok.decode(greedy[0, ids.shape[1]:]) + "\n"
+
+
+def test_save_hf_model_writes_what_transformers_loads(tmp_path: Path) -> None:
+    from peer.pipeline.checkpoint import ExportError
+    from shoal.hf_export import save_hf_model
+
+    config_cls, model_cls, extra = MODELS["llama"]
+    torch.manual_seed(1)
+    original = model_cls(config_cls(**COMMON, **extra)).float().eval()
+    original.save_pretrained(str(tmp_path / "source"))
+    states = [build_stage(tmp_path / "source", s, 2).state_dict() for s in range(3)]
+    out = save_hf_model(tmp_path / "out", str(tmp_path / "source"), states, {"run": "t"},
+                        max_shard_bytes=40_000)
+    assert (out / "model.safetensors.index.json").exists() and (out / "tokenizer.json").exists()
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(out)).float().eval()
+    x = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, original(x).logits)
+    with pytest.raises(ExportError, match="missing tensors"):
+        save_hf_model(tmp_path / "bad", str(tmp_path / "source"), states[:2], {})
