@@ -25,11 +25,11 @@ relayed by the round's leader, so each replica downloads every replica's packets
 
 Streaming DiLoCo (`sync.diloco.streaming_fragments` = P, ALGORITHMS.md §6b): H = --stream-h
 (default 128), P = 4 fragments (one round of 1/P of the stage every H/P steps), tau = 1,
-alpha = 0.5, int4 pseudo-gradients (1024 values per fp32 scale), inner AdamW at the allreduce
-arm's lr (`optim.lr`, --stream-lr) so that the two differ only in how they sync. Its two runs
-end at H and 2H: between them every fragment syncs exactly once, so the figure is one whole
-model's rounds over H steps, like DiLoCo's. Its loss is held against allreduce trained the same
-2H steps (the same tokens: one extra allreduce run of 2H steps, its loss only):
+alpha = 0.5, int4 pseudo-gradients (1024 values per fp32 scale), DiLoCo's inner AdamW at lr
+4e-4 (--stream-lr). Its two runs end at H and 2H: between them every fragment syncs exactly
+once, so the figure is one whole model's rounds over H steps, like DiLoCo's. Its loss is held
+against allreduce trained the same 2H steps at the same AdamW lr (`optim.lr` = --stream-lr, so
+the two differ only in how they sync; the same tokens: one extra allreduce run, loss only):
 gap = (streaming - allreduce) / allreduce, target <= 3 %, each loss the mean of the stage-0
 driver's logged training losses over the last eighth of the run (steps 7H/4..2H: one step's
 loss on 8 sequences swings by ~10 %, so the table's 4-step mean would compare noise).
@@ -184,8 +184,8 @@ def make_arms(args: argparse.Namespace) -> list[Arm]:
             "sync.diloco.streaming_fragments": args.fragments,
             "sync.diloco.streaming_delay": args.delay, "sync.diloco.streaming_alpha": args.alpha,
             "sync.diloco.inner_lr": args.stream_lr}, sh, 2 * sh),
-        Arm(f"allreduce ({2 * sh} steps)", {"sync.mode": "allreduce"}, 2 * sh, 2 * sh,
-            loss_only=True),
+        Arm(f"allreduce ({2 * sh} steps)", {"sync.mode": "allreduce", "optim.lr": args.stream_lr},
+            2 * sh, 2 * sh, loss_only=True),
     ]
 
 
@@ -198,8 +198,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--fragments", type=int, default=4, help="streaming DiLoCo's P")
     ap.add_argument("--delay", type=int, default=1, help="streaming DiLoCo's tau")
     ap.add_argument("--alpha", type=float, default=0.5, help="streaming DiLoCo's alpha")
-    ap.add_argument("--stream-lr", type=float, default=RunSpec().optim.lr,
-                    help="streaming DiLoCo's inner lr (default: allreduce's optim.lr)")
+    ap.add_argument("--stream-lr", type=float, default=RunSpec().sync.diloco.inner_lr,
+                    help="streaming DiLoCo's inner lr, and the lr of allreduce at 2H steps")
     ap.add_argument("--only", help="run only the modes whose label starts with this")
     return ap
 
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
           f"..{stream.long}, allreduce {equal.tail_loss:.3f} over the same steps (last 4: "
           f"{equal.loss:.3f}): gap {gap:+.2f} %; "
           f"H = {args.stream_h}, P = {args.fragments}, tau = {args.delay}, "
-          f"alpha = {args.alpha}, inner lr {args.stream_lr:g})")
+          f"alpha = {args.alpha}, AdamW lr {args.stream_lr:g} in both)")
     figures = [demo_ratio, base / arms[3].per_step(), spsa_c, base / stream.per_step()]
     print(targets_line([*zip(TARGETS, figures, strict=True), (LOSS_GAP, gap)]))
     print("bandwidth: " + ", ".join(f"{t.name} = {t.figure(v)}"

@@ -18,7 +18,9 @@ def test_streaming_arm_spans_one_sync_of_every_fragment() -> None:
     d = spec.sync.diloco
     assert (d.inner_steps, d.streaming_fragments, d.streaming_delay, d.quant) == (128, 4, 1,
                                                                                    "int4")
-    assert d.streaming_alpha == 0.5 and d.inner_lr == spec.optim.lr
+    assert d.streaming_alpha == 0.5 and d.inner_lr == RunSpec().sync.diloco.inner_lr
+    # allreduce at equal tokens trains at the same AdamW lr: only how they sync differs
+    assert equal.changes["optim.lr"] == d.inner_lr
     assert isinstance(make_sync_mode(spec), StreamingDilocoMode)
     schedule = Schedule(d.inner_steps, d.streaming_fragments, d.streaming_delay)
     synced = [schedule.fragment_at(t) for t in range(stream.short + 1, stream.long + 1)]
