@@ -229,11 +229,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{p.target_batch} x {m.seq_len} tokens; loopback; {machine()}")
     print("sync bytes sent per block replica per optimizer step (steady state, from the "
           "peers' wire counters)")
-    print(f"{'mode':<22} {'steps':>9} {'bytes/step':>12} {'vs dense':>9} {'allreduce/x':>12} "
+    print(f"{'mode':<29} {'steps':>9} {'bytes/step':>12} {'vs dense':>9} {'allreduce/x':>12} "
           f"{'loss':>7}")
     for arm in arms[:6]:
         b = arm.per_step()
-        print(f"{arm.label:<22} {f'{arm.short}..{arm.long}':>9} {b:>12,.0f} {b / dense:>9.4f} "
+        print(f"{arm.label:<29} {f'{arm.short}..{arm.long}':>9} {b:>12,.0f} {b / dense:>9.4f} "
               f"{rounded(base / b, 1, down=True):>12} {arm.loss:>7.3f}")
     demo_ratio = base / arms[2].per_step()
     recipients = LAYOUT.count(1) + 1  # the block replicas and the coordinator
