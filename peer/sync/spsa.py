@@ -15,6 +15,9 @@ How one step t goes (design):
    its fp32 weights after each (never +eps, -2eps, +eps). Tensor ids are "<stage>:<parameter
    name>" (block names hold the global layer index), the same on every replica of a stage.
    The Forward header's meta "mode" is `FORWARD_KIND`: the mode owns the name of its stream.
+   A verifier recomputing another peer's contribution (verified SPSA, peer/sync/spsa_driver.py)
+   adds meta `OF_KEY` = that peer's id, and the replica derives the seed from it instead of the
+   sender: the same path machinery, the contributor's stream bit for bit.
 2. Stage 0 computes L+ and L- (`loss_pair`), averages them over its microbatches, takes
    g = (L+ - L-) / 2eps and encodes it as one int8 code on the ledger's scale for step t, with
    the seed's dither (unbiased stochastic rounding).
