@@ -39,8 +39,10 @@ machine runs). The paper's stages hold 2-4 layers of a model trained for thousan
 before stages fail; its random re-init is destructive at d_model 1024+. Here: d_model 64,
 **12 layers in 4 block stages of 3** (the old default had 2 per stage: a lost stage held less of
 the model, and at this width a fresh block is close to the identity, so "random" cost about what
-skipping a thin stage does); the failure at **step 400 of 600**, when the held-out loss has come
-down most of the way (the printout shows it at step 0 and at the failure); **3 seeds**; seq 64,
+skipping a thin stage does); the failure at **step 304 of 450**, when the held-out loss has come
+down most of the way (the printout shows it at step 0 and at the failure), and 4 steps after
+the last refresh of stage 0's copy (the oldest the copy gets; at step 300 it would be exact);
+**3 seeds**; seq 64,
 batch 16, AdamW lr 3e-3 (the run spec's); the last 100 steps decaying linearly to 0.1x lr (a
 warm-up-free WSD schedule, the same in every arm), because with a constant lr the arms' end losses
 wander by +-0.01 nats after the rebuild, as large as the gaps compared. Lost stages: 0 and 3 (a
@@ -102,8 +104,8 @@ class Setting:
     stages: int = 4  # block stages; stage 0 holds the embedding, final norm and head
     lost: tuple[int, ...] = (0, 3)  # stage 0 and/or middle block stages (two live neighbours)
     batch: int = 16
-    steps: int = 600
-    fail_at: int = 400
+    steps: int = 450
+    fail_at: int = 304  # 4 steps after a refresh of stage 0's copy: the oldest it gets
     decay: int = 100  # the last `decay` steps decay the lr linearly to DECAY_TO of it
     early: int = 25  # steps after the rebuild at which the recovery is also evaluated
     lr: float = 3e-3
