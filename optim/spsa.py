@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from optim.errors import ConfigError, LedgerError, NonFiniteValues, PrecisionError
+from optim.schedule import lr_factor
 from optim.spsa_z import (
     GAUSS_ONE,
     MASK32,
@@ -237,6 +238,12 @@ class SpsaConfig:
     min_scale: float = 1e-6
     max_scale: float = 1e6
     perturbation: str = "rademacher"  # or "gaussian" (optim/spsa_z.py)
+    # lr's schedule (optim/schedule.py): (warmup, decay, total, final); step t applies
+    # lr x lr_factor(t, ...), the same float on every replica and in every replay
+    schedule: tuple[int, str, int, float] = (0, "constant", 0, 0.1)
+
+    def lr_at(self, step: int) -> float:
+        return self.lr * lr_factor(step, *self.schedule)
 
     def __post_init__(self) -> None:
         check_perturbation(self.perturbation)
@@ -334,8 +341,9 @@ class Ledger:
 
     def apply_step(self, params: Sequence[Tensor], step: int,
                    tensor_ids: Sequence[TensorId] | None = None) -> None:
-        """Apply the recorded messages of `step` with the ledger's lr and scale."""
-        apply(params, self.updates(step), self.config.lr, self.scale_at(step), tensor_ids,
+        """Apply the recorded messages of `step` with the ledger's lr (as scheduled at `step`)
+        and scale."""
+        apply(params, self.updates(step), self.config.lr_at(step), self.scale_at(step), tensor_ids,
               self.config.perturbation)
 
     def replay(self, params: Sequence[Tensor], from_step: int, to_step: int | None = None,

@@ -117,8 +117,11 @@ class SpsaMode(SyncMode):
 
     def __init__(self, spec: RunSpec) -> None:
         s = spec.sync.spsa
+        sched, total = spec.schedule("sync.spsa.schedule")
         self.config = spsa.SpsaConfig(lr=s.lr, eps=s.eps, initial_scale=s.initial_scale,
-                                      perturbation=s.perturbation)
+                                      perturbation=s.perturbation,
+                                      schedule=(sched.warmup_steps, sched.decay, total,
+                                                sched.final))
         self.run_id = run_id(spec)
         self.directions = s.samples_per_step
         self.hash_every = s.hash_every

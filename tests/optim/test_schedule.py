@@ -93,3 +93,23 @@ def test_diloco_inner_and_outer_rates_follow_their_schedules() -> None:
         spec.sync.diloco.inner_lr * 0.75)
     with pytest.raises(RunSpecError, match="outer_schedule.final must be > 0"):
         spec.replace(**{"sync.diloco.outer_schedule.final": 0.0})
+
+
+def test_spsa_steps_at_the_scheduled_rate_live_and_in_replay() -> None:
+    from optim.spsa import Ledger, Message, SpsaConfig
+    from peer.sync.spsa import SpsaMode
+    spec = RunSpec().replace(**{"run.steps": 10, "sync.mode": "spsa", "sync.spsa.lr": 0.01,
+                                "sync.spsa.schedule.warmup_steps": 4})
+    cfg = SpsaMode(spec).config
+    assert cfg.schedule == (4, "constant", 10, 0.1)
+    assert [cfg.lr_at(t) for t in (1, 2, 4, 9)] == pytest.approx([0.0025, 0.005, 0.01, 0.01])
+    flat = SpsaConfig(lr=0.01)
+    moved = {}
+    for name, c in (("warm", cfg), ("flat", flat)):
+        led = Ledger("run", c)
+        led.record(0, [])
+        led.record(1, [Message(1, "p1", 100)])
+        p = [torch.zeros(64)]
+        led.apply_step(p, 1)
+        moved[name] = p[0].abs().max().item()
+    assert moved["warm"] == pytest.approx(moved["flat"] / 4)  # step 1 of a 4-step warm-up
