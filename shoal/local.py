@@ -34,9 +34,11 @@ DEMO_DEFAULTS = {
 # Zeroth-order training needs a small model to learn within a demo's steps (its progress per step
 # shrinks with the parameter count): measured on 2 cores, this one (0.12 M parameters) falls
 # 0.6 nats in 100 steps with 2 directions per peer and step (0.25-0.5 with 1), while the
-# 0.9 M-parameter backprop default does not move under SPSA; lr 5e-3 diverged, 3e-3 did not.
+# 0.9 M-parameter backprop default does not move under SPSA. Those runs summed a step's
+# directions with lr 3e-3 (5e-3 diverged); a step now applies lr x their mean (1/N), so the same
+# step with the demo's one stage-0 peer and 2 directions is lr 6e-3.
 SPSA_DEMO_DEFAULTS = {"model.d_model": 64, "model.n_layers": 2, "model.n_heads": 4,
-                      "sync.spsa.lr": 3e-3, "sync.spsa.eps": 1e-3,
+                      "sync.spsa.lr": 6e-3, "sync.spsa.eps": 1e-3,
                       "sync.spsa.samples_per_step": 2}
 
 
