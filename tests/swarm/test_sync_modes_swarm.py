@@ -59,7 +59,7 @@ def test_diloco_swarm_trains_and_replicas_agree_after_outer_steps(swarm_of) -> N
 
 @pytest.mark.slow
 def test_bandwidth_bench_small(capsys) -> None:
-    """bench/bandwidth.py end to end at a small size (10 short swarms, ~3 minutes)."""
+    """bench/bandwidth.py end to end at a small size (13 short swarms, ~3.5 minutes)."""
     from bench import bandwidth
 
     assert bandwidth.main(["--steps", "6", "--warmup", "3", "--inner-steps", "3",
