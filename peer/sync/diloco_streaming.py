@@ -131,7 +131,8 @@ class StreamingDilocoMode(DilocoMode):
             avg = self._average_of(host, fragment, result, meta)
             if avg is not None:
                 prefix = f"shared.outer.{fragment}."
-                outer = FragmentOuter(frag, self.outer)
+                # sync.diloco.outer_schedule, counted in whole-model rounds (H steps)
+                outer = FragmentOuter(frag, self.scheduled_outer(host))
                 state = {k[len(prefix):]: v for k, v in host.mode_state.items()
                          if k.startswith(prefix)}
                 if state:
