@@ -299,8 +299,14 @@ def plan_recovery(
 
 
 def checkfree_swap_pairs(n_stages: int, microbatch: int) -> tuple[tuple[int, int], ...]:
-    """The CheckFree+ swap rule, the same function as peer/pipeline/paths.py's (optim/ may not
-    import peer/; tests/peer/test_checkfree_pairing.py holds the two equal)."""
+    """CheckFree+: the (s, s+1) block-stage pairs run swapped on `microbatch`.
+
+    Even microbatches: none. Odd ones: (1, 2) and (S-1, S) for S >= 4; alternately (1, 2) and
+    (2, 3) for S = 3; (1, 2) for S = 2; none for S < 2. The one rule: the planner swaps by it
+    (peer/pipeline/paths.py), recovery here pairs the stages it trains to stand in for each
+    other, and the coordinator (coordinator/assignment.py, which cannot import optim/) follows
+    it too (tests/peer/test_checkfree_pairing.py holds all three to it).
+    """
     if microbatch % 2 == 0 or n_stages < 2:
         return ()
     if n_stages == 2:
@@ -311,7 +317,8 @@ def checkfree_swap_pairs(n_stages: int, microbatch: int) -> tuple[tuple[int, int
 
 
 def checkfree_stand_ins(stage: int, n_stages: int) -> tuple[int, ...]:
-    """The block stages the swaps train to run in `stage`'s place, sorted (see paths.py)."""
+    """The block stages that the CheckFree+ swaps train to run in `stage`'s place (sorted): the
+    stages it is swapped with on some microbatch. Empty for stages that are never swapped."""
     pairs = {p for mb in (1, 3) for p in checkfree_swap_pairs(n_stages, mb)}
     return tuple(sorted({b if a == stage else a for a, b in pairs if stage in (a, b)}))
 

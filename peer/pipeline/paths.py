@@ -27,13 +27,14 @@ every path visits every live stage (more skipping than skip_ratio asks); with no
 paths are empty and stage 0 trains its embedding and head alone.
 
 CheckFree+ (option): odd microbatches run with stages 1 and 2 swapped and with S-1 and S swapped,
-when both stages of a pair are on the path (`checkfree_swap_pairs`); the planner then adds no
-swaps of its own, so exactly the odd microbatches are swapped. At S = 3 the two pairs (1, 2) and
-(2, 3) share stage 2 and cannot both swap in one path, so the odd microbatches alternate: (1, 2)
-on microbatches 1, 5, 9, … and (2, 3) on 3, 7, 11, …. Each edge stage then runs at stage 2's place
-on a quarter of the microbatches, which is what lets it stand in (the paper's rule: an edge stage
-is replaced by its swap partner, `checkfree_stand_ins`); swapping (1, 2) alone, as before, never
-trained stage 2 to stand in for stage 3. At S = 2 the one pair (1, 2) swaps on every odd one.
+when both stages of a pair are on the path (`checkfree_swap_pairs`, from optim/checkfree.py); the
+planner then adds no swaps of its own, so exactly the odd microbatches are swapped. At S = 3 the
+two pairs (1, 2) and (2, 3) share stage 2 and cannot both swap in one path, so the odd microbatches
+alternate: (1, 2) on microbatches 1, 5, 9, … and (2, 3) on 3, 7, 11, …. Each edge stage then runs
+at stage 2's place on a quarter of the microbatches, which is what lets it stand in (the paper's
+rule: an edge stage is replaced by its swap partner, `checkfree_stand_ins`); swapping (1, 2) alone,
+as before, never trained stage 2 to stand in for stage 3. At S = 2 the one pair (1, 2) swaps on
+every odd one.
 
 Time model (the paper's): a forward on a replica takes its measured `forward_s`, a backward
 1.5 x that; a link costs latency + bytes/bandwidth (both ends' latencies and the slower end's
@@ -68,6 +69,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from optim.checkfree import checkfree_stand_ins, checkfree_swap_pairs
+
+__all__ = ["checkfree_stand_ins", "checkfree_swap_pairs"]  # the rule lives in optim/checkfree.py
 
 BACKWARD_FACTOR = 1.5
 LOSS_FACTOR = 2.5  # forward + backward of head and loss at stage 0
@@ -165,30 +170,6 @@ def count_swaps(stages: Sequence[int]) -> int | None:
         else:
             return None
     return swaps
-
-
-def checkfree_swap_pairs(n_stages: int, microbatch: int) -> tuple[tuple[int, int], ...]:
-    """CheckFree+: the (s, s+1) block-stage pairs run swapped on `microbatch` (module docstring).
-
-    Even microbatches: none. Odd ones: (1, 2) and (S-1, S) for S >= 4; alternately (1, 2) and
-    (2, 3) for S = 3; (1, 2) for S = 2; none for S < 2. The one rule: the planner swaps by it,
-    and recovery (optim/checkfree.py) and the coordinator (coordinator/assignment.py) pair the
-    stages it trains to stand in for each other (tests/peer/test_checkfree_pairing.py).
-    """
-    if microbatch % 2 == 0 or n_stages < 2:
-        return ()
-    if n_stages == 2:
-        return ((1, 2),)
-    if n_stages == 3:
-        return ((1, 2),) if microbatch % 4 == 1 else ((2, 3),)
-    return ((1, 2), (n_stages - 1, n_stages))
-
-
-def checkfree_stand_ins(stage: int, n_stages: int) -> tuple[int, ...]:
-    """The block stages that the CheckFree+ swaps train to run in `stage`'s place (sorted): the
-    stages it is swapped with on some microbatch. Empty for stages that are never swapped."""
-    pairs = {p for mb in (1, 3) for p in checkfree_swap_pairs(n_stages, mb)}
-    return tuple(sorted({b if a == stage else a for a, b in pairs if stage in (a, b)}))
 
 
 def apply_checkfree_swaps(order: Sequence[int], n_stages: int, microbatch: int,
