@@ -613,7 +613,12 @@ class Membership:
         st = self._stages[m.stage]
         st.replicas.discard(m.peer_id)
         st.dirty = True
-        emptied = not st.replicas and (st.step > 0 or st.trained)
+        # emptied: no replica left that holds the stage's state. A newcomer still fetching it
+        # (not ready, never reported a step) does not count: it has no one left to fetch from
+        # and waits for this mark to rebuild (peer/recovery/rebuild.py)
+        holders = [p for p in st.replicas if self._members[p].state in READY_STATES
+                   or self._members[p].stats.step > 0]
+        emptied = not holders and (st.step > 0 or st.trained)
         if emptied:
             live = {i for i, x in enumerate(self._stages) if x.replicas}
             st.rebuild = rebuild_method(m.stage, live, self.n_stages,

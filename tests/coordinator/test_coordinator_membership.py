@@ -297,3 +297,25 @@ def test_store_round_trip_and_group_commit(tmp_path) -> None:
     assert tmp_path.stat().st_mode & 0o777 == 0o700
     for f in tmp_path.glob("coordinator.sqlite*"):
         assert f.stat().st_mode & 0o777 == 0o600, f
+
+
+def test_a_stage_whose_last_holder_dies_under_a_newcomer_is_marked_for_rebuild() -> None:
+    """A peer joined a trained stage while its replica was alive (dead, lease not yet out): when
+    that replica goes, nobody is left to download from, so the stage is marked for a rebuild
+    even though the newcomer is listed; a replica that held the stage before keeps it off."""
+    m = swarm(4)
+    trained(m, 10, T0 + 1)
+    x = m.join("new", b"\x0b" * 32, "127.0.0.1:9200", bench(), -1, 0, T0 + 2)
+    stage = x.stage
+    assert m.stage_summaries()[stage].rebuild == ""
+    m.leave(f"p{stage:02d}", "gone", T0 + 3)
+    assert m.stage_summaries()[stage].rebuild != ""
+    m.heartbeat("new", PeerStats(state="rebuilt", step=10), T0 + 4)
+    assert m.stage_summaries()[stage].rebuild == ""
+    # a behind replica (syncing, with a step) still holds its stage: no rebuild mark
+    y = m.join("late", b"\x0c" * 32, "127.0.0.1:9201", bench(), -1, 0, T0 + 5)
+    m.heartbeat("late", PeerStats(state="syncing", step=8), T0 + 5)
+    others = [p.peer_id for p in m.live_members() if p.stage == y.stage and p.peer_id != "late"]
+    for peer_id in others:
+        m.leave(peer_id, "gone", T0 + 6)
+    assert others and m.stage_summaries()[y.stage].rebuild == ""
