@@ -57,7 +57,9 @@ def test_a_lying_stage0_peer_is_struck_and_nobody_else(tmp_path: Path, monkeypat
         tol = swarm.spec.sync.spsa.verify_tolerance
         lies = count_lies(BenchArm("t", rows, 0.0, 0.0), ids[3], tol)
         assert lies.posted >= steps - 3 and lies.caught > 0, lies
-        assert lies.first_catch <= lies.first_lie + 4, lies  # window 2, plus step 0's window
+        # the issue's bound: caught within 10 steps (while the 4 drivers join one by one their
+        # views of the stage-0 set differ, and checks made on another shard are inconclusive)
+        assert lies.first_catch <= lies.first_lie + 10, lies
         assert not lies.missed_after, lies
         closed = {}
         for i, rs in rows.items():
@@ -68,7 +70,11 @@ def test_a_lying_stage0_peer_is_struck_and_nobody_else(tmp_path: Path, monkeypat
         struck = [s for s, (_, flagged) in closed.items() if flagged]
         # verify_repair (the default): the struck direction is applied with its verifier's codes
         assert struck and all(ids[3] in closed[s][0] for s in struck)
-        diffs = [d for rs in rows.values() for r in rs
+        # fp noise is measured where every driver saw the same stage-0 set: from the step after
+        # the first one all 4 posted (before, a verifier may have recomputed on another shard: the
+        # ledger ignores such a check, the driver's metric cannot tell it apart)
+        full = min(s for s, (peers, _) in closed.items() if set(ids[:4]) <= set(peers))
+        diffs = [d for rs in rows.values() for r in rs if r["step"] > full
                  for x, d in r["spsa_check_diff"].items() if x != ids[3]]
         assert diffs and max(diffs) <= tol  # honest contributions recomputed within tolerance
         by = wait_for("the block replica at the last step", lambda: replicas_agree(
