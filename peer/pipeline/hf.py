@@ -32,7 +32,7 @@ from torch import nn
 
 from peer.pipeline.hf_format import INDEX_FILE, SINGLE_FILE
 from peer.pipeline.model import RMSNorm
-from peer.pipeline.stages import stage_layers
+from peer.pipeline.stages import copy_checked, stage_layers
 
 SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 
@@ -300,16 +300,7 @@ def read_tensors(directory: str | Path, names: list[str]) -> dict[str, torch.Ten
 def load_into(module: nn.Module, directory: str | Path) -> None:
     """Fill ``module``'s parameters from the folder, checking shapes and finiteness."""
     params = dict(module.named_parameters())
-    tensors = read_tensors(directory, list(params))
-    with torch.no_grad():
-        for name, p in params.items():
-            t = tensors[name]
-            if tuple(t.shape) != tuple(p.shape):
-                raise HFModelError(f"{name} has shape {tuple(t.shape)}, config.json needs "
-                                   f"{tuple(p.shape)}")
-            if not bool(torch.isfinite(t).all()):
-                raise HFModelError(f"{name} holds NaN or inf")
-            p.copy_(t.to(p.dtype))
+    copy_checked(params, read_tensors(directory, list(params)), HFModelError, "", "config.json")
 
 
 def run_stages(stage_zero: HFStageZero, blocks: list[HFBlockStage],

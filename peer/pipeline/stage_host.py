@@ -39,7 +39,7 @@ from torch import nn
 
 from peer.pipeline import lr
 from peer.pipeline.model import ModelConfig
-from peer.pipeline.stages import StageZero, init_block_stage, stage_layers
+from peer.pipeline.stages import StageZero, copy_checked, init_block_stage, stage_layers
 from protocols.runspec import RunSpec
 
 log = logging.getLogger("shoal.stage")
@@ -425,15 +425,7 @@ class StageHost:
         if set(state) != set(params):
             raise StageError(f"rebuilt state names {sorted(set(state) ^ set(params))[:3]} do "
                              f"not match stage {self.stage}")
-        with torch.no_grad():
-            for name, p in params.items():
-                t = state[name]
-                if tuple(t.shape) != tuple(p.shape):
-                    raise StageError(f"rebuilt {name} has shape {tuple(t.shape)}, the stage "
-                                     f"needs {tuple(p.shape)}")
-                if not bool(torch.isfinite(t).all()):
-                    raise StageError(f"rebuilt {name} holds NaN or Inf")
-                p.copy_(t.to(p.device, p.dtype))
+        copy_checked(params, state, StageError, "rebuilt ", "the stage")
         self.step = step
         self.lr_scale = lr_scale
         self.optimizer = self._make_optimizer()

@@ -223,3 +223,19 @@ def measure_throughput(stage: nn.Module, microbatch: int, seq_len: int, repeats:
     for _ in range(repeats):
         one_pass()
     return microbatch * repeats / (time.perf_counter() - start)
+
+
+def copy_checked(params: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor],
+                 error: type[Exception], what: str, needs: str) -> None:
+    """Copy `tensors[name]` into each of `params` (no grad), refusing with `error` a tensor of
+    another shape or one holding NaN/Inf before anything after it is copied. `what` prefixes
+    the tensor's name in the message ("rebuilt "), `needs` names who needs the shape."""
+    with torch.no_grad():
+        for name, p in params.items():
+            t = tensors[name]
+            if tuple(t.shape) != tuple(p.shape):
+                raise error(f"{what}{name} has shape {tuple(t.shape)}, {needs} needs "
+                            f"{tuple(p.shape)}")
+            if not bool(torch.isfinite(t).all()):
+                raise error(f"{what}{name} holds NaN or Inf")
+            p.copy_(t.to(p.device, p.dtype))

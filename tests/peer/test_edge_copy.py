@@ -19,6 +19,7 @@ from peer.recovery import edge_copy
 from protocols import shoal_pb2 as pb
 from protocols.runspec import RunSpec
 from tests.fakes import FakePeer, FakeView, stage_infos
+from tests.peer.test_checkfree_wiring import trained
 
 SPEC = RunSpec().replace(**{"model.d_model": 32, "model.n_layers": 4, "model.n_heads": 4,
                             "model.seq_len": 16, "pipeline.stages": 3, "run.seed": 3,
@@ -26,13 +27,7 @@ SPEC = RunSpec().replace(**{"model.d_model": 32, "model.n_layers": 4, "model.n_h
 
 
 def trained_zero(step: int, seed: int) -> StageHost:
-    host = StageHost(SPEC, 0)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in host.module.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.1)
-    host.step = step
-    return host
+    return trained(SPEC, 0, step, seed)
 
 
 class Stub:
