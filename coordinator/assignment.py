@@ -31,12 +31,17 @@ gets newcomers when it is the bottleneck and gives peers away when it has spare.
 is the first stage a joining peer fills (empty first, lowest index). Assumed: a peer serves any
 stage at the throughput it was measured at on its current one (stages are equal slices); the
 coordinator refreshes the number after the move.
+
+Memory (coordinator/placement.py's memory part): a peer goes only to a stage its device has room
+for (`allowed`), and a move only to a stage the moved peer fits (`fits`); among empty stages one
+that no other live member fits goes first (`prefer`), so a roomy peer takes the stage only it
+can hold and leaves the small stages to small peers.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 REBALANCE_PERIOD_S = 300.0
@@ -89,19 +94,29 @@ def bottleneck(stages: Mapping[int, StageLoad]) -> float:
     return min((s.capacity for s in stages.values()), default=0.0)
 
 
-def _weakest(stages: Mapping[int, StageLoad]) -> int:
-    """Empty stages first, then least capacity, ties to the lowest index."""
+def _weakest(stages: Mapping[int, StageLoad], allowed: Collection[int] | None = None,
+             prefer: Collection[int] = ()) -> int:
+    """Empty stages first (those in `prefer` before the others), then least capacity, ties to
+    the lowest index; only stages in `allowed` (None: all)."""
     if not stages:
         raise ValueError("no stages: the run spec defines at least stage 0")
-    return min(stages, key=lambda i: (bool(stages[i].replicas), stages[i].capacity, i))
+    choices = [i for i in stages if allowed is None or i in allowed]
+    if not choices:
+        raise ValueError("no stage is allowed: the caller refuses a peer that fits none")
+    return min(choices, key=lambda i: (bool(stages[i].replicas),
+                                       bool(stages[i].replicas) or i not in prefer,
+                                       stages[i].capacity, i))
 
 
-def assign_stage(stages: Mapping[int, StageLoad], peer_throughput: float) -> int:
-    """The stage a joining peer with `peer_throughput` samples/second should serve."""
+def assign_stage(stages: Mapping[int, StageLoad], peer_throughput: float,
+                 allowed: Collection[int] | None = None, prefer: Collection[int] = ()) -> int:
+    """The stage a joining peer with `peer_throughput` samples/second should serve, among
+    `allowed` (the stages its memory fits, coordinator/placement.py; None: any). An empty
+    stage in `prefer` (one only this peer fits) goes before the other empty ones."""
     if not (peer_throughput > 0.0 and math.isfinite(peer_throughput)):
         raise ValueError(f"peer_throughput={peer_throughput!r}: the join self-benchmark must "
                          "report a positive number of samples/second")
-    return _weakest(stages)
+    return _weakest(stages, allowed, prefer)
 
 
 def contribution(stages: Mapping[int, StageLoad], stage: int, peer_id: str, throughput: float,
@@ -122,9 +137,11 @@ def capacities(stages: Mapping[int, StageLoad], relayed: Collection[str] = ()
 
 def plan_rebalance(stages: Mapping[int, StageLoad],
                    min_gain: float = DEFAULT_MIN_GAIN,
-                   relayed: Collection[str] = ()) -> Move | None:
+                   relayed: Collection[str] = (),
+                   fits: Callable[[str, int], bool] | None = None) -> Move | None:
     """The one move that best raises the bottleneck, or None when no move is worth it. Peers in
-    `relayed` (nobody can dial them) are counted at a block stage as `contribution` says."""
+    `relayed` (nobody can dial them) are counted at a block stage as `contribution` says; a
+    peer moves only to a stage `fits(peer_id, stage)` allows (its memory; None: any)."""
     if min_gain < 0.0:
         raise ValueError(f"min_gain={min_gain} must be >= 0 (relative bottleneck gain)")
     caps = capacities(stages, relayed)
@@ -138,6 +155,8 @@ def plan_rebalance(stages: Mapping[int, StageLoad],
         if donor == to or len(load.replicas) < 2:
             continue
         for peer_id in sorted(load.replicas):
+            if fits is not None and not fits(peer_id, to):
+                continue
             value = load.replicas[peer_id]
             after = dict(caps)
             after[donor] -= contribution(stages, donor, peer_id, value, relayed)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 EVENT_KINDS = (
     "join", "rejoin", "leave", "expire", "drain", "move", "rebuild", "skip", "state", "restart",
-    "start", "ban",
+    "start", "ban", "refuse",
 )
 
 

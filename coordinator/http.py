@@ -96,6 +96,7 @@ def build_status(svc: CoordinatorService, now: float) -> dict[str, Any]:
             "last_seen": x.last_seen, "joined_at": x.joined_at, "device": x.benchmark.device,
             "benchmark_samples_per_s": x.benchmark.samples_per_s,
             "memory_bytes": x.benchmark.memory_bytes or None,
+            "memory_available_bytes": x.benchmark.memory_available_bytes or None,
             "bytes_by_kind": dict(s.bytes_by_kind)})
     stages = [{"stage": s.stage, "replicas": list(s.replicas), "throughput": _num(s.throughput),
                "grad_norm": _num(s.grad_norm), "step": s.step, "rebuild": s.rebuild,

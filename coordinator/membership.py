@@ -44,8 +44,9 @@ from coordinator.assignment import (
     stage_for_hint,
 )
 from coordinator.events import Event, EventLog, History, HistoryPoint
-from coordinator.placement import plan_relay_move
+from coordinator.placement import TooSmall, check_fits_some, fits, only_fits, plan_relay_move
 from protocols.coordinator_client import READY_STATES, Benchmark, PeerStats
+from protocols.memory import stage_bytes
 from protocols.recovery_report import describe, is_report_key
 from protocols.runspec import RunSpec
 
@@ -195,6 +196,7 @@ class Membership:
         self.n_stages = spec.pipeline.stages + 1  # block stages 1..S plus stage 0
         self._members: dict[str, Member] = {}
         self._stages = [_Stage() for _ in range(self.n_stages)]
+        self.stage_needs = stage_bytes(spec)  # estimated bytes per stage (protocols/memory.py)
         self._revoked: dict[str, float] = {}  # peer id -> when its last certificate expires
         self._changed: set[str] = set()  # structural changes, persisted at once
         self._placing: set[str] = set()  # moved by place_relayed, not serving the new stage yet
@@ -292,12 +294,20 @@ class Membership:
         Otherwise a live member joining again keeps its current stage and a newcomer gets the
         normal assignment. `step_hint` is clamped to the furthest attested stage step (it only
         seeds the member's reported step; attestation never counts it). Raises Banned /
-        CoolingDown (`check_may_join`).
+        CoolingDown (`check_may_join`), TooSmall (its device has room for no stage; a "refuse"
+        event says so) before changing anything. Only stages the device fits are assigned or
+        hinted to, unless `trust_stage_hints`.
         """
         if not 0 <= stage_hint < self.n_stages and stage_hint != -1:
             raise ValueError(f"stage_hint {stage_hint} is not a stage of this run "
                              f"(0..{self.n_stages - 1}, or -1 for none)")
         self.check_may_join(peer_id, now)
+        try:
+            allowed = check_fits_some(self.stage_needs, benchmark.memory_available_bytes,
+                                      benchmark.device)
+        except TooSmall as exc:
+            self.events.append(Event(now, "refuse", peer_id, -1, str(exc)))
+            raise
         self._cooldown.pop(peer_id, None)
         old = self._members.get(peer_id)
         if old is not None and old.live:
@@ -307,12 +317,18 @@ class Membership:
                                 held=old.stage if old is not None else None,
                                 rebuilding={i for i, st in enumerate(self._stages) if st.rebuild},
                                 trusted=self.trust_stage_hints)
+        if hinted is not None and hinted not in allowed and not self.trust_stage_hints:
+            hinted = None  # its device has no room for the stage it asks for
         if hinted is not None:
             stage = hinted
         elif old is not None and old.live:
             stage = old.stage
         else:
-            stage = assign_stage(self._loads(), benchmark.samples_per_s)
+            others = [m.benchmark.memory_available_bytes for m in self._members.values()
+                      if m.live and m.peer_id != peer_id]
+            stage = assign_stage(self._loads(), benchmark.samples_per_s, allowed,
+                                 only_fits(self.stage_needs, benchmark.memory_available_bytes,
+                                           others))
         # the stages' last attested steps (sweep attests every tick; not recomputed here, so a
         # join storm stays O(1) per join); the hint only seeds the member's reported step
         clamped = min(step_hint, max(st.step for st in self._stages))
@@ -446,7 +462,8 @@ class Membership:
     def rebalance(self, now: float, min_gain: float = 0.1) -> Move | None:
         """Plan and apply at most one SWARM rebalancing move; the peer learns it by heartbeat.
         A peer nobody can dial counts at a block stage for what it delivers through its relay."""
-        move = plan_rebalance(self._loads(), min_gain, relayed=self._not_direct())
+        move = plan_rebalance(self._loads(), min_gain, relayed=self._not_direct(),
+                              fits=self._fits)
         if move is None:
             return None
         self._move(move, now, f"bottleneck {move.bottleneck_before:.3g} -> "
@@ -470,7 +487,7 @@ class Membership:
         self._placement_turn += 1
         move = plan_relay_move(self._loads(), not_direct, ready,
                                {m.peer_id for m in live if m.placed},
-                               start=self._placement_turn)
+                               start=self._placement_turn, fits_stage=self._fits)
         if move is None:
             return None
         why = ("nobody can dial it; a driver only dials out" if move.to_stage == 0 else
@@ -479,6 +496,11 @@ class Membership:
                               f"{move.bottleneck_after:.3g} samples/s")
         self._placing.add(move.peer_id)
         return move
+
+    def _fits(self, peer_id: str, stage: int) -> bool:
+        """Whether `stage` fits the memory `peer_id` reported at join."""
+        return fits(self.stage_needs[stage], self._members[peer_id].benchmark.
+                    memory_available_bytes)
 
     def _not_direct(self) -> set[str]:
         return {m.peer_id for m in self._members.values()

@@ -58,7 +58,8 @@ def member_to_wire(m: Member, full_stats: bool = True) -> pb.PeerInfo:
         state=m.state, stats=stats, lease_expires=m.lease_expires,
         joined_at=m.joined_at,
         benchmark=pb.Benchmark(samples_per_s=b.samples_per_s, bandwidth_mbps=b.bandwidth_mbps,
-                               device=b.device, memory_bytes=b.memory_bytes, declared=b.declared))
+                               device=b.device, memory_bytes=b.memory_bytes, declared=b.declared,
+                               memory_available_bytes=b.memory_available_bytes))
 
 
 def check_text(name: str, value: str, limit: int) -> str:

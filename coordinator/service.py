@@ -59,6 +59,7 @@ from coordinator.messages import (
     member_to_wire,
     stats_from_wire,
 )
+from coordinator.placement import TooSmall
 from coordinator.reach import Reachability, observed_address
 from coordinator.store import Batch, Journal, StoreError
 from protocols import reach as reach_wire
@@ -202,9 +203,14 @@ class CoordinatorService:
                                f"{self.spec.membership.heartbeat_s:g} s; slow down")
         if request.stage_hint == OBSERVER_STAGE:
             return self._join_observer(peer_id, key, now, tls_fields)
-        member = self.membership.join(peer_id, key, address, bench, request.stage_hint,
-                                      request.step_hint, now, relay=request.relay,
-                                      has_leaf=bool(tls_fields.get("tls_certificate")))
+        try:
+            member = self.membership.join(peer_id, key, address, bench, request.stage_hint,
+                                          request.step_hint, now, relay=request.relay,
+                                          has_leaf=bool(tls_fields.get("tls_certificate")))
+        except TooSmall as exc:  # not retried by the peer: it exits with this message
+            log.warning("peer %s refused: %s", peer_id, exc)
+            await self._refuse(context, "Join", grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            raise  # context.abort raised already; for readers and type checkers
         cert = self._issue(member, now)
         await self._commit(context)
         self.reach.check(member, now)  # dials back later, off this call

@@ -252,7 +252,8 @@ def _member_row(m: Member) -> tuple:
 
 def _bench_json(b: Benchmark) -> dict:
     return {"samples_per_s": b.samples_per_s, "bandwidth_mbps": b.bandwidth_mbps,
-            "device": b.device, "memory_bytes": b.memory_bytes, "declared": b.declared}
+            "device": b.device, "memory_bytes": b.memory_bytes, "declared": b.declared,
+            "memory_available_bytes": b.memory_available_bytes}
 
 
 def _member_from_row(r: tuple) -> Member:

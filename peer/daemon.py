@@ -222,7 +222,8 @@ class PeerDaemon:
         try:
             await self.client.connect()  # a coordinator that fails its fingerprint: fail fast
             bench = await asyncio.to_thread(machine.benchmark, args.throttle,
-                                            getattr(args, "simulate_speed", 0.0))
+                                            getattr(args, "simulate_speed", 0.0),
+                                            machine.device(args.device))
             joined = await self.client.join(bench, self.address, stage_hint=args.stage)
         except CoordinatorRefused as exc:
             raise SystemExit(f"shoal peer: cannot join: {exc}") from None

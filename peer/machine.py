@@ -1,6 +1,7 @@
-"""What the daemon learns about the machine it starts on: the torch device, a self-benchmark for
-the coordinator's assignment, the coordinator's address by mDNS when none was given; and how the
-process is set up (torch threads, uvloop)."""
+"""What the daemon learns about the machine it starts on: the torch device (peer/device.py), a
+self-benchmark on it with its memory for the coordinator's assignment and placement, the
+coordinator's address by mDNS when none was given; and how the process is set up (torch threads,
+uvloop)."""
 
 from __future__ import annotations
 
@@ -9,32 +10,69 @@ import time
 
 import torch
 
+from peer.device import DeviceError, autocast, describe, memory, parse_device, synchronize
 from protocols.coordinator_client import Benchmark
 
-
-def device(choice: str) -> str:
-    """The torch device for `--device` (auto: CUDA when visible)."""
-    if choice == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible to torch here")
-    return choice
+# The join probe: one block of the built-in decoder at this width, forward and backward on a
+# microbatch, repeated until PROBE_S has passed (at least PROBE_MIN_PASSES times). About as much
+# arithmetic as the matrix probe it replaced (~1 GFLOP): every peer of a test swarm runs it.
+PROBE_D_MODEL, PROBE_HEADS, PROBE_SEQ, PROBE_BATCH = 128, 4, 64, 4
+PROBE_S, PROBE_MIN_PASSES = 0.1, 2
 
 
-def benchmark(throttle: float, simulate_speed: float = 0.0) -> Benchmark:
-    """A cheap fixed probe (blocks ~0.1 s: run it off the event loop): peers of one run compare
-    like with like. `throttle` slows the reported rate as it slows compute; `simulate_speed` > 0
-    replaces it (the simulated swarms of tests and benches)."""
-    name = "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(0)
-    t0 = time.perf_counter()
-    a = torch.randn(256, 256)
-    for _ in range(20):
-        a = torch.tanh(a @ a / 16)
-    rate = 20 / (time.perf_counter() - t0) / max(throttle, 1e-3)
-    if simulate_speed > 0:
-        rate = simulate_speed
-    return Benchmark(samples_per_s=rate, device=name,
-                     memory_bytes=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+def device(choice: str, who: str = "shoal peer") -> str:
+    """The torch device for `--device` as a string ("cpu", "cuda:1", "mps"); SystemExit with
+    peer/device.py's message, prefixed with `who`, when it cannot be used here."""
+    try:
+        return str(parse_device(choice))
+    except DeviceError as exc:
+        raise SystemExit(f"{who}: {exc}") from None
+
+
+def benchmark(throttle: float, simulate_speed: float = 0.0, device: str = "cpu") -> Benchmark:
+    """Samples/s of a short forward + backward of a representative block (`probe_rate`) on
+    `device`, and the device's memory: its total, and what is available to a stage (CUDA's free
+    memory after the probe let go of its own, the host's MemAvailable). Blocks ~0.1-0.3 s: run
+    it off the event loop. Peers of one run compare like with like. `throttle` slows the
+    reported rate as it slows compute; `simulate_speed` > 0 replaces it (the simulated swarms
+    of tests and benches)."""
+    dev = parse_device(device)
+    # a simulated speed is given, not measured: the probe is skipped
+    rate = simulate_speed if simulate_speed > 0 else probe_rate(dev) / max(throttle, 1e-3)
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()  # what the probe held is available to the stage again
+    total, available = memory(dev)
+    return Benchmark(samples_per_s=rate, device=describe(dev), memory_bytes=total,
+                     memory_available_bytes=available)
+
+
+def probe_rate(dev: torch.device) -> float:
+    """Samples/s of forward + backward of one block of the built-in decoder at a fixed width,
+    in the precision the device trains in (bf16 autocast on CUDA), synchronised with the device
+    before each clock read; one untimed warm-up pass."""
+    from peer.pipeline.model import Block, ModelConfig  # torch modules only when measuring
+
+    config = ModelConfig(d_model=PROBE_D_MODEL, n_layers=1, n_heads=PROBE_HEADS,
+                         seq_len=PROBE_SEQ)
+    with torch.random.fork_rng(devices=[]):  # the probe must not move torch's RNG
+        block = Block(config).to(dev)
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn(PROBE_BATCH, PROBE_SEQ, PROBE_D_MODEL, generator=gen).to(dev)
+    params = list(block.parameters())
+
+    def one_pass() -> None:
+        with autocast(dev, "auto"):
+            loss = block(x).float().square().mean()
+        torch.autograd.grad(loss, params)
+
+    one_pass()
+    synchronize(dev)
+    passes, t0 = 0, time.perf_counter()
+    while passes < PROBE_MIN_PASSES or time.perf_counter() - t0 < PROBE_S:
+        one_pass()
+        passes += 1
+        synchronize(dev)
+    return PROBE_BATCH * passes / (time.perf_counter() - t0)
 
 
 async def discover_coordinator() -> str:

@@ -37,15 +37,17 @@ class Benchmark:
     samples_per_s: float = 0.0
     bandwidth_mbps: float = 0.0
     device: str = ""
-    memory_bytes: int = 0
+    memory_bytes: int = 0  # the device's total
     declared: bool = False
+    memory_available_bytes: int = 0  # what a stage may use there; 0: not reported (older peer)
 
     def to_proto(self) -> pb.Benchmark:
         return pb.Benchmark(**dataclasses.asdict(self))
 
     @classmethod
     def from_proto(cls, m: pb.Benchmark) -> Benchmark:
-        return cls(m.samples_per_s, m.bandwidth_mbps, m.device, m.memory_bytes, m.declared)
+        return cls(m.samples_per_s, m.bandwidth_mbps, m.device, m.memory_bytes, m.declared,
+                   m.memory_available_bytes)
 
 
 @dataclass(slots=True)

@@ -24,6 +24,7 @@ SYNC_MODES = ("allreduce", "demo", "diloco", "spsa")
 #: the modes whose steps the coordinator closes in its SPSA ledger (coordinator/ledger.py)
 LEDGER_MODES = frozenset({"spsa"})
 ACTIVATION_ENCODINGS = ("fp32", "bf16", "int8")
+PRECISIONS = ("auto", "fp32", "bf16")  # pipeline.precision: the compute dtype of a stage's passes
 AGGREGATORS = ("mean", "clipped_mean", "trimmed_mean")
 SCHEDULE_DECAYS = ("constant", "cosine", "linear")  # optim/schedule.py
 
@@ -62,6 +63,9 @@ class PipelineSection:
     activations: str = "bf16"  # fp32 | bf16 | int8 (blockwise)
     full_depth_every: int = 10
     checkfree_plus: bool = False
+    # auto: bf16 autocast on CUDA, fp32 elsewhere; fp32: never; bf16: autocast on any device
+    # (master weights and optimizer state stay fp32; peer/device.py, docs/gpus.md)
+    precision: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -167,6 +171,29 @@ class MembershipSection:
 
 
 @dataclass(frozen=True)
+class CheckpointSection:
+    """Durable checkpoints (docs/checkpoints.md, coordinator/checkpoints.py)."""
+
+    every: int = 0  # optimizer steps between durable checkpoints; 0 = none
+    dir: str = ""  # the coordinator's folder for them (`shoal coordinator --checkpoint-dir`)
+    keep: int = 2  # complete checkpoints kept; older ones are deleted
+    init: str = ""  # a checkpoint folder every peer starts from (the same path on every peer)
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """Stage 0's data (docs/data.md, peer/pipeline/data.py)."""
+
+    # A file or folder of text, JSONL ("text" field) or Parquet ("text" column), the same path
+    # on every peer (`shoal peer --data` overrides it); "" is the Python standard library
+    path: str = ""
+    # sha256 of the data and tokenizer (shoal demo fills it in); the coordinator refuses a peer
+    # whose data's differs. "": the first peer's is kept and the others must match it.
+    fingerprint: str = ""
+    max_tokens: int = 0  # a cap on the corpus's token ids (logged when it cuts); 0 = none
+
+
+@dataclass(frozen=True)
 class RunSpec:
     run: RunSection = field(default_factory=RunSection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -174,6 +201,8 @@ class RunSpec:
     optim: OptimSection = field(default_factory=OptimSection)
     sync: SyncSection = field(default_factory=SyncSection)
     membership: MembershipSection = field(default_factory=MembershipSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    data: DataSection = field(default_factory=DataSection)
 
     @classmethod
     def from_toml(cls, text: str) -> RunSpec:
@@ -229,15 +258,19 @@ class RunSpec:
                    "such that d_model / n_heads is even (rotary embeddings)", m.d_model)
         _check(m.n_layers >= 1, "model.n_layers", "an integer >= 1", m.n_layers)
         _check(m.seq_len >= 2, "model.seq_len", "an integer >= 2", m.seq_len)
-        if m.hf:  # the data are bytes until a tokenizer feeds them: ids 0-255 must exist
-            _check(m.vocab >= 256, "model.vocab", ">= 256 for a Hugging Face model (the data "
-                   "are bytes, ids 0-255)", m.vocab)
+        if m.hf:  # a folder without tokenizer.json is fed bytes: ids 0-255 must exist
+            _check(m.vocab >= 256, "model.vocab", ">= 256 for a Hugging Face model (without "
+                   "a tokenizer.json the data are bytes, ids 0-255)", m.vocab)
             _check(not p.checkfree_plus, "pipeline.checkfree_plus",
                    "false with model.hf (its edge copies know the built-in decoder only)",
                    p.checkfree_plus)
         else:
             _check(m.vocab == 256, "model.vocab", "256 (the model is byte-level)", m.vocab)
         _check(p.stages >= 1, "pipeline.stages", "an integer >= 1", p.stages)
+        _check(self.data.max_tokens >= 0, "data.max_tokens", "an integer >= 0 (0: no cap)",
+               self.data.max_tokens)
+        _check(p.precision in PRECISIONS, "pipeline.precision", f"one of {PRECISIONS}",
+               p.precision)
         _check(p.stages <= m.n_layers, "pipeline.stages",
                f"at most model.n_layers ({m.n_layers}): each stage needs a layer", p.stages)
         _check(0.0 <= p.skip_ratio < 1.0, "pipeline.skip_ratio", "in [0, 1)", p.skip_ratio)
@@ -303,6 +336,11 @@ class RunSpec:
                f"> 2 x membership.heartbeat_s ({ms.heartbeat_s})", ms.lease_s)
         _check(ms.certificate_s > ms.lease_s, "membership.certificate_s",
                "> membership.lease_s", ms.certificate_s)
+        c = self.checkpoint
+        _check(c.every >= 0, "checkpoint.every", "an integer >= 0 (0: no checkpoints)", c.every)
+        _check(c.keep >= 1, "checkpoint.keep", "an integer >= 1", c.keep)
+        _check(c.every == 0 or bool(c.dir), "checkpoint.dir",
+               "a folder when checkpoint.every > 0 (or pass --checkpoint-dir)", c.dir)
 
 
     def schedules(self) -> list[tuple[str, ScheduleSection, int]]:

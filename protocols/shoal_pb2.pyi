@@ -47,21 +47,23 @@ class SignedCertificate(_message.Message):
     def __init__(self, certificate: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class Benchmark(_message.Message):
-    __slots__ = ("samples_per_s", "bandwidth_mbps", "device", "memory_bytes", "declared")
+    __slots__ = ("samples_per_s", "bandwidth_mbps", "device", "memory_bytes", "declared", "memory_available_bytes")
     SAMPLES_PER_S_FIELD_NUMBER: _ClassVar[int]
     BANDWIDTH_MBPS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     DECLARED_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
     samples_per_s: float
     bandwidth_mbps: float
     device: str
     memory_bytes: int
     declared: bool
-    def __init__(self, samples_per_s: _Optional[float] = ..., bandwidth_mbps: _Optional[float] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., declared: _Optional[bool] = ...) -> None: ...
+    memory_available_bytes: int
+    def __init__(self, samples_per_s: _Optional[float] = ..., bandwidth_mbps: _Optional[float] = ..., device: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., declared: _Optional[bool] = ..., memory_available_bytes: _Optional[int] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("public_key", "token_proof", "timestamp", "benchmark", "address", "stage_hint", "step_hint", "version", "tls_csr", "relay")
+    __slots__ = ("public_key", "token_proof", "timestamp", "benchmark", "address", "stage_hint", "step_hint", "version", "tls_csr", "relay", "data_fingerprint")
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     TOKEN_PROOF_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +74,7 @@ class JoinRequest(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TLS_CSR_FIELD_NUMBER: _ClassVar[int]
     RELAY_FIELD_NUMBER: _ClassVar[int]
+    DATA_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     public_key: bytes
     token_proof: bytes
     timestamp: float
@@ -82,7 +85,8 @@ class JoinRequest(_message.Message):
     version: str
     tls_csr: bytes
     relay: bool
-    def __init__(self, public_key: _Optional[bytes] = ..., token_proof: _Optional[bytes] = ..., timestamp: _Optional[float] = ..., benchmark: _Optional[_Union[Benchmark, _Mapping]] = ..., address: _Optional[str] = ..., stage_hint: _Optional[int] = ..., step_hint: _Optional[int] = ..., version: _Optional[str] = ..., tls_csr: _Optional[bytes] = ..., relay: _Optional[bool] = ...) -> None: ...
+    data_fingerprint: str
+    def __init__(self, public_key: _Optional[bytes] = ..., token_proof: _Optional[bytes] = ..., timestamp: _Optional[float] = ..., benchmark: _Optional[_Union[Benchmark, _Mapping]] = ..., address: _Optional[str] = ..., stage_hint: _Optional[int] = ..., step_hint: _Optional[int] = ..., version: _Optional[str] = ..., tls_csr: _Optional[bytes] = ..., relay: _Optional[bool] = ..., data_fingerprint: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("certificate", "coordinator_public_key", "run_spec_toml", "stage", "epoch", "lease_seconds", "heartbeat_interval", "view", "swarm_id", "tls_certificate", "tls_ca", "address")
@@ -471,3 +475,29 @@ class RelayFrame(_message.Message):
     address: str
     error: str
     def __init__(self, conn: _Optional[int] = ..., data: _Optional[bytes] = ..., open: _Optional[bool] = ..., close: _Optional[bool] = ..., keepalive: _Optional[bool] = ..., address: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+
+class CheckpointChunk(_message.Message):
+    __slots__ = ("step", "stage", "sha256", "size", "spec_hash", "data")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SPEC_HASH_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    stage: int
+    sha256: str
+    size: int
+    spec_hash: str
+    data: bytes
+    def __init__(self, step: _Optional[int] = ..., stage: _Optional[int] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., spec_hash: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class CheckpointAck(_message.Message):
+    __slots__ = ("stored", "detail", "complete_step")
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_STEP_FIELD_NUMBER: _ClassVar[int]
+    stored: bool
+    detail: str
+    complete_step: int
+    def __init__(self, stored: _Optional[bool] = ..., detail: _Optional[str] = ..., complete_step: _Optional[int] = ...) -> None: ...

@@ -760,3 +760,75 @@ class Relay:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class CheckpointsStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Put = channel.stream_unary(
+                '/shoal.v1.Checkpoints/Put',
+                request_serializer=shoal__pb2.CheckpointChunk.SerializeToString,
+                response_deserializer=shoal__pb2.CheckpointAck.FromString,
+                _registered_method=True)
+
+
+class CheckpointsServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Put(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_CheckpointsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Put': grpc.stream_unary_rpc_method_handler(
+                    servicer.Put,
+                    request_deserializer=shoal__pb2.CheckpointChunk.FromString,
+                    response_serializer=shoal__pb2.CheckpointAck.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'shoal.v1.Checkpoints', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('shoal.v1.Checkpoints', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Checkpoints:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Put(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/shoal.v1.Checkpoints/Put',
+            shoal__pb2.CheckpointChunk.SerializeToString,
+            shoal__pb2.CheckpointAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

@@ -8,10 +8,21 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Callable
 
 Command = Callable[[argparse.Namespace], int]
+DEVICE_HELP = ("auto (CUDA, else MPS, else CPU), cpu, cuda (GPU 0), cuda:N or mps (default cpu; "
+               "docs/gpus.md)")
+
+
+def _device(value: str) -> str:
+    """--device as spelled; whether this machine has it, peer/device.py says at start."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a device: use auto, cpu, cuda, "
+                                         "cuda:N or mps")
+    return value
 
 
 def _cmd_identity(args: argparse.Namespace) -> int:
@@ -82,12 +93,17 @@ def _cmd_peer(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     from peer.daemon import main as peer_main
+    from peer.machine import device
 
+    device(args.device)  # refuse a device this machine lacks before anything starts
     return peer_main(args)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from peer.machine import device
     from shoal.local import main as demo_main
+
+    device(args.device, "shoal demo")  # every peer would refuse it: say so once, first
 
     return demo_main(args)
 
@@ -137,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write summary.json, the exported model and logs here (a new "
                    "or empty folder)")
     p.add_argument("--http-port", type=int, default=0, help="dashboard port (default: any free)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    p.add_argument("--device", default="cpu", type=_device, help=DEVICE_HELP)
     p.add_argument("--seed", type=int, help="run seed (default: --config's, else 0)")
     p.add_argument("--init-model", help="start from an exported model (a folder with "
                    "model.safetensors)")
@@ -157,8 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HOST:PORT (or env SHOAL_COORDINATOR; default: find it by mDNS)")
     p.add_argument("--identity", default=os.environ.get("SHOAL_IDENTITY", "./shoal-peer.key"))
     p.add_argument("--token-file", default=os.environ.get("SHOAL_TOKEN_FILE"))
-    p.add_argument("--data", help="text files or directory for stage 0 (default: stdlib)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    p.add_argument("--data", help="text, JSONL or Parquet file or folder for stage 0 "
+                   "(default: the run spec's data.path, else the stdlib; docs/data.md)")
+    p.add_argument("--device", default="cpu", type=_device, help=DEVICE_HELP)
     p.add_argument("--host", help="address to serve on (default: all interfaces, 0.0.0.0; "
                    "127.0.0.1 when the coordinator is on this machine's loopback)")
     p.add_argument("--advertise", metavar="HOST",

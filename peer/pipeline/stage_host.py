@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from peer.device import autocast as device_autocast
 from peer.pipeline import lr
 from peer.pipeline.model import ModelConfig
 from peer.pipeline.stages import StageZero, copy_checked, init_block_stage, stage_layers
@@ -330,11 +331,11 @@ class StageHost:
         return len(old)
 
     def autocast(self):
-        """On a GPU, compute in bf16 with the fp32 master weights; on CPU, plain fp32 (so CPU
-        replicas stay bit-exact). The wire format never depends on the device: activations
-        leave as fp32 and the codec encodes them."""
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
-                              enabled=self.device.type == "cuda")
+        """The run's compute precision (pipeline.precision, peer/device.py): under "auto" bf16
+        on a GPU with the fp32 master weights, plain fp32 on CPU (so CPU replicas stay
+        bit-exact). The wire format never depends on it: activations leave as fp32 and the
+        codec encodes them."""
+        return device_autocast(self.device, self.spec.pipeline.precision)
 
     def check_activation(self, x: torch.Tensor, what: str) -> None:
         """Refuse (StageError) an activation or gradient that does not fit this run (any thread)."""
