@@ -51,6 +51,7 @@ from pathlib import Path
 
 import grpc
 
+from coordinator import checkpoints
 from coordinator.ca import CaError, CoordinatorCA
 from coordinator.events import Event, EventLog, History
 from coordinator.http import DEFAULT_MAX_SSE_CLIENTS, make_app, start_http
@@ -209,7 +210,9 @@ async def serve(config: str | Path | RunSpec | None = None, port: int = 7000,
                 join_nonce_capacity: int = DEFAULT_JOIN_NONCE_CAPACITY,
                 relay: bool = True, relay_ports: str | None = None,
                 relay_host: str | None = None,
-                clock: Callable[[], float] = time.time) -> CoordinatorHandle:
+                clock: Callable[[], float] = time.time,
+                checkpoint_every: int | None = None,
+                checkpoint_dir: str | None = None) -> CoordinatorHandle:
     """Start a coordinator on the running event loop; see the module docstring."""
     try:
         ports = parse_ports(relay_ports)
@@ -245,6 +248,7 @@ async def serve(config: str | Path | RunSpec | None = None, port: int = 7000,
         totals = json.loads(meta.get("totals", "{}"))
         events.restore(snapshot.events)
         history.restore(snapshot.history)
+    spec = checkpoints.with_flags(spec, checkpoint_every, checkpoint_dir)
     admission, token_path = _admission(state, token_file, allow_file)
     if token_path is not None:
         ca.stamp_token_file(token_path)  # peers verify this coordinator with the token alone
@@ -301,6 +305,7 @@ async def serve(config: str | Path | RunSpec | None = None, port: int = 7000,
     options.append(("grpc.max_receive_message_length", MAX_REQUEST_BYTES))
     server = grpc.aio.server(interceptors=[auth], options=options)
     svc.add_to_server(server)
+    checkpoints.install(server, spec, membership)  # durable checkpoints (docs/checkpoints.md)
     hub = None
     if relay:  # relayed ports listen where gRPC does; peers dial them at --relay-host
         hub = RelayHub(admit=membership.is_member, bind_host=host, ports=ports,
@@ -437,6 +442,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the host others dial to reach a relayed peer (default: this "
                         "coordinator's address, as in its gRPC address; behind a cloud's 1:1 "
                         "NAT give the public one)")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                   help="durable checkpoints every N steps (run spec checkpoint.every): the "
+                        "peers send their stages, this coordinator writes them and an index "
+                        "(docs/checkpoints.md)")
+    p.add_argument("--checkpoint-dir", default=None, metavar="DIR",
+                   help="where the checkpoints go (run spec checkpoint.dir)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -466,7 +477,9 @@ async def _run(args: argparse.Namespace) -> int:
                                                          DEFAULT_JOIN_NONCE_CAPACITY),
                              relay=not getattr(args, "no_relay", False),
                              relay_ports=getattr(args, "relay_ports", None),
-                             relay_host=getattr(args, "relay_host", None))
+                             relay_host=getattr(args, "relay_host", None),
+                             checkpoint_every=getattr(args, "checkpoint_every", None),
+                             checkpoint_dir=getattr(args, "checkpoint_dir", None))
     except Exception as exc:  # RunSpecError, StoreError, KeyFileError, CoordinatorStartError
         print(f"shoal coordinator: {exc}", file=sys.stderr)
         return 2

@@ -53,8 +53,9 @@ from peer.pipeline.stage_host import StageHost
 from peer.preemption import SpotWatcher
 from peer.progress import ProgressReporter, peer_stats, progress_text
 from peer.reach import ReachNotice, ReachService
+from peer.recovery.durable import DurableCheckpoints
 from peer.recovery.edge_copy import EdgeCopies
-from peer.recovery.rebuild import catch_up, snapshot_if_due, take_state
+from peer.recovery.rebuild import catch_up, snapshot_if_due
 from peer.recovery.transfer import download_state
 from peer.relayed import RelayLink, local_target, relay_hub
 from peer.services import serve
@@ -124,6 +125,7 @@ class PeerDaemon:
         self.recovery: RecoveryReport | None = None  # of the last rebuild, if any
         self.snapshot_dir: str | None = getattr(args, "snapshot_dir", None)
         self._snapshot_step = 0
+        self.checkpoints = DurableCheckpoints(getattr(args, "resume", None))  # durable.py
         self.edge_copies = EdgeCopies()  # CheckFree+: stage 1's / S's copy of stage 0, kept current
         self.metrics = PeerMetrics(self)  # served only with --metrics-port
         self.reach_notice = ReachNotice()  # logs what the coordinator's dial-back found
@@ -333,7 +335,8 @@ class PeerDaemon:
             step_now=lambda: self.host.step if self.host is not None else 0,
             relayed=lambda: consistency.relayed(self.view),
         )
-        report = await take_state(self, mode, stage, vars(self.args).get("init_model"))
+        report = await self.checkpoints.take_state(self, mode, stage,
+                                                   vars(self.args).get("init_model"))
         if report is not None:
             self.recovery = report
         self.state_hash = await self.host.run(self.host.state_hash)
@@ -396,6 +399,7 @@ class PeerDaemon:
                 return pb.StepDone(step=step, stage=host.stage, stepped=False,
                                    detail=f"replica is after step {host.step}")
             done = await self.mode.step(self, self.rounds, step)
+            await self.checkpoints.after_step(self)  # a durable checkpoint when one is due
             self.metrics.note_step(host.step)
             return done
 

@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pad compute to this speed, emulating a machine of its own (benchmarks)")
     p.add_argument("--stage", type=int, default=-1, help="ask for this stage (default: assigned)")
     p.add_argument("--snapshot-dir", help="keep periodic safetensors snapshots of the stage here")
+    p.add_argument("--resume", metavar="DIR",
+                   help="start from the durable checkpoint in DIR (a copy of the coordinator's "
+                        "--checkpoint-dir) when no live replica holds this peer's stage")
     p.add_argument("--tls-dir", help=argparse.SUPPRESS)  # refused: TLS is automatic
     p.add_argument("--plaintext", action="store_true",
                    help="no TLS on any link (the coordinator must run --plaintext too); default: "

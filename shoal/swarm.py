@@ -46,6 +46,7 @@ class Swarm:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.token_file = work / "join.token"
         self.init_model: str | None = None
+        self.coordinator_args: list[str] = []  # more `shoal coordinator` flags
 
     def _spawn(self, args: list[str], log_name: str, env: dict | None = None) -> subprocess.Popen:
         with open(self.logs / log_name, "ab") as log:  # the child keeps its own descriptor
@@ -67,7 +68,8 @@ class Swarm:
                 ["coordinator", "--config", str(self.work / "run.toml"), "--host", "127.0.0.1",
                  "--port", str(self.port), "--http-port", str(self.http_port), "--state-dir",
                  str(self.work / "coordinator"), "--token-file", str(self.token_file),
-                 "--no-mdns", "--trust-stage-hints"], "coordinator.log")
+                 "--no-mdns", "--trust-stage-hints", *self.coordinator_args],
+                "coordinator.log")
             try:
                 wait_port(self.port, 30, self.coordinator)
                 break
