@@ -161,15 +161,15 @@ def read_index(path: str | os.PathLike[str]) -> Index:
 def check_for_run(index: Index, spec: RunSpec, stage: int) -> StageEntry:
     """The entry of `stage` if `index` is a checkpoint of this run (same spec hash, same number
     of stages), else CheckpointError."""
+    if len(index.stages) != spec.pipeline.stages + 1:
+        raise CheckpointError(f"the checkpoint in {index.folder} has {len(index.stages)} stages, "
+                              f"this run has {spec.pipeline.stages + 1}")
     want = spec_hash(spec)
     if index.spec_hash != want:
         raise CheckpointError(
             f"the checkpoint in {index.folder} (step {index.step}) is of another run spec (hash "
             f"{index.spec_hash[:12]}, this run's is {want[:12]}): its model, pipeline, optim, "
             "sync or seed differ; resume with the run spec that wrote it")
-    if len(index.stages) != spec.pipeline.stages + 1:
-        raise CheckpointError(f"the checkpoint in {index.folder} has {len(index.stages)} stages, "
-                              f"this run has {spec.pipeline.stages + 1}")
     if stage not in index.stages:
         raise CheckpointError(f"the checkpoint in {index.folder} lacks stage {stage}")
     return index.stages[stage]
