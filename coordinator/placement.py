@@ -125,7 +125,8 @@ def check_fits_some(needs: Sequence[int], available: int, device: str) -> list[i
             f"this peer's device ({device or 'unnamed'}) has {gib(available)} available, and "
             f"the smallest stage of this run (stage {small}) needs about {gib(needs[small])} "
             f"(weights, gradients, optimizer state and activations; protocols/memory.py): "
-            f"join from a device with more free memory, or ask the operator for more stages")
+            f"join from a device with more free memory, or ask the operator for smaller "
+            f"stages (more block stages, shorter sequences or smaller microbatches)")
     return allowed
 
 

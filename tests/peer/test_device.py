@@ -127,3 +127,22 @@ def test_the_join_benchmark_measures_a_block_on_the_device_and_reports_its_memor
     assert abs(available - meminfo["MemAvailable"]) < total // 4
     assert memory(torch.device("cpu"))[0] == total
     assert machine.benchmark(1.0, 7.0).samples_per_s == 7.0  # a simulated speed replaces it
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_a_stage_computes_in_bf16_and_the_benchmark_reports_the_gpu() -> None:
+    spec = RunSpec().replace(**{"pipeline.stages": 1, "model.n_layers": 1})
+    host = StageHost(spec, 1, device=str(parse_device("cuda")))
+    try:
+        x = torch.randn(2, 8, spec.model.d_model)
+        with host.autocast():
+            assert (host.module.layers["0"].mlp.up(x.cuda())).dtype == torch.bfloat16
+        out = host.forward("mb", x, 1)
+        assert out.dtype == torch.float32 and out.device.type == "cpu"
+        assert all(p.dtype == torch.float32 for p in host.module.parameters())
+    finally:
+        host.close()
+    b = machine.benchmark(1.0, device="cuda:0")
+    _free, total = torch.cuda.mem_get_info(0)
+    assert b.device.startswith("cuda:0 ") and b.memory_bytes == total
+    assert 0 < b.memory_available_bytes <= total and b.samples_per_s > 0

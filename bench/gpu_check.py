@@ -1,0 +1,221 @@
+"""`python -m bench.gpu_check`: Shoal on a machine with a CUDA GPU, checked and measured.
+
+    python -m bench.gpu_check [--steps 40] [--replicas 2] [--work DIR]
+
+Needs CUDA: without a device torch can see it says so and exits with status 2 (nothing here is
+measured on a CPU and reported as a GPU figure). Three parts:
+
+1. SPSA's perturbation z (optim/spsa_z.py: a counter-based hash of (seed, tensor, index), no
+   torch generator) drawn on the GPU equals the CPU's bit for bit, Rademacher and Gaussian, at
+   several offsets; and a perturbed and an updated parameter set hash equal on both
+   (optim/spsa.py `perturb`, `apply`, `state_hash`), so CPU and GPU replicas of an SPSA run agree.
+2. A swarm on the GPU (shoal.swarm.Swarm: real `shoal coordinator` and `shoal peer --device
+   cuda` processes on 127.0.0.1): one block stage and stage 0, `--replicas` peers on each
+   (4 peers by default, all on GPU 0), `sync.mode = "allreduce"`, bf16 autocast (the default
+   `pipeline.precision = "auto"`), `--steps` steps. Replicas equal after every step: the
+   coordinator's /api/status is polled every 50 ms and every (stage, step) at which two or more
+   replicas were seen must show one state hash; a replica that found its hash differing from its
+   stage's (peer/consistency.py) logs "state hash ... differs", and those lines are counted too.
+   The run's last step must be reached by every replica with one hash.
+3. The same swarm on the CPU (`--device cpu`, one torch thread per peer) for the baseline.
+
+Samples/s: the drivers' metrics rows (samples per step = pipeline.target_batch), from the end of
+step WARMUP (CUDA context, kernels, allocator) to the last step. The model is small enough for
+the CPU run to finish in minutes (d_model 256, 4 layers, 128-byte sequences), so the GPU is far
+from busy: the ratio says what a GPU buys at this size, not at a size a GPU is meant for.
+
+Last line: `gpu_check: cuda/cpu samples/s = R, replicas equal = K/K steps, spsa z bit-identical
+= yes|NO`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from bench.report import machine
+from protocols.runspec import RunSpec
+from shoal.swarm import Swarm, read_metrics
+
+SPEC = {"model.d_model": 256, "model.n_layers": 4, "model.n_heads": 8, "model.seq_len": 128,
+        "pipeline.stages": 1, "pipeline.microbatch": 8, "pipeline.target_batch": 32,
+        "sync.mode": "allreduce", "sync.timeout_s": 20.0, "membership.heartbeat_s": 0.25,
+        "membership.lease_s": 3.0}
+WARMUP = 5
+NO_CUDA = ("bench.gpu_check: no CUDA device is visible to torch here (torch.cuda.is_available() "
+           "is False): run it on a machine with an NVIDIA GPU and a CUDA build of torch; nothing "
+           "was measured")
+
+
+def out(line: str) -> None:
+    print(line, flush=True)
+
+
+# ---------------------------------------------------------------- part 1: SPSA's z
+
+
+def spsa_bits_equal() -> tuple[bool, int]:
+    """(whether every draw and update matched, how many comparisons were made), CPU vs CUDA."""
+    from optim import spsa, spsa_z
+
+    checks, ok = 0, True
+    seed = spsa.seed_for("gpu-check", 7, "peer-a")
+    for kind in spsa_z.PERTURBATIONS:
+        for start, n in ((0, 1), (0, 300_001), (12_345, 70_000), (2**33 + 1, 4097)):
+            cpu = spsa_z.direction_int(kind, seed, "layers.0.attn.wq.weight", n, start)
+            gpu = spsa_z.direction_int(kind, seed, "layers.0.attn.wq.weight", n, start, "cuda")
+            ok &= torch.equal(gpu.cpu(), cpu)
+            checks += 1
+        gen = torch.Generator().manual_seed(0)
+        base = [torch.randn(257, 129, generator=gen), torch.randn(1000, generator=gen)]
+        on_cpu, on_gpu = [p.clone() for p in base], [p.clone().cuda() for p in base]
+        spsa.perturb(on_cpu, seed, 1e-3, 1, None, kind)
+        spsa.perturb(on_gpu, seed, 1e-3, 1, None, kind)
+        ok &= spsa.state_hash(on_cpu) == spsa.state_hash(on_gpu)
+        updates = [(spsa.seed_for("gpu-check", 7, f"p{i}"), c) for i, c in enumerate((5, -127))]
+        spsa.apply(on_cpu, updates, 1e-3, 0.37, None, kind)
+        spsa.apply(on_gpu, updates, 1e-3, 0.37, None, kind)
+        ok &= spsa.state_hash(on_cpu) == spsa.state_hash(on_gpu)
+        checks += 2
+    return bool(ok), checks
+
+
+# ---------------------------------------------------------------- parts 2 and 3: swarms
+
+
+class HashWatch:
+    """Polls /api/status and keeps, per (stage, step), the hash each replica reported there."""
+
+    def __init__(self, http_port: int, interval: float = 0.05) -> None:
+        self.url = f"http://127.0.0.1:{http_port}/api/status"
+        self.interval = interval
+        self.seen: dict[tuple[int, int], dict[str, str]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> HashWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                with urllib.request.urlopen(self.url, timeout=2) as r:
+                    self.record(json.load(r))
+            except (OSError, ValueError):
+                continue
+
+    def record(self, status: dict) -> None:
+        for p in status.get("peers", []):
+            if p.get("live") and p.get("state") in ("training", "rebuilt") and p["state_hash"]:
+                self.seen.setdefault((p["stage"], p["step"]), {})[p["peer_id"]] = p["state_hash"]
+
+
+def compare(seen: dict[tuple[int, int], dict[str, str]]) -> tuple[int, list[tuple[int, int]]]:
+    """(how many (stage, step) pairs were seen on two or more replicas, those whose replicas
+    reported more than one hash)."""
+    both = {k: v for k, v in seen.items() if len(v) >= 2}
+    return len(both), sorted(k for k, v in both.items() if len(set(v.values())) > 1)
+
+
+def samples_per_s(rows: list[dict], per_step: int, warmup: int = WARMUP) -> float:
+    """Swarm-wide samples/s from the drivers' metrics rows: from the end of step `warmup` to
+    the end of the last step (each step's end: the latest row for it)."""
+    ends: dict[int, float] = {}
+    for r in rows:
+        ends[r["step"]] = max(ends.get(r["step"], 0.0), r["t"])
+    last = max(ends)
+    if warmup not in ends or last <= warmup:
+        raise SystemExit(f"bench.gpu_check: the run logged steps {sorted(ends)}; it needs step "
+                         f"{warmup} and later ones (raise --steps)")
+    return per_step * (last - warmup) / (ends[last] - ends[warmup])
+
+
+def run_swarm(device: str, steps: int, replicas: int, work: Path) -> dict:
+    spec = RunSpec().replace(**{**SPEC, "run.steps": steps})
+    swarm = Swarm(work, spec, 0, None, device)
+    diverged = 0
+    try:
+        swarm.start(0)
+        with HashWatch(swarm.http_port) as watch:
+            for i in range(2 * replicas):  # stage 0, then stage 1, then the second replicas
+                swarm.add_peer(i, ["--stage", str(i % 2)])
+            deadline = time.monotonic() + 60 + 20 * steps
+            while time.monotonic() < deadline:
+                status = swarm.status() or {}
+                live = [p for p in status.get("peers", []) if p.get("live")]
+                if len(live) == 2 * replicas and all(p["step"] >= steps for p in live):
+                    break
+                if any(p.poll() is not None for p in swarm.peers):
+                    raise SystemExit(f"bench.gpu_check: a peer exited; see {swarm.logs}")
+                time.sleep(0.5)
+            else:
+                raise SystemExit(f"bench.gpu_check: the {device} swarm did not reach step "
+                                 f"{steps}; see {swarm.logs}")
+            time.sleep(2 * spec.membership.heartbeat_s)  # the last hashes reach the status
+        final = [(p["stage"], p["step"], p["state_hash"]) for p in (swarm.status() or {})
+                 .get("peers", []) if p.get("live")]
+        for log in swarm.logs.glob("peer*.log"):
+            text = log.read_text(errors="replace")
+            diverged += text.count("state hash at step") + text.count("state hash differs")
+    finally:
+        swarm.stop()
+    compared, differing = compare(watch.seen)
+    last_ok = all(len({h for s, st, h in final if s == stage and st == steps}) == 1 and
+                  sum(1 for s, st, _ in final if s == stage and st == steps) == replicas
+                  for stage in (0, 1))
+    rate = samples_per_s(read_metrics(swarm.logs), spec.pipeline.target_batch)
+    return {"rate": rate, "compared": compared, "differing": differing, "diverged": diverged,
+            "last_ok": last_ok, "logs": str(swarm.logs)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.gpu_check",
+                                 description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--replicas", type=int, default=2, help="peers per stage (2 stages)")
+    ap.add_argument("--work", type=Path, help="keep the runs' logs here (a new folder)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print(NO_CUDA, file=sys.stderr)
+        return 2
+    if args.steps <= WARMUP + 2:
+        ap.error(f"--steps must be > {WARMUP + 2}")
+    out(f"bench.gpu_check on {machine()}; GPU 0: {torch.cuda.get_device_name(0)}, "
+        f"{torch.cuda.mem_get_info(0)[1] / 2**30:.1f} GiB; torch {torch.__version__}")
+    same, checks = spsa_bits_equal()
+    out(f"SPSA z and updates, CPU vs CUDA: {checks} comparisons, "
+        f"{'bit-identical' if same else 'DIFFER'}")
+    work = args.work or Path(tempfile.mkdtemp(prefix="shoal-gpu-check-"))
+    if args.work is not None:
+        args.work.mkdir(parents=True)
+    runs = {}
+    for device in ("cuda", "cpu"):
+        runs[device] = r = run_swarm(device, args.steps, args.replicas, work / device)
+        out(f"{device:>4}: {r['rate']:8.1f} samples/s over steps {WARMUP}..{args.steps}; "
+            f"(stage, step) pairs seen on 2+ replicas {r['compared']}, with differing hashes "
+            f"{len(r['differing'])} {r['differing'][:5]}; replicas that found their hash "
+            f"differing {r['diverged']}; last step equal on every replica "
+            f"{'yes' if r['last_ok'] else 'NO'} (logs: {r['logs']})")
+    g = runs["cuda"]
+    equal = g["compared"] - len(g["differing"])
+    ok = same and not g["differing"] and not g["diverged"] and g["last_ok"]
+    out(f"gpu_check: cuda/cpu samples/s = {g['rate'] / runs['cpu']['rate']:.2f}, replicas equal "
+        f"= {equal}/{g['compared']} steps, spsa z bit-identical = {'yes' if same else 'NO'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
