@@ -274,6 +274,8 @@ async def serve(config: str | Path | RunSpec | None = None, port: int = 7000,
                              clock=clock)
     svc.restarts = restarts
     svc.ca = ca
+    if snapshot is not None:  # the first peer's data fingerprint, when the spec has none
+        svc.data_fingerprint = snapshot.meta.get("data_fingerprint", "")
 
     if snapshot is not None and svc.spsa_ledger is not None:
         svc.spsa_ledger.restore(snapshot.spsa)  # replicas replay steps across the restart

@@ -82,6 +82,10 @@ BEAT_RATE_FACTOR = 2.0
 BEAT_BURST_SLACK = 4.0
 
 
+class DataMismatch(Exception):
+    """A joining peer's data fingerprint is not the run's (FAILED_PRECONDITION, not retried)."""
+
+
 @dataclass(frozen=True)
 class ViewSnapshot:
     """One serialized swarm view and the same bytes framed as JoinReply / HeartbeatReply.view."""
@@ -130,6 +134,8 @@ class CoordinatorService:
         self.heartbeat_seconds = _Histogram((0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05))
         self._view: ViewSnapshot | None = None
         self._saved_meta: dict[str, str] = {}
+        #: the first peer's data fingerprint, when the spec has none (kept in the store's meta)
+        self.data_fingerprint = ""
         self.spsa_ledger = (SpsaLedger(spec.sync.spsa.samples_per_step, spec.sync.timeout_s,
                                        verify=spec.sync.spsa.verify,
                                        tolerance=spec.sync.spsa.verify_tolerance,
@@ -187,6 +193,10 @@ class CoordinatorService:
             self.admission.check(key, bytes(request.token_proof), request.timestamp, now)
             self.membership.check_may_join(peer_id_of(key), now)
             tls_fields = self._tls_fields(bytes(request.tls_csr), peer_id_of(key))
+            if not observer:
+                self._check_data(request.data_fingerprint)
+        except DataMismatch as exc:
+            await self._refuse(context, "Join", grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except BadRequest as exc:
             await self._refuse(context, "Join", grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except AdmissionDenied as exc:
@@ -223,6 +233,25 @@ class CoordinatorService:
             heartbeat_interval=self.spec.membership.heartbeat_s, swarm_id=self.swarm_id,
             address=address, **tls_fields)
         return reply.SerializeToString() + self.view(now).join_field
+
+    def _check_data(self, fingerprint: str) -> None:
+        """DataMismatch when a joining peer's data fingerprint (peer/pipeline/data.py) differs
+        from the run spec's data.fingerprint or, when the spec has none, from the first peer's,
+        which is then remembered. A peer that reports none is not checked."""
+        if not fingerprint:
+            return
+        check_text("data_fingerprint", fingerprint, 80)
+        expected = self.spec.data.fingerprint or self.data_fingerprint
+        if not expected:
+            self.data_fingerprint = fingerprint
+            return
+        if fingerprint != expected:
+            whose = ("the run spec's data.fingerprint" if self.spec.data.fingerprint else
+                     "the data of the run's first peer")
+            raise DataMismatch(
+                f"this peer's data fingerprint {fingerprint} differs from {whose} {expected}: "
+                "its stage-0 data or tokenizer are not the run's; start it with the run's data "
+                "(--data or the spec's data.path) and model folder")
 
     def _tls_fields(self, csr: bytes, peer_id: str) -> dict[str, bytes]:
         """JoinReply's tls_certificate (a leaf for the CSR, issued to the verified caller) and
@@ -500,6 +529,8 @@ class CoordinatorService:
             batch.progress = self.membership.take_progress()
             batch.history = self.membership.history.take_unsaved()
         meta = {"epoch": str(self.membership.epoch), "serial": str(self.serial)}
+        if self.data_fingerprint:
+            meta["data_fingerprint"] = self.data_fingerprint
         batch.meta = {k: v for k, v in meta.items() if self._saved_meta.get(k) != v}
         self._saved_meta.update(meta)
         return batch

@@ -48,6 +48,7 @@ from peer.authz import attested_swarm_step
 from peer.consistency import READY_STATES
 from peer.metrics import PeerMetrics
 from peer.pipeline import wire
+from peer.pipeline.data import CorpusError, data_fingerprint_for, load_corpus_for
 from peer.pipeline.driver import Driver
 from peer.pipeline.stage_host import StageHost
 from peer.preemption import SpotWatcher
@@ -68,6 +69,8 @@ from protocols import shoal_pb2 as pb
 from protocols import shoal_pb2_grpc as pbg
 from protocols.admission import parse_token
 from protocols.coordinator_client import (
+    OBSERVER_STAGE,
+    Benchmark,
     CoordinatorClient,
     CoordinatorRefused,
     PeerStats,
@@ -223,6 +226,7 @@ class PeerDaemon:
                                     self.channel)
         try:
             await self.client.connect()  # a coordinator that fails its fingerprint: fail fast
+            self.client.data_fingerprint = await self._data_fingerprint()
             bench = await asyncio.to_thread(machine.benchmark, args.throttle,
                                             getattr(args, "simulate_speed", 0.0),
                                             machine.device(args.device))
@@ -246,6 +250,20 @@ class PeerDaemon:
         # Heartbeat from now on: taking the stage (a download) may outlast the lease.
         self._heartbeats = asyncio.ensure_future(self.heartbeat_loop())
         await self._take_stage(joined.stage)
+
+    async def _data_fingerprint(self) -> str:
+        """This peer's data fingerprint, sent with its Join (any peer may come to drive stage 0;
+        the coordinator refuses data that differ from the run's). The run spec names the
+        tokenizer and data.path, so it is read first, as an observer. "" when this peer cannot
+        read the data (it says why; as a driver it would fail with the same reason)."""
+        observed = await self.client.join(Benchmark(declared=True), "",
+                                          stage_hint=OBSERVER_STAGE)
+        try:
+            return await asyncio.to_thread(data_fingerprint_for, observed.spec, self.args.data)
+        except CorpusError as exc:
+            log.warning("cannot read the run's data on this peer (%s); joining without a data "
+                        "fingerprint, it cannot drive stage 0", exc)
+            return ""
 
     def _bind_host(self, coordinator: str) -> str:
         """--host, or by default all interfaces; 127.0.0.1 when neither --host nor --advertise
@@ -342,6 +360,8 @@ class PeerDaemon:
         self.state_hash = await self.host.run(self.host.state_hash)
         self.state = "rebuilt" if report is not None else "training"
         if stage == 0 and self.driver is None:
+            # tokenizing a corpus may take long: off the event loop (the driver reuses it)
+            await asyncio.to_thread(load_corpus_for, self.spec, self.args.data)
             self.driver = make_driver(self, mode, self.args.data,
                                       getattr(self.args, "router", "swarm"))
             if self._running:  # moved to stage 0 while serving: drive from now on

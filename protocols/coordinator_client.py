@@ -171,6 +171,8 @@ class CoordinatorClient:
         self.registered_address = ""
         self._announced: tuple[str, str] | None = None  # (address, relayed_by), see announce
         self._announce_pending = False
+        #: JoinRequest.data_fingerprint: stage 0's data and tokenizer (peer/pipeline/data.py)
+        self.data_fingerprint = ""
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.CoordinatorStub | None = None
 
@@ -191,7 +193,7 @@ class CoordinatorClient:
             stage_hint=stage_hint, step_hint=step_hint, version=VERSION,
             token_proof=token_proof(self.token, key, now) if self.token else b"",
             tls_csr=tls_.csr_for_key(self.identity.peer_id, self.tls_key) if self.tls_key
-            else b"", relay=self.relay)
+            else b"", relay=self.relay, data_fingerprint=self.data_fingerprint)
         reply = await self._call("Join", request, retry_s, backoff_cap_s=5.0)
         self._check_tls_reply(reply)  # before anything else in the reply is trusted
         key_changed = bool(self.coordinator_public_key) and \

@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how replicas stay equal (default: --config's, else allreduce)")
     p.add_argument("--config", help="a run spec TOML to start from (explicit flags override it; "
                    "it overrides the flags' defaults)")
-    p.add_argument("--data", help="your own text files or directory instead of the stdlib")
+    p.add_argument("--data", help="your own text, JSONL or Parquet file or folder instead of "
+                   "the stdlib (docs/data.md)")
     p.add_argument("--out", help="write summary.json, the exported model and logs here (a new "
                    "or empty folder)")
     p.add_argument("--http-port", type=int, default=0, help="dashboard port (default: any free)")

@@ -241,17 +241,24 @@ def progress_line(step: int, total: int, loss: float | None, tps: float, bps: fl
     return ("\r" + text) if tty else text
 
 
-def check_data(data: str | None) -> None:
-    """Read --data here first: a path that is missing or holds no text fails now, with the
-    peers' own message, not as a stage-0 peer that dies while the others wait for it."""
-    if not data:
-        return
-    from peer.pipeline.data import CorpusError, load_corpus
+def check_data(data: str | None, spec: RunSpec) -> RunSpec:
+    """Read the run's data here first, in its tokenizer, into the token cache the peers then
+    reuse: data that are missing, malformed or hold no text fail now, with the peers' own
+    message, not as a stage-0 peer that dies while the others wait for it. Returns `spec` with
+    data.path (--data, absolute) and data.fingerprint filled in (docs/data.md)."""
+    from peer.pipeline.data import CorpusError, load_corpus_for
 
+    if data:
+        spec = spec.replace(**{"data.path": str(Path(data).resolve())})
     try:
-        load_corpus([data])
+        corpus = load_corpus_for(spec, None)
     except CorpusError as exc:
         raise SystemExit(f"shoal demo: --data: {exc}") from None
+    given = spec.data.fingerprint
+    if given and given != corpus.fingerprint:
+        raise SystemExit(f"shoal demo: the data's fingerprint is {corpus.fingerprint}, not the "
+                         f"run spec's data.fingerprint {given}: the data or tokenizer changed")
+    return spec.replace(**{"data.fingerprint": corpus.fingerprint})
 
 
 def _dead_peer(swarm: Swarm) -> str | None:
@@ -282,8 +289,8 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    spec = demo_spec(args)
-    check_data(args.data)
+    spec = check_data(args.data, demo_spec(args))
+    print(f"data: {spec.data.path or 'the standard library'}, fingerprint {spec.data.fingerprint}")
     work = out_dir(args.out)
     signal.signal(signal.SIGTERM, _on_sigterm)
     swarm = Swarm(work, spec, args.peers, args.data, args.device)

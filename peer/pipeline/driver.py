@@ -50,7 +50,7 @@ import torch
 
 from peer.pipeline import wire
 from peer.pipeline.context import DriverContext
-from peer.pipeline.data import inputs_targets, load_corpus, shard
+from peer.pipeline.data import inputs_targets, load_corpus_for, shard
 from peer.pipeline.deadline import MeasuredDeadline
 from peer.pipeline.links import LinkEstimates
 from peer.pipeline.paths import ReplicaTiming
@@ -79,7 +79,8 @@ class StageEmpty(MicrobatchDropped):
 
 class Driver:
     """The stage-0 step loop (see the module docstring). It sees the peer as a `DriverContext`;
-    `data` is the corpus (None: the default one), `router_kind` "swarm" or "round_robin"."""
+    `data` is the peer's --data (None: the spec's data.path, else the stdlib), `router_kind`
+    "swarm" or "round_robin"."""
 
     def __init__(self, ctx: DriverContext, data: str | None = None, router_kind: str = "swarm",
                  router: Router | None = None) -> None:
@@ -87,7 +88,7 @@ class Driver:
         rng = random.Random(int(ctx.peer_id, 16))
         self.router = router or (RoundRobinRouter(rng=rng) if router_kind == "round_robin"
                                  else Router(rng=rng))
-        self.corpus = load_corpus([data] if data else None)
+        self.corpus = load_corpus_for(ctx.spec, data)  # --data, else the spec's data.path
         self._shard_key: tuple[int, int] | None = None
         self._shard = None
         self._stop = False

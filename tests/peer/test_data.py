@@ -1,7 +1,11 @@
-"""The byte corpus: stdlib default, user files, disjoint shards, holdout, seeded batches."""
+"""The byte corpus: stdlib default, user files, disjoint shards, holdout, seeded batches.
+
+(JSONL, Parquet, tokenizers, the fingerprint and the token cache: tests/peer/test_data_sources.py)
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,8 +23,15 @@ from peer.pipeline.data import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _token_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SHOAL_DATA_CACHE", str(tmp_path_factory.mktemp("tokens")))
+        yield
+
+
 @pytest.fixture(scope="module")
-def stdlib() -> Corpus:
+def stdlib(_token_cache: None) -> Corpus:
     return load_corpus(max_bytes=4 * 2**20)
 
 
@@ -58,10 +69,12 @@ def test_shards_and_holdout_are_disjoint_and_cover_the_corpus(stdlib: Corpus) ->
         assert (owner[starts] == i).all() and (owner[starts + seq_len] == i).all()
 
 
-def test_batches_are_seeded_uint8_windows_with_shifted_targets(stdlib: Corpus) -> None:
+def test_batches_are_seeded_id_windows_with_shifted_targets(stdlib: Corpus) -> None:
     part = shard(stdlib, 0, 2, seq_len=32)
     batch = part.batch(4, seed=5, step=9)
-    assert batch.shape == (4, 33) and batch.dtype == torch.uint8
+    assert batch.shape == (4, 33) and batch.dtype == torch.int64
+    starts = part.window_starts(4, seed=5, step=9)
+    assert batch[2].tolist() == stdlib.data[int(starts[2]):int(starts[2]) + 33].tolist()
     assert torch.equal(batch, part.batch(4, seed=5, step=9))
     assert not torch.equal(batch, part.batch(4, seed=5, step=10))
     assert not torch.equal(batch, part.batch(4, seed=6, step=9))
@@ -108,10 +121,14 @@ def test_unreadable_file_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     locked = tmp_path / "locked.txt"
     locked.write_text("secret")
 
-    def refuse(self: Path) -> bytes:  # chmod 0 does not stop root, so refuse by hand
-        raise PermissionError(13, "Permission denied", str(self))
+    real_open = Path.open
 
-    monkeypatch.setattr(Path, "read_bytes", refuse)
+    def refuse(self: Path, *args: object, **kwargs: object):  # chmod 0 does not stop root
+        if self.name == "locked.txt":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", refuse)
     with pytest.raises(CorpusError, match=r"cannot read .*locked.txt: Permission denied"):
         load_corpus([tmp_path])
 
