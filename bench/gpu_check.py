@@ -50,6 +50,8 @@ SPEC = {"model.d_model": 256, "model.n_layers": 4, "model.n_heads": 8, "model.se
         "sync.mode": "allreduce", "sync.timeout_s": 20.0, "membership.heartbeat_s": 0.25,
         "membership.lease_s": 3.0}
 WARMUP = 5
+# (start, count) of the z draws compared: offsets past one word, past 2**32, odd lengths
+DRAWS = ((0, 1), (0, 300_001), (12_345, 70_000), (2**33 + 1, 4097))
 NO_CUDA = ("bench.gpu_check: no CUDA device is visible to torch here (torch.cuda.is_available() "
            "is False): run it on a machine with an NVIDIA GPU and a CUDA build of torch; nothing "
            "was measured")
@@ -62,21 +64,22 @@ def out(line: str) -> None:
 # ---------------------------------------------------------------- part 1: SPSA's z
 
 
-def spsa_bits_equal() -> tuple[bool, int]:
-    """(whether every draw and update matched, how many comparisons were made), CPU vs CUDA."""
+def spsa_bits_equal(device: str = "cuda") -> tuple[bool, int]:
+    """(whether every draw and update matched, how many comparisons were made), CPU vs
+    `device` (the tests run it against the CPU itself, to check the comparisons run)."""
     from optim import spsa, spsa_z
 
     checks, ok = 0, True
     seed = spsa.seed_for("gpu-check", 7, "peer-a")
     for kind in spsa_z.PERTURBATIONS:
-        for start, n in ((0, 1), (0, 300_001), (12_345, 70_000), (2**33 + 1, 4097)):
+        for start, n in DRAWS:
             cpu = spsa_z.direction_int(kind, seed, "layers.0.attn.wq.weight", n, start)
-            gpu = spsa_z.direction_int(kind, seed, "layers.0.attn.wq.weight", n, start, "cuda")
+            gpu = spsa_z.direction_int(kind, seed, "layers.0.attn.wq.weight", n, start, device)
             ok &= torch.equal(gpu.cpu(), cpu)
             checks += 1
         gen = torch.Generator().manual_seed(0)
         base = [torch.randn(257, 129, generator=gen), torch.randn(1000, generator=gen)]
-        on_cpu, on_gpu = [p.clone() for p in base], [p.clone().cuda() for p in base]
+        on_cpu, on_gpu = [p.clone() for p in base], [p.clone().to(device) for p in base]
         spsa.perturb(on_cpu, seed, 1e-3, 1, None, kind)
         spsa.perturb(on_gpu, seed, 1e-3, 1, None, kind)
         ok &= spsa.state_hash(on_cpu) == spsa.state_hash(on_gpu)

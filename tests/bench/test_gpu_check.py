@@ -39,3 +39,11 @@ def test_samples_per_s_counts_from_the_end_of_the_warm_up() -> None:
     assert gpu_check.samples_per_s(rows, 32) == pytest.approx(16.0)
     with pytest.raises(SystemExit, match="raise --steps"):
         gpu_check.samples_per_s(rows[:6], 32)
+
+
+def test_the_spsa_comparison_runs_its_draws_and_updates(monkeypatch) -> None:
+    """Against the CPU itself (the GPU run compares CPU with CUDA), with shorter draws: every
+    comparison is made and passes, so a False on a GPU machine means the devices differ, not
+    that the check broke."""
+    monkeypatch.setattr(gpu_check, "DRAWS", ((0, 1), (2**33 + 1, 4097)))
+    assert gpu_check.spsa_bits_equal("cpu") == (True, 2 * (2 + 2))

@@ -93,7 +93,7 @@ def test_precision_in_the_run_spec() -> None:
 def test_a_bf16_stage_keeps_fp32_weights_and_sends_fp32() -> None:
     """pipeline.precision = "bf16" on CPU: the forward computes in bf16 (so it differs from
     fp32 by bf16 rounding), the master weights, gradients and the wire stay fp32."""
-    spec = RunSpec().replace(**{"pipeline.stages": 1, "model.n_layers": 1})
+    spec = RunSpec().replace(**{"pipeline.stages": 1, "model.n_layers": 1, "model.d_model": 32})
     x = torch.randn(2, 8, spec.model.d_model, generator=torch.Generator().manual_seed(0))
     outs = {}
     for precision in ("auto", "bf16"):
