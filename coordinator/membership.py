@@ -324,11 +324,8 @@ class Membership:
         elif old is not None and old.live:
             stage = old.stage
         else:
-            others = [m.benchmark.memory_available_bytes for m in self._members.values()
-                      if m.live and m.peer_id != peer_id]
             stage = assign_stage(self._loads(), benchmark.samples_per_s, allowed,
-                                 only_fits(self.stage_needs, benchmark.memory_available_bytes,
-                                           others))
+                                 self._only_fits(peer_id, benchmark, allowed))
         # the stages' last attested steps (sweep attests every tick; not recomputed here, so a
         # join storm stays O(1) per join); the hint only seeds the member's reported step
         clamped = min(step_hint, max(st.step for st in self._stages))
@@ -496,6 +493,16 @@ class Membership:
                               f"{move.bottleneck_after:.3g} samples/s")
         self._placing.add(move.peer_id)
         return move
+
+    def _only_fits(self, peer_id: str, benchmark: Benchmark, allowed: list[int]) -> set[int]:
+        """The empty stages a joining peer fits and no other live member does (placement's
+        `only_fits`); O(members), so only when the choice is among two or more empty stages."""
+        if benchmark.memory_available_bytes <= 0 or \
+                sum(1 for i in allowed if not self._stages[i].replicas) < 2:
+            return set()
+        others = [m.benchmark.memory_available_bytes for m in self._members.values()
+                  if m.live and m.peer_id != peer_id]
+        return only_fits(self.stage_needs, benchmark.memory_available_bytes, others)
 
     def _fits(self, peer_id: str, stage: int) -> bool:
         """Whether `stage` fits the memory `peer_id` reported at join."""
