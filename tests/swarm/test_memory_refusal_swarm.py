@@ -1,6 +1,7 @@
 """End to end through real processes: a `shoal peer` whose device has room for no stage of the
-run is refused at join with the figures, exits, and the coordinator's status shows why
-(coordinator/placement.py, protocols/memory.py; docs/gpus.md)."""
+run is refused at join with the figures (so the memory it measured reached the coordinator),
+exits, and the coordinator's status shows why (coordinator/placement.py, protocols/memory.py;
+docs/gpus.md)."""
 
 from __future__ import annotations
 
