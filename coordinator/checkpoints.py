@@ -20,8 +20,11 @@ Design (docs/checkpoints.md):
 - Failures. A full disk or any failing write logs an error and refuses that upload; the run goes
   on, and the previous index (and its files) stay as they were. A duplicate upload of a stage
   (two replicas that both thought they were designated) is answered `stored = false`.
-- Resume is the peers' (`shoal peer --resume DIR` or the run spec's `checkpoint.init`): they read
-  the index, check the spec hash and each file's SHA-256, and start at its step.
+- Resume. `shoal peer --resume DIR` reads a checkpoint folder local to the peer (a copy, a
+  shared mount). The run spec's `checkpoint.init` names one on the coordinator's machine, which
+  `Checkpoints.Get` serves stage by stage (read and hash-checked here against its index and the
+  run's spec) to the peer that takes a stage while no live replica holds it. Either way the peer
+  checks the spec hash and SHA-256 again, loads the state and starts after its step.
 """
 
 from __future__ import annotations
@@ -169,11 +172,14 @@ class CheckpointService:
         self.max_bytes = max_stage_bytes(spec)
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
-        handler = grpc.stream_unary_rpc_method_handler(
+        put = grpc.stream_unary_rpc_method_handler(
             self.Put, request_deserializer=pb.CheckpointChunk.FromString,
             response_serializer=pb.CheckpointAck.SerializeToString)
+        get = grpc.unary_stream_rpc_method_handler(
+            self.Get, request_deserializer=pb.CheckpointRequest.FromString,
+            response_serializer=pb.CheckpointChunk.SerializeToString)
         server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(SERVICE_NAME, {"Put": handler}),))
+            (grpc.method_handlers_generic_handler(SERVICE_NAME, {"Put": put, "Get": get}),))
 
     async def Put(self, requests: AsyncIterator[pb.CheckpointChunk],
                   context: grpc.aio.ServicerContext) -> pb.CheckpointAck:
@@ -220,6 +226,37 @@ class CheckpointService:
         stored, detail = await w.store(step, stage, data, first.sha256)
         return pb.CheckpointAck(stored=stored, detail=detail, complete_step=w.complete_step)
 
+    async def Get(self, request: pb.CheckpointRequest, context: grpc.aio.ServicerContext
+                  ) -> AsyncIterator[pb.CheckpointChunk]:
+        """Stream stage `request.stage` of the checkpoint `checkpoint.init` names, read and
+        checked against its index here, to a live replica of that stage."""
+        init, stage = self.spec.checkpoint.init, int(request.stage)
+        caller = current_caller()
+        if not init:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "this run names no checkpoint to start from (checkpoint.init)")
+        if (held := self.stage_of(caller.peer_id if caller else "")) != stage:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"only a live replica of stage {stage} may fetch its checkpoint "
+                                f"(peer {caller.peer_id[:12] if caller else '?'} holds "
+                                f"{'no stage' if held is None else f'stage {held}'})")
+        try:
+            index, data = await asyncio.to_thread(self._read_init, stage)
+        except ci.CheckpointError as exc:
+            log.error("checkpoint.init: stage %d cannot be served: %s", stage, exc)
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"the coordinator's checkpoint.init: {exc}")
+        n = ci.CHUNK_BYTES
+        yield pb.CheckpointChunk(step=index.step, stage=stage, sha256=ci.sha256_hex(data),
+                                 size=len(data), spec_hash=index.spec_hash, data=data[:n])
+        for off in range(n, len(data), n):
+            yield pb.CheckpointChunk(data=data[off:off + n])
+
+    def _read_init(self, stage: int) -> tuple[ci.Index, bytes]:
+        index = ci.read_index(self.spec.checkpoint.init)
+        ci.check_for_run(index, self.spec, stage)
+        return index, ci.read_stage_bytes(index, stage)
+
     def _refusal(self, first: pb.CheckpointChunk, peer_id: str) -> str:
         every, n = self.spec.checkpoint.every, self.spec.pipeline.stages + 1
         step, stage = int(first.step), int(first.stage)
@@ -244,6 +281,9 @@ def install(server: grpc.aio.Server, spec: RunSpec, membership) -> CheckpointSer
     """Register the Checkpoints service (coordinator/main.py's `serve`), with a writer when the
     run keeps checkpoints. `membership`: coordinator.membership.Membership."""
     writer = None
+    if spec.checkpoint.init:
+        log.info("the run starts from the checkpoint in %s (checkpoint.init)",
+                 spec.checkpoint.init)
     if spec.checkpoint.every > 0:
         writer = CheckpointWriter(spec.checkpoint.dir, spec)
         log.info("durable checkpoints every %d steps in %s (keeping %d; last complete: step %d)",

@@ -177,7 +177,9 @@ class CheckpointSection:
     every: int = 0  # optimizer steps between durable checkpoints; 0 = none
     dir: str = ""  # the coordinator's folder for them (`shoal coordinator --checkpoint-dir`)
     keep: int = 2  # complete checkpoints kept; older ones are deleted
-    init: str = ""  # a checkpoint folder every peer starts from (the same path on every peer)
+    # a checkpoint folder on the coordinator's machine the run starts from: the coordinator
+    # serves each stage's file to the peer that takes the stage while no live replica holds it
+    init: str = ""
 
 
 @dataclass(frozen=True)

@@ -501,3 +501,9 @@ class CheckpointAck(_message.Message):
     detail: str
     complete_step: int
     def __init__(self, stored: _Optional[bool] = ..., detail: _Optional[str] = ..., complete_step: _Optional[int] = ...) -> None: ...
+
+class CheckpointRequest(_message.Message):
+    __slots__ = ("stage",)
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    stage: int
+    def __init__(self, stage: _Optional[int] = ...) -> None: ...

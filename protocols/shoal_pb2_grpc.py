@@ -776,12 +776,23 @@ class CheckpointsStub:
                 request_serializer=shoal__pb2.CheckpointChunk.SerializeToString,
                 response_deserializer=shoal__pb2.CheckpointAck.FromString,
                 _registered_method=True)
+        self.Get = channel.unary_stream(
+                '/shoal.v1.Checkpoints/Get',
+                request_serializer=shoal__pb2.CheckpointRequest.SerializeToString,
+                response_deserializer=shoal__pb2.CheckpointChunk.FromString,
+                _registered_method=True)
 
 
 class CheckpointsServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Put(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Get(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -794,6 +805,11 @@ def add_CheckpointsServicer_to_server(servicer, server):
                     servicer.Put,
                     request_deserializer=shoal__pb2.CheckpointChunk.FromString,
                     response_serializer=shoal__pb2.CheckpointAck.SerializeToString,
+            ),
+            'Get': grpc.unary_stream_rpc_method_handler(
+                    servicer.Get,
+                    request_deserializer=shoal__pb2.CheckpointRequest.FromString,
+                    response_serializer=shoal__pb2.CheckpointChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -823,6 +839,33 @@ class Checkpoints:
             '/shoal.v1.Checkpoints/Put',
             shoal__pb2.CheckpointChunk.SerializeToString,
             shoal__pb2.CheckpointAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Get(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/shoal.v1.Checkpoints/Get',
+            shoal__pb2.CheckpointRequest.SerializeToString,
+            shoal__pb2.CheckpointChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -13,14 +13,18 @@ the format is protocols/checkpoint_index.py; docs/checkpoints.md the user's view
   next checkpoint step tries again. Two replicas whose views differ may both upload: the
   coordinator keeps the first (they hold the same bytes).
 - `take_state` (the daemon's `_take_stage`, for the first stage a peer takes): with
-  `shoal peer --resume DIR` or the run spec's `checkpoint.init`, a stage with a live replica is
-  downloaded from it as usual (the swarm is newer than any checkpoint); a stage without one
-  (every peer was lost) is loaded from the checkpoint: the index is read, its spec hash checked
-  against this run's, the stage's file read once and checked against the index's SHA-256, parsed
-  as safetensors (never a pickle), every tensor checked finite, its shapes checked by the
-  stage's module. The replica then starts after the checkpoint's step with its weights and
-  optimizer state. A checkpoint that fails any check stops the peer with a message that names
-  the file and what is wrong (SystemExit): a peer told to resume must not silently start over.
+  `shoal peer --resume DIR` (a folder on this machine) or the run spec's `checkpoint.init` (a
+  folder on the coordinator's, which serves the stage's file: `fetch_init`), a stage with a
+  live replica is downloaded from it as usual (the swarm is newer than any checkpoint); a stage
+  without one (every peer was lost) is loaded from the checkpoint, unless a live peer of another
+  stage is past the checkpoint's step (only this stage was lost: CheckFree's rebuild, which
+  keeps the stages at one step, is the better source then). The index is read, its spec hash
+  checked against this run's, the stage's file read once and checked against the index's
+  SHA-256, parsed as safetensors (never a pickle), every tensor checked finite, its shapes
+  checked by the stage's module. The replica then starts after the checkpoint's step with its
+  weights and optimizer state. A checkpoint that fails any check stops the peer with a message
+  that names the file and what is wrong (SystemExit): a peer told to resume must not silently
+  start over.
 """
 
 from __future__ import annotations
@@ -34,8 +38,10 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
+from peer.consistency import READY_STATES
 from peer.context import PeerContext
 from peer.pipeline.stage_host import StageError, StageHost
+from peer.pipeline.wire import state_limits
 from peer.recovery import rebuild
 from peer.recovery.transfer import download_state
 from peer.sync.base import SyncMode
@@ -46,6 +52,7 @@ from protocols.recovery_report import RecoveryReport
 
 log = logging.getLogger("shoal.checkpoints")
 UPLOAD_TIMEOUT_S = 300.0
+INIT_TRIES = 10
 
 
 def serialize_stage(host: StageHost, spec_hash: str, peer_id: str) -> bytes:
@@ -62,12 +69,18 @@ def load_stage(host: StageHost, directory: str) -> int:
     index = ci.read_index(directory)
     ci.check_for_run(index, host.spec, host.stage)
     data = ci.read_stage_bytes(index, host.stage)
-    path = index.folder / index.stages[host.stage].file
+    return load_stage_bytes(host, data, index.step,
+                            str(index.folder / index.stages[host.stage].file))
+
+
+def load_stage_bytes(host: StageHost, data: bytes, step: int, path: str) -> int:
+    """Load `host`'s stage from one checkpoint file's hash-checked bytes (`path` names it in
+    messages); returns `step`. Compute thread. Raises CheckpointError or StageError."""
     meta = ci.safetensors_metadata(data)
-    if meta.get("stage") != str(host.stage) or meta.get("step") != str(index.step):
+    if meta.get("stage") != str(host.stage) or meta.get("step") != str(step):
         raise ci.CheckpointError(f"{path} says stage {meta.get('stage')!r} step "
                                  f"{meta.get('step')!r}, its index stage {host.stage} step "
-                                 f"{index.step}")
+                                 f"{step}")
     try:
         arrays = load_safetensors(data)
     except SafetensorError as exc:
@@ -76,17 +89,23 @@ def load_stage(host: StageHost, directory: str) -> int:
         if a.dtype.kind == "f" and not np.isfinite(a).all():
             raise ci.CheckpointError(f"{path}: {name} holds NaN or inf; use an earlier "
                                      "checkpoint")
-    if "meta.step" not in arrays or int(arrays["meta.step"].reshape(-1)[0]) != index.step:
+    if "meta.step" not in arrays or int(arrays["meta.step"].reshape(-1)[0]) != step:
         raise ci.CheckpointError(f"{path}: meta.step is missing or differs from the index's "
-                                 f"step {index.step}")
+                                 f"step {step}")
     host.load_state_arrays(arrays)
-    return index.step
+    return step
 
 
 def designated(d: PeerContext) -> bool:
     """Whether this replica uploads its stage's checkpoint: the smallest live peer id of it."""
     assert d.host is not None
     return min({*d.live_replicas(d.host.stage), d.peer_id}) == d.peer_id
+
+
+def live_step(d: PeerContext) -> int:
+    """The newest step a live holder of any stage reports in the view (0 when none does)."""
+    return max((p.stats.step for p in (d.view.peers if d.view is not None else ())
+                if p.state in READY_STATES and p.peer_id != d.peer_id), default=0)
 
 
 async def _coordinator_stub(d: PeerContext) -> pbg.CheckpointsStub:
@@ -110,6 +129,49 @@ async def upload(d: PeerContext, stage: int, step: int, data: bytes, spec_hash: 
 
     stub = await _coordinator_stub(d)
     return await stub.Put(chunks(), timeout=UPLOAD_TIMEOUT_S)
+
+
+async def fetch_init(d: PeerContext, stage: int) -> tuple[int, bytes]:
+    """(step, bytes) of `stage` in the checkpoint the run spec's checkpoint.init names, from the
+    coordinator's Checkpoints.Get, size, SHA-256 and spec hash checked. Raises CheckpointError,
+    grpc.aio.AioRpcError.
+
+    A refusal because this peer's lease lapsed (taking a stage builds it on the event loop, which
+    can hold the heartbeats back for seconds on a busy machine) is retried while the heartbeat
+    loop re-joins, for at most INIT_TRIES heartbeats."""
+    for _ in range(INIT_TRIES - 1):
+        try:
+            return await _fetch_init(d, stage)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() not in (grpc.StatusCode.PERMISSION_DENIED,
+                                  grpc.StatusCode.UNAVAILABLE):
+                raise
+            log.info("stage %d: the coordinator did not serve the checkpoint yet (%s); again "
+                     "after a heartbeat", stage, exc.details())
+            await asyncio.sleep(d.spec.membership.heartbeat_s)
+    return await _fetch_init(d, stage)
+
+
+async def _fetch_init(d: PeerContext, stage: int) -> tuple[int, bytes]:
+    stub = await _coordinator_stub(d)
+    limit = state_limits(d.spec).max_total_bytes
+    first: pb.CheckpointChunk | None = None
+    parts: list[bytes] = []
+    got = 0
+    async for chunk in stub.Get(pb.CheckpointRequest(stage=stage), timeout=UPLOAD_TIMEOUT_S):
+        first = first or chunk
+        got += len(chunk.data)
+        if got > min(first.size, limit):
+            raise ci.CheckpointError(f"the coordinator's stage {stage} exceeds its size "
+                                     f"{first.size} (or this run's bound {limit})")
+        parts.append(bytes(chunk.data))
+    data = b"".join(parts)
+    if first is None or len(data) != first.size or ci.sha256_hex(data) != first.sha256:
+        raise ci.CheckpointError(f"stage {stage} from the coordinator arrived torn or corrupt "
+                                 f"({len(data)} bytes hashing to {ci.sha256_hex(data)[:12]})")
+    if first.spec_hash != ci.spec_hash(d.spec):
+        raise ci.CheckpointError("the coordinator's checkpoint.init is of another run spec")
+    return int(first.step), data
 
 
 class DurableCheckpoints:
@@ -154,10 +216,12 @@ class DurableCheckpoints:
         """The daemon's `_take_stage`: recovery.rebuild.take_state, or, when resuming and no
         live replica of the stage gives its state, the checkpoint (see the module docstring).
         Raises SystemExit when the checkpoint is refused."""
+        served = not self.resume and bool(d.spec.checkpoint.init)
         directory = None if self._started else (self.resume or d.spec.checkpoint.init)
         self._started = True
         if not directory:
             return await rebuild.take_state(d, mode, stage, init_model)
+        where = f"the coordinator's {directory}" if served else directory
         host = d.host
         assert host is not None
         sources = [p for p in d.live_replicas(stage) if p != d.peer_id]
@@ -166,10 +230,23 @@ class DurableCheckpoints:
                      "is not needed", stage, host.step, directory)
             return None
         try:
-            step = await host.run(load_stage, host, directory)
-        except (ci.CheckpointError, StageError) as exc:
-            raise SystemExit(f"shoal peer: cannot resume stage {stage} from {directory}: "
-                             f"{exc}") from None
+            if served:
+                at, data = await fetch_init(d, stage)
+            else:
+                at = ci.read_index(directory).step
+            if (ahead := live_step(d)) > at:
+                log.warning("stage %d: the swarm is after step %d, past the checkpoint in %s "
+                            "(step %d): not resuming from it, taking the stage as any new "
+                            "holder does", stage, ahead, where, at)
+                return await rebuild.take_state(d, mode, stage, init_model)
+            if served:
+                step = await host.run(load_stage_bytes, host, data, at, where)
+            else:
+                step = await host.run(load_stage, host, directory)
+        except (ci.CheckpointError, StageError, grpc.aio.AioRpcError) as exc:
+            why = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else exc
+            raise SystemExit(f"shoal peer: cannot resume stage {stage} from {where}: "
+                             f"{why}") from None
         log.info("stage %d: resumed from the checkpoint in %s at step %d (weights, optimizer "
-                 "and sync state; hash-checked)", stage, directory, step)
+                 "and sync state; hash-checked)", stage, where, step)
         return None

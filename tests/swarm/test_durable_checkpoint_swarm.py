@@ -1,10 +1,17 @@
-"""Durable checkpoints in a real swarm: the run survives losing every peer.
+"""Durable checkpoints in a real swarm: the run survives losing every peer, then everything.
 
 A coordinator started with `--checkpoint-every 5 --checkpoint-dir DIR` and three peers (stages
 0, 1, 2) train a run of 13 steps: checkpoints at steps 5 and 10, then three more steps, after
-which the driver idles. Every peer is then killed (SIGKILL, the ones this test started, by pid).
-Three new peers with new identities start with `--resume DIR` (block stages first, so the
-driver's first step goes through them). Checks:
+which the driver idles. Then:
+
+1. every peer is killed (SIGKILL, the ones this test started, by pid); three new peers with new
+   identities start with `--resume DIR` (block stages first, so the driver's first step goes
+   through them);
+2. every process is killed, the coordinator too; a new coordinator (a new state folder) whose
+   run spec says `checkpoint.init = DIR` and three new peers *without* any flag: the
+   coordinator serves each of them its stage's file (Checkpoints.Get).
+
+Each time:
 
 - the new peers take their stages from the checkpoint (their logs say so, at its step N = 10),
   and the new driver's steps are N + 1 .. 13: the run continues from the checkpoint's step;
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import json
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -31,10 +39,10 @@ from tests.swarm.local_swarm import holders, spec_with, wait_for
 
 EVERY = 5
 STEPS = 2 * EVERY + 3  # the run's length: its last checkpoint is at 10, three steps before
-LAYOUT = [0, 1, 2]
+N = STEPS - 3
 
 
-def index_step(ckpt) -> int:
+def index_step(ckpt: Path) -> int:
     try:
         return json.loads((ckpt / "index.json").read_text())["step"]
     except (OSError, ValueError):
@@ -47,52 +55,72 @@ def losses_of(swarm: Swarm, peer: int) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if r.get("loss") is not None}
 
 
+def kill(procs) -> None:
+    for p in procs:  # SIGKILL only the processes this test started, by pid
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+
+
+def resume(swarm: Swarm, first: int, flags: list[str], reference: dict[int, float],
+           where: str) -> None:
+    """Start peers `first`.. (stages 1, 2, then 0) with `flags`; check they continue the run
+    from the checkpoint of step N with the losses of `reference` (see the module docstring)."""
+    for i, stage in ((first + 1, 1), (first + 2, 2)):  # blocks first
+        swarm.add_peer(i, ["--stage", str(stage), "--grace", "5", *flags])
+    wait_for("stages 1 and 2 resumed",
+             lambda: all(holders(swarm).get(s) for s in (1, 2)), 60, swarm)
+    swarm.add_peer(first, ["--stage", "0", "--grace", "5", *flags])
+    wait_for(f"the resumed run at step {STEPS}",
+             lambda: max(losses_of(swarm, first), default=0) >= STEPS, 60, swarm)
+    for i in range(first, first + 3):
+        log = (swarm.logs / f"peer{i}.log").read_text()
+        assert f"resumed from the checkpoint in {where} at step {N}" in log, log[-2000:]
+    resumed = losses_of(swarm, first)
+    print(f"resumed from {where} at step {N}: losses {resumed}, before {reference}")
+    assert sorted(resumed) == list(range(N + 1, STEPS + 1)), sorted(resumed)
+    assert abs(resumed[N + 1] - reference[N + 1]) <= 1e-6, (resumed, reference)
+    # the steps after it went through updates with the checkpoint's AdamW moments and step count
+    for step in range(N + 2, STEPS + 1):
+        assert abs(resumed[step] - reference[step]) <= 1e-4, (step, resumed, reference)
+
+
 @pytest.mark.slow
-def test_every_peer_lost_then_resumed_from_the_checkpoint(tmp_path) -> None:
+def test_every_peer_lost_then_resumed_from_the_checkpoint(tmp_path: Path) -> None:
     ckpt = tmp_path / "checkpoints"
-    swarm = Swarm(tmp_path / "swarm", spec_with(**{"run.steps": STEPS}), 0, None, "cpu")
+    # a lease that outlasts a new peer's start on a busy machine (building its stage holds its
+    # heartbeats back for seconds): a lapsed driver is refused by the blocks until they see its
+    # new certificate, and its steps bypass them, which is no longer the same computation
+    spec = spec_with(**{"run.steps": STEPS, "membership.heartbeat_s": 1.0,
+                        "membership.lease_s": 10.0})
+    swarm = Swarm(tmp_path / "swarm", spec, 0, None, "cpu")
     swarm.coordinator_args = ["--checkpoint-every", str(EVERY), "--checkpoint-dir", str(ckpt)]
+    again = Swarm(tmp_path / "again", spec.replace(**{"checkpoint.init": str(ckpt)}), 0, None,
+                  "cpu")
     try:
         swarm.start(0)
-        for i, stage in enumerate(LAYOUT):
+        for i, stage in enumerate([0, 1, 2]):
             swarm.add_peer(i, ["--stage", str(stage), "--grace", "5"])
-        old = list(swarm.peers)
         # The run stops by itself after STEPS: the index (step N) and the driver's logged losses
         # then hold still, with steps N + 1 .. STEPS logged by the old swarm.
-        wait_for(f"the old run at step {STEPS} and its checkpoint of step {STEPS - 3}",
+        wait_for(f"the old run at step {STEPS} and its checkpoint of step {N}",
                  lambda: max(losses_of(swarm, 0), default=0) >= STEPS
-                 and index_step(ckpt) == STEPS - 3, 90, swarm)
-        n, reference = index_step(ckpt), losses_of(swarm, 0)
-        for p in old:  # SIGKILL only the processes this test started, by pid
-            p.send_signal(signal.SIGKILL)
-            p.wait()
-        assert index_step(ckpt) == n
+                 and index_step(ckpt) == N, 90, swarm)
+        reference = losses_of(swarm, 0)
+        kill(list(swarm.peers))
+        assert index_step(ckpt) == N
         complete = sorted(d.name for d in ckpt.iterdir() if (d / "index.json").is_file())
-        assert 1 <= len(complete) <= 2 and complete[-1] == f"step-{n:09d}", complete
+        assert complete == [f"step-{EVERY:09d}", f"step-{N:09d}"], complete
 
         def all_lost() -> bool:
             peers = (swarm.status() or {}).get("peers", [])
             return bool(peers) and not any(p["live"] for p in peers)
-        wait_for("the coordinator to expire every old peer", all_lost, 30, swarm)
+        wait_for("the coordinator to expire every old peer", all_lost, 40, swarm)
+        resume(swarm, 10, ["--resume", str(ckpt)], reference, str(ckpt))
 
-        for i, stage in zip((11, 12), (1, 2), strict=True):  # new identities; blocks first
-            swarm.add_peer(i, ["--stage", str(stage), "--grace", "5", "--resume", str(ckpt)])
-        wait_for("stages 1 and 2 resumed",
-                 lambda: all(holders(swarm).get(s) for s in (1, 2)), 60, swarm)
-        swarm.add_peer(10, ["--stage", "0", "--grace", "5", "--resume", str(ckpt)])
-        wait_for(f"the resumed run at step {STEPS}",
-                 lambda: max(losses_of(swarm, 10), default=0) >= STEPS, 60, swarm)
-
-        for i in (10, 11, 12):
-            log = (swarm.logs / f"peer{i}.log").read_text()
-            assert f"resumed from the checkpoint in {ckpt} at step {n}" in log, log[-2000:]
-        resumed = losses_of(swarm, 10)
-        print(f"resumed at step {n}: losses {resumed}, before {reference}")
-        assert sorted(resumed) == list(range(n + 1, STEPS + 1)), sorted(resumed)
-        assert abs(resumed[n + 1] - reference[n + 1]) <= 1e-6, (resumed, reference)
-        # the steps after it went through updates with the checkpoint's AdamW moments and step
-        # count
-        for step in range(n + 2, STEPS + 1):
-            assert abs(resumed[step] - reference[step]) <= 1e-4, (step, resumed, reference)
+        # Everything lost, the coordinator too: a new one serves the checkpoint to new peers.
+        kill([*swarm.peers, swarm.coordinator])
+        again.start(0)
+        resume(again, 20, [], reference, f"the coordinator's {ckpt}")
     finally:
         swarm.stop(grace=5)
+        again.stop(grace=5)
