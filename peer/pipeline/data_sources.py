@@ -205,7 +205,7 @@ class HFTokenizer:
         try:
             raw = path.read_bytes()
             self._tok = Tokenizer.from_str(raw.decode())
-        except (OSError, UnicodeDecodeError, Exception) as exc:
+        except Exception as exc:  # OSError, or tokenizers' own error for a malformed file
             raise CorpusError(f"cannot load the tokenizer {path}: {exc}") from None
         self.path = path
         self.identity = "sha256:" + hashlib.sha256(raw).hexdigest()
@@ -247,9 +247,21 @@ def token_dtype(vocab_size: int) -> np.dtype:
 # --------------------------------------------------------------------------- fingerprint, cache
 
 
+_fingerprints: dict[tuple, str] = {}  # this process's, by (files' path, size, mtime; tokenizer)
+
+
 def fingerprint(files: Sequence[Path], tokenizer: Tokenizer, max_tokens: int = 0) -> str:
     """sha256 of what the ids are made from (see the module docstring); reads every file once,
-    without parsing it."""
+    without parsing it. Kept in this process while no file's size or mtime changes (a peer
+    computes it before it joins and again when it starts driving)."""
+    try:
+        stats = tuple((str(p), st.st_size, st.st_mtime_ns) for p in files
+                      for st in (p.stat(),))
+    except OSError as exc:
+        raise _unreadable(Path(exc.filename or "?"), exc) from exc
+    key = (stats, tokenizer.identity, max_tokens)
+    if key in _fingerprints:
+        return _fingerprints[key]
     h = hashlib.sha256(f"{FORMAT}\n{tokenizer.identity}\n{max_tokens}\n".encode())
     for path in files:
         try:
@@ -259,7 +271,9 @@ def fingerprint(files: Sequence[Path], tokenizer: Tokenizer, max_tokens: int = 0
                     h.update(chunk)
         except OSError as exc:
             raise _unreadable(path, exc) from exc
-    return h.hexdigest()
+    _fingerprints.clear()
+    _fingerprints[key] = h.hexdigest()
+    return _fingerprints[key]
 
 
 @dataclass(frozen=True)
