@@ -4,6 +4,7 @@ moments included), and a file that fails a check is refused with a message."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -13,9 +14,10 @@ import torch
 from safetensors.numpy import save as save_safetensors
 
 from peer.pipeline.stage_host import StageHost
-from peer.recovery.durable import load_stage, serialize_stage
+from peer.recovery.durable import DurableCheckpoints, designated, load_stage, serialize_stage
 from protocols import checkpoint_index as ci
 from protocols.runspec import RunSpec
+from tests.fakes import FakePeer, FakeView, stage_infos
 
 SPEC = RunSpec().replace(**{"model.d_model": 16, "model.n_layers": 2, "model.n_heads": 2,
                             "model.seq_len": 8, "pipeline.stages": 2})
@@ -125,3 +127,42 @@ def test_the_file_is_safetensors_with_the_stage_and_step_in_its_header(tmp_path:
     n = int.from_bytes(data[:8], "little")
     header = json.loads(data[8:8 + n])
     assert "meta.step" in header and any(k.startswith("optim.") for k in header)
+
+
+def resume_into(stage: int, directory: Path, view: FakeView, checkpoints: DurableCheckpoints
+                ) -> StageHost:
+    host = StageHost(SPEC, stage)
+    peer = FakePeer(SPEC, host, view)
+    asyncio.run(checkpoints.take_state(peer, None, stage, None))
+    return host
+
+
+def test_take_state_resumes_once_and_only_while_no_live_peer_is_past_it(tmp_path: Path,
+                                                                      caplog) -> None:
+    hosts = checkpoint_of(tmp_path)
+    nobody = FakeView(stages=stage_infos(2, step=40))  # the coordinator remembers step 40
+    ckpt = DurableCheckpoints(str(tmp_path))
+    host = resume_into(1, tmp_path, nobody, ckpt)
+    assert host.step == 3 and host.state_hash() == hosts[1].state_hash()
+    # a later stage this peer takes (a move) is taken as usual, never from the checkpoint
+    assert resume_into(2, tmp_path, nobody, ckpt).step == 0
+    # only stage 1 was lost and stage 2 trains on past the checkpoint: CheckFree's business
+    ahead = FakeView(stages=stage_infos(2), holders={2: ["cd" * 8]}, steps={"cd" * 8: 40})
+    host = resume_into(1, tmp_path, ahead, DurableCheckpoints(str(tmp_path)))
+    assert host.step == 0 and "past the checkpoint" in caplog.text
+
+
+def test_take_state_stops_the_peer_on_a_refused_checkpoint(tmp_path: Path) -> None:
+    checkpoint_of(tmp_path)
+    f = tmp_path / ci.step_dir_name(3) / ci.stage_file_name(2)
+    f.write_bytes(f.read_bytes()[:-1])  # a torn copy
+    with pytest.raises(SystemExit, match=r"cannot resume stage 2 from .*: .*stage-2\.safetensors "
+                       r"hashes to"):
+        resume_into(2, tmp_path, FakeView(stages=stage_infos(2)),
+                    DurableCheckpoints(str(tmp_path)))
+
+
+def test_the_designated_replica_is_the_smallest_live_peer_id() -> None:
+    view = FakeView(stages=stage_infos(2), holders={1: ["cd" * 8, "ef" * 8]})
+    assert not designated(FakePeer(SPEC, StageHost(SPEC, 1), view, peer_id="ef" * 8))
+    assert designated(FakePeer(SPEC, StageHost(SPEC, 1), view, peer_id="ab" * 8))
