@@ -115,6 +115,8 @@ class CheckpointWriter:
             self.partial.setdefault(step, {})[stage] = ci.StageEntry(
                 ci.stage_file_name(stage), sha256, len(data))
             if len(self.partial[step]) < self.n_stages:
+                if len(self.partial[step]) == 1:  # a new step: forget steps that never completed
+                    await asyncio.to_thread(self._prune_unfinished)
                 return True, f"stage {stage} of step {step} stored"
             index = ci.Index(step, self.spec_hash, dict(self.partial[step]),
                              self.dir / ci.step_dir_name(step), self.spec.run.name)
@@ -143,6 +145,15 @@ class CheckpointWriter:
     def _write_index(self, index: ci.Index) -> None:
         ci.write_atomic(index.folder / ci.INDEX_FILE, index.to_json().encode())
         ci.write_atomic(self.dir / ci.INDEX_FILE, index.to_json(root=True).encode())
+
+    def _prune_unfinished(self) -> None:
+        """Keep the newest `keep` steps still being uploaded; delete older ones that never
+        completed (a stage whose upload keeps failing must not fill the disk)."""
+        for step in sorted(self.partial, reverse=True)[self.keep:]:
+            del self.partial[step]
+            shutil.rmtree(self.dir / ci.step_dir_name(step), ignore_errors=True)
+            log.warning("checkpoint of step %d never completed (a stage's upload did not come); "
+                        "its files are deleted", step)
 
     def _prune(self) -> None:
         """Keep the newest `keep` complete checkpoints and any step newer than the newest

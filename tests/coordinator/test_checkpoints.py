@@ -69,6 +69,18 @@ def test_old_checkpoints_pruned_unfinished_newer_kept(tmp_path: Path) -> None:
         "step-000000015", "step-000000020"]
 
 
+def test_steps_that_never_complete_do_not_fill_the_disk(tmp_path: Path) -> None:
+    w = CheckpointWriter(tmp_path, SPEC.replace(**{"checkpoint.keep": 2}))
+    store(w, 5)
+    for step in (10, 15, 20, 25):  # stage 2's upload never comes
+        store(w, step, (0, 1))
+    assert sorted(d.name for d in tmp_path.iterdir() if d.is_dir()) == [
+        "step-000000005", "step-000000020", "step-000000025"]
+    assert sorted(w.partial) == [20, 25] and ci.read_index(tmp_path).step == 5
+    store(w, 25, (2,))
+    assert ci.read_index(tmp_path).step == 25 and not w.partial
+
+
 def test_full_disk_logs_and_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch,
                                                           caplog) -> None:
     w = CheckpointWriter(tmp_path, SPEC)
