@@ -5,6 +5,8 @@ uvloop)."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
 import time
 
@@ -88,10 +90,16 @@ async def discover_coordinator() -> str:
 
 
 def prepare_process() -> None:
-    """Torch's thread count from SHOAL_TORCH_THREADS (0: torch's default); uvloop when present."""
+    """Torch's thread count from SHOAL_TORCH_THREADS (0: torch's default), torch._dynamo imported
+    (see below); uvloop when present."""
     threads = int(os.environ.get("SHOAL_TORCH_THREADS", "0"))
     if threads:
         torch.set_num_threads(threads)
+    # The first torch.optim optimizer imports torch._dynamo (2.2 s measured on a 2-core box): a
+    # peer builds its first one (StageHost) on the event loop right after it joins, where that,
+    # on a loaded machine, eats into a short lease (the tests' is 4 s). Pay it before the loop.
+    with contextlib.suppress(ImportError):
+        importlib.import_module("torch._dynamo")
     try:
         import uvloop
 
