@@ -16,8 +16,11 @@ from safetensors.numpy import save as save_safetensors
 from peer.pipeline.stage_host import StageHost
 from peer.recovery.durable import DurableCheckpoints, designated, load_stage, serialize_stage
 from protocols import checkpoint_index as ci
+from protocols.coordinator_client import Benchmark, CoordinatorClient
+from protocols.identity import Identity
 from protocols.runspec import RunSpec
 from tests.fakes import FakePeer, FakeView, stage_infos
+from tests.sim_peer import CoordinatorProcess
 
 SPEC = RunSpec().replace(**{"model.d_model": 16, "model.n_layers": 2, "model.n_heads": 2,
                             "model.seq_len": 8, "pipeline.stages": 2})
@@ -166,3 +169,30 @@ def test_the_designated_replica_is_the_smallest_live_peer_id() -> None:
     view = FakeView(stages=stage_infos(2), holders={1: ["cd" * 8, "ef" * 8]})
     assert not designated(FakePeer(SPEC, StageHost(SPEC, 1), view, peer_id="ef" * 8))
     assert designated(FakePeer(SPEC, StageHost(SPEC, 1), view, peer_id="ab" * 8))
+
+
+def test_a_stage_served_from_the_coordinators_checkpoint_init(tmp_path: Path) -> None:
+    """The run spec's checkpoint.init: a real coordinator process reads and serves the stage's
+    file (Checkpoints.Get) to the member that holds the stage, which loads it."""
+    hosts = checkpoint_of(tmp_path / "ckpt")
+    config = tmp_path / "run.toml"
+    config.write_text(SPEC.replace(**{"checkpoint.init": str(tmp_path / "ckpt"),
+                                      "membership.lease_s": 30.0}).to_toml())
+    with CoordinatorProcess(tmp_path / "state", config=config,
+                            extra=["--trust-stage-hints"]) as coord:
+        async def scenario() -> StageHost:
+            client = CoordinatorClient(coord.grpc_address, Identity.generate(), coord.token)
+            try:
+                joined = await client.join(Benchmark(samples_per_s=5.0), "127.0.0.1:9001",
+                                           stage_hint=1)
+                host = StageHost(joined.spec, 1)
+                peer = FakePeer(joined.spec, host, FakeView(stages=stage_infos(2, step=40)))
+                peer.client = client
+                await DurableCheckpoints().take_state(peer, None, 1, None)
+                return host
+            finally:
+                await client.close()
+        host = asyncio.run(scenario())
+    assert host.step == 3 and host.state_hash() == hosts[1].state_hash()
+    a, b = hosts[1].state_arrays(), host.state_arrays()
+    assert all(np.array_equal(a[k], b[k]) for k in a) and set(a) == set(b)
