@@ -145,7 +145,10 @@ class PeerDaemon:
 
     @state_hash.setter
     def state_hash(self, value: str) -> None:
-        self._hash.set(self.host.step if self.host is not None else -1, value)
+        step = self.host.step if self.host is not None else -1
+        self._hash.set(step, value)
+        if value and self.host is not None:  # bench.gpu_check compares replicas step by step
+            log.debug("stage %d after step %d: state hash %s", self.host.stage, step, value)
 
     def activation_limits(self) -> codec.Limits:
         return wire.activation_limits(self.spec)

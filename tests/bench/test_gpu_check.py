@@ -18,19 +18,22 @@ def test_it_refuses_without_cuda(monkeypatch, capsys) -> None:
     assert "no CUDA device is visible to torch here" in err and "nothing was measured" in err
 
 
-def test_replica_hashes_are_compared_per_stage_and_step() -> None:
-    watch = gpu_check.HashWatch(0)
-    peer = {"live": True, "state": "training"}
-    watch.record({"peers": [{**peer, "peer_id": "a", "stage": 0, "step": 3, "state_hash": "x"},
-                            {**peer, "peer_id": "b", "stage": 0, "step": 3, "state_hash": "x"},
-                            {**peer, "peer_id": "c", "stage": 1, "step": 3, "state_hash": "y"},
-                            {**peer, "peer_id": "d", "stage": 1, "step": 2, "state_hash": "z"},
-                            {**peer, "peer_id": "e", "stage": 1, "step": 3, "state_hash": ""},
-                            {"live": True, "state": "syncing", "peer_id": "f", "stage": 1,
-                             "step": 3, "state_hash": "w"}]})
-    assert gpu_check.compare(watch.seen) == (1, [])  # only stage 0's step 3 seen twice
-    watch.record({"peers": [{**peer, "peer_id": "d", "stage": 1, "step": 3, "state_hash": "q"}]})
-    assert gpu_check.compare(watch.seen) == (2, [(1, 3)])
+def test_replica_hashes_are_compared_at_every_step_once_all_replicas_log() -> None:
+    def line(stage: int, step: int, digest: str) -> str:
+        return f"12:00:00 D shoal.peer: stage {stage} after step {step}: state hash {digest}\n"
+
+    logs = {"peer0": "".join(line(0, s, f"a{s}") for s in range(0, 4)),
+            "peer1": "".join(line(1, s, f"b{s}") for s in range(0, 4)),
+            "peer2": "".join(line(0, s, f"a{s}") for s in range(2, 4)),  # joined at step 2
+            "peer3": "other lines\n" + "".join(line(1, s, f"b{s}") for s in range(1, 4))}
+    seen = gpu_check.hashes_by_step(logs)
+    assert seen[(0, 3)] == {"peer0": {"a3"}, "peer2": {"a3"}}
+    assert gpu_check.compare(seen, 2, 3, 2) == (2, 4, [])  # steps 2 and 3 of both stages
+    logs["peer3"] += line(1, 3, "c3")  # peer3 logged a second hash after step 3
+    assert gpu_check.compare(gpu_check.hashes_by_step(logs), 2, 3, 2) == (2, 3, [(1, 3)])
+    logs["peer1"] = logs["peer1"].replace(line(1, 2, "b2"), "")  # peer1 never logged step 2
+    assert gpu_check.compare(gpu_check.hashes_by_step(logs), 2, 3, 2) == (3, 1, [(1, 3)])
+    assert gpu_check.compare({}, 2, 3, 2) == (4, 0, [])  # nothing to compare: main fails it
 
 
 def test_samples_per_s_counts_from_the_end_of_the_warm_up() -> None:
