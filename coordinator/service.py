@@ -221,6 +221,9 @@ class CoordinatorService:
             log.warning("peer %s refused: %s", peer_id, exc)
             await self._refuse(context, "Join", grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
             raise  # context.abort raised already; for readers and type checkers
+        # an observer that joins as a member (a peer reads the spec first) is one no longer:
+        # its Leave must end the membership (see Leave)
+        self.observers.pop(peer_id, None)
         cert = self._issue(member, now)
         await self._commit(context)
         self.reach.check(member, now)  # dials back later, off this call
@@ -377,7 +380,8 @@ class CoordinatorService:
             reason = check_text("reason", request.reason, 200) or "leaving"
         except BadRequest as exc:
             await self._refuse(context, "Leave", grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        if self.observers.pop(caller.peer_id, None) is not None:
+        observer = self.observers.pop(caller.peer_id, None) is not None
+        if observer and not self.membership.is_member(caller.peer_id):
             return pb.LeaveReply()
         self.membership.leave(caller.peer_id, reason, self.clock())
         await self._commit(context)

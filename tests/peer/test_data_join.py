@@ -69,3 +69,37 @@ def test_the_run_specs_fingerprint_wins_and_bad_ones_are_refused(tmp_path: Path)
             asyncio.run(join(coord, "x" * 500, 21_012))
         assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
         asyncio.run(join(coord, FIRST, 21_013))
+
+
+def test_a_peer_that_read_the_spec_as_an_observer_leaves_as_a_member(tmp_path: Path) -> None:
+    """Every peer joins as an observer first (to read the spec), then as a member with the same
+    key: its Leave (a SIGTERM drain) must end the membership, not only the observer entry (the
+    docker smoke's scale-down waited for a leave that never came, and the peer lapsed)."""
+    import json
+    import urllib.request
+
+    config = tmp_path / "run.toml"
+    config.write_text(RunSpec().replace(**{"pipeline.stages": 1,
+                                           "membership.lease_s": 60.0}).to_toml())
+
+    async def observe_join_leave(coord: CoordinatorProcess) -> str:
+        identity = Identity.generate()
+        client = CoordinatorClient(coord.grpc_address, identity, coord.token)
+        try:
+            await client.join(Benchmark(declared=True), "", stage_hint=OBSERVER_STAGE)
+            await client.join(Benchmark(samples_per_s=10.0, device="sim"), "127.0.0.1:21021",
+                              retry_s=10.0)
+            await client.leave("SIGTERM")
+            return identity.peer_id
+        finally:
+            await client.close()
+
+    with CoordinatorProcess(tmp_path / "state", config=config) as coord:
+        peer_id = asyncio.run(observe_join_leave(coord))
+        with urllib.request.urlopen(f"{coord.http_url.rstrip('/')}/api/status",
+                                    timeout=10) as reply:
+            status = json.load(reply)
+    live = [p for p in status["peers"] if p["peer_id"] == peer_id and p.get("state") != "left"]
+    assert not live, live
+    leaves = [e for e in status["events"] if e["kind"] == "leave" and e.get("peer_id") == peer_id]
+    assert leaves and "SIGTERM" in leaves[-1]["detail"], status["events"]
