@@ -37,7 +37,10 @@ PEERS = [f"peer{i}" for i in range(1, 6)]
 # by the two NAT'd peers (every call into it is relayed, so the relay peer carries training
 # calls, and its replica keeps stage 1 going while the other moves); stage 2 by peer5
 PLACES = {"peer1": 0, "peer2": 0, "peer3": 1, "peer4": 1, "peer5": 2}
-STEPS = 60
+# room after a late outage: in one CI run both NAT'd stage-1 replicas fell behind at step 41
+# (state downloads through the relay failing), the drivers bypassed stage 1, and it was back at
+# step 57 of 60, one step inside the last five that must skip no stage
+STEPS = 75
 KILL_STEP = 20  # late enough for peer2's relay to carry training calls first
 COORD_RELAY = "198.18.0.1:7000"  # the coordinator on host `coord`, gRPC port 7000
 PEER2_RELAY = "198.18.0.3:7100"  # peer2's own server, where its Relay service is
