@@ -12,6 +12,8 @@ Two demo runs are shared by the tests of this module (tiny model, 1 block stage,
   empty --out: its first loss is the first run's last, not a fresh model's ~ln 256.
 
 Refusing a non-empty --out is checked against the first run's folder, which must stay as it was.
+The tests that need the two runs are slow (~100 s together on 2 cores): the slow pass runs them;
+the refusals, which start no swarm, stay in the default run.
 """
 
 from __future__ import annotations
@@ -96,12 +98,14 @@ def second(files: Path, first: DemoRun) -> DemoRun:
                     files / "one-byte.txt", "--init-model", first.out / "model")
 
 
+@pytest.mark.slow
 def test_explicit_flags_win_over_the_config_file(first: DemoRun) -> None:
     assert first.spec["pipeline"]["stages"] == 1 and first.summary["stages"] == 1
     assert first.spec["sync"]["mode"] == "allreduce" and first.summary["sync"] == "allreduce"
     assert "1 block stages, sync allreduce" in first.stdout
 
 
+@pytest.mark.slow
 def test_the_config_file_wins_over_flag_defaults(first: DemoRun, second: DemoRun) -> None:
     # first.toml: steps 8 and seed 3 against the flags' defaults 100 and 0
     assert first.spec["run"]["steps"] == 8 and first.summary["steps"] == 8
@@ -113,6 +117,7 @@ def test_the_config_file_wins_over_flag_defaults(first: DemoRun, second: DemoRun
     assert second.spec["run"]["steps"] == 3 and second.summary["steps"] == 3
 
 
+@pytest.mark.slow
 def test_demo_writes_summary_model_and_logs(first: DemoRun) -> None:
     s = first.summary
     assert [step for step, _ in s["loss_by_step"]] == list(range(1, 9))
@@ -127,6 +132,7 @@ def test_demo_writes_summary_model_and_logs(first: DemoRun) -> None:
     assert f"model: {first.out / 'model'}" in first.stdout
 
 
+@pytest.mark.slow
 def test_data_flag_trains_on_the_named_file(first: DemoRun) -> None:
     """One repeated byte: the loss collapses from ~ln 256 and the model writes that byte."""
     s = first.summary
@@ -147,6 +153,7 @@ def test_a_missing_data_path_is_refused_before_anything_starts(files: Path) -> N
     assert not out.exists(), "nothing is started, nothing is written"
 
 
+@pytest.mark.slow
 def test_non_empty_out_is_refused_and_left_alone(first: DemoRun, files: Path) -> None:
     before = {p: p.read_bytes() for p in sorted(first.out.rglob("*")) if p.is_file()}
     done = shoal("demo", "--out", first.out, "--peers", "3", "--stages", "1", "--config",
@@ -164,6 +171,7 @@ def test_out_that_is_a_file_is_refused(files: Path) -> None:
     assert done.returncode != 0 and "is a file" in done.stderr, done.stderr
 
 
+@pytest.mark.slow
 def test_init_model_starts_from_the_exported_weights(first: DemoRun, second: DemoRun) -> None:
     start = second.summary["loss_by_step"][0][1]
     fresh = first.summary["loss_by_step"][0][1]
