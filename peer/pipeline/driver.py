@@ -59,6 +59,7 @@ from peer.pipeline.router import NoReplicaAvailable, RoundRobinRouter, Router
 from protocols import shoal_pb2 as pb
 from protocols import shoal_pb2_grpc as pbg
 from protocols.coordinator_client import READY_STATES
+from protocols.reach import UNREACHABLE
 
 log = logging.getLogger("shoal.driver")
 MAX_HOP_ATTEMPTS = 4
@@ -198,10 +199,16 @@ class Driver:
             self._start_wait = now
         if now - self._start_wait > START_GRACE_S:
             return None
-        late = [p for p in view.peers if p.state in ("joining", "syncing")
+        late = [(p, p.state) for p in view.peers if p.state in ("joining", "syncing")
                 and p.peer_id not in view.revoked]
-        return f"stage {late[0].stage} replica {late[0].peer_id[:8]} is {late[0].state}" if late \
-            else None
+        # a block replica the coordinator has not dialled back yet, or could not and that waits
+        # for a relay: calls into it fail until it is reached, and a stage whose step-1 calls
+        # all failed counts as trained and is bypassed from then on (a NAT'd stage in the lab)
+        late += [(p, "not reached yet" if not p.reach else "waiting for a relay")
+                 for p in view.peers if p.stage > 0 and p.reach in ("", UNREACHABLE)
+                 and p.peer_id not in view.revoked]
+        return f"stage {late[0][0].stage} replica {late[0][0].peer_id[:8]} is {late[0][1]}" \
+            if late else None
 
     async def plan(self, step: int, n_mb: int) -> list[tuple[tuple[int, str], ...]]:
         """Each microbatch's (block stage, replica) hops, in visiting order (see the module
