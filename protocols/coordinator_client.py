@@ -455,6 +455,13 @@ class CoordinatorClient:
             raise CoordinatorUntrusted(f"{self.address}: {exc}") from None
         return ca
 
+    async def channel(self) -> grpc.aio.Channel:
+        """This client's channel to the coordinator (signed calls; TLS with the swarm's CA when
+        the coordinator serves it), made on first use: for the coordinator's other services."""
+        await self._stub_async()
+        assert self._channel is not None
+        return self._channel
+
     async def _stub_async(self) -> pb_grpc.CoordinatorStub:
         if self._stub is None and not self.tls_dir:
             ca = await self._probe()

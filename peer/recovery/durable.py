@@ -109,10 +109,7 @@ def live_step(d: PeerContext) -> int:
 
 
 async def _coordinator_stub(d: PeerContext) -> pbg.CheckpointsStub:
-    # the coordinator client's own channel: signed calls, and TLS with the swarm CA when the
-    # coordinator serves it (CoordinatorClient has no public accessor for it)
-    await d.client._stub_async()
-    return pbg.CheckpointsStub(d.client._channel)
+    return pbg.CheckpointsStub(await d.client.channel())
 
 
 async def upload(d: PeerContext, stage: int, step: int, data: bytes, spec_hash: str
