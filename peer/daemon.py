@@ -548,6 +548,7 @@ class PeerDaemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda s=sig: asyncio.ensure_future(
                 self.drain(signal.Signals(s).name)))
+        machine.dump_tasks_on_sigusr1(log)
         await self.start()
         tasks = [self._heartbeats]
         watcher = SpotWatcher(self.args.spot_url, on_notice=self.drain)

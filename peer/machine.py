@@ -5,9 +5,13 @@ uvloop)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
+import io
+import logging
 import os
+import signal
 import time
 
 import torch
@@ -106,3 +110,18 @@ def prepare_process() -> None:
         uvloop.install()
     except ImportError:
         pass
+
+
+def dump_tasks_on_sigusr1(log: logging.Logger) -> None:
+    """`kill -USR1 PID` logs the stack of every task of the running loop: what a peer that
+    makes no progress is waiting on, without stopping it."""
+    loop = asyncio.get_running_loop()
+
+    def dump() -> None:
+        tasks = asyncio.all_tasks(loop)
+        out = io.StringIO()
+        for task in sorted(tasks, key=lambda t: t.get_name()):
+            task.print_stack(limit=12, file=out)
+        log.warning("SIGUSR1: %d tasks\n%s", len(tasks), out.getvalue())
+
+    loop.add_signal_handler(signal.SIGUSR1, dump)
