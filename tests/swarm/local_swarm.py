@@ -15,6 +15,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 
 from protocols.coordinator_client import READY_STATES
@@ -36,8 +37,30 @@ def spec_with(**changes: object) -> RunSpec:
 
 
 def logs_tail(swarm: Swarm, chars: int = 1500) -> str:
-    return "\n".join(f"--- {f.name}\n" + f.read_text(errors="replace")[-chars:]
+    return "\n".join(f"--- {f.name}\n" + _tail(f.read_text(errors="replace"), chars)
                      for f in sorted(swarm.logs.glob("*.log")))
+
+
+def _tail(text: str, chars: int) -> str:
+    """The last `chars` of a log, and before them its last task dump (see `dump_tasks`) whole,
+    up to 8000 characters, when the tail does not already hold it."""
+    at = text.rfind("SIGUSR1: ")
+    if at < 0 or at >= len(text) - chars:
+        return text[-chars:]
+    return text[at:at + 8000] + "\n[…]\n" + text[-chars:]
+
+
+def dump_tasks(swarm: Swarm, settle_s: float = 1.0) -> None:
+    """SIGUSR1 to every live peer of `swarm`: each logs where its tasks wait
+    (peer/machine.py), so a failed wait shows what a stalled peer was stuck on."""
+    sent = False
+    for p in swarm.peers:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signal.SIGUSR1)
+                sent = True
+    if sent:
+        time.sleep(settle_s)
 
 
 def wait_for(what: str, pred: Callable[[], object], timeout: float, swarm: Swarm) -> object:
@@ -45,6 +68,7 @@ def wait_for(what: str, pred: Callable[[], object], timeout: float, swarm: Swarm
     value = poll_until(pred, timeout, interval=0.3)
     if value:
         return value
+    dump_tasks(swarm)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n"
                          f"{logs_tail(swarm)}")
 
