@@ -12,7 +12,10 @@ import io
 import logging
 import os
 import signal
+import sys
+import threading
 import time
+import traceback
 
 import torch
 
@@ -113,8 +116,8 @@ def prepare_process() -> None:
 
 
 def dump_tasks_on_sigusr1(log: logging.Logger) -> None:
-    """`kill -USR1 PID` logs the stack of every task of the running loop: what a peer that
-    makes no progress is waiting on, without stopping it."""
+    """`kill -USR1 PID` logs the stack of every task of the running loop and of every thread:
+    what a peer that makes no progress is waiting on, without stopping it."""
     loop = asyncio.get_running_loop()
 
     def dump() -> None:
@@ -122,6 +125,12 @@ def dump_tasks_on_sigusr1(log: logging.Logger) -> None:
         out = io.StringIO()
         for task in sorted(tasks, key=lambda t: t.get_name()):
             task.print_stack(limit=12, file=out)
-        log.warning("SIGUSR1: %d tasks\n%s", len(tasks), out.getvalue())
+        names = {t.ident: t.name for t in threading.enumerate()}
+        frames = sys._current_frames()
+        for ident, frame in frames.items():  # the compute thread, the executors' threads
+            out.write(f"Thread {names.get(ident, ident)}:\n")
+            out.write("".join(traceback.format_stack(frame, limit=12)))
+        log.warning("SIGUSR1: %d tasks, %d threads\n%s", len(tasks), len(frames),
+                    out.getvalue())
 
     loop.add_signal_handler(signal.SIGUSR1, dump)

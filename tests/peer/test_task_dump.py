@@ -1,4 +1,4 @@
-"""`kill -USR1` on a peer logs where each of its tasks waits (peer/machine.py)."""
+"""`kill -USR1` on a peer logs where each of its tasks and threads waits (peer/machine.py)."""
 
 from __future__ import annotations
 
@@ -38,3 +38,4 @@ def test_sigusr1_logs_every_task_with_its_stack(caplog: pytest.LogCaptureFixture
         asyncio.run(main())
     assert "SIGUSR1: " in caplog.text
     assert "the-stuck-one" in caplog.text and "_stuck_on_an_event" in caplog.text
+    assert "Thread MainThread:" in caplog.text
