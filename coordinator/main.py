@@ -56,6 +56,7 @@ from coordinator.ca import CaError, CoordinatorCA
 from coordinator.events import Event, EventLog, History
 from coordinator.http import DEFAULT_MAX_SSE_CLIENTS, make_app, start_http
 from coordinator.membership import DEFAULT_REJOIN_COOLDOWN_S, RESTART_EPOCH_GAP, Membership
+from coordinator.pacing import Pacer
 from coordinator.service import CoordinatorService
 from coordinator.store import Batch, Journal, Store
 from protocols import shoal_pb2_grpc as pbg
@@ -262,8 +263,9 @@ async def serve(config: str | Path | RunSpec | None = None, port: int = 7000,
     membership.bytes_by_kind_total = dict(totals.get("by_kind", {}))
     if snapshot is not None:
         membership.restore_bans(snapshot.bans)
-        lease = spec.membership.lease_s
         live = sum(1 for m in snapshot.members if m.live)
+        # a large swarm was told a slower pace (coordinator/pacing.py): its grace is as long
+        lease = Pacer(spec.membership.heartbeat_s, spec.membership.lease_s).target(live).lease_s
         membership.restore(snapshot.members, now, max(2 * lease, lease + 5.0),
                            f"restart #{restarts}: {live} live members restored with a grace "
                            f"lease; epoch {epoch} -> {epoch + RESTART_EPOCH_GAP}")
@@ -389,6 +391,7 @@ async def _watch_loop_lag(svc: CoordinatorService, period_s: float = 0.1) -> Non
         if len(window) > 10 / period_s:
             window.pop(0)
         svc.loop_lag_s = max(window)
+        svc.loop_lag_now_s = lag  # what Join admission looks at (coordinator/pacing.py)
         if lag > 1.0:
             log.warning("the coordinator's event loop stalled for %.1f s", lag)
 

@@ -228,6 +228,10 @@ class Membership:
     def live_members(self) -> list[Member]:
         return [m for m in self._members.values() if m.live]
 
+    def live_count(self) -> int:
+        """How many members are live; O(stages)."""
+        return sum(len(st.replicas) for st in self._stages)
+
     def revoked(self) -> list[str]:
         return sorted(self._revoked)
 
@@ -285,7 +289,7 @@ class Membership:
 
     def join(self, peer_id: str, public_key: bytes, address: str, benchmark: Benchmark,
              stage_hint: int, step_hint: int, now: float, *, relay: bool = False,
-             has_leaf: bool = False) -> Member:
+             has_leaf: bool = False, lease_s: float | None = None) -> Member:
         """Admit (or re-admit) a peer and give it a stage; the caller checked admission.
 
         A stage hint is honoured where it takes nothing from anyone (`stage_for_hint`): a peer
@@ -296,7 +300,8 @@ class Membership:
         seeds the member's reported step; attestation never counts it). Raises Banned /
         CoolingDown (`check_may_join`), TooSmall (its device has room for no stage; a "refuse"
         event says so) before changing anything. Only stages the device fits are assigned or
-        hinted to, unless `trust_stage_hints`.
+        hinted to, unless `trust_stage_hints`. `lease_s`: the lease the coordinator tells this
+        peer (coordinator/pacing.py); the spec's by default.
         """
         if not 0 <= stage_hint < self.n_stages and stage_hint != -1:
             raise ValueError(f"stage_hint {stage_hint} is not a stage of this run "
@@ -332,7 +337,7 @@ class Membership:
         kind = "join" if old is None else "rejoin"
         m = Member(peer_id=peer_id, public_key=bytes(public_key), address=address, stage=stage,
                    state="joining", benchmark=benchmark, joined_at=now, last_seen=now,
-                   lease_expires=now + self.lease_s,
+                   lease_expires=now + (self.lease_s if lease_s is None else lease_s),
                    cert_expires=old.cert_expires if old is not None else 0.0,
                    relay=relay, has_leaf=has_leaf,
                    placed=self.trust_stage_hints and 0 <= stage_hint == stage)
@@ -355,14 +360,16 @@ class Membership:
         self._changed_member(m, Event(now, kind, peer_id, stage, detail))
         return m
 
-    def heartbeat(self, peer_id: str, stats: PeerStats, now: float) -> Member:
-        """Renew a live member's lease and record its stats; O(1). KeyError if not live."""
+    def heartbeat(self, peer_id: str, stats: PeerStats, now: float,
+                  lease_s: float | None = None) -> Member:
+        """Renew a live member's lease (for `lease_s`, the lease the coordinator tells it; the
+        spec's by default) and record its stats; O(1). KeyError if not live."""
         m = self._members[peer_id]
         if not m.live:
             raise KeyError(peer_id)
         self.counters["heartbeats"] += 1
         m.last_seen = now
-        m.lease_expires = now + self.lease_s
+        m.lease_expires = now + (self.lease_s if lease_s is None else lease_s)
         report = _take_recovery_report(stats)
         self._count_bytes(m.stats, stats)
         if stats.state != m.state:

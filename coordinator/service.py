@@ -59,6 +59,7 @@ from coordinator.messages import (
     member_to_wire,
     stats_from_wire,
 )
+from coordinator.pacing import JoinGate, Pacer
 from coordinator.placement import TooSmall
 from coordinator.reach import Reachability, observed_address
 from coordinator.store import Batch, Journal, StoreError
@@ -80,6 +81,7 @@ VIEW_STATS_MAX_AGE_S = 1.0
 # meets it; a peer beating much faster gets RESOURCE_EXHAUSTED.
 BEAT_RATE_FACTOR = 2.0
 BEAT_BURST_SLACK = 4.0
+RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata of a Join turned away (JoinGate)
 
 
 class DataMismatch(Exception):
@@ -125,6 +127,7 @@ class CoordinatorService:
         self.grpc_address = ""
         self.version = VERSION
         self.loop_lag_s = 0.0  # worst event-loop lag of the last seconds (set by main)
+        self.loop_lag_now_s = 0.0  # the event loop's lag at its last sample (set by main)
         self.journal: Journal | None = None
         self.ca: CoordinatorCA | None = None  # the swarm's TLS CA (set by coordinator.main)
         self.tls = False  # whether the gRPC port serves TLS (set by coordinator.main)
@@ -145,6 +148,10 @@ class CoordinatorService:
         ms = spec.membership
         self.beat_rate = BEAT_RATE_FACTOR / ms.heartbeat_s
         self.beat_burst = 2.0 * ms.lease_s / ms.heartbeat_s + BEAT_BURST_SLACK
+        # the period and lease told to peers (coordinator/pacing.py), and Join back-pressure
+        self.pacer = Pacer(ms.heartbeat_s, ms.lease_s)
+        self.join_gate = JoinGate()
+        self._cpu_mark = (time.process_time(), 0, 0, time.monotonic())  # cpu, beats, joins, t
         # reachability (coordinator/reach.py): the dial-back, and the relays on offer
         self.reach = Reachability(identity, membership, ca=lambda: self.ca,
                                   tls=lambda: self.tls, clock=clock,
@@ -170,6 +177,24 @@ class CoordinatorService:
 
     async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> bytes:
         now = self.clock()
+        wait_s = self.join_gate.admit(time.monotonic(), self.membership.live_count(),
+                                      self.loop_lag_now_s)
+        if wait_s is not None:  # a join storm: come back later (the client honours it)
+            self.rejected["Join"] = self.rejected.get("Join", 0) + 1
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the coordinator is busy admitting other peers; retry in {wait_s:.1f} s",
+                trailing_metadata=((RETRY_AFTER_KEY, str(max(1, round(wait_s * 1000)))),))
+        joined = False
+        try:
+            reply = await self._join(request, context, now)
+            joined = True
+            return reply
+        finally:
+            self.join_gate.done(joined)
+
+    async def _join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext,
+                    now: float) -> bytes:
         caller = current_caller()
         try:
             observer = request.stage_hint == OBSERVER_STAGE
@@ -213,10 +238,13 @@ class CoordinatorService:
                                f"{self.spec.membership.heartbeat_s:g} s; slow down")
         if request.stage_hint == OBSERVER_STAGE:
             return self._join_observer(peer_id, key, now, tls_fields)
+        known_live = known is not None and known.live
+        pace = self.pacer.update(self.membership.live_count() + (not known_live))
         try:
             member = self.membership.join(peer_id, key, address, bench, request.stage_hint,
                                           request.step_hint, now, relay=request.relay,
-                                          has_leaf=bool(tls_fields.get("tls_certificate")))
+                                          has_leaf=bool(tls_fields.get("tls_certificate")),
+                                          lease_s=pace.lease_s)
         except TooSmall as exc:  # not retried by the peer: it exits with this message
             log.warning("peer %s refused: %s", peer_id, exc)
             await self._refuse(context, "Join", grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
@@ -232,9 +260,8 @@ class CoordinatorService:
         reply = pb.JoinReply(
             certificate=cert, coordinator_public_key=self.identity.public_key,
             run_spec_toml=self.spec_toml, stage=member.stage, epoch=self.membership.epoch,
-            lease_seconds=self.spec.membership.lease_s,
-            heartbeat_interval=self.spec.membership.heartbeat_s, swarm_id=self.swarm_id,
-            address=address, **tls_fields)
+            lease_seconds=pace.lease_s, heartbeat_interval=pace.heartbeat_s,
+            swarm_id=self.swarm_id, address=address, **tls_fields)
         return reply.SerializeToString() + self.view(now).join_field
 
     def _check_data(self, fingerprint: str) -> None:
@@ -313,8 +340,9 @@ class CoordinatorService:
         except BadRequest as exc:
             await self._refuse(context, "Heartbeat", grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         epoch_before = self.membership.epoch
+        pace = self.pacer.pace
         try:
-            member = self.membership.heartbeat(caller.peer_id, stats, now)
+            member = self.membership.heartbeat(caller.peer_id, stats, now, pace.lease_s)
         except KeyError:
             await self._refuse(context, "Heartbeat", grpc.StatusCode.PERMISSION_DENIED,
                                f"peer {caller.peer_id} is not a member (its lease lapsed or it "
@@ -328,7 +356,8 @@ class CoordinatorService:
             self.reach.check(member, now)
         reply = pb.HeartbeatReply(epoch=self.membership.epoch, lease_expires=member.lease_expires,
                                   stage=member.stage, action=member.pending_action,
-                                  reach=member.reach)
+                                  reach=member.reach, heartbeat_interval=pace.heartbeat_s,
+                                  lease_seconds=pace.lease_s)
         if member.reach == reach_wire.UNREACHABLE:
             reply.relay = self.reach.relay_for(member)
         member.pending_action = ""
@@ -468,6 +497,7 @@ class CoordinatorService:
     async def tick(self, now: float) -> None:
         """Once a second: expire silent peers, sample the curve, rebalance when due, persist."""
         m = self.membership
+        self._pace()
         expired = m.sweep(now)
         for peer_id in expired:
             log.info("peer %s expired (lease lapsed)", peer_id)
@@ -490,6 +520,20 @@ class CoordinatorService:
                      else "reachable: partners a relayed replica")
         if expired or move is not None:
             await self._commit()
+
+    def _pace(self) -> None:
+        """Feed the pacer this process's CPU per heartbeat since the last tick (a second
+        without Joins only: a join storm's CPU is not the cost of a beat), and the Join gate
+        the seconds elapsed; recompute the pace for the live swarm."""
+        c = self.membership.counters
+        cpu, beats, joins, t = (time.process_time(), c["heartbeats"], c["joins"] + c["rejoins"],
+                                time.monotonic())
+        cpu0, beats0, joins0, t0 = self._cpu_mark
+        self._cpu_mark = (cpu, beats, joins, t)
+        if joins == joins0:
+            self.pacer.observe(cpu - cpu0, beats - beats0)
+        self.pacer.update(self.membership.live_count())
+        self.join_gate.tick(t - t0)
 
     def view(self, now: float, max_age_s: float = VIEW_MIN_INTERVAL_S,
              stats_max_age_s: float = math.inf) -> ViewSnapshot:

@@ -428,6 +428,13 @@ class PeerDaemon:
 
     # ------------------------------------------------------------------ heartbeats
 
+    def _heartbeat_s(self) -> float:
+        """The period the coordinator told this peer (coordinator/pacing.py: the spec's in small
+        swarms, slower in large ones); the spec's before the first Join."""
+        told = getattr(self.client, "heartbeat_s", 0.0)
+        return told if isinstance(told, (int, float)) and told > 0 else \
+            self.spec.membership.heartbeat_s
+
     async def heartbeat_loop(self) -> None:
         while not self.stopped.is_set():
             try:
@@ -454,7 +461,7 @@ class PeerDaemon:
                 log.warning("heartbeat failed: %s", exc)
             self._report_progress()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopped.wait(), self.spec.membership.heartbeat_s)
+                await asyncio.wait_for(self.stopped.wait(), self._heartbeat_s())
             self._write_metrics()
 
     async def _move(self, stage: int) -> None:

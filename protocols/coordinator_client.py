@@ -9,6 +9,14 @@ Failure behaviour, the contract a daemon can rely on:
 - The coordinator down or unreachable (UNAVAILABLE, DEADLINE_EXCEEDED): calls retry with
   exponential backoff (0.2 s doubling to 5 s, with jitter) for up to `retry_s` seconds, then raise
   `CoordinatorUnavailable`. gRPC reconnects the channel by itself; nothing needs rebuilding.
+- A Join storm (issue #19): a busy coordinator turns Joins away with RESOURCE_EXHAUSTED and a
+  `retry-after-ms` trailing metadata; `join` waits that long plus up to half again (jitter, so
+  the storm does not come back at once) and retries, with a freshly dated request, until its
+  `retry_s` runs out; it never gives up early. A Join CANCELLED by the server (its deadline
+  passed while the coordinator was saturated) is retried the same way as UNAVAILABLE.
+- The pace: the coordinator tells each peer its heartbeat period and lease (JoinReply,
+  HeartbeatReply; coordinator/pacing.py). `heartbeat_s` and `lease_s` follow the last reply;
+  `run_heartbeats` and the peer daemon beat at `heartbeat_s`.
 - The coordinator forgot this peer (UNAUTHENTICATED or PERMISSION_DENIED on Heartbeat, e.g. after
   the lease expired or its state was lost): the client re-joins once with its current stage and
   step as hints, and the heartbeat returns `action="rejoin"` so the daemon knows.
@@ -78,6 +86,11 @@ log = logging.getLogger("shoal.coordinator_client")
 # ------------------------------------------------------------------------- the client
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# Join is idempotent (a live member re-joining keeps its stage), so a Join the server cancelled
+# (at its deadline, the coordinator saturated by a join storm) is retried too
+JOIN_RETRYABLE = RETRYABLE | {grpc.StatusCode.CANCELLED}
+RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata of a Join the coordinator turned away
+RETRY_AFTER_JITTER = 0.5  # wait retry-after * uniform(1, 1 + this)
 FORGOTTEN = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 
 
@@ -110,6 +123,21 @@ class _Unreachable(Exception):
 
 class NotJoined(CoordinatorError):
     """A call that needs membership was made before `join()` succeeded."""
+
+
+def retry_after_s(exc: grpc.aio.AioRpcError) -> float | None:
+    """The seconds a RESOURCE_EXHAUSTED refusal asks the caller to wait (its `retry-after-ms`
+    trailing metadata); None for any other error, or without (or with a malformed) value."""
+    if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    for key, value in exc.trailing_metadata() or ():
+        if key == RETRY_AFTER_KEY:
+            try:
+                ms = float(value)
+            except (TypeError, ValueError):
+                return None
+            return min(ms, 600_000.0) / 1000 if ms >= 0 else None
+    return None
 
 
 class CoordinatorClient:
@@ -186,15 +214,19 @@ class CoordinatorClient:
             CoordinatorRefused: wrong token, key not allowed, or a malformed request.
             CoordinatorUnavailable: no answer within `retry_s`.
         """
-        now = self.clock()
         key = self.identity.public_key
-        request = pb.JoinRequest(
-            public_key=key, timestamp=now, benchmark=benchmark.to_proto(), address=address,
-            stage_hint=stage_hint, step_hint=step_hint, version=VERSION,
-            token_proof=token_proof(self.token, key, now) if self.token else b"",
-            tls_csr=tls_.csr_for_key(self.identity.peer_id, self.tls_key) if self.tls_key
-            else b"", relay=self.relay, data_fingerprint=self.data_fingerprint)
-        reply = await self._call("Join", request, retry_s, backoff_cap_s=5.0)
+        csr = tls_.csr_for_key(self.identity.peer_id, self.tls_key) if self.tls_key else b""
+
+        def request() -> pb.JoinRequest:  # dated afresh for every attempt (the proof's skew)
+            now = self.clock()
+            return pb.JoinRequest(
+                public_key=key, timestamp=now, benchmark=benchmark.to_proto(), address=address,
+                stage_hint=stage_hint, step_hint=step_hint, version=VERSION,
+                token_proof=token_proof(self.token, key, now) if self.token else b"",
+                tls_csr=csr, relay=self.relay, data_fingerprint=self.data_fingerprint)
+
+        reply = await self._call("Join", request, retry_s, backoff_cap_s=5.0,
+                                 retryable=JOIN_RETRYABLE, honour_retry_after=True)
         self._check_tls_reply(reply)  # before anything else in the reply is trusted
         key_changed = bool(self.coordinator_public_key) and \
             reply.coordinator_public_key != self.coordinator_public_key
@@ -272,6 +304,8 @@ class CoordinatorClient:
             with contextlib.suppress(CoordinatorError):
                 await self.join(benchmark, address, self.stage, self._last_step,
                                 retry_s=self.heartbeat_s)
+        if reply.heartbeat_interval > 0 and reply.lease_seconds > 0:  # 0: an older coordinator
+            self.heartbeat_s, self.lease_s = reply.heartbeat_interval, reply.lease_seconds
         if reply.HasField("renewed"):
             self.certificate = reply.renewed
             self.certificate_expires = pb.Certificate.FromString(
@@ -500,14 +534,19 @@ class CoordinatorClient:
         return self._stub
 
     async def _call(self, method: str, request: Any, retry_s: float,
-                    backoff_cap_s: float) -> Any:
-        """One RPC, retried with jittered exponential backoff while the coordinator is away."""
+                    backoff_cap_s: float, *, retryable: frozenset = RETRYABLE,
+                    honour_retry_after: bool = False) -> Any:
+        """One RPC, retried with jittered exponential backoff while the coordinator is away.
+        `request` may be a callable that makes the request afresh for each attempt. With
+        `honour_retry_after`, RESOURCE_EXHAUSTED carrying a retry-after is waited out (with
+        jitter) and retried until `retry_s` runs out."""
         deadline = self.clock() + retry_s
         delay = 0.2
         while True:
             try:
                 rpc = getattr(await self._stub_async(), method)
-                return await rpc(request, timeout=self.call_timeout_s)
+                return await rpc(request() if callable(request) else request,
+                                 timeout=self.call_timeout_s)
             except _Unreachable as exc:
                 if self.clock() + delay > deadline:
                     raise CoordinatorUnavailable(
@@ -516,7 +555,18 @@ class CoordinatorClient:
                         f"right") from None
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
-                if code not in RETRYABLE:
+                wait = retry_after_s(exc) if honour_retry_after else None
+                if wait is not None:
+                    left = deadline - self.clock()
+                    if left <= 0:
+                        raise CoordinatorUnavailable(
+                            f"the coordinator at {self.address} was too busy to admit {method} "
+                            f"for {retry_s:.0f} s ({exc.details()}); it is in a join storm or "
+                            f"overloaded") from None
+                    await asyncio.sleep(min(left, wait * random.uniform(
+                        1.0, 1.0 + RETRY_AFTER_JITTER)))
+                    continue
+                if code not in retryable:
                     raise CoordinatorRefused(
                         f"{method} refused by the coordinator at {self.address}: "
                         f"{code.name}: {exc.details()}", code) from None

@@ -168,7 +168,7 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, stats: _Optional[_Union[PeerStats, _Mapping]] = ..., known_epoch: _Optional[int] = ..., address: _Optional[str] = ..., relayed_by: _Optional[str] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
-    __slots__ = ("epoch", "lease_expires", "renewed", "stage", "view", "action", "reach", "relay")
+    __slots__ = ("epoch", "lease_expires", "renewed", "stage", "view", "action", "reach", "relay", "heartbeat_interval", "lease_seconds")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     LEASE_EXPIRES_FIELD_NUMBER: _ClassVar[int]
     RENEWED_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +177,8 @@ class HeartbeatReply(_message.Message):
     ACTION_FIELD_NUMBER: _ClassVar[int]
     REACH_FIELD_NUMBER: _ClassVar[int]
     RELAY_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     lease_expires: float
     renewed: SignedCertificate
@@ -185,7 +187,9 @@ class HeartbeatReply(_message.Message):
     action: str
     reach: str
     relay: str
-    def __init__(self, epoch: _Optional[int] = ..., lease_expires: _Optional[float] = ..., renewed: _Optional[_Union[SignedCertificate, _Mapping]] = ..., stage: _Optional[int] = ..., view: _Optional[_Union[SwarmView, _Mapping]] = ..., action: _Optional[str] = ..., reach: _Optional[str] = ..., relay: _Optional[str] = ...) -> None: ...
+    heartbeat_interval: float
+    lease_seconds: float
+    def __init__(self, epoch: _Optional[int] = ..., lease_expires: _Optional[float] = ..., renewed: _Optional[_Union[SignedCertificate, _Mapping]] = ..., stage: _Optional[int] = ..., view: _Optional[_Union[SwarmView, _Mapping]] = ..., action: _Optional[str] = ..., reach: _Optional[str] = ..., relay: _Optional[str] = ..., heartbeat_interval: _Optional[float] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("reason",)

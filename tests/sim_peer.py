@@ -23,11 +23,13 @@ Command line (used by bench/coordinator.py, one or a few of these processes):
     python -m tests.sim_peer --coordinator HOST:PORT --token-file F --peers 500 \\
         --heartbeat 1.0 --out result.json
 
-joins all peers, prints `joined N` and heartbeats at the given rate until a line `stop` (or EOF)
+joins all peers, prints `joined N` and heartbeats at the given rate (default: the period the
+coordinator tells each peer) until a line `stop` (or EOF)
 arrives on stdin (a line `restart` restarts every peer's schedule from now), then writes to --out
 every answered heartbeat's (due time, latency from due, how late it was sent), the due times of
 the failed ones, the beats due but not yet sent when the stop came (due time, lower bound of
-their latency), and the error counts; it prints `done`.
+their latency), the error counts, each peer's Join times (first sent, answered) and last told
+period and lease, and every SwarmView received (time, serialized bytes); it prints `done`.
 """
 
 from __future__ import annotations
@@ -76,6 +78,8 @@ class SimPeer:
     samples: list[tuple[float, float, float]] = field(default_factory=list)
     failed: list[float] = field(default_factory=list)  # due wall times of failed beats
     unsent: list[tuple[float, float]] = field(default_factory=list)  # (due, >= latency) at stop
+    views: list[tuple[float, int]] = field(default_factory=list)  # (wall time, SwarmView bytes)
+    joined: tuple[float, float] | None = None  # wall times: first Join sent, Join answered
 
     @property
     def peer_id(self) -> str:
@@ -117,15 +121,21 @@ class SimSwarm:
         self._schedule = 0  # bumped by restart_schedules
         self._tasks: list[asyncio.Task] = []
 
-    async def join_all(self, concurrency: int = 32, beat: bool = True) -> None:
-        """Join every peer; with `beat`, each starts heartbeating as soon as it has joined
-        (a swarm of thousands takes longer to join than one lease lasts)."""
-        sem = asyncio.Semaphore(concurrency)
+    async def join_all(self, concurrency: int = 32, beat: bool = True,
+                       join_retry_s: float = 300.0) -> None:
+        """Join every peer, at most `concurrency` Joins in flight at once (0: all at once, a
+        join storm); with `beat`, each starts heartbeating as soon as it has joined (a swarm of
+        thousands takes longer to join than one lease lasts)."""
+        sem = asyncio.Semaphore(concurrency if concurrency > 0 else len(self.peers) or 1)
 
         async def one(p: SimPeer) -> None:
             async with sem:
-                await p.client.join(Benchmark(samples_per_s=p.samples_per_s, device="sim"),
-                                    f"127.0.0.1:{self.port_base + p.index}")
+                t0 = time.time()
+                joined = await p.client.join(
+                    Benchmark(samples_per_s=p.samples_per_s, device="sim"),
+                    f"127.0.0.1:{self.port_base + p.index}", retry_s=join_retry_s)
+                p.joined = (t0, time.time())
+                p.views.append((time.time(), joined.view_proto.ByteSize()))
             if beat:
                 self._tasks.append(asyncio.create_task(self._beat(p)))
 
@@ -143,44 +153,54 @@ class SimSwarm:
         a saturated machine is not that. Nothing is dropped after this call."""
         self._schedule += 1
 
+    def _period(self, p: SimPeer) -> float:
+        """The forced period, or the one the coordinator told `p` last (coordinator/pacing.py)."""
+        return self.heartbeat_s or p.client.heartbeat_s
+
     async def _beat(self, p: SimPeer) -> None:
-        """Heartbeat `p` on its fixed schedule until stop (see the module docstring)."""
-        period = self.heartbeat_s or p.client.heartbeat_s
+        """Heartbeat `p` on its fixed schedule until stop (see the module docstring). The
+        schedule follows the period the coordinator tells: each beat is due one period (as told
+        by the last answer) after the previous one was due."""
+        period = self._period(p)
         schedule = self._schedule
-        # spread the swarm over one period
-        origin, wall_origin = time.monotonic() + period * random.random(), time.time()
-        wall_origin += origin - time.monotonic()
-        k = 0  # the next beat due
+        # spread the swarm over one period; `due` is monotonic, `wall_due` the same instant
+        due = time.monotonic() + period * random.random()
+        wall_due = time.time() + due - time.monotonic()
         while not self._stop.is_set():
             if schedule != self._schedule:
                 schedule = self._schedule
-                origin = time.monotonic() + period * random.random()
-                wall_origin = time.time() + origin - time.monotonic()
-                k = 0
-            due = origin + k * period
+                period = self._period(p)
+                due = time.monotonic() + period * random.random()
+                wall_due = time.time() + due - time.monotonic()
             delay = due - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)  # not wait_for(stop): that costs a task per beat
                 continue
-            k += 1
+            this_due, this_wall = due, wall_due
             if p.silent or p.left:
+                due, wall_due = due + period, wall_due + period
                 continue
-            wall_due = wall_origin + (k - 1) * period
-            sent = time.monotonic() - due
+            sent = time.monotonic() - this_due
             try:
                 result = await p.client.heartbeat(p.stats())
             except CoordinatorError:
                 p.errors += 1
-                p.failed.append(wall_due)
+                p.failed.append(this_wall)
             else:
-                p.samples.append((wall_due, time.monotonic() - due, sent))
+                p.samples.append((this_wall, time.monotonic() - this_due, sent))
                 p.heartbeats += 1
                 p.moves += result.action == "move"
+                # the proto, not `.view`, which would decode it; a stand-in reply may have none
+                view = getattr(result, "view_proto", None)
+                if view is not None:
+                    p.views.append((time.time(), view.ByteSize()))
+            period = self._period(p)  # the answer may have told a new one
+            due, wall_due = this_due + period, this_wall + period
         stopped = self._stopped_at or time.monotonic()
         if not (p.silent or p.left):
-            while origin + k * period < stopped:  # due before the stop, never sent
-                p.unsent.append((wall_origin + k * period, stopped - (origin + k * period)))
-                k += 1
+            while due < stopped:  # due before the stop, never sent
+                p.unsent.append((wall_due, stopped - due))
+                due, wall_due = due + period, wall_due + period
 
     def silence(self, k: int) -> list[SimPeer]:
         """Make the last k talking peers stop heartbeating (as if SIGKILLed)."""
@@ -324,6 +344,10 @@ async def _main(args: argparse.Namespace) -> None:
               "loop_lags": lags,
               "rejoins": sum(p.client.rejoins for p in swarm.peers),
               "heartbeat_s": args.heartbeat,
+              "periods": [p.client.heartbeat_s for p in swarm.peers],  # as last told
+              "leases": [p.client.lease_s for p in swarm.peers],
+              "joins": [p.joined for p in swarm.peers],
+              "views": [v for p in swarm.peers for v in p.views],
               "samples": [s for p in swarm.peers for s in p.samples],
               "failed": [t for p in swarm.peers for t in p.failed],
               "unsent": [u for p in swarm.peers for u in p.unsent]}
@@ -361,7 +385,8 @@ def main() -> None:
     ap.add_argument("--peers", type=int, default=100)
     ap.add_argument("--heartbeat", type=float, default=None,
                     help="seconds between heartbeats (default: the run spec's)")
-    ap.add_argument("--concurrency", type=int, default=32, help="joins in flight")
+    ap.add_argument("--concurrency", type=int, default=32,
+                    help="joins in flight (0: every peer at once, a join storm)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--port-base", type=int, default=20_000)
     ap.add_argument("--out", required=True)

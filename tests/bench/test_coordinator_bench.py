@@ -5,6 +5,7 @@ schedule, so a stall shows as latency of the beats it delayed, never as beats th
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Coroutine
 from types import SimpleNamespace
@@ -149,3 +150,37 @@ def test_window_counts_due_beats_answers_and_late_sends() -> None:
     assert w.achieved_per_s == pytest.approx(0.4)
     assert w.sent_late == 1
     assert sorted(w.latencies) == pytest.approx([0.002, 0.010, 0.3, 0.5, 1.0])
+
+
+class PacedClient(StallingClient):
+    """Tells a slower period (as a large swarm's coordinator does) from its `slow_at`-th
+    answer on."""
+
+    def __init__(self, slow_at: int) -> None:
+        super().__init__(stall_at=0)
+        self.slow_at = slow_at
+        self.heartbeat_s = PERIOD
+
+    async def heartbeat(self, stats: object) -> SimpleNamespace:
+        reply = await super().heartbeat(stats)
+        if self.calls == self.slow_at:
+            self.heartbeat_s = 3 * PERIOD
+        return reply
+
+
+def test_the_schedule_follows_the_period_the_coordinator_tells() -> None:
+    async def scenario() -> SimSwarm:
+        swarm = SimSwarm("127.0.0.1:9", None, 1)  # no forced period: the told one
+        client = PacedClient(slow_at=4)
+        swarm.peers[0].client = client  # type: ignore[assignment]
+        swarm.start()
+        while client.calls < 10:
+            await asyncio.sleep(PERIOD)
+        await swarm.stop()
+        return swarm
+
+    peer = _run(scenario()).peers[0]
+    dues = sorted([due for due, _, _ in peer.samples] + [due for due, _ in peer.unsent])
+    gaps = [round((b - a) / PERIOD) for a, b in itertools.pairwise(dues)]
+    assert gaps[:3] == [1, 1, 1]  # beats 1-4 at the first period
+    assert set(gaps[3:]) == {3}  # after the 4th answer, every beat one told period apart

@@ -1,0 +1,123 @@
+"""coordinator/pacing.py: the heartbeat period and lease told to peers, and Join back-pressure."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from coordinator.pacing import (
+    CPU_BUDGET,
+    FALL_BELOW,
+    MIN_PACED_PEERS,
+    MIN_SAMPLE_BEATS,
+    RETRY_AFTER_RANGE_S,
+    JoinGate,
+    Pace,
+    Pacer,
+)
+
+
+def test_small_swarms_get_exactly_the_spec_values() -> None:
+    pacer = Pacer(0.5, 3.0, cost_s=0.05)  # a cost that would slow even 10 peers
+    for live in (0, 1, 5, MIN_PACED_PEERS):
+        assert pacer.update(live) == Pace(0.5, 3.0)
+
+
+def test_period_keeps_the_total_rate_under_the_budget() -> None:
+    pacer = Pacer(1.0, 5.0, cost_s=0.0006)
+    budget = CPU_BUDGET / 0.0006
+    for live in (100, 500, 1000, 5000, 10_000, 20_000):
+        pace = pacer.target(live)
+        assert pace.heartbeat_s >= 1.0  # never faster than the spec
+        assert live / pace.heartbeat_s <= budget + 1e-9
+        # the lease covers as many missed beats as the spec's
+        assert pace.lease_s / pace.heartbeat_s == pytest.approx(5.0 / 1.0)
+        # quantized to quarter periods, at most a quarter slower than needed
+        assert pace.heartbeat_s - max(1.0, live / budget) < 0.25 + 1e-9
+    assert pacer.target(500) == Pace(1.0, 5.0)  # 500 beats/s fit the budget of ~833
+    assert pacer.target(5000).heartbeat_s == 6.0  # 5000 * 0.6 ms / 0.5
+
+
+def test_period_is_capped() -> None:
+    pacer = Pacer(1.0, 4.0, cost_s=0.01, max_heartbeat_s=30.0)
+    assert pacer.target(1_000_000) == Pace(30.0, 120.0)
+
+
+def test_cost_is_learned_from_pooled_samples_and_clamped() -> None:
+    pacer = Pacer(1.0, 5.0, cost_s=0.001)
+    pacer.observe(10.0, MIN_SAMPLE_BEATS - 1)  # too few beats: nothing learned yet
+    assert pacer.cost_s == 0.001
+    pacer.observe(0.0, 1)  # pooled: 10 s over MIN_SAMPLE_BEATS beats, clamped to the range
+    assert 0.001 < pacer.cost_s <= 0.02
+    before = pacer.cost_s
+    pacer.observe(-1.0, 1000)  # nonsense is ignored
+    pacer.observe(math.nan, 1000)
+    assert pacer.cost_s == before
+    for _ in range(50):  # converges on a steady measurement
+        pacer.observe(0.0004 * 1000, 1000)
+    assert pacer.cost_s == pytest.approx(0.0004, rel=1e-3)
+
+
+def test_period_rises_at_once_and_falls_with_hysteresis() -> None:
+    pacer = Pacer(1.0, 5.0, cost_s=0.0005)  # budget 1000 beats/s
+    assert pacer.update(3000).heartbeat_s == 3.0
+    assert pacer.update(2600).heartbeat_s == 3.0  # 2.75 would do: not enough of a drop
+    assert pacer.update(2500).heartbeat_s == 3.0  # 2.5 s > FALL_BELOW * 3 s
+    assert pacer.update(2000).heartbeat_s == 2.0 <= FALL_BELOW * 3.0
+    assert pacer.update(4000).heartbeat_s == 4.0
+    assert pacer.update(10) == Pace(1.0, 5.0)  # small again: the spec's values at once
+
+
+def test_bad_arguments_are_refused() -> None:
+    with pytest.raises(ValueError):
+        Pacer(0.0, 5.0)
+    with pytest.raises(ValueError):
+        Pacer(1.0, 5.0, cpu_budget=0.0)
+
+
+def test_gate_admits_small_swarms_whatever_the_load() -> None:
+    gate = JoinGate(max_in_flight=1)
+    for _ in range(10):
+        assert gate.admit(0.0, MIN_PACED_PEERS, lag_s=5.0) is None
+    assert gate.in_flight == 10 and gate.turned_away == 0
+
+
+def test_gate_turns_away_beyond_in_flight_and_spreads_retries() -> None:
+    gate = JoinGate(max_in_flight=2, rate=10.0, min_peers=0)
+    assert gate.admit(100.0, 1000, 0.0) is None
+    assert gate.admit(100.0, 1000, 0.0) is None
+    waits = [gate.admit(100.0, 1000, 0.0) for _ in range(5)]
+    assert all(w is not None for w in waits)
+    # slots 1 / rate apart, the first no sooner than the floor
+    assert waits == pytest.approx([max(RETRY_AFTER_RANGE_S[0], 0.1 * (i + 1)) for i in range(5)])
+    assert gate.turned_away == 5
+    gate.done(True)
+    assert gate.admit(100.0, 1000, 0.0) is None  # room again
+    # once the slots are in the past, the queue starts afresh
+    gate.done(True)
+    gate.done(True)
+    assert gate.in_flight == 0
+
+
+def test_gate_turns_away_while_the_loop_lags() -> None:
+    gate = JoinGate(lag_limit_s=0.5, min_peers=0)
+    assert gate.admit(0.0, 1000, lag_s=0.6) is not None
+    assert gate.admit(0.0, 1000, lag_s=0.1) is None
+
+
+def test_gate_learns_its_rate_only_under_back_pressure() -> None:
+    gate = JoinGate(max_in_flight=1, rate=100.0, min_peers=0)
+    for _ in range(5):  # no one turned away: the rate says nothing about capacity
+        gate.admit(0.0, 1000, 0.0)
+        gate.done(True)
+    gate.tick(1.0)
+    assert gate.rate == 100.0
+    for _ in range(20):
+        assert gate.admit(0.0, 1000, 0.0) is None
+        assert gate.admit(0.0, 1000, 0.0) is not None  # turned away while one is in flight
+        gate.done(True)
+    gate.tick(1.0)
+    assert 20.0 < gate.rate < 100.0
+    long_wait = gate.admit(0.0, 1000, 9.0)
+    assert long_wait is not None and long_wait <= RETRY_AFTER_RANGE_S[1]
