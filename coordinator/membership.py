@@ -95,6 +95,7 @@ class Member:
     pending_action: str = ""  # "" | "move": delivered with the next heartbeat reply
     beat_tokens: float = -1.0  # heartbeat rate limit (service.py); < 0 until the first beat
     beat_at: float = 0.0
+    view_at: float = 0.0  # when it was last sent the swarm view (service.py; not persisted)
     # reachability (coordinator/reach.py; not persisted: a restarted coordinator checks again)
     reach: str = ""  # "" not checked yet | "direct" | "relayed" | "unreachable"
     relay: bool = False  # offers to relay for unreachable peers (shoal peer --relay)
@@ -447,9 +448,11 @@ class Membership:
         out, self._unsaved_bans = self._unsaved_bans, []
         return out
 
-    def sweep(self, now: float) -> list[str]:
-        """Expire members whose lease lapsed; forget old revocations. Returns the expired ids."""
-        expired = [m for m in self._members.values() if m.live and m.lease_expires < now]
+    def sweep(self, now: float, grace_s: float = 0.0) -> list[str]:
+        """Expire members whose lease lapsed more than `grace_s` ago (the coordinator's own
+        overload: service.py); forget old revocations. Returns the expired ids."""
+        expired = [m for m in self._members.values()
+                   if m.live and m.lease_expires + grace_s < now]
         for m in expired:
             self.counters["expired"] += 1
             silent = now - m.last_seen

@@ -20,6 +20,14 @@ tick feeds in (`observe`: process CPU seconds and heartbeats handled since the l
 exponential average over samples of at least `MIN_SAMPLE_BEATS` beats, clamped to a sane range.
 Process CPU includes joins, views and the dashboard: a busy coordinator paces its peers slower.
 
+Views: a heartbeat whose peer knows an old epoch carries the whole swarm view, so while the
+epoch moves (joins, state and reach changes) view bytes grow with N² (every peer, a view of N
+members, every beat). `view_interval_s` bounds that: a peer gets a view in a heartbeat reply at
+most every `live * view_bytes / view_bytes_per_s` seconds (capped at MAX_VIEW_INTERVAL_S), so
+the views all peers pull by heartbeat stay under VIEW_BYTES_PER_S; small swarms are not limited.
+A peer that needs a fresher view asks for it (GetSwarmView). Views by epoch deltas, which would
+remove the N² term, are issue #19's remaining part.
+
 Hysteresis: the period rises as soon as the swarm needs it, and falls only when a period at most
 `FALL_BELOW` of the current one would do, so a swarm near a boundary does not flap.
 """
@@ -38,6 +46,8 @@ COST_RANGE_S = (0.0001, 0.02)
 EWMA = 0.3  # weight of a new sample
 FALL_BELOW = 0.8
 STEPS_PER_PERIOD = 4  # quantization: multiples of heartbeat_s / 4
+VIEW_BYTES_PER_S = 20e6  # swarm views sent in heartbeat replies, all peers together
+MAX_VIEW_INTERVAL_S = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +109,13 @@ class Pacer:
         factor = min(factor, self.max_heartbeat_s / base)
         return Pace(base * factor, self.spec.lease_s * factor)
 
+    def view_interval_s(self, live: int, view_bytes: int) -> float:
+        """The least time between two views sent to one peer in heartbeat replies (0: no
+        limit, small swarms)."""
+        if live <= self.min_paced_peers or view_bytes <= 0:
+            return 0.0
+        return min(MAX_VIEW_INTERVAL_S, live * view_bytes / VIEW_BYTES_PER_S)
+
     def update(self, live: int) -> Pace:
         """Recompute the current pace for `live` members (rises at once, falls with
         hysteresis) and return it."""
@@ -116,6 +133,7 @@ JOIN_LAG_LIMIT_S = 0.5  # the event loop this late: new Joins are turned away
 JOIN_RATE_START = 100.0  # Joins/s assumed until a back-pressured second measures it
 JOIN_RATE_FLOOR = 10.0
 RETRY_AFTER_RANGE_S = (0.2, 60.0)
+STORM_GRACE_S = 10.0  # how long after the last Join turned away the coordinator counts as busy
 
 
 class JoinGate:
@@ -130,6 +148,9 @@ class JoinGate:
     exponential average; JOIN_RATE_START until measured), so a storm of N joiners comes back
     spread over about N / rate seconds instead of all at once; the client adds its own jitter.
     Heartbeats of joined members are never turned away by this: the gate keeps their latency.
+    While it turns Joins away (and STORM_GRACE_S after), the coordinator knows it is behind, so
+    it expires no lease that lapsed less than one lease ago (service.py): in a storm a member's
+    silence is the coordinator's own queue more often than a dead peer.
     """
 
     def __init__(self, *, max_in_flight: int = MAX_JOINS_IN_FLIGHT,
@@ -142,6 +163,7 @@ class JoinGate:
         self.in_flight = 0
         self.turned_away = 0  # total, for /metrics and the tests
         self._next_slot = 0.0
+        self.busy_until = 0.0  # monotonic: a Join turned away then, plus STORM_GRACE_S
         self._admitted_window = 0
         self._turned_window = 0
 
@@ -151,6 +173,7 @@ class JoinGate:
         if live > self.min_peers and (self.in_flight >= self.max_in_flight
                                       or lag_s > self.lag_limit_s):
             self.turned_away += 1
+            self.busy_until = now + STORM_GRACE_S
             self._turned_window += 1
             self._next_slot = max(self._next_slot, now) + 1.0 / self.rate
             lo, hi = RETRY_AFTER_RANGE_S

@@ -151,6 +151,7 @@ class CoordinatorService:
         # the period and lease told to peers (coordinator/pacing.py), and Join back-pressure
         self.pacer = Pacer(ms.heartbeat_s, ms.lease_s)
         self.join_gate = JoinGate()
+        self.view_interval_s = 0.0  # least time between views to one peer (Pacer, in tick)
         self._cpu_mark = (time.process_time(), 0, 0, time.monotonic())  # cpu, beats, joins, t
         # reachability (coordinator/reach.py): the dial-back, and the relays on offer
         self.reach = Reachability(identity, membership, ca=lambda: self.ca,
@@ -252,6 +253,7 @@ class CoordinatorService:
         # an observer that joins as a member (a peer reads the spec first) is one no longer:
         # its Leave must end the membership (see Leave)
         self.observers.pop(peer_id, None)
+        member.view_at = now  # the reply carries the view
         cert = self._issue(member, now)
         await self._commit(context)
         self.reach.check(member, now)  # dials back later, off this call
@@ -365,10 +367,12 @@ class CoordinatorService:
         if cert is not None and cert.not_after - now < self.cert_ttl_s / 3:
             reply.renewed.CopyFrom(self._issue(member, now))
         out = reply.SerializeToString()
-        if request.known_epoch != self.membership.epoch:
+        if request.known_epoch != self.membership.epoch and \
+                now - member.view_at >= self.view_interval_s:
             view = self.view(now)
             if view.epoch != request.known_epoch:
                 out += view.heartbeat_field
+                member.view_at = now
         if self.membership.epoch != epoch_before and self.journal is not None:
             self.journal.request()  # a state change: persist soon, but do not wait for it
         self.heartbeat_seconds.observe(time.perf_counter() - t0)
@@ -498,7 +502,10 @@ class CoordinatorService:
         """Once a second: expire silent peers, sample the curve, rebalance when due, persist."""
         m = self.membership
         self._pace()
-        expired = m.sweep(now)
+        # the coordinator's own lag (and a join storm) is not the members' silence
+        grace = self.loop_lag_s + (self.pacer.pace.lease_s
+                                   if time.monotonic() < self.join_gate.busy_until else 0.0)
+        expired = m.sweep(now, grace)
         for peer_id in expired:
             log.info("peer %s expired (lease lapsed)", peer_id)
         m.sample_history(now)
@@ -532,8 +539,11 @@ class CoordinatorService:
         self._cpu_mark = (cpu, beats, joins, t)
         if joins == joins0:
             self.pacer.observe(cpu - cpu0, beats - beats0)
-        self.pacer.update(self.membership.live_count())
+        live = self.membership.live_count()
+        self.pacer.update(live)
         self.join_gate.tick(t - t0)
+        self.view_interval_s = self.pacer.view_interval_s(
+            live, len(self._view.raw) if self._view is not None else 0)
 
     def view(self, now: float, max_age_s: float = VIEW_MIN_INTERVAL_S,
              stats_max_age_s: float = math.inf) -> ViewSnapshot:

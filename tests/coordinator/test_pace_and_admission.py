@@ -190,3 +190,30 @@ def test_retry_after_parsing() -> None:
                              (("retry-after-ms", "-5"),))) is None
     assert retry_after_s(Err(grpc.StatusCode.UNAVAILABLE,
                              (("retry-after-ms", "250"),))) is None
+
+
+def test_views_by_heartbeat_are_rationed_per_peer(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        handle = await _start(tmp_path)
+        svc = handle.service
+        try:
+            async with CoordinatorClient(handle.grpc_address, Identity.generate(),
+                                         handle.token) as a, \
+                    CoordinatorClient(handle.grpc_address, Identity.generate(),
+                                      handle.token) as b:
+                await a.join(BENCH, "127.0.0.1:9")
+                svc.view_interval_s = 3600.0  # as in a huge swarm
+                await b.join(BENCH, "127.0.0.1:10")  # the epoch moves: a's view is stale
+                a.known_epoch = 0
+                res = await a.heartbeat(PeerStats(state="training"))
+                assert res.view_proto is None  # a got its view at join, too recently
+                await asyncio.sleep(0.1)  # GetSwarmView serves a view up to 50 ms old
+                assert (await a.view()).epoch == svc.membership.epoch  # asked: answered
+                svc.view_interval_s = 0.0  # a small swarm: every stale beat gets one
+                a.known_epoch = 0
+                res = await a.heartbeat(PeerStats(state="training"))
+                assert res.view_proto is not None
+        finally:
+            await handle.stop()
+
+    asyncio.run(scenario())

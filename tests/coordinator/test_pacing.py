@@ -121,3 +121,38 @@ def test_gate_learns_its_rate_only_under_back_pressure() -> None:
     assert 20.0 < gate.rate < 100.0
     long_wait = gate.admit(0.0, 1000, 9.0)
     assert long_wait is not None and long_wait <= RETRY_AFTER_RANGE_S[1]
+
+
+def test_view_interval_bounds_view_bytes_in_large_swarms_only() -> None:
+    from coordinator.pacing import MAX_VIEW_INTERVAL_S, VIEW_BYTES_PER_S
+
+    pacer = Pacer(1.0, 5.0)
+    assert pacer.view_interval_s(MIN_PACED_PEERS, 10**9) == 0.0  # small: every stale beat
+    assert pacer.view_interval_s(5000, 0) == 0.0
+    interval = pacer.view_interval_s(1000, 200_000)
+    assert 1000 * 200_000 / interval == pytest.approx(VIEW_BYTES_PER_S)  # bytes/s at budget
+    assert pacer.view_interval_s(10**6, 10**9) == MAX_VIEW_INTERVAL_S
+
+
+def test_gate_counts_as_busy_for_a_while_after_turning_a_join_away() -> None:
+    from coordinator.pacing import STORM_GRACE_S
+
+    gate = JoinGate(max_in_flight=0, min_peers=0)
+    assert gate.busy_until == 0.0
+    assert gate.admit(50.0, 1000, 0.0) is not None
+    assert gate.busy_until == 50.0 + STORM_GRACE_S
+
+
+def test_sweep_grace_keeps_leases_that_lapsed_during_the_coordinators_own_lag() -> None:
+    from coordinator.membership import Membership
+    from protocols.coordinator_client import Benchmark
+    from protocols.identity import Identity
+    from protocols.runspec import RunSpec
+
+    m = Membership(RunSpec().replace(**{"membership.lease_s": 5.0}), "s")
+    ident = Identity.generate()
+    m.join(ident.peer_id, ident.public_key, "127.0.0.1:9", Benchmark(samples_per_s=1.0), -1, 0,
+           100.0, lease_s=8.0)
+    assert m.get(ident.peer_id).lease_expires == 108.0  # the lease it was told
+    assert m.sweep(110.0, grace_s=3.0) == []
+    assert m.sweep(110.0) == [ident.peer_id]
