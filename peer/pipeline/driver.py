@@ -56,6 +56,7 @@ from peer.pipeline.links import LinkEstimates
 from peer.pipeline.paths import ReplicaTiming
 from peer.pipeline.planner import plan_iteration
 from peer.pipeline.router import NoReplicaAvailable, RoundRobinRouter, Router
+from peer.pipeline.stalls import StallWatch
 from protocols import shoal_pb2 as pb
 from protocols import shoal_pb2_grpc as pbg
 from protocols.coordinator_client import READY_STATES
@@ -108,6 +109,7 @@ class Driver:
         self._answers = MeasuredDeadline()  # the wait for the block replicas' EndStep answers
         self.links = LinkEstimates()  # per replica: compute, latency, bandwidth (the plan's)
         self._late: set[asyncio.Future] = set()  # EndSteps answered after the step went on
+        self.stalls = StallWatch()  # spans this process was stopped (a timeout then is ours)
 
     def stop(self) -> None:
         self._stop = True
@@ -130,6 +132,13 @@ class Driver:
     # ------------------------------------------------------------------ the loop
 
     async def run(self) -> None:
+        watch = asyncio.ensure_future(self.stalls.run())
+        try:
+            await self._loop()
+        finally:
+            watch.cancel()
+
+    async def _loop(self) -> None:
         d = self.d
         spec = d.spec
         while not self._stop:
@@ -340,14 +349,23 @@ class Driver:
             self._inflight -= 1
 
     def hop_failed(self, target: str, samples: int, t0: float, exc: grpc.aio.AioRpcError
-                   ) -> None:
-        """A timed-out hop slows the replica's estimate; any other error bans it until its
-        lease would expire (ALGORITHMS.md §1)."""
+                   ) -> bool:
+        """A timed-out hop slows the replica's estimate (unless this process was stopped
+        meanwhile: peer/pipeline/stalls.py); any other error bans it until its lease would
+        expire (ALGORITHMS.md §1). Returns whether the failure is the replica's: False when it
+        timed out across a stop of this process, and may go to the same replica again."""
         now = time.monotonic()
         if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            stopped = self.stalls.stalled_during(t0, now)
+            if stopped > 0.0:  # this process was stopped: the timeout is ours, not the replica's
+                self.router.abandon(target, samples, now)
+                log.info("a call to %s timed out across %.1f s this process was stopped; not "
+                         "held against it", target[:8], stopped)
+                return False
             self.router.on_timeout(target, samples, now - t0, now)
         else:
             self.router.ban(target, now + self.d.spec.membership.lease_s)
+        return True
 
     async def _hop(self, kind: str, stage: int, step: int, mb_id: str, path: list[int],
                    hop: int, x: torch.Tensor, peer: str | None = None,
@@ -360,7 +378,9 @@ class Driver:
         d = self.d
         samples = int(x.shape[0])
         tried: set[str] = set()
-        for _ in range(MAX_HOP_ATTEMPTS if peer is None else 1):
+        attempts, stalled_once = (MAX_HOP_ATTEMPTS if peer is None else 1), False
+        while attempts > 0:
+            attempts -= 1
             now = time.monotonic()
             try:
                 target = peer or self.router.choose(stage, samples, now, exclude=tried,
@@ -386,8 +406,10 @@ class Driver:
                                        2 * reply.total_bytes)
                 return torch.from_numpy(arrays["x"].copy()), target
             except grpc.aio.AioRpcError as exc:
-                tried.add(target)
-                self.hop_failed(target, samples, t0, exc)
+                if self.hop_failed(target, samples, t0, exc):
+                    tried.add(target)
+                elif not stalled_once:  # this process was stopped: once more, same replica
+                    stalled_once, attempts = True, attempts + 1
                 log.info("%s of %s on %s failed: %s", kind, mb_id, target[:8], exc.code().name)
             except (KeyError, NoReplicaAvailable) as exc:
                 if peer is not None:

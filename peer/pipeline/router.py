@@ -37,6 +37,12 @@ Failures (SWARM §1): a call that times out is resent by the caller to the next-
 (`choose(..., exclude={peer})`) and the slow replica is *not* banned, only measured as slow; any
 other error bans the replica until its lease expires (`ban(peer, until)`).
 
+A replica whose last call timed out, and that has completed none since, is *suspect*: it gets
+one call at a time (a probe) until one completes. Without that, a replica that froze, or whose
+link was cut, took every microbatch of the next step and cost each of them a timeout before it
+went elsewhere (or around its stage): in bench.churn, steps of 4-7 s instead of 1-2 s. A replica
+that is only slow completes its probe and is back to its share, measured slower.
+
 Timeouts adapt to measured speed instead of SWARM's fixed 30 s forward / 75 s backward:
 `timeout = clamp(factor * expected duration, floor, ceiling)`, where the expected duration is the
 work this sender has outstanding at the replica (this call included) divided by its throughput
@@ -117,6 +123,8 @@ class ReplicaEstimate:
     calls: int = 0
     timeouts: int = 0
     completions: int = 0
+    suspect: bool = False
+    """Its last call timed out and none completed since: one call at a time (module docstring)."""
 
 
 def _check_positive(name: str, value: float) -> None:
@@ -185,7 +193,7 @@ class Router:
         e = self._replicas[peer_id]
         return ReplicaEstimate(e.peer_id, e.stage, e.throughput, e.expected_finish,
                                e.outstanding, e.last_completion, e.calls, e.timeouts,
-                               e.completions)
+                               e.completions, e.suspect)
 
     def banned_until(self, peer_id: str) -> float:
         """End of the peer's ban, or -inf if it was never banned."""
@@ -197,16 +205,20 @@ class Router:
                exclude: Collection[str] = (), prefer: str | None = None) -> str:
         """Pick the replica of `stage` for `work_samples` of work sent at `now` and book the
         work on it: `prefer` (a SkipPipe plan's replica) when it is usable, else the policy's.
-        Raises NoReplicaAvailable when every replica is banned or excluded."""
+        Raises NoReplicaAvailable when every replica is banned, excluded, or suspect with its
+        probe still out."""
         _check_positive("work_samples", work_samples)
         candidates = [p for p in self._stages.get(stage, [])
-                      if p not in exclude and self._banned_until.get(p, -math.inf) <= now]
+                      if p not in exclude and self._banned_until.get(p, -math.inf) <= now
+                      and not self._probing(p)]
         if not candidates:
             known = self._stages.get(stage, [])
             banned = [p for p in known if self._banned_until.get(p, -math.inf) > now]
+            probing = [p for p in known if self._probing(p)]
             raise NoReplicaAvailable(
                 f"stage {stage} has no usable replica at t={now:.3f}: {len(known)} in view, "
-                f"{len(banned)} banned, {len([p for p in known if p in exclude])} excluded; "
+                f"{len(banned)} banned, {len([p for p in known if p in exclude])} excluded, "
+                f"{len(probing)} timed out with a probe call still out; "
                 "refresh the swarm view or bypass the stage")
         peer_id = (prefer if prefer in candidates
                    else self._pick(stage, candidates, now, work_samples))
@@ -215,6 +227,11 @@ class Router:
         e.expected_finish = max(e.expected_finish, now) + work_samples / e.throughput
         e.calls += 1
         return peer_id
+
+    def _probing(self, peer_id: str) -> bool:
+        """Suspect (its last call timed out) with a call to it still out."""
+        e = self._replicas.get(peer_id)
+        return e is not None and e.suspect and e.outstanding > 0.0
 
     def is_relayed(self, peer_id: str) -> bool:
         """Whether the view said `peer_id` is reached through a relay."""
@@ -253,6 +270,7 @@ class Router:
             self._measure(e, samples, busy)
         e.last_completion = now
         e.completions += 1
+        e.suspect = False
         self._release(e, samples, now)
 
     def on_timeout(self, peer_id: str, samples: float, seconds: float, now: float) -> None:
@@ -260,7 +278,7 @@ class Router:
         caller resends it with `choose(stage, samples, now, exclude={peer_id})`. The replica is
         not banned (slow is not broken), but the wait counts as a measurement of samples/seconds
         (an upper bound on its real speed): its estimate drops, so it gets less work and a
-        longer timeout next time."""
+        longer timeout next time, and it is suspect: one call at a time until one completes."""
         _check_positive("samples", samples)
         _check_positive("seconds", seconds)
         e = self._replicas.get(peer_id)
@@ -268,7 +286,17 @@ class Router:
             return
         self._measure(e, samples, seconds)
         e.timeouts += 1
+        e.suspect = True
         self._release(e, samples, now)
+
+    def abandon(self, peer_id: str, samples: float, now: float) -> None:
+        """A call of `samples` work to `peer_id` was given up at `now` for a reason of the
+        caller's (it was stopped while the call was out): the work is released, nothing is
+        measured, the replica is not suspect."""
+        _check_positive("samples", samples)
+        e = self._replicas.get(peer_id)
+        if e is not None:
+            self._release(e, samples, now)
 
     def ban(self, peer_id: str, until: float) -> None:
         """Any error other than a timeout: skip `peer_id` until `until` (its lease expiry). Work

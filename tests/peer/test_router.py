@@ -166,6 +166,32 @@ def test_on_timeout_resend_goes_to_next_best_and_slows_the_estimate() -> None:
     assert r.estimate(first).outstanding == 0.0
 
 
+def test_a_timed_out_replica_gets_one_probe_at_a_time_until_a_call_completes() -> None:
+    r = _router()
+    r.update_replicas(1, {"a": 10.0})
+    assert r.choose(1, 4, now=0.0) == "a"
+    r.on_timeout("a", 4, seconds=5.0, now=5.0)
+    assert r.estimate("a").suspect
+    assert r.choose(1, 4, now=5.0) == "a"  # the probe
+    with pytest.raises(NoReplicaAvailable, match="1 timed out with a probe call still out"):
+        r.choose(1, 4, now=5.1)  # the others go elsewhere, or around the stage
+    r.on_timeout("a", 4, seconds=1.0, now=6.0)  # the probe timed out too: one more probe
+    assert r.choose(1, 4, now=6.0) == "a"
+    with pytest.raises(NoReplicaAvailable):
+        r.choose(1, 4, now=6.1)
+    r.record("a", 4, seconds=0.5, now=6.5)  # it answered: back to its share, measured slower
+    assert not r.estimate("a").suspect
+    assert r.choose(1, 4, now=6.5) == "a" and r.choose(1, 4, now=6.5) == "a"
+
+
+def test_a_suspect_replica_does_not_hold_back_a_healthy_one() -> None:
+    r = _router()
+    r.update_replicas(1, {"a": 10.0, "b": 10.0})
+    r.on_timeout("a", 4, seconds=5.0, now=0.0)
+    picks = [r.choose(1, 4, now=1.0) for _ in range(4)]
+    assert picks.count("a") == 1 and picks.count("b") == 3, picks
+
+
 def test_ban_skips_until_expiry() -> None:
     r = _router()
     r.update_replicas(1, {"a": 100.0, "b": 1.0})
