@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import copy
+import gzip
 import hashlib
 import json
 import math
@@ -243,11 +244,26 @@ class _Served:
         self.status = status
         self.config: dict[str, Any] = {"sse": True, "interval": interval, "animate": animate}
         self._changed = asyncio.Event()
+        self._text: str | None = None  # `status` as JSON, until it changes (10,000 peers: ~7 MB)
+        self._gzipped: bytes | None = None
 
     def changed(self) -> None:
-        """Wake every SSE stream now."""
+        """The status changed (or the config did): encode it anew, wake every SSE stream now."""
+        self._text = self._gzipped = None
         self._changed.set()
         self._changed = asyncio.Event()
+
+    def text(self) -> str:
+        """The status as JSON, encoded once per change as the coordinator does once per build."""
+        if self._text is None:
+            self._text = json.dumps(self.status, separators=(",", ":"))
+        return self._text
+
+    def gzipped(self) -> bytes:
+        """The same, gzipped (what the coordinator sends a client that accepts gzip)."""
+        if self._gzipped is None:
+            self._gzipped = gzip.compress(self.text().encode(), 1)
+        return self._gzipped
 
     async def wait_change(self) -> None:
         """Until the next change or one interval, whichever comes first."""
@@ -262,8 +278,13 @@ def build_app(status: Status, interval: float = 1.0, animate: bool = False) -> w
     async def index(_: web.Request) -> web.FileResponse:
         return web.FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-store"})
 
-    async def api_status(_: web.Request) -> web.Response:
-        return web.json_response(served.status, headers={"Cache-Control": "no-store"})
+    async def api_status(request: web.Request) -> web.Response:
+        headers = {"Cache-Control": "no-store", "Vary": "Accept-Encoding"}
+        if "gzip" in request.headers.get("Accept-Encoding", "").lower():
+            return web.Response(body=served.gzipped(), content_type="application/json",
+                                headers={**headers, "Content-Encoding": "gzip"})
+        return web.Response(text=served.text(), content_type="application/json",
+                            headers=headers)
 
     async def api_events(request: web.Request) -> web.StreamResponse:
         if not served.config["sse"]:
@@ -271,10 +292,11 @@ def build_app(status: Status, interval: float = 1.0, animate: bool = False) -> w
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
         await resp.prepare(request)
-        await resp.write(b"retry: 1000\n\n")
-        while served.config["sse"]:
-            await resp.write(f"data: {json.dumps(served.status)}\n\n".encode())
-            await served.wait_change()
+        with contextlib.suppress(ConnectionResetError):  # the page went away: not an error
+            await resp.write(b"retry: 1000\n\n")
+            while served.config["sse"]:
+                await resp.write(f"data: {served.text()}\n\n".encode())
+                await served.wait_change()
         return resp
 
     async def metrics(_: web.Request) -> web.Response:
@@ -303,7 +325,8 @@ def build_app(status: Status, interval: float = 1.0, animate: bool = False) -> w
         yield
         task.cancel()
 
-    app = web.Application()
+    # a 10,000-peer document is ~7 MB: PUT /_fake/status takes it (aiohttp's default is 1 MiB)
+    app = web.Application(client_max_size=256 << 20)
     app.cleanup_ctx.append(animator)
     app.router.add_get("/", index)
     app.router.add_static("/static", STATIC_DIR)
