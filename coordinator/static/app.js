@@ -11,8 +11,11 @@
 // [data-rebuild][data-view], .tile[data-peer-id][data-state][data-link], #join (hidden while a
 // peer is live; data-emptiness = never|none-live), #join-command, #stage-map-wrap[data-overflow],
 // #peer-rows tr[data-peer-id][data-stage][data-state] (td.c-link, td.c-mem only when a peer
-// reports them), #timeline li[data-kind][data-peer-id], #bytes-by-mode li[data-mode], and
-// window.__shoal = {status, conn, renders, lastRenderMs}.
+// reports them; a table of more than 300 rows has only those in view, between tr.spacer rows),
+// #stage-map .tile-more[data-more] (a stage with more peers than tiles), #timeline
+// li[data-kind][data-peer-id], #bytes-by-mode li[data-mode], and window.__shoal = {status, conn,
+// renders, lastRenderMs, firstRenderAt (ms after navigation), unchanged (documents received
+// identical to the one drawn, so not drawn again)}.
 //
 // Files: app.js (this: connection, drawing order), views.js (summary, stage map), timeline.js,
 // join.js (waiting for peers), scroll.js (sideways scrolling that shows), peers.js (peer table,
@@ -21,7 +24,7 @@
 
 import { Charts, renderBytesByMode } from "./charts.js";
 import { renderJoin } from "./join.js";
-import { renderPeerDetail, renderPeerTable, setupPeerTable } from "./peers.js";
+import { renderPeerDetail, renderPeerTable, revealPeer, setupPeerTable } from "./peers.js";
 import { fmtClock, fmtDuration, Rates, setData, setText, unknown } from "./util.js";
 import { renderTimeline } from "./timeline.js";
 import { renderStageMap, renderSummary } from "./views.js";
@@ -32,7 +35,14 @@ const LOST_MS = 6000; // no successful update for this long: the coordinator is 
 const FETCH_TIMEOUT_MS = 4000;
 
 const $ = (id) => document.getElementById(id);
-const shoal = (window.__shoal = { status: null, conn: "connecting", renders: 0, lastRenderMs: 0 });
+const shoal = (window.__shoal = {
+  status: null,
+  conn: "connecting",
+  renders: 0,
+  lastRenderMs: 0,
+  firstRenderAt: null,
+  unchanged: 0,
+});
 const rates = new Rates();
 let charts = null;
 let selected = null;
@@ -43,20 +53,7 @@ let selected = null;
 function select(peerId) {
   selected = peerId || null;
   if (shoal.status) draw(shoal.status, false);
-  if (selected) revealRow(selected);
-}
-
-/** Scroll the peer table (not the page) so that the peer's row shows below the sticky headers. */
-function revealRow(peerId) {
-  const wrap = $("peer-table-wrap");
-  const row = wrap.querySelector(`tr[data-peer-id="${CSS.escape(peerId)}"]`);
-  if (!row) return;
-  const w = wrap.getBoundingClientRect();
-  const r = row.getBoundingClientRect();
-  const group = wrap.querySelector("tr.group");
-  const top = w.top + wrap.querySelector("thead").offsetHeight + (group ? group.offsetHeight : 0);
-  if (r.top < top) wrap.scrollTop -= top - r.top;
-  else if (r.bottom > w.bottom) wrap.scrollTop += r.bottom - w.bottom;
+  if (selected) revealPeer(selected);
 }
 
 function draw(status, fresh = true) {
@@ -73,6 +70,7 @@ function draw(status, fresh = true) {
   updateTitle();
   shoal.lastRenderMs = performance.now() - t0;
   shoal.renders += 1;
+  if (shoal.renders === 1) shoal.firstRenderAt = performance.now(); // ms since navigation
   document.body.dataset.renders = String(shoal.renders);
 }
 
@@ -83,6 +81,20 @@ function updateTitle() {
   const stepText = unknown(step) ? "" : ` · step ${step}`;
   const title = `${shoal.conn === "lost" ? "⚠ " : ""}${run}${stepText} · Shoal`;
   if (document.title !== title) document.title = title;
+}
+
+/** A status document as received (JSON text): drawn unless it is the one drawn last. */
+function onStatusText(text, via) {
+  if (text === conn.lastText && shoal.status) {
+    // nothing changed (a quiet swarm, or the same document again): no parse, no redraw
+    conn.lastOk = Date.now();
+    conn.lastReceived = Date.now();
+    shoal.unchanged += 1;
+    setConn(via);
+    return;
+  }
+  onStatus(JSON.parse(text), via);
+  conn.lastText = text;
 }
 
 function onStatus(status, via) {
@@ -105,6 +117,7 @@ const conn = {
   polling: false,
   lostSince: null,
   lastReceived: 0,
+  lastText: null, // the JSON text of the document drawn last
 };
 
 function setConn(state) {
@@ -151,7 +164,7 @@ function startEvents() {
   const onData = (ev) => {
     try {
       conn.lastSse = Date.now();
-      onStatus(JSON.parse(ev.data), "live");
+      onStatusText(ev.data, "live");
     } catch (err) {
       console.warn("shoal: bad event from api/events", err);
     }
@@ -178,8 +191,8 @@ async function poll() {
   try {
     const resp = await fetch("api/status", { cache: "no-store", signal: ctl.signal });
     if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
-    const status = await resp.json();
-    onStatus(status, Date.now() - conn.lastSse < SSE_QUIET_MS ? "live" : "polling");
+    const text = await resp.text();
+    onStatusText(text, Date.now() - conn.lastSse < SSE_QUIET_MS ? "live" : "polling");
   } catch (err) {
     setConn("lost");
   } finally {

@@ -1,5 +1,10 @@
-// The peer table (sortable, filterable, grouped by stage; stays fast with hundreds of rows because
-// rows are reused by peer id) and the peer detail drawer.
+// The peer table (sortable, filterable, grouped by stage) and the peer detail drawer.
+//
+// Rows are reused by peer id, and sorting and filtering always run over every peer. Up to
+// FULL_ROWS rows are all in the DOM; beyond that (a swarm of thousands) only the rows in view, and
+// OVERSCAN more on each side, are: spacer rows (tr.spacer) above and below stand in for the rest,
+// so the scrollbar and the scroll position are those of the whole table, and scrolling draws the
+// rows that come into view. The stage group of the first row in view is drawn too (it sticks).
 
 import {
   departed,
@@ -144,21 +149,36 @@ const view = { sortKey: "stage", sortDir: 1, group: true, filter: "", state: "" 
 let lastArgs = null;
 let tableScroll = () => {};
 const ARROWS = { left: "←", right: "→", both: "← →" };
+const FULL_ROWS = 300; // tables up to this many rows (groups included) are drawn whole
+const OVERSCAN = 25; // rows drawn beyond each edge of the view of a longer table
+const COLLATOR = new Intl.Collator("en");
+// What the last render computed, for redrawing the rows in view on a scroll without sorting again:
+// items (group and peer rows, in order), their tops in px, cols and what each row needs.
+let model = null;
+let rowH = 24; // a peer row's height in px, measured once rows exist
+let groupH = 27; // a group row's height
+let scrollQueued = false;
 
-function compare(col, dir) {
-  return (a, b) => {
-    const va = col.sort(a);
-    const vb = col.sort(b);
-    if (unknown(va) !== unknown(vb)) return unknown(va) ? 1 : -1; // unknowns last, both ways
-    if (!unknown(va) && va !== vb) {
+const byId = (a, b) => (a.peer_id < b.peer_id ? -1 : a.peer_id > b.peer_id ? 1 : 0);
+
+/** Sort `peers` by `col` (unknowns last both ways, ties by peer id); each value computed once. */
+function sortPeers(peers, col, dir) {
+  const keyed = peers.map((p) => {
+    const v = col.sort(p);
+    return { p, v, u: unknown(v) };
+  });
+  keyed.sort((a, b) => {
+    if (a.u !== b.u) return a.u ? 1 : -1;
+    if (!a.u && a.v !== b.v) {
       const c =
-        typeof va === "number" && typeof vb === "number"
-          ? va - vb
-          : String(va).localeCompare(String(vb));
+        typeof a.v === "number" && typeof b.v === "number"
+          ? a.v - b.v
+          : COLLATOR.compare(String(a.v), String(b.v));
       if (c) return c * dir;
     }
-    return String(a.peer_id).localeCompare(String(b.peer_id));
-  };
+    return byId(a.p, b.p);
+  });
+  return keyed.map((k) => k.p);
 }
 
 function matches(p) {
@@ -190,6 +210,18 @@ export function setupPeerTable(onSelect) {
     view.group = ev.target.checked;
     rerender();
   });
+  $("peer-table-wrap").addEventListener(
+    "scroll",
+    () => {
+      if (!model || model.items.length <= FULL_ROWS || scrollQueued) return;
+      scrollQueued = true;
+      requestAnimationFrame(() => {
+        scrollQueued = false;
+        drawRows();
+      });
+    },
+    { passive: true },
+  );
   $("peer-rows").addEventListener("click", (ev) => {
     const row = ev.target.closest("tr[data-peer-id]");
     if (row) onSelect(row.dataset.peerId);
@@ -240,20 +272,22 @@ export function renderPeerTable(s, rates, selected) {
   const peers = s.peers ?? [];
   const shown = peers.filter(matches);
   const col = cols.find((c) => c.key === view.sortKey) ?? cols[1];
-  shown.sort(compare(col, view.sortDir));
-  let items = shown.map((p) => ({ p }));
+  const sorted = sortPeers(shown, col, view.sortDir);
+  let items = sorted.map((p) => ({ p }));
   if (view.group) {
     const groups = new Map();
-    for (const p of shown) {
+    for (const p of sorted) {
       const n = stageOf(p.stage);
       if (!groups.has(n)) groups.set(n, []);
       groups.get(n).push(p);
     }
     const order = [...groups.keys()].sort((a, b) => (a ?? 1e9) - (b ?? 1e9));
-    items = order.flatMap((n) => [
-      { group: n, peers: groups.get(n) },
-      ...groups.get(n).map((p) => ({ p })),
-    ]);
+    items = [];
+    for (const n of order) {
+      const at = items.length; // the group row's index, for its rows' `in`
+      items.push({ group: n, peers: groups.get(n) });
+      for (const p of groups.get(n)) items.push({ p, in: at });
+    }
   }
   setText(
     $("peer-count"),
@@ -265,19 +299,87 @@ export function renderPeerTable(s, rates, selected) {
     $("peer-empty"),
     peers.length ? (shown.length ? "" : "no peer matches the filter") : "no peers yet",
   );
+  model = { items, cols, colsKey, selected, tops: null };
+  drawRows();
+  tableScroll();
+}
 
+/** The tops (px, from the first row) of `items` and the whole height, for the current heights. */
+function layout(items) {
+  const tops = new Float64Array(items.length + 1);
+  for (let i = 0; i < items.length; i += 1) {
+    tops[i + 1] = tops[i] + ("group" in items[i] ? groupH : rowH);
+  }
+  return tops;
+}
+
+/** The first index whose row ends below `y` (binary search over tops). */
+function rowAt(tops, y) {
+  let lo = 0;
+  let hi = tops.length - 2;
+  while (lo < hi) {
+    const mid = (lo + hi) >> 1;
+    if (tops[mid + 1] <= y) lo = mid + 1;
+    else hi = mid;
+  }
+  return Math.max(0, lo);
+}
+
+/** Which items to draw: all of a short table, the ones in view (and around) of a long one. */
+function windowOf(m) {
+  const n = m.items.length;
+  if (n <= FULL_ROWS) return { start: 0, end: n, group: null };
+  m.tops ??= layout(m.items);
+  const wrap = $("peer-table-wrap");
+  const headH = $("peer-head").offsetHeight;
+  const y = Math.max(0, wrap.scrollTop - headH);
+  const first = rowAt(m.tops, y);
+  const last = rowAt(m.tops, y + wrap.clientHeight);
+  const start = Math.max(0, first - OVERSCAN);
+  const end = Math.min(n, last + 1 + OVERSCAN);
+  const it = m.items[start];
+  const group = it && "in" in it ? it.in : null; // the stage group of the first row drawn
+  return { start, end, group };
+}
+
+function spacer(key, px) {
+  return { spacer: key, px };
+}
+
+/** Draw the rows of the last render's model that belong on screen now. */
+function drawRows() {
+  const m = model;
+  if (!m) return;
+  const { items, cols, colsKey, selected } = m;
+  const { start, end, group } = windowOf(m);
+  let rows = items.slice(start, end);
+  if (items.length > FULL_ROWS) {
+    const above = m.tops[start] - (group === null ? 0 : groupH);
+    rows = [
+      spacer("top", above),
+      ...(group === null ? [] : [items[group]]),
+      ...rows,
+      spacer("bottom", m.tops[items.length] - m.tops[end]),
+    ];
+  }
   reconcile(
     $("peer-rows"),
-    items,
+    rows,
     // a row is rebuilt when the set of columns changes (an optional one appears or goes)
-    (it) => ("group" in it ? `g:${it.group}:${colsKey}` : `p:${it.p.peer_id}:${colsKey}`),
+    (it) =>
+      "spacer" in it
+        ? `s:${it.spacer}:${colsKey}`
+        : "group" in it
+          ? `g:${it.group}:${colsKey}`
+          : `p:${it.p.peer_id}:${colsKey}`,
     (it) => {
       const tr = el("tr");
-      if ("group" in it) {
-        tr.className = "group";
+      if ("spacer" in it || "group" in it) {
+        tr.className = "spacer" in it ? "spacer" : "group";
         const td = el("td");
         td.colSpan = cols.length;
         tr.append(td);
+        if ("spacer" in it) tr.setAttribute("aria-hidden", "true");
       } else {
         for (const c of cols) tr.append(el("td", c.num ? `num c-${c.key}` : `c-${c.key}`));
         tr.children[2].prepend(el("span", "dot"));
@@ -286,6 +388,11 @@ export function renderPeerTable(s, rates, selected) {
       return tr;
     },
     (tr, it) => {
+      if ("spacer" in it) {
+        const h = `${Math.max(0, it.px)}px`;
+        if (tr.firstChild.style.height !== h) tr.firstChild.style.height = h;
+        return;
+      }
       if ("group" in it) {
         const live = it.peers.filter((p) => !departed(p)).length;
         setData(tr, "groupStage", it.group);
@@ -311,7 +418,43 @@ export function renderPeerTable(s, rates, selected) {
       if (tr.firstChild.title !== p.peer_id) tr.firstChild.title = p.peer_id;
     },
   );
-  tableScroll();
+  if (items.length > FULL_ROWS) measure(m);
+}
+
+/** Learn the rows' real heights; when they differ from the guess, lay out and draw again. */
+function measure(m) {
+  const body = $("peer-rows");
+  const row = body.querySelector("tr[data-peer-id]");
+  const grp = body.querySelector("tr.group");
+  const r = row ? row.getBoundingClientRect().height : rowH;
+  const g = grp ? grp.getBoundingClientRect().height : groupH;
+  if (Math.abs(r - rowH) < 0.5 && Math.abs(g - groupH) < 0.5) return;
+  rowH = r || rowH;
+  groupH = g || groupH;
+  m.tops = null;
+  drawRows();
+}
+
+/** Scroll the peer table (not the page) so that the peer's row shows below the sticky headers,
+ * drawing it first when it is out of view in a long table. */
+export function revealPeer(peerId) {
+  const wrap = $("peer-table-wrap");
+  const find = () => wrap.querySelector(`tr[data-peer-id="${CSS.escape(peerId)}"]`);
+  if (!find() && model && model.items.length > FULL_ROWS) {
+    const i = model.items.findIndex((it) => it.p?.peer_id === peerId);
+    if (i < 0) return;
+    model.tops ??= layout(model.items);
+    wrap.scrollTop = model.tops[i] + $("peer-head").offsetHeight - wrap.clientHeight / 2;
+    drawRows();
+  }
+  const row = find();
+  if (!row) return;
+  const w = wrap.getBoundingClientRect();
+  const r = row.getBoundingClientRect();
+  const group = wrap.querySelector("tr.group");
+  const top = w.top + $("peer-head").offsetHeight + (group ? group.offsetHeight : 0);
+  if (r.top < top) wrap.scrollTop -= top - r.top;
+  else if (r.bottom > w.bottom) wrap.scrollTop += r.bottom - w.bottom;
 }
 
 // ---------------------------------------------------------------------------------------------

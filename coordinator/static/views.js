@@ -32,6 +32,13 @@ const REBUILD_LABEL = {
   copy: "bypassed · to copy",
 };
 const COMPACT_ABOVE = 12; // tiles per stage beyond which tiles become small squares
+// Tiles per stage at most: a stage of a thousand replicas would be a wall of squares taller than
+// the screen (and slow to draw). Beyond it the stage shows the selected peer, then the peers not
+// simply training (lost, joining, syncing, draining, rebuilt: what needs a look), then training
+// ones, then departed ones, in the usual order, and a "+N more" chip counts the rest by state; the
+// peer table lists every peer.
+export const TILE_CAP = 120;
+const TILE_RANK = { training: 2, left: 3 };
 // What a stage column shows (data-view): the coordinator's state, except "waiting" while no peer
 // has ever joined (nothing is wrong yet) and "rebuilding" while a pending rebuild has holders
 // that are not ready yet (a bypassed stage never says "ok").
@@ -107,6 +114,7 @@ export function renderSummary(s, rates) {
   const livePeers = unknown(totals.live_peers) ? live.length : totals.live_peers;
   const allPeers = unknown(totals.peers) ? peers.length : totals.peers;
   setText($("m-peers"), `${livePeers} / ${allPeers}`);
+  $("m-peers").classList.toggle("long", $("m-peers").textContent.length > 9);
   setText(
     $("m-peers-sub"),
     STATES.filter((k) => counts[k])
@@ -176,6 +184,25 @@ function stageColumns(s) {
     );
   }
   return [...cols.entries()].sort((a, b) => a[0] - b[0]).map(([n, col]) => ({ n, ...col }));
+}
+
+/** The peers a stage shows as tiles (at most TILE_CAP, see above) and the ones it does not. */
+function capTiles(peers, selected) {
+  if (peers.length <= TILE_CAP) return { tiles: peers, rest: [] };
+  const rank = (p) => (p.peer_id === selected ? 0 : (TILE_RANK[p.state] ?? 1));
+  const order = peers.map((p, i) => ({ i, r: rank(p) }));
+  order.sort((a, b) => a.r - b.r || a.i - b.i);
+  const keep = order.slice(0, TILE_CAP).map((x) => x.i);
+  keep.sort((a, b) => a - b);
+  const kept = new Set(keep);
+  return { tiles: keep.map((i) => peers[i]), rest: peers.filter((_, i) => !kept.has(i)) };
+}
+
+function moreText(rest) {
+  const counts = countStates(rest);
+  const by = STATES.filter((k) => counts[k]).map((k) => `${counts[k]} ${k}`);
+  const long = `${rest.length} more peers (${by.join(", ")}): all are in the peer table`;
+  return { short: `+${rest.length}`, long };
 }
 
 function tileTitle(p, rates) {
@@ -269,17 +296,28 @@ export function renderStageMap(s, rates, onSelect, selected = null) {
           .filter(Boolean)
           .join(" · "),
       );
+      const { tiles, rest } = capTiles(c.peers, selected);
+      const items = rest.length ? [...tiles, { more: rest }] : tiles;
       reconcile(
         col.children[3],
-        c.peers,
-        (p) => p.peer_id,
-        () => {
+        items,
+        (p) => ("more" in p ? "+more" : p.peer_id),
+        (p) => {
+          if ("more" in p) return el("span", "tile-more");
           const t = el("button", "tile");
           t.type = "button";
           t.append(el("span", "tile-id"), el("span", "tile-sub"));
           return t;
         },
         (t, p) => {
+          if ("more" in p) {
+            const text = moreText(p.more);
+            setData(t, "more", p.more.length);
+            setText(t, text.short);
+            if (t.title !== text.long) t.title = text.long;
+            t.setAttribute("aria-label", text.long);
+            return;
+          }
           setData(t, "peerId", p.peer_id);
           setData(t, "state", p.state);
           setData(t, "link", p.link);
