@@ -47,7 +47,7 @@ from peer import consistency, machine
 from peer.authz import attested_swarm_step
 from peer.consistency import READY_STATES
 from peer.metrics import PeerMetrics
-from peer.pipeline import wire
+from peer.pipeline import stalls, wire
 from peer.pipeline.data import CorpusError, data_fingerprint_for, load_corpus_for
 from peer.pipeline.driver import Driver
 from peer.pipeline.stage_host import StageHost
@@ -556,6 +556,7 @@ class PeerDaemon:
             loop.add_signal_handler(sig, lambda s=sig: asyncio.ensure_future(
                 self.drain(signal.Signals(s).name)))
         machine.dump_tasks_on_sigusr1(log)
+        stalls.WATCH.start()  # timeouts across a stop of this process are not the peers'
         await self.start()
         tasks = [self._heartbeats]
         watcher = SpotWatcher(self.args.spot_url, on_notice=self.drain)

@@ -48,7 +48,7 @@ import grpc
 import numpy as np
 import torch
 
-from peer.pipeline import wire
+from peer.pipeline import stalls, wire
 from peer.pipeline.context import DriverContext
 from peer.pipeline.data import inputs_targets, load_corpus_for, shard
 from peer.pipeline.deadline import MeasuredDeadline
@@ -56,7 +56,6 @@ from peer.pipeline.links import LinkEstimates
 from peer.pipeline.paths import ReplicaTiming
 from peer.pipeline.planner import plan_iteration
 from peer.pipeline.router import NoReplicaAvailable, RoundRobinRouter, Router
-from peer.pipeline.stalls import StallWatch
 from protocols import shoal_pb2 as pb
 from protocols import shoal_pb2_grpc as pbg
 from protocols.coordinator_client import READY_STATES
@@ -109,7 +108,7 @@ class Driver:
         self._answers = MeasuredDeadline()  # the wait for the block replicas' EndStep answers
         self.links = LinkEstimates()  # per replica: compute, latency, bandwidth (the plan's)
         self._late: set[asyncio.Future] = set()  # EndSteps answered after the step went on
-        self.stalls = StallWatch()  # spans this process was stopped (a timeout then is ours)
+        self.stalls = stalls.WATCH  # spans this process was stopped (a timeout then is ours)
 
     def stop(self) -> None:
         self._stop = True
@@ -132,13 +131,7 @@ class Driver:
     # ------------------------------------------------------------------ the loop
 
     async def run(self) -> None:
-        watch = asyncio.ensure_future(self.stalls.run())
-        try:
-            await self._loop()
-        finally:
-            watch.cancel()
-
-    async def _loop(self) -> None:
+        self.stalls.start()
         d = self.d
         spec = d.spec
         while not self._stop:

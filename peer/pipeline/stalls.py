@@ -5,7 +5,9 @@ the answer may have been waiting in the socket all along. `StallWatch` ticks on 
 a tick that comes much later than asked means the loop (the whole process, or blocking work
 on the loop) did not run in between, and that span is kept. The driver asks `stalled_during`
 before it holds a timeout against a replica (peer/pipeline/router.py: a timed-out replica is
-measured slower and gets one call at a time until it answers).
+measured slower and gets one call at a time until it answers), and a sync round's member before
+it gives up on an aggregator whose acknowledgement did not come (peer/sync/rounds.py: it would
+lead the round itself, alone, and diverge from the replicas that closed it).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class StallWatch:
         self.tick_s, self.stall_s, self._clock = tick_s, stall_s, clock
         self._stalls: deque[tuple[float, float]] = deque(maxlen=KEEP)
         self._asked_at: float | None = None  # when the tick now asleep began
+        self._task: asyncio.Task | None = None
 
     def note(self, asked_at: float, woke_at: float) -> None:
         """A sleep of `tick_s` from `asked_at` ended at `woke_at` (monotonic seconds)."""
@@ -48,3 +51,17 @@ class StallWatch:
             asked = self._asked_at = self._clock()
             await asyncio.sleep(self.tick_s)
             self.note(asked, self._clock())
+
+    def start(self) -> None:
+        """Tick on the running loop, unless already ticking there (asyncio.run cancels the task
+        with the loop's other tasks at its end)."""
+        loop = asyncio.get_running_loop()
+        task = self._task
+        if task is None or task.done() or task.get_loop() is not loop:
+            self._asked_at = None
+            self._task = loop.create_task(self.run(), name="stall-watch")
+
+
+#: this process's watch: started by the peer daemon (and a driver), read by the driver's hops
+#: and the sync rounds' acknowledgement wait
+WATCH = StallWatch()

@@ -63,7 +63,7 @@ import grpc
 import numpy as np
 
 from peer.consistency import leader_order, winning_hash
-from peer.pipeline import wire
+from peer.pipeline import stalls, wire
 from peer.pipeline.deadline import MeasuredDeadline
 from protocols import shoal_pb2 as pb
 
@@ -445,14 +445,21 @@ class SyncRounds:
 
 
     async def _acknowledged(self, call, cand: str) -> None:
+        """Wait for the aggregator's acknowledgement of the part, a measured deadline; once
+        more when this process was stopped meanwhile (peer/pipeline/stalls.py): the ack may
+        have been in the socket all along, and a member that gave up on its aggregator would
+        lead the round alone and diverge from the replicas that closed it."""
         sent = time.monotonic()
         wait = self.ack_deadline.seconds(self.call_timeout_s)
-        try:
-            metadata = await asyncio.wait_for(call.initial_metadata(), wait)
-        except TimeoutError:
+        head = asyncio.ensure_future(call.initial_metadata())
+        done, _ = await asyncio.wait({head}, timeout=wait)
+        if not done and stalls.WATCH.stalled_during(sent, time.monotonic()) > 0.0:
+            done, _ = await asyncio.wait({head}, timeout=wait)
+        if not done:
+            head.cancel()
             call.cancel()
-            raise TimeoutError(f"{cand[:8]} did not acknowledge the part within {wait:.1f} s"
-                               ) from None
+            raise TimeoutError(f"{cand[:8]} did not acknowledge the part within {wait:.1f} s")
+        metadata = head.result()
         if any(k == ACK_KEY for k, _ in (metadata or ())):
             self.ack_deadline.complete(time.monotonic() - sent)
 

@@ -207,6 +207,48 @@ def test_an_acknowledgement_is_measured_and_its_absence_is_not() -> None:
     asyncio.run(scenario())
 
 
+def test_an_acknowledgement_that_came_while_this_process_was_stopped_is_waited_for_again(
+        monkeypatch) -> None:
+    """The member was stopped (SIGSTOP) while its part waited for the aggregator's ack: when it
+    runs again the ack deadline has passed, but the ack may be in the socket. It waits once more
+    instead of leading the round alone; with no stop, the same late ack fails over."""
+    from peer.pipeline import deadline, stalls
+    from peer.sync.rounds import ACK_KEY
+
+    class Call:
+        def __init__(self, after_s: float) -> None:
+            self.after_s, self.cancelled = after_s, False
+
+        async def initial_metadata(self):
+            await asyncio.sleep(self.after_s)
+            return ((ACK_KEY, "1"),)
+
+        def cancel(self) -> None:
+            self.cancelled = True
+
+    class Stopped:
+        def __init__(self, seconds: float) -> None:
+            self.seconds = seconds
+
+        def stalled_during(self, t0: float, t1: float) -> float:
+            return self.seconds
+
+    async def scenario(stopped_s: float) -> Call:
+        a = rounds("a", timeout=60.0)
+        for _ in range(deadline.WARMUP):
+            a.ack_deadline.complete(0.01)
+        monkeypatch.setattr(stalls, "WATCH", Stopped(stopped_s))
+        call = Call(after_s=1.5 * a.ack_deadline.seconds(60.0))
+        try:
+            await a._acknowledged(call, "b")
+        except TimeoutError:
+            call.cancelled = True
+        return call
+
+    assert not asyncio.run(scenario(stopped_s=5.0)).cancelled
+    assert asyncio.run(scenario(stopped_s=0.0)).cancelled
+
+
 def test_aggregator_does_not_wait_for_a_replica_whose_port_refuses() -> None:
     """b was killed: the view lists it until its lease lapses, but its address refuses every
     connection, so a closes the round without it instead of waiting out its deadline (60 s
