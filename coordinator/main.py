@@ -73,6 +73,7 @@ KEY_FILE = "coordinator.key"
 DEFAULT_TOKEN_FILE = "join.token"
 TICK_S = 1.0
 MAX_REQUEST_BYTES = 1 << 20  # nothing a peer sends the coordinator is near this
+MAX_PENDING_CALLS = 100_000  # calls grpc core queues before the handlers take them
 DEFAULT_JOIN_NONCE_CAPACITY = 100_000  # Joins by non-members remembered for replay protection
 
 
@@ -307,6 +308,13 @@ async def serve(config: str | Path | RunSpec | None = None, port: int = 7000,
                            max_stranger_nonces=join_nonce_capacity)
     options = [o for o in grpc_options(64 << 20) if o[0] != "grpc.max_receive_message_length"]
     options.append(("grpc.max_receive_message_length", MAX_REQUEST_BYTES))
+    # grpc core cancels calls that wait for the application beyond 1000 (randomly, "random
+    # early detection") and 3000 (all): in a join storm, or a few thousand peers' heartbeats
+    # arriving together, calls were CANCELLED before any handler saw them (the cliff at 1200
+    # peers, issue #19). The coordinator sheds load itself (coordinator/pacing.py: the pace,
+    # the Join gate), so let calls queue instead.
+    options += [("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+                ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS)]
     server = grpc.aio.server(interceptors=[auth], options=options)
     svc.add_to_server(server)
     checkpoints.install(server, spec, membership)  # durable checkpoints (docs/checkpoints.md)

@@ -95,7 +95,6 @@ class Member:
     pending_action: str = ""  # "" | "move": delivered with the next heartbeat reply
     beat_tokens: float = -1.0  # heartbeat rate limit (service.py); < 0 until the first beat
     beat_at: float = 0.0
-    view_at: float = 0.0  # when it was last sent the swarm view (service.py; not persisted)
     # reachability (coordinator/reach.py; not persisted: a restarted coordinator checks again)
     reach: str = ""  # "" not checked yet | "direct" | "relayed" | "unreachable"
     relay: bool = False  # offers to relay for unreachable peers (shoal peer --relay)

@@ -20,13 +20,16 @@ tick feeds in (`observe`: process CPU seconds and heartbeats handled since the l
 exponential average over samples of at least `MIN_SAMPLE_BEATS` beats, clamped to a sane range.
 Process CPU includes joins, views and the dashboard: a busy coordinator paces its peers slower.
 
-Views: a heartbeat whose peer knows an old epoch carries the whole swarm view, so while the
-epoch moves (joins, state and reach changes) view bytes grow with N² (every peer, a view of N
-members, every beat). `view_interval_s` bounds that: a peer gets a view in a heartbeat reply at
-most every `live * view_bytes / view_bytes_per_s` seconds (capped at MAX_VIEW_INTERVAL_S), so
-the views all peers pull by heartbeat stay under VIEW_BYTES_PER_S; small swarms are not limited.
-A peer that needs a fresher view asks for it (GetSwarmView). Views by epoch deltas, which would
-remove the N² term, are issue #19's remaining part.
+Views: a Join reply, and a heartbeat reply to a peer that knows an old epoch, carry the whole
+swarm view, so while the epoch moves (joins, state and reach changes) view bytes grow with N²
+(every peer, a view of N members). At 5000 peers a view is ~650 kB and a join storm alone would
+push gigabytes: the Join replies queued behind one another, members' leases lapsed before their
+first beat got through, and they joined again (measured: 13,843 joins of 5000 peers in a
+minute, 61 heartbeats). `ViewBudget` bounds it: in a swarm of more than `min_paced_peers`, the
+views sent with Join and Heartbeat replies together stay under VIEW_BYTES_PER_S (a token
+bucket); a reply that finds the bucket empty goes without, and the peer gets the view with a
+later heartbeat (its known epoch stays old) or asks for it (GetSwarmView). Small swarms are not
+limited. Views by epoch deltas, which would remove the N² term, are issue #19's remaining part.
 
 Hysteresis: the period rises as soon as the swarm needs it, and falls only when a period at most
 `FALL_BELOW` of the current one would do, so a swarm near a boundary does not flap.
@@ -47,7 +50,6 @@ EWMA = 0.3  # weight of a new sample
 FALL_BELOW = 0.8
 STEPS_PER_PERIOD = 4  # quantization: multiples of heartbeat_s / 4
 VIEW_BYTES_PER_S = 20e6  # swarm views sent in heartbeat replies, all peers together
-MAX_VIEW_INTERVAL_S = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,13 +111,6 @@ class Pacer:
         factor = min(factor, self.max_heartbeat_s / base)
         return Pace(base * factor, self.spec.lease_s * factor)
 
-    def view_interval_s(self, live: int, view_bytes: int) -> float:
-        """The least time between two views sent to one peer in heartbeat replies (0: no
-        limit, small swarms)."""
-        if live <= self.min_paced_peers or view_bytes <= 0:
-            return 0.0
-        return min(MAX_VIEW_INTERVAL_S, live * view_bytes / VIEW_BYTES_PER_S)
-
     def update(self, live: int) -> Pace:
         """Recompute the current pace for `live` members (rises at once, falls with
         hysteresis) and return it."""
@@ -126,12 +121,42 @@ class Pacer:
         return self.pace
 
 
+class ViewBudget:
+    """A token bucket of swarm-view bytes per second, for large swarms (see the module
+    docstring). It holds one second's worth, or one view if a view is bigger than that."""
+
+    def __init__(self, bytes_per_s: float = VIEW_BYTES_PER_S,
+                 min_peers: int = MIN_PACED_PEERS) -> None:
+        self.bytes_per_s = bytes_per_s
+        self.min_peers = min_peers
+        self.tokens = bytes_per_s
+        self.at: float | None = None
+        self.withheld = 0  # views not sent for want of budget (for the tests and the bench)
+
+    def take(self, n_bytes: int, now: float, live: int) -> bool:
+        """Whether a view of `n_bytes` may go out now (`now`: a monotonic clock)."""
+        if live <= self.min_peers:
+            return True
+        cap = max(self.bytes_per_s, float(n_bytes))
+        if self.at is not None:
+            self.tokens = min(cap, self.tokens + max(0.0, now - self.at) * self.bytes_per_s)
+        self.at = now
+        if self.tokens >= n_bytes:
+            self.tokens -= n_bytes
+            return True
+        self.withheld += 1
+        return False
+
+
 # ---------------------------------------------------------------------- join admission
 
 MAX_JOINS_IN_FLIGHT = 64  # Joins admitted and not answered yet (waiting for the journal)
 JOIN_LAG_LIMIT_S = 0.5  # the event loop this late: new Joins are turned away
-JOIN_RATE_START = 100.0  # Joins/s assumed until a back-pressured second measures it
-JOIN_RATE_FLOOR = 10.0
+JOIN_CPU_BUDGET = 0.5  # of one core, for Joins
+JOIN_RATE_START = 100.0  # Joins/s (5 ms each) until measured
+JOIN_COST_RANGE_S = (0.0005, 0.05)  # so the rate stays within 10..1000 Joins/s
+JOIN_BURST_S = 0.5
+MIN_SAMPLE_JOINS = 20
 RETRY_AFTER_RANGE_S = (0.2, 60.0)
 STORM_GRACE_S = 10.0  # how long after the last Join turned away the coordinator counts as busy
 
@@ -140,14 +165,16 @@ class JoinGate:
     """Admission with back-pressure for Join storms (a coordinator restart in front of a large
     swarm: every peer re-joins at once).
 
-    A Join is turned away (RESOURCE_EXHAUSTED with a retry-after, coordinator/service.py) while
-    `max_in_flight` admitted Joins are still unanswered or the event loop runs more than
-    `lag_limit_s` late, once the swarm has more than `min_peers` live members (small swarms never
-    meet it). Turned-away joiners are handed out retry slots `1 / rate` apart, `rate` being the
-    Joins per second the coordinator managed in the last second it was turning some away (an
-    exponential average; JOIN_RATE_START until measured), so a storm of N joiners comes back
+    Once the swarm has more than `min_peers` live members (small swarms never meet it), a Join
+    is turned away (RESOURCE_EXHAUSTED with a retry-after, coordinator/service.py) while
+    `max_in_flight` admitted Joins are still unanswered, while the event loop runs more than
+    `lag_limit_s` late, or beyond `rate` Joins per second (a token bucket holding JOIN_BURST_S
+    of them). `rate` keeps Joins under JOIN_CPU_BUDGET of a core at the CPU a Join costs, as
+    `observe` measures it (JOIN_RATE_START until then). The rate limit matters most: grpc core
+    queues calls before any handler sees them, so a storm shows neither as loop lag nor as
+    Joins in flight, only as every call (heartbeats too) waiting behind thousands of Joins.
+    Turned-away joiners get retry slots `1 / rate` apart, so a storm of N joiners comes back
     spread over about N / rate seconds instead of all at once; the client adds its own jitter.
-    Heartbeats of joined members are never turned away by this: the gate keeps their latency.
     While it turns Joins away (and STORM_GRACE_S after), the coordinator knows it is behind, so
     it expires no lease that lapsed less than one lease ago (service.py): in a storm a member's
     silence is the coordinator's own queue more often than a dead peer.
@@ -160,35 +187,42 @@ class JoinGate:
         self.lag_limit_s = lag_limit_s
         self.min_peers = min_peers
         self.rate = rate
+        self.cost_s = JOIN_CPU_BUDGET / rate
         self.in_flight = 0
         self.turned_away = 0  # total, for /metrics and the tests
-        self._next_slot = 0.0
         self.busy_until = 0.0  # monotonic: a Join turned away then, plus STORM_GRACE_S
-        self._admitted_window = 0
-        self._turned_window = 0
+        self._tokens = max(1.0, rate * JOIN_BURST_S)
+        self._at: float | None = None
+        self._next_slot = 0.0
 
     def admit(self, now: float, live: int, lag_s: float) -> float | None:
         """None: admitted (call `done` when answered); otherwise the seconds to wait before
-        retrying."""
-        if live > self.min_peers and (self.in_flight >= self.max_in_flight
-                                      or lag_s > self.lag_limit_s):
-            self.turned_away += 1
-            self.busy_until = now + STORM_GRACE_S
-            self._turned_window += 1
-            self._next_slot = max(self._next_slot, now) + 1.0 / self.rate
-            lo, hi = RETRY_AFTER_RANGE_S
-            return min(hi, max(lo, self._next_slot - now))
+        retrying. `now`: a monotonic clock."""
+        if live > self.min_peers:
+            if self._at is not None:
+                self._tokens = min(max(1.0, self.rate * JOIN_BURST_S),
+                                   self._tokens + max(0.0, now - self._at) * self.rate)
+            self._at = now
+            if self.in_flight >= self.max_in_flight or lag_s > self.lag_limit_s or \
+                    self._tokens < 1.0:
+                self.turned_away += 1
+                self.busy_until = now + STORM_GRACE_S
+                self._next_slot = max(self._next_slot, now) + 1.0 / self.rate
+                lo, hi = RETRY_AFTER_RANGE_S
+                return min(hi, max(lo, self._next_slot - now))
+            self._tokens -= 1.0
         self.in_flight += 1
         return None
 
-    def done(self, joined: bool) -> None:
-        """An admitted Join was answered (`joined`: it succeeded)."""
+    def done(self) -> None:
+        """An admitted Join was answered."""
         self.in_flight = max(0, self.in_flight - 1)
-        self._admitted_window += joined
 
-    def tick(self, seconds: float) -> None:
-        """Once a second: learn the Join rate the coordinator sustains under back-pressure."""
-        if self._turned_window and self._admitted_window and seconds > 0:
-            sample = max(JOIN_RATE_FLOOR, self._admitted_window / seconds)
-            self.rate += EWMA * (sample - self.rate)
-        self._admitted_window = self._turned_window = 0
+    def observe(self, cpu_s: float, joins: int) -> None:
+        """A measurement: `cpu_s` CPU seconds went to `joins` Joins (service.py: the process's
+        CPU in a second with Joins, less its heartbeats' share). Sets `rate`."""
+        if joins < MIN_SAMPLE_JOINS or not cpu_s >= 0 or not math.isfinite(cpu_s):
+            return
+        lo, hi = JOIN_COST_RANGE_S
+        self.cost_s += EWMA * (min(hi, max(lo, cpu_s / joins)) - self.cost_s)
+        self.rate = JOIN_CPU_BUDGET / self.cost_s

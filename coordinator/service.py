@@ -59,7 +59,7 @@ from coordinator.messages import (
     member_to_wire,
     stats_from_wire,
 )
-from coordinator.pacing import JoinGate, Pacer
+from coordinator.pacing import JoinGate, Pacer, ViewBudget
 from coordinator.placement import TooSmall
 from coordinator.reach import Reachability, observed_address
 from coordinator.store import Batch, Journal, StoreError
@@ -151,8 +151,8 @@ class CoordinatorService:
         # the period and lease told to peers (coordinator/pacing.py), and Join back-pressure
         self.pacer = Pacer(ms.heartbeat_s, ms.lease_s)
         self.join_gate = JoinGate()
-        self.view_interval_s = 0.0  # least time between views to one peer (Pacer, in tick)
-        self._cpu_mark = (time.process_time(), 0, 0, time.monotonic())  # cpu, beats, joins, t
+        self.view_budget = ViewBudget()  # view bytes per second sent in large swarms
+        self._cpu_mark = (time.process_time(), 0, 0)  # cpu, heartbeats, joins
         # reachability (coordinator/reach.py): the dial-back, and the relays on offer
         self.reach = Reachability(identity, membership, ca=lambda: self.ca,
                                   tls=lambda: self.tls, clock=clock,
@@ -186,13 +186,10 @@ class CoordinatorService:
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"the coordinator is busy admitting other peers; retry in {wait_s:.1f} s",
                 trailing_metadata=((RETRY_AFTER_KEY, str(max(1, round(wait_s * 1000)))),))
-        joined = False
         try:
-            reply = await self._join(request, context, now)
-            joined = True
-            return reply
+            return await self._join(request, context, now)
         finally:
-            self.join_gate.done(joined)
+            self.join_gate.done()
 
     async def _join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext,
                     now: float) -> bytes:
@@ -253,7 +250,6 @@ class CoordinatorService:
         # an observer that joins as a member (a peer reads the spec first) is one no longer:
         # its Leave must end the membership (see Leave)
         self.observers.pop(peer_id, None)
-        member.view_at = now  # the reply carries the view
         cert = self._issue(member, now)
         await self._commit(context)
         self.reach.check(member, now)  # dials back later, off this call
@@ -264,7 +260,11 @@ class CoordinatorService:
             run_spec_toml=self.spec_toml, stage=member.stage, epoch=self.membership.epoch,
             lease_seconds=pace.lease_s, heartbeat_interval=pace.heartbeat_s,
             swarm_id=self.swarm_id, address=address, **tls_fields)
-        return reply.SerializeToString() + self.view(now).join_field
+        view = self.view(now)
+        if not self.view_budget.take(len(view.join_field), time.monotonic(),
+                                     self.membership.live_count()):
+            return reply.SerializeToString()  # no view: the peer's heartbeats will get one
+        return reply.SerializeToString() + view.join_field
 
     def _check_data(self, fingerprint: str) -> None:
         """DataMismatch when a joining peer's data fingerprint (peer/pipeline/data.py) differs
@@ -367,12 +367,11 @@ class CoordinatorService:
         if cert is not None and cert.not_after - now < self.cert_ttl_s / 3:
             reply.renewed.CopyFrom(self._issue(member, now))
         out = reply.SerializeToString()
-        if request.known_epoch != self.membership.epoch and \
-                now - member.view_at >= self.view_interval_s:
+        if request.known_epoch != self.membership.epoch:
             view = self.view(now)
-            if view.epoch != request.known_epoch:
+            if view.epoch != request.known_epoch and self.view_budget.take(
+                    len(view.heartbeat_field), time.monotonic(), self.membership.live_count()):
                 out += view.heartbeat_field
-                member.view_at = now
         if self.membership.epoch != epoch_before and self.journal is not None:
             self.journal.request()  # a state change: persist soon, but do not wait for it
         self.heartbeat_seconds.observe(time.perf_counter() - t0)
@@ -530,20 +529,20 @@ class CoordinatorService:
 
     def _pace(self) -> None:
         """Feed the pacer this process's CPU per heartbeat since the last tick (a second
-        without Joins only: a join storm's CPU is not the cost of a beat), and the Join gate
-        the seconds elapsed; recompute the pace for the live swarm."""
+        without Joins only: a join storm's CPU is not the cost of a beat), or the Join gate
+        what the Joins cost; recompute the pace for the live swarm."""
         c = self.membership.counters
-        cpu, beats, joins, t = (time.process_time(), c["heartbeats"], c["joins"] + c["rejoins"],
-                                time.monotonic())
-        cpu0, beats0, joins0, t0 = self._cpu_mark
-        self._cpu_mark = (cpu, beats, joins, t)
+        cpu, beats, joins = time.process_time(), c["heartbeats"], c["joins"] + c["rejoins"]
+        cpu0, beats0, joins0 = self._cpu_mark
+        self._cpu_mark = (cpu, beats, joins)
         if joins == joins0:
             self.pacer.observe(cpu - cpu0, beats - beats0)
+        else:  # what the beats did not take went to the Joins (and the turned-away ones)
+            self.join_gate.observe(max(0.0, cpu - cpu0 - (beats - beats0) * self.pacer.cost_s),
+                                   joins - joins0)
         live = self.membership.live_count()
         self.pacer.update(live)
-        self.join_gate.tick(t - t0)
-        self.view_interval_s = self.pacer.view_interval_s(
-            live, len(self._view.raw) if self._view is not None else 0)
+
 
     def view(self, now: float, max_age_s: float = VIEW_MIN_INTERVAL_S,
              stats_max_age_s: float = math.inf) -> ViewSnapshot:

@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from coordinator.main import serve
-from coordinator.pacing import JoinGate
+from coordinator.pacing import JoinGate, ViewBudget
 from protocols import shoal_pb2 as pb
 from protocols.coordinator_client import (
     Benchmark,
@@ -192,7 +192,7 @@ def test_retry_after_parsing() -> None:
                              (("retry-after-ms", "250"),))) is None
 
 
-def test_views_by_heartbeat_are_rationed_per_peer(tmp_path: Path) -> None:
+def test_views_are_withheld_when_the_view_budget_is_spent(tmp_path: Path) -> None:
     async def scenario() -> None:
         handle = await _start(tmp_path)
         svc = handle.service
@@ -201,18 +201,22 @@ def test_views_by_heartbeat_are_rationed_per_peer(tmp_path: Path) -> None:
                                          handle.token) as a, \
                     CoordinatorClient(handle.grpc_address, Identity.generate(),
                                       handle.token) as b:
-                await a.join(BENCH, "127.0.0.1:9")
-                svc.view_interval_s = 3600.0  # as in a huge swarm
-                await b.join(BENCH, "127.0.0.1:10")  # the epoch moves: a's view is stale
-                a.known_epoch = 0
+                joined = await a.join(BENCH, "127.0.0.1:9")
+                assert joined.view_proto.epoch > 0  # a small swarm: the view comes with Join
+                svc.view_budget = ViewBudget(bytes_per_s=1.0, min_peers=0)  # as if huge
+                svc.view_budget.tokens = 0.0
+                joined = await b.join(BENCH, "127.0.0.1:10")
+                assert len(joined.view_proto.peers) == 0 and b.known_epoch == 0
+                a.known_epoch = 0  # a's epoch is stale
                 res = await a.heartbeat(PeerStats(state="training"))
-                assert res.view_proto is None  # a got its view at join, too recently
+                assert res.view_proto is None
+                assert svc.view_budget.withheld == 2
                 await asyncio.sleep(0.1)  # GetSwarmView serves a view up to 50 ms old
-                assert (await a.view()).epoch == svc.membership.epoch  # asked: answered
-                svc.view_interval_s = 0.0  # a small swarm: every stale beat gets one
+                assert (await b.view()).epoch == svc.membership.epoch  # asked: answered
+                svc.view_budget = ViewBudget()  # budget again: the stale peer gets one
                 a.known_epoch = 0
                 res = await a.heartbeat(PeerStats(state="training"))
-                assert res.view_proto is not None
+                assert res.view_proto is not None and len(res.view_proto.peers) == 2
         finally:
             await handle.stop()
 

@@ -92,11 +92,10 @@ def test_gate_turns_away_beyond_in_flight_and_spreads_retries() -> None:
     # slots 1 / rate apart, the first no sooner than the floor
     assert waits == pytest.approx([max(RETRY_AFTER_RANGE_S[0], 0.1 * (i + 1)) for i in range(5)])
     assert gate.turned_away == 5
-    gate.done(True)
+    gate.done()
     assert gate.admit(100.0, 1000, 0.0) is None  # room again
-    # once the slots are in the past, the queue starts afresh
-    gate.done(True)
-    gate.done(True)
+    gate.done()
+    gate.done()
     assert gate.in_flight == 0
 
 
@@ -106,32 +105,47 @@ def test_gate_turns_away_while_the_loop_lags() -> None:
     assert gate.admit(0.0, 1000, lag_s=0.1) is None
 
 
-def test_gate_learns_its_rate_only_under_back_pressure() -> None:
-    gate = JoinGate(max_in_flight=1, rate=100.0, min_peers=0)
-    for _ in range(5):  # no one turned away: the rate says nothing about capacity
-        gate.admit(0.0, 1000, 0.0)
-        gate.done(True)
-    gate.tick(1.0)
+def test_gate_admits_at_most_its_rate() -> None:
+    gate = JoinGate(rate=100.0, min_peers=0, max_in_flight=10**6)
+    admitted = 0
+    for k in range(1000):  # 1000 Joins over 2 s, all answered at once
+        if gate.admit(k * 0.002, 1000, 0.0) is None:
+            admitted += 1
+            gate.done()
+    assert 150 <= admitted <= 2 * 100 + 100 * 0.5 + 1  # two seconds at the rate, plus a burst
+    assert gate.turned_away == 1000 - admitted
+
+
+def test_gate_rate_follows_the_measured_cost_of_a_join() -> None:
+    from coordinator.pacing import JOIN_CPU_BUDGET, MIN_SAMPLE_JOINS
+
+    gate = JoinGate(rate=100.0)
+    gate.observe(1.0, MIN_SAMPLE_JOINS - 1)  # too few to say
     assert gate.rate == 100.0
-    for _ in range(20):
-        assert gate.admit(0.0, 1000, 0.0) is None
-        assert gate.admit(0.0, 1000, 0.0) is not None  # turned away while one is in flight
-        gate.done(True)
-    gate.tick(1.0)
-    assert 20.0 < gate.rate < 100.0
-    long_wait = gate.admit(0.0, 1000, 9.0)
-    assert long_wait is not None and long_wait <= RETRY_AFTER_RANGE_S[1]
+    for _ in range(60):
+        gate.observe(0.002 * 200, 200)  # 2 ms a Join
+    assert gate.rate == pytest.approx(JOIN_CPU_BUDGET / 0.002, rel=1e-3)
+    gate.observe(math.nan, 200)
+    assert gate.rate == pytest.approx(JOIN_CPU_BUDGET / 0.002, rel=1e-3)
+    for _ in range(60):
+        gate.observe(10.0 * 200, 200)  # absurd: clamped
+    assert gate.rate >= 10.0
 
 
-def test_view_interval_bounds_view_bytes_in_large_swarms_only() -> None:
-    from coordinator.pacing import MAX_VIEW_INTERVAL_S, VIEW_BYTES_PER_S
+def test_view_budget_bounds_view_bytes_in_large_swarms_only() -> None:
+    from coordinator.pacing import ViewBudget
 
-    pacer = Pacer(1.0, 5.0)
-    assert pacer.view_interval_s(MIN_PACED_PEERS, 10**9) == 0.0  # small: every stale beat
-    assert pacer.view_interval_s(5000, 0) == 0.0
-    interval = pacer.view_interval_s(1000, 200_000)
-    assert 1000 * 200_000 / interval == pytest.approx(VIEW_BYTES_PER_S)  # bytes/s at budget
-    assert pacer.view_interval_s(10**6, 10**9) == MAX_VIEW_INTERVAL_S
+    budget = ViewBudget(bytes_per_s=1000.0, min_peers=10)
+    assert all(budget.take(10**6, 0.0, 10) for _ in range(5))  # small swarm: never limited
+    assert budget.take(600, 0.0, 1000)
+    assert not budget.take(600, 0.1, 1000)  # 400 + 100 left: withheld
+    assert budget.withheld == 1
+    assert budget.take(600, 0.3, 1000)  # refilled at 1000 bytes/s
+    sent = sum(budget.take(100, 0.3 + k / 100, 1000) * 100 for k in range(1000))
+    assert sent <= 1000 * 10 + 1000  # ten seconds at the rate, plus the bucket
+    big = ViewBudget(bytes_per_s=1000.0, min_peers=0)  # a view bigger than a second's worth
+    assert not big.take(5000, 0.0, 1)  # waits until the bucket holds a whole one
+    assert big.take(5000, 4.0, 1)
 
 
 def test_gate_counts_as_busy_for_a_while_after_turning_a_join_away() -> None:
