@@ -224,13 +224,21 @@ class StatusCache:
 
 
 def accepts_gzip(request: web.Request) -> bool:
-    """True when the client's Accept-Encoding lists gzip (and does not refuse it with q=0)."""
+    """True when the client's Accept-Encoding takes gzip: listed (or `*`) without q=0, gzip's own
+    entry deciding over `*`'s."""
+    q: dict[str, float] = {}
     for item in request.headers.get("Accept-Encoding", "").split(","):
-        name, _, params = item.strip().partition(";")
-        if name.strip().lower() in ("gzip", "*"):
-            q = params.strip().lower().replace(" ", "")
-            return q not in ("q=0", "q=0.0", "q=0.00", "q=0.000")
-    return False
+        name, *params = (x.strip() for x in item.split(";"))
+        weight = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    weight = float(value)
+                except ValueError:
+                    weight = 0.0
+        q[name.lower()] = weight
+    return q.get("gzip", q.get("*", 0.0)) > 0
 
 
 def _is_loopback(remote: str | None) -> bool:

@@ -56,6 +56,7 @@ def test_status_is_gzipped_when_asked_and_plain_otherwise(coord: CoordinatorProc
 @pytest.mark.parametrize("header, ok", [
     ("gzip", True), ("GZIP", True), ("deflate, gzip;q=0.5", True), ("*", True),
     ("", False), ("br", False), ("gzip;q=0", False), ("identity, gzip; q=0.0", False),
+    ("*;q=0, gzip", True), ("*, gzip;q=0", False), ("gzip;q=x", False),
 ])
 def test_accept_encoding_is_read_as_browsers_send_it(header: str, ok: bool) -> None:
     req = make_mocked_request("GET", "/api/status", headers={"Accept-Encoding": header})
