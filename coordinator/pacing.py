@@ -49,7 +49,7 @@ COST_RANGE_S = (0.0001, 0.02)
 EWMA = 0.3  # weight of a new sample
 FALL_BELOW = 0.8
 STEPS_PER_PERIOD = 4  # quantization: multiples of heartbeat_s / 4
-VIEW_BYTES_PER_S = 20e6  # swarm views sent in heartbeat replies, all peers together
+VIEW_BYTES_PER_S = 5e6  # swarm views sent with Join and Heartbeat replies, all peers together
 
 
 @dataclass(frozen=True, slots=True)

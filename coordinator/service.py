@@ -11,6 +11,14 @@ came from and answers the result in JoinReply.address; after a join, and after a
 heartbeat announces, the member is dialled back off the calling path, and every heartbeat reply
 carries its reach (and, when unreachable, the relay to attach to).
 
+Load (issue #19, coordinator/pacing.py): every JoinReply and HeartbeatReply tells the peer the
+heartbeat period and lease to use, the run spec's in swarms of up to 64 peers and slower ones in
+larger swarms, so that heartbeats take about half a core at their measured cost; each member's
+lease is the one it was told. Joins are admitted at a rate (and with at most 64 in flight, and
+not while the event loop lags); the others get RESOURCE_EXHAUSTED with `retry-after-ms`, which
+CoordinatorClient.join honours. Views sent with replies in large swarms stay under a byte
+budget. While Joins are being turned away, leases get one lease of grace.
+
 Cost model (the budget is 1000 peers at 1 Hz, p99 < 50 ms on 2 cores): a heartbeat is one dict
 lookup, a stats check and an O(1) update; it writes nothing to disk (the journal saves leases and
 stats every few seconds) and carries the swarm view only when the peer's known epoch is stale.

@@ -331,7 +331,7 @@ async def _main(args: argparse.Namespace) -> None:
     swarm = SimSwarm(args.coordinator, token, args.peers, heartbeat_s=args.heartbeat,
                      seed=args.seed, port_base=args.port_base)
     t0 = time.time()
-    await swarm.join_all(args.concurrency)
+    await swarm.join_all(args.concurrency, join_retry_s=args.join_retry)
     print(f"joined {len(swarm.peers)} in {time.time() - t0:.1f} s", flush=True)
     tune_interpreter()  # the same GIL and GC settings as the coordinator process
     lags: list[tuple[float, float]] = []
@@ -387,6 +387,8 @@ def main() -> None:
                     help="seconds between heartbeats (default: the run spec's)")
     ap.add_argument("--concurrency", type=int, default=32,
                     help="joins in flight (0: every peer at once, a join storm)")
+    ap.add_argument("--join-retry", type=float, default=300.0,
+                    help="seconds a peer keeps trying to join (CoordinatorClient.join's retry_s)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--port-base", type=int, default=20_000)
     ap.add_argument("--out", required=True)
