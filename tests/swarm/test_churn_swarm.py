@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 
 import pytest
 
@@ -51,9 +52,12 @@ def test_a_frozen_replica_catches_up_by_replay_without_a_download(swarm_factory,
     victim, log = swarm.peers[i], swarm.logs / f"peer{i}.log"
     frozen_at = step_of(swarm)
     os.kill(victim.pid, signal.SIGSTOP)
+    stopped_at = time.monotonic()
     try:  # each of these rounds waits out the sync timeout for the frozen replica
         wait_for("3 steps without the frozen replica", lambda: step_of(swarm) >= frozen_at + 3,
                  120, swarm)
+        # and longer than the sync timeout (the case): 3 steps can pass in less
+        time.sleep(max(0.0, stopped_at + 1.5 * spec.sync.timeout_s - time.monotonic()))
     finally:
         # read while it is stopped: thawed, it logs its catch-up within milliseconds
         seen = len(log.read_text(errors="replace"))
