@@ -4,6 +4,7 @@ coordinator on 127.0.0.1 (coordinator.main.serve) with real CoordinatorClients."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import grpc
@@ -43,33 +44,37 @@ class Refusing(JoinGate):
         return super().admit(now, live, lag_s)
 
 
-async def _start(tmp_path: Path):
-    return await serve(SPEC, 0, 0, tmp_path / "state", None, None, False, "127.0.0.1")
+@contextlib.asynccontextmanager
+async def coordinator(tmp_path: Path):
+    """An in-process coordinator on 127.0.0.1 for the block, stopped after it."""
+    handle = await serve(SPEC, 0, 0, tmp_path / "state", None, None, False, "127.0.0.1")
+    try:
+        yield handle
+    finally:
+        await handle.stop()
+
+
+def client_of(handle) -> CoordinatorClient:
+    """A new peer's client (its own key) of `handle`'s coordinator."""
+    return CoordinatorClient(handle.grpc_address, Identity.generate(), handle.token)
 
 
 def test_small_swarm_is_told_the_spec_pace(tmp_path: Path) -> None:
     async def scenario() -> None:
-        handle = await _start(tmp_path)
-        try:
-            async with CoordinatorClient(handle.grpc_address, Identity.generate(),
-                                         handle.token) as client:
-                joined = await client.join(BENCH, "127.0.0.1:9")
-                assert (joined.heartbeat_s, joined.lease_s) == (0.5, 3.0)
-                await client.heartbeat(PeerStats(state="training"))
-                assert (client.heartbeat_s, client.lease_s) == (0.5, 3.0)
-        finally:
-            await handle.stop()
+        async with coordinator(tmp_path) as handle, client_of(handle) as client:
+            joined = await client.join(BENCH, "127.0.0.1:9")
+            assert (joined.heartbeat_s, joined.lease_s) == (0.5, 3.0)
+            await client.heartbeat(PeerStats(state="training"))
+            assert (client.heartbeat_s, client.lease_s) == (0.5, 3.0)
 
     asyncio.run(scenario())
 
 
 def test_a_slower_pace_is_told_and_the_lease_follows_it(tmp_path: Path) -> None:
     async def scenario() -> None:
-        handle = await _start(tmp_path)
-        svc = handle.service
-        try:
-            async with CoordinatorClient(handle.grpc_address, Identity.generate(),
-                                         handle.token) as client:
+        async with coordinator(tmp_path) as handle:
+            svc = handle.service
+            async with client_of(handle) as client:
                 await client.join(BENCH, "127.0.0.1:9")
                 # as if the swarm were large: a cost of 0.5 s per beat allows 1 beat/s
                 svc.pacer.min_paced_peers = 0
@@ -89,8 +94,6 @@ def test_a_slower_pace_is_told_and_the_lease_follows_it(tmp_path: Path) -> None:
                 assert svc.membership.is_member(client.identity.peer_id)
                 svc.membership.sweep(member.last_seen + 6.5)
                 assert not svc.membership.is_member(client.identity.peer_id)
-        finally:
-            await handle.stop()
 
     asyncio.run(scenario())
 
@@ -98,11 +101,9 @@ def test_a_slower_pace_is_told_and_the_lease_follows_it(tmp_path: Path) -> None:
 def test_run_heartbeats_beats_at_the_told_period(tmp_path: Path) -> None:
     """The client's loop waits `heartbeat_s` as last told: counted in beats, not timed."""
     async def scenario() -> None:
-        handle = await _start(tmp_path)
-        svc = handle.service
-        try:
-            async with CoordinatorClient(handle.grpc_address, Identity.generate(),
-                                         handle.token) as client:
+        async with coordinator(tmp_path) as handle:
+            svc = handle.service
+            async with client_of(handle) as client:
                 await client.join(BENCH, "127.0.0.1:9")
                 svc.pacer.min_paced_peers = 0
                 svc.pacer.cost_s = 50.0  # 0.01 beat/s allowed: told the cap, 60 s
@@ -116,8 +117,6 @@ def test_run_heartbeats_beats_at_the_told_period(tmp_path: Path) -> None:
                 await task
                 assert client.heartbeat_s == 60.0
                 assert len(replies) == 1
-        finally:
-            await handle.stop()
 
     asyncio.run(scenario())
 
@@ -125,12 +124,10 @@ def test_run_heartbeats_beats_at_the_told_period(tmp_path: Path) -> None:
 def test_join_turned_away_carries_retry_after_and_the_client_honours_it(
         tmp_path: Path) -> None:
     async def scenario() -> None:
-        handle = await _start(tmp_path)
-        svc = handle.service
-        try:
+        async with coordinator(tmp_path) as handle:
+            svc = handle.service
             svc.join_gate = gate = Refusing(3)
-            async with CoordinatorClient(handle.grpc_address, Identity.generate(),
-                                         handle.token) as client:
+            async with client_of(handle) as client:
                 joined = await client.join(BENCH, "127.0.0.1:9", retry_s=60.0)
                 assert joined.stage >= 0
                 assert gate.asked == 4 and gate.turned_away == 3
@@ -138,8 +135,7 @@ def test_join_turned_away_carries_retry_after_and_the_client_honours_it(
                 assert gate.in_flight == 0  # the admitted Join was counted out
             # what the wire says: RESOURCE_EXHAUSTED with retry-after-ms trailing metadata
             svc.join_gate = Refusing(1, wait_s=1.5)
-            async with CoordinatorClient(handle.grpc_address, Identity.generate(),
-                                         handle.token) as raw:
+            async with client_of(handle) as raw:
                 stub = await raw._stub_async()
                 with pytest.raises(grpc.aio.AioRpcError) as info:
                     await stub.Join(pb.JoinRequest(public_key=raw.identity.public_key),
@@ -147,31 +143,24 @@ def test_join_turned_away_carries_retry_after_and_the_client_honours_it(
                 assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 assert ("retry-after-ms", "1500") in tuple(info.value.trailing_metadata())
                 assert retry_after_s(info.value) == 1.5
-        finally:
-            await handle.stop()
 
     asyncio.run(scenario())
 
 
 def test_join_keeps_trying_until_its_deadline_then_says_why(tmp_path: Path) -> None:
     async def scenario() -> None:
-        handle = await _start(tmp_path)
-        svc = handle.service
-        try:
+        async with coordinator(tmp_path) as handle:
+            svc = handle.service
             svc.join_gate = gate = Refusing(10_000, wait_s=0.2)
-            async with CoordinatorClient(handle.grpc_address, Identity.generate(),
-                                         handle.token) as client:
+            async with client_of(handle) as client:
                 with pytest.raises(CoordinatorUnavailable, match="too busy to admit Join"):
                     await client.join(BENCH, "127.0.0.1:9", retry_s=1.5)
                 assert gate.turned_away >= 3  # it kept asking, it did not give up at once
                 assert not svc.membership.is_member(client.identity.peer_id)
             # and the coordinator still serves: the gate lets the next one in
             svc.join_gate = JoinGate()
-            async with CoordinatorClient(handle.grpc_address, Identity.generate(),
-                                         handle.token) as client:
+            async with client_of(handle) as client:
                 await client.join(BENCH, "127.0.0.1:9")
-        finally:
-            await handle.stop()
 
     asyncio.run(scenario())
 
@@ -194,13 +183,10 @@ def test_retry_after_parsing() -> None:
 
 def test_views_are_withheld_when_the_view_budget_is_spent(tmp_path: Path) -> None:
     async def scenario() -> None:
-        handle = await _start(tmp_path)
-        svc = handle.service
-        try:
-            async with CoordinatorClient(handle.grpc_address, Identity.generate(),
-                                         handle.token) as a, \
-                    CoordinatorClient(handle.grpc_address, Identity.generate(),
-                                      handle.token) as b:
+        async with coordinator(tmp_path) as handle:
+            svc = handle.service
+            async with client_of(handle) as a, \
+                    client_of(handle) as b:
                 joined = await a.join(BENCH, "127.0.0.1:9")
                 assert joined.view_proto.epoch > 0  # a small swarm: the view comes with Join
                 svc.view_budget = ViewBudget(bytes_per_s=1.0, min_peers=0)  # as if huge
@@ -217,7 +203,5 @@ def test_views_are_withheld_when_the_view_budget_is_spent(tmp_path: Path) -> Non
                 a.known_epoch = 0
                 res = await a.heartbeat(PeerStats(state="training"))
                 assert res.view_proto is not None and len(res.view_proto.peers) == 2
-        finally:
-            await handle.stop()
 
     asyncio.run(scenario())
