@@ -36,6 +36,8 @@ from typing import Any
 
 from aiohttp import web
 
+from coordinator.http import GZIP_LEVEL, accepts_gzip
+
 STATIC_DIR = Path(__file__).resolve().parents[1] / "coordinator" / "static"
 DEVICES = ("cuda:0 (A10G)", "cuda:0 (T4)", "cpu (8 cores)", "mps (M2)", "cuda:0 (L4)")
 COORDINATOR = "198.18.0.10:7000"
@@ -262,7 +264,7 @@ class _Served:
     def gzipped(self) -> bytes:
         """The same, gzipped (what the coordinator sends a client that accepts gzip)."""
         if self._gzipped is None:
-            self._gzipped = gzip.compress(self.text().encode(), 1)
+            self._gzipped = gzip.compress(self.text().encode(), GZIP_LEVEL)
         return self._gzipped
 
     async def wait_change(self) -> None:
@@ -280,7 +282,7 @@ def build_app(status: Status, interval: float = 1.0, animate: bool = False) -> w
 
     async def api_status(request: web.Request) -> web.Response:
         headers = {"Cache-Control": "no-store", "Vary": "Accept-Encoding"}
-        if "gzip" in request.headers.get("Accept-Encoding", "").lower():
+        if accepts_gzip(request):
             return web.Response(body=served.gzipped(), content_type="application/json",
                                 headers={**headers, "Content-Encoding": "gzip"})
         return web.Response(text=served.text(), content_type="application/json",
