@@ -14,11 +14,13 @@ class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FP16: _ClassVar[Encoding]
     BF16: _ClassVar[Encoding]
     INT8_BLOCKWISE: _ClassVar[Encoding]
+    FP8_E4M3: _ClassVar[Encoding]
 ENCODING_UNSPECIFIED: Encoding
 RAW: Encoding
 FP16: Encoding
 BF16: Encoding
 INT8_BLOCKWISE: Encoding
+FP8_E4M3: Encoding
 
 class Certificate(_message.Message):
     __slots__ = ("peer_public_key", "peer_id", "swarm_id", "not_before", "not_after", "role", "serial")
