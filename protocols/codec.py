@@ -8,7 +8,7 @@ is SHA-256-based but not one flat SHA-256: it is the SHA-256 over the SHA-256 of
 of the payload, with the length bound in (defined exactly in protocols.digest), so that
 receivers can hash a bulk payload on several threads while it arrives.
 
-Encodings (one `Codec` subclass each: `RAW`, `FP16`, `BF16`, `INT8_BLOCKWISE`) live in
+Encodings (one `Codec` subclass each: `RAW`, `FP16`, `BF16`, `INT8_BLOCKWISE`, `FP8_E4M3`) live in
 protocols.encodings, with the table of what each carries and the `CodecError` hierarchy; this
 module re-exports all of it, so `from protocols.codec import X` works for every name there.
 
@@ -37,6 +37,7 @@ import numpy as np
 from protocols import shoal_pb2 as pb
 from protocols.digest import payload_digest
 from protocols.encodings import (
+    BLOCKED,
     CODECS,
     DEFAULT_BLOCK_SIZE,
     DTYPES,
@@ -46,6 +47,7 @@ from protocols.encodings import (
     CodecError,
     DigestMismatch,
     Encoding,
+    Fp8E4M3Codec,
     Fp16Codec,
     Int8BlockwiseCodec,
     MislabeledPayload,
@@ -62,16 +64,17 @@ from protocols.encodings import (
 )
 
 __all__ = [
-    "CODECS", "DEFAULT_BLOCK_SIZE", "DTYPES", "FLOAT_LABELS", "MAX_BLOCK_SIZE", "MAX_ELEMENTS",
+    "BLOCKED", "CODECS", "DEFAULT_BLOCK_SIZE", "DTYPES", "FLOAT_LABELS", "MAX_BLOCK_SIZE",
+    "MAX_ELEMENTS",
     "MAX_NDIM", "Bf16Codec", "Codec", "CodecError", "DigestMismatch", "Encoded", "Encoding",
-    "FiniteScan", "Fp16Codec",
+    "FiniteScan", "Fp8E4M3Codec", "Fp16Codec",
     "Int8BlockwiseCodec", "Limits", "MislabeledPayload", "NonFinite", "OversizedPayload",
     "RawCodec", "Shape", "TruncatedPayload", "UnexpectedTensor", "UnsupportedEncoding",
     "bf16_bits_to_float32", "check_header", "decode", "encode", "fill_header",
     "float32_to_bf16_bits",
 ]
 
-MAX_BLOCK_SIZE = 1 << 16  # INT8_BLOCKWISE blocks: 1..this, and never longer than the tensor
+MAX_BLOCK_SIZE = 1 << 16  # BLOCKED encodings' blocks: 1..this, never longer than the tensor
 MAX_NDIM = 32
 MAX_ELEMENTS = 1 << 48  # no tensor extent beyond this, whatever a receiver's byte limit says
 
@@ -131,7 +134,7 @@ def encode(arrays: Mapping[str, np.ndarray], encoding: Encoding | Mapping[str, E
         # block either way), so receivers can refuse blocks longer than the tensor
         tensors.append(pb.TensorHeader(
             name=name, dtype=label, shape=array.shape, encoding=enc, payload_bytes=data.nbytes,
-            block_size=min(block_size, max(1, array.size)) if enc == pb.INT8_BLOCKWISE else 0))
+            block_size=min(block_size, max(1, array.size)) if enc in BLOCKED else 0))
     payload = b"".join(parts)
     return Encoded(tensors, payload, payload_digest(payload))
 
@@ -216,7 +219,7 @@ def _check_header(header: pb.CallHeader, limits: Limits) -> None:
             raise OversizedPayload(f"{where}: shape {_shape_text(t.shape)} is larger than this "
                                    f"receiver accepts ({limits.max_total_bytes} bytes)")
         numel = math.prod(t.shape)
-        if t.encoding == pb.INT8_BLOCKWISE:
+        if t.encoding in BLOCKED:
             top = min(MAX_BLOCK_SIZE, max(numel, 1))
             if not 1 <= t.block_size <= top:
                 raise MislabeledPayload(f"{where}: block_size {t.block_size} not in 1..{top} "

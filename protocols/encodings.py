@@ -10,6 +10,7 @@ headers and payloads from these and validates what arrives; it re-exports every 
 | `FP16`           | float32/64/16, bf16 | IEEE half (numpy's round-to-nearest-even)             |
 | `BF16`           | float32/64/16, bf16 | upper 16 bits of fp32, round-to-nearest-even (ints)   |
 | `INT8_BLOCKWISE` | float32/64/16, bf16 | an fp32 absmax scale per block, then an int8 per value |
+| `FP8_E4M3`       | float32/64/16, bf16 | an fp32 absmax scale per block, then an fp8 e4m3 byte  |
 
 numpy has no bfloat16: a bf16 tensor is stored as `np.uint16` bit patterns with the dtype label
 "bfloat16"; `float32_to_bf16_bits` and `bf16_bits_to_float32` convert with integer ops.
@@ -27,7 +28,7 @@ import numpy as np
 
 from protocols import shoal_pb2 as pb
 
-Encoding = int  # a protocols.shoal_pb2.Encoding value: RAW, FP16, BF16, INT8_BLOCKWISE
+Encoding = int  # a protocols.shoal_pb2.Encoding value: RAW, FP16, BF16, INT8_BLOCKWISE, FP8_E4M3
 Shape = tuple[int, ...]
 
 DEFAULT_BLOCK_SIZE = 64
@@ -199,17 +200,23 @@ class Bf16Codec(_TwoBytes):
         return bits if label == "bfloat16" else _from_float32(bf16_bits_to_float32(bits), label)
 
 
-class Int8BlockwiseCodec(Codec):
-    """Absmax int8 per block (SWARM-style 8-bit activations): scales first, then the values.
+class _ScaledBlocks(Codec):
+    """A float32 absmax scale per block of `block_size` values, then one byte per value: the
+    layout INT8_BLOCKWISE and FP8_E4M3 share. Subclasses map a block scaled into
+    [-LIMIT, LIMIT] to bytes and back."""
 
-    A value x in a block with absmax s is sent as q = round(127 x / s); the receiver rebuilds
-    q s / 127, so |error| <= s / 254 per value. NaN/Inf would poison a scale: `encode` refuses.
-    """
-
-    encoding = pb.INT8_BLOCKWISE
+    LIMIT: float
 
     def payload_bytes(self, label: str, numel: int, block_size: int) -> int:
         return 4 * math.ceil(numel / block_size) + numel
+
+    @abstractmethod
+    def _to_bytes(self, scaled: np.ndarray) -> np.ndarray:
+        """float32 values in [-LIMIT, LIMIT] -> one uint8/int8 each."""
+
+    @abstractmethod
+    def _from_bytes(self, q: np.ndarray) -> np.ndarray:
+        """The bytes back to float32 values in [-LIMIT, LIMIT]."""
 
     def encode(self, array: np.ndarray, label: str, block_size: int) -> np.ndarray:
         flat = _as_float32(array, label).reshape(-1)
@@ -217,9 +224,11 @@ class Int8BlockwiseCodec(Codec):
         blocks = np.pad(flat, (0, -n % block_size)).reshape(-1, block_size)
         absmax = np.abs(blocks).max(axis=1) if n else np.zeros(0, np.float32)
         if not np.isfinite(absmax).all():
-            raise NonFinite("INT8_BLOCKWISE cannot encode NaN/Inf")
-        inv = np.divide(127.0, absmax, out=np.zeros_like(absmax), where=absmax > 0)
-        q = np.clip(np.rint(blocks * inv[:, None]), -127, 127).astype(np.int8).reshape(-1)[:n]
+            raise NonFinite(f"{pb.Encoding.Name(self.encoding)} cannot encode NaN/Inf")
+        inv = np.divide(np.float32(self.LIMIT), absmax, out=np.zeros_like(absmax),
+                        where=absmax > 0)
+        scaled = np.clip(blocks * inv[:, None], -self.LIMIT, self.LIMIT).reshape(-1)[:n]
+        q = self._to_bytes(scaled.astype(np.float32, copy=False))
         return np.concatenate([absmax.astype("<f4").view(np.uint8), q.view(np.uint8)])
 
     def decode(self, buf: memoryview, label: str, shape: Shape, block_size: int) -> np.ndarray:
@@ -227,27 +236,94 @@ class Int8BlockwiseCodec(Codec):
         # is rebuilt on its own instead of padding the values up to a whole block.
         n = math.prod(shape)
         nblocks = -(-n // block_size)
+        name = pb.Encoding.Name(self.encoding)
         if len(buf) != 4 * nblocks + n:
-            raise MislabeledPayload(f"INT8_BLOCKWISE {list(shape)} in blocks of {block_size} "
+            raise MislabeledPayload(f"{name} {list(shape)} in blocks of {block_size} "
                                     f"needs {4 * nblocks + n} bytes, got {len(buf)}")
         scales = _frombuffer(buf[: 4 * nblocks], np.dtype("<f4"))
         if not np.isfinite(scales).all():
-            raise NonFinite("an INT8_BLOCKWISE block scale is NaN/Inf")
-        q = np.frombuffer(buf[4 * nblocks:], np.int8)
-        step = scales / np.float32(127.0)
+            raise NonFinite(f"a {name} block scale is NaN/Inf")
+        unit = self._from_bytes(np.frombuffer(buf[4 * nblocks:], np.uint8))
+        step = scales / np.float32(self.LIMIT)
         values = np.empty(n, np.float32)
         whole = n // block_size
         head = whole * block_size
         if whole:
-            np.multiply(q[:head].reshape(whole, block_size), step[:whole, None],
+            np.multiply(unit[:head].reshape(whole, block_size), step[:whole, None],
                         out=values[:head].reshape(whole, block_size))
         if head < n:
-            np.multiply(q[head:], step[whole], out=values[head:])
+            np.multiply(unit[head:], step[whole], out=values[head:])
         return _from_float32(values, label).reshape(shape)
 
 
+class Int8BlockwiseCodec(_ScaledBlocks):
+    """Absmax int8 per block (SWARM-style 8-bit activations): scales first, then the values.
+
+    A value x in a block with absmax s is sent as q = round(127 x / s); the receiver rebuilds
+    q s / 127, so |error| <= s / 254 per value. NaN/Inf would poison a scale: `encode` refuses.
+    """
+
+    encoding = pb.INT8_BLOCKWISE
+    LIMIT = 127.0
+
+    def _to_bytes(self, scaled: np.ndarray) -> np.ndarray:
+        return np.rint(scaled).astype(np.int8)
+
+    def _from_bytes(self, q: np.ndarray) -> np.ndarray:
+        return q.view(np.int8)
+
+
+def _e4m3_values() -> np.ndarray:
+    """The float32 value of every fp8 e4m3fn code 0..255 (0x7F and 0xFF, the NaNs, as NaN).
+
+    Layout: sign, 4 exponent bits (bias 7), 3 mantissa bits; exponent field 0 is subnormal
+    (m * 2^-9); no infinities, so the largest finite value is 0x7E = 1.75 * 2^8 = 448.
+    """
+    code = np.arange(128)
+    exp, mant = code >> 3, code & 7
+    magnitude = np.where(exp == 0, mant * 2.0 ** -9, (1 + mant / 8) * 2.0 ** (exp - 7))
+    magnitude[0x7F] = np.nan
+    return np.concatenate([magnitude, -magnitude]).astype(np.float32)
+
+
+class Fp8E4M3Codec(_ScaledBlocks):
+    """fp8 e4m3 per value with an fp32 absmax scale per block (scaled fp8, as FP8 training
+    recipes send activations): a block with absmax s is scaled so that s maps to 448, the
+    largest e4m3 value, and each value is rounded to the nearest e4m3 (ties to even), the
+    rounding torch's `float8_e4m3fn` cast makes.
+
+    Against INT8_BLOCKWISE at the same size: 3 mantissa bits give a relative error <= 1/16 at
+    every magnitude above 2^-6 of the block's absmax, where int8's absolute error s/254 is
+    large for the small values of a block with an outlier. Encoding is numpy only (protocols
+    runs without torch): the exponent comes from frexp, the quantum is 2^(e-3), and the code
+    of k quanta at exponent e is 8e + 48 + k, which also covers subnormals (e = -6) and k = 16
+    rolling over into the next exponent.
+    """
+
+    encoding = pb.FP8_E4M3
+    LIMIT = 448.0
+    _VALUES = _e4m3_values()
+
+    def _to_bytes(self, scaled: np.ndarray) -> np.ndarray:
+        magnitude = np.abs(scaled)
+        _, exp2 = np.frexp(magnitude)  # magnitude = m * 2^exp2, m in [0.5, 1)
+        e = np.where(magnitude > 0, np.maximum(exp2 - 1, -6), -6)  # frexp(0) gives 0, not -inf
+        k = np.rint(np.ldexp(magnitude, 3 - e))  # quanta of 2^(e-3): 0..16, ties to even
+        code = (8 * e + 48 + k).astype(np.uint8)
+        return code | (np.signbit(scaled).astype(np.uint8) << 7)
+
+    def _from_bytes(self, q: np.ndarray) -> np.ndarray:
+        if np.count_nonzero((q & 0x7F) == 0x7F):
+            raise NonFinite("an FP8_E4M3 value is NaN (code 0x7F/0xFF)")
+        return self._VALUES[q]
+
+
+# encodings with a scale per block: their TensorHeader carries block_size (1..the tensor's length)
+BLOCKED = frozenset({pb.INT8_BLOCKWISE, pb.FP8_E4M3})
+
 CODECS: dict[int, Codec] = {
-    c.encoding: c for c in (RawCodec(), Fp16Codec(), Bf16Codec(), Int8BlockwiseCodec())
+    c.encoding: c
+    for c in (RawCodec(), Fp16Codec(), Bf16Codec(), Int8BlockwiseCodec(), Fp8E4M3Codec())
 }
 
 

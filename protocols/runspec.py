@@ -23,7 +23,7 @@ import tomli_w
 SYNC_MODES = ("allreduce", "demo", "diloco", "spsa")
 #: the modes whose steps the coordinator closes in its SPSA ledger (coordinator/ledger.py)
 LEDGER_MODES = frozenset({"spsa"})
-ACTIVATION_ENCODINGS = ("fp32", "bf16", "int8")
+ACTIVATION_ENCODINGS = ("fp32", "bf16", "int8", "fp8")
 PRECISIONS = ("auto", "fp32", "bf16")  # pipeline.precision: the compute dtype of a stage's passes
 AGGREGATORS = ("mean", "clipped_mean", "trimmed_mean")
 SCHEDULE_DECAYS = ("constant", "cosine", "linear")  # optim/schedule.py
@@ -60,7 +60,7 @@ class PipelineSection:
     skip_ratio: float = 0.0
     microbatch: int = 8
     target_batch: int = 32  # samples per optimizer step, swarm-wide
-    activations: str = "bf16"  # fp32 | bf16 | int8 (blockwise)
+    activations: str = "bf16"  # fp32 | bf16 | int8 | fp8 (e4m3); int8 and fp8 scale per block
     full_depth_every: int = 10
     checkfree_plus: bool = False
     # auto: bf16 autocast on CUDA, fp32 elsewhere; fp32: never; bf16: autocast on any device

@@ -27,6 +27,7 @@ ACTIVATION_ENCODINGS = {
     "fp32": pb.RAW,
     "bf16": pb.BF16,
     "int8": pb.INT8_BLOCKWISE,
+    "fp8": pb.FP8_E4M3,
 }
 CHUNK_BYTES = 2 * 1024 * 1024
 

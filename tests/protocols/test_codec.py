@@ -23,7 +23,7 @@ from protocols.codec import (
 )
 
 RNG = np.random.default_rng(7)
-LOSSY = [pb.FP16, pb.BF16, pb.INT8_BLOCKWISE]
+LOSSY = [pb.FP16, pb.BF16, pb.INT8_BLOCKWISE, pb.FP8_E4M3]
 SHAPES = [(), (0,), (5,), (3, 70), (2, 3, 4, 5)]
 
 
@@ -81,10 +81,60 @@ def test_lossy_roundtrip_within_bound(label: str, encoding: int, shape: tuple[in
         rounding = {"bfloat16": 2.0**-8, "float16": 2.0**-11}.get(label, 0.0)  # of the target
         assert np.all(np.abs(x - y) <= bound * 1.001 + np.abs(x) * rounding + 1e-6)
         assert encoded.total_bytes == x.size + 4 * -(-x.size // 16)
+    elif encoding == pb.FP8_E4M3:
+        # 3 mantissa bits: half a quantum is 2^-4 of the value; below 2^-6 of the block's scaled
+        # range the quantum is fixed (subnormals): absmax * 2^-9 / 448, half of it at most
+        flat = np.pad(np.abs(x).reshape(-1), (0, -x.size % 16)).reshape(-1, 16)
+        floor = np.repeat(flat.max(axis=1) * 2.0**-10 / 448, 16)[: x.size].reshape(shape)
+        rounding = {"bfloat16": 2.0**-8, "float16": 2.0**-11}.get(label, 0.0)
+        assert np.all(np.abs(x - y) <= np.abs(x) * (2.0**-4 + rounding) * 1.001 + floor + 1e-9)
+        assert encoded.total_bytes == x.size + 4 * -(-x.size // 16)
     else:
         rel = 2.0**-11 if encoding == pb.FP16 else 2.0**-8
         np.testing.assert_allclose(y, x, rtol=rel, atol=1e-7)
         assert encoded.total_bytes == 2 * x.size
+
+
+def test_fp8_codes_are_torchs_float8_e4m3fn_cast() -> None:
+    torch = pytest.importorskip("torch")
+    values = np.concatenate([
+        RNG.standard_t(2, 50_000) * 10.0 ** RNG.integers(-8, 8, 50_000),
+        [0.0, -0.0, 1e-30, -1e-30, 448.0, -448.0, 3.0, 2.0**-9, 2.0**-10, 3 * 2.0**-10],
+    ]).astype(np.float32)
+    encoded = codec.encode({"v": values}, pb.FP8_E4M3, block_size=64)
+    nblocks = -(-values.size // 64)
+    codes = np.frombuffer(encoded.payload[4 * nblocks:], np.uint8)
+    blocks = torch.from_numpy(np.pad(values, (0, -values.size % 64)).reshape(-1, 64))
+    absmax = blocks.abs().amax(dim=1, keepdim=True)
+    inv = torch.where(absmax > 0, torch.tensor(448.0) / absmax, torch.zeros_like(absmax))
+    cast = (blocks * inv).clamp(-448, 448).to(torch.float8_e4m3fn)
+    expect = cast.view(torch.uint8).reshape(-1)[: values.size].numpy()
+    np.testing.assert_array_equal(codes, expect)
+    # and decoding is torch's widening of those codes times the block's step
+    out = codec.decode(codec.fill_header(pb.CallHeader(), encoded), encoded.payload, Limits())
+    widened = (cast.float() / torch.where(absmax > 0, inv, torch.ones_like(inv)))
+    np.testing.assert_allclose(out["v"], widened.reshape(-1)[: values.size].numpy(),
+                               rtol=1e-6, atol=0)
+
+
+def test_fp8_nan_codes_and_bad_scales_are_refused() -> None:
+    x = RNG.standard_normal(100).astype(np.float32)
+    encoded = codec.encode({"x": x}, pb.FP8_E4M3, block_size=50)
+    for at, byte in ((8 + 17, 0x7F), (8 + 99, 0xFF)):
+        payload = bytearray(encoded.payload)
+        payload[at] = byte
+        header = codec.fill_header(pb.CallHeader(), encoded)
+        header.sha256 = spec_digest(bytes(payload))
+        with pytest.raises(NonFinite, match="FP8_E4M3 value is NaN"):
+            codec.decode(header, bytes(payload), Limits())
+    payload = bytearray(encoded.payload)
+    payload[0:4] = np.float32(np.inf).tobytes()
+    header = codec.fill_header(pb.CallHeader(), encoded)
+    header.sha256 = spec_digest(bytes(payload))
+    with pytest.raises(NonFinite, match="FP8_E4M3 block scale"):
+        codec.decode(header, bytes(payload), Limits())
+    with pytest.raises(NonFinite, match="'x'"):
+        codec.encode({"x": np.array([1.0, np.inf], np.float32)}, pb.FP8_E4M3)
 
 
 def test_lossy_encodings_refuse_integers() -> None:
@@ -287,7 +337,7 @@ def test_encoder_never_writes_a_block_longer_than_the_tensor() -> None:
 
 @pytest.mark.parametrize("shape", [[0, 2**62, 2**62], [2**62, 2**62, 0], [2**31, 2**31],
                                    [0, 2**40], [2**63 - 1]])
-@pytest.mark.parametrize("encoding", [pb.RAW, pb.INT8_BLOCKWISE])
+@pytest.mark.parametrize("encoding", [pb.RAW, pb.INT8_BLOCKWISE, pb.FP8_E4M3])
 def test_huge_shapes_refused_before_any_multiplication_overflows(shape, encoding) -> None:
     header = pb.CallHeader(total_bytes=0, sha256=spec_digest(b""))
     header.tensors.add(name="x", dtype="float32", shape=shape, encoding=encoding,
