@@ -3,10 +3,14 @@ trained, and DDP rows counted only for steps every rank has logged."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
-from bench.wan import WireMeter, crossing, ddp_rows
+import pytest
+
+from bench.wan import WireMeter, crossing, ddp_rows, parse_sets, spec_for
+from protocols.runspec import RunSpecError
 
 
 def test_bytes_per_step_spans_the_readings_after_the_first_step() -> None:
@@ -44,3 +48,17 @@ def test_crossing_uses_the_mean_over_ranks_smoothed() -> None:
             for loss in pair]
     # means by step 4.0, 2.5, 2.5, 2.0: smoothed 3.0 at step 3, 2.33 at step 4
     assert crossing(rows, 2.8) == (14.0 - 10.0, 4, 2.0)  # from the first step's start
+
+
+def test_set_overrides_reach_every_shoal_mode_and_bad_ones_are_refused() -> None:
+    sets = parse_sets(["pipeline.activations=fp8", "sync.timeout_s=25"])
+    assert sets == {"pipeline.activations": "fp8", "sync.timeout_s": 25}
+    for mode in ("allreduce", "demo", "diloco"):
+        spec = spec_for(mode, 10, sets)
+        assert spec.pipeline.activations == "fp8" and spec.sync.timeout_s == 25
+        assert spec.sync.mode == mode and spec.model.d_model == 192
+    assert spec_for("demo", 10).pipeline.activations == "bf16"  # no --set: the spec's default
+    with pytest.raises(argparse.ArgumentTypeError, match="key=value"):
+        parse_sets(["pipeline.activations"])
+    with pytest.raises(RunSpecError, match=r"pipeline\.activations must be one of"):
+        spec_for("demo", 10, parse_sets(["pipeline.activations=fp9"]))
