@@ -6,7 +6,9 @@ payload_bytes, block_size; `total_bytes`; `sha256`, the payload digest) and then
 payload: the tensors' encoded bytes concatenated in header order, with no padding. The digest
 is SHA-256-based but not one flat SHA-256: it is the SHA-256 over the SHA-256 of each 1 MiB leaf
 of the payload, with the length bound in (defined exactly in protocols.digest), so that
-receivers can hash a bulk payload on several threads while it arrives.
+receivers can hash a bulk payload on several threads while it arrives. `CallHeader.digest` names
+the algorithm (protocols.digest: "" is that SHA-256 tree; "blake3", which bulk state downloads
+use toward receivers that accept it, is BLAKE3-256); a header naming another is refused.
 
 Encodings (one `Codec` subclass each: `RAW`, `FP16`, `BF16`, `INT8_BLOCKWISE`, `FP8_E4M3`) live in
 protocols.encodings, with the table of what each carries and the `CodecError` hierarchy; this
@@ -35,7 +37,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from protocols import shoal_pb2 as pb
-from protocols.digest import payload_digest
+from protocols.digest import (
+    SHA256_TREE,
+    UnknownDigest,
+    algorithm_of,
+    check_algorithm,
+    payload_digest,
+)
 from protocols.encodings import (
     BLOCKED,
     CODECS,
@@ -88,7 +96,8 @@ class Encoded:
 
     tensors: list[pb.TensorHeader]
     payload: bytes
-    sha256: bytes
+    sha256: bytes  # the digest, of algorithm `alg` (the field keeps its old name)
+    alg: str = SHA256_TREE
 
     @property
     def total_bytes(self) -> int:
@@ -96,8 +105,8 @@ class Encoded:
 
 
 def encode(arrays: Mapping[str, np.ndarray], encoding: Encoding | Mapping[str, Encoding] = pb.RAW,
-           block_size: int = DEFAULT_BLOCK_SIZE, labels: Mapping[str, str] | None = None
-           ) -> Encoded:
+           block_size: int = DEFAULT_BLOCK_SIZE, labels: Mapping[str, str] | None = None,
+           digest: str = SHA256_TREE) -> Encoded:
     """Encode named arrays, in mapping order, into TensorHeaders + one payload + its digest.
 
     Args:
@@ -105,6 +114,8 @@ def encode(arrays: Mapping[str, np.ndarray], encoding: Encoding | Mapping[str, E
         encoding: one encoding for all, or name -> encoding (missing names travel RAW).
         block_size: INT8_BLOCKWISE block length (1..MAX_BLOCK_SIZE).
         labels: name -> dtype label where numpy cannot say it: "bfloat16" for uint16 bits.
+        digest: the payload digest's algorithm (protocols.digest.ALGORITHMS); only name one
+            other than SHA256_TREE toward a receiver that said it accepts it.
     Raises UnsupportedEncoding, or NonFinite where an encoding cannot represent a value.
     """
     if not 1 <= block_size <= MAX_BLOCK_SIZE:
@@ -136,14 +147,15 @@ def encode(arrays: Mapping[str, np.ndarray], encoding: Encoding | Mapping[str, E
             name=name, dtype=label, shape=array.shape, encoding=enc, payload_bytes=data.nbytes,
             block_size=min(block_size, max(1, array.size)) if enc in BLOCKED else 0))
     payload = b"".join(parts)
-    return Encoded(tensors, payload, payload_digest(payload))
+    return Encoded(tensors, payload, payload_digest(payload, alg=digest), check_algorithm(digest))
 
 
 def fill_header(header: pb.CallHeader, encoded: Encoded) -> pb.CallHeader:
     """Write `encoded`'s tensors, total_bytes and sha256 into `header`; returns it."""
     del header.tensors[:]
     header.tensors.extend(encoded.tensors)
-    header.total_bytes, header.sha256 = encoded.total_bytes, encoded.sha256
+    header.total_bytes, header.sha256 = encoded.total_bytes, bytes(encoded.sha256)
+    header.digest = "" if encoded.alg == SHA256_TREE else encoded.alg
     return header
 
 
@@ -200,6 +212,10 @@ def _check_header(header: pb.CallHeader, limits: Limits) -> None:
     if header.total_bytes > limits.max_total_bytes:
         raise OversizedPayload(f"payload of {header.total_bytes} bytes declared; limit is "
                                f"{limits.max_total_bytes}")
+    try:
+        check_algorithm(header.digest)
+    except UnknownDigest as exc:
+        raise MislabeledPayload(str(exc)) from None
     if len(header.sha256) != 32:
         raise MislabeledPayload(f"sha256 field holds {len(header.sha256)} bytes, not 32")
     seen: set[str] = set()
@@ -266,7 +282,8 @@ def decode(header: pb.CallHeader, payload: bytes | bytearray | memoryview, limit
     Args:
         computed_sha256: the digest of `payload` (`protocols.digest`) when the caller hashed it
             while it arrived (tensor_stream, dataplane), to save a second pass; it is still
-            compared to the header's.
+            compared to the header's. One of another algorithm than the header names (plain
+            bytes are SHA-256 tree) is not used: the payload is hashed again here.
         non_finite: NaN/Inf counts per tensor that the caller took from these same bytes while
             they arrived (`FiniteScan`); those tensors are not scanned again, and a count above
             zero is refused here, after the digest matched, exactly as a scan here would.
@@ -290,11 +307,14 @@ def _decode(header: pb.CallHeader, payload: bytes | bytearray | memoryview, limi
     if len(view) != header.total_bytes:
         error = TruncatedPayload if len(view) < header.total_bytes else OversizedPayload
         raise error(f"payload has {len(view)} bytes, header declares {header.total_bytes}")
-    digest = computed_sha256 if computed_sha256 is not None else payload_digest(view)
-    if not hmac.compare_digest(digest, header.sha256):
-        raise DigestMismatch(f"payload SHA-256 tree digest {digest.hex()[:16]}… differs from the "
+    alg = check_algorithm(header.digest)
+    digest = (computed_sha256 if computed_sha256 is not None and
+              algorithm_of(computed_sha256) == alg else payload_digest(view, alg=alg))
+    if not hmac.compare_digest(bytes(digest), header.sha256):
+        name = "SHA-256 tree" if alg == SHA256_TREE else "BLAKE3"
+        raise DigestMismatch(f"payload {name} digest {digest.hex()[:16]}… differs from the "
                              f"header's {header.sha256.hex()[:16]}…: corrupted or tampered in "
-                             "transit (or the sender is not using digest v1); ask again")
+                             "transit; ask again")
     out: dict[str, np.ndarray] = {}
     offset = 0
     for t in header.tensors:

@@ -18,11 +18,19 @@ Protocol:
        `handshake_timeout` (5 s); a connection that has not presented them yet is "pending".
     4. The receiver refuses a length other than the header's total_bytes, reads exactly that into
        a buffer preallocated from the header (recv_into), refuses extra bytes, and checks the
-       header's payload digest (`protocols.digest`: SHA-256 over the SHA-256 of each 1 MiB leaf;
-       each leaf is hashed on a worker thread as soon as it has arrived) before decoding, so no
-       array is built from bytes that are unverified, short, long or of the wrong size. The
-       same workers count NaN/Inf in RAW float tensors as their bytes land (`FiniteScan`); that
-       verdict too is given only after the digest matched.
+       header's payload digest (`protocols.digest`, the algorithm the header's `digest` names:
+       SHA-256 over the SHA-256 of each 1 MiB leaf, each leaf hashed on a worker thread as soon
+       as it has arrived; or BLAKE3, fed in order to one hashing thread in 4 MiB pieces as they
+       land) before decoding, so no array is built from bytes that are unverified, short, long
+       or of the wrong size. Worker threads count NaN/Inf in RAW float tensors as their bytes
+       land (`FiniteScan`); that verdict too is given only after the digest matched.
+
+Peers (peer/services.py StateService, peer/recovery/transfer.py) answer `State.Download` this way
+when the receiver asks (StateRequest.accept_dataplane) and the state is at least
+STATE_MIN_BYTES; the receiver dials the host it made the gRPC call to (not the one the header
+names) with the header's port, over TLS with the swarm's mTLS leaves when its gRPC link is mTLS
+(`peer_server_context`, `peer_client_context`), and falls back to the in-band stream when the
+data plane cannot be reached.
 
 Integrity comes from the SHA-256-based digest in the gRPC header, so plain TCP cannot be tampered
 with undetected (a flipped, swapped, missing or extra byte changes the digest); secrecy needs
@@ -45,10 +53,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import os
 import secrets
 import socket
 import ssl
 import struct
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterator
@@ -65,7 +76,7 @@ from protocols.codec import (
     check_header,
     decode,
 )
-from protocols.digest import HASH_THREADS, LeafPool
+from protocols.digest import BLAKE3, HASH_THREADS, Blake3Stream, LeafPool, stream_for
 from protocols.tensor_stream import DEFAULT_CHUNK, MalformedStream, chunks
 from protocols.tensor_stream import receive as receive_in_band
 
@@ -78,6 +89,7 @@ DATAPLANE_MIN_BYTES = 8 << 20  # smaller payloads go in-band: a second connectio
 WRITE_CHUNK = 4 << 20  # per transport.write + drain on the serving loop
 RECV_CHUNK = 1 << 20  # per recv_into; hashed while still warm in cache (measured best of 0.25-4)
 HASH_THREADS_MIN_BYTES = 16 << 20  # smaller payloads: one hash thread beside the recv loop
+CONNECT_TIMEOUT = 5.0  # seconds to reach the data plane before the caller falls back in-band
 
 
 class DataPlaneError(ConnectionError):
@@ -90,6 +102,44 @@ class TicketRefused(DataPlaneError):
 
 class TooManyTickets(DataPlaneError):
     """The server already holds `max_tickets` unexpired payloads; retry after some complete."""
+
+
+def _load_leaf(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:
+    """Load a PEM leaf and key into `ctx` (ssl reads only files: a private temporary one)."""
+    with tempfile.TemporaryDirectory(prefix="shoal-dp-") as tmp:
+        path = os.path.join(tmp, "leaf.pem")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(cert_pem + b"\n" + key_pem)
+        ctx.load_cert_chain(path)
+
+
+def peer_server_context(ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
+    """The data plane's server side of a peer's mTLS: its leaf, client leaves of the swarm CA
+    required (as protocols.tls.PeerServerTls for gRPC). `renew_leaf` swaps the leaf in place."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cadata=ca_pem.decode())
+    _load_leaf(ctx, cert_pem, key_pem)
+    return ctx
+
+
+def renew_leaf(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:
+    """A renewed leaf for later handshakes of a server context (a re-join renews it)."""
+    _load_leaf(ctx, cert_pem, key_pem)
+
+
+@functools.lru_cache(maxsize=8)
+def peer_client_context(ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
+    """The data plane's client side of a peer's mTLS: the swarm CA the only root, this peer's
+    leaf its client certificate; dial with server_hostname = the callee's peer id (its leaf
+    names it), as protocols.tls.peer_channel does for gRPC."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname and CERT_REQUIRED
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_verify_locations(cadata=ca_pem.decode())
+    _load_leaf(ctx, cert_pem, key_pem)
+    return ctx
 
 
 @dataclass
@@ -321,6 +371,8 @@ def fetch(
     server_hostname: str | None = None,
     timeout: float = 30.0,
     expect_host: str | None = None,
+    dial_host: str | None = None,
+    connect_timeout: float = CONNECT_TIMEOUT,
 ) -> dict[str, np.ndarray]:
     """Fetch and decode the payload a data-plane header points at (blocking).
 
@@ -331,14 +383,20 @@ def fetch(
         server_hostname: the name to verify the server certificate against (default: its host).
         timeout: seconds for the connection and for each read.
         expect_host: refuse to dial any other host than this (e.g. the gRPC peer's address).
+        dial_host: dial this host with the header's port, whatever host the header names (the
+            host the gRPC call went to: a peer need not know the address others reach it at).
+        connect_timeout: seconds to connect (then `timeout` for each read).
     Raises TicketRefused, DataPlaneError, or the CodecError that names a bad payload.
     """
     check_header(header, limits)
     host, port, ticket = endpoint(header)
+    if dial_host is not None:
+        host = dial_host
     if expect_host is not None and host != expect_host:
         raise DataPlaneError(f"header points the data plane at {host}, expected {expect_host}")
     where, total = f"{host}:{port}", header.total_bytes
-    sock = _open(host, port, ticket, ssl_context, server_hostname, timeout)
+    sock = _open(host, port, ticket, ssl_context, server_hostname, timeout,
+                 min(timeout, connect_timeout))
     with sock:
         prefix = bytearray(LENGTH.size)
         try:
@@ -355,7 +413,7 @@ def fetch(
             raise error(f"data plane at {where} announces {length} bytes, header declares {total}")
         buffer = np.empty(total, np.uint8)  # untouched pages: no memset before recv_into
         view = memoryview(buffer)
-        pool = _pool_for(view)
+        pool = _pool_for(view, header.digest)
         scan = FiniteScan(header, limits, view, pool.submit)  # NaN/Inf counted as bytes land
         pool.watch(scan.filled)
         digest = _fill(sock, view, where, pool)
@@ -367,13 +425,15 @@ def fetch(
 
 
 def _open(host: str, port: int, ticket: bytes, ssl_context: ssl.SSLContext | None,
-          server_hostname: str | None, timeout: float) -> socket.socket:
+          server_hostname: str | None, timeout: float, connect_timeout: float | None = None
+          ) -> socket.socket:
     """Connect (TLS if asked) and present the ticket."""
     try:
-        sock = socket.create_connection((host, port), timeout=timeout)
+        sock = socket.create_connection((host, port), timeout=connect_timeout or timeout)
     except OSError as exc:
         raise DataPlaneError(f"cannot reach the data plane at {host}:{port}: {exc}") from exc
     try:
+        sock.settimeout(timeout)
         if ssl_context is not None:
             sock = ssl_context.wrap_socket(sock, server_hostname=server_hostname or host)
         sock.sendall(MAGIC + ticket)
@@ -384,18 +444,23 @@ def _open(host: str, port: int, ticket: bytes, ssl_context: ssl.SSLContext | Non
     return sock
 
 
-def recv_into_hashing(sock: socket.socket, view: memoryview, where: str) -> bytes:
-    """Fill `view` from `sock` and return its payload digest (protocols.digest), each 1 MiB leaf
-    hashed on a worker thread as soon as it has arrived, so hashing overlaps the network and
-    uses more than one core. Raises TruncatedPayload at EOF, DataPlaneError on socket errors."""
-    return _fill(sock, view, where, _pool_for(view))
+def recv_into_hashing(sock: socket.socket, view: memoryview, where: str, alg: str = ""
+                      ) -> bytes:
+    """Fill `view` from `sock` and return its payload digest under `alg` (protocols.digest; ""
+    is the SHA-256 tree, each 1 MiB leaf hashed on a worker thread as soon as it has arrived;
+    BLAKE3 is hashed in order on one thread as bytes land), so hashing overlaps the network.
+    Raises TruncatedPayload at EOF, DataPlaneError on socket errors."""
+    return _fill(sock, view, where, _pool_for(view, alg))
 
 
-def _pool_for(view: memoryview) -> LeafPool:
-    return LeafPool(view, HASH_THREADS if len(view) >= HASH_THREADS_MIN_BYTES else 1)
+def _pool_for(view: memoryview, alg: str = "") -> LeafPool | Blake3Stream:
+    if alg == BLAKE3:  # one hashing thread, one for the finiteness scan
+        return Blake3Stream(view, 1)
+    return stream_for(alg, view, HASH_THREADS if len(view) >= HASH_THREADS_MIN_BYTES else 1)
 
 
-def _fill(sock: socket.socket, view: memoryview, where: str, pool: LeafPool) -> bytes:
+def _fill(sock: socket.socket, view: memoryview, where: str, pool: LeafPool | Blake3Stream
+          ) -> bytes:
     """The receive loop of `recv_into_hashing`, telling `pool` (and its watchers) what landed."""
     total, got = len(view), 0
     try:
@@ -443,5 +508,6 @@ async def receive(
 
 __all__ = [
     "DATAPLANE_MIN_BYTES", "DataPlaneError", "DataPlaneServer", "TicketRefused", "TooManyTickets",
-    "endpoint", "fetch", "fetch_async", "is_dataplane", "receive", "recv_into_hashing",
+    "endpoint", "fetch", "fetch_async", "is_dataplane", "peer_client_context",
+    "peer_server_context", "receive", "recv_into_hashing", "renew_leaf",
 ]

@@ -20,6 +20,23 @@ carries; only the root travels, and a receiver compares it after hashing what it
 `payload_digest` hashes a whole buffer (in parallel when big); `TreeHasher` hashes a stream of
 arbitrary-sized parts in order (the in-band gRPC path); `LeafPool` hashes leaves of a buffer that
 is being filled, on worker threads, as each leaf completes (the data plane).
+
+Algorithms (`CallHeader.digest`, a versioned choice; receivers refuse a name they do not know):
+
+    "" or SHA256_TREE ("sha256-tree/v1")  the tree above; every sender before the field existed
+    BLAKE3 ("blake3")                     BLAKE3-256 of the payload (standard BLAKE3, unkeyed;
+                                          its own tree of 1 KiB chunks binds the length)
+
+Why BLAKE3 for bulk transfers: measured here (256 MiB in memory, load ~2 on 2 cores) one core
+hashes 4.7 GB/s with BLAKE3 against 1.76 GB/s with SHA-256 (SHA-NI), and fed in order in 4 MiB
+pieces as bytes land it still runs 4.6 GB/s; its multithreaded update gained nothing on this
+2-core machine. It is a hash built for this (verified streaming), and a receive-while-landing
+check that takes ~0.06 s of one core per 256 MiB instead of ~0.15 s. A sender uses it only
+toward a receiver that said it accepts it (StateRequest.accept_digests); SHA-256 tree stays
+the default and stays accepted. `payload_digest(view, alg=...)`, `Blake3Stream` (the
+receive-while-landing hasher, LeafPool's interface) and `stream_for(alg, view)` choose by name;
+a digest computed by them is a `Digest` (bytes that know their algorithm), so `codec.decode`
+never compares digests of two different algorithms.
 """
 
 from __future__ import annotations
@@ -33,7 +50,13 @@ from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import blake3
+
 LEAF_BYTES = 1 << 20
+SHA256_TREE = "sha256-tree/v1"
+BLAKE3 = "blake3"
+ALGORITHMS = (SHA256_TREE, BLAKE3)
+BLAKE3_PIECE = 4 << 20  # bytes per in-order update of the receive-while-landing hasher (measured)
 DOMAIN = b"shoal/payload-sha256-tree/v1\0"
 _ROOT_PREFIX = struct.Struct(">QI")
 PARALLEL_MIN_BYTES = 16 << 20  # below this one thread is faster than handing work to others
@@ -62,8 +85,45 @@ def _leaves(view: memoryview, first: int, stop: int) -> list[bytes]:
     return [_leaf(view, i) for i in range(first, stop)]
 
 
-def payload_digest(payload: bytes | bytearray | memoryview, threads: int = HASH_THREADS) -> bytes:
-    """The digest of a complete payload; leaves are split over `threads` threads when it is big."""
+class Digest(bytes):
+    """A digest that knows its algorithm (plain bytes from this module are SHA256_TREE)."""
+
+    alg: str = SHA256_TREE
+
+    def __new__(cls, value: bytes, alg: str) -> Digest:
+        out = super().__new__(cls, value)
+        out.alg = alg
+        return out
+
+
+def algorithm_of(digest: bytes) -> str:
+    return getattr(digest, "alg", SHA256_TREE)
+
+
+class UnknownDigest(ValueError):
+    """A header names a digest algorithm this receiver does not know."""
+
+
+def check_algorithm(name: str) -> str:
+    """The algorithm a header's `digest` field names ("" is SHA256_TREE); UnknownDigest if none."""
+    alg = name or SHA256_TREE
+    if alg not in ALGORITHMS:
+        raise UnknownDigest(f"payload digest algorithm {name[:40]!r} is unknown to this receiver "
+                            f"(it checks {', '.join(ALGORITHMS)}): upgrade it, or have the sender "
+                            f"use {SHA256_TREE}")
+    return alg
+
+
+def blake3_digest(payload: bytes | bytearray | memoryview) -> Digest:
+    return Digest(blake3.blake3(memoryview(payload).cast("B")).digest(), BLAKE3)
+
+
+def payload_digest(payload: bytes | bytearray | memoryview, threads: int = HASH_THREADS,
+                   alg: str = SHA256_TREE) -> bytes:
+    """The digest of a complete payload under `alg`; SHA-256 tree leaves are split over `threads`
+    threads when it is big."""
+    if check_algorithm(alg) == BLAKE3:
+        return blake3_digest(payload)
     view = memoryview(payload).cast("B")
     n, count = len(view), leaf_count(len(view))
     if threads <= 1 or n < PARALLEL_MIN_BYTES:
@@ -151,5 +211,67 @@ class LeafPool:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-__all__ = ["DOMAIN", "LEAF_BYTES", "LeafPool", "TreeHasher", "leaf_count", "payload_digest",
-           "root"]
+class Blake3Stream:
+    """BLAKE3 of a buffer while it is being filled front to back: LeafPool's interface.
+
+    `filled(k)` hands each newly final stretch of at least BLAKE3_PIECE bytes (the rest at the
+    end) to one hashing thread, in order (BLAKE3 releases the GIL); `submit`/`watch` give other
+    checks of the arriving bytes (FiniteScan) their own `threads` workers, so they do not hold
+    up the hash. `digest()` waits for all of it; `close()` (also on error) stops the threads.
+    """
+
+    def __init__(self, buffer: memoryview, threads: int = 1) -> None:
+        self._view = buffer.cast("B") if buffer.format != "B" else buffer
+        self._n = len(self._view)
+        self._hasher = blake3.blake3()
+        self._sent = 0
+        self._hash = ThreadPoolExecutor(1, thread_name_prefix="blake3")
+        self._jobs: list[Future[Any]] = []
+        self._extra: list[Future[Any]] = []
+        self._watchers: list[Callable[[int], None]] = []
+        self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="blake3-check")
+
+    def filled(self, upto: int) -> None:
+        upto = min(upto, self._n)
+        if upto - self._sent >= BLAKE3_PIECE or (upto == self._n and upto > self._sent):
+            self._jobs.append(self._hash.submit(self._hasher.update,
+                                                self._view[self._sent: upto]))
+            self._sent = upto
+        for watcher in self._watchers:
+            watcher(upto)
+
+    def watch(self, watcher: Callable[[int], None]) -> None:
+        self._watchers.append(watcher)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        job = self._pool.submit(fn, *args)
+        self._extra.append(job)
+        return job
+
+    def digest(self) -> Digest:
+        if self._sent != self._n:
+            raise ValueError(f"only {self._sent} of {self._n} bytes were filled")
+        try:
+            futures.wait(self._extra)
+            for job in self._jobs:
+                job.result()
+            return Digest(self._hasher.digest(), BLAKE3)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._hash.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def stream_for(alg: str, buffer: memoryview, threads: int = HASH_THREADS
+               ) -> LeafPool | Blake3Stream:
+    """The receive-while-landing hasher of `alg` for `buffer` (see LeafPool, Blake3Stream)."""
+    if check_algorithm(alg) == BLAKE3:
+        return Blake3Stream(buffer, threads)
+    return LeafPool(buffer, threads)
+
+
+__all__ = ["ALGORITHMS", "BLAKE3", "DOMAIN", "LEAF_BYTES", "SHA256_TREE", "Blake3Stream", "Digest",
+           "LeafPool", "TreeHasher", "UnknownDigest", "algorithm_of", "blake3_digest",
+           "check_algorithm", "leaf_count", "payload_digest", "root", "stream_for"]

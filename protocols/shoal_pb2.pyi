@@ -284,7 +284,7 @@ class TensorHeader(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., payload_bytes: _Optional[int] = ..., block_size: _Optional[int] = ...) -> None: ...
 
 class CallHeader(_message.Message):
-    __slots__ = ("kind", "microbatch_id", "step", "stage", "path", "hop", "sender", "tensors", "total_bytes", "sha256", "meta", "sent_at")
+    __slots__ = ("kind", "microbatch_id", "step", "stage", "path", "hop", "sender", "tensors", "total_bytes", "sha256", "meta", "sent_at", "digest")
     class MetaEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -304,6 +304,7 @@ class CallHeader(_message.Message):
     SHA256_FIELD_NUMBER: _ClassVar[int]
     META_FIELD_NUMBER: _ClassVar[int]
     SENT_AT_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
     kind: str
     microbatch_id: str
     step: int
@@ -316,7 +317,8 @@ class CallHeader(_message.Message):
     sha256: bytes
     meta: _containers.ScalarMap[str, str]
     sent_at: float
-    def __init__(self, kind: _Optional[str] = ..., microbatch_id: _Optional[str] = ..., step: _Optional[int] = ..., stage: _Optional[int] = ..., path: _Optional[_Iterable[int]] = ..., hop: _Optional[int] = ..., sender: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorHeader, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[bytes] = ..., meta: _Optional[_Mapping[str, str]] = ..., sent_at: _Optional[float] = ...) -> None: ...
+    digest: str
+    def __init__(self, kind: _Optional[str] = ..., microbatch_id: _Optional[str] = ..., step: _Optional[int] = ..., stage: _Optional[int] = ..., path: _Optional[_Iterable[int]] = ..., hop: _Optional[int] = ..., sender: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorHeader, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[bytes] = ..., meta: _Optional[_Mapping[str, str]] = ..., sent_at: _Optional[float] = ..., digest: _Optional[str] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("header", "data")
@@ -327,16 +329,20 @@ class TensorChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[CallHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class StateRequest(_message.Message):
-    __slots__ = ("stage", "include_optimizer", "min_step", "ledger_snapshot")
+    __slots__ = ("stage", "include_optimizer", "min_step", "ledger_snapshot", "accept_dataplane", "accept_digests")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     MIN_STEP_FIELD_NUMBER: _ClassVar[int]
     LEDGER_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    ACCEPT_DATAPLANE_FIELD_NUMBER: _ClassVar[int]
+    ACCEPT_DIGESTS_FIELD_NUMBER: _ClassVar[int]
     stage: int
     include_optimizer: bool
     min_step: int
     ledger_snapshot: bool
-    def __init__(self, stage: _Optional[int] = ..., include_optimizer: _Optional[bool] = ..., min_step: _Optional[int] = ..., ledger_snapshot: _Optional[bool] = ...) -> None: ...
+    accept_dataplane: bool
+    accept_digests: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, stage: _Optional[int] = ..., include_optimizer: _Optional[bool] = ..., min_step: _Optional[int] = ..., ledger_snapshot: _Optional[bool] = ..., accept_dataplane: _Optional[bool] = ..., accept_digests: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StepEnd(_message.Message):
     __slots__ = ("step", "sender", "microbatches", "samples", "stage0_replicas", "stage_replicas", "spsa", "spsa_check_step", "spsa_check_hash")

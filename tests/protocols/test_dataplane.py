@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 import pytest
 
-from protocols import codec, dataplane, tensor_stream
+from protocols import codec, dataplane, digest, tensor_stream
 from protocols import shoal_pb2 as pb
 from protocols import shoal_pb2_grpc as pb_grpc
 from protocols.codec import DigestMismatch, Limits, OversizedPayload, TruncatedPayload
@@ -26,9 +26,10 @@ from protocols.dataplane import DataPlaneServer, TicketRefused, TooManyTickets
 MIB = 1 << 20
 
 
-def make_call(mib: float, kind: str = "state") -> tuple[pb.CallHeader, bytes, np.ndarray]:
+def make_call(mib: float, kind: str = "state", alg: str = digest.SHA256_TREE
+              ) -> tuple[pb.CallHeader, bytes, np.ndarray]:
     array = np.random.default_rng(0).standard_normal(int(mib * MIB) // 4).astype(np.float32)
-    encoded = codec.encode({"w": array})
+    encoded = codec.encode({"w": array}, digest=alg)
     return codec.fill_header(pb.CallHeader(kind=kind, stage=1), encoded), encoded.payload, array
 
 
@@ -255,6 +256,33 @@ def test_lying_server_refused(name, lie, error, message) -> None:
     async def main() -> None:
         with pytest.raises(error, match=message):
             await fetch_from_liar(header, lie(payload))
+
+    run(main)
+
+
+@pytest.mark.parametrize("mib", [0.1, 20])  # one hashing piece; several, a partial last one
+@pytest.mark.parametrize(("name", "lie", "error", "message"), LIES, ids=[x[0] for x in LIES])
+def test_lying_server_refused_with_a_blake3_header(name, lie, error, message, mib) -> None:
+    header, payload, array = make_call(mib, alg=digest.BLAKE3)
+    assert header.digest == digest.BLAKE3
+    message = "BLAKE3" if message == "SHA-256" else message
+
+    async def main() -> None:
+        with pytest.raises(error, match=message):
+            await fetch_from_liar(header, lie(payload))
+        honest = struct.pack(">Q", len(payload)) + payload
+        np.testing.assert_array_equal((await fetch_from_liar(header, honest))["w"], array)
+
+    run(main)
+
+
+def test_a_header_naming_an_unknown_digest_is_refused_before_connecting() -> None:
+    header, payload, _ = make_call(0.1)
+    header.digest = "md5"
+
+    async def main() -> None:
+        with pytest.raises(codec.MislabeledPayload, match="'md5' is unknown"):
+            await fetch_from_liar(header, struct.pack(">Q", len(payload)) + payload)
 
     run(main)
 
