@@ -15,11 +15,13 @@ per step, microbatches of 8), split here into 2 block stages, so a microbatch cr
 boundaries forward and 3 backward (bench.wan's swarm has 1 block stage: 2 each way).
 
 Reported per encoding: bytes of one activation message on the wire (header and payload, as the
-byte counters count it), encode + decode time per message, the training loss over the last 10
-steps, and the held-out loss of the trained stages (fp32, no wire: the model's quality).
+byte counters count it), encode + decode time per message, and the held-out loss of the trained
+stages (fp32, no wire: the model's quality), each encoding against fp32 trained on the same seed
+(model init and batches), for `--seeds` seeds: two runs that differ only in rounding drift
+apart, so one seed cannot tell a cost from that spread; the per-seed figures show it.
 
-Last line: `activations: fp32/int8 bytes = A, fp32/fp8 bytes = B, heldout loss vs fp32: bf16 =
-+x %, int8 = +y %, fp8 = +z %` (ratios rounded down, loss costs up: bench/report.py).
+Last line: `activations: fp32/int8 bytes = A, fp32/fp8 bytes = B, heldout loss vs fp32 (mean of
+N): bf16 = +x %, int8 = +y %, fp8 = +z %` (ratios rounded down, loss costs up: bench/report.py).
 """
 
 from __future__ import annotations
@@ -41,8 +43,7 @@ from protocols.runspec import RunSpec
 from protocols.tensor_stream import receive_sync
 
 MODEL = {"model.d_model": 192, "model.n_layers": 4, "model.n_heads": 4, "model.seq_len": 64,
-         "pipeline.microbatch": 8, "pipeline.target_batch": 32, "optim.lr": 3e-3,
-         "run.seed": 1}
+         "pipeline.microbatch": 8, "pipeline.target_batch": 32, "optim.lr": 3e-3}
 ENCODINGS = ("fp32", "bf16", "int8", "fp8")
 HELDOUT_BATCHES = 8
 LAST = 10  # steps averaged for the training loss
@@ -123,43 +124,54 @@ def heldout_loss(hosts: list[StageHost], spec: RunSpec, corpus) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.activations",
                                  description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--stages", type=int, default=2, help="block stages (default 2)")
+    ap.add_argument("--seeds", type=int, default=3,
+                    help="runs per encoding, seeds 1..N (model init and batches)")
     ap.add_argument("--encodings", nargs="+", default=list(ENCODINGS), choices=ENCODINGS)
     args = ap.parse_args()
     if "fp32" not in args.encodings:
         ap.error("fp32 is the baseline: keep it in --encodings")
-    print(f"bench.activations: {args.steps} steps, {args.stages} block stages, "
-          f"{machine()}", flush=True)
+    encodings = ["fp32"] + [e for e in args.encodings if e != "fp32"]
+    print(f"bench.activations: {args.steps} steps, {args.stages} block stages, seeds "
+          f"1..{args.seeds}, {machine()}", flush=True)
     torch.set_num_threads(1)  # the same compute order in every arm (and a fair share of 2 CPUs)
     corpus = load_corpus(None)
-    arms = []
-    for enc in args.encodings:
-        spec = RunSpec().replace(**MODEL, **{"pipeline.stages": args.stages,
-                                            "pipeline.activations": enc})
-        t0 = time.monotonic()
-        hosts, losses, link = train(spec, args.steps, corpus)
-        arm = Arm(enc, int(np.median(link.sizes)), link.seconds, losses,
-                  heldout_loss(hosts, spec, corpus))
-        arms.append(arm)
-        print(f"  {enc}: {time.monotonic() - t0:.0f} s, train loss {np.mean(losses[-LAST:]):.4f},"
-              f" heldout {arm.heldout:.4f}", flush=True)
-    base = arms[0]
+    arms: dict[str, list[Arm]] = {e: [] for e in encodings}
+    for seed in range(1, args.seeds + 1):
+        for enc in encodings:
+            spec = RunSpec().replace(**{**MODEL, "pipeline.stages": args.stages,
+                                        "pipeline.activations": enc, "run.seed": seed})
+            t0 = time.monotonic()
+            hosts, losses, link = train(spec, args.steps, corpus)
+            arm = Arm(enc, int(np.median(link.sizes)), link.seconds, losses,
+                      heldout_loss(hosts, spec, corpus))
+            arms[enc].append(arm)
+            print(f"  seed {seed} {enc}: {time.monotonic() - t0:.0f} s, train loss "
+                  f"{np.mean(losses[-LAST:]):.4f}, heldout {arm.heldout:.4f}", flush=True)
+
+    def cost(enc: str) -> list[float]:  # % heldout loss over fp32's, per seed
+        return [100 * (a.heldout / b.heldout - 1) for a, b in zip(arms[enc], arms["fp32"],
+                                                                     strict=True)]
+
+    base = arms["fp32"][0]
     print(f"{'encoding':<9} {'bytes/message':>13} {'vs fp32':>8} {'codec ms':>9} "
-          f"{'train loss (last 10)':>21} {'heldout loss':>13} {'vs fp32':>8}")
-    for a in arms:
-        ms = 1e3 * float(np.median(a.codec_s))
-        cost = 100 * (a.heldout / base.heldout - 1)
-        print(f"{a.encoding:<9} {a.message_bytes:>13} {base.message_bytes / a.message_bytes:>8.2f} "
-              f"{ms:>9.2f} {np.mean(a.losses[-LAST:]):>21.4f} {a.heldout:>13.4f} "
-              f"{rounded(cost, 2, down=False):>7}%")
-    by = {a.encoding: a for a in arms}
-    parts = [f"fp32/{e} bytes = {rounded(base.message_bytes / by[e].message_bytes, 2, down=True)}"
-             for e in ("int8", "fp8") if e in by]
-    costs = [f"{a.encoding} = {'+' if a.heldout >= base.heldout else ''}"
-             f"{rounded(100 * (a.heldout / base.heldout - 1), 2, down=False)} %"
-             for a in arms[1:]]
-    print("activations: " + ", ".join([*parts, "heldout loss vs fp32: " + ", ".join(costs)]))
+          f"{'heldout loss (mean)':>20} {'vs fp32, mean':>14}  per seed")
+    for enc, runs in arms.items():
+        ms = 1e3 * float(np.median([s for a in runs for s in a.codec_s]))
+        costs = cost(enc)
+        ratio = base.message_bytes / runs[0].message_bytes
+        print(f"{enc:<9} {runs[0].message_bytes:>13} {ratio:>8.2f} "
+              f"{ms:>9.2f} {np.mean([a.heldout for a in runs]):>20.4f} "
+              f"{rounded(float(np.mean(costs)), 2, down=False):>13}%  "
+              + " ".join(f"{c:+.2f}%" for c in costs))
+    ratios = [f"fp32/{e} bytes = "
+              f"{rounded(base.message_bytes / arms[e][0].message_bytes, 2, down=True)}"
+              for e in ("int8", "fp8") if e in arms]
+    costs = [f"{e} = {'+' if np.mean(cost(e)) >= 0 else ''}"
+             f"{rounded(float(np.mean(cost(e))), 2, down=False)} %" for e in encodings[1:]]
+    print("activations: " + ", ".join(
+        [*ratios, f"heldout loss vs fp32 (mean of {args.seeds}): " + ", ".join(costs)]))
 
 
 if __name__ == "__main__":
