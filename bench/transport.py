@@ -3,7 +3,21 @@
     python -m bench.transport [--mib 256] [--repeats 5] [--netns-mib 64] [--rate-mbit 100]
 
 Loopback, server and client in separate processes (spawn, never fork after gRPC):
-  (a)  the project's path: a grpc.aio State.Download answered with a data-plane header, then the
+  (p)  THE PRODUCT'S state download, end to end as peers make it: the client calls
+       peer/recovery/transfer.py `receive_state` (what `fetch_state` calls for a join,
+       re-download or rebuild): a signed State.Download over protocols.tls.peer_channel (mTLS
+       with swarm-CA leaves, the callee's peer id checked, SHOAL_TLS_ON_LOOPBACK=1) to the real
+       peer/services.py `serve()` (AuthInterceptor, StateService) beside a DataPlaneServer
+       configured as peer/daemon.py does (the same mTLS leaf); StateService snapshots and
+       encodes the state with a BLAKE3 digest and answers with a data-plane ticket; the payload
+       comes over TLS on one TCP connection, its BLAKE3 checked as it lands, then decoded with
+       the finiteness check. Timed per call, as the receiver sees it: the sender's snapshot and
+       encode are inside (the bench serves a fixed "weights" tensor, so no optimizer step or
+       model load is); loading into a StageHost and the state-hash comparison with the
+       coordinator's attestation that `fetch_state` does next are not (they are the same
+       whatever the transport). This row is the numerator of the last line.
+  (p') the same over a plaintext link (a --plaintext swarm, or peers on one machine).
+  (a)  the data plane alone: a grpc.aio State.Download answered with a data-plane header, then the
        payload over raw TCP, its digest checked (SHA-256 tree, protocols.digest: leaves hashed on
        worker threads as they arrive) and decoded with the finiteness check (what a joining peer
        does);
@@ -13,6 +27,7 @@ Loopback, server and client in separate processes (spawn, never fork after gRPC)
   (b') the raw socket plus the receiver's digest, hashed as bytes arrive exactly as (a) does:
        the least a verified download has to do, so (a)/(b') is the cost of the rest of the
        project's machinery (gRPC call, ticket, decode, finiteness);
+  (b'') the same with BLAKE3 hashed as (p) does it;
   (c)  synchronous gRPC streaming of ~4 MiB TensorChunks, for reference.
   (d)  what a peer does today (peer/services.py StateService.Download, peer/recovery/transfer.py):
        a grpc.aio stream of 2 MiB TensorChunks (peer/pipeline/wire.py encode_chunks / receive,
@@ -21,8 +36,8 @@ Loopback, server and client in separate processes (spawn, never fork after gRPC)
        exactly the channel peers use between machines. (d)/(d') is what TLS costs.
 Paths take turns within each repeat; each row is the median of --repeats runs. Then, as root,
 the project's path across two network namespaces joined by a veth pair whose server side is
-capped by tc tbf, as % of the cap, and (d) and (d') across the same link. The last line is
-`transport: grpc/raw = R`, R = (a) / (b) measured in this run (target R >= 0.6; R rounded
+capped by tc tbf, as % of the cap, and (p), (d) and (d') across the same link. The last line is
+`transport: grpc/raw = R`, R = (p) / (b) measured in this run (target R >= 0.6; R rounded
 down, bench/report.py).
 """
 
@@ -57,11 +72,14 @@ from protocols import shoal_pb2_grpc as pb_grpc
 
 MIB = 1 << 20
 CLONE_NEWNET = 0x40000000
-PROJECT = "(a) project: gRPC + data plane, SHA-256 tree digest checked"
+PRODUCT = "(p) PRODUCT: peer State.Download, mTLS data plane, BLAKE3"
+PRODUCT_PLAIN = "(p') product over a plaintext link"
+PROJECT = "(a) data plane alone: gRPC + raw TCP, SHA-256 tree checked"
 RAW = "(b) raw TCP socket"
 STREAM = "(d) peers' path: grpc.aio wire stream, peer_channel, plaintext"
 STREAM_TLS = "(d') peers' path over mTLS (swarm-CA leaves, peer_channel)"
 TARGET = Target("grpc/raw", 0.6)
+STATE_DATAPLANE_MIN_BYTES = 8 << 20  # peer/services.py's (checked in main): smaller go in-band
 
 
 # ------------------------------------------------------------------ network namespace helpers
@@ -168,17 +186,141 @@ class _WireState(pb_grpc.StateServicer):
 
 
 SERVER_ID, CLIENT_ID = "00000000000000aa", "00000000000000bb"  # peer ids of the TLS rows
+SWARM = "bench-transport"
+# Ed25519 seeds of the product rows' coordinator and downloading peer (both processes derive them)
+COORDINATOR_SEED, RECEIVER_SEED = bytes(range(32)), bytes(range(32, 64))
 
 
-def bench_certificates() -> tuple[tls.PeerTls, tls.PeerTls]:
+def identity_of(seed: bytes):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from protocols.identity import Identity
+
+    return Identity(Ed25519PrivateKey.from_private_bytes(seed))
+
+
+def bench_certificates(client_id: str = CLIENT_ID) -> tuple[tls.PeerTls, tls.PeerTls]:
     """(server, client) TLS material from a swarm CA, as a coordinator issues it at join."""
     ca, ca_key = tls.make_coordinator_ca(os.urandom(32))
     out = []
-    for peer_id in (SERVER_ID, CLIENT_ID):
+    for peer_id in (SERVER_ID, client_id):
         key = tls.new_tls_key()
         out.append(tls.PeerTls(ca, tls.sign_csr(ca, ca_key, tls.csr_for_key(peer_id, key),
                                                  peer_id, days=1), key))
     return out[0], out[1]
+
+
+class _Host:
+    """What peer/services.py StateService uses of a StageHost: one stage holding `arrays`."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], stage: int = 1) -> None:
+        self.arrays, self.stage, self.step = arrays, stage, 0
+
+    async def run(self, fn: Callable, *args: object) -> object:
+        return fn(*args)
+
+    def state_arrays(self, include_optimizer: bool) -> dict[str, np.ndarray]:
+        return self.arrays
+
+    def state_hash(self) -> str:
+        return "bench"  # a claim only; receive_state does not check it (fetch_state does)
+
+    def agreed_arrays(self) -> tuple[dict[str, np.ndarray], str]:
+        return self.arrays, self.state_hash()
+
+
+class _Client:
+    """What serve() and the services use of a peer's CoordinatorClient."""
+
+    def __init__(self, coordinator_public_key: bytes, leaf: tls.PeerTls | None) -> None:
+        self.coordinator_public_key, self.swarm_id, self._leaf = (coordinator_public_key, SWARM,
+                                                                 leaf)
+
+    def tls(self) -> tls.PeerTls | None:
+        return self._leaf
+
+
+class ProductPeer:
+    """A serving peer as peer/daemon.py sets one up: peer.services.serve() (AuthInterceptor,
+    StateService; mTLS with `leaf` unless None) and a DataPlaneServer with the same leaf, holding
+    stage 1 with `arrays` (or `host`, a StageHost). The ServiceContext StateService reads,
+    nothing else. Tests use it too (tests/peer/test_state_dataplane.py)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], leaf: tls.PeerTls | None,
+                 coordinator_public_key: bytes, host: object = None) -> None:
+        from peer.pipeline import wire
+        from protocols.runspec import RunSpec
+
+        self.peer_id, self.leaf = SERVER_ID, leaf
+        self.host = _Host(arrays) if host is None else host
+        self.state, self.draining, self.queue = "training", False, 0
+        self.mode, self.rounds, self.view = None, None, None
+        self.spec = RunSpec()
+        self.counter = wire.ByteCounter()
+        self.client = _Client(coordinator_public_key, leaf)
+        self.dataplane: dataplane.DataPlaneServer | None = None
+        self.server: grpc.aio.Server | None = None
+        self.step_lock = asyncio.Lock()
+
+    async def refresh_view(self, retry_s: float = 30.0) -> None:
+        return None
+
+    async def start(self, host: str = "127.0.0.1") -> int:
+        """Start both servers (the running loop); returns the gRPC port."""
+        from peer.services import serve
+
+        credentials, context = None, None
+        if self.leaf is not None:
+            server_tls = tls.PeerServerTls()
+            server_tls.update(self.leaf)
+            credentials = server_tls.credentials
+            context = dataplane.peer_server_context(self.leaf.ca_pem, self.leaf.cert_pem,
+                                                    self.leaf.key_pem)
+        self.server, port = serve(self, f"{host}:0", credentials)
+        await self.server.start()
+        self.dataplane = dataplane.DataPlaneServer(host, 0, ssl_context=context)
+        await self.dataplane.start()
+        return port
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop(None)
+        if self.dataplane is not None:
+            await self.dataplane.close()
+
+
+class ProductReceiver:
+    """What peer/recovery/transfer.py receive_state uses of a downloading peer: its channels
+    (wire.Channels: signed calls, peer_channel), its TLS leaf, a byte counter and limits."""
+
+    def __init__(self, identity, certificate, leaf: tls.PeerTls | None, limits: codec.Limits
+                 ) -> None:
+        from peer.pipeline import wire
+        from protocols import auth
+
+        self.counter = wire.ByteCounter()
+        self.client = _Client(b"", leaf)
+        self._limits = limits
+        self._channels = wire.Channels(
+            lambda: auth.client_interceptors(auth.CallSigner(identity, lambda: certificate)),
+            tls=lambda: leaf, peer_of=lambda address: SERVER_ID)
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        return self._channels.get(address)
+
+    def state_limits(self) -> codec.Limits:
+        return self._limits
+
+    async def close(self) -> None:
+        await self._channels.close()
+
+
+def receiver_certificate(coordinator, identity, now: float | None = None):
+    """The membership certificate the coordinator issues `identity` at join."""
+    from protocols.admission import issue_certificate
+
+    return issue_certificate(coordinator, identity.public_key, SWARM, 3600.0,
+                             time.time() if now is None else now, serial=1)
 
 
 def _raw_server(sock: socket.socket, payload: bytes) -> None:
@@ -233,6 +375,11 @@ def serve(ready: mp.Queue, mib: float, host: str, netns: str | None,
                                       require_client_auth=True)))
             await s.start()
             keep.append(s)
+        coordinator = identity_of(COORDINATOR_SEED)
+        for name, leaf in (("product", server_tls), ("product_plain", None)):
+            peer = ProductPeer({"weights": array}, leaf, coordinator.public_key)
+            stream_ports[name] = await peer.start(host)
+            keep.append(peer)
         ready.put({"project": port, "raw": raw.getsockname()[1], "grpc": sync_port,
                    "encode_s": encode_s, "bytes": encoded.total_bytes, **stream_ports})
         while os.getppid() == parent:  # never outlive the bench, even if it was SIGKILLed
@@ -291,6 +438,38 @@ def _read_into(sock: socket.socket, buffer: np.ndarray) -> None:
         got += n
 
 
+def time_product(host: str, port: int, nbytes: int, repeats: int,
+                 client_tls: tls.PeerTls | None) -> list[float]:
+    """(p)/(p'): seconds per state download through peer/recovery/transfer.py receive_state."""
+    import uvloop
+
+    from peer.recovery import transfer
+
+    identity = identity_of(RECEIVER_SEED)
+    certificate = receiver_certificate(identity_of(COORDINATOR_SEED), identity)
+
+    async def main() -> list[float]:
+        times = []
+        ctx = ProductReceiver(identity, certificate, client_tls, _limits(nbytes))
+        try:
+            await ctx.channel(f"{host}:{port}").channel_ready()
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                header, arrays = await transfer.receive_state(
+                    ctx, f"{host}:{port}", SERVER_ID, pb.StateRequest(stage=1,
+                                                                      include_optimizer=True))
+                assert arrays["weights"].nbytes == nbytes
+                if dataplane.is_dataplane(header) != (nbytes >= STATE_DATAPLANE_MIN_BYTES):
+                    raise RuntimeError(f"the product answered {header.meta or 'in-band'} for a "
+                                       f"state of {nbytes} bytes")
+                times.append(time.perf_counter() - t0)
+        finally:
+            await ctx.close()
+        return times
+
+    return uvloop.run(main())
+
+
 def time_raw(host: str, port: int, nbytes: int, repeats: int) -> list[float]:
     times = []
     for _ in range(repeats):
@@ -302,14 +481,16 @@ def time_raw(host: str, port: int, nbytes: int, repeats: int) -> list[float]:
     return times
 
 
-def time_raw_hashed(host: str, port: int, nbytes: int, repeats: int) -> list[float]:
-    """The raw socket plus the receiver's digest, hashed as bytes arrive like (a) does."""
+def time_raw_hashed(host: str, port: int, nbytes: int, repeats: int, alg: str = ""
+                    ) -> list[float]:
+    """The raw socket plus the receiver's digest (`alg`), hashed as bytes arrive like (a) or (p)
+    do."""
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         with socket.create_connection((host, port)) as sock:
             sock.sendall(b"x")
-            dataplane.recv_into_hashing(sock, memoryview(np.empty(nbytes, np.uint8)), "raw")
+            dataplane.recv_into_hashing(sock, memoryview(np.empty(nbytes, np.uint8)), "raw", alg)
         times.append(time.perf_counter() - t0)
     return times
 
@@ -392,16 +573,20 @@ def run_loopback(ctx: mp.context.SpawnContext, mib: float, repeats: int, with_gr
                  ) -> list[tuple[str, float, str]]:
     """Rows of (path, median MB/s, "min-max" MB/s). Paths take turns within each repeat, so a
     burst of load from other processes on this shared machine hits all of them alike."""
-    server_tls, client_tls = bench_certificates()
+    server_tls, client_tls = bench_certificates(identity_of(RECEIVER_SEED).peer_id)
     with server_process(ctx, mib, server_tls=server_tls) as info:
         n, host = info["bytes"], "127.0.0.1"
         paths: dict[str, Callable[[], list[float]]] = {
+            PRODUCT: lambda: time_product(host, info["product"], n, 1, client_tls),
+            PRODUCT_PLAIN: lambda: time_product(host, info["product_plain"], n, 1, None),
             PROJECT: lambda: time_project(host, info["project"], n, 1),
             "(a') data plane, receiver skips the digest (diagnostic)":
                 lambda: time_project(host, info["project"], n, 1, verify=False),
             RAW: lambda: time_raw(host, info["raw"], n, 1),
             "(b') raw TCP socket + digest as it arrives (same hashing as (a))":
                 lambda: time_raw_hashed(host, info["raw"], n, 1),
+            "(b'') raw TCP socket + BLAKE3 as it arrives (same hashing as (p))":
+                lambda: time_raw_hashed(host, info["raw"], n, 1, digest.BLAKE3),
         }
         if with_grpc:
             paths["(c) sync gRPC stream, ~4 MiB TensorChunks"] = (
@@ -424,7 +609,11 @@ def run_loopback(ctx: mp.context.SpawnContext, mib: float, repeats: int, with_gr
                  ""))
     t0 = time.perf_counter()
     digest.payload_digest(payload)
-    rows.append((f"digest alone, {digest.HASH_THREADS} threads, in memory (context)",
+    rows.append((f"SHA-256 tree alone, {digest.HASH_THREADS} threads, in memory (context)",
+                 n / (time.perf_counter() - t0) / 1e6, ""))
+    t0 = time.perf_counter()
+    digest.blake3_digest(payload)
+    rows.append(("BLAKE3 alone, one core, in memory (context)",
                  n / (time.perf_counter() - t0) / 1e6, ""))
     rows.append(("encode + digest at the sender, once per snapshot",
                  n / info["encode_s"] / 1e6, ""))
@@ -435,7 +624,7 @@ def run_capped(ctx: mp.context.SpawnContext, mib: float, rate_mbit: float, mtu: 
                ) -> str:
     if os.geteuid() != 0:
         return "capped link: skipped (needs root for ip netns / tc)"
-    server_tls, client_tls = bench_certificates()
+    server_tls, client_tls = bench_certificates(identity_of(RECEIVER_SEED).peer_id)
 
     def client_run(info: dict, fn: Callable[..., list[float]], *args: object) -> float:
         result = ctx.Queue()
@@ -454,8 +643,10 @@ def run_capped(ctx: mp.context.SpawnContext, mib: float, rate_mbit: float, mtu: 
                 server_process(ctx, mib, ip_a, ns_a, server_tls) as info:
             n = info["bytes"]
             seconds = client_run(info, time_project, ip_a, info["project"], n, 1)
-            streams = {name: [] for name in (STREAM, STREAM_TLS)}
+            streams = {name: [] for name in (PRODUCT, STREAM, STREAM_TLS)}
             for _ in range(2):  # taking turns, as on loopback
+                streams[PRODUCT].append(client_run(info, time_product, ip_a, info["product"], n,
+                                                   1, client_tls))
                 streams[STREAM].append(client_run(info, time_wire_stream, ip_a,
                                                   info["stream"], n, 1, None))
                 streams[STREAM_TLS].append(client_run(info, time_wire_stream, ip_a,
@@ -483,6 +674,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate-mbit", type=float, default=100)
     parser.add_argument("--mtu", type=int, default=1500, help="of the capped veth link")
     args = parser.parse_args(argv)
+    from peer import services
+
+    if services.STATE_DATAPLANE_MIN_BYTES != STATE_DATAPLANE_MIN_BYTES:
+        raise SystemExit("bench.transport: update STATE_DATAPLANE_MIN_BYTES to peer/services.py's")
     ctx = mp.get_context("spawn")
     old_env = os.environ.get("SHOAL_TLS_ON_LOOPBACK")
     os.environ["SHOAL_TLS_ON_LOOPBACK"] = "1"  # (d') runs mTLS on 127.0.0.1 as between machines
@@ -507,8 +702,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'path':<62} {'MB/s':>6} {'/ raw':>6}  {'range':>10}")
     for name, mbps, spread in rows:
         print(f"{name:<62} {mbps:>6.0f} {mbps / raw:>6.2f}  {spread:>10}")
+    if args.mib * MIB < STATE_DATAPLANE_MIN_BYTES:
+        print(f"note: (p) and (p') went in-band: states under {STATE_DATAPLANE_MIN_BYTES >> 20} "
+              "MiB do (peer/services.py STATE_DATAPLANE_MIN_BYTES)")
     print(capped)
-    ratio = by_name[PROJECT] / raw
+    ratio = by_name[PRODUCT] / raw
     print(targets_line([(TARGET, ratio)]))
     print(f"transport: grpc/raw = {TARGET.figure(ratio)}")
     return 0

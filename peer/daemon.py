@@ -64,7 +64,7 @@ from peer.sync.base import SyncMode
 from peer.sync.registry import make_driver, make_sync_mode
 from peer.sync.replay import replay_rounds
 from peer.sync.rounds import SyncRounds
-from protocols import auth, codec, tls
+from protocols import auth, codec, dataplane, tls
 from protocols import shoal_pb2 as pb
 from protocols import shoal_pb2_grpc as pbg
 from protocols.admission import parse_token
@@ -134,6 +134,10 @@ class PeerDaemon:
         self.reach_notice = ReachNotice()  # logs what the coordinator's dial-back found
         self.relay_link: RelayLink | None = None  # attaches to a relay while nobody can dial in
         self.relay_hub: RelayHub | None = None  # the relay it offers with --relay
+        # bulk state downloads (StateService), started once joined; TLS with the leaf when the
+        # gRPC server is mTLS (`_dataplane_leaf` is the leaf its context holds)
+        self.dataplane: dataplane.DataPlaneServer | None = None
+        self._dataplane_leaf: tls.PeerTls | None = None
 
     # ------------------------------------------------------------------ what collaborators use
 
@@ -245,6 +249,7 @@ class PeerDaemon:
             self.server_tls.update(leaf)
         self.address = joined.address or self.address
         self._check_link(bind)
+        await self._start_dataplane(bind)
         self.spec = joined.spec
         self.view = joined.view
         log.info("joined %s as %s at %s: stage %d of %d, sync %s", coordinator,
@@ -441,6 +446,7 @@ class PeerDaemon:
                 res = await self.client.heartbeat(self.stats())
                 if self.server_tls is not None and self.client.tls() is not None:
                     self.server_tls.update(self.client.tls())  # a re-join renews the leaf
+                    self._renew_dataplane_leaf(self.client.tls())
                 self.address = self.client.registered_address or self.address
                 self.reach_notice.update(res.reach, res.relay, self.address)
                 view = res.view
@@ -574,6 +580,8 @@ class PeerDaemon:
         if self.relay_hub is not None:
             await self.relay_hub.stop()
         await self.server.stop(1.0)
+        if self.dataplane is not None:
+            await self.dataplane.close()
         await self.metrics.stop()
         await self._channels.close()
         await self.client.close()
@@ -582,6 +590,35 @@ class PeerDaemon:
         log.info("peer %s stopped", self.peer_id[:8])
         return 0
 
+
+    async def _start_dataplane(self, bind: str) -> None:
+        """The data plane beside the gRPC server (same interfaces, a port of its own): state
+        downloads go over it to receivers that ask (peer/services.py StateService). Its TLS is
+        the gRPC server's: the peer's leaf, client leaves of the swarm CA required. Receivers
+        dial the host of the gRPC address they called, so the advertised host is informative."""
+        context = None
+        if self.server_tls is not None:
+            leaf = self.client.tls()
+            context = dataplane.peer_server_context(leaf.ca_pem, leaf.cert_pem, leaf.key_pem)
+            self._dataplane_leaf = leaf
+        plane = dataplane.DataPlaneServer(bind, 0, advertise_host=self._own_host(),
+                                          ssl_context=context)
+        try:
+            await plane.start()
+        except OSError as exc:  # downloads from this peer stay in-band
+            log.warning("no data plane on %s (%s): state downloads from this peer go in-band",
+                        bind, exc)
+            return
+        self.dataplane = plane
+        log.info("data plane at %s:%d (%s)", bind, plane.port,
+                 "mTLS" if context is not None else "plaintext")
+
+    def _renew_dataplane_leaf(self, leaf: tls.PeerTls) -> None:
+        plane = self.dataplane
+        if plane is None or plane.ssl_context is None or leaf == self._dataplane_leaf:
+            return
+        dataplane.renew_leaf(plane.ssl_context, leaf.cert_pem, leaf.key_pem)
+        self._dataplane_leaf = leaf
 
     def _own_host(self) -> str:
         """The host others reach this peer at (where a --relay peer's relayed ports are)."""

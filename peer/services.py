@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ from peer.sync.registry import FORWARD_KINDS
 from peer.sync.replay import replay_rounds
 from peer.sync.rounds import ACK_KEY, DEAD_PROBE_AFTER_S, SyncRounds
 from peer.sync.rounds import PROBE_S as DEAD_PROBE_S
-from protocols import auth, codec, tensor_stream
+from protocols import auth, codec, dataplane, digest, tensor_stream
 from protocols import shoal_pb2 as pb
 from protocols import shoal_pb2_grpc as pbg
 from protocols.tensor_stream import Assembler, MalformedStream
@@ -51,6 +52,10 @@ log = logging.getLogger("shoal.services")
 #: is answered (see `StageService.EndStep`)
 REPLAY_INLINE = 8
 INFERENCE = authz.INFERENCE  # the Forward meta "mode" of an inference call (no graph kept)
+#: a state of at least this many bytes goes over the data plane to a receiver that takes it
+#: (SHOAL_STATE_DATAPLANE_MIN_BYTES overrides it: swarm tests send their small states that way)
+STATE_DATAPLANE_MIN_BYTES = int(os.environ.get("SHOAL_STATE_DATAPLANE_MIN_BYTES", "")
+                                or dataplane.DATAPLANE_MIN_BYTES)
 
 
 class ServiceContext(PeerContext, Protocol):
@@ -458,6 +463,14 @@ class SyncService(pbg.SyncServicer):
 
 
 class StateService(pbg.StateServicer):
+    """`State.Download`: the stage's state, snapshotted between steps and encoded under the step
+    lock on a worker thread (the loop keeps serving). To a receiver that takes it
+    (StateRequest.accept_dataplane) and a state of at least STATE_DATAPLANE_MIN_BYTES, the answer
+    is a header pointing at the peer's data plane (`ctx.dataplane`, a protocols.dataplane
+    DataPlaneServer the daemon runs, TLS with the peer's leaf when its gRPC server is mTLS),
+    with a BLAKE3 payload digest when the receiver accepts it (StateRequest.accept_digests);
+    otherwise, or when the data plane is full, the in-band stream of 2 MiB chunks as before."""
+
     def __init__(self, ctx: ServiceContext) -> None:
         self.d = ctx
         self.policy = authz.Policy.of(ctx)
@@ -475,11 +488,14 @@ class StateService(pbg.StateServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"this peer does not hold a ready stage {request.stage}")
             return
-        # Snapshot between steps: the step lock keeps an optimizer step from tearing it.
+        plane: dataplane.DataPlaneServer | None = getattr(d, "dataplane", None)  # daemon's
+        # Snapshot between steps: the step lock keeps an optimizer step from tearing it (the
+        # arrays may share memory with the live tensors, so they are encoded under it too).
         checkpoint = (d.mode.joiner_checkpoint() if request.ledger_snapshot and d.mode is not None
                       else None)
         if checkpoint is not None:  # SPSA: the last hash-checked checkpoint; the joiner replays
             step, arrays, state_hash = checkpoint
+            enc = await asyncio.to_thread(self._encode, request, plane, arrays)
         else:
             async with d.step_lock:
                 if request.include_optimizer:  # a joining replica: everything, as it is
@@ -488,12 +504,38 @@ class StateService(pbg.StateServicer):
                 else:  # export / inference: the agreed weights, hashed as sent
                     arrays, state_hash = await host.run(host.agreed_arrays)
                 step = host.step
+                enc = await asyncio.to_thread(self._encode, request, plane, arrays)
         header = pb.CallHeader(kind="state", step=step, stage=host.stage, sender=d.peer_id)
         header.meta["state_hash"] = state_hash
         header.meta["sync_mode"] = d.spec.sync.mode
-        for chunk in wire.encode_chunks(header, arrays, pb.RAW):
+        codec.fill_header(header, enc)
+        if self._over_dataplane(request, plane, enc.total_bytes):
+            try:
+                answer = plane.offer(header, enc.payload)
+            except dataplane.TooManyTickets as exc:
+                log.info("state download in-band: %s", exc)
+            else:
+                d.counter.add("state", sent=answer.ByteSize() + enc.total_bytes)
+                yield pb.TensorChunk(header=answer)
+                return
+        for chunk in tensor_stream.chunks(header, enc.payload, wire.CHUNK_BYTES):
             d.counter.add("state", sent=chunk.ByteSize())
             yield chunk
+
+    @staticmethod
+    def _over_dataplane(request: pb.StateRequest, plane: dataplane.DataPlaneServer | None,
+                        nbytes: int) -> bool:
+        return (request.accept_dataplane and plane is not None
+                and nbytes >= STATE_DATAPLANE_MIN_BYTES)
+
+    def _encode(self, request: pb.StateRequest, plane: dataplane.DataPlaneServer | None,
+                arrays: dict) -> codec.Encoded:
+        """The state's payload, digested with BLAKE3 when it goes over the data plane to a
+        receiver that checks BLAKE3 (cheaper for both ends: protocols.digest), else SHA-256."""
+        nbytes = sum(getattr(a, "nbytes", 0) for a in arrays.values())
+        alg = (digest.BLAKE3 if self._over_dataplane(request, plane, nbytes)
+               and digest.BLAKE3 in request.accept_digests else digest.SHA256_TREE)
+        return codec.encode(arrays, pb.RAW, digest=alg)
 
 
 def serve(ctx: ServiceContext, address: str,

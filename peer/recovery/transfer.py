@@ -2,9 +2,16 @@
 against what the coordinator attests.
 
 `State.Download` streams the sender's state arrays and the state hash it claims
-(peer/services.py's StateService). Whoever takes a state — a joining or re-downloading replica
-(`download_state`), a rebuild that needs a neighbour's weights (peer/recovery/rebuild.py) — loads
-it into a StageHost and recomputes the hash there. Two checks:
+(peer/services.py's StateService). The download asks for the data plane (protocols.dataplane:
+the payload over one raw TCP connection, mTLS when the peers' gRPC link is, BLAKE3 payload
+digest checked as bytes land; `receive_state`), and falls back to the in-band gRPC stream when
+the sender's data plane cannot be reached (a relayed peer, a firewall): that sender's address
+is then asked in-band for the rest of the process. Either way the payload digest is checked
+before anything is decoded, and the state hash checks below are the same.
+
+Whoever takes a state — a joining or re-downloading replica (`download_state`), a rebuild that
+needs a neighbour's weights (peer/recovery/rebuild.py) — loads it into a StageHost and
+recomputes the hash there. Two checks:
 
 - the state hashes to what its sender claims (corruption, a torn snapshot);
 - the hash is the one the coordinator attests for the stage at that step (StageInfo.
@@ -34,6 +41,7 @@ from peer.context import PeerContext
 from peer.pipeline import wire
 from peer.pipeline.stage_host import StageError, StageHost
 from peer.sync.base import SyncMode
+from protocols import dataplane, digest, tls
 from protocols import shoal_pb2 as pb
 from protocols import shoal_pb2_grpc as pbg
 from protocols.coordinator_client import SwarmView
@@ -43,6 +51,49 @@ DOWNLOAD_TIMEOUT_S = 120
 ATTEST_TRIES = 4  # downloads of one source whose step no attestation matched, before giving up
 ATTEST_POLLS = 3  # view refreshes while the attestation trails the downloaded step
 ATTEST_POLL_S = 0.3
+_IN_BAND_ONLY: set[str] = set()  # addresses whose data plane could not be reached
+
+
+async def receive_state(ctx: PeerContext, address: str, peer_id: str, request: pb.StateRequest,
+                        *, timeout: float = DOWNLOAD_TIMEOUT_S
+                        ) -> tuple[pb.CallHeader, dict]:
+    """One `State.Download` from the peer `peer_id` at `address` exactly as peers make it: over
+    `ctx.channel(address)` (protocols.tls.peer_channel), asking for the data plane and BLAKE3
+    unless that address's data plane failed before; the answer is received whichever way it
+    comes (protocols.dataplane.receive: payload digest and finiteness checked, then decoded).
+    The data plane is dialed at `address`'s host, over mTLS (the callee's leaf must name
+    `peer_id`) when the gRPC link is. A data plane that cannot be reached or fails mid-transfer
+    makes one more call in-band. Bytes count as "state" received (gRPC messages and payload).
+    Raises what dataplane.receive raises (codec errors for a bad payload), grpc errors."""
+    stub = pbg.StateStub(ctx.channel(address))
+    host = tls.split_host_port(address)[0]
+    ask = pb.StateRequest()
+    ask.CopyFrom(request)
+    if address not in _IN_BAND_ONLY:
+        ask.accept_dataplane = True
+        ask.accept_digests[:] = [digest.BLAKE3]
+    own = ctx.client.tls() if getattr(ctx, "client", None) is not None else None
+    context = (dataplane.peer_client_context(own.ca_pem, own.cert_pem, own.key_pem)
+               if own is not None and not tls.link_is_local(host) else None)
+    call = stub.Download(ask, timeout=timeout)
+    try:
+        header, arrays = await dataplane.receive(
+            wire.counted(call.__aiter__(), ctx.counter, "state"), ctx.state_limits(),
+            ssl_context=context, server_hostname=peer_id or None, dial_host=host,
+            timeout=min(timeout, 30.0))
+    except dataplane.DataPlaneError as exc:
+        if not ask.accept_dataplane:
+            raise
+        log.warning("state download from %s: its data plane failed (%s); asking in-band",
+                    peer_id[:8] or address, exc)
+        _IN_BAND_ONLY.add(address)
+        return await receive_state(ctx, address, peer_id, request, timeout=timeout)
+    if dataplane.is_dataplane(header):
+        ctx.counter.add("state", received=header.total_bytes)
+        log.info("state of stage %d from %s: %d bytes over the data plane (%s, %s digest)",
+                 header.stage, peer_id[:8] or address, header.total_bytes,
+                 "mTLS" if context is not None else "plaintext", header.digest or "SHA-256 tree")
+    return header, arrays
 
 
 class Unverified(StageError):
@@ -97,13 +148,10 @@ async def fetch_state(ctx: PeerContext, pid: str, into: StageHost, *,
     A SPSA checkpoint (`ledger_snapshot`) is of an older step: only its claim is checked here,
     the ledger replay and the heartbeats check the rest.
     """
-    stub = pbg.StateStub(ctx.channel(ctx.address_of(pid)))
+    address = ctx.address_of(pid)
     for _ in range(ATTEST_TRIES):
-        call = stub.Download(pb.StateRequest(stage=into.stage, include_optimizer=True,
-                                             ledger_snapshot=ledger_snapshot),
-                             timeout=DOWNLOAD_TIMEOUT_S)
-        header, arrays = await wire.receive(call.__aiter__(), ctx.state_limits(), ctx.counter,
-                                            "state")
+        header, arrays = await receive_state(ctx, address, pid, pb.StateRequest(
+            stage=into.stage, include_optimizer=True, ledger_snapshot=ledger_snapshot))
         await into.run(into.load_state_arrays, arrays)
         got = await into.run(into.state_hash)
         claimed = header.meta.get("state_hash", "")
