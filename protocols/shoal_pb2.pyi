@@ -254,18 +254,22 @@ class StageInfo(_message.Message):
     def __init__(self, stage: _Optional[int] = ..., replicas: _Optional[_Iterable[str]] = ..., throughput: _Optional[float] = ..., grad_norm: _Optional[float] = ..., step: _Optional[int] = ..., rebuild: _Optional[str] = ..., attested_hash: _Optional[str] = ..., attested_step: _Optional[int] = ...) -> None: ...
 
 class SwarmView(_message.Message):
-    __slots__ = ("epoch", "swarm_id", "peers", "stages", "revoked")
+    __slots__ = ("epoch", "swarm_id", "peers", "stages", "revoked", "delta_from", "removed")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SWARM_ID_FIELD_NUMBER: _ClassVar[int]
     PEERS_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
     REVOKED_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FROM_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     swarm_id: str
     peers: _containers.RepeatedCompositeFieldContainer[PeerInfo]
     stages: _containers.RepeatedCompositeFieldContainer[StageInfo]
     revoked: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, epoch: _Optional[int] = ..., swarm_id: _Optional[str] = ..., peers: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., revoked: _Optional[_Iterable[str]] = ...) -> None: ...
+    delta_from: int
+    removed: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, epoch: _Optional[int] = ..., swarm_id: _Optional[str] = ..., peers: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ..., stages: _Optional[_Iterable[_Union[StageInfo, _Mapping]]] = ..., revoked: _Optional[_Iterable[str]] = ..., delta_from: _Optional[int] = ..., removed: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TensorHeader(_message.Message):
     __slots__ = ("name", "dtype", "shape", "encoding", "payload_bytes", "block_size")
