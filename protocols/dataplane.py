@@ -89,6 +89,7 @@ DATAPLANE_MIN_BYTES = 8 << 20  # smaller payloads go in-band: a second connectio
 WRITE_CHUNK = 4 << 20  # per transport.write + drain on the serving loop
 RECV_CHUNK = 1 << 20  # per recv_into; hashed while still warm in cache (measured best of 0.25-4)
 HASH_THREADS_MIN_BYTES = 16 << 20  # smaller payloads: one hash thread beside the recv loop
+NOTIFY_BYTES = 256 << 10  # the hashers hear of landed bytes at least this many at a time
 CONNECT_TIMEOUT = 5.0  # seconds to reach the data plane before the caller falls back in-band
 
 
@@ -462,7 +463,7 @@ def _pool_for(view: memoryview, alg: str = "") -> LeafPool | Blake3Stream:
 def _fill(sock: socket.socket, view: memoryview, where: str, pool: LeafPool | Blake3Stream
           ) -> bytes:
     """The receive loop of `recv_into_hashing`, telling `pool` (and its watchers) what landed."""
-    total, got = len(view), 0
+    total, got, told = len(view), 0, 0
     try:
         while got < total:
             n = sock.recv_into(view[got: min(total, got + RECV_CHUNK)])
@@ -470,7 +471,9 @@ def _fill(sock: socket.socket, view: memoryview, where: str, pool: LeafPool | Bl
                 raise TruncatedPayload(f"data plane at {where} closed after {got} of {total} "
                                        "bytes")
             got += n
-            pool.filled(got)
+            if got - told >= NOTIFY_BYTES or got == total:  # TLS reads come 16 KiB at a time
+                pool.filled(got)
+                told = got
         return pool.digest()
     except OSError as exc:
         raise DataPlaneError(f"data plane at {where} failed after {got} of {total} bytes: "
