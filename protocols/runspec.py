@@ -108,6 +108,9 @@ class DemoSection:
     trim: float = 0.25  # per side, for trimmed_mean (at least one replica when > 0)
     clip_norm: float = 0.0  # for clipped_mean; <= 0: the median of the replicas' norms
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    # true: step t's round runs while step t+1 computes, applied one step late
+    # (peer/sync/demo_delayed.py)
+    delayed: bool = False
 
 
 @dataclass(frozen=True)

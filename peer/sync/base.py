@@ -2,8 +2,9 @@
 
 The daemon and the services know a sync mode only through these hooks; which class a run uses is
 peer/sync/registry.py's business, nowhere else's. Two families:
-- `RoundMode` (allreduce.py, demo.py, diloco.py, diloco_delayed.py): the stage's replicas run a
-  leader-collects round (peer/sync/rounds.py) on the steps where `exchanges(step)`:
+- `RoundMode` (allreduce.py, demo.py, demo_delayed.py, diloco.py, diloco_delayed.py): the
+  stage's replicas run a leader-collects round (peer/sync/rounds.py) on the steps where
+  `exchanges(step)`:
   `contribution` (every replica) -> `aggregate` (the round's leader) -> `apply` (every replica,
   the same aggregate bytes);
 - modes that exchange nothing between the replicas of a stage and agree otherwise: SPSA

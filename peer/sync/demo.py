@@ -144,7 +144,14 @@ class DemoMode(RoundMode):
         return out, {"included": ",".join(relayed), "dropped": dropped_text(dropped)}
 
     def apply(self, host: StageHost, result: Arrays, meta: Meta) -> float:
+        self.update(host, result, meta)
         local = self._state(host)
+        host.finish_step(local.norm)
+        return local.norm
+
+    def update(self, host: StageHost, result: Arrays, meta: Meta) -> None:
+        """The sign step of one round's relayed packets (nothing for a skipped round), without
+        closing the step. Compute thread."""
         params = list(host.module.parameters())
         relayed = [r for r in meta.get("included", "").split(",") if r]
         if meta.get("skip") != "1" and result and relayed:
@@ -164,5 +171,3 @@ class DemoMode(RoundMode):
                 demo.apply(params, agg, self._lr(host))
             except OptimError as exc:
                 log.warning("demo step %d applies nothing: %s", host.step + 1, exc)
-        host.finish_step(local.norm)
-        return local.norm

@@ -14,6 +14,7 @@ from peer.pipeline.driver import Driver
 from peer.sync.allreduce import AllreduceMode, RobustAllreduceMode
 from peer.sync.base import SyncMode
 from peer.sync.demo import DemoMode
+from peer.sync.demo_delayed import DelayedDemoMode
 from peer.sync.diloco import DilocoMode
 from peer.sync.diloco_delayed import DelayedDilocoMode
 from peer.sync.diloco_streaming import StreamingDilocoMode
@@ -29,6 +30,10 @@ def _allreduce(spec: RunSpec) -> SyncMode:
     return AllreduceMode(a.aggregator, a.trim, a.clip_norm)
 
 
+def _demo(spec: RunSpec) -> SyncMode:
+    return DelayedDemoMode(spec) if spec.sync.demo.delayed else DemoMode(spec)
+
+
 def _diloco(spec: RunSpec) -> SyncMode:
     d = spec.sync.diloco
     if d.streaming_fragments > 0:
@@ -39,7 +44,7 @@ def _diloco(spec: RunSpec) -> SyncMode:
 #: sync.mode -> the factory of its replica-side mode
 MODES: dict[str, Callable[[RunSpec], SyncMode]] = {
     "allreduce": _allreduce,
-    "demo": DemoMode,
+    "demo": _demo,
     "diloco": _diloco,
     "spsa": SpsaMode,
 }
@@ -47,7 +52,7 @@ MODES: dict[str, Callable[[RunSpec], SyncMode]] = {
 #: every Forward header meta "mode" a sync mode's stream may carry (services refuse a stream
 #: of a mode this replica does not run, instead of computing it as a plain forward)
 FORWARD_KINDS: frozenset[str] = frozenset().union(*(cls.forward_kinds for cls in (
-    AllreduceMode, RobustAllreduceMode, DemoMode, DilocoMode, DelayedDilocoMode,
+    AllreduceMode, RobustAllreduceMode, DemoMode, DelayedDemoMode, DilocoMode, DelayedDilocoMode,
     StreamingDilocoMode, SpsaMode)))
 
 

@@ -17,7 +17,14 @@ import pytest
 from protocols.runspec import RunSpec
 from shoal.swarm import Swarm, read_metrics
 from tests.swarm.conftest import LAYOUT
-from tests.swarm.local_swarm import step_of, wait_for, wait_replicas_agree
+from tests.swarm.local_swarm import (
+    check_replicas_of_an_endless_run,
+    holders,
+    spec_with,
+    step_of,
+    wait_for,
+    wait_replicas_agree,
+)
 
 TINY = {"model.d_model": 32, "model.n_layers": 2, "model.n_heads": 4, "model.seq_len": 32,
         "pipeline.stages": 2, "pipeline.microbatch": 4, "pipeline.target_batch": 16,
@@ -45,6 +52,38 @@ def test_demo_swarm_trains_and_replicas_agree(swarm_of) -> None:
     spec = RunSpec().replace(**{**TINY, "run.steps": STEPS, "sync.mode": "demo",
                                 "sync.demo.lr": 3e-3, "sync.demo.topk": 8})
     train_and_check(swarm_of(spec), drop=0.3)
+
+
+def test_delayed_demo_swarm_trains_and_replicas_agree_after_the_flush(swarm_of) -> None:
+    """sync.demo.delayed: each step's round runs behind the next step and lands one step late;
+    the last step flushes, so the replicas end on one hash, and none is taken for drifted."""
+    spec = RunSpec().replace(**{**TINY, "run.steps": STEPS, "sync.mode": "demo",
+                                "sync.demo.lr": 3e-3, "sync.demo.topk": 8,
+                                "sync.demo.delayed": True})
+    swarm = swarm_of(spec)
+    train_and_check(swarm, drop=0.3)
+    logs = "".join(f.read_text() for f in swarm.logs.glob("peer*.log"))
+    assert "re-downloading" not in logs
+
+
+@pytest.mark.slow
+def test_delayed_demo_late_joiner_catches_up(swarm_factory) -> None:
+    """A replica that joins while a round is in flight has no part in it: it is found out by
+    the hash check, downloads once more, and then trains in step with its stage."""
+    swarm = swarm_factory(spec_with(**{"sync.mode": "demo", "sync.demo.lr": 3e-3,
+                                       "sync.demo.topk": 8, "sync.demo.delayed": True}),
+                          [0, 1, 2])
+    wait_for("4 steps", lambda: step_of(swarm) >= 4, 120, swarm)
+    swarm.add_peer(5, ["--stage", "2", "--grace", "10"])
+
+    def joined() -> bool:
+        reps = holders(swarm).get(2, [])
+        return len(reps) == 2 and min(p["step"] for p in reps) > 0
+    wait_for("the late joiner training", joined, 90, swarm)
+    at = step_of(swarm)
+    wait_for("10 more steps with the joiner", lambda: step_of(swarm) >= at + 10, 90, swarm)
+    check_replicas_of_an_endless_run(swarm, swarm.peers[:1], {0: 1, 1: 1, 2: 2})
+    assert "downloaded state" in (swarm.logs / "peer5.log").read_text()
 
 
 def test_diloco_swarm_trains_and_replicas_agree_after_outer_steps(swarm_of) -> None:
