@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import grpc
+import numpy as np
 import torch
 
 from peer import authz
@@ -509,16 +510,18 @@ class StateService(pbg.StateServicer):
         header.meta["state_hash"] = state_hash
         header.meta["sync_mode"] = d.spec.sync.mode
         codec.fill_header(header, enc)
+        payload = enc.payload
         if self._over_dataplane(request, plane, enc.total_bytes):
             try:
-                answer = plane.offer(header, enc.payload)
+                answer = plane.offer(header, payload)
             except dataplane.TooManyTickets as exc:
                 log.info("state download in-band: %s", exc)
+                payload = await asyncio.to_thread(bytes, payload)  # protobuf takes bytes
             else:
                 d.counter.add("state", sent=answer.ByteSize() + enc.total_bytes)
                 yield pb.TensorChunk(header=answer)
                 return
-        for chunk in tensor_stream.chunks(header, enc.payload, wire.CHUNK_BYTES):
+        for chunk in tensor_stream.chunks(header, payload, wire.CHUNK_BYTES):
             d.counter.add("state", sent=chunk.ByteSize())
             yield chunk
 
@@ -533,9 +536,38 @@ class StateService(pbg.StateServicer):
         """The state's payload, digested with BLAKE3 when it goes over the data plane to a
         receiver that checks BLAKE3 (cheaper for both ends: protocols.digest), else SHA-256."""
         nbytes = sum(getattr(a, "nbytes", 0) for a in arrays.values())
-        alg = (digest.BLAKE3 if self._over_dataplane(request, plane, nbytes)
-               and digest.BLAKE3 in request.accept_digests else digest.SHA256_TREE)
-        return codec.encode(arrays, pb.RAW, digest=alg)
+        if not self._over_dataplane(request, plane, nbytes):
+            return codec.encode(arrays, pb.RAW)
+        alg = digest.BLAKE3 if digest.BLAKE3 in request.accept_digests else digest.SHA256_TREE
+        return encode_state(arrays, alg)
+
+
+def encode_state(arrays: dict, alg: str) -> codec.Encoded:
+    """`codec.encode(arrays, pb.RAW, digest=alg)` with the payload assembled in one numpy buffer
+    (so `Encoded.payload` is a uint8 array, for the data plane, which takes any buffer).
+
+    Why: a large numpy buffer gets transparent huge pages (THP is "madvise" here and numpy
+    advises it), a fresh `bytes` object (codec.encode's b"".join) gets 4 KiB pages, and
+    faulting those in made the sender's snapshot ~2.5x slower: 256 MiB float32 with the BLAKE3
+    digest took 289 ms through codec.encode and 116 ms this way (medians of 5, load ~4.8).
+    Same TensorHeaders, payload bytes and digest as codec.encode (tested); arrays of any other
+    kind than the codec's plain little-endian dtypes go through codec.encode."""
+    tensors, parts = [], []
+    for name, value in arrays.items():
+        array = np.asarray(value)
+        label = "bool" if array.dtype == np.bool_ else array.dtype.name
+        if codec.DTYPES.get(label) != array.dtype or not array.dtype.isnative:
+            return codec.encode(arrays, pb.RAW, digest=alg)
+        parts.append(array)
+        tensors.append(pb.TensorHeader(name=name, dtype=label, shape=array.shape,
+                                       encoding=pb.RAW, payload_bytes=array.nbytes))
+    payload = np.empty(sum(a.nbytes for a in parts), np.uint8)
+    offset = 0
+    for array in parts:  # one copy each, strided or not, straight into the payload
+        np.copyto(payload[offset: offset + array.nbytes].view(array.dtype).reshape(array.shape),
+                  array)
+        offset += array.nbytes
+    return codec.Encoded(tensors, payload, digest.payload_digest(payload, alg=alg), alg)
 
 
 def serve(ctx: ServiceContext, address: str,

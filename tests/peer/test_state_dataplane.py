@@ -219,3 +219,26 @@ async def _pointer(ctx, address) -> pb.CallHeader:
     chunks = [c async for c in call]
     assert len(chunks) == 1 and dataplane.is_dataplane(chunks[0].header)
     return chunks[0].header
+
+
+@pytest.mark.parametrize("alg", [digest.BLAKE3, digest.SHA256_TREE])
+def test_the_senders_snapshot_encoding_is_codec_encode_byte_for_byte(alg) -> None:
+    rng = np.random.default_rng(3)
+    grid = rng.standard_normal((64, 48)).astype(np.float32)
+    arrays = {
+        "model.w": grid.T,  # strided: copied straight into the payload
+        "model.b": rng.standard_normal(48).astype(np.float32),
+        "mode.steps": np.array(7, np.int64),  # 0-d
+        "mode.mask": rng.random(33) > 0.5,
+        "mode.bits": rng.integers(0, 65535, 17, dtype=np.uint16),
+        "mode.empty": np.zeros((0, 5), np.float64),
+    }
+    fast, slow = services.encode_state(arrays, alg), codec.encode(arrays, pb.RAW, digest=alg)
+    assert fast.tensors == slow.tensors and fast.alg == slow.alg == alg
+    assert bytes(fast.payload) == slow.payload and bytes(fast.sha256) == bytes(slow.sha256)
+    header = codec.fill_header(pb.CallHeader(), fast)
+    out = codec.decode(header, fast.payload, codec.Limits())
+    np.testing.assert_array_equal(out["model.w"], grid.T)
+    big_endian = {"w": np.arange(4, dtype=">f4")}  # not the codec's storage: codec.encode's
+    fast, slow = services.encode_state(big_endian, alg), codec.encode(big_endian, digest=alg)
+    assert fast.tensors == slow.tensors and bytes(fast.payload) == slow.payload
