@@ -54,6 +54,7 @@ import grpc
 from coordinator import checkpoints
 from coordinator.ca import CaError, CoordinatorCA
 from coordinator.events import Event, EventLog, History
+from coordinator.gcpolicy import GcPolicy
 from coordinator.http import DEFAULT_MAX_SSE_CLIENTS, make_app, start_http
 from coordinator.membership import DEFAULT_REJOIN_COOLDOWN_S, RESTART_EPOCH_GAP, Membership
 from coordinator.pacing import Pacer
@@ -498,6 +499,7 @@ async def _run(args: argparse.Namespace) -> int:
         return 2
     svc = handle.service
     tune_interpreter()
+    svc.gc_policy = GcPolicy()  # this process's collector pauses (coordinator/gcpolicy.py)
     print(f"shoal coordinator: gRPC listening on {handle.grpc_address} (swarm {svc.swarm_id}, "
           f"epoch {svc.membership.epoch}, {len(svc.membership.live_members())} live members)",
           flush=True)

@@ -33,6 +33,7 @@ Invariants:
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
 
 from coordinator.assignment import (
@@ -53,6 +54,7 @@ from protocols.runspec import RunSpec
 HEALTHY_STATES = frozenset(READY_STATES)
 RESTART_EPOCH_GAP = 1000
 DEFAULT_REJOIN_COOLDOWN_S = 5.0
+CHANGE_LOG = 65_536  # member changes remembered for view deltas
 
 
 class Banned(Exception):
@@ -138,6 +140,33 @@ class _Stage:
     dirty: bool = True  # a replica's stats or the replica set changed since the last attest
     trained: bool = False  # a replica reported a step > 0 here (whether an emptied stage needs
     # a rebuild; a liar can only make the next holder rebuild rather than start afresh)
+    # the replicas' throughput summed in micro-samples/s (an integer: adding and removing
+    # members never drifts), kept up to date so that a Join need not sum the swarm (O(N))
+    throughput_u: int = 0
+
+    def add(self, m: Member) -> None:
+        self.replicas.add(m.peer_id)
+        self.throughput_u += _micro(m.throughput)
+        self.dirty = True
+
+    def discard(self, m: Member) -> None:
+        if m.peer_id in self.replicas:
+            self.replicas.discard(m.peer_id)
+            self.throughput_u -= _micro(m.throughput)
+        self.dirty = True
+
+
+def _micro(samples_per_s: float) -> int:
+    return round(samples_per_s * 1e6) if math.isfinite(samples_per_s) else 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Totals:
+    """A stage as a Join's assignment sees it (what `assign_stage` and `stage_for_hint` read
+    of a StageLoad: its replicas and its capacity), from the running totals: O(1) a stage."""
+
+    replicas: set[str]
+    capacity: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +240,10 @@ class Membership:
         self.dropped_total = 0
         self.bytes_by_kind_total: dict[str, int] = {}
         self._curve_mark: tuple[int, int] | None = None  # (step, bytes) of the last point
+        # (epoch, peer id) of every member change, for view deltas (coordinator/views.py): a
+        # delta from epoch E is complete while E >= changes_from
+        self.changes: deque[tuple[int, str]] = deque(maxlen=CHANGE_LOG)
+        self.changes_from = epoch
 
     # ------------------------------------------------------------------ queries
 
@@ -316,9 +349,9 @@ class Membership:
         self._cooldown.pop(peer_id, None)
         old = self._members.get(peer_id)
         if old is not None and old.live:
-            self._stages[old.stage].replicas.discard(peer_id)
-            self._stages[old.stage].dirty = True
-        hinted = stage_for_hint(stage_hint, self._loads(),
+            self._stages[old.stage].discard(old)
+        loads = self._join_loads()
+        hinted = stage_for_hint(stage_hint, loads,
                                 held=old.stage if old is not None else None,
                                 rebuilding={i for i, st in enumerate(self._stages) if st.rebuild},
                                 trusted=self.trust_stage_hints)
@@ -329,7 +362,7 @@ class Membership:
         elif old is not None and old.live:
             stage = old.stage
         else:
-            stage = assign_stage(self._loads(), benchmark.samples_per_s, allowed,
+            stage = assign_stage(loads, benchmark.samples_per_s, allowed,
                                  self._only_fits(peer_id, benchmark, allowed))
         # the stages' last attested steps (sweep attests every tick; not recomputed here, so a
         # join storm stays O(1) per join); the hint only seeds the member's reported step
@@ -345,8 +378,7 @@ class Membership:
             m.beat_tokens, m.beat_at = old.beat_tokens, old.beat_at
         m.stats.step = clamped
         self._members[peer_id] = m
-        self._stages[stage].replicas.add(peer_id)
-        self._stages[stage].dirty = True
+        self._stages[stage].add(m)
         self._revoked.pop(peer_id, None)
         self._deleted.discard(peer_id)
         self.counters["joins" if kind == "join" else "rejoins"] += 1
@@ -374,8 +406,10 @@ class Membership:
         self._count_bytes(m.stats, stats)
         if stats.state != m.state:
             self._state_changed(m, stats.state, now, report)
+        before = _micro(m.throughput)
         m.stats = stats
         st = self._stages[m.stage]
+        st.throughput_u += _micro(m.throughput) - before
         st.dirty = True  # attested again when next asked for (O(1) here)
         st.trained = st.trained or (stats.step > 0 and stats.state in HEALTHY_STATES)
         self._progressed.add(peer_id)
@@ -524,9 +558,8 @@ class Membership:
 
     def _move(self, move: Move, now: float, detail: str) -> None:
         m = self._members[move.peer_id]
-        self._stages[m.stage].replicas.discard(m.peer_id)
-        self._stages[move.to_stage].replicas.add(m.peer_id)
-        self._stages[m.stage].dirty = self._stages[move.to_stage].dirty = True
+        self._stages[m.stage].discard(m)
+        self._stages[move.to_stage].add(m)
         m.stage = move.to_stage
         m.pending_action = "move"
         self.counters["moves"] += 1
@@ -548,12 +581,13 @@ class Membership:
                 m.lease_expires = now + grace_s
                 m.pending_action = ""
                 st = self._stages[m.stage]
-                st.replicas.add(m.peer_id)
-                st.dirty = True
+                st.add(m)
                 st.trained = st.trained or m.stats.step > 0
             elif m.cert_expires > now:
                 self._revoked[m.peer_id] = m.cert_expires
         self._bump()
+        self.changes.clear()
+        self.changes_from = self.epoch
         self.events.append(Event(now, "restart", "", -1, detail))
 
     def sample_history(self, now: float) -> HistoryPoint | None:
@@ -605,6 +639,9 @@ class Membership:
 
     def _changed_member(self, m: Member, event: Event) -> None:
         self._bump()
+        if len(self.changes) == CHANGE_LOG:
+            self.changes_from = self.changes[0][0]
+        self.changes.append((self.epoch, m.peer_id))
         self._changed.add(m.peer_id)
         self.events.append(event)
 
@@ -612,6 +649,12 @@ class Membership:
         block_share = 1.0 - self.spec.pipeline.skip_ratio
         return {i: StageLoad({p: self._members[p].throughput for p in st.replicas},
                              1.0 if i == 0 else block_share)
+                for i, st in enumerate(self._stages)}
+
+    def _join_loads(self) -> dict[int, _Totals]:
+        """`_loads` for a Join's assignment, from the stages' running totals: O(stages)."""
+        block_share = 1.0 - self.spec.pipeline.skip_ratio
+        return {i: _Totals(st.replicas, st.throughput_u / 1e6 / (1.0 if i == 0 else block_share))
                 for i, st in enumerate(self._stages)}
 
     def _attest(self, i: int) -> None:
@@ -649,8 +692,7 @@ class Membership:
         m.state = state
         m.pending_action = ""
         st = self._stages[m.stage]
-        st.replicas.discard(m.peer_id)
-        st.dirty = True
+        st.discard(m)
         # emptied: no replica left that holds the stage's state. A newcomer still fetching it
         # (not ready, never reported a step) does not count: it has no one left to fetch from
         # and waits for this mark to rebuild (peer/recovery/rebuild.py)

@@ -115,6 +115,7 @@ class SwarmCollector(Collector):
                            svc.journal.transactions)
             yield _gauge("shoal_store_last_write_seconds", "Duration of the last transaction.",
                          svc.journal.last_write_s)
+        yield from self._pace(svc)
         h = svc.heartbeat_seconds
         acc, buckets = 0, []
         for bound, count in zip((*h.buckets, math.inf), h.counts, strict=True):
@@ -157,6 +158,41 @@ class SwarmCollector(Collector):
                         [s.grad_norm for s in stages])
         yield per_stage("shoal_stage_empty", "1 when a stage has no live replica.",
                         [int(s.state == "empty") for s in stages])
+
+    @staticmethod
+    def _pace(svc: CoordinatorService) -> Iterator[Metric]:
+        """What the pacer tells peers and what the Join gate admits (coordinator/pacing.py)."""
+        pacer, gate = svc.pacer, svc.join_gate
+        yield _gauge("shoal_heartbeat_period_seconds",
+                     "Heartbeat period told to peers now (the spec's in small swarms).",
+                     pacer.pace.heartbeat_s)
+        yield _gauge("shoal_lease_seconds", "Lease told to peers now.", pacer.pace.lease_s)
+        yield _gauge("shoal_heartbeat_cpu_seconds",
+                     "Measured coordinator CPU per heartbeat the pace is computed from.",
+                     pacer.cost_s)
+        yield _counter("shoal_joins_admitted", "Joins let through the Join gate.", gate.admitted)
+        yield _counter("shoal_joins_turned_away",
+                       "Joins turned away with RESOURCE_EXHAUSTED and a retry-after (a join "
+                       "storm); the clients retry.", gate.turned_away)
+        yield _gauge("shoal_join_rate", "Joins per second the gate admits at most now.",
+                     gate.rate)
+        yield _gauge("shoal_joins_in_flight", "Joins admitted and not yet answered.",
+                     gate.in_flight)
+        yield _gauge("shoal_joins_waiting",
+                     "Joiners turned away and not admitted since (told to come back).",
+                     gate.waiting)
+        if svc.gc_policy is not None:
+            yield _gauge("shoal_gc_pause_max_seconds",
+                         "Longest garbage-collector pause of the last minute.",
+                         svc.gc_policy.worst_pause_s())
+        yield _counter("shoal_view_bytes_sent", "Swarm-view bytes sent in replies (Join, "
+                       "Heartbeat, GetSwarmView).", svc.views_sent["bytes"])
+        yield _labelled(CounterMetricFamily, "shoal_views_sent",
+                        "Swarm views sent in replies, whole or as deltas.", "kind",
+                        [("whole", svc.views_sent["whole"]), ("delta", svc.views_sent["deltas"])])
+        yield _counter("shoal_views_withheld",
+                       "Swarm views left out of replies for want of view-byte budget.",
+                       svc.view_budget.withheld)
 
     @staticmethod
     def _peers(live: list) -> Iterator[Metric]:

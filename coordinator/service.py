@@ -21,7 +21,9 @@ budget. While Joins are being turned away, leases get one lease of grace.
 
 Cost model (the budget is 1000 peers at 1 Hz, p99 < 50 ms on 2 cores): a heartbeat is one dict
 lookup, a stats check and an O(1) update; it writes nothing to disk (the journal saves leases and
-stats every few seconds) and carries the swarm view only when the peer's known epoch is stale.
+stats every few seconds) and carries the swarm view only when the peer's known epoch is stale:
+to a client that applies them (HeartbeatRequest.view_deltas), only what changed since its known
+epoch (coordinator/views.py).
 Views are built at most every VIEW_MIN_INTERVAL_S (a burst of joins would otherwise rebuild a
 thousand-peer view per heartbeat); a view carries its own epoch, so a peer sent a slightly older
 view simply receives the newer one on a later heartbeat. Each view is serialized once: handlers
@@ -40,13 +42,13 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import grpc
 from google.protobuf.message import Message
 
 from coordinator.assignment import rebalance_due
 from coordinator.ca import CoordinatorCA
+from coordinator.gcpolicy import GcPolicy
 from coordinator.ledger import (
     MAX_EXPECT,
     LedgerBehind,
@@ -64,13 +66,13 @@ from coordinator.messages import (
     check_text,
     heartbeat_kinds,
     is_loopback_peer,
-    member_to_wire,
     stats_from_wire,
 )
 from coordinator.pacing import JoinGate, Pacer, ViewBudget
 from coordinator.placement import TooSmall
 from coordinator.reach import Reachability, observed_address
 from coordinator.store import Batch, Journal, StoreError
+from coordinator.views import ViewCache, ViewSnapshot
 from protocols import reach as reach_wire
 from protocols import shoal_pb2 as pb
 from protocols.auth import Admission, AdmissionDenied, current_caller, issue_certificate
@@ -94,17 +96,6 @@ RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata of a Join turned away (J
 
 class DataMismatch(Exception):
     """A joining peer's data fingerprint is not the run's (FAILED_PRECONDITION, not retried)."""
-
-
-@dataclass(frozen=True)
-class ViewSnapshot:
-    """One serialized swarm view and the same bytes framed as JoinReply / HeartbeatReply.view."""
-
-    epoch: int
-    built_at: float
-    raw: bytes  # a serialized SwarmView
-    join_field: bytes  # a serialized JoinReply holding only `view`
-    heartbeat_field: bytes  # a serialized HeartbeatReply holding only `view`
 
 
 def _serialize(reply: bytes | Message) -> bytes:
@@ -144,6 +135,7 @@ class CoordinatorService:
         self.rejected: dict[str, int] = {}  # INVALID_ARGUMENT / PERMISSION_DENIED by method
         self.heartbeat_seconds = _Histogram((0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05))
         self._view: ViewSnapshot | None = None
+        self._views = ViewCache()  # members' serialized view entries (coordinator/views.py)
         self._saved_meta: dict[str, str] = {}
         #: the first peer's data fingerprint, when the spec has none (kept in the store's meta)
         self.data_fingerprint = ""
@@ -161,6 +153,8 @@ class CoordinatorService:
         self.join_gate = JoinGate()
         self.view_budget = ViewBudget()  # view bytes per second sent in large swarms
         self._cpu_mark = (time.process_time(), 0, 0)  # cpu, heartbeats, joins
+        self.gc_policy: GcPolicy | None = None  # set by coordinator.main in its own process
+        self.views_sent = {"bytes": 0, "whole": 0, "deltas": 0}  # in replies, since the start
         # reachability (coordinator/reach.py): the dial-back, and the relays on offer
         self.reach = Reachability(identity, membership, ca=lambda: self.ca,
                                   tls=lambda: self.tls, clock=clock,
@@ -186,8 +180,9 @@ class CoordinatorService:
 
     async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> bytes:
         now = self.clock()
+        caller = current_caller()
         wait_s = self.join_gate.admit(time.monotonic(), self.membership.live_count(),
-                                      self.loop_lag_now_s)
+                                      self.loop_lag_now_s, caller.peer_id if caller else "")
         if wait_s is not None:  # a join storm: come back later (the client honours it)
             self.rejected["Join"] = self.rejected.get("Join", 0) + 1
             await context.abort(
@@ -272,6 +267,7 @@ class CoordinatorService:
         if not self.view_budget.take(len(view.join_field), time.monotonic(),
                                      self.membership.live_count()):
             return reply.SerializeToString()  # no view: the peer's heartbeats will get one
+        self._sent_view(len(view.join_field), delta=False)
         return reply.SerializeToString() + view.join_field
 
     def _check_data(self, fingerprint: str) -> None:
@@ -377,9 +373,14 @@ class CoordinatorService:
         out = reply.SerializeToString()
         if request.known_epoch != self.membership.epoch:
             view = self.view(now)
-            if view.epoch != request.known_epoch and self.view_budget.take(
-                    len(view.heartbeat_field), time.monotonic(), self.membership.live_count()):
-                out += view.heartbeat_field
+            if view.epoch != request.known_epoch:
+                field = (self._views.delta_field(self.membership, view, request.known_epoch)
+                         if request.view_deltas and request.known_epoch else None)
+                field = field or view.heartbeat_field
+                if self.view_budget.take(len(field), time.monotonic(),
+                                         self.membership.live_count()):
+                    out += field
+                    self._sent_view(len(field), delta=field is not view.heartbeat_field)
         if self.membership.epoch != epoch_before and self.journal is not None:
             self.journal.request()  # a state change: persist soon, but do not wait for it
         self.heartbeat_seconds.observe(time.perf_counter() - t0)
@@ -440,7 +441,14 @@ class CoordinatorService:
     async def GetSwarmView(self, request: pb.SwarmViewRequest,
                            context: grpc.aio.ServicerContext) -> bytes:
         # Asked for: as fresh as is cheap, stats included.
-        return self.view(self.clock(), max_age_s=0.05, stats_max_age_s=VIEW_STATS_MAX_AGE_S).raw
+        raw = self.view(self.clock(), max_age_s=0.05, stats_max_age_s=VIEW_STATS_MAX_AGE_S).raw
+        self._sent_view(len(raw), delta=False)
+        return raw
+
+    def _sent_view(self, n_bytes: int, *, delta: bool) -> None:
+        """Count a view (or delta) of `n_bytes` sent in a reply (/metrics; bench.coordinator)."""
+        self.views_sent["bytes"] += n_bytes
+        self.views_sent["deltas" if delta else "whole"] += 1
 
     async def PostSpsa(self, request: pb.SpsaPost, context: grpc.aio.ServicerContext
                        ) -> Message:
@@ -509,6 +517,8 @@ class CoordinatorService:
         """Once a second: expire silent peers, sample the curve, rebalance when due, persist."""
         m = self.membership
         self._pace()
+        if self.gc_policy is not None:
+            self.gc_policy.tick()
         # the coordinator's own lag (and a join storm) is not the members' silence
         grace = self.loop_lag_s + (self.pacer.pace.lease_s
                                    if time.monotonic() < self.join_gate.busy_until else 0.0)
@@ -560,28 +570,12 @@ class CoordinatorService:
         if snap is None or (now - snap.built_at >= max_age_s
                             and (snap.epoch != self.membership.epoch
                                  or now - snap.built_at >= stats_max_age_s)):
-            view = self.build_view()
-            snap = self._view = ViewSnapshot(
-                view.epoch, now, view.SerializeToString(),
-                pb.JoinReply(view=view).SerializeToString(),
-                pb.HeartbeatReply(view=view).SerializeToString())
+            snap = self._view = self._views.snapshot(self.membership, self.swarm_id, now)
         return snap
 
     def build_view(self) -> pb.SwarmView:
         """The current membership as a SwarmView message (live members only)."""
-        m = self.membership
-        view = pb.SwarmView(epoch=m.epoch, swarm_id=self.swarm_id, revoked=m.revoked())
-        for x in m.live_members():
-            info = member_to_wire(x, full_stats=False)
-            info.reach, info.relay = x.reach, x.relay
-            view.peers.append(info)
-        for s in m.stage_summaries():
-            view.stages.append(pb.StageInfo(stage=s.stage, replicas=s.replicas,
-                                            throughput=s.throughput, grad_norm=s.grad_norm,
-                                            step=s.step, rebuild=s.rebuild,
-                                            attested_hash=s.attested_hash,
-                                            attested_step=s.attested_step))
-        return view
+        return pb.SwarmView.FromString(self._views.build(self.membership, self.swarm_id))
 
     # ------------------------------------------------------------------ persistence
 

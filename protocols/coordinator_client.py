@@ -90,7 +90,12 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXC
 # (at its deadline, the coordinator saturated by a join storm) is retried too
 JOIN_RETRYABLE = RETRYABLE | {grpc.StatusCode.CANCELLED}
 RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata of a Join the coordinator turned away
-RETRY_AFTER_JITTER = 0.5  # wait retry-after * uniform(1, 1 + this)
+# wait retry-after * uniform(1, 1 + RETRY_AFTER_JITTER), adding at most RETRY_AFTER_JITTER_MAX_S:
+# the coordinator already spreads the joiners it turns away over distinct slots; the jitter only
+# keeps two of them from arriving in the same instant (a 60 s wait stretched by half would miss
+# its slot, and the slots left unused are admission capacity lost)
+RETRY_AFTER_JITTER = 0.5
+RETRY_AFTER_JITTER_MAX_S = 1.0
 FORGOTTEN = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 
 
@@ -140,6 +145,24 @@ def retry_after_s(exc: grpc.aio.AioRpcError) -> float | None:
     return None
 
 
+def apply_view_delta(base: pb.SwarmView, delta: pb.SwarmView) -> pb.SwarmView:
+    """The whole view `delta` (SwarmView.delta_from == base.epoch) makes of `base`: members
+    listed in the delta replace theirs (in place) or are added (at the end), `removed` ones
+    go, stages and revocations are the delta's."""
+    if delta.delta_from != base.epoch:
+        raise ValueError(f"a delta from epoch {delta.delta_from} does not apply to the view of "
+                         f"epoch {base.epoch}")
+    changed = {p.peer_id: p for p in delta.peers}
+    gone = set(delta.removed)
+    for peer_id in gone:
+        changed.pop(peer_id, None)
+    out = pb.SwarmView(epoch=delta.epoch, swarm_id=delta.swarm_id or base.swarm_id,
+                       stages=delta.stages, revoked=delta.revoked)
+    out.peers.extend(changed.pop(p.peer_id, p) for p in base.peers if p.peer_id not in gone)
+    out.peers.extend(changed.values())
+    return out
+
+
 class CoordinatorClient:
     """A peer's connection to the coordinator. Use inside one asyncio event loop, from one task
     at a time (a heartbeat may re-join, and two re-joins at once would race).
@@ -187,6 +210,8 @@ class CoordinatorClient:
         self.stage = -1
         self.epoch = 0
         self.known_epoch = 0
+        # the whole view of `known_epoch` (None while none is held): what deltas apply to
+        self._view_proto: pb.SwarmView | None = None
         self.lease_s = 10.0
         self.heartbeat_s = 2.0
         self.lease_expires = 0.0
@@ -248,6 +273,7 @@ class CoordinatorClient:
         self.swarm_id = reply.swarm_id
         self.spec = RunSpec.from_toml(reply.run_spec_toml)
         self.stage, self.epoch, self.known_epoch = reply.stage, reply.epoch, reply.view.epoch
+        self._view_proto = reply.view if reply.HasField("view") else None
         self.lease_s, self.heartbeat_s = reply.lease_seconds, reply.heartbeat_interval
         self.lease_expires = self.clock() + reply.lease_seconds
         self._join_args = (benchmark, address)
@@ -271,7 +297,8 @@ class CoordinatorClient:
         if self._join_args is None:
             raise NotJoined("call join() before heartbeat()")
         self._last_step = stats.step
-        request = pb.HeartbeatRequest(stats=stats.to_proto(), known_epoch=self.known_epoch)
+        request = pb.HeartbeatRequest(stats=stats.to_proto(), known_epoch=self.known_epoch,
+                                      view_deltas=True)
         announced = self._announced if self._announce_pending else None
         if announced is not None:
             request.address, request.relayed_by = announced
@@ -311,9 +338,7 @@ class CoordinatorClient:
             self.certificate_expires = pb.Certificate.FromString(
                 reply.renewed.certificate).not_after
         self.epoch, self.stage, self.lease_expires = reply.epoch, reply.stage, reply.lease_expires
-        view = reply.view if reply.HasField("view") else None
-        if view is not None:
-            self.known_epoch = view.epoch
+        view = self._take_view(reply.view) if reply.HasField("view") else None
         return HeartbeatResult(reply.epoch, reply.lease_expires, reply.stage, reply.action, view,
                                reach=reply.reach, relay=reply.relay)
 
@@ -398,8 +423,21 @@ class CoordinatorClient:
         if self.certificate is None:
             raise NotJoined("GetSwarmView needs membership; call join() first")
         reply = await self._call("GetSwarmView", pb.SwarmViewRequest(), retry_s, 5.0)
-        self.known_epoch = max(self.known_epoch, reply.epoch)
+        if reply.epoch >= self.known_epoch:
+            self.known_epoch, self._view_proto = reply.epoch, reply
         return SwarmView.from_proto(reply)
+
+    def _take_view(self, view: pb.SwarmView) -> pb.SwarmView | None:
+        """A view from a heartbeat reply: a whole one, or a delta applied to the view held
+        (`apply_view_delta`); the whole view it makes, or None for a delta from an epoch this
+        client does not hold (the next heartbeat asks from the epoch it does hold)."""
+        if view.delta_from:
+            base = self._view_proto
+            if base is None or base.epoch != view.delta_from:
+                return None
+            view = apply_view_delta(base, view)
+        self.known_epoch, self._view_proto = view.epoch, view
+        return view
 
     async def spsa_ledger(self, request: pb.SpsaLedgerRequest, *, retry_s: float = 30.0
                           ) -> pb.SpsaLedgerReply:
@@ -563,8 +601,8 @@ class CoordinatorClient:
                             f"the coordinator at {self.address} was too busy to admit {method} "
                             f"for {retry_s:.0f} s ({exc.details()}); it is in a join storm or "
                             f"overloaded") from None
-                    await asyncio.sleep(min(left, wait * random.uniform(
-                        1.0, 1.0 + RETRY_AFTER_JITTER)))
+                    await asyncio.sleep(min(left, wait + random.uniform(
+                        0.0, min(wait * RETRY_AFTER_JITTER, RETRY_AFTER_JITTER_MAX_S))))
                     continue
                 if code not in retryable:
                     raise CoordinatorRefused(

@@ -7,8 +7,10 @@ import asyncio
 import contextlib
 from pathlib import Path
 
+import aiohttp
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from coordinator.main import serve
 from coordinator.pacing import JoinGate, ViewBudget
@@ -36,12 +38,12 @@ class Refusing(JoinGate):
         self.wait_s = wait_s
         self.asked = 0
 
-    def admit(self, now: float, live: int, lag_s: float) -> float | None:
+    def admit(self, now: float, live: int, lag_s: float, who: str = "") -> float | None:
         self.asked += 1
         if self.asked <= self.n:
             self.turned_away += 1
             return self.wait_s
-        return super().admit(now, live, lag_s)
+        return super().admit(now, live, lag_s, who)
 
 
 @contextlib.asynccontextmanager
@@ -203,5 +205,38 @@ def test_views_are_withheld_when_the_view_budget_is_spent(tmp_path: Path) -> Non
                 a.known_epoch = 0
                 res = await a.heartbeat(PeerStats(state="training"))
                 assert res.view_proto is not None and len(res.view_proto.peers) == 2
+
+    asyncio.run(scenario())
+
+
+def test_pace_and_join_gate_counters_are_in_metrics(tmp_path: Path) -> None:
+    """/metrics (scraped over HTTP, parsed by prometheus_client) shows the told pace and what
+    the Join gate admitted and turned away."""
+    async def scrape(handle) -> dict[str, float]:
+        async with aiohttp.ClientSession() as session, \
+                session.get(handle.http_url + "metrics") as r:
+            text = await r.text()
+        return {s.name: s.value for f in text_string_to_metric_families(text)
+                for s in f.samples}
+
+    async def scenario() -> None:
+        async with coordinator(tmp_path) as handle:
+            svc = handle.service
+            svc.join_gate = Refusing(2, wait_s=0.05)
+            for _ in range(2):
+                async with client_of(handle) as client:
+                    await client.join(BENCH, "127.0.0.1:9", retry_s=30.0)
+            svc.pacer.min_paced_peers = 0
+            svc.pacer.cost_s = 0.5
+            svc.pacer.update(2)  # 2 peers at 1 beat/s: 2 s, lease 12 s
+            got = await scrape(handle)
+            assert got["shoal_joins_turned_away_total"] == 2
+            assert got["shoal_joins_admitted_total"] == 2
+            assert got["shoal_joins_in_flight"] == 0
+            assert got["shoal_heartbeat_period_seconds"] == 2.0
+            assert got["shoal_lease_seconds"] == 12.0
+            assert got["shoal_heartbeat_cpu_seconds"] == 0.5
+            assert got["shoal_join_rate"] == svc.join_gate.rate
+            assert "shoal_views_withheld_total" in got
 
     asyncio.run(scenario())

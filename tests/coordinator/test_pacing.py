@@ -170,3 +170,40 @@ def test_sweep_grace_keeps_leases_that_lapsed_during_the_coordinators_own_lag() 
     assert m.get(ident.peer_id).lease_expires == 108.0  # the lease it was told
     assert m.sweep(110.0, grace_s=3.0) == []
     assert m.sweep(110.0) == [ident.peer_id]
+
+
+@pytest.mark.parametrize("joiners, rate", [(5000, 100.0), (10_000, 20.0)])
+def test_a_join_storm_gets_everyone_in_within_the_clients_window(joiners: int,
+                                                                 rate: float) -> None:
+    """N joiners ask at once; each turned-away one comes back when told (plus the client's
+    jitter, at most a second), and each admitted Join is answered 5 ms later. At 10,000
+    joiners and 20 Joins/s the measured rate alone would take 500 s, past the client's 300 s:
+    the gate admits faster instead. Nobody is told to wait past the horizon, nobody waits
+    past the client's window, and everyone gets in."""
+    import heapq
+    import random
+
+    from coordinator.pacing import JOIN_HORIZON_S
+
+    rng = random.Random(1)
+    gate = JoinGate(rate=rate, min_peers=0)
+    asks = [(rng.uniform(0.0, 0.05), i) for i in range(joiners)]  # (time, joiner)
+    heapq.heapify(asks)
+    answers: list[float] = []  # times admitted Joins are answered
+    joined: dict[int, float] = {}
+    waits = []
+    while asks:
+        t, i = heapq.heappop(asks)
+        while answers and answers[0] <= t:
+            heapq.heappop(answers)
+            gate.done()
+        wait = gate.admit(t, 10_000, 0.0, f"p{i}")
+        if wait is None:
+            joined[i] = t
+            heapq.heappush(answers, t + 0.005)
+        else:
+            waits.append(wait)
+            heapq.heappush(asks, (t + wait + rng.uniform(0, min(0.5 * wait, 1.0)), i))
+    assert len(joined) == joiners
+    assert max(waits) <= JOIN_HORIZON_S
+    assert max(joined.values()) < 300.0  # CoordinatorClient.join's retry_s

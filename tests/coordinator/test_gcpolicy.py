@@ -1,0 +1,32 @@
+"""coordinator/gcpolicy.py: long-lived objects frozen on a schedule, one full collection an
+hour, and the collector's pauses recorded."""
+
+from __future__ import annotations
+
+import gc
+
+from coordinator.gcpolicy import FREEZE_EVERY_S, PAUSE_WINDOW_S, THAW_EVERY_S, GcPolicy
+
+
+def test_freezes_on_schedule_thaws_hourly_and_records_pauses() -> None:
+    t = [0.0]
+    policy = GcPolicy(clock=lambda: t[0])
+    try:
+        policy.tick()
+        assert policy.freezes == 0  # not due yet
+        t[0] = FREEZE_EVERY_S
+        kept = [[i] for i in range(1000)]  # long-lived objects
+        policy.tick()
+        assert policy.freezes == 1 and gc.get_freeze_count() > 0
+        assert policy.worst_pause_s() > 0  # the young collection before the freeze
+        gc.unfreeze()
+        t[0] = THAW_EVERY_S + 1
+        policy.tick()  # the hourly full collection, then a freeze again
+        assert policy.freezes == 2 and policy.thawed_at == t[0]
+        t[0] += PAUSE_WINDOW_S + 1
+        assert policy.worst_pause_s() == 0.0  # the window forgets old pauses
+        del kept
+    finally:
+        policy.close()
+        gc.unfreeze()
+    assert policy._callback not in gc.callbacks
