@@ -20,8 +20,9 @@ latency rather than as beats quietly not sent (coordinated omission); beats stil
 stop count with the lower bound of their latency. It also reports the heartbeat rate achieved
 (answers that came back within the window, per second) against the rate intended (the sum of 1 /
 told period), the coordinator's CPU time from /proc/<pid>/stat (% of one core) and its resident
-memory, and the swarm-view bytes the peers received (serialized SwarmView size, in Join and
-Heartbeat replies) per peer per minute, from the first Join to the end of the window. Target
+memory, and the swarm-view bytes the coordinator sent (in Join, Heartbeat and GetSwarmView
+replies: whole views, and deltas to clients that apply them; its /metrics counter) per peer per
+minute, from the first Join to the end of the window. Target
 (DESIGN.md, "Scale, on paper"): p99 < 50 ms for 1000 peers on 2 cores, with the simulated peers
 sharing those cores.
 
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -87,12 +89,20 @@ def _wait_until_settled(http_url: str, quiet_s: float = 2.0, limit_s: float = 60
     return time.time() - t0
 
 
-def _handler_totals(http_url: str) -> tuple[float, int]:
+def _metric(text: str, name: str, default: float = 0.0) -> float:
+    """One sample of the coordinator's /metrics text (`name` with its labels, if any)."""
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else default
+
+
+def _metrics(http_url: str) -> str:
+    return urllib.request.urlopen(http_url + "metrics", timeout=10).read().decode()
+
+
+def _handler_totals(text: str) -> tuple[float, int]:
     """(seconds, count) the coordinator's heartbeat handler has spent, from /metrics."""
-    text = urllib.request.urlopen(http_url + "metrics", timeout=10).read().decode()
-    total = re.search(r"^shoal_heartbeat_duration_seconds_sum (\S+)$", text, re.M)
-    count = re.search(r"^shoal_heartbeat_duration_seconds_count (\S+)$", text, re.M)
-    return (float(total.group(1)) if total else 0.0, int(float(count.group(1))) if count else 0)
+    return (_metric(text, "shoal_heartbeat_duration_seconds_sum"),
+            int(_metric(text, "shoal_heartbeat_duration_seconds_count")))
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -167,7 +177,7 @@ def run(peers: int, seconds: float, procs: int, heartbeat_s: float, warmup_s: fl
             if not line.startswith("joined"):
                 raise RuntimeError(f"a simulated-peer process failed: {line!r}")
         join_s = time.time() - t_join
-        t_joined = time.time()
+        storm_view_bytes = _metric(_metrics(coord.http_url), "shoal_view_bytes_sent_total")
         for sim in sims:  # every peer has joined: the schedules start afresh from here
             assert sim.stdin is not None
             sim.stdin.write("restart\n")
@@ -178,7 +188,8 @@ def run(peers: int, seconds: float, procs: int, heartbeat_s: float, warmup_s: fl
               flush=True)
         settle_s = _wait_until_settled(coord.http_url)
         time.sleep(warmup_s)
-        handled0 = _handler_totals(coord.http_url)
+        metrics0 = _metrics(coord.http_url)
+        handled0 = _handler_totals(metrics0)
         t0, cpu0 = time.time(), _cpu_seconds(coord.pid)
         sim0, busy0 = sum(_cpu_seconds(s.pid) for s in sims), _machine_busy_seconds()
         time.sleep(seconds)
@@ -186,8 +197,8 @@ def run(peers: int, seconds: float, procs: int, heartbeat_s: float, warmup_s: fl
         sim_cpu = 100 * (sum(_cpu_seconds(s.pid) for s in sims) - sim0) / (t1 - t0)
         busy = 100 * (_machine_busy_seconds() - busy0) / (t1 - t0)
         rss, peak = _memory_mib(coord.pid)
-        handled1 = _handler_totals(coord.http_url)
-        metrics = urllib.request.urlopen(coord.http_url + "metrics", timeout=10).read().decode()
+        metrics = _metrics(coord.http_url)
+        handled1 = _handler_totals(metrics)
         coord_lag = float(re.search(r"^shoal_event_loop_lag_seconds (\S+)$", metrics,
                                     re.M).group(1))
         status = json.loads(urllib.request.urlopen(coord.http_url + "api/status", timeout=10)
@@ -200,9 +211,12 @@ def run(peers: int, seconds: float, procs: int, heartbeat_s: float, warmup_s: fl
             assert sim.stdout is not None
             sim.stdout.readline()
             sim.wait(60)
-        refused = re.search(r'^shoal_rejected_calls_total\{method="Join"\} (\S+)$', metrics,
-                            re.M)
-        joins_refused = int(float(refused.group(1))) if refused else 0
+        joins_refused = int(_metric(metrics, 'shoal_rejected_calls_total{method="Join"}'))
+        gc_pause_s = _metric(metrics, "shoal_gc_pause_max_seconds", math.nan)
+        view_bytes = _metric(metrics, "shoal_view_bytes_sent_total")
+        window_bytes = view_bytes - _metric(metrics0, "shoal_view_bytes_sent_total")
+        whole = _metric(metrics, 'shoal_views_sent_total{kind="whole"}')
+        deltas = _metric(metrics, 'shoal_views_sent_total{kind="delta"}')
         results, errors, rejoins, sim_lag = [], 0, 0, 0.0
         for i in range(procs):
             result = json.loads((tmp / f"sim{i}.json").read_text())
@@ -221,12 +235,8 @@ def run(peers: int, seconds: float, procs: int, heartbeat_s: float, warmup_s: fl
     storm_s = max(j[1] for j in joins) - min(j[0] for j in joins)
     periods = sorted(x for r in results for x in r["periods"])
     leases = sorted(x for r in results for x in r["leases"])
-    views = [v for r in results for v in r["views"]]
     first_join = min(j[0] for j in joins)
     view_minutes = (t1 - first_join) / 60
-    view_bytes = sum(b for t, b in views if t < t1)
-    storm_bytes = sum(b for t, b in views if t <= t_joined)
-    window_bytes = sum(b for t, b in views if t0 <= t < t1)
     view_kb = view_bytes / 1000 / peers / view_minutes
     lat_ms = sorted(x * 1000 for x in window.latencies)
     p50, p90, p99 = (_percentile(lat_ms, q) for q in (0.5, 0.9, 0.99))
@@ -254,7 +264,8 @@ def run(peers: int, seconds: float, procs: int, heartbeat_s: float, warmup_s: fl
           f"(gRPC, authentication, the handler); the rest of the latency is waiting to be sent, "
           f"signing, gRPC on the peer's side and waiting for a core")
     print(f"worst event-loop stall: coordinator {coord_lag * 1000:.0f} ms (last 10 s), "
-          f"simulated peers {sim_lag * 1000:.0f} ms (whole window)")
+          f"simulated peers {sim_lag * 1000:.0f} ms (whole window); worst garbage-collector "
+          f"pause in the coordinator {gc_pause_s * 1000:.0f} ms (last minute)")
     other = busy - cpu - sim_cpu
     print(f"coordinator saw {status['totals']['live_peers']} live peers at epoch "
           f"{status['epoch']}; {os.cpu_count()} cores shared with the simulated peers, which "
@@ -266,10 +277,11 @@ def run(peers: int, seconds: float, procs: int, heartbeat_s: float, warmup_s: fl
           f"clients): {joins_refused}")
     print(f"pace told: heartbeat {periods[0]:g}-{periods[-1]:g} s (spec {heartbeat_s:g} s), "
           f"lease {leases[0]:g}-{leases[-1]:g} s")
-    print(f"views received: {view_bytes / 1e6:.1f} MB in all from the first Join to the end "
-          f"of the window ({view_minutes:.1f} min): {storm_bytes / 1e6:.1f} MB during the join "
-          f"storm, {window_bytes / 1e6:.1f} MB in the measured window; "
-          f"{view_kb:.1f} kB/peer/min")
+    print(f"views sent (the coordinator's count of view bytes in replies): "
+          f"{view_bytes / 1e6:.1f} MB in all from the first Join to the end of the window "
+          f"({view_minutes:.1f} min): {storm_view_bytes / 1e6:.1f} MB during the join storm, "
+          f"{window_bytes / 1e6:.1f} MB in the measured window; {whole:.0f} whole views and "
+          f"{deltas:.0f} deltas; {view_kb:.1f} kB/peer/min")
     print(f"coordinator: peers = {peers}, heartbeats = {achieved:.1f}/s of {intended:.1f}/s "
           f"intended at the told period")
     print(f"coordinator: peers = {peers}, p50 = {p50:.2f} ms, {P99.verdict(p99)}, "
