@@ -552,3 +552,34 @@ def test_silent_connections_are_closed_after_the_handshake_deadline() -> None:
             await server.close()
 
     run(main)
+
+
+@pytest.mark.parametrize("how", ["stalls", "hangs up"])
+def test_a_receiver_that_stalls_or_hangs_up_mid_payload_fails_only_its_own_transfer(how) -> None:
+    """Plain TCP payloads are sent from a worker thread: a receiver that stops reading is
+    dropped after io_timeout, one that closes early ends its send; the server counts both as
+    failed and serves the next fetch."""
+    header, payload, array = make_call(64)  # far more than the socket buffers hold
+
+    async def main() -> None:
+        server = await started(io_timeout=0.5)
+        try:
+            host, port, ticket = dataplane.endpoint(server.offer(header, payload))
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(dataplane.MAGIC + ticket)
+            await writer.drain()
+            await reader.readexactly(1 << 20)  # the transfer is under way
+            if how == "hangs up":
+                writer.transport.abort()
+            deadline = time.monotonic() + 10
+            while server.failed == 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert (server.failed, server.served) == (1, 0)
+            writer.close()
+            got = await dataplane.fetch_async(server.offer(header, payload), Limits())
+            np.testing.assert_array_equal(got["w"], array)
+            assert server.served == 1
+        finally:
+            await server.close()
+
+    run(main)
