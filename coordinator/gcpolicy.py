@@ -10,9 +10,11 @@ meanwhile waits, which is what a p99 sees.
 `GcPolicy.tick` (called from the coordinator's once-a-second tick) therefore moves what
 survived into the permanent generation every FREEZE_EVERY_S (`gc.freeze`, after a young
 collection so that fresh garbage is not frozen): later full collections scan only what was
-allocated since. Frozen objects are still freed by reference counting; only garbage *cycles*
-among them wait for the next thaw. Every THAW_EVERY_S the policy unfreezes and runs one full
-collection (one pause an hour rather than one every few seconds), then freezes again.
+allocated since (at most FREEZE_EVERY_S of survivors: with a 30 s freeze the collector still
+paused 49 ms at 5,000 peers on a loaded machine). Frozen objects are still freed by reference
+counting; only garbage *cycles* among them wait for the next thaw. Every THAW_EVERY_S the
+policy unfreezes and runs one full collection (one pause an hour rather than one every few
+seconds), then freezes again.
 
 `pauses` records each collection's duration (gc.callbacks); /metrics shows the worst of the
 last minute (coordinator/metrics.py).
@@ -24,7 +26,7 @@ import gc
 import time
 from collections import deque
 
-FREEZE_EVERY_S = 30.0
+FREEZE_EVERY_S = 5.0
 THAW_EVERY_S = 3600.0
 PAUSE_WINDOW_S = 60.0
 

@@ -522,8 +522,10 @@ class Membership:
         if self._placing:
             return None  # the last such move has not settled: loads and readiness will change
         not_direct = self._not_direct()
-        if not any(self._members[p].stage != 0 for p in not_direct):
-            return None  # no relayed block replica: nothing to weigh (the common case)
+        if not any(self._members[p].stage != 0 and p in ready for p in not_direct):
+            # no relayed block replica that serves its stage: nothing to weigh (the common
+            # case; and weighing is O(members), a stall each tick in a large swarm)
+            return None
         self._placement_turn += 1
         move = plan_relay_move(self._loads(), not_direct, ready,
                                {m.peer_id for m in live if m.placed},

@@ -29,7 +29,8 @@ minute, 61 heartbeats). `ViewBudget` bounds it: in a swarm of more than `min_pac
 views sent with Join and Heartbeat replies together stay under VIEW_BYTES_PER_S (a token
 bucket); a reply that finds the bucket empty goes without, and the peer gets the view with a
 later heartbeat (its known epoch stays old) or asks for it (GetSwarmView). Small swarms are not
-limited. Views by epoch deltas, which would remove the N² term, are issue #19's remaining part.
+limited. A client that applies deltas is sent only what changed since its known epoch
+(coordinator/views.py) while few members changed; the budget still bounds the whole views.
 
 Hysteresis: the period rises as soon as the swarm needs it, and falls only when a period at most
 `FALL_BELOW` of the current one would do, so a swarm near a boundary does not flap.
@@ -134,6 +135,16 @@ class ViewBudget:
         self.at: float | None = None
         self.withheld = 0  # views not sent for want of budget (for the tests and the bench)
 
+    def empty(self, now: float, live: int) -> bool:
+        """Whether nothing at all may go out now (a reply then goes without a view, counted
+        as withheld, before anything is made for it)."""
+        if live <= self.min_peers or self.at is None:
+            return False
+        if self.tokens + max(0.0, now - self.at) * self.bytes_per_s >= 1.0:
+            return False
+        self.withheld += 1
+        return True
+
     def take(self, n_bytes: int, now: float, live: int) -> bool:
         """Whether a view of `n_bytes` may go out now (`now`: a monotonic clock)."""
         if live <= self.min_peers:
@@ -163,7 +174,11 @@ RETRY_AFTER_RANGE_S = (0.2, 60.0)
 # (CoordinatorClient.join's retry_s), so one that is told to come back at most 60 s later and
 # then admitted at its slot never gives up; a longer queue raises the admission rate instead
 JOIN_HORIZON_S = 60.0
-JOIN_DRAIN_S = 20.0  # joiners waiting are admitted at least at (how many) / JOIN_DRAIN_S per s
+# the joiners waiting are all admitted within this long of the oldest one's first refusal (the
+# client's 300 s retry window less a margin): the gate admits at least (how many wait) / (the
+# time left of it), never counting on less than JOIN_MIN_LEFT_S
+JOIN_WINDOW_S = 240.0
+JOIN_MIN_LEFT_S = 20.0
 MAX_JOIN_RATE = 1000.0
 MAX_WAITING = 100_000  # joiners remembered as waiting (a bound on what strangers can fill)
 STORM_GRACE_S = 10.0  # how long after the last Join turned away the coordinator counts as busy
@@ -185,11 +200,13 @@ class JoinGate:
     spread over about N / rate seconds instead of all at once; the client adds a little jitter.
     The slots reach at most JOIN_HORIZON_S ahead (well inside the client's retry window), and
     while more joiners are waiting (turned away, by key, not admitted since, told to come back
-    less than a horizon ago) than `rate` admits in JOIN_DRAIN_S, the gate admits faster, at
-    (joiners waiting) / JOIN_DRAIN_S, up to MAX_JOIN_RATE, and spaces their slots to match,
-    rather than let a client's window run out: Joins then take more than JOIN_CPU_BUDGET (the
-    heartbeats' leases have storm grace meanwhile). Simulated (tests/coordinator/test_pacing.py):
-    10,000 joiners at a measured 20 Joins/s all get in within 300 s, about 140 s.
+    less than a horizon ago) than `rate` admits in what is left of JOIN_WINDOW_S since the
+    oldest of them was first turned away, the gate admits faster, at (joiners waiting) / (time
+    left), up to MAX_JOIN_RATE, and spaces their slots to match, rather than let a client's
+    window run out: Joins then take more than JOIN_CPU_BUDGET (the heartbeats' leases have storm
+    grace meanwhile), but only as much more as the window needs. Simulated
+    (tests/coordinator/test_pacing.py): 10,000 joiners at a measured 20 Joins/s all get in
+    within the client's 300 s.
     While it turns Joins away (and STORM_GRACE_S after), the coordinator knows it is behind, so
     it expires no lease that lapsed less than one lease ago (service.py): in a storm a member's
     silence is the coordinator's own queue more often than a dead peer.
@@ -212,6 +229,7 @@ class JoinGate:
         self._next_slot = 0.0
         self._waiting: dict[str, float] = {}  # joiner -> the retry slot it was told
         self._told: deque[tuple[float, str]] = deque()  # (slot, joiner), in the order told
+        self._first: dict[str, float] = {}  # joiner -> when first turned away (oldest first)
 
     def admit(self, now: float, live: int, lag_s: float, who: str = "") -> float | None:
         """None: admitted (call `done` when answered); otherwise the seconds to wait before
@@ -231,10 +249,12 @@ class JoinGate:
                 if who and (who in self._waiting or len(self._waiting) < MAX_WAITING):
                     self._waiting[who] = self._next_slot
                     self._told.append((self._next_slot, who))
+                    self._first.setdefault(who, now)
                 lo, hi = RETRY_AFTER_RANGE_S
                 return min(hi, max(lo, self._next_slot - now))
             self._tokens -= 1.0
             self._waiting.pop(who, None)
+            self._first.pop(who, None)
         self.in_flight += 1
         self.admitted += 1
         return None
@@ -247,7 +267,11 @@ class JoinGate:
             slot, who = told.popleft()
             if waiting.get(who) == slot:
                 del waiting[who]
-        return min(MAX_JOIN_RATE, max(self.rate, len(waiting) / JOIN_DRAIN_S))
+                self._first.pop(who, None)
+        if not waiting:
+            return self.rate
+        left = JOIN_WINDOW_S - (now - next(iter(self._first.values())))
+        return min(MAX_JOIN_RATE, max(self.rate, len(waiting) / max(JOIN_MIN_LEFT_S, left)))
 
     @property
     def waiting(self) -> int:

@@ -38,6 +38,7 @@ membership never changes would otherwise serve the steps and gradient norms of i
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -371,7 +372,8 @@ class CoordinatorService:
         if cert is not None and cert.not_after - now < self.cert_ttl_s / 3:
             reply.renewed.CopyFrom(self._issue(member, now))
         out = reply.SerializeToString()
-        if request.known_epoch != self.membership.epoch:
+        if request.known_epoch != self.membership.epoch and not self.view_budget.empty(
+                time.monotonic(), self.membership.live_count()):
             view = self.view(now)
             if view.epoch != request.known_epoch:
                 field = (self._views.delta_field(self.membership, view, request.known_epoch)
@@ -525,8 +527,12 @@ class CoordinatorService:
         expired = m.sweep(now, grace)
         for peer_id in expired:
             log.info("peer %s expired (lease lapsed)", peer_id)
+        # each step below is O(members): let the calls that queued meanwhile run between them,
+        # so that a large swarm's tick is several short stalls, not one long one
+        await asyncio.sleep(0)
         m.sample_history(now)
         self.reach.tick(now)
+        await asyncio.sleep(0)
         if self.spsa_ledger is not None:
             self.spsa_ledger.close_due(time.monotonic())
         move = None
@@ -536,6 +542,7 @@ class CoordinatorService:
             if move is not None:
                 log.info("rebalance: peer %s stage %d -> %d", move.peer_id, move.from_stage,
                          move.to_stage)
+            await asyncio.sleep(0)
         placed = m.place_relayed(now) if move is None else None
         if placed is not None:
             move = placed

@@ -34,6 +34,10 @@ from coordinator.membership import Member, Membership
 from coordinator.messages import member_to_wire
 from protocols import shoal_pb2 as pb
 
+# deltas kept per snapshot, one per distinct known epoch asked from (after a join storm there
+# are hundreds: every peer got its view at another moment), at most this many bytes in all
+MAX_DELTA_BYTES = 32 << 20
+
 
 @dataclass(frozen=True)
 class ViewSnapshot:
@@ -72,6 +76,9 @@ class ViewCache:
     def __init__(self) -> None:
         self._entries: dict[str, tuple[tuple, bytes, object]] = {}  # id -> key, bytes, stats
         self.encoded = 0  # member entries encoded (for the tests and the bench)
+        self._deltas_of: ViewSnapshot | None = None  # the snapshot `_deltas` lead to
+        self._deltas: dict[int, bytes | None] = {}  # since -> framed delta (None: send whole)
+        self._delta_bytes = 0
 
     def _key(self, m: Member) -> tuple:
         # the stats object is replaced by every heartbeat; the rest changes with joins, moves,
@@ -116,7 +123,9 @@ class ViewCache:
         """What changed from the view of epoch `since` to `snap`, as a serialized SwarmView
         with delta_from = `since` (see the proto), or None when a delta cannot say it (`since`
         is older than the change log, from before a restart, or not behind `snap`) or would not
-        be much smaller than the whole view (more than half of the members changed).
+        be much smaller than the whole view (more than an eighth of the members changed: a
+        delta costs the coordinator O(its changes) to make, once per snapshot and epoch asked
+        from, against a whole view's O(1) bytes already made).
 
         The members listed carry their entry as it is now, which may be newer than `snap`: a
         change after `snap` is sent again in the next delta, so a peer's view is never older
@@ -124,10 +133,12 @@ class ViewCache:
         if not membership.changes_from <= since < snap.epoch:
             return None
         changed: dict[str, None] = {}
-        limit = snap.peers // 2 + 1
-        for epoch, peer_id in reversed(membership.changes):
+        limit = snap.peers // 8 + 8
+        for scanned, (epoch, peer_id) in enumerate(reversed(membership.changes)):
             if epoch <= since:
                 break
+            if scanned > 2 * limit:  # the log since `since` is longer than the view
+                return None
             if epoch <= snap.epoch:
                 changed[peer_id] = None
                 if len(changed) > limit:
@@ -144,6 +155,16 @@ class ViewCache:
 
     def delta_field(self, membership: Membership, snap: ViewSnapshot, since: int
                     ) -> bytes | None:
-        """`delta` framed as HeartbeatReply.view."""
+        """`delta` framed as HeartbeatReply.view, made once per (snapshot, `since`): the
+        peers that hold one epoch all get the same bytes, and a heartbeat stays O(1)."""
+        if self._deltas_of is not snap:
+            self._deltas_of, self._deltas, self._delta_bytes = snap, {}, 0
+        if since in self._deltas:
+            return self._deltas[since]
         raw = self.delta(membership, snap, since)
-        return None if raw is None else _framed(5, raw)
+        field = None if raw is None else _framed(5, raw)
+        self._deltas[since] = field
+        self._delta_bytes += len(field or b"")
+        while self._delta_bytes > MAX_DELTA_BYTES and len(self._deltas) > 1:  # oldest first
+            self._delta_bytes -= len(self._deltas.pop(next(iter(self._deltas))) or b"")
+        return field

@@ -9,6 +9,7 @@ import random
 
 import pytest
 
+from coordinator import views
 from coordinator.assignment import assign_stage
 from coordinator.main import serve
 from coordinator.membership import Membership
@@ -202,3 +203,26 @@ def test_a_client_heartbeating_gets_deltas_and_holds_the_whole_view(tmp_path) ->
             await handle.stop()
 
     asyncio.run(scenario())
+
+
+def test_deltas_are_made_once_per_snapshot_and_epoch_asked_from(monkeypatch) -> None:
+    m, cache = Membership(SPEC, "s"), ViewCache()
+    sinces = []
+    for i in range(40):
+        m.join(f"p{i:02d}", bytes([i]) * 32, f"127.0.0.1:{9000 + i}",
+               Benchmark(samples_per_s=10.0, device="test"), -1, 0, T0)
+        sinces.append(m.epoch)
+    m.heartbeat("p00", PeerStats(state="training"), T0 + 1)
+    snap = cache.snapshot(m, "s", T0 + 1)
+    first = cache.delta_field(m, snap, sinces[-2])
+    assert first is not None and cache.delta_field(m, snap, sinces[-2]) is first
+    made = []
+    monkeypatch.setattr(ViewCache, "delta", lambda self, *a: made.append(a) or b"x" * 100)
+    monkeypatch.setattr(views, "MAX_DELTA_BYTES", 1000)  # room for about ten
+    for since in sinces[-30:-2]:
+        cache.delta_field(m, snap, since)
+    assert len(made) == 28 and cache._delta_bytes <= 1000
+    cache.delta_field(m, snap, sinces[-3])  # among the newest kept: not made again
+    assert len(made) == 28
+    cache.delta_field(m, cache.snapshot(m, "s", T0 + 2), sinces[-3])  # a new snapshot: made
+    assert len(made) == 29
