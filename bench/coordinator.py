@@ -151,7 +151,7 @@ def window_of(results: list[dict], t0: float, t1: float) -> Window:
 
 
 def run(peers: int, seconds: float, procs: int, heartbeat_s: float, warmup_s: float,
-        join_retry_s: float = 900.0) -> int:
+        join_retry_s: float = 300.0) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="shoal-bench-coordinator-"))
     config = tmp / "run.toml"
     config.write_text(f"[run]\nname = 'bench-coordinator'\n[membership]\n"
@@ -299,9 +299,9 @@ def main() -> int:
                     help="the run spec's membership.heartbeat_s (the coordinator may tell a "
                          "large swarm a slower period)")
     ap.add_argument("--warmup", type=float, default=5.0)
-    ap.add_argument("--join-retry", type=float, default=900.0,
+    ap.add_argument("--join-retry", type=float, default=300.0,
                     help="seconds each peer keeps trying to join before it gives up (the "
-                         "bench fails if one does)")
+                         "bench fails if one does); default CoordinatorClient.join's own")
     args = ap.parse_args()
     return run(args.peers, args.seconds, args.procs, args.heartbeat, args.warmup,
                args.join_retry)
