@@ -273,6 +273,12 @@ class JoinGate:
         left = JOIN_WINDOW_S - (now - next(iter(self._first.values())))
         return min(MAX_JOIN_RATE, max(self.rate, len(waiting) / max(JOIN_MIN_LEFT_S, left)))
 
+    def busy(self, now: float) -> bool:
+        """Whether the coordinator counts as in a join storm at `now` (monotonic): a Join was
+        turned away less than STORM_GRACE_S ago, or joiners told to come back have not yet."""
+        self.admit_rate(now)  # forgets the joiners that gave up
+        return now < self.busy_until or bool(self._waiting)
+
     @property
     def waiting(self) -> int:
         """Joiners turned away and not admitted since (for /metrics)."""

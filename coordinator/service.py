@@ -523,7 +523,7 @@ class CoordinatorService:
             self.gc_policy.tick()
         # the coordinator's own lag (and a join storm) is not the members' silence
         grace = self.loop_lag_s + (self.pacer.pace.lease_s
-                                   if time.monotonic() < self.join_gate.busy_until else 0.0)
+                                   if self.join_gate.busy(time.monotonic()) else 0.0)
         expired = m.sweep(now, grace)
         for peer_id in expired:
             log.info("peer %s expired (lease lapsed)", peer_id)

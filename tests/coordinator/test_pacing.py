@@ -152,9 +152,14 @@ def test_gate_counts_as_busy_for_a_while_after_turning_a_join_away() -> None:
     from coordinator.pacing import STORM_GRACE_S
 
     gate = JoinGate(max_in_flight=0, min_peers=0)
-    assert gate.busy_until == 0.0
-    assert gate.admit(50.0, 1000, 0.0) is not None
+    assert gate.busy_until == 0.0 and not gate.busy(0.0)
+    assert gate.admit(50.0, 1000, 0.0, "p1") is not None
     assert gate.busy_until == 50.0 + STORM_GRACE_S
+    assert gate.busy(50.0 + STORM_GRACE_S - 1)
+    # and for as long as a joiner told to come back has not (here: until its slot is a
+    # horizon old, when it counts as having given up)
+    assert gate.busy(50.0 + STORM_GRACE_S + 1)
+    assert not gate.busy(50.0 + 2 * 60.0 + 1)
 
 
 def test_sweep_grace_keeps_leases_that_lapsed_during_the_coordinators_own_lag() -> None:
