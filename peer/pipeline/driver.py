@@ -31,6 +31,9 @@ step, and every replica steps exactly once per step. A replica that no path visi
 contributes zero samples to its stage's round; a stage no microbatch visited aggregates to
 "skip" and every replica advances its step without an optimizer step (peer/sync/rounds.py), so
 replicas of a skipped stage stay bit-identical and in lockstep.
+
+One hop's call and its retries are peer/pipeline/hops.py (`HopCalls`); step 4's EndSteps and
+their deadline are peer/pipeline/step_end.py (`StepClosing`); both are mixins of `Driver`.
 """
 
 from __future__ import annotations
@@ -42,9 +45,7 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Collection, Mapping
 
-import grpc
 import numpy as np
 import torch
 
@@ -52,17 +53,17 @@ from peer.pipeline import stalls, wire
 from peer.pipeline.context import DriverContext
 from peer.pipeline.data import inputs_targets, load_corpus_for, shard
 from peer.pipeline.deadline import MeasuredDeadline
+from peer.pipeline.hops import HopCalls, MicrobatchDropped, StageEmpty
 from peer.pipeline.links import LinkEstimates
 from peer.pipeline.paths import ReplicaTiming
 from peer.pipeline.planner import plan_iteration
 from peer.pipeline.router import NoReplicaAvailable, RoundRobinRouter, Router
+from peer.pipeline.step_end import StepClosing
 from protocols import shoal_pb2 as pb
-from protocols import shoal_pb2_grpc as pbg
 from protocols.coordinator_client import READY_STATES
 from protocols.reach import UNREACHABLE
 
 log = logging.getLogger("shoal.driver")
-MAX_HOP_ATTEMPTS = 4
 START_GRACE_S = 10.0  # the first step waits at most this long for peers still starting
 #: a step asks the coordinator for the view for at most this long; after a failure the next
 #: ask is this much later (see `Driver._refresh`)
@@ -70,15 +71,7 @@ VIEW_RETRY_S = 2.0
 VIEW_BACKOFF_S = 5.0
 
 
-class MicrobatchDropped(Exception):
-    pass
-
-
-class StageEmpty(MicrobatchDropped):
-    """A forward hop found no usable replica of its stage: the microbatch may bypass it."""
-
-
-class Driver:
+class Driver(HopCalls, StepClosing):
     """The stage-0 step loop (see the module docstring). It sees the peer as a `DriverContext`;
     `data` is the peer's --data (None: the spec's data.path, else the stdlib), `router_kind`
     "swarm" or "round_robin"."""
@@ -340,150 +333,6 @@ class Driver:
             return None
         finally:
             self._inflight -= 1
-
-    def hop_failed(self, target: str, samples: int, t0: float, exc: grpc.aio.AioRpcError
-                   ) -> bool:
-        """A timed-out hop slows the replica's estimate (unless this process was stopped
-        meanwhile: peer/pipeline/stalls.py); any other error bans it until its lease would
-        expire (ALGORITHMS.md §1). Returns whether the failure is the replica's: False when it
-        timed out across a stop of this process, and may go to the same replica again."""
-        now = time.monotonic()
-        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-            stopped = self.stalls.stalled_during(t0, now)
-            if stopped > 0.0:  # this process was stopped: the timeout is ours, not the replica's
-                self.router.abandon(target, samples, now)
-                log.info("a call to %s timed out across %.1f s this process was stopped; not "
-                         "held against it", target[:8], stopped)
-                return False
-            self.router.on_timeout(target, samples, now - t0, now)
-        else:
-            self.router.ban(target, now + self.d.spec.membership.lease_s)
-        return True
-
-    async def _hop(self, kind: str, stage: int, step: int, mb_id: str, path: list[int],
-                   hop: int, x: torch.Tensor, peer: str | None = None,
-                   meta: Mapping[str, str] | None = None,
-                   prefer: str | None = None) -> tuple[torch.Tensor, str]:
-        """One forward or backward hop of a microbatch, retried on the next-best replica (a
-        forward hop; a backward hop must reach the `peer` holding its graph). A forward goes to
-        `prefer` first while it is usable (the plan's choice). `meta` goes into the call header
-        (SPSA's perturbed streams say so there)."""
-        d = self.d
-        samples = int(x.shape[0])
-        tried: set[str] = set()
-        attempts, stalled_once = (MAX_HOP_ATTEMPTS if peer is None else 1), False
-        while attempts > 0:
-            attempts -= 1
-            now = time.monotonic()
-            try:
-                target = peer or self.router.choose(stage, samples, now, exclude=tried,
-                                                    prefer=prefer)
-            except NoReplicaAvailable as exc:
-                raise StageEmpty(f"stage {stage}: {exc}") from exc
-            timeout = self.router.timeout_for(target, samples, backward=kind == "backward")
-            header = pb.CallHeader(kind=kind, microbatch_id=mb_id, step=step, stage=stage,
-                                   path=path, hop=hop, sender=d.peer_id, sent_at=time.time())
-            header.meta.update(meta or {})
-            t0 = time.monotonic()
-            try:
-                stub = pbg.StageStub(d.channel(d.address_of(target)))
-                method = stub.Forward if kind == "forward" else stub.Backward
-                reply, arrays = await wire.call_tensors(
-                    method, header, {"x": x.float().numpy()},
-                    encoding=wire.ACTIVATION_ENCODINGS[d.spec.pipeline.activations],
-                    limits=d.activation_limits(), counter=d.counter, kind="activations",
-                    timeout=timeout)
-                wall = time.monotonic() - t0
-                self.router.record(target, samples, wall, time.monotonic())
-                self.links.record_call(target, kind, samples, wall, reply.meta,
-                                       2 * reply.total_bytes)
-                return torch.from_numpy(arrays["x"].copy()), target
-            except grpc.aio.AioRpcError as exc:
-                if self.hop_failed(target, samples, t0, exc):
-                    tried.add(target)
-                elif not stalled_once:  # this process was stopped: once more, same replica
-                    stalled_once, attempts = True, attempts + 1
-                log.info("%s of %s on %s failed: %s", kind, mb_id, target[:8], exc.code().name)
-            except (KeyError, NoReplicaAvailable) as exc:
-                if peer is not None:
-                    raise MicrobatchDropped(str(exc)) from exc
-                raise StageEmpty(f"stage {stage}: {exc}") from exc
-        if peer is None:
-            raise StageEmpty(f"stage {stage} {kind}: no replica answered ({len(tried)} tried)")
-        raise MicrobatchDropped(f"stage {stage} {kind}: no replica answered ({len(tried)} tried)")
-
-    # ------------------------------------------------------------------ end of step
-
-    def block_replicas(self) -> dict[int, list[str]]:
-        """The live replicas of every block stage, by stage: who gets this step's EndStep."""
-        return {s: self.d.live_replicas(s) for s in range(1, self.d.spec.pipeline.stages + 1)}
-
-    async def close_step(self, step: int, replicas: dict[int, list[str]],
-                         request_for: Callable[[str, int], pb.StepEnd],
-                         own: Awaitable[pb.StepDone],
-                         on_send: Callable[[str, pb.StepEnd], None] | None = None,
-                         bypassed: Collection[int] = (),
-                         ) -> dict[str, pb.StepDone | None]:
-        """End `step`: EndStep (`request_for(peer, stage)`) to every replica in `replicas`, at
-        the same time as this replica's own sync (`own`); returns each replica's answer (None
-        when it failed, or did not come in time). `on_send` sees each request as it goes out
-        (SPSA counts its bytes).
-
-        After its own sync, the driver waits for every answer for a measured deadline
-        (peer/pipeline/deadline.py: a few times the usual spread of the answers), then only
-        until each block stage has one replica that stepped (up to the call's timeout): a frozen
-        or cut-off replica must not hold every step of the swarm, and the next step must find a
-        replica of every stage at it. A late call goes on in the background; its replica
-        catches up by replaying the rounds it missed. A stage in `bypassed` (this step's
-        microbatches found no usable replica of it and went around it) is not waited for past
-        the measured deadline: none of its replicas answered a call this step, the next step
-        will go around it too, and they catch up when they are back (recovery's fast-forward,
-        or replay)."""
-        d = self.d
-        timeout = d.spec.sync.timeout_s * 3 + 10
-        stage_of = {pid: s for s, pids in replicas.items() for pid in pids}
-
-        async def end(pid: str) -> pb.StepDone | None:
-            req = request_for(pid, stage_of[pid])
-            try:
-                stub = pbg.StageStub(d.channel(d.address_of(pid)))
-                if on_send is not None:
-                    on_send(pid, req)
-                t0 = time.monotonic()
-                done = await stub.EndStep(req, timeout=timeout)
-                self.links.record_round_trip(pid, time.monotonic() - t0, done.server_s)
-                return done
-            except (grpc.aio.AioRpcError, KeyError) as exc:
-                log.warning("EndStep(%d) to %s failed: %s", step, pid[:8], exc)
-                return None
-
-        calls = {pid: asyncio.ensure_future(end(pid)) for pid in stage_of}
-        mine = await own
-        if not mine.stepped:
-            log.warning("stage 0 did not step at %d: %s", step, mine.detail)
-        if calls:
-            started = time.monotonic()
-            _, late = await asyncio.wait(calls.values(),
-                                         timeout=self._answers.seconds(timeout))
-
-            def waiting() -> set[int]:  # stages without a replica that stepped yet
-                return {s for s, pids in replicas.items() if pids and s not in bypassed and not any(
-                    calls[p].done() and calls[p].result() is not None
-                    and calls[p].result().stepped for p in pids)}
-            while late and waiting() and time.monotonic() < started + timeout:
-                _, late = await asyncio.wait(late, timeout=started + timeout - time.monotonic(),
-                                             return_when=asyncio.FIRST_COMPLETED)
-            if late:
-                self._late |= late  # still running: keep a reference until they end
-                for task in late:
-                    task.add_done_callback(self._late.discard)
-                log.warning("step %d: going on without the EndStep answers of %s (waited %.1f "
-                            "s)", step, ",".join(sorted(p[:8] for p, t in calls.items()
-                                                        if t in late)),
-                            time.monotonic() - started)
-            else:
-                self._answers.complete(time.monotonic() - started)
-        return {pid: t.result() if t.done() else None for pid, t in calls.items()}
 
     async def _end_step(self, step: int, stage0: list[str], n_mb: int, samples: int) -> None:
         d = self.d

@@ -15,7 +15,7 @@ import grpc
 import pytest
 import torch
 
-from peer.pipeline import driver as driver_module
+from peer.pipeline import hops as hops_module
 from peer.pipeline.driver import Driver
 from peer.pipeline.links import COMPUTE_S, QUEUED, SERVER_S, LinkEstimates
 from peer.pipeline.router import Router
@@ -143,8 +143,8 @@ def test_the_driver_sends_to_the_planned_replica_unless_it_fails(monkeypatch, sk
         def __getattr__(self, name):
             return SimpleNamespace(target=drv._target)
 
-    monkeypatch.setattr(driver_module.wire, "call_tensors", fake_call)
-    monkeypatch.setattr(driver_module.pbg, "StageStub", Stub)
+    monkeypatch.setattr(hops_module.wire, "call_tensors", fake_call)
+    monkeypatch.setattr(hops_module.pbg, "StageStub", Stub)
     drv.d.address_of = lambda pid: setattr(drv, "_target", pid) or pid
     x = torch.zeros(4, 16, 32)
     _, peer = asyncio.run(drv._hop("forward", 1, 1, "mb", [1], 0, x,
