@@ -11,8 +11,10 @@ A copy is only worth what it is current: every replica of stage 1 or S (and only
 only under `pipeline.checkfree_plus`) downloads stage 0's agreed weights from a live stage-0
 replica each time its own stage has advanced `REFRESH_EVERY_STEPS` steps since the last refresh
 (`EdgeCopies.poll`, called by the heartbeat loop; the download runs beside the heartbeats). The
-download is the export's (State.Download without optimizer state, the agreed weights: under
-DiLoCo the last outer step's): it must hash to what the sender claims, and, when the coordinator
+download is the export's request (State.Download without optimizer state, the agreed weights: under
+DiLoCo the last outer step's), made as every peer download is (peer/recovery/transfer.py
+`receive_state`: the data plane when the sender offers it): it must hash to what the sender
+claims, and, when the coordinator
 attests stage 0 at the same step, to that; otherwise it is refused and the old copy kept.
 
 How stale the copy can be: REFRESH_EVERY_STEPS (5) steps plus one heartbeat and the download,
@@ -33,10 +35,9 @@ import torch
 
 from peer import consistency
 from peer.context import PeerContext
-from peer.pipeline import wire
 from peer.pipeline.stage_host import StageHost, hash_of_arrays
+from peer.recovery.transfer import receive_state
 from protocols import shoal_pb2 as pb
-from protocols import shoal_pb2_grpc as pbg
 
 log = logging.getLogger("shoal.recovery")
 REFRESH_EVERY_STEPS = 5
@@ -58,10 +59,9 @@ def holds_copy(host: StageHost | None) -> bool:
 async def download_stage_zero(d: PeerContext, pid: str) -> tuple[dict[str, torch.Tensor], int]:
     """Stage 0's agreed parameters and step from replica `pid`, hash-checked (module docstring).
     Raises CopyRefused, grpc.aio.AioRpcError, KeyError (pid not in the view), ValueError."""
-    stub = pbg.StateStub(d.channel(d.address_of(pid)))
-    call = stub.Download(pb.StateRequest(stage=0, include_optimizer=False),
-                         timeout=DOWNLOAD_TIMEOUT_S)
-    header, arrays = await wire.receive(call.__aiter__(), d.state_limits(), d.counter, "state")
+    header, arrays = await receive_state(d, d.address_of(pid), pid,
+                                         pb.StateRequest(stage=0, include_optimizer=False),
+                                         timeout=DOWNLOAD_TIMEOUT_S)
     claimed = header.meta.get("state_hash", "")
     got = hash_of_arrays(arrays)
     if got != claimed:

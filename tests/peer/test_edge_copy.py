@@ -15,7 +15,7 @@ import torch
 
 from peer.pipeline import wire
 from peer.pipeline.stage_host import StageHost
-from peer.recovery import edge_copy
+from peer.recovery import edge_copy, transfer
 from protocols import shoal_pb2 as pb
 from protocols.runspec import RunSpec
 from tests.fakes import FakePeer, FakeView, stage_infos
@@ -58,7 +58,8 @@ def edge_peer(stage: int, zero: StageHost, monkeypatch, *, lie: bool = False,
     d = FakePeer(spec, StageHost(spec, stage), view)
     stub = Stub(zero, lie)
     d.channel = lambda address: None  # type: ignore[method-assign]
-    monkeypatch.setattr(edge_copy.pbg, "StateStub", lambda channel: stub)
+    d.address_of = lambda pid: "127.0.0.1:9"  # type: ignore[method-assign]
+    monkeypatch.setattr(transfer.pbg, "StateStub", lambda channel: stub)  # the one download
     return d, stub
 
 
@@ -72,6 +73,7 @@ def test_refresh_installs_stage_zeros_current_weights(monkeypatch) -> None:
     assert torch.equal(d.host.module.edge_norm, zero.params()["norm.weight"].detach())
     assert copies.copy_step == 17 and copies.last_step == d.host.step
     assert not stub.requests[0].include_optimizer  # the small, agreed weights only
+    assert stub.requests[0].accept_dataplane  # made as every peer download is (receive_state)
     hash_before = d.host.state_hash()
     assert d.host.state_hash() == hash_before == StageHost(SPEC, 3).state_hash()  # not hashed
 
