@@ -54,6 +54,7 @@ def test_demo_swarm_trains_and_replicas_agree(swarm_of) -> None:
     train_and_check(swarm_of(spec), drop=0.3)
 
 
+@pytest.mark.slow
 def test_delayed_demo_swarm_trains_and_replicas_agree_after_the_flush(swarm_of) -> None:
     """sync.demo.delayed: each step's round runs behind the next step and lands one step late;
     the last step flushes, so the replicas end on one hash, and none is taken for drifted."""
