@@ -60,7 +60,9 @@ class PipelineSection:
     skip_ratio: float = 0.0
     microbatch: int = 8
     target_batch: int = 32  # samples per optimizer step, swarm-wide
-    activations: str = "bf16"  # fp32 | bf16 | int8 | fp8 (e4m3); int8 and fp8 scale per block
+    # fp32 | bf16 | int8 | fp8 (e4m3); int8 and fp8 scale per block of 64. int8: the fastest to
+    # the target loss in bench.wan (docs/benchmarks.md), as issue #15 asks of the default
+    activations: str = "int8"
     full_depth_every: int = 10
     checkfree_plus: bool = False
     # auto: bf16 autocast on CUDA, fp32 elsewhere; fp32: never; bf16: autocast on any device

@@ -57,7 +57,7 @@ def test_set_overrides_reach_every_shoal_mode_and_bad_ones_are_refused() -> None
         spec = spec_for(mode, 10, sets)
         assert spec.pipeline.activations == "fp8" and spec.sync.timeout_s == 25
         assert spec.sync.mode == mode and spec.model.d_model == 192
-    assert spec_for("demo", 10).pipeline.activations == "bf16"  # no --set: the spec's default
+    assert spec_for("demo", 10).pipeline.activations == "int8"  # no --set: the spec's default
     with pytest.raises(argparse.ArgumentTypeError, match="key=value"):
         parse_sets(["pipeline.activations"])
     with pytest.raises(RunSpecError, match=r"pipeline\.activations must be one of"):
