@@ -52,14 +52,18 @@ class GcPolicy:
         if phase == "start":
             self._started = now
         elif self._started is not None:
-            self.pauses.append((self.clock(), now - self._started))
+            when = self.clock()
+            self.pauses.append((when, now - self._started))
             self._started = None
+            self._forget_before(when - PAUSE_WINDOW_S)  # bounded whether /metrics is read or not
+
+    def _forget_before(self, cutoff: float) -> None:
+        while self.pauses and self.pauses[0][0] < cutoff:
+            self.pauses.popleft()
 
     def worst_pause_s(self) -> float:
         """The longest collection of the last PAUSE_WINDOW_S."""
-        cutoff = self.clock() - PAUSE_WINDOW_S
-        while self.pauses and self.pauses[0][0] < cutoff:
-            self.pauses.popleft()
+        self._forget_before(self.clock() - PAUSE_WINDOW_S)
         return max((s for _, s in self.pauses), default=0.0)
 
     def tick(self) -> None:

@@ -30,3 +30,18 @@ def test_freezes_on_schedule_thaws_hourly_and_records_pauses() -> None:
         policy.close()
         gc.unfreeze()
     assert policy._callback not in gc.callbacks
+
+
+def test_the_pause_record_stays_bounded_when_nobody_reads_it() -> None:
+    """Young collections come many times a second; a coordinator whose /metrics nobody scrapes
+    must not keep one record per collection for its whole life."""
+    t = [0.0]
+    policy = GcPolicy(clock=lambda: t[0])
+    try:
+        for i in range(2000):
+            t[0] = i * 1.0  # one collection a second for 2000 s
+            policy._callback("start", {})
+            policy._callback("stop", {})
+        assert len(policy.pauses) <= PAUSE_WINDOW_S + 1
+    finally:
+        policy.close()
