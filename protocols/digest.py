@@ -161,32 +161,20 @@ class TreeHasher:
         return root(self._total, leaves)
 
 
-class LeafPool:
-    """Hashes the leaves of a buffer while it is being filled front to back.
+class _Filling:
+    """What LeafPool and Blake3Stream share: a buffer filled front to back, and other checks of
+    the arriving bytes (FiniteScan) run beside the hash: `watch(fn)` has `fn(k)` called on
+    every `filled(k)`, `submit` runs a job on this object's `threads` workers, and the digest
+    waits for those jobs too. `close()` (also on error) stops the workers."""
 
-    Call `filled(k)` whenever the first k bytes are final; each leaf that became complete is
-    handed to a worker thread at once (the last, short leaf once k reaches the end). `digest()`
-    waits for the workers and returns the payload digest; `close()` (also on error) stops them.
-    The buffer must not change after `filled` covered it. Other checks of the arriving bytes
-    can share the workers: `watch(fn)` has `fn(k)` called on every `filled(k)`, and `submit`
-    runs a job on the pool; `digest()` also waits for those jobs.
-    """
-
-    def __init__(self, buffer: memoryview, threads: int = HASH_THREADS) -> None:
+    def __init__(self, buffer: memoryview, threads: int, name: str) -> None:
         self._view = buffer.cast("B") if buffer.format != "B" else buffer
         self._n = len(self._view)
-        self._count = leaf_count(self._n)
-        self._next = 0
-        self._jobs: list[Future[bytes]] = []
         self._extra: list[Future[Any]] = []
         self._watchers: list[Callable[[int], None]] = []
-        self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="sha256-leaf")
+        self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix=name)
 
-    def filled(self, upto: int) -> None:
-        complete = self._count if upto >= self._n else upto // LEAF_BYTES
-        while self._next < complete:
-            self._jobs.append(self._pool.submit(_leaf, self._view, self._next))
-            self._next += 1
+    def _notify(self, upto: int) -> None:
         for watcher in self._watchers:
             watcher(upto)
 
@@ -197,6 +185,33 @@ class LeafPool:
         job = self._pool.submit(fn, *args)
         self._extra.append(job)
         return job
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class LeafPool(_Filling):
+    """Hashes the leaves of a buffer while it is being filled front to back.
+
+    Call `filled(k)` whenever the first k bytes are final; each leaf that became complete is
+    handed to a worker thread at once (the last, short leaf once k reaches the end). `digest()`
+    waits for the workers and returns the payload digest; `close()` (also on error) stops them.
+    The buffer must not change after `filled` covered it. Other checks share the workers
+    (`_Filling`).
+    """
+
+    def __init__(self, buffer: memoryview, threads: int = HASH_THREADS) -> None:
+        super().__init__(buffer, threads, "sha256-leaf")
+        self._count = leaf_count(self._n)
+        self._next = 0
+        self._jobs: list[Future[bytes]] = []
+
+    def filled(self, upto: int) -> None:
+        complete = self._count if upto >= self._n else upto // LEAF_BYTES
+        while self._next < complete:
+            self._jobs.append(self._pool.submit(_leaf, self._view, self._next))
+            self._next += 1
+        self._notify(upto)
 
     def digest(self) -> bytes:
         if self._next != self._count:
@@ -207,29 +222,22 @@ class LeafPool:
         finally:
             self.close()
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
 
-
-class Blake3Stream:
+class Blake3Stream(_Filling):
     """BLAKE3 of a buffer while it is being filled front to back: LeafPool's interface.
 
     `filled(k)` hands each newly final stretch of at least BLAKE3_PIECE bytes (the rest at the
-    end) to one hashing thread, in order (BLAKE3 releases the GIL); `submit`/`watch` give other
-    checks of the arriving bytes (FiniteScan) their own `threads` workers, so they do not hold
-    up the hash. `digest()` waits for all of it; `close()` (also on error) stops the threads.
+    end) to one hashing thread, in order (BLAKE3 releases the GIL); other checks of the arriving
+    bytes get their own `threads` workers (`_Filling`), so they do not hold up the hash.
+    `digest()` waits for all of it; `close()` (also on error) stops the threads.
     """
 
     def __init__(self, buffer: memoryview, threads: int = 1) -> None:
-        self._view = buffer.cast("B") if buffer.format != "B" else buffer
-        self._n = len(self._view)
+        super().__init__(buffer, threads, "blake3-check")
         self._hasher = blake3.blake3()
         self._sent = 0
         self._hash = ThreadPoolExecutor(1, thread_name_prefix="blake3")
         self._jobs: list[Future[Any]] = []
-        self._extra: list[Future[Any]] = []
-        self._watchers: list[Callable[[int], None]] = []
-        self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="blake3-check")
 
     def filled(self, upto: int) -> None:
         upto = min(upto, self._n)
@@ -237,16 +245,7 @@ class Blake3Stream:
             self._jobs.append(self._hash.submit(self._hasher.update,
                                                 self._view[self._sent: upto]))
             self._sent = upto
-        for watcher in self._watchers:
-            watcher(upto)
-
-    def watch(self, watcher: Callable[[int], None]) -> None:
-        self._watchers.append(watcher)
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
-        job = self._pool.submit(fn, *args)
-        self._extra.append(job)
-        return job
+        self._notify(upto)
 
     def digest(self) -> Digest:
         if self._sent != self._n:
@@ -261,7 +260,7 @@ class Blake3Stream:
 
     def close(self) -> None:
         self._hash.shutdown(wait=True, cancel_futures=True)
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        super().close()
 
 
 def stream_for(alg: str, buffer: memoryview, threads: int = HASH_THREADS
