@@ -151,3 +151,26 @@ def check_replicas_of_an_endless_run(swarm: Swarm, drivers: list[subprocess.Pope
     wait_replicas_agree(swarm, {s: n for s, n in counts.items() if s == 0}, timeout)
     with frozen(drivers):
         return wait_replicas_agree(swarm, {s: n for s, n in counts.items() if s > 0}, timeout)
+
+
+def join_late_and_check(swarm: Swarm, more_steps: int = 5, index: int = 5, stage: int = 2
+                        ) -> str:
+    """A replica of `stage` added to a running 3-peer swarm ([0, 1, 2]) once it has stepped 4
+    times: it trains, the swarm steps `more_steps` more, and then every stage's replicas settle
+    on one hash (check_replicas_of_an_endless_run). Returns the joiner's log."""
+    wait_for("4 steps", lambda: step_of(swarm) >= 4, 120, swarm)
+    swarm.add_peer(index, ["--stage", str(stage), "--grace", "10"])
+
+    def joined() -> bool:
+        reps = holders(swarm).get(stage, [])
+        return len(reps) == 2 and min(p["step"] for p in reps) > 0
+    wait_for("the late joiner training", joined, 90, swarm)
+    at = step_of(swarm)
+    wait_for(f"{more_steps} more steps with the joiner",
+             lambda: step_of(swarm) >= at + more_steps, 90, swarm)
+    # Replicas step many times a second here, so two heartbeats rarely show one step: the
+    # check freezes the stage-0 driver (SIGSTOP), and both replicas of the stage must settle on
+    # the same step with the same hash.
+    check_replicas_of_an_endless_run(swarm, swarm.peers[:1],
+                                     {s: 2 if s == stage else 1 for s in (0, 1, 2)})
+    return (swarm.logs / f"peer{index}.log").read_text()

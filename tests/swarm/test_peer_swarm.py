@@ -26,6 +26,7 @@ from shoal.swarm import Swarm, read_metrics
 from tests.swarm.local_swarm import (
     check_replicas_of_an_endless_run,
     holders,
+    join_late_and_check,
     spec_with,
     step_of,
     wait_for,
@@ -156,20 +157,7 @@ def test_spot_notice_drains(swarm_factory) -> None:
 
 def test_late_joiner_matches_its_source(swarm_factory) -> None:
     swarm = swarm_factory(spec_with(), [0, 1, 2])
-    wait_for("4 steps", lambda: step_of(swarm) >= 4, 120, swarm)
-    swarm.add_peer(5, ["--stage", "2", "--grace", "10"])
-
-    def joined() -> bool:
-        reps = holders(swarm).get(2, [])
-        return len(reps) == 2 and min(p["step"] for p in reps) > 0
-    wait_for("the late joiner training", joined, 90, swarm)
-    at = step_of(swarm)
-    wait_for("5 more steps with the joiner", lambda: step_of(swarm) >= at + 5, 60, swarm)
-    # Replicas step many times a second here, so two heartbeats rarely show one step: the
-    # check freezes the stage-0 driver (SIGSTOP), and both replicas of stage 2 must settle on
-    # the same step with the same hash.
-    check_replicas_of_an_endless_run(swarm, swarm.peers[:1], {0: 1, 1: 1, 2: 2})
-    log = (swarm.logs / "peer5.log").read_text()
+    log = join_late_and_check(swarm)
     assert "downloaded state" in log
 
 

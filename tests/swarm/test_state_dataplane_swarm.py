@@ -12,13 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.swarm.local_swarm import (
-    check_replicas_of_an_endless_run,
-    holders,
-    spec_with,
-    step_of,
-    wait_for,
-)
+from tests.swarm.local_swarm import join_late_and_check, spec_with
 
 pytestmark = pytest.mark.slow
 
@@ -28,18 +22,7 @@ def test_late_joiner_takes_its_state_over_the_mtls_data_plane(swarm_factory, mon
     monkeypatch.setenv("SHOAL_TLS_ON_LOOPBACK", "1")  # the processes inherit both
     monkeypatch.setenv("SHOAL_STATE_DATAPLANE_MIN_BYTES", "0")
     swarm = swarm_factory(spec_with(), [0, 1, 2])
-    wait_for("4 steps", lambda: step_of(swarm) >= 4, 120, swarm)
-    swarm.add_peer(5, ["--stage", "2", "--grace", "10"])
-
-    def joined() -> bool:
-        reps = holders(swarm).get(2, [])
-        return len(reps) == 2 and min(p["step"] for p in reps) > 0
-
-    wait_for("the late joiner training", joined, 90, swarm)
-    at = step_of(swarm)
-    wait_for("5 more steps with the joiner", lambda: step_of(swarm) >= at + 5, 60, swarm)
-    check_replicas_of_an_endless_run(swarm, swarm.peers[:1], {0: 1, 1: 1, 2: 2})
-    log = (swarm.logs / "peer5.log").read_text()
+    log = join_late_and_check(swarm)
     assert "downloaded state" in log
     assert "over the data plane (mTLS, blake3 digest)" in log, log[-3000:]
     assert "data plane at 127.0.0.1" in (swarm.logs / "peer2.log").read_text()

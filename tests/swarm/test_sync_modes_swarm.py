@@ -18,8 +18,7 @@ from protocols.runspec import RunSpec
 from shoal.swarm import Swarm, read_metrics
 from tests.swarm.conftest import LAYOUT
 from tests.swarm.local_swarm import (
-    check_replicas_of_an_endless_run,
-    holders,
+    join_late_and_check,
     spec_with,
     step_of,
     wait_for,
@@ -74,17 +73,7 @@ def test_delayed_demo_late_joiner_catches_up(swarm_factory) -> None:
     swarm = swarm_factory(spec_with(**{"sync.mode": "demo", "sync.demo.lr": 3e-3,
                                        "sync.demo.topk": 8, "sync.demo.delayed": True}),
                           [0, 1, 2])
-    wait_for("4 steps", lambda: step_of(swarm) >= 4, 120, swarm)
-    swarm.add_peer(5, ["--stage", "2", "--grace", "10"])
-
-    def joined() -> bool:
-        reps = holders(swarm).get(2, [])
-        return len(reps) == 2 and min(p["step"] for p in reps) > 0
-    wait_for("the late joiner training", joined, 90, swarm)
-    at = step_of(swarm)
-    wait_for("10 more steps with the joiner", lambda: step_of(swarm) >= at + 10, 90, swarm)
-    check_replicas_of_an_endless_run(swarm, swarm.peers[:1], {0: 1, 1: 1, 2: 2})
-    assert "downloaded state" in (swarm.logs / "peer5.log").read_text()
+    assert "downloaded state" in join_late_and_check(swarm, more_steps=10)
 
 
 def test_diloco_swarm_trains_and_replicas_agree_after_outer_steps(swarm_of) -> None:
