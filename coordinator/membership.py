@@ -376,6 +376,7 @@ class Membership:
                    placed=self.trust_stage_hints and 0 <= stage_hint == stage)
         if old is not None:  # a re-join does not refill the heartbeat rate limit
             m.beat_tokens, m.beat_at = old.beat_tokens, old.beat_at
+            _keep_counters(old.stats, m.stats)
         m.stats.step = clamped
         self._members[peer_id] = m
         self._stages[stage].add(m)
@@ -735,6 +736,15 @@ def _take_recovery_report(stats: PeerStats) -> str:
     bytes."""
     keys = [k for k in stats.bytes_by_kind if is_report_key(k)]
     return "; ".join(describe(k, stats.bytes_by_kind.pop(k)) for k in keys)
+
+
+def _keep_counters(old: PeerStats, new: PeerStats) -> None:
+    """A re-joining peer's byte and drop counters as last reported: its process counts on from
+    them, so its next heartbeat adds only what is new to the swarm's totals (from zero it would
+    add its whole count again), and /metrics shows no drop to 0 meanwhile."""
+    new.bytes_sent, new.bytes_received = old.bytes_sent, old.bytes_received
+    new.dropped_microbatches = old.dropped_microbatches
+    new.bytes_by_kind = dict(old.bytes_by_kind)
 
 
 def _delta(old: int, new: int) -> int:

@@ -124,7 +124,10 @@ def dump_tasks_on_sigusr1(log: logging.Logger) -> None:
         tasks = asyncio.all_tasks(loop)
         out = io.StringIO()
         for task in sorted(tasks, key=lambda t: t.get_name()):
-            task.print_stack(limit=12, file=out)
+            try:
+                task.print_stack(limit=12, file=out)
+            except Exception as e:  # 3.11's linecache fails on a frame without a line
+                out.write(f"{task!r}: no stack ({e!r})\n")  # number: the dump goes on
         names = {t.ident: t.name for t in threading.enumerate()}
         frames = sys._current_frames()
         for ident, frame in frames.items():  # the compute thread, the executors' threads

@@ -229,6 +229,20 @@ def test_swarm_byte_totals_survive_counter_resets() -> None:
     assert m.bytes_sent_total == 180 and m.bytes_by_kind_total == {"sync:demo": 70}
 
 
+
+def test_a_rejoin_keeps_the_peers_counters() -> None:
+    """A peer whose lease lapsed joins again with its process (and counters) running on: its next
+    heartbeat adds only its new bytes, and the figure never reads 0 in between."""
+    m = swarm(1)
+    m.heartbeat("p00", PeerStats(state="training", bytes_sent=100, dropped_microbatches=2,
+                                 bytes_by_kind={"sync:demo": 40}), T0)
+    x = m.join("p00", bytes([0]) * 32, "127.0.0.1:9000", bench(), 0, 0, T0 + 1)
+    assert (x.stats.bytes_sent, x.stats.dropped_microbatches) == (100, 2)
+    m.heartbeat("p00", PeerStats(state="training", bytes_sent=130, dropped_microbatches=2,
+                                 bytes_by_kind={"sync:demo": 50}), T0 + 2)
+    assert m.bytes_sent_total == 130 and m.bytes_by_kind_total == {"sync:demo": 50}
+    assert m.dropped_total == 2
+
 def test_history_thins_instead_of_forgetting() -> None:
     h = History(capacity=8, spacing_s=1.0)
     for i in range(40):
