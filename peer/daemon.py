@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -223,6 +224,7 @@ class PeerDaemon:
         if getattr(args, "metrics_port", None) is not None:
             bound = await self.metrics.start(bind, args.metrics_port)
             log.info("metrics at http://%s:%d/metrics", bind, bound)
+        _check_dataplane_port(bind, self._dataplane_port())  # before joining: fail fast
         tls_key = None if self.plaintext else tls.load_or_create_tls_key(
             Path(args.identity).with_suffix(".tls.key"))
         self.client = CoordinatorClient(coordinator, self.identity, token=self.token,
@@ -592,26 +594,36 @@ class PeerDaemon:
 
 
     async def _start_dataplane(self, bind: str) -> None:
-        """The data plane beside the gRPC server (same interfaces, a port of its own): state
-        downloads go over it to receivers that ask (peer/services.py StateService). Its TLS is
-        the gRPC server's: the peer's leaf, client leaves of the swarm CA required. Receivers
-        dial the host of the gRPC address they called, so the advertised host is informative."""
+        """The data plane beside the gRPC server (same interfaces, a port of its own:
+        --dataplane-port, else any free one): state downloads go over it to receivers that ask
+        (peer/services.py StateService). Its TLS is the gRPC server's: the peer's leaf, client
+        leaves of the swarm CA required. Receivers dial the host of the gRPC address they
+        called, so the advertised host is informative. Without --dataplane-port a failure to
+        listen leaves downloads from this peer in-band; with it, the peer leaves and exits."""
+        port = self._dataplane_port()
         context = None
         if self.server_tls is not None:
             leaf = self.client.tls()
             context = dataplane.peer_server_context(leaf.ca_pem, leaf.cert_pem, leaf.key_pem)
             self._dataplane_leaf = leaf
-        plane = dataplane.DataPlaneServer(bind, 0, advertise_host=self._own_host(),
+        plane = dataplane.DataPlaneServer(bind, port, advertise_host=self._own_host(),
                                           ssl_context=context)
         try:
             await plane.start()
-        except OSError as exc:  # downloads from this peer stay in-band
+        except OSError as exc:
+            if port:  # taken since the check before joining: the operator asked for this port
+                with contextlib.suppress(Exception):
+                    await self.client.leave("cannot serve the data plane")
+                raise SystemExit(_dataplane_port_error(bind, port, exc)) from None
             log.warning("no data plane on %s (%s): state downloads from this peer go in-band",
                         bind, exc)
             return
         self.dataplane = plane
         log.info("data plane at %s:%d (%s)", bind, plane.port,
                  "mTLS" if context is not None else "plaintext")
+
+    def _dataplane_port(self) -> int:
+        return int(getattr(self.args, "dataplane_port", 0) or 0)
 
     def _renew_dataplane_leaf(self, leaf: tls.PeerTls) -> None:
         plane = self.dataplane
@@ -625,6 +637,30 @@ class PeerDaemon:
         with contextlib.suppress(ValueError):
             return tls.split_host_port(self.address)[0] or "127.0.0.1"
         return "127.0.0.1"
+
+
+def _check_dataplane_port(bind: str, port: int) -> None:
+    """SystemExit with what to do when `bind`:`port` cannot be listened on (0: nothing to check).
+    The data plane itself starts after the join (its TLS needs the leaf the join issues); this
+    check, before it, keeps a peer whose --dataplane-port is taken from joining at all. It binds
+    as asyncio's server does (SO_REUSEADDR), so a port in TIME_WAIT passes as it would there."""
+    if not port:
+        return
+    try:
+        family = socket.getaddrinfo(bind or None, port, type=socket.SOCK_STREAM,
+                                    flags=socket.AI_PASSIVE)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((bind, port))
+            probe.listen(1)
+    except OSError as exc:
+        raise SystemExit(_dataplane_port_error(bind, port, exc)) from None
+
+
+def _dataplane_port_error(bind: str, port: int, exc: OSError) -> str:
+    return (f"shoal peer: cannot serve the data plane on {bind}:{port} "
+            f"({exc.strerror or exc}): pick another --dataplane-port (or SHOAL_DATAPLANE_PORT), "
+            "or 0 for any free one")
 
 
 def _all_interfaces(host: str) -> bool:

@@ -25,6 +25,18 @@ def _device(value: str) -> str:
     return value
 
 
+def _port(value: str) -> int:
+    """A TCP port number, 0 for any free one (--dataplane-port and its SHOAL_ variable)."""
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port: use 0..65535 (0 = any free "
+                                         "port)")
+    return port
+
+
 def _cmd_identity(args: argparse.Namespace) -> int:
     from protocols.identity import Identity
 
@@ -214,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=os.environ.get("SHOAL_METRICS_PORT"),
                    help="serve Prometheus /metrics on --host at this port (0 = any free port, "
                    "logged; or env SHOAL_METRICS_PORT; default: off)")
+    p.add_argument("--dataplane-port", type=_port, metavar="PORT",
+                   default=os.environ.get("SHOAL_DATAPLANE_PORT") or "0",
+                   help="serve state downloads' bulk data plane on --host at this port, beside "
+                   "--port: open or forward it too behind a firewall or NAT (or env "
+                   "SHOAL_DATAPLANE_PORT; default: 0, any free port)")
     p.add_argument("--progress-s", type=float, default=30.0,
                    help="log a progress line this often, seconds (0 = never)")
     p.set_defaults(func=_cmd_peer)
