@@ -5,6 +5,14 @@ reads the swarm view, downloads each stage from a live replica over `State.Downl
 hash-checked path a joining replica uses), assembles the Decoder state dict and writes a Hugging
 Face Llama directory (peer/pipeline/checkpoint.py, hf_format.py: weights, config, generation
 config, byte tokenizer) that `transformers` and `shoal generate` load.
+
+The download is the peers' own (peer/recovery/transfer.py `receive_state_over`): it asks for
+the serving peer's data plane and BLAKE3, and falls back in-band when that cannot be reached.
+The observer's calls are signed with its identity and the membership certificate its Join
+returns; over mTLS the coordinator also issues it a leaf of the swarm CA (as to any member), and
+that leaf is its client certificate on the gRPC channel and on the data plane alike. A
+--plaintext swarm, or a loopback link, is plaintext on both. The data plane's TLS is thus always
+the gRPC channel's: nothing goes in the clear that the channel would have encrypted.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from peer import consistency
 from peer.pipeline import wire
 from peer.pipeline.checkpoint import assemble, save_model
 from peer.pipeline.stage_host import hash_of_arrays, model_config
-from peer.recovery.transfer import ATTEST_TRIES, attested_first
+from peer.recovery.transfer import ATTEST_TRIES, attested_first, receive_state_over
 from protocols import auth, tensor_stream
 from protocols import shoal_pb2 as pb
 from protocols import shoal_pb2_grpc as pbg
@@ -74,12 +82,15 @@ async def pull_stage_states(coordinator: str, identity: Identity, token: str | N
                 channels.append(ch)
                 for _ in range(ATTEST_TRIES):  # again while the swarm's step moves on
                     try:
-                        call = pbg.StateStub(ch).Download(
-                            pb.StateRequest(stage=stage, include_optimizer=False), timeout=120)
-                        header, arrays = await wire.receive(call.__aiter__(), limits, counter,
-                                                            "state")
+                        header, arrays = await receive_state_over(
+                            ch, p.address, p.peer_id,
+                            pb.StateRequest(stage=stage, include_optimizer=False),
+                            own_tls=client.tls(), counter=counter, limits=limits)
                     except grpc.aio.AioRpcError as exc:
                         last_error = f"{p.peer_id[:8]}: {exc.details()}"
+                        break
+                    except ValueError as exc:  # a codec error: a bad payload, refused unread
+                        last_error = f"{p.peer_id[:8]}: {exc}"
                         break
                     state, last_error, moved = _verified(view, stage, p.peer_id, header, arrays)
                     if not moved:

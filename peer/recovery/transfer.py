@@ -4,9 +4,10 @@ against what the coordinator attests.
 `State.Download` streams the sender's state arrays and the state hash it claims
 (peer/services.py's StateService). The download asks for the data plane (protocols.dataplane:
 the payload over one raw TCP connection, mTLS when the peers' gRPC link is, BLAKE3 payload
-digest checked as bytes land; `receive_state`), and falls back to the in-band gRPC stream when
-the sender's data plane cannot be reached (a relayed peer, a firewall): that sender's address
-is then asked in-band for the rest of the process. Either way the payload digest is checked
+digest checked as bytes land; `receive_state`, and `receive_state_over` for a caller without a
+PeerContext: `shoal export`), and falls back to the in-band gRPC stream when the sender's data
+plane cannot be reached (a relayed peer, a firewall): that sender's address is then asked
+in-band for the rest of the process. Either way the payload digest is checked
 before anything is decoded, and the state hash checks below are the same.
 
 Whoever takes a state — a joining or re-downloading replica (`download_state`), a rebuild that
@@ -41,7 +42,7 @@ from peer.context import PeerContext
 from peer.pipeline import wire
 from peer.pipeline.stage_host import StageError, StageHost
 from peer.sync.base import SyncMode
-from protocols import dataplane, digest, tls
+from protocols import codec, dataplane, digest, tls
 from protocols import shoal_pb2 as pb
 from protocols import shoal_pb2_grpc as pbg
 from protocols.coordinator_client import SwarmView
@@ -58,27 +59,45 @@ async def receive_state(ctx: PeerContext, address: str, peer_id: str, request: p
                         *, timeout: float = DOWNLOAD_TIMEOUT_S
                         ) -> tuple[pb.CallHeader, dict]:
     """One `State.Download` from the peer `peer_id` at `address` exactly as peers make it: over
-    `ctx.channel(address)` (protocols.tls.peer_channel), asking for the data plane and BLAKE3
-    unless that address's data plane failed before; the answer is received whichever way it
-    comes (protocols.dataplane.receive: payload digest and finiteness checked, then decoded).
-    The data plane is dialed at `address`'s host, over mTLS (the callee's leaf must name
-    `peer_id`) when the gRPC link is. A data plane that cannot be reached or fails mid-transfer
-    makes one more call in-band. Bytes count as "state" received (gRPC messages and payload).
-    Raises what dataplane.receive raises (codec errors for a bad payload), grpc errors."""
-    stub = pbg.StateStub(ctx.channel(address))
+    `ctx.channel(address)` (protocols.tls.peer_channel), with this peer's leaf
+    (`ctx.client.tls()`), `ctx.counter` and `ctx.state_limits()`; see `receive_state_over`."""
+    own = ctx.client.tls() if getattr(ctx, "client", None) is not None else None
+    return await receive_state_over(ctx.channel(address), address, peer_id, request,
+                                    own_tls=own, counter=ctx.counter,
+                                    limits=ctx.state_limits(), timeout=timeout)
+
+
+async def receive_state_over(channel: grpc.aio.Channel, address: str, peer_id: str,
+                             request: pb.StateRequest, *, own_tls: tls.PeerTls | None,
+                             counter: wire.ByteCounter, limits: codec.Limits,
+                             timeout: float = DOWNLOAD_TIMEOUT_S
+                             ) -> tuple[pb.CallHeader, dict]:
+    """One `State.Download` from the peer `peer_id` at `address` over `channel` (a signed
+    protocols.tls.peer_channel to it), asking for the data plane and BLAKE3 unless that address's
+    data plane failed before; the answer is received whichever way it comes
+    (protocols.dataplane.receive: payload digest and finiteness checked against `limits`, then
+    decoded). For callers without a PeerContext too (`shoal export`, an observer with a leaf).
+
+    The data plane is dialed at `address`'s host, over mTLS with `own_tls` (the callee's leaf
+    must name `peer_id`) exactly when `channel` is mTLS: `own_tls` given and the link not local
+    (protocols.tls.link_is_local), peer_channel's rule. A data plane that cannot be reached or
+    fails mid-transfer makes one more call in-band, and that address is asked in-band for the
+    rest of the process. Bytes count in `counter` as "state" received (gRPC messages and
+    payload). Event loop; the data-plane bytes arrive on a worker thread. Raises what
+    dataplane.receive raises (codec errors, ValueError, for a bad payload), grpc errors."""
+    stub = pbg.StateStub(channel)
     host = tls.split_host_port(address)[0]
     ask = pb.StateRequest()
     ask.CopyFrom(request)
     if address not in _IN_BAND_ONLY:
         ask.accept_dataplane = True
         ask.accept_digests[:] = [digest.BLAKE3]
-    own = ctx.client.tls() if getattr(ctx, "client", None) is not None else None
-    context = (dataplane.peer_client_context(own.ca_pem, own.cert_pem, own.key_pem)
-               if own is not None and not tls.link_is_local(host) else None)
+    context = (dataplane.peer_client_context(own_tls.ca_pem, own_tls.cert_pem, own_tls.key_pem)
+               if own_tls is not None and not tls.link_is_local(host) else None)
     call = stub.Download(ask, timeout=timeout)
     try:
         header, arrays = await dataplane.receive(
-            wire.counted(call.__aiter__(), ctx.counter, "state"), ctx.state_limits(),
+            wire.counted(call.__aiter__(), counter, "state"), limits,
             ssl_context=context, server_hostname=peer_id or None, dial_host=host,
             timeout=min(timeout, 30.0))
     except dataplane.DataPlaneError as exc:
@@ -87,9 +106,10 @@ async def receive_state(ctx: PeerContext, address: str, peer_id: str, request: p
         log.warning("state download from %s: its data plane failed (%s); asking in-band",
                     peer_id[:8] or address, exc)
         _IN_BAND_ONLY.add(address)
-        return await receive_state(ctx, address, peer_id, request, timeout=timeout)
+        return await receive_state_over(channel, address, peer_id, request, own_tls=own_tls,
+                                        counter=counter, limits=limits, timeout=timeout)
     if dataplane.is_dataplane(header):
-        ctx.counter.add("state", received=header.total_bytes)
+        counter.add("state", received=header.total_bytes)
         log.info("state of stage %d from %s: %d bytes over the data plane (%s, %s digest)",
                  header.stage, peer_id[:8] or address, header.total_bytes,
                  "mTLS" if context is not None else "plaintext", header.digest or "SHA-256 tree")
