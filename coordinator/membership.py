@@ -233,7 +233,7 @@ class Membership:
         self._deleted: set[str] = set()
         self._progressed: set[str] = set()  # heartbeated since the last periodic flush
         self.counters = {k: 0 for k in ("joins", "rejoins", "heartbeats", "leaves", "expired",
-                                        "moves", "rebuilds")}
+                                        "reported_lost", "moves", "rebuilds")}
         # swarm-wide totals over the whole run, robust to peers restarting their counters
         self.bytes_sent_total = 0
         self.bytes_received_total = 0
@@ -489,9 +489,7 @@ class Membership:
                    if m.live and m.lease_expires + grace_s < now]
         for m in expired:
             self.counters["expired"] += 1
-            silent = now - m.last_seen
-            self._depart(m, "lost", Event(now, "expire", m.peer_id, m.stage,
-                                          f"silent for {silent:.1f} s"), now)
+            self.expire(m.peer_id, f"silent for {now - m.last_seen:.1f} s", now)
         for peer_id in [p for p, until in self._revoked.items() if until < now]:
             del self._revoked[peer_id]
         for peer_id in [p for p, until in self._cooldown.items() if until <= now]:
@@ -499,6 +497,15 @@ class Membership:
         for i in range(self.n_stages):  # keep the attested steps at most a tick old
             self._attest(i)
         return [m.peer_id for m in expired]
+
+    def expire(self, peer_id: str, detail: str, now: float) -> bool:
+        """Count a live member lost now, its lease lapsed or not (`sweep`;
+        coordinator/suspicion.py: neighbours found it dead). Returns whether it was live."""
+        m = self._members.get(peer_id)
+        if m is None or not m.live:
+            return False
+        self._depart(m, "lost", Event(now, "expire", peer_id, m.stage, detail), now)
+        return True
 
     def rebalance(self, now: float, min_gain: float = 0.1) -> Move | None:
         """Plan and apply at most one SWARM rebalancing move; the peer learns it by heartbeat.

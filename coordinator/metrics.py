@@ -42,7 +42,10 @@ if TYPE_CHECKING:
 
 _COUNTERS = (("heartbeats", "Heartbeats accepted."), ("joins", "First joins."),
              ("rejoins", "Joins by peers already known."), ("leaves", "Clean leaves."),
-             ("expired", "Peers whose lease lapsed."), ("moves", "Rebalancing moves."),
+             ("expired", "Peers whose lease lapsed."),
+             ("reported_lost", "Peers expired before their lease lapsed: neighbours reported "
+              "them unreachable after they missed their own heartbeats."),
+             ("moves", "Rebalancing moves."),
              ("rebuilds", "Stages rebuilt."))
 
 

@@ -73,6 +73,7 @@ from coordinator.pacing import JoinGate, Pacer, ViewBudget
 from coordinator.placement import TooSmall
 from coordinator.reach import Reachability, observed_address
 from coordinator.store import Batch, Journal, StoreError
+from coordinator.suspicion import MAX_REPORTED, expire_reported
 from coordinator.views import ViewCache, ViewSnapshot
 from protocols import reach as reach_wire
 from protocols import shoal_pb2 as pb
@@ -341,6 +342,10 @@ class CoordinatorService:
                                f"peer {caller.peer_id} heartbeats much faster than every "
                                f"{self.spec.membership.heartbeat_s:g} s "
                                f"(membership.heartbeat_s); slow down")
+        if len(request.unreachable) > MAX_REPORTED:
+            await self._refuse(context, "Heartbeat", grpc.StatusCode.INVALID_ARGUMENT,
+                               f"a heartbeat reports at most {MAX_REPORTED} unreachable peers "
+                               f"({len(request.unreachable)} given)")
         try:
             stats = stats_from_wire(request.stats, self.beat_kinds, self.membership.n_stages)
             moved = self.reach.announced(request, context.peer())
@@ -354,6 +359,9 @@ class CoordinatorService:
             await self._refuse(context, "Heartbeat", grpc.StatusCode.PERMISSION_DENIED,
                                f"peer {caller.peer_id} is not a member (its lease lapsed or it "
                                f"left); re-join the coordinator")
+        for peer_id in expire_reported(self.membership, member.peer_id, request.unreachable,
+                                       now, self._silence_grace()):
+            log.info("peer %s expired: unreachable, reported by %s", peer_id, member.peer_id)
         was_relayed_by = member.relayed_by
         if moved is not None and self.membership.change_address(member.peer_id, *moved, now):
             log.info("peer %s now at %s%s", member.peer_id, moved[0],
@@ -513,6 +521,12 @@ class CoordinatorService:
         return (self._spsa_checks(reply, member.peer_id, request.from_step)
                 if member is not None and member.stage == 0 else reply)
 
+    def _silence_grace(self) -> float:
+        """Seconds of a member's silence that are the coordinator's own lag (and a join
+        storm's, when its gate is busy), not the member's."""
+        return self.loop_lag_s + (self.pacer.pace.lease_s
+                                  if self.join_gate.busy(time.monotonic()) else 0.0)
+
     # ------------------------------------------------------------------ periodic work
 
     async def tick(self, now: float) -> None:
@@ -521,10 +535,7 @@ class CoordinatorService:
         self._pace()
         if self.gc_policy is not None:
             self.gc_policy.tick()
-        # the coordinator's own lag (and a join storm) is not the members' silence
-        grace = self.loop_lag_s + (self.pacer.pace.lease_s
-                                   if self.join_gate.busy(time.monotonic()) else 0.0)
-        expired = m.sweep(now, grace)
+        expired = m.sweep(now, self._silence_grace())
         for peer_id in expired:
             log.info("peer %s expired (lease lapsed)", peer_id)
         # each step below is O(members): let the calls that queued meanwhile run between them,

@@ -52,6 +52,7 @@ from peer.pipeline import stalls, wire
 from peer.pipeline.data import CorpusError, data_fingerprint_for, load_corpus_for
 from peer.pipeline.driver import Driver
 from peer.pipeline.stage_host import StageHost
+from peer.pipeline.unreachable import UnreachableLog
 from peer.preemption import SpotWatcher
 from peer.progress import ProgressReporter, peer_stats, progress_text
 from peer.reach import ReachNotice, ReachService
@@ -133,6 +134,7 @@ class PeerDaemon:
         self.edge_copies = EdgeCopies()  # CheckFree+: stage 1's / S's copy of stage 0, kept current
         self.metrics = PeerMetrics(self)  # served only with --metrics-port
         self.reach_notice = ReachNotice()  # logs what the coordinator's dial-back found
+        self.unreachable = UnreachableLog()  # peers that refused calls: the next beat says so
         self.relay_link: RelayLink | None = None  # attaches to a relay while nobody can dial in
         self.relay_hub: RelayHub | None = None  # the relay it offers with --relay
         # bulk state downloads (StateService), started once joined; TLS with the leaf when the
@@ -362,6 +364,7 @@ class PeerDaemon:
             attested=lambda: consistency.attested(self.view, stage),
             step_now=lambda: self.host.step if self.host is not None else 0,
             relayed=lambda: consistency.relayed(self.view),
+            unreachable=self.unreachable,
         )
         report = await self.checkpoints.take_state(self, mode, stage,
                                                    vars(self.args).get("init_model"))
@@ -445,7 +448,8 @@ class PeerDaemon:
     async def heartbeat_loop(self) -> None:
         while not self.stopped.is_set():
             try:
-                res = await self.client.heartbeat(self.stats())
+                res = await self.client.heartbeat(self.stats(),
+                                                  unreachable=self.unreachable.take())
                 if self.server_tls is not None and self.client.tls() is not None:
                     self.server_tls.update(self.client.tls())  # a re-join renews the leaf
                     self._renew_dataplane_leaf(self.client.tls())

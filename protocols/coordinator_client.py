@@ -285,9 +285,11 @@ class CoordinatorClient:
                           reply.heartbeat_interval, reply.swarm_id, reply.view,
                           address=self.registered_address)
 
-    async def heartbeat(self, stats: PeerStats, *, retry_s: float | None = None
-                        ) -> HeartbeatResult:
+    async def heartbeat(self, stats: PeerStats, *, retry_s: float | None = None,
+                        unreachable: list[str] | tuple[str, ...] = ()) -> HeartbeatResult:
         """Renew the lease and report `stats`; re-joins if the coordinator forgot this peer.
+        `unreachable`: peer ids whose address refused this peer's calls since the last beat
+        (peer/pipeline/unreachable.py; the coordinator reads at most 16).
 
         Raises:
             NotJoined: before join().
@@ -298,7 +300,7 @@ class CoordinatorClient:
             raise NotJoined("call join() before heartbeat()")
         self._last_step = stats.step
         request = pb.HeartbeatRequest(stats=stats.to_proto(), known_epoch=self.known_epoch,
-                                      view_deltas=True)
+                                      view_deltas=True, unreachable=list(unreachable))
         announced = self._announced if self._announce_pending else None
         if announced is not None:
             request.address, request.relayed_by = announced
@@ -311,7 +313,7 @@ class CoordinatorClient:
                 log.warning("the coordinator refused the announced address %s: %s; keeping %s",
                             announced[0], exc, self.registered_address)
                 self._announced, self._announce_pending = None, False
-                return await self.heartbeat(stats, retry_s=retry_s)
+                return await self.heartbeat(stats, retry_s=retry_s, unreachable=unreachable)
             if exc.code not in FORGOTTEN:
                 raise
             log.warning("coordinator refused our heartbeat (%s); re-joining with stage %d",

@@ -158,18 +158,20 @@ class PeerStats(_message.Message):
     def __init__(self, state: _Optional[str] = ..., samples_per_s: _Optional[float] = ..., queue: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., loss: _Optional[float] = ..., step: _Optional[int] = ..., tokens_per_s: _Optional[float] = ..., dropped_microbatches: _Optional[int] = ..., grad_norm: _Optional[float] = ..., state_hash: _Optional[str] = ..., bytes_by_kind: _Optional[_Mapping[str, int]] = ..., microbatches_done: _Optional[int] = ..., held_stage: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("stats", "known_epoch", "address", "relayed_by", "view_deltas")
+    __slots__ = ("stats", "known_epoch", "address", "relayed_by", "view_deltas", "unreachable")
     STATS_FIELD_NUMBER: _ClassVar[int]
     KNOWN_EPOCH_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     RELAYED_BY_FIELD_NUMBER: _ClassVar[int]
     VIEW_DELTAS_FIELD_NUMBER: _ClassVar[int]
+    UNREACHABLE_FIELD_NUMBER: _ClassVar[int]
     stats: PeerStats
     known_epoch: int
     address: str
     relayed_by: str
     view_deltas: bool
-    def __init__(self, stats: _Optional[_Union[PeerStats, _Mapping]] = ..., known_epoch: _Optional[int] = ..., address: _Optional[str] = ..., relayed_by: _Optional[str] = ..., view_deltas: _Optional[bool] = ...) -> None: ...
+    unreachable: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, stats: _Optional[_Union[PeerStats, _Mapping]] = ..., known_epoch: _Optional[int] = ..., address: _Optional[str] = ..., relayed_by: _Optional[str] = ..., view_deltas: _Optional[bool] = ..., unreachable: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
     __slots__ = ("epoch", "lease_expires", "renewed", "stage", "view", "action", "reach", "relay", "heartbeat_interval", "lease_seconds")

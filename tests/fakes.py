@@ -18,6 +18,7 @@ import grpc
 
 from peer import consistency
 from peer.pipeline import wire
+from peer.pipeline.unreachable import UnreachableLog
 from protocols import codec
 from protocols import shoal_pb2 as pb
 from protocols.coordinator_client import Benchmark, PeerInfo, PeerStats, StageInfo
@@ -69,6 +70,7 @@ class FakePeer:
         self.state = state
         self.view = view
         self.counter = wire.ByteCounter()
+        self.unreachable = UnreachableLog()
         self.step_lock = asyncio.Lock()
         self.client: Any = None  # no coordinator: a test that needs one installs its own
         self.snapshot_dir = snapshot_dir

@@ -12,6 +12,7 @@ import grpc
 
 from peer.pipeline import wire
 from peer.pipeline.stage_host import StageHost
+from peer.pipeline.unreachable import UnreachableLog
 from protocols import codec
 from protocols import shoal_pb2 as pb
 from protocols.coordinator_client import SwarmView
@@ -36,6 +37,8 @@ class DriverContext(Protocol):
     view: SwarmView | None
     #: bytes on the wire by kind ("activations", "state", "sync:<mode>"), for heartbeats
     counter: wire.ByteCounter
+    #: peers whose address refused a call since the last heartbeat (it reports them)
+    unreachable: UnreachableLog
 
     def channel(self, address: str) -> grpc.aio.Channel:
         """The (cached, signed) gRPC channel to a peer's address."""

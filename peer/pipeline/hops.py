@@ -56,6 +56,7 @@ class HopCalls:
         expire (ALGORITHMS.md §1). Returns whether the failure is the replica's: False when it
         timed out across a stop of this process, and may go to the same replica again."""
         now = time.monotonic()
+        self.d.unreachable.note_error(target, exc)
         if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
             stopped = self.stalls.stalled_during(t0, now)
             if stopped > 0.0:  # this process was stopped: the timeout is ours, not the replica's

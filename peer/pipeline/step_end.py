@@ -77,6 +77,7 @@ class StepClosing:
                 return done
             except (grpc.aio.AioRpcError, KeyError) as exc:
                 log.warning("EndStep(%d) to %s failed: %s", step, pid[:8], exc)
+                d.unreachable.note_error(pid, exc)
                 return None
 
         calls = {pid: asyncio.ensure_future(end(pid)) for pid in stage_of}

@@ -65,6 +65,7 @@ import numpy as np
 from peer.consistency import leader_order, winning_hash
 from peer.pipeline import stalls, wire
 from peer.pipeline.deadline import MeasuredDeadline
+from peer.pipeline.unreachable import UnreachableLog
 from protocols import shoal_pb2 as pb
 
 log = logging.getLogger("shoal.sync")
@@ -132,8 +133,10 @@ class SyncRounds:
         attested: Callable[[], tuple[int, str]] = lambda: (0, ""),
         step_now: Callable[[], int] = lambda: 0,
         relayed: Callable[[], set[str]] = set,
+        unreachable: UnreachableLog | None = None,
     ) -> None:
         self.me = me
+        self.unreachable = unreachable  # refusing replicas go to the coordinator (heartbeat)
         self.relayed = relayed  # replicas reached through a relay: last in the leader order
         self.step_now = step_now  # the step this replica is after (told to a replay asker)
         self.joined = joined  # peer id -> joined_at from the swarm view (seniority)
@@ -302,6 +305,8 @@ class SyncRounds:
         if refused:
             log.info("stage %d step %d: not waiting for %s (connection refused)", self.stage,
                      step, ",".join(sorted(r[:8] for r in refused)))
+            for r in sorted(refused) if self.unreachable is not None else ():
+                self.unreachable.note(r)  # and the coordinator, by the next heartbeat
         return refused
 
     async def _closed_elsewhere(self, step: int, missing: set[str]
@@ -406,6 +411,8 @@ class SyncRounds:
                 # KeyError: the candidate left the swarm view (killed) since the round began
                 log.warning("stage %d step %d: aggregator %s unreachable (%s); trying the next",
                             self.stage, step, cand[:8], _short(exc))
+                if self.unreachable is not None:
+                    self.unreachable.note_error(cand, exc)
                 tried.add(cand)
         else:
             result = await self._aggregate_as_leader(step, own, tried)

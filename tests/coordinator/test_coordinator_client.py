@@ -5,8 +5,10 @@ following a rebalancing move."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -149,6 +151,43 @@ def test_forgotten_peer_rejoins_with_its_stage(tmp_path: Path) -> None:
         asyncio.run(scenario())
 
 
+
+def test_a_silent_peer_reported_unreachable_is_expired_before_its_lease(tmp_path: Path) -> None:
+    """Heartbeats name the peers that refused calls (coordinator/suspicion.py): the coordinator
+    expires one only when it also missed two of its own beats (2 s each here), long before its
+    lease (60 s) would lapse; more than 16 names is refused with a clear error."""
+    config = write_spec(tmp_path / "run.toml", **{"pipeline.stages": 2,
+                                                  "membership.heartbeat_s": 2.0,
+                                                  "membership.lease_s": 60.0})
+    with CoordinatorProcess(tmp_path / "state", config=config) as coord:
+        async def scenario() -> None:
+            reporter, other = (CoordinatorClient(coord.grpc_address, Identity.generate(),
+                                                 coord.token) for _ in range(2))
+            await reporter.join(BENCH, "127.0.0.1:9000")
+            await other.join(BENCH, "127.0.0.1:9001")
+            gone = other.identity.peer_id
+            await other.heartbeat(PeerStats(state="training"))
+            # it has just beaten: a report changes nothing
+            await reporter.heartbeat(PeerStats(state="training"), unreachable=[gone])
+            again = await other.heartbeat(PeerStats(state="training"))
+            assert again.action == "" and other.rejoins == 0
+            await asyncio.sleep(4.5)  # > 2 beats, far inside the lease
+            await reporter.heartbeat(PeerStats(state="training"), unreachable=[gone])
+            back = await other.heartbeat(PeerStats(state="training"))
+            assert back.action == "rejoin" and other.rejoins == 1
+            with urllib.request.urlopen(coord.http_url + "api/status", timeout=30) as r:
+                events = json.load(r)["events"]
+            (expired,) = [e for e in events if e["kind"] == "expire"]  # not a lapsed lease:
+            assert f"unreachable (reported by peer {reporter.identity.peer_id})" in \
+                expired["detail"], expired  # the sweep's would say "silent for"
+            with pytest.raises(CoordinatorRefused, match="at most 16 unreachable peers"):
+                await reporter.heartbeat(PeerStats(state="training"),
+                                         unreachable=[f"{i:016x}" for i in range(17)])
+            await reporter.close()
+            await other.close()
+
+        asyncio.run(scenario())
+
 def test_rebalancing_moves_a_peer_and_tells_it_by_heartbeat(tmp_path: Path) -> None:
     config = write_spec(tmp_path / "run.toml", **{
         "pipeline.stages": 1, "membership.rebalance_s": 1.0, "membership.lease_s": 30.0})
@@ -172,7 +211,7 @@ def test_rebalancing_moves_a_peer_and_tells_it_by_heartbeat(tmp_path: Path) -> N
                                        on_reply, stop)
 
             tasks = [asyncio.create_task(watch(c)) for c in clients]
-            await asyncio.wait_for(stop.wait(), 10)
+            await asyncio.wait_for(stop.wait(), 60)  # a bound for a loaded machine
             await asyncio.gather(*tasks)
             assert len(moved) == 1 and moved[0][1] == 1 and moved[0][0].stage == 1
             view = await clients[0].view()

@@ -7,11 +7,13 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import grpc
 import pytest
 
 from peer.pipeline.stalls import StallWatch
+from peer.pipeline.unreachable import UnreachableLog
 
 
 class Clock:
@@ -87,6 +89,7 @@ def test_a_timeout_across_a_stall_is_not_held_against_the_replica() -> None:
             return grpc.StatusCode.DEADLINE_EXCEEDED
 
     drv = Driver.__new__(Driver)
+    drv.d = SimpleNamespace(unreachable=UnreachableLog())  # type: ignore[assignment]
     drv.router = Router(random.Random(0))
     drv.router.update_replicas(1, {"a": 10.0})
     drv.stalls = StallWatch()
@@ -99,3 +102,24 @@ def test_a_timeout_across_a_stall_is_not_held_against_the_replica() -> None:
     assert drv.router.choose(1, 4, now=now) == "a"
     drv.hop_failed("a", 4, time.monotonic(), Err())  # a timeout with no stall in it
     assert drv.router.estimate("a").suspect and drv.router.estimate("a").timeouts == 1
+    assert drv.d.unreachable.take() == []  # slow is not dead: the coordinator is not told
+
+
+def test_a_refused_hop_bans_the_replica_and_is_reported() -> None:
+    import random
+
+    from peer.pipeline.driver import Driver
+    from peer.pipeline.router import NoReplicaAvailable, Router
+
+    refused = grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(),
+                                   grpc.aio.Metadata(), "Connection refused")
+    drv = Driver.__new__(Driver)
+    drv.d = SimpleNamespace(unreachable=UnreachableLog(),  # type: ignore[assignment]
+                            spec=SimpleNamespace(membership=SimpleNamespace(lease_s=10.0)))
+    drv.router = Router(random.Random(0))
+    drv.router.update_replicas(1, {"a": 10.0})
+    drv.stalls = StallWatch()
+    assert drv.hop_failed("a", 4, time.monotonic(), refused)
+    assert drv.d.unreachable.take() == ["a"]
+    with pytest.raises(NoReplicaAvailable):
+        drv.router.choose(1, 4, now=time.monotonic())

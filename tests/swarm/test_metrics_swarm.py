@@ -118,8 +118,15 @@ def test_peer_metrics_move_with_training(swarm: Swarm) -> None:
     for labels in hops:
         assert 0 < value(s, "shoal_peer_hop_seconds", **dict(labels)) < math.inf
 
-    # The coordinator's figure is a heartbeat old: never more than the peer counts now.
-    coord = scrape(f"http://127.0.0.1:{swarm.http_port}/metrics")
+    # The coordinator's figure is a heartbeat old (on a loaded machine, a late one): once in,
+    # never more than the peer counts now.
+    def coordinator_figures() -> Samples | None:
+        coord = scrape(f"http://127.0.0.1:{swarm.http_port}/metrics")
+        return coord if all(value(coord, "shoal_peer_bytes_sent_total", peer=ids[i]) > 0
+                            for i in range(3)) else None
+    coord = wait_for("every peer's bytes in the coordinator's /metrics", coordinator_figures, 60,
+                     swarm)
+    assert isinstance(coord, dict)
     for i in range(3):
         reported = value(coord, "shoal_peer_bytes_sent_total", peer=ids[i])
         own = sum(labelled(peer_metrics(swarm, i), "shoal_wire_sent_bytes_total").values())
