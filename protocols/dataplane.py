@@ -37,23 +37,36 @@ with undetected (a flipped, swapped, missing or extra byte changes the digest); 
 TLS: pass an `ssl.SSLContext` to both ends (the mTLS contexts of `protocols.tls`). The ticket
 is a bearer secret for one payload: it is only as private as the gRPC channel that carried it.
 
-Idle connections cannot lock fetchers out: pending connections are bounded per remote address
-(`max_per_address`) and in all (`max_connections`); when a bound is hit the *oldest pending*
-connection (of that address, else of any) is closed to make room for the newcomer, so a flood of
-idle sockets only ever pushes out its own kind, and a fetcher that sends its ticket at once (as
-`fetch` does) gets served. Connections already serving a valid ticket are never evicted (there
-are at most `max_tickets` of them).
+Idle connections cannot lock fetchers out: pending connections (accepted, no valid ticket
+presented yet, TLS handshake included) are bounded per remote address (`max_per_address`) and
+in all (`max_connections`); when a bound is hit the *oldest pending* connection (of that
+address, else of any) is closed to make room for the newcomer, so a flood of idle sockets only
+ever pushes out its own kind, and a fetcher that sends its ticket at once (as `fetch` does) gets
+served. Connections already serving a valid ticket are never evicted (there are at most
+`max_tickets` of them).
 
-The server runs on the caller's asyncio loop (uvloop in peers) beside grpc.aio and writes
-memoryview slices of the registered payload (no copy in Python); the receiver runs its blocking
-socket in a worker thread (`fetch_async`), so the loop is never blocked by bulk I/O.
+Threads: the server lives beside grpc.aio on the caller's asyncio loop (uvloop in peers), but
+the loop only accepts connections, keeps the bounds and the handshake deadlines. The bulk work
+runs on a pool of `max_connections` worker threads with blocking sockets, where OpenSSL
+encrypts with the GIL released: over TLS the loop never reads a byte (the connection is paused
+before reading starts and a duplicate of its socket goes to a worker, which does the handshake,
+reads MAGIC + ticket and sends memoryview slices of the registered payload); over plain TCP
+the loop reads the 36-byte ticket and a worker sends the payload. Why: asyncio's TLS pushes
+every 16 KiB record through Python on the loop's one core; 256 MiB over the swarm's mTLS, same
+run, medians of 7 on 2 shared cores (load ~3.4): 242 MB/s that way against 369 MB/s from a
+worker thread, and the loop was held up to 144 ms at a time (29 ms with the workers).
+`close()` shuts every connection down, so a blocked handshake, read or send returns at once,
+and joins the workers. The receiver runs its blocking socket in a worker thread too
+(`fetch_async`), so neither end's loop is blocked by bulk I/O.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
+import logging
 import os
 import secrets
 import socket
@@ -62,7 +75,7 @@ import struct
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,18 +93,19 @@ from protocols.digest import BLAKE3, HASH_THREADS, Blake3Stream, LeafPool, strea
 from protocols.tensor_stream import DEFAULT_CHUNK, MalformedStream, chunks
 from protocols.tensor_stream import receive as receive_in_band
 
+log = logging.getLogger("shoal.dataplane")
 DATAPLANE_KEY = "dataplane"
 TICKET_KEY = "ticket"
 MAGIC = b"SHD1"
 TICKET_BYTES = 32
 LENGTH = struct.Struct(">Q")
 DATAPLANE_MIN_BYTES = 8 << 20  # smaller payloads go in-band: a second connection costs more
-WRITE_CHUNK = 4 << 20  # per transport.write + drain on the serving loop
+WRITE_CHUNK = 4 << 20  # per blocking sendall (the io_timeout bounds each)
 RECV_CHUNK = 1 << 20  # per recv_into; hashed while still warm in cache (measured best of 0.25-4)
 HASH_THREADS_MIN_BYTES = 16 << 20  # smaller payloads: one hash thread beside the recv loop
 NOTIFY_BYTES = 256 << 10  # the hashers hear of landed bytes at least this many at a time
 CONNECT_TIMEOUT = 5.0
-SEND_IN_THREAD = True  # plain TCP payloads are sent from a worker thread (_send_in_thread)
+_CONTEXT_LOCK = threading.Lock()  # OpenSSL contexts are not safe to change while SSL_new reads
 
 
 class DataPlaneError(ConnectionError):
@@ -128,8 +142,10 @@ def peer_server_context(ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> ssl.S
 
 
 def renew_leaf(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:
-    """A renewed leaf for later handshakes of a server context (a re-join renews it)."""
-    _load_leaf(ctx, cert_pem, key_pem)
+    """A renewed leaf for later handshakes of a server context (a re-join renews it). Thread-safe
+    against the server's workers, which copy the leaf from the context under the same lock."""
+    with _CONTEXT_LOCK:
+        _load_leaf(ctx, cert_pem, key_pem)
 
 
 @functools.lru_cache(maxsize=8)
@@ -150,24 +166,63 @@ class _Offer:
     expires_at: float
 
 
+@dataclass
+class _Pending:
+    """A connection that has not presented its ticket yet; `stop` closes it (on the loop, the
+    server's lock held), so that whatever waits on it (a read, a TLS handshake) ends at once."""
+
+    address: str
+    stop: Callable[[], None]
+
+
+def _shutdown(control: socket.socket) -> None:
+    """End a connection whose worker thread may be blocked on it (handshake, read or send):
+    shutting down a duplicate of its descriptor wakes the worker without closing the descriptor
+    it uses. Only while the connection is registered, under the server's lock (the worker closes
+    `control` when it unregisters itself)."""
+    with contextlib.suppress(OSError):
+        control.shutdown(socket.SHUT_RDWR)
+
+
+class _HandOff(asyncio.Protocol):
+    """The TLS listener's protocol: the loop accepts the connection and never reads from it (it
+    is paused before reading starts); a worker thread takes it over (`_serve_tls`)."""
+
+    def __init__(self, server: DataPlaneServer) -> None:
+        self.server = server
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.pause_reading()  # type: ignore[attr-defined]  # (uvloop's: no subclass)
+        self.server._hand_off(transport)  # type: ignore[arg-type]
+
+
 class DataPlaneServer:
     """Serves registered payloads to whoever presents their one-time ticket.
 
     Args:
         host, port: where to listen (port 0 picks a free one; see `address` after `start`).
         advertise_host: the host receivers should dial; required when `host` is a wildcard.
-        ssl_context: a server-side context for TLS (None: plain TCP, integrity still via SHA-256).
+        ssl_context: a server-side context for TLS (None: plain TCP, integrity still via the
+            payload digest). Read at each handshake: `renew_leaf` on it affects new connections.
         ticket_ttl: seconds a ticket stays valid.
         max_tickets: bound on outstanding payloads (each keeps its buffer alive until served).
         io_timeout: seconds a send may stall before the transfer is dropped.
-        handshake_timeout: seconds from accept to the MAGIC + ticket (then closed).
-        max_connections: pending plus serving connections at once; past it the oldest pending
-            connection is closed for the newcomer (or the newcomer, if none is pending).
+        handshake_timeout: seconds from accept to the MAGIC + ticket, TLS handshake included
+            (then closed, at whatever stage it is).
+        max_connections: pending plus serving connections at once (and the worker threads);
+            past it the oldest pending connection is closed for the newcomer (or the newcomer,
+            if none is pending).
         max_per_address: pending connections from one remote address; past it that address's
             oldest pending connection is closed.
-    `offer` and `respond` are thread-safe; `start` and `close` run on the serving loop.
-    Counters: `served` payloads, `refused` tickets, `failed` transfers (peer went away),
-    `evicted` pending connections closed to make room, `timed_out` handshakes too slow.
+    `offer`, `respond` and `outstanding` are thread-safe; `start` and `close` run on the serving
+    loop. The loop accepts connections, keeps the bounds and the handshake deadlines and (plain
+    TCP only) reads the 36-byte ticket; TLS handshakes, TLS ticket reads and every payload's
+    sends run on worker threads (blocking sockets; OpenSSL encrypts with the GIL released).
+    Counters (any thread may read them): `served` payloads; `refused` connections
+    that got no payload for want of a valid ticket (unknown, used, expired, not MAGIC + ticket,
+    closed before it, a failed TLS handshake) or of room; `failed` transfers (the receiver went
+    away, or stalled past `io_timeout`); `evicted` pending connections closed to make room;
+    `timed_out` connections that had not presented a ticket within `handshake_timeout`.
     """
 
     def __init__(
@@ -193,25 +248,58 @@ class DataPlaneServer:
         self.handshake_timeout = handshake_timeout
         self.max_connections, self.max_per_address = max_connections, max_per_address
         self.served = self.refused = self.failed = self.evicted = self.timed_out = 0
-        self._serving = 0
-        self._pending: dict[int, tuple[str, asyncio.StreamWriter]] = {}  # oldest first
+        # The lock guards the offers, both registries and the counters: worker threads and the
+        # loop both change them.
+        self._lock = threading.Lock()
+        self._pending: dict[int, _Pending] = {}  # oldest first
+        self._serving: dict[int, socket.socket] = {}  # control duplicates of their sockets
         self._next_id = 0
         self._offers: dict[bytes, _Offer] = {}
-        self._lock = threading.Lock()
+        self._closing = False
         self._server: asyncio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._workers: concurrent.futures.ThreadPoolExecutor | None = None
+        self._jobs: set[concurrent.futures.Future] = set()
 
     async def start(self) -> None:
-        tls = {} if self.ssl_context is None else {
-            "ssl": self.ssl_context, "ssl_handshake_timeout": self.handshake_timeout}
-        self._server = await asyncio.start_server(self._serve, self.host, self.port, **tls)
+        self._loop = asyncio.get_running_loop()
+        self._workers = concurrent.futures.ThreadPoolExecutor(
+            self.max_connections, thread_name_prefix="dataplane")
+        if self.ssl_context is None:
+            self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        else:
+            self._server = await self._loop.create_server(lambda: _HandOff(self), self.host,
+                                                          self.port)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
+        """Stop listening, forget every offer, end every connection (pending or mid-transfer:
+        a blocked handshake, read or send returns at once) and wait for the worker threads to
+        finish (the loop keeps serving meanwhile)."""
         if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+            self._server.close()  # no new connections
         with self._lock:
+            self._closing = True
             self._offers.clear()
+            for pending in self._pending.values():
+                pending.stop()
+            self._pending.clear()  # their owners see it and leave uncounted
+            for control in self._serving.values():
+                _shutdown(control)
+            jobs = list(self._jobs)
+        if self._server is not None:
+            await self._server.wait_closed()
+        if self._workers is None:
+            return
+        late = set()
+        if jobs:
+            _, late = await asyncio.wait([asyncio.wrap_future(job) for job in jobs],
+                                         timeout=self.io_timeout)
+        if late:  # cannot happen while every blocking call is on a shut-down socket
+            log.error("data plane: %d worker threads still busy after close", len(late))
+            self._workers.shutdown(wait=False)
+        else:
+            await asyncio.to_thread(self._workers.shutdown, wait=True)  # idle: they end now
 
     @property
     def address(self) -> str:
@@ -228,7 +316,7 @@ class DataPlaneServer:
               ttl: float | None = None) -> pb.CallHeader:
         """Register `payload` under a new ticket; return a copy of `header` that points at it.
 
-        The payload is served as it is at send time: do not mutate it (the receiver's SHA-256
+        The payload is served as it is at send time: do not mutate it (the receiver's digest
         check would refuse it). Raises TooManyTickets when `max_tickets` are outstanding.
         """
         if self._server is None:
@@ -265,95 +353,202 @@ class DataPlaneServer:
             del self._offers[ticket]
 
     def _take(self, ticket: bytes) -> _Offer | None:
-        with self._lock:
-            offer = self._offers.pop(ticket, None)
+        """Pop `ticket`'s offer if it has not expired (lock held, or from the loop alone)."""
+        offer = self._offers.pop(ticket, None)
         if offer is None or offer.expires_at <= time.monotonic():
             return None
         return offer
 
+    # -------------------------------------------------------------- admission (on the loop)
+
+    def _admit(self, pending: _Pending) -> int | None:
+        """Register a new pending connection, making room as the bounds say; its key, or None:
+        refused (counted)."""
+        with self._lock:
+            if sum(1 for p in self._pending.values() if p.address == pending.address) >= \
+                    self.max_per_address:
+                self._evict_oldest(pending.address)
+            if self._closing or (len(self._pending) + len(self._serving) >= self.max_connections
+                                 and not self._evict_oldest(None)):
+                self.refused += 1
+                return None
+            key, self._next_id = self._next_id, self._next_id + 1
+            self._pending[key] = pending
+            return key
+
     def _evict_oldest(self, address: str | None) -> bool:
-        """Close the oldest pending connection (from `address`, or any when None)."""
-        for key, (where, writer) in self._pending.items():
-            if address is None or where == address:
+        """Close the oldest pending connection (from `address`, or any when None); lock held."""
+        for key, pending in self._pending.items():
+            if address is None or pending.address == address:
                 del self._pending[key]
                 self.evicted += 1
-                writer.transport.abort()  # its readexactly ends at once; _serve cleans up
+                pending.stop()  # its read or handshake ends at once; its owner cleans up
                 return True
         return False
 
-    def _admit(self, key: int, address: str, writer: asyncio.StreamWriter) -> bool:
-        """Register a new pending connection, making room as the bounds say; False: refuse it."""
-        if sum(1 for where, _ in self._pending.values() if where == address) >= \
-                self.max_per_address:
-            self._evict_oldest(address)
-        if len(self._pending) + self._serving >= self.max_connections and \
-                not self._evict_oldest(None):
-            return False
-        self._pending[key] = (address, writer)
-        return True
+    def _expire(self, key: int) -> None:
+        """Connection `key`'s handshake deadline (TLS): closed if it is still pending."""
+        with self._lock:
+            pending = self._pending.pop(key, None)
+            if pending is not None:
+                self.timed_out += 1
+                pending.stop()
 
-    async def _send_in_thread(self, writer: asyncio.StreamWriter, view: memoryview) -> None:
-        """Plain TCP: the length and the payload by blocking sends on a worker thread, on a
-        duplicate of the connection's descriptor (the transport is paused meanwhile), so the
-        kernel is fed without the loop waking for every few MiB. Measured (128 MiB, (a) of
-        bench.transport, 5 each, load ~4): wall 146/207 ms min/median against 225/391 ms with
-        the loop's writes."""
-        writer.transport.pause_reading()
-        fd = os.dup(writer.get_extra_info("socket").fileno())
-        sock = socket.socket(fileno=fd)
+    def _submit(self, fn: Callable[..., None], *args: object) -> concurrent.futures.Future:
+        assert self._workers is not None
+        job = self._workers.submit(fn, *args)
+        with self._lock:
+            self._jobs.add(job)
+        job.add_done_callback(self._forget_job)
+        return job
+
+    def _forget_job(self, job: concurrent.futures.Future) -> None:
+        with self._lock:
+            self._jobs.discard(job)
+        if not job.cancelled() and job.exception() is not None:  # a bug, not a peer's doing
+            log.error("data plane worker failed", exc_info=job.exception())
+
+    # -------------------------------------------------------------- TLS: a worker per connection
+
+    def _hand_off(self, transport: asyncio.Transport) -> None:
+        """A TLS connection the loop accepted (and never read from): admit it, give it its
+        deadline, and hand a blocking duplicate of its socket to a worker thread; the loop
+        drops its own descriptor (abort closes it without a FIN: the duplicates keep the
+        connection)."""
+        remote = transport.get_extra_info("peername")
+        address = str(remote[0]) if isinstance(remote, tuple) and remote else "?"
         try:
-            sock.settimeout(self.io_timeout)  # per send: a stalled receiver ends the transfer
-            await asyncio.to_thread(_sendall, sock, LENGTH.pack(len(view)), view)
+            sock = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
+            control = sock.dup()
+        except OSError:
+            transport.abort()
+            return
+        transport.abort()
+        key = self._admit(_Pending(address, functools.partial(_shutdown, control)))
+        if key is None:
+            sock.close()
+            control.close()
+            return
+        assert self._loop is not None
+        self._loop.call_later(self.handshake_timeout, self._expire, key)
+        self._submit(self._serve_tls, key, sock, control)
+
+    def _serve_tls(self, key: int, sock: socket.socket, control: socket.socket) -> None:
+        """On a worker thread: the TLS handshake, MAGIC + ticket, then the payload. Whoever takes
+        the connection out of the pending registry first (this thread, an eviction or the
+        deadline) counts it."""
+        assert self.ssl_context is not None
+        hello = bytearray(len(MAGIC) + TICKET_BYTES)
+        try:
+            sock.settimeout(self.handshake_timeout)  # the loop's deadline is the hard bound
+            with _CONTEXT_LOCK:  # the leaf is copied from the context here (renew_leaf)
+                sock = self.ssl_context.wrap_socket(sock, server_side=True,
+                                                    do_handshake_on_connect=False)
+            sock.do_handshake()
+            complete = _recv_exact(sock, memoryview(hello)) == len(hello)
+            error: OSError | None = None
         except OSError as exc:
-            raise ConnectionError(str(exc)) from exc
+            complete, error = False, exc
+        try:
+            with self._lock:
+                if self._pending.pop(key, None) is None:
+                    return  # evicted or past its deadline meanwhile: counted there
+                offer = self._take(bytes(hello[len(MAGIC):])) if complete and \
+                    hello.startswith(MAGIC) else None
+                if offer is None:
+                    if isinstance(error, TimeoutError):
+                        self.timed_out += 1
+                    else:
+                        self.refused += 1
+                    return
+                self._serving[key] = control
+            self._send(sock, offer.view)
         finally:
+            with self._lock:
+                self._pending.pop(key, None)
+                self._serving.pop(key, None)
+                control.close()
             sock.close()
 
+    def _send(self, sock: socket.socket, view: memoryview) -> None:
+        """On a worker thread: the length, then the payload; counts served or failed."""
+        try:
+            sock.settimeout(self.io_timeout)  # per send: a stalled receiver ends the transfer
+            _sendall(sock, LENGTH.pack(len(view)), view)
+        except OSError:
+            with self._lock:
+                self.failed += 1
+        else:
+            with self._lock:
+                self.served += 1
+
+    # -------------------------------------------------------------- plain TCP
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        key, self._next_id = self._next_id, self._next_id + 1
+        """A plain TCP connection: the loop reads its 36-byte ticket (within the handshake
+        deadline) and a worker thread sends the payload with blocking sends on a duplicate of
+        the socket (the transport paused meanwhile), so the kernel is fed without the loop
+        waking for every few MiB."""
         remote = writer.get_extra_info("peername")
         address = str(remote[0]) if isinstance(remote, tuple) and remote else "?"
-        serving = False
+        key = self._admit(_Pending(address, writer.transport.abort))
         try:
-            if not self._admit(key, address, writer):
-                self.refused += 1
+            if key is None:
                 return
             try:
                 hello = await asyncio.wait_for(reader.readexactly(len(MAGIC) + TICKET_BYTES),
                                                self.handshake_timeout)
             except TimeoutError:
-                self.timed_out += 1
+                with self._lock:
+                    if self._pending.pop(key, None) is not None:
+                        self.timed_out += 1
                 return
-            finally:
-                self._pending.pop(key, None)
-            offer = self._take(hello[len(MAGIC):]) if hello.startswith(MAGIC) else None
-            if offer is None:
-                self.refused += 1
+            except (asyncio.IncompleteReadError, ConnectionError):
+                with self._lock:
+                    if self._pending.pop(key, None) is not None:
+                        self.refused += 1
                 return
-            serving = True
-            self._serving += 1
-            if self.ssl_context is None and SEND_IN_THREAD:
-                await self._send_in_thread(writer, offer.view)
-            else:
-                writer.write(LENGTH.pack(len(offer.view)))
-                for start in range(0, len(offer.view), WRITE_CHUNK):
-                    writer.write(offer.view[start: start + WRITE_CHUNK])
-                    await asyncio.wait_for(writer.drain(), self.io_timeout)
-            self.served += 1
-        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError, ssl.SSLError):
-            self.failed += 1
+            with self._lock:
+                if self._pending.pop(key, None) is None:
+                    return  # evicted meanwhile: counted there
+                offer = self._take(hello[len(MAGIC):]) if hello.startswith(MAGIC) else None
+                if offer is None:
+                    self.refused += 1
+                    return
+            writer.transport.pause_reading()
+            try:
+                sock = socket.socket(fileno=os.dup(writer.get_extra_info("socket").fileno()))
+                control = sock.dup()
+            except OSError:
+                with self._lock:
+                    self.failed += 1
+                return
+            with self._lock:
+                self._serving[key] = control
+            await asyncio.wrap_future(self._submit(self._send_plain, key, sock, control,
+                                                   offer.view))
         finally:
-            self._pending.pop(key, None)
-            if serving:
-                self._serving -= 1
+            if key is not None:
+                with self._lock:
+                    self._pending.pop(key, None)
             writer.close()
-            with contextlib.suppress(ConnectionError, TimeoutError, ssl.SSLError):
+            with contextlib.suppress(ConnectionError, TimeoutError):
                 await asyncio.wait_for(writer.wait_closed(), self.io_timeout)
+
+    def _send_plain(self, key: int, sock: socket.socket, control: socket.socket,
+                    view: memoryview) -> None:
+        try:
+            self._send(sock, view)
+        finally:
+            with self._lock:
+                self._serving.pop(key, None)
+                control.close()
+            sock.close()
 
 
 def _sendall(sock: socket.socket, prefix: bytes, view: memoryview) -> None:
-    """`prefix`, then `view` in WRITE_CHUNK pieces (the socket's timeout bounds each piece, as
-    the loop's drain timeout does on the TLS path; one sendall's timeout bounds all of it)."""
+    """`prefix`, then `view` in WRITE_CHUNK pieces (the socket's timeout bounds each piece; one
+    sendall's timeout would bound all of it)."""
     sock.sendall(prefix)
     for start in range(0, len(view), WRITE_CHUNK):
         sock.sendall(view[start: start + WRITE_CHUNK])

@@ -529,8 +529,8 @@ def test_pending_connections_are_bounded_per_address_and_in_all() -> None:
         second = await open_idle(server, 9, "127.0.0.3")
         try:
             per_address = {}
-            for where, _ in server._pending.values():
-                per_address[where] = per_address.get(where, 0) + 1
+            for conn in server._pending.values():
+                per_address[conn.address] = per_address.get(conn.address, 0) + 1
             assert per_address == {"127.0.0.2": 3, "127.0.0.3": 3}
             assert server.evicted == 2 + 6
         finally:
