@@ -264,7 +264,7 @@ class DataPlaneServer:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._workers = concurrent.futures.ThreadPoolExecutor(
-            self.max_connections, thread_name_prefix="dataplane")
+            max(1, self.max_connections), thread_name_prefix="dataplane")
         if self.ssl_context is None:
             self._server = await asyncio.start_server(self._serve, self.host, self.port)
         else:
