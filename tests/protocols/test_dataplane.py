@@ -583,3 +583,18 @@ def test_a_receiver_that_stalls_or_hangs_up_mid_payload_fails_only_its_own_trans
             await server.close()
 
     run(main)
+
+
+def test_prefaulting_a_receive_buffer_leaves_its_bytes_and_ends_its_thread() -> None:
+    """The prefault thread races recv_into over the same pages: it must never write them (a
+    byte written by recv stays), and it ends with the fetch."""
+    buffer = np.empty(24 * MIB, np.uint8)
+    landed = np.random.default_rng(5).integers(0, 256, 10 * MIB + 123, dtype=np.uint8)
+    buffer[: len(landed)] = landed  # what recv_into wrote before the prefault got there
+    before = set(threading.enumerate())
+    with dataplane._Prefault(buffer) as prefault:
+        buffer[len(landed): len(landed) + 5] = 7  # and what it writes meanwhile
+    np.testing.assert_array_equal(buffer[: len(landed)], landed)
+    assert (buffer[len(landed): len(landed) + 5] == 7).all()
+    assert prefault._thread is None or not prefault._thread.is_alive()
+    assert not [t for t in threading.enumerate() if t not in before and t.is_alive()]
