@@ -57,7 +57,8 @@ run, medians of 7 on 2 shared cores (load ~3.4): 242 MB/s that way against 369 M
 worker thread, and the loop was held up to 144 ms at a time (29 ms with the workers).
 `close()` shuts every connection down, so a blocked handshake, read or send returns at once,
 and joins the workers. The receiver runs its blocking socket in a worker thread too
-(`fetch_async`), so neither end's loop is blocked by bulk I/O.
+(`fetch_async`), so neither end's loop is blocked by bulk I/O, and a helper thread faults its
+fresh buffer's pages in ahead of the reads (`_Prefault`).
 """
 
 from __future__ import annotations
