@@ -6,14 +6,22 @@ past a thousand peers. The coordinator therefore tells every peer, in each JoinR
 HeartbeatReply, the period to beat at and the lease that goes with it, from the swarm's size and
 its own measured cost per beat:
 
-    rate budget  R = cpu_budget / cost_per_beat          (beats/s the coordinator allows itself)
+    rate budget  R = min(cpu_budget / cost_per_beat,     (beats/s the coordinator allows itself)
+                         max_beats_per_s)
     period       P = max(spec heartbeat_s, live / R)      quantized up to quarter multiples of it
     lease        L = spec lease_s * P / spec heartbeat_s  (covers as many missed beats as the spec)
 
 so the total heartbeat rate stays under R whatever the swarm's size, and a lease still tolerates
-the same number of lost beats. Never faster than the run spec's `membership.heartbeat_s`, never
-slower than `max_heartbeat_s`. Swarms of at most `min_paced_peers` live members always get the
-spec's values exactly (every test swarm and every small run), whatever was measured.
+the same number of lost beats. `max_beats_per_s` is there because CPU is not the first limit: a
+grpc.aio server takes its calls from gRPC core one at a time, each through a hand-off from its
+poller thread to the event loop, and on this 2-core machine that accepted ~500-620 calls/s at
+5000 peers while the coordinator used a third of a core; past that, calls queue inside gRPC
+before any handler (measured: the delay from a heartbeat's signing to the server's
+authentication grew to 470-800 ms, the whole of its latency).
+
+Never faster than the run spec's `membership.heartbeat_s`, never slower than `max_heartbeat_s`.
+Swarms of at most `min_paced_peers` live members always get the spec's values exactly (every
+test swarm and every small run), whatever was measured.
 
 `cost_per_beat` starts at `DEFAULT_CPU_PER_BEAT_S` and follows the measurement the coordinator's
 tick feeds in (`observe`: process CPU seconds and heartbeats handled since the last call), an
@@ -44,6 +52,7 @@ from dataclasses import dataclass
 
 DEFAULT_CPU_PER_BEAT_S = 0.0007  # measured on main before pacing (bench.coordinator, 1000 peers)
 CPU_BUDGET = 0.5  # of one core, for heartbeats
+MAX_BEATS_PER_S = 250.0  # about half the calls/s the grpc.aio server accepted here (see above)
 MIN_PACED_PEERS = 64
 MAX_HEARTBEAT_S = 60.0
 MIN_SAMPLE_BEATS = 200
@@ -67,11 +76,15 @@ class Pacer:
 
     def __init__(self, heartbeat_s: float, lease_s: float, *, cpu_budget: float = CPU_BUDGET,
                  cost_s: float = DEFAULT_CPU_PER_BEAT_S, min_paced_peers: int = MIN_PACED_PEERS,
-                 max_heartbeat_s: float = MAX_HEARTBEAT_S) -> None:
+                 max_heartbeat_s: float = MAX_HEARTBEAT_S,
+                 max_beats_per_s: float = MAX_BEATS_PER_S) -> None:
         if not heartbeat_s > 0 or not lease_s > 0:
             raise ValueError(f"heartbeat_s and lease_s must be > 0, got {heartbeat_s}, {lease_s}")
         if not cpu_budget > 0:
             raise ValueError(f"cpu_budget must be > 0, got {cpu_budget}")
+        if not max_beats_per_s > 0:
+            raise ValueError(f"max_beats_per_s must be > 0, got {max_beats_per_s}")
+        self.max_beats_per_s = max_beats_per_s
         self.spec = Pace(heartbeat_s, lease_s)
         self.cpu_budget = cpu_budget
         self.cost_s = cost_s
@@ -83,8 +96,9 @@ class Pacer:
 
     @property
     def budget_per_s(self) -> float:
-        """Heartbeats per second the coordinator allows itself at the measured cost."""
-        return self.cpu_budget / self.cost_s
+        """Heartbeats per second the coordinator allows itself: at the measured cost, and at
+        most `max_beats_per_s`."""
+        return min(self.cpu_budget / self.cost_s, self.max_beats_per_s)
 
     def observe(self, cpu_s: float, beats: int) -> None:
         """Add a measurement: `cpu_s` process CPU seconds spent while `beats` heartbeats were

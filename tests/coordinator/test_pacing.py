@@ -9,6 +9,7 @@ import pytest
 from coordinator.pacing import (
     CPU_BUDGET,
     FALL_BELOW,
+    MAX_BEATS_PER_S,
     MIN_PACED_PEERS,
     MIN_SAMPLE_BEATS,
     RETRY_AFTER_RANGE_S,
@@ -25,7 +26,7 @@ def test_small_swarms_get_exactly_the_spec_values() -> None:
 
 
 def test_period_keeps_the_total_rate_under_the_budget() -> None:
-    pacer = Pacer(1.0, 5.0, cost_s=0.0006)
+    pacer = Pacer(1.0, 5.0, cost_s=0.0006, max_beats_per_s=math.inf)  # the CPU rule alone
     budget = CPU_BUDGET / 0.0006
     for live in (100, 500, 1000, 5000, 10_000, 20_000):
         pace = pacer.target(live)
@@ -37,6 +38,17 @@ def test_period_keeps_the_total_rate_under_the_budget() -> None:
         assert pace.heartbeat_s - max(1.0, live / budget) < 0.25 + 1e-9
     assert pacer.target(500) == Pace(1.0, 5.0)  # 500 beats/s fit the budget of ~833
     assert pacer.target(5000).heartbeat_s == 6.0  # 5000 * 0.6 ms / 0.5
+
+
+def test_the_call_rate_caps_the_budget_when_cpu_is_cheap() -> None:
+    """The CPU budget would allow ~833 beats/s; the server's accepted call rate is the lower
+    bound (MAX_BEATS_PER_S), so 5000 peers beat every 20 s, not every 6."""
+    pacer = Pacer(1.0, 5.0, cost_s=0.0006)
+    assert pacer.budget_per_s == MAX_BEATS_PER_S < CPU_BUDGET / 0.0006
+    assert pacer.target(5000) == Pace(5000 / MAX_BEATS_PER_S, 5 * 5000 / MAX_BEATS_PER_S)
+    assert pacer.target(200) == Pace(1.0, 5.0)  # 200 beats/s fit
+    with pytest.raises(ValueError):
+        Pacer(1.0, 5.0, max_beats_per_s=0.0)
 
 
 def test_period_is_capped() -> None:
@@ -60,7 +72,7 @@ def test_cost_is_learned_from_pooled_samples_and_clamped() -> None:
 
 
 def test_period_rises_at_once_and_falls_with_hysteresis() -> None:
-    pacer = Pacer(1.0, 5.0, cost_s=0.0005)  # budget 1000 beats/s
+    pacer = Pacer(1.0, 5.0, cost_s=0.0005, max_beats_per_s=math.inf)  # budget 1000 beats/s
     assert pacer.update(3000).heartbeat_s == 3.0
     assert pacer.update(2600).heartbeat_s == 3.0  # 2.75 would do: not enough of a drop
     assert pacer.update(2500).heartbeat_s == 3.0  # 2.5 s > FALL_BELOW * 3 s
