@@ -17,23 +17,17 @@ import numpy as np
 import pytest
 
 from bench import transport as harness
-from peer import services
 from peer.pipeline import wire
 from peer.recovery import transfer
 from protocols import auth, dataplane, digest, tensor_stream, tls
 from protocols import shoal_pb2 as pb
 from protocols import shoal_pb2_grpc as pbg
+from tests.peer.test_state_dataplane import (  # noqa: F401 - autouse here too
+    small_states_over_the_data_plane,
+)
 
 ARRAYS = {"model.w": np.arange(4096, dtype=np.float32).reshape(64, 64) / 7,
           "model.b": np.linspace(-1, 1, 64, dtype=np.float32)}
-
-
-@pytest.fixture(autouse=True)
-def small_states_over_the_data_plane(monkeypatch):
-    monkeypatch.setattr(services, "STATE_DATAPLANE_MIN_BYTES", 0)
-    transfer._IN_BAND_ONLY.clear()
-    yield
-    transfer._IN_BAND_ONLY.clear()
 
 
 def scenario(test, *, mtls: bool, monkeypatch):
