@@ -79,12 +79,15 @@ LAG_HEARTBEATS = 3
 LAG_EXTRA_S = 2.0
 
 # the methods, as the rules name them
-FORWARD, INFER, BACKWARD, END_STEP, EXCHANGE, DOWNLOAD = (
+FORWARD, INFER, BACKWARD, END_STEP, EXCHANGE, DOWNLOAD, DELIVER = (
     "Stage.Forward", "Stage.Forward(inference)", "Stage.Backward", "Stage.EndStep",
-    "Sync.Exchange", "State.Download")
+    "Sync.Exchange", "State.Download", "Stage.Deliver")
 
 # who may call: "stage0" (live stage-0 replicas), "same_stage" (live replicas of the receiver's
-# stage), "member" (any admitted identity: peers, observers, the coordinator)
+# stage), "block" (live replicas of any block stage), "member" (any admitted identity: peers,
+# observers, the coordinator). A peer-to-peer Forward or Backward (meta hops = "p2p",
+# peer/pipeline/p2p.py) may also come from the replica before or after the receiver on its
+# route: `check_route`.
 # steps: "next" (the receiver's next step, or a bounded jump), "end" (not beyond the swarm),
 # "round" (near the receiver's own), "" (no step)
 RULES: dict[str, tuple[str, str]] = {
@@ -94,6 +97,7 @@ RULES: dict[str, tuple[str, str]] = {
     END_STEP: ("stage0", "end"),
     EXCHANGE: ("same_stage", "round"),
     DOWNLOAD: ("member", ""),
+    DELIVER: ("block", ""),
 }
 
 
@@ -191,12 +195,17 @@ def check_caller(rule: str, caller: auth.Caller, receiver: Receiver, method: str
     who = RULES[rule][0]
     if who == "member":
         return
-    stage = 0 if who == "stage0" else receiver.stage
+    if who == "block":
+        p = receiver.view.peer(caller.peer_id) if receiver.view is not None else None
+        stage = p.stage if p is not None and p.stage > 0 else 1
+    else:
+        stage = 0 if who == "stage0" else receiver.stage
     if stage is None:
         raise Denied(grpc.StatusCode.UNAVAILABLE,
                      f"{method}: this peer holds no stage yet; retry on another replica")
     role = caller.role
-    what = "a stage-0 replica (a driver)" if who == "stage0" else f"a replica of stage {stage}"
+    what = ("a stage-0 replica (a driver)" if who == "stage0" else "a block replica"
+            if who == "block" else f"a replica of stage {stage}")
     if role not in ("peer", ""):
         raise Denied(grpc.StatusCode.PERMISSION_DENIED,
                      f"{method} is only for {what}; an {role or 'unknown'} identity "
@@ -209,6 +218,33 @@ def check_caller(rule: str, caller: auth.Caller, receiver: Receiver, method: str
         raise Denied(grpc.StatusCode.PERMISSION_DENIED,
                      f"{method} is only for {what}; peer {_short(caller.peer_id)} is {where}. "
                      "Join (or wait to be assigned) that stage first", stale=True)
+
+
+def check_route(rule: str, caller: auth.Caller, receiver: Receiver, header: pb.CallHeader,
+                method: str) -> None:
+    """A peer-to-peer Forward or Backward: from the route's origin (a live stage-0 replica
+    that names itself), or from a live replica of the stage before (forward) or after
+    (backward) the receiver's hop on the header's path, for an origin that is a live stage-0
+    replica."""
+    origin, hop, path = header.meta.get("origin", ""), int(header.hop), list(header.path)
+    if not 0 <= hop < len(path) or path[hop] != header.stage:
+        raise Denied(grpc.StatusCode.INVALID_ARGUMENT,
+                     f"{method}: hop {hop} of path {path[:16]} is not stage {header.stage}")
+    if not holds(receiver.view, origin, 0):
+        raise Denied(grpc.StatusCode.PERMISSION_DENIED,
+                     f"{method}: the route's origin {_short(origin) or '(none)'} is not a live "
+                     "stage-0 replica in this peer's view", stale=True)
+    if caller.peer_id == origin and (hop == 0 or rule == BACKWARD):
+        return
+    if rule == FORWARD:
+        stage = path[hop - 1] if hop > 0 else 0
+    else:
+        stage = path[hop + 1] if hop + 1 < len(path) else 0
+    if caller.role not in ("peer", "") or not holds(receiver.view, caller.peer_id, stage):
+        raise Denied(grpc.StatusCode.PERMISSION_DENIED,
+                     f"{method} at hop {hop} of its route is only for a replica of stage "
+                     f"{stage}; {_short(caller.peer_id)} is not one in this peer's view",
+                     stale=True)
 
 
 def check_stage(rule: str, stage: int, receiver: Receiver, method: str) -> None:
@@ -297,7 +333,10 @@ def decide(rule: str, caller: auth.Caller | None, receiver: Receiver, *,
         header.sender = bind_sender(caller.peer_id, header.sender, f"{method}'s CallHeader")
     if step_end is not None:
         step_end.sender = bind_sender(caller.peer_id, step_end.sender, "EndStep")
-    check_caller(rule, caller, receiver, method)
+    if header is not None and rule in (FORWARD, BACKWARD) and header.meta.get("hops") == "p2p":
+        check_route(rule, caller, receiver, header, method)
+    else:
+        check_caller(rule, caller, receiver, method)
     if header is not None:
         check_stage(rule, header.stage, receiver, method)
         check_step(rule, header.step, receiver, method,

@@ -51,6 +51,7 @@ from peer.metrics import PeerMetrics
 from peer.pipeline import stalls, wire
 from peer.pipeline.data import CorpusError, data_fingerprint_for, load_corpus_for
 from peer.pipeline.driver import Driver
+from peer.pipeline.p2p import Inbox
 from peer.pipeline.stage_host import StageHost
 from peer.pipeline.unreachable import UnreachableLog
 from peer.preemption import SpotWatcher
@@ -135,6 +136,7 @@ class PeerDaemon:
         self.metrics = PeerMetrics(self)  # served only with --metrics-port
         self.reach_notice = ReachNotice()  # logs what the coordinator's dial-back found
         self.unreachable = UnreachableLog()  # peers that refused calls: the next beat says so
+        self.inbox = Inbox()  # peer-to-peer hops: deliveries awaited by the driver
         self.relay_link: RelayLink | None = None  # attaches to a relay while nobody can dial in
         self.relay_hub: RelayHub | None = None  # the relay it offers with --relay
         # bulk state downloads (StateService), started once joined; TLS with the leaf when the

@@ -33,7 +33,7 @@ import torch
 from peer import authz
 from peer.consistency import READY_STATES
 from peer.context import PeerContext
-from peer.pipeline import wire
+from peer.pipeline import p2p, wire
 from peer.pipeline.deadline import MeasuredDeadline
 from peer.pipeline.links import COMPUTE_S, QUEUED, SERVER_S
 from peer.pipeline.stage_host import NotYours, PendingQuota, StageError
@@ -142,6 +142,7 @@ class StageService(pbg.StageServicer):
         # not waited for until one of their EndSteps comes in again (rounds.py does the same)
         self._suspects: set[str] = set()
         self._abstaining: set[asyncio.Task] = set()
+        self._forwarder: p2p.Forwarder | None = None  # made on the first peer-to-peer hop
 
     def _check_serving(self, header: pb.CallHeader) -> None:
         d = self.d
@@ -167,7 +168,10 @@ class StageService(pbg.StageServicer):
         self, request_iterator: AsyncIterator[pb.TensorChunk], context, kind: str,
         work: Callable[[pb.CallHeader, torch.Tensor], torch.Tensor],
     ) -> AsyncIterator[pb.TensorChunk]:
+        """Receive, authorize and compute one Forward or Backward; answer with the output, or,
+        peer to peer (peer/pipeline/p2p.py), pass the output on and answer with an ack."""
         d = self.d
+        upstream = None
         method = authz.FORWARD if kind == "forward" else authz.BACKWARD
         try:
             header, arrays = await receive_authorized(
@@ -180,6 +184,8 @@ class StageService(pbg.StageServicer):
             if set(arrays) != {"x"}:
                 raise StageError(f"{kind} expects one tensor named 'x', got {sorted(arrays)}")
             x = torch.from_numpy(arrays["x"].copy())
+            if kind == "backward" and p2p.is_p2p(header):
+                upstream = d.host.owner_of(header.microbatch_id)  # where its gradient goes
             d.queue += 1
             try:
                 t0 = time.monotonic()
@@ -204,13 +210,21 @@ class StageService(pbg.StageServicer):
             return
         out = pb.CallHeader(kind=kind, microbatch_id=header.microbatch_id, step=header.step,
                             stage=d.host.stage, sender=d.peer_id, sent_at=time.time())
+        payload = {"x": y.numpy()}
+        if p2p.is_p2p(header) and header.meta.get("mode") is None:
+            try:
+                out.meta.update(await self._pass_on(kind, header, y, upstream, context))
+            except p2p.Downstream as exc:
+                await context.abort(grpc.StatusCode.ABORTED, str(exc)[:400])
+                return
+            payload = {}
         # what the caller's SkipPipe planner needs (peer/pipeline/links.py): the compute this
         # call took here, the whole time it spent here once received (its wait for the compute
         # thread too), and the calls still queued or running here
         out.meta.update({COMPUTE_S: f"{compute_s:.6f}",
                          SERVER_S: f"{time.monotonic() - received:.6f}", QUEUED: str(d.queue)})
         enc = wire.ACTIVATION_ENCODINGS[d.spec.pipeline.activations]
-        for chunk in wire.encode_chunks(out, {"x": y.numpy()}, enc):
+        for chunk in wire.encode_chunks(out, payload, enc):
             d.counter.add("activations", sent=chunk.ByteSize())
             yield chunk
 
@@ -231,6 +245,57 @@ class StageService(pbg.StageServicer):
                 request_iterator, context, "backward",
                 lambda h, g: self.d.host.backward(h.microbatch_id, g, h.sender)):
             yield chunk
+
+    async def _pass_on(self, kind: str, header: pb.CallHeader, y: torch.Tensor,
+                       upstream: str | None, context) -> dict[str, str]:
+        """Peer to peer: hand this hop's output to the next replica (or the origin) and return
+        the ack's meta; p2p.Downstream when that fails (the graph is then dropped)."""
+        if self._forwarder is None:
+            self._forwarder = p2p.Forwarder(self.d)
+        mb_id, left = header.microbatch_id, context.time_remaining()
+        host = self.d.host
+        try:
+            if kind == "forward":
+                return await self._forwarder.pass_forward(header, y, left)
+            if upstream is None:
+                raise p2p.Downstream(f"{p2p.DOWNSTREAM}stage {host.stage} held no graph owner "
+                                     f"for {mb_id[:40]}")
+            return await self._forwarder.pass_backward(header, y, upstream, left)
+        except p2p.Downstream:
+            if kind == "forward":
+                host.forget(mb_id)
+            raise
+
+    async def Deliver(self, request_iterator, context):
+        """Peer to peer: the last activation or the input gradient of a microbatch this
+        peer's driver has outstanding (peer/pipeline/p2p.py), from a block replica it expects
+        it from."""
+        d = self.d
+
+        def expected(h: pb.CallHeader) -> None:
+            sender = d.view.peer(h.sender) if d.view is not None else None
+            try:
+                d.inbox.check(h.microbatch_id, h.kind, h.sender,
+                              sender.stage if sender is not None else -1)
+            except p2p.NotExpected as exc:
+                raise NotYours(str(exc)) from None
+
+        try:
+            header, arrays = await receive_authorized(
+                request_iterator, context, self.policy, authz.DELIVER, d.activation_limits(),
+                d.counter, "activations", expected)
+            if set(arrays) != {"x"}:
+                raise StageError(f"a delivery carries one tensor named 'x', got {sorted(arrays)}")
+            taken = p2p.parse_taken(header.meta.get(p2p.TAKEN, ""))
+            sender = d.view.peer(header.sender) if d.view is not None else None
+            d.inbox.deliver(header.microbatch_id, header.kind, header.sender,
+                            sender.stage if sender is not None else -1,
+                            torch.from_numpy(arrays["x"].copy()), taken)
+        except (codec.CodecError, StageError, ValueError) as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Deliver: {exc}")
+        except p2p.NotExpected as exc:  # it went away meanwhile (timed out, dropped)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"Deliver: {exc}")
+        return pb.Delivered()
 
     def _quota(self, header: pb.CallHeader) -> None:
         """Refuse (PendingQuota) a training forward whose graph would not fit its sender's

@@ -23,6 +23,7 @@ import tomli_w
 SYNC_MODES = ("allreduce", "demo", "diloco", "spsa")
 #: the modes whose steps the coordinator closes in its SPSA ledger (coordinator/ledger.py)
 LEDGER_MODES = frozenset({"spsa"})
+HOPS = ("hub", "p2p")  # pipeline.hops: who sends a microbatch's next hop
 ACTIVATION_ENCODINGS = ("fp32", "bf16", "int8", "fp8")
 PRECISIONS = ("auto", "fp32", "bf16")  # pipeline.precision: the compute dtype of a stage's passes
 AGGREGATORS = ("mean", "clipped_mean", "trimmed_mean")
@@ -63,6 +64,11 @@ class PipelineSection:
     # fp32 | bf16 | int8 | fp8 (e4m3); int8 and fp8 scale per block of 64. int8: the fastest to
     # the target loss in bench.wan (docs/benchmarks.md), as issue #15 asks of the default
     activations: str = "int8"
+    # hub: every block replica answers stage 0, which sends the next hop (each activation crosses
+    # the driver's link twice per stage); p2p: each block replica sends its output straight to
+    # the next stage's replica it chooses, the last one delivers to stage 0, and the backward
+    # walks the same replicas back (peer/pipeline/p2p.py). SPSA's paired streams stay hub-shaped.
+    hops: str = "hub"
     full_depth_every: int = 10
     checkfree_plus: bool = False
     # auto: bf16 autocast on CUDA, fp32 elsewhere; fp32: never; bf16: autocast on any device
@@ -284,6 +290,9 @@ class RunSpec:
         _check(p.microbatch >= 1, "pipeline.microbatch", "an integer >= 1", p.microbatch)
         _check(p.target_batch >= p.microbatch, "pipeline.target_batch",
                f">= pipeline.microbatch ({p.microbatch})", p.target_batch)
+        _check(p.hops in HOPS, "pipeline.hops", f"one of {HOPS}", p.hops)
+        _check(p.hops == "hub" or s.mode not in LEDGER_MODES, "pipeline.hops",
+               "hub with sync.mode spsa (its perturbed streams are compared at stage 0)", p.hops)
         _check(p.activations in ACTIVATION_ENCODINGS, "pipeline.activations",
                f"one of {ACTIVATION_ENCODINGS}", p.activations)
         _check(p.full_depth_every >= 1, "pipeline.full_depth_every", "an integer >= 1",

@@ -394,6 +394,10 @@ class StepDone(_message.Message):
     server_s: float
     def __init__(self, step: _Optional[int] = ..., stage: _Optional[int] = ..., included: _Optional[int] = ..., state_hash: _Optional[str] = ..., grad_norm: _Optional[float] = ..., stepped: _Optional[bool] = ..., detail: _Optional[str] = ..., server_s: _Optional[float] = ...) -> None: ...
 
+class Delivered(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class SpsaCodes(_message.Message):
     __slots__ = ("codes",)
     CODES_FIELD_NUMBER: _ClassVar[int]

@@ -338,6 +338,11 @@ class StageStub:
                 request_serializer=shoal__pb2.StepEnd.SerializeToString,
                 response_deserializer=shoal__pb2.StepDone.FromString,
                 _registered_method=True)
+        self.Deliver = channel.stream_unary(
+                '/shoal.v1.Stage/Deliver',
+                request_serializer=shoal__pb2.TensorChunk.SerializeToString,
+                response_deserializer=shoal__pb2.Delivered.FromString,
+                _registered_method=True)
 
 
 class StageServicer:
@@ -361,6 +366,16 @@ class StageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Deliver(self, request_iterator, context):
+        """Peer-to-peer hops (pipeline.hops = "p2p"): the block replica that ends a microbatch's route
+        hands the last activation to the microbatch's stage-0 owner (header.kind "forward"), and the
+        first block replica hands it the input gradient (kind "backward"). Only for a microbatch that
+        owner has outstanding, only from a replica of a block stage.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StageServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -378,6 +393,11 @@ def add_StageServicer_to_server(servicer, server):
                     servicer.EndStep,
                     request_deserializer=shoal__pb2.StepEnd.FromString,
                     response_serializer=shoal__pb2.StepDone.SerializeToString,
+            ),
+            'Deliver': grpc.stream_unary_rpc_method_handler(
+                    servicer.Deliver,
+                    request_deserializer=shoal__pb2.TensorChunk.FromString,
+                    response_serializer=shoal__pb2.Delivered.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -461,6 +481,33 @@ class Stage:
             '/shoal.v1.Stage/EndStep',
             shoal__pb2.StepEnd.SerializeToString,
             shoal__pb2.StepDone.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Deliver(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/shoal.v1.Stage/Deliver',
+            shoal__pb2.TensorChunk.SerializeToString,
+            shoal__pb2.Delivered.FromString,
             options,
             channel_credentials,
             insecure,

@@ -18,6 +18,7 @@ import grpc
 
 from peer import consistency
 from peer.pipeline import wire
+from peer.pipeline.p2p import Inbox
 from peer.pipeline.unreachable import UnreachableLog
 from protocols import codec
 from protocols import shoal_pb2 as pb
@@ -71,6 +72,7 @@ class FakePeer:
         self.view = view
         self.counter = wire.ByteCounter()
         self.unreachable = UnreachableLog()
+        self.inbox = Inbox()  # peer-to-peer hops: deliveries awaited by the driver
         self.step_lock = asyncio.Lock()
         self.client: Any = None  # no coordinator: a test that needs one installs its own
         self.snapshot_dir = snapshot_dir

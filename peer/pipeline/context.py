@@ -11,6 +11,7 @@ from typing import Protocol
 import grpc
 
 from peer.pipeline import wire
+from peer.pipeline.p2p import Inbox
 from peer.pipeline.stage_host import StageHost
 from peer.pipeline.unreachable import UnreachableLog
 from protocols import codec
@@ -39,6 +40,8 @@ class DriverContext(Protocol):
     counter: wire.ByteCounter
     #: peers whose address refused a call since the last heartbeat (it reports them)
     unreachable: UnreachableLog
+    #: peer-to-peer hops: the deliveries this peer's driver waits for (Stage.Deliver fills them)
+    inbox: Inbox
 
     def channel(self, address: str) -> grpc.aio.Channel:
         """The (cached, signed) gRPC channel to a peer's address."""

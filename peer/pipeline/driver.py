@@ -33,7 +33,9 @@ contributes zero samples to its stage's round; a stage no microbatch visited agg
 replicas of a skipped stage stay bit-identical and in lockstep.
 
 One hop's call and its retries are peer/pipeline/hops.py (`HopCalls`); step 4's EndSteps and
-their deadline are peer/pipeline/step_end.py (`StepClosing`); both are mixins of `Driver`.
+their deadline are peer/pipeline/step_end.py (`StepClosing`); with `pipeline.hops = "p2p"` the
+block replicas pass a microbatch on themselves and the driver only starts and ends its route
+(peer/pipeline/p2p.py, `P2PRoutes`); all three are mixins of `Driver`.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from peer.pipeline.data import inputs_targets, load_corpus_for, shard
 from peer.pipeline.deadline import MeasuredDeadline
 from peer.pipeline.hops import HopCalls, MicrobatchDropped, StageEmpty
 from peer.pipeline.links import LinkEstimates
+from peer.pipeline.p2p import Inbox, P2PRoutes
 from peer.pipeline.paths import ReplicaTiming
 from peer.pipeline.planner import plan_iteration
 from peer.pipeline.router import NoReplicaAvailable, RoundRobinRouter, Router
@@ -71,7 +74,7 @@ VIEW_RETRY_S = 2.0
 VIEW_BACKOFF_S = 5.0
 
 
-class Driver(HopCalls, StepClosing):
+class Driver(HopCalls, P2PRoutes, StepClosing):
     """The stage-0 step loop (see the module docstring). It sees the peer as a `DriverContext`;
     `data` is the peer's --data (None: the spec's data.path, else the stdlib), `router_kind`
     "swarm" or "round_robin"."""
@@ -102,6 +105,9 @@ class Driver(HopCalls, StepClosing):
         self.links = LinkEstimates()  # per replica: compute, latency, bandwidth (the plan's)
         self._late: set[asyncio.Future] = set()  # EndSteps answered after the step went on
         self.stalls = stalls.WATCH  # spans this process was stopped (a timeout then is ours)
+        # peer-to-peer hops: the deliveries this driver waits for (Stage.Deliver resolves them)
+        inbox = getattr(ctx, "inbox", None)
+        self.inbox: Inbox = inbox if inbox is not None else Inbox()
 
     def stop(self) -> None:
         self._stop = True
@@ -297,7 +303,11 @@ class Driver(HopCalls, StepClosing):
             compute = time.monotonic() - t0
             path = [s for s, _ in planned]
             keep = d.spec.pipeline.skip_ratio > 0  # SkipPipe: the planned replica first
-            for s, planned_peer in planned:
+            p2p = d.spec.pipeline.hops == "p2p"
+            if p2p:  # the block replicas pass it on (peer/pipeline/p2p.py)
+                h, path, hops = await self.route_forward(step, mb_id, planned, h,
+                                                         self.has_trained)
+            for s, planned_peer in planned if not p2p else ():
                 try:
                     h, peer = await self._hop("forward", s, step, mb_id, path, len(hops), h,
                                               prefer=planned_peer if keep else None)
@@ -314,7 +324,9 @@ class Driver(HopCalls, StepClosing):
             t0 = time.monotonic()
             loss, g = await host.run(host.head, mb_id, h, targets)
             compute += time.monotonic() - t0
-            for hop in range(len(hops) - 1, -1, -1):
+            if p2p:
+                g = await self.route_backward(step, mb_id, path, hops, g)
+            for hop in range(len(hops) - 1, -1, -1) if not p2p else ():
                 s, peer = hops[hop]
                 g, _ = await self._hop("backward", s, step, mb_id, path, hop, g, peer=peer)
             t0 = time.monotonic()

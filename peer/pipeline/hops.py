@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import grpc
@@ -39,6 +39,17 @@ class MicrobatchDropped(Exception):
 
 class StageEmpty(MicrobatchDropped):
     """A forward hop found no usable replica of its stage: the microbatch may bypass it."""
+
+
+class Downstream(MicrobatchDropped):
+    """A peer-to-peer hop failed after the replica called (that replica answered ABORTED with
+    "downstream: ..."): the microbatch is dropped, the replica called is not blamed."""
+
+
+#: a p2p reply's meta: the seconds the hops after the callee took; an ABORTED status whose
+#: details start with DOWNSTREAM is a failure after the callee
+AFTER_S = "after_s"
+DOWNSTREAM = "downstream: "
 
 
 class HopCalls:
@@ -73,10 +84,34 @@ class HopCalls:
                    hop: int, x: torch.Tensor, peer: str | None = None,
                    meta: Mapping[str, str] | None = None,
                    prefer: str | None = None) -> tuple[torch.Tensor, str]:
+        """One forward or backward hop of a microbatch, answered with its output (the hub):
+        `_call_hop`'s reply tensor."""
+        _, arrays, target = await self._call_hop(kind, stage, step, mb_id, path, hop, x,
+                                                 peer=peer, meta=meta, prefer=prefer)
+        if set(arrays) != {"x"}:
+            self.router.ban(target, time.monotonic() + self.d.spec.membership.lease_s)
+            raise MicrobatchDropped(f"stage {stage} {kind}: {target[:8]} answered without its "
+                                    "output tensor")
+        return torch.from_numpy(arrays["x"].copy()), target
+
+    async def _call_hop(self, kind: str, stage: int, step: int, mb_id: str, path: list[int],
+                        hop: int, x: torch.Tensor, peer: str | None = None,
+                        meta: Mapping[str, str] | None = None, prefer: str | None = None,
+                        hops_left: int = 1, time_left: float | None = None,
+                        on_target: Callable[[str], None] | None = None,
+                        ) -> tuple[pb.CallHeader, dict, str]:
         """One forward or backward hop of a microbatch, retried on the next-best replica (a
         forward hop; a backward hop must reach the `peer` holding its graph). A forward goes to
         `prefer` first while it is usable (the plan's choice). `meta` goes into the call header
-        (SPSA's perturbed streams say so there)."""
+        (SPSA's perturbed streams say so there). Returns the reply's header and tensors and the
+        replica that answered.
+
+        Peer-to-peer hops (peer/pipeline/p2p.py): the callee passes the microbatch on before it
+        answers, so the call's timeout covers `hops_left` hops (at most `time_left`, the time the
+        call this one serves has left), its reply meta says how long the hops after the callee
+        took (`after_s`: not the callee's own speed) and an ABORTED reply is a failure after the
+        callee (`p2p.Downstream`), which is not held against it. `on_target` hears each replica
+        chosen before it is sent to."""
         d = self.d
         samples = int(x.shape[0])
         tried: set[str] = set()
@@ -89,10 +124,17 @@ class HopCalls:
                                                     prefer=prefer)
             except NoReplicaAvailable as exc:
                 raise StageEmpty(f"stage {stage}: {exc}") from exc
-            timeout = self.router.timeout_for(target, samples, backward=kind == "backward")
+            timeout = hops_left * self.router.timeout_for(target, samples,
+                                                          backward=kind == "backward")
+            if time_left is not None:
+                timeout = min(timeout, time_left - (time.monotonic() - now))
+                if timeout <= 0:
+                    raise MicrobatchDropped(f"stage {stage} {kind}: no time left for the hop")
             header = pb.CallHeader(kind=kind, microbatch_id=mb_id, step=step, stage=stage,
                                    path=path, hop=hop, sender=d.peer_id, sent_at=time.time())
             header.meta.update(meta or {})
+            if on_target is not None:
+                on_target(target)
             t0 = time.monotonic()
             try:
                 stub = pbg.StageStub(d.channel(d.address_of(target)))
@@ -103,11 +145,16 @@ class HopCalls:
                     limits=d.activation_limits(), counter=d.counter, kind="activations",
                     timeout=timeout)
                 wall = time.monotonic() - t0
-                self.router.record(target, samples, wall, time.monotonic())
+                own = max(wall - _seconds(reply.meta.get(AFTER_S)), 1e-6)
+                self.router.record(target, samples, own, time.monotonic())
                 self.links.record_call(target, kind, samples, wall, reply.meta,
-                                       2 * reply.total_bytes)
-                return torch.from_numpy(arrays["x"].copy()), target
+                                       header.total_bytes + reply.total_bytes)
+                return reply, arrays, target
             except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.ABORTED and (exc.details() or "").startswith(
+                        DOWNSTREAM):
+                    self.router.record(target, samples, time.monotonic() - t0, time.monotonic())
+                    raise Downstream(exc.details() or DOWNSTREAM) from exc
                 if self.hop_failed(target, samples, t0, exc):
                     tried.add(target)
                 elif not stalled_once:  # this process was stopped: once more, same replica
@@ -120,3 +167,12 @@ class HopCalls:
         if peer is None:
             raise StageEmpty(f"stage {stage} {kind}: no replica answered ({len(tried)} tried)")
         raise MicrobatchDropped(f"stage {stage} {kind}: no replica answered ({len(tried)} tried)")
+
+
+def _seconds(text: str | None) -> float:
+    """A duration from a reply's meta (0 when absent or not a finite, non-negative number)."""
+    try:
+        v = float(text or 0.0)
+    except ValueError:
+        return 0.0
+    return v if 0.0 <= v < float("inf") else 0.0

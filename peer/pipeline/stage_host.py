@@ -30,7 +30,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -71,6 +71,9 @@ class Pending:
     step: int
     created: float
     owner: str = ""  # the peer id whose Forward made it (its Backward must come from it)
+    # peer-to-peer hops (peer/pipeline/p2p.py): the other peers whose Backward is taken, those
+    # this replica sent its output to (the next stage's replicas it tried, or the route's origin)
+    backers: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -245,6 +248,20 @@ class StageHost:
                 f"the limit is {lim.graphs} graphs / {lim.samples} samples per sender: send the "
                 "backwards (or end the step) before more forwards")
 
+    def handed_to(self, mb_id: str, backer: str) -> str | None:
+        """Peer to peer: `mb_id`'s output is being sent on to `backer`, whose Backward is then
+        taken too (before the send: its backward may come before the send's answer). Returns
+        the graph's owner (where its input gradient goes), None when it is not held."""
+        p = self.pending.get(mb_id)
+        if p is None:
+            return None
+        p.backers.add(backer)
+        return p.owner
+
+    def owner_of(self, mb_id: str) -> str | None:
+        p = self.pending.get(mb_id)
+        return None if p is None else p.owner
+
     def forget_owner(self, owners: set[str]) -> int:
         """Drop the graphs of senders that left the swarm (their backward will not come)."""
         gone = [k for k, p in self.pending.items() if p.owner and p.owner in owners]
@@ -260,10 +277,10 @@ class StageHost:
         if p is None:
             raise StageError(f"no forward pass of microbatch {mb_id} is held here (dropped or "
                              "never seen): resend the whole microbatch")
-        if owner is not None and p.owner != owner:
+        if owner is not None and owner != p.owner and owner not in p.backers:
             self.pending[mb_id] = p
             raise NotYours(f"microbatch {mb_id} was sent here by another peer; only its sender "
-                           "may send its backward")
+                           "(or, peer to peer, the replica it went on to) may send its backward")
         if tuple(grad_out.shape) != tuple(p.out.shape):
             self.pending[mb_id] = p
             raise StageError(f"gradient shape {tuple(grad_out.shape)} does not match the "

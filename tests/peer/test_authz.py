@@ -61,6 +61,14 @@ def header(sender: str = "", stage: int = 1, step: int = 6, mode: str = "") -> p
     return h
 
 
+def routed(path=(1, 2), hop: int = 0, origin: str = "d0", kind: str = "forward"
+           ) -> pb.CallHeader:
+    """A peer-to-peer hop (peer/pipeline/p2p.py) for the receiver (stage 1) at `hop` of `path`."""
+    h = pb.CallHeader(kind=kind, microbatch_id="m", stage=1, step=6, path=list(path), hop=hop)
+    h.meta.update({"hops": "p2p", "origin": origin})
+    return h
+
+
 def step_end(sender: str = "", step: int = 6, stage0=("d0",), stage1=("r1", "r1b")
              ) -> pb.StepEnd:
     return pb.StepEnd(step=step, sender=sender, stage0_replicas=list(stage0),
@@ -138,6 +146,33 @@ TABLE = [
     ("sync part of round 10**12", authz.EXCHANGE, "r1b", "peer", header(step=10**12), None, IA),
     ("replay of a kept round", authz.EXCHANGE, "r1b", "peer", replay(step=0), None, OK),
     ("replay of round 10**12", authz.EXCHANGE, "r1b", "peer", replay(step=10**12), None, IA),
+    # peer-to-peer hops: the route's origin, or the replica before (forward) / after (backward)
+    ("p2p forward from its origin", authz.FORWARD, "d0", "peer", routed(), None, OK),
+    ("p2p forward from the stage before on the route", authz.FORWARD, "r2", "peer",
+     routed(path=(2, 1), hop=1), None, OK),
+    ("p2p forward from the stage after on the route", authz.FORWARD, "r2", "peer", routed(),
+     None, PD),
+    ("p2p forward from a replica of the receiver's stage", authz.FORWARD, "r1b", "peer",
+     routed(path=(2, 1), hop=1), None, PD),
+    ("p2p forward from a driver that is not its origin", authz.FORWARD, "d0", "peer",
+     routed(path=(2, 1), hop=1, origin="gone"), None, PD),
+    ("p2p forward naming a block replica as origin", authz.FORWARD, "r2", "peer",
+     routed(path=(2, 1), hop=1, origin="r2"), None, PD),
+    ("p2p forward whose hop is not the receiver's stage", authz.FORWARD, "d0", "peer",
+     routed(path=(2, 1), hop=0), None, IA),
+    ("p2p forward from an observer", authz.FORWARD, "obs", "observer",
+     routed(path=(2, 1), hop=1), None, PD),
+    ("p2p backward from the stage after", authz.BACKWARD, "r2", "peer",
+     routed(kind="backward"), None, OK),
+    ("p2p backward from its origin", authz.BACKWARD, "d0", "peer", routed(kind="backward"),
+     None, OK),
+    ("p2p backward from the stage before", authz.BACKWARD, "r2", "peer",
+     routed(path=(2, 1), hop=1, kind="backward"), None, PD),
+    # Stage.Deliver: live block replicas (the driver's inbox then wants the microbatch's own)
+    ("delivery from a block replica", authz.DELIVER, "r2", "peer", header(), None, OK),
+    ("delivery from a driver", authz.DELIVER, "d0", "peer", header(), None, PD),
+    ("delivery from an observer", authz.DELIVER, "obs", "observer", header(), None, PD),
+    ("delivery from a stranger", authz.DELIVER, "zz", "peer", header(), None, PD),
     # State.Download: any member
     ("download from an observer", authz.DOWNLOAD, "obs", "observer", None, None, OK),
     ("download from a peer of another stage", authz.DOWNLOAD, "r2", "peer", None, None, OK),

@@ -1,0 +1,75 @@
+"""peer/pipeline/p2p.py's pieces that need no network: the driver's inbox of deliveries, the
+route an ack names, and who may send a graph's backward once it went on peer to peer."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from peer.pipeline import p2p
+from peer.pipeline.stage_host import NotYours, StageHost
+from tests.swarm.local_swarm import spec_with
+
+
+def test_the_inbox_takes_only_what_it_awaits() -> None:
+    async def main() -> None:
+        inbox = p2p.Inbox()
+        fwd = inbox.expect("mb", "forward", stages=frozenset({1, 2}))
+        bwd = inbox.expect("mb", "backward", senders=frozenset({"r1"}))
+        with pytest.raises(p2p.NotExpected, match="no forward delivery of microbatch other"):
+            inbox.check("other", "forward", "r2", 2)
+        with pytest.raises(p2p.NotExpected, match="stage"):
+            inbox.check("mb", "forward", "r3", 3)  # a replica of a stage off the route
+        with pytest.raises(p2p.NotExpected, match="another replica"):
+            inbox.check("mb", "backward", "r1b", 1)
+        x = torch.ones(2, 3)
+        inbox.deliver("mb", "forward", "r2", 2, x, [(1, "r1"), (2, "r2")])
+        assert fwd.done() and fwd.result()[1] == "r2"
+        with pytest.raises(p2p.NotExpected):  # delivered once; a second is refused
+            inbox.deliver("mb", "forward", "r2b", 2, x, [])
+        inbox.drop("mb", "backward")
+        assert bwd.cancelled()
+        with pytest.raises(p2p.NotExpected):
+            inbox.check("mb", "backward", "r1", 1)
+        inbox.drop("mb", "forward")
+        assert len(inbox) == 0
+
+    asyncio.run(main())
+
+
+def test_the_route_an_ack_names() -> None:
+    taken = [(1, "aa"), (2, "bb")]
+    assert p2p.parse_taken(p2p.format_taken(taken)) == taken
+    assert p2p.parse_taken("") == []
+    for bad in ("1", "x:aa", "1:", ":aa"):
+        with pytest.raises(ValueError, match="malformed"):
+            p2p.parse_taken(bad)
+
+
+def test_a_graph_handed_on_takes_its_backward_from_the_next_replica_only() -> None:
+    spec = spec_with(**{"pipeline.hops": "p2p"})
+    host = StageHost(spec, 1)
+    d = spec.model.d_model
+    x = torch.randn(2, spec.model.seq_len, d)
+    y = host.forward("mb", x, 1, owner="r1")
+    assert host.handed_to("mb", "r2") == "r1"  # the gradient goes back to r1
+    assert host.handed_to("mb", "r2b") == "r1"  # a retry: sent to another replica too
+    with pytest.raises(NotYours):
+        host.backward("mb", torch.ones_like(y), owner="stranger")
+    g = host.backward("mb", torch.ones_like(y), owner="r2b")
+    assert g.shape == x.shape
+    assert host.handed_to("mb", "r2") is None  # gone once its backward ran
+    host.forward("mb2", x, 1, owner="r1")  # the hub: only the sender
+    with pytest.raises(NotYours):
+        host.backward("mb2", torch.ones_like(y), owner="r2")
+    assert host.backward("mb2", torch.ones_like(y), owner="r1").shape == x.shape
+    host.close()
+
+
+def test_the_run_spec_keeps_spsa_hub_shaped() -> None:
+    with pytest.raises(Exception, match=r"pipeline\.hops"):
+        spec_with(**{"pipeline.hops": "p2p", "sync.mode": "spsa"})
+    with pytest.raises(Exception, match=r"pipeline\.hops"):
+        spec_with(**{"pipeline.hops": "ring"})
