@@ -179,7 +179,7 @@ def test_a_client_heartbeating_gets_deltas_and_holds_the_whole_view(tmp_path) ->
             svc, a = handle.service, clients[0]
 
             async def beat() -> None:
-                svc._view = None  # views are rebuilt at most every 0.25 s: now, for the test
+                svc.views._view = None  # views are rebuilt at most every 0.25 s: now, for the test
                 got = await a.heartbeat(PeerStats(state="training"))
                 assert got.view_proto is not None and got.view_proto.delta_from == 0  # whole
                 assert got.view_proto.epoch == svc.membership.epoch
