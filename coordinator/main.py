@@ -259,10 +259,7 @@ async def serve(config: str | Path | RunSpec | None = None, port: int = 7000,
     membership = Membership(spec, swarm_id, epoch=epoch, events=events, history=history,
                             trust_stage_hints=trust_stage_hints,
                             rejoin_cooldown_s=rejoin_cooldown_s)
-    membership.bytes_sent_total = totals.get("sent", 0)
-    membership.bytes_received_total = totals.get("received", 0)
-    membership.dropped_total = totals.get("dropped", 0)
-    membership.bytes_by_kind_total = dict(totals.get("by_kind", {}))
+    membership.traffic.restore(totals)
     if snapshot is not None:
         membership.restore_bans(snapshot.bans)
         live = sum(1 for m in snapshot.members if m.live)
@@ -289,9 +286,7 @@ async def serve(config: str | Path | RunSpec | None = None, port: int = 7000,
         if svc.spsa_ledger is not None:
             batch.spsa_reset, batch.spsa = svc.spsa_ledger.take_unsaved()
         if progress:
-            batch.meta["totals"] = json.dumps({
-                "sent": membership.bytes_sent_total, "received": membership.bytes_received_total,
-                "dropped": membership.dropped_total, "by_kind": membership.bytes_by_kind_total})
+            batch.meta["totals"] = json.dumps(membership.traffic.to_json())
         return batch
 
     journal = Journal(store, collect)

@@ -26,7 +26,7 @@ import math
 import re
 import urllib.parse
 
-from coordinator.membership import Member
+from coordinator.member import Member
 from protocols import shoal_pb2 as pb
 from protocols.coordinator_client import PEER_STATES, Benchmark, PeerStats
 from protocols.recovery_report import is_report_key, parse_wire_key

@@ -248,3 +248,22 @@ async def exposition(registry: CollectorRegistry, accept: str | None) -> tuple[b
     encode, content_type = choose_encoder(accept or "")
     body = await asyncio.to_thread(encode, _Collected(families))
     return body, content_type
+
+
+class Histogram:
+    """A Prometheus-style cumulative histogram of durations in seconds, updated on the hot
+    path at the cost of a bucket search (CoordinatorService.heartbeat_seconds) and read by
+    `SwarmCollector` at scrape time."""
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.total += seconds
+        for i, bound in enumerate(self.buckets):
+            if seconds <= bound:
+                self.counts[i] += 1
+                return
+        self.counts[-1] += 1

@@ -42,6 +42,10 @@ limited. A client that applies deltas is sent only what changed since its known 
 
 Hysteresis: the period rises as soon as the swarm needs it, and falls only when a period at most
 `FALL_BELOW` of the current one would do, so a swarm near a boundary does not flap.
+
+Also here, the limits that keep one peer from taking more than its share: `JoinGate` (Joins
+admitted at a measured rate, the others told when to retry) and `BeatLimit` (each member's
+heartbeat token bucket).
 """
 
 from __future__ import annotations
@@ -49,6 +53,10 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from coordinator.member import Member
 
 DEFAULT_CPU_PER_BEAT_S = 0.0007  # measured on main before pacing (bench.coordinator, 1000 peers)
 CPU_BUDGET = 0.5  # of one core, for heartbeats
@@ -310,3 +318,35 @@ class JoinGate:
         lo, hi = JOIN_COST_RANGE_S
         self.cost_s += EWMA * (min(hi, max(lo, cpu_s / joins)) - self.cost_s)
         self.rate = JOIN_CPU_BUDGET / self.cost_s
+
+
+# ---------------------------------------------------------------------- heartbeat rate limit
+
+# Heartbeat rate limit per member, a token bucket: it refills at BEAT_RATE_FACTOR times the
+# spec's rate (1 / membership.heartbeat_s) and holds a lease's worth of beats twice over plus
+# BEAT_BURST_SLACK (retries, a client catching up after a stall), so an honest peer never
+# meets it; a peer beating much faster gets RESOURCE_EXHAUSTED (coordinator/service.py).
+BEAT_RATE_FACTOR = 2.0
+BEAT_BURST_SLACK = 4.0
+
+
+class BeatLimit:
+    """Each member's heartbeat token bucket, kept on the Member (`beat_tokens`, `beat_at`: a
+    re-join does not refill it). A Join by a live member counts as a beat."""
+
+    def __init__(self, heartbeat_s: float, lease_s: float) -> None:
+        """`heartbeat_s`, `lease_s`: the run spec's (membership.*), not the paced ones."""
+        self.rate = BEAT_RATE_FACTOR / heartbeat_s
+        self.burst = 2.0 * lease_s / heartbeat_s + BEAT_BURST_SLACK
+
+    def allow(self, member: Member, now: float) -> bool:
+        """Take one token from `member`'s bucket; False (and no token taken) when it is empty.
+        Mutates the member's bucket fields."""
+        tokens = self.burst if member.beat_tokens < 0 else min(
+            self.burst, member.beat_tokens + max(0.0, now - member.beat_at) * self.rate)
+        member.beat_at = now
+        if tokens < 1.0:
+            member.beat_tokens = tokens
+            return False
+        member.beat_tokens = tokens - 1.0
+        return True

@@ -37,9 +37,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from coordinator.departure import Ban
 from coordinator.events import Event, HistoryPoint
 from coordinator.ledger import ClosedStep
-from coordinator.membership import Ban, Member
+from coordinator.member import Member
 from protocols.coordinator_client import Benchmark, PeerStats
 
 log = logging.getLogger("shoal.coordinator.store")

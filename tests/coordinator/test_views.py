@@ -1,5 +1,5 @@
 """The coordinator's view cache (coordinator/views.py) and the stages' running throughput
-totals a Join assigns from (coordinator/membership.py): both must say exactly what the full
+totals a Join assigns from (coordinator/stages.py): both must say exactly what the full
 recomputation says, however members join, beat, move and leave."""
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def test_running_totals_match_the_summed_loads() -> None:
         t = churn(m, rng, t)
         if rng.random() < 0.3:
             m.rebalance(t, min_gain=0.0)
-        full, quick = m._loads(), m._join_loads()
+        full, quick = m.planner.loads(), m.planner.join_loads()
         for i, load in full.items():
             assert quick[i].replicas == set(load.replicas)
             assert abs(quick[i].capacity - load.capacity) < 1e-5
@@ -179,7 +179,7 @@ def test_a_client_heartbeating_gets_deltas_and_holds_the_whole_view(tmp_path) ->
             svc, a = handle.service, clients[0]
 
             async def beat() -> None:
-                svc._view = None  # views are rebuilt at most every 0.25 s: now, for the test
+                svc.views._view = None  # views are rebuilt at most every 0.25 s: now, for the test
                 got = await a.heartbeat(PeerStats(state="training"))
                 assert got.view_proto is not None and got.view_proto.delta_from == 0  # whole
                 assert got.view_proto.epoch == svc.membership.epoch
