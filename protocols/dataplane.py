@@ -58,7 +58,7 @@ worker thread, and the loop was held up to 144 ms at a time (29 ms with the work
 `close()` shuts every connection down, so a blocked handshake, read or send returns at once,
 and joins the workers. The receiver runs its blocking socket in a worker thread too
 (`fetch_async`), so neither end's loop is blocked by bulk I/O, and a helper thread faults its
-fresh buffer's pages in ahead of the reads (`_Prefault`).
+fresh buffer's pages in ahead of the reads (`Prefault`).
 """
 
 from __future__ import annotations
@@ -171,6 +171,18 @@ def peer_client_context(ca_pem: bytes, cert_pem: bytes, key_pem: bytes) -> ssl.S
 class _Offer:
     view: memoryview
     expires_at: float
+    on_done: Callable[[], None] | None = None
+
+    def done(self) -> None:
+        """Nothing reads `view` any more (sent, failed, expired or forgotten): tell the owner,
+        once. May run with the server's lock held, on the loop or a worker thread: the callback
+        must be quick and must not call into the server."""
+        callback, self.on_done = self.on_done, None
+        if callback is not None:
+            try:
+                callback()
+            except Exception:  # the owner's bug: logged, the server keeps serving
+                log.exception("data plane: an offer's on_done callback failed")
 
 
 @dataclass
@@ -287,6 +299,7 @@ class DataPlaneServer:
             self._server.close()  # no new connections
         with self._lock:
             self._closing = True
+            forgotten = list(self._offers.values())
             self._offers.clear()
             for pending in self._pending.values():
                 pending.stop()
@@ -294,6 +307,8 @@ class DataPlaneServer:
             for control in self._serving.values():
                 _shutdown(control)
             jobs = list(self._jobs)
+        for offer in forgotten:
+            offer.done()
         if self._server is not None:
             await self._server.wait_closed()
         if self._workers is None:
@@ -320,11 +335,17 @@ class DataPlaneServer:
             return len(self._offers)
 
     def offer(self, header: pb.CallHeader, payload: bytes | bytearray | memoryview,
-              ttl: float | None = None) -> pb.CallHeader:
+              ttl: float | None = None, on_done: Callable[[], None] | None = None
+              ) -> pb.CallHeader:
         """Register `payload` under a new ticket; return a copy of `header` that points at it.
 
         The payload is served as it is at send time: do not mutate it (the receiver's digest
-        check would refuse it). Raises TooManyTickets when `max_tickets` are outstanding.
+        check would refuse it) until `on_done` is called: exactly once, when nothing reads the
+        payload any more (its send ended, served or failed; its ticket expired, unfetched, or
+        was refused as expired; the server closed). `on_done` may run on the loop or a worker
+        thread, with the server's lock held: it must be quick and not call into the server.
+        Raises TooManyTickets when `max_tickets` are outstanding (then `on_done` is not called:
+        the payload was never registered).
         """
         if self._server is None:
             raise DataPlaneError("DataPlaneServer.offer before start()")
@@ -339,7 +360,11 @@ class DataPlaneServer:
             if len(self._offers) >= self.max_tickets:
                 raise TooManyTickets(f"{len(self._offers)} payloads are waiting to be fetched "
                                      f"(max_tickets={self.max_tickets})")
-            self._offers[ticket] = _Offer(view, now + (self.ticket_ttl if ttl is None else ttl))
+            ttl = self.ticket_ttl if ttl is None else ttl
+            self._offers[ticket] = _Offer(view, now + ttl, on_done)
+        if on_done is not None and self._loop is not None and not self._loop.is_closed():
+            # an unfetched ticket gives its payload back when it expires, not at the next offer
+            self._loop.call_soon_threadsafe(self._loop.call_later, ttl, self._expire_offers)
         answer = pb.CallHeader()
         answer.CopyFrom(header)
         answer.meta[DATAPLANE_KEY] = self.address
@@ -356,13 +381,21 @@ class DataPlaneServer:
         return chunks(header, payload, chunk_size)
 
     def _sweep(self, now: float) -> None:
+        """Drop expired offers (lock held)."""
         for ticket in [t for t, o in self._offers.items() if o.expires_at <= now]:
-            del self._offers[ticket]
+            self._offers.pop(ticket).done()
+
+    def _expire_offers(self) -> None:
+        """On the loop, when an offer's ticket may have expired."""
+        with self._lock:
+            self._sweep(time.monotonic())
 
     def _take(self, ticket: bytes) -> _Offer | None:
-        """Pop `ticket`'s offer if it has not expired (lock held, or from the loop alone)."""
+        """Pop `ticket`'s offer if it has not expired (lock held). The caller sends it and then
+        calls its `done` (`_send`)."""
         offer = self._offers.pop(ticket, None)
-        if offer is None or offer.expires_at <= time.monotonic():
+        if offer is not None and offer.expires_at <= time.monotonic():
+            offer.done()
             return None
         return offer
 
@@ -469,7 +502,7 @@ class DataPlaneServer:
                         self.refused += 1
                     return
                 self._serving[key] = control
-            self._send(sock, offer.view)
+            self._send(sock, offer)
         finally:
             with self._lock:
                 self._pending.pop(key, None)
@@ -477,17 +510,20 @@ class DataPlaneServer:
                 control.close()
             sock.close()
 
-    def _send(self, sock: socket.socket, view: memoryview) -> None:
-        """On a worker thread: the length, then the payload; counts served or failed."""
+    def _send(self, sock: socket.socket, offer: _Offer) -> None:
+        """On a worker thread: the length, then the payload; counts served or failed, then
+        gives the payload back (`offer.done`)."""
         try:
             sock.settimeout(self.io_timeout)  # per send: a stalled receiver ends the transfer
-            _sendall(sock, LENGTH.pack(len(view)), view)
+            _sendall(sock, LENGTH.pack(len(offer.view)), offer.view)
         except OSError:
             with self._lock:
                 self.failed += 1
         else:
             with self._lock:
                 self.served += 1
+        finally:
+            offer.done()  # sendall returned: the kernel or OpenSSL holds copies, not the view
 
     # -------------------------------------------------------------- plain TCP
 
@@ -529,11 +565,11 @@ class DataPlaneServer:
             except OSError:
                 with self._lock:
                     self.failed += 1
+                offer.done()
                 return
             with self._lock:
                 self._serving[key] = control
-            await asyncio.wrap_future(self._submit(self._send_plain, key, sock, control,
-                                                   offer.view))
+            await asyncio.wrap_future(self._submit(self._send_plain, key, sock, control, offer))
         finally:
             if key is not None:
                 with self._lock:
@@ -543,9 +579,9 @@ class DataPlaneServer:
                 await asyncio.wait_for(writer.wait_closed(), self.io_timeout)
 
     def _send_plain(self, key: int, sock: socket.socket, control: socket.socket,
-                    view: memoryview) -> None:
+                    offer: _Offer) -> None:
         try:
-            self._send(sock, view)
+            self._send(sock, offer)
         finally:
             with self._lock:
                 self._serving.pop(key, None)
@@ -648,7 +684,7 @@ def fetch(
         pool = _pool_for(view, header.digest)
         scan = FiniteScan(header, limits, view, pool.submit)  # NaN/Inf counted as bytes land
         pool.watch(scan.filled)
-        with _Prefault(buffer):  # its pages faulted in on another core, ahead of recv_into
+        with Prefault(buffer):  # its pages faulted in on another core, ahead of recv_into
             digest = _fill(sock, view, where, pool)
         with contextlib.suppress(OSError):
             if sock.recv(1):
@@ -657,7 +693,7 @@ def fetch(
     return decode(header, buffer, limits, computed_sha256=digest, non_finite=scan.counts())
 
 
-class _Prefault:
+class Prefault:
     """Faults a fresh receive buffer's pages in on a helper thread, ahead of the recv loop
     (madvise MADV_POPULATE_WRITE, Linux >= 5.14: page tables made writable, contents untouched,
     so racing the recv loop's writes is harmless; elsewhere, or where refused, it does nothing).
@@ -675,7 +711,7 @@ class _Prefault:
             self._thread = threading.Thread(target=self._run, args=(madvise, buffer),
                                             name="dataplane-prefault", daemon=True)
 
-    def __enter__(self) -> _Prefault:
+    def __enter__(self) -> Prefault:
         if self._thread is not None:
             self._thread.start()
         return self
@@ -793,7 +829,8 @@ async def receive(
 
 
 __all__ = [
-    "DATAPLANE_MIN_BYTES", "DataPlaneError", "DataPlaneServer", "TicketRefused", "TooManyTickets",
+    "DATAPLANE_MIN_BYTES", "DataPlaneError", "DataPlaneServer", "Prefault", "TicketRefused",
+    "TooManyTickets",
     "endpoint", "fetch", "fetch_async", "is_dataplane", "peer_client_context",
     "peer_server_context", "receive", "recv_into_hashing", "renew_leaf",
 ]
