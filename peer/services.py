@@ -503,7 +503,7 @@ class StateService(pbg.StateServicer):
                       else None)
         if checkpoint is not None:  # SPSA: the last hash-checked checkpoint; the joiner replays
             step, arrays, state_hash = checkpoint
-            enc = await asyncio.to_thread(self._encode, request, plane, arrays)
+            enc = await self._encoded(request, plane, arrays)
         else:
             async with d.step_lock:
                 if request.include_optimizer:  # a joining replica: everything, as it is
@@ -512,7 +512,7 @@ class StateService(pbg.StateServicer):
                 else:  # export / inference: the agreed weights, hashed as sent
                     arrays, state_hash = await host.run(host.agreed_arrays)
                 step = host.step
-                enc = await asyncio.to_thread(self._encode, request, plane, arrays)
+                enc = await self._encoded(request, plane, arrays)
         payload = enc.payload
         # a snapshot buffer goes back when the data plane is done with it, else below
         snapshots = self.snapshots
@@ -546,6 +546,25 @@ class StateService(pbg.StateServicer):
                         nbytes: int) -> bool:
         return (request.accept_dataplane and plane is not None
                 and nbytes >= STATE_DATAPLANE_MIN_BYTES)
+
+    async def _encoded(self, request: pb.StateRequest,
+                       plane: dataplane.DataPlaneServer | None, arrays: dict) -> codec.Encoded:
+        """`_encode` on a worker thread. A download cancelled meanwhile (the receiver went away)
+        gives its snapshot buffer back once the thread is done with it, instead of holding it
+        for ever."""
+        job = asyncio.get_running_loop().run_in_executor(None, self._encode, request, plane,
+                                                         arrays)
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            job.add_done_callback(self._abandoned)
+            raise
+
+    def _abandoned(self, job: asyncio.Future) -> None:
+        if not job.cancelled() and job.exception() is None:
+            payload = job.result().payload
+            if self.snapshots.holds(payload):
+                self.snapshots.give_back(payload)
 
     def _encode(self, request: pb.StateRequest, plane: dataplane.DataPlaneServer | None,
                 arrays: dict) -> codec.Encoded:

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import threading
+import time
 from typing import ClassVar
 
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -332,5 +335,39 @@ def test_a_snapshot_comes_back_when_its_ticket_expires_or_the_plane_is_full(monk
         peer.dataplane.max_tickets = 0  # full: the answer goes in-band, the buffer comes back
         header, arrays = await download(ctx, address)
         assert not dataplane.is_dataplane(header) and arrays and buffers.held == 0
+
+    scenario(test)
+
+
+def test_a_download_cancelled_during_its_snapshot_gives_the_buffer_back(monkeypatch) -> None:
+    """The receiver gives up (its deadline) while the snapshot is still being copied: the
+    buffer is given back when the copy ends, not held for ever."""
+    RecordedBuffers.made = []
+    monkeypatch.setattr(services, "SnapshotBuffers", RecordedBuffers)
+    real = services.encode_state
+    copying = threading.Event()
+
+    def slow(arrays, alg, buffers=None):
+        copying.set()
+        time.sleep(0.5)
+        return real(arrays, alg, buffers)
+
+    monkeypatch.setattr(services, "encode_state", slow)
+
+    async def test(peer, ctx, address):
+        (buffers,) = RecordedBuffers.made
+        stub = pbg.StateStub(ctx.channel(address))
+        call = stub.Download(pb.StateRequest(stage=1, accept_dataplane=True,
+                                             accept_digests=[digest.BLAKE3]), timeout=0.2)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            [c async for c in call]
+        assert refused.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and copying.is_set()
+        for _ in range(100):
+            if buffers.fresh and not buffers.held:
+                break
+            await asyncio.sleep(0.02)
+        assert (buffers.fresh, buffers.held, peer.dataplane.outstanding) == (1, 0, 0)
+        header, arrays = await download(ctx, address)  # and the next one reuses it
+        assert dataplane.is_dataplane(header) and arrays and buffers.reused == 1
 
     scenario(test)
