@@ -623,21 +623,28 @@ def run_loopback(ctx: mp.context.SpawnContext, mib: float, repeats: int, with_gr
 
 def _snapshot_rows(nbytes: int, repeats: int = 2) -> list[tuple[str, float, str]]:
     """What (p)'s sender does per download before the first byte moves: peer/services.py
-    encode_state (a copy into a fresh buffer + BLAKE3), timed in this process as the other
-    context rows: right after a previous one (its pages still mapped), and after 2.5 s idle,
-    as (p)'s sender sees it (its last snapshot is a whole repeat old; on this VM freed memory
-    goes back to the host within seconds and faulting it in again is most of the cost)."""
+    encode_state (a copy into a snapshot buffer + BLAKE3 following it on another thread), timed
+    in this process as the other context rows, with a SnapshotBuffers as StateService keeps
+    them: a fresh buffer (a peer's first download of that size: pages faulted in on a helper
+    thread during the copy), then the kept buffer right after the previous snapshot and after
+    2.5 s idle, as (p)'s sender sees it (its last snapshot is a whole repeat old)."""
     from peer.services import encode_state
+    from peer.snapshot import SnapshotBuffers
 
     arrays = {"weights": np.random.default_rng(0).random(nbytes // 4, dtype=np.float32)}
     rows = []
-    for label, pause in (("warm", 0.0), ("after 2.5 s idle", 2.5)):
+    for label, pause, kept in (("fresh buffer", 2.5, False), ("kept buffer, warm", 0.0, True),
+                               ("kept buffer, after 2.5 s idle", 2.5, True)):
+        buffers = SnapshotBuffers(max_idle_bytes=nbytes if kept else 0)
+        buffers.give_back(encode_state(arrays, digest.BLAKE3, buffers).payload)
         seconds = []
         for _ in range(repeats):
             time.sleep(pause)
             t0 = time.perf_counter()
-            encode_state(arrays, digest.BLAKE3)
+            encoded = encode_state(arrays, digest.BLAKE3, buffers)
             seconds.append(time.perf_counter() - t0)
+            buffers.give_back(encoded.payload)
+        buffers.close()
         rows.append((f"(p)'s sender snapshot, {label} (context)", _mbps(nbytes, seconds),
                      f"{nbytes / max(seconds) / 1e6:.0f}-{nbytes / min(seconds) / 1e6:.0f}"))
     return rows

@@ -6,20 +6,26 @@ DataPlaneServer as the daemon runs them, a downloader with signed calls over pee
 Checked: a state goes over the data plane with a BLAKE3 digest and loads into a StageHost with
 its hash; corrupted, short and extra bytes are refused with a clear error and the peer keeps
 serving; a receiver that does not ask, or a state below the threshold, gets the in-band stream;
-an unreachable data plane falls back in-band; TLS works and a wrong peer id is refused.
+an unreachable data plane falls back in-band; TLS works and a wrong peer id is refused; the
+sender's snapshot buffers (peer/snapshot.py) are reused, but never one still being sent, and a
+state changed between downloads gives a new snapshot.
 """
 
 from __future__ import annotations
 
 import asyncio
 import struct
+import threading
+import time
+from typing import ClassVar
 
+import grpc
 import numpy as np
 import pytest
 import torch
 
 from bench import transport as harness
-from peer import services
+from peer import services, snapshot
 from peer.pipeline import wire
 from peer.pipeline.stage_host import StageHost
 from peer.recovery import transfer
@@ -242,3 +248,126 @@ def test_the_senders_snapshot_encoding_is_codec_encode_byte_for_byte(alg) -> Non
     big_endian = {"w": np.arange(4, dtype=">f4")}  # not the codec's storage: codec.encode's
     fast, slow = services.encode_state(big_endian, alg), codec.encode(big_endian, digest=alg)
     assert fast.tensors == slow.tensors and bytes(fast.payload) == slow.payload
+
+
+@pytest.mark.parametrize("alg", [digest.BLAKE3, digest.SHA256_TREE])
+def test_a_snapshot_copied_in_pieces_into_a_kept_buffer_is_codec_encode(alg, monkeypatch
+                                                                        ) -> None:
+    """The copy goes in pieces (the hash follows it on another thread) into a kept buffer whose
+    old bytes are overwritten: the same payload and digest as codec.encode."""
+    monkeypatch.setattr(services, "SNAPSHOT_PIECE", 4096)
+    rng = np.random.default_rng(5)
+    arrays = {"model.a": rng.standard_normal(10_000).astype(np.float32),  # 10 pieces
+              "model.t": rng.standard_normal((40, 30)).astype(np.float32).T,  # strided, whole
+              "model.b": rng.standard_normal(3000).astype(np.float64)}
+    slow = codec.encode(arrays, pb.RAW, digest=alg)
+    buffers = snapshot.SnapshotBuffers()
+    try:
+        stale, _ = buffers.take(slow.total_bytes)
+        stale[:] = 0xAB  # an earlier snapshot's bytes
+        buffers.give_back(stale)
+        fast = services.encode_state(arrays, alg, buffers)
+        assert fast.payload is stale and buffers.holds(fast.payload)
+        assert bytes(fast.payload) == slow.payload and bytes(fast.sha256) == bytes(slow.sha256)
+        buffers.give_back(fast.payload)
+        odd = {"w": np.arange(4, dtype=">f4")}  # codec.encode's: no buffer is taken
+        assert bytes(services.encode_state(odd, alg, buffers).payload) == \
+            codec.encode(odd, digest=alg).payload
+        assert buffers.held == 0
+    finally:
+        buffers.close()
+
+
+class RecordedBuffers(snapshot.SnapshotBuffers):
+    made: ClassVar[list[snapshot.SnapshotBuffers]] = []
+
+    def __init__(self) -> None:
+        super().__init__()
+        RecordedBuffers.made.append(self)
+
+
+def test_a_snapshot_being_sent_is_never_overwritten_and_buffers_are_reused(monkeypatch
+                                                                           ) -> None:
+    """Two downloads whose tickets are not fetched yet hold two buffers; the state changes
+    between them: each receiver gets the state as it was at its own call. Once both are sent
+    the buffers are free, and the next download reuses one instead of faulting in another."""
+    RecordedBuffers.made = []
+    monkeypatch.setattr(services, "SnapshotBuffers", RecordedBuffers)
+
+    async def test(peer, ctx, address):
+        (buffers,) = RecordedBuffers.made
+        before = {k: v.copy() for k, v in peer.host.state_arrays(False).items()}
+        first = await _pointer(ctx, address)
+        with torch.no_grad():
+            next(iter(peer.host.params().values())).add_(1.0)
+        after = {k: v.copy() for k, v in peer.host.state_arrays(False).items()}
+        second = await _pointer(ctx, address)
+        assert buffers.held == 2 and buffers.fresh == 2  # the first is still waiting
+        for pointer, expected in ((second, after), (first, before)):
+            got = await dataplane.fetch_async(pointer, ctx.state_limits(),
+                                              dial_host="127.0.0.1")
+            assert got.keys() == expected.keys()
+            for name in expected:
+                np.testing.assert_array_equal(got[name], expected[name])
+        assert buffers.held == 0 and buffers.idle_bytes == 2 * first.total_bytes
+        _, arrays = await download(ctx, address)
+        np.testing.assert_array_equal(arrays[next(iter(after))], after[next(iter(after))])
+        assert (buffers.fresh, buffers.reused, buffers.held) == (2, 1, 0)
+
+    scenario(test)
+
+
+def test_a_snapshot_comes_back_when_its_ticket_expires_or_the_plane_is_full(monkeypatch
+                                                                            ) -> None:
+    RecordedBuffers.made = []
+    monkeypatch.setattr(services, "SnapshotBuffers", RecordedBuffers)
+
+    async def test(peer, ctx, address):
+        (buffers,) = RecordedBuffers.made
+        peer.dataplane.ticket_ttl = 0.1
+        await _pointer(ctx, address)  # never fetched
+        assert buffers.held == 1
+        for _ in range(100):  # the expiry timer gives it back, no other call needed
+            if not buffers.held:
+                break
+            await asyncio.sleep(0.02)
+        assert buffers.held == 0
+        peer.dataplane.max_tickets = 0  # full: the answer goes in-band, the buffer comes back
+        header, arrays = await download(ctx, address)
+        assert not dataplane.is_dataplane(header) and arrays and buffers.held == 0
+
+    scenario(test)
+
+
+def test_a_download_cancelled_during_its_snapshot_gives_the_buffer_back(monkeypatch) -> None:
+    """The receiver gives up (its deadline) while the snapshot is still being copied: the
+    buffer is given back when the copy ends, not held for ever."""
+    RecordedBuffers.made = []
+    monkeypatch.setattr(services, "SnapshotBuffers", RecordedBuffers)
+    real = services.encode_state
+    copying = threading.Event()
+
+    def slow(arrays, alg, buffers=None):
+        copying.set()
+        time.sleep(0.5)
+        return real(arrays, alg, buffers)
+
+    monkeypatch.setattr(services, "encode_state", slow)
+
+    async def test(peer, ctx, address):
+        (buffers,) = RecordedBuffers.made
+        stub = pbg.StateStub(ctx.channel(address))
+        call = stub.Download(pb.StateRequest(stage=1, accept_dataplane=True,
+                                             accept_digests=[digest.BLAKE3]), timeout=0.2)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            [c async for c in call]
+        assert refused.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and copying.is_set()
+        for _ in range(100):
+            if buffers.fresh and not buffers.held:
+                break
+            await asyncio.sleep(0.02)
+        assert (buffers.fresh, buffers.held, peer.dataplane.outstanding) == (1, 0, 0)
+        header, arrays = await download(ctx, address)  # and the next one reuses it
+        assert dataplane.is_dataplane(header) and arrays and buffers.reused == 1
+
+    scenario(test)

@@ -592,9 +592,59 @@ def test_prefaulting_a_receive_buffer_leaves_its_bytes_and_ends_its_thread() -> 
     landed = np.random.default_rng(5).integers(0, 256, 10 * MIB + 123, dtype=np.uint8)
     buffer[: len(landed)] = landed  # what recv_into wrote before the prefault got there
     before = set(threading.enumerate())
-    with dataplane._Prefault(buffer) as prefault:
+    with dataplane.Prefault(buffer) as prefault:
         buffer[len(landed): len(landed) + 5] = 7  # and what it writes meanwhile
     np.testing.assert_array_equal(buffer[: len(landed)], landed)
     assert (buffer[len(landed): len(landed) + 5] == 7).all()
     assert prefault._thread is None or not prefault._thread.is_alive()
     assert not [t for t in threading.enumerate() if t not in before and t.is_alive()]
+
+
+def test_on_done_comes_once_when_nothing_reads_the_payload_any_more() -> None:
+    """`offer(on_done=...)` (peer/services.py gives its snapshot buffer back with it): once per
+    offer, after its send ended (served or failed), when its ticket expired (unfetched: by a
+    timer; or refused as expired), or when the server closed; never while it is being sent."""
+    header, payload, array = make_call(64)  # far more than the socket buffers hold
+    done: dict[str, int] = {}
+
+    def note(name: str) -> Callable[[], None]:
+        return lambda: done.__setitem__(name, done.get(name, 0) + 1)
+
+    async def until(name: str) -> None:
+        deadline = time.monotonic() + 10
+        while name not in done and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
+    async def main() -> None:
+        server = await started(io_timeout=5.0)
+        try:
+            got = await dataplane.fetch_async(server.offer(header, payload, on_done=note("sent")),
+                                              Limits())
+            np.testing.assert_array_equal(got["w"], array)
+            await until("sent")
+            host, port, ticket = dataplane.endpoint(
+                server.offer(header, payload, on_done=note("hung up")))
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(dataplane.MAGIC + ticket)
+            await writer.drain()
+            await reader.readexactly(1 << 20)  # the transfer is under way: not done yet
+            assert "hung up" not in done
+            writer.transport.abort()
+            await until("hung up")
+            server.offer(header, payload, ttl=0.05, on_done=note("expired"))
+            await until("expired")  # no other call to the server meanwhile
+            loop, server._loop = server._loop, None  # no timer: found expired when presented
+            late = server.offer(header, payload, ttl=0.05, on_done=note("refused"))
+            server._loop = loop
+            await asyncio.sleep(0.1)
+            assert "refused" not in done
+            with pytest.raises(TicketRefused):
+                await dataplane.fetch_async(late, Limits())
+            server.offer(header, payload, on_done=note("closed"))
+        finally:
+            await server.close()
+        await asyncio.sleep(0.5)  # the timers of the offers above fire into a closed server
+        assert done == {"sent": 1, "hung up": 1, "expired": 1, "refused": 1, "closed": 1}
+        assert (server.served, server.failed) == (1, 1)
+
+    run(main)

@@ -8,6 +8,7 @@ by new connections, close() ends a transfer in flight and its threads."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import ssl
@@ -315,3 +316,45 @@ def test_a_renewed_leaf_is_what_new_connections_get(swarm) -> None:
             await server.close()
 
     run("asyncio", main)
+
+
+TLS_LIES = [
+    ("short", lambda p: p[:-5], codec.TruncatedPayload, "closed after"),
+    ("extra", lambda p: p + b"!", codec.OversizedPayload, "more than"),
+    ("flipped", lambda p: p[:-1] + bytes([p[-1] ^ 1]), codec.DigestMismatch, "BLAKE3"),
+]
+
+
+@pytest.mark.parametrize(("name", "lie", "error", "message"), TLS_LIES,
+                         ids=[lie[0] for lie in TLS_LIES])
+@pytest.mark.parametrize("close_notify", [False, True], ids=["abrupt", "close_notify"])
+def test_a_lying_tls_server_is_refused(name, lie, error, message, close_notify, swarm) -> None:
+    """The receiver decrypts from memory (TlsOverBio): a payload short, long or altered under
+    TLS (the server's own lie: the records are authentic) is refused as over plain TCP, whether
+    the server ends with close_notify or just closes."""
+    header, payload, _ = make_call(3)
+    context = server_context(swarm.leaf(SERVER_ID))
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with context.wrap_socket(conn, server_side=True) as tls_conn:
+            tls_conn.recv(len(dataplane.MAGIC) + dataplane.TICKET_BYTES)
+            tls_conn.sendall(dataplane.LENGTH.pack(len(payload)) + lie(bytes(payload)))
+            if close_notify:
+                with contextlib.suppress(OSError):  # the receiver may be gone already
+                    tls_conn.unwrap()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    answer = pb.CallHeader()
+    answer.CopyFrom(header)
+    answer.meta["dataplane"] = f"127.0.0.1:{listener.getsockname()[1]}"
+    answer.meta["ticket"] = "22" * 32
+    try:
+        with pytest.raises(error, match=message):
+            dataplane.fetch(answer, Limits(), ssl_context=client_context(swarm.leaf(CLIENT_ID)),
+                            server_hostname=SERVER_ID, timeout=10)
+    finally:
+        thread.join(10)
+        listener.close()
