@@ -23,7 +23,7 @@ import tomli_w
 SYNC_MODES = ("allreduce", "demo", "diloco", "spsa")
 #: the modes whose steps the coordinator closes in its SPSA ledger (coordinator/ledger.py)
 LEDGER_MODES = frozenset({"spsa"})
-HOPS = ("hub", "p2p")  # pipeline.hops: who sends a microbatch's next hop
+HOPS = ("auto", "hub", "p2p")  # pipeline.hops: who sends a microbatch's next hop
 ACTIVATION_ENCODINGS = ("fp32", "bf16", "int8", "fp8")
 PRECISIONS = ("auto", "fp32", "bf16")  # pipeline.precision: the compute dtype of a stage's passes
 AGGREGATORS = ("mean", "clipped_mean", "trimmed_mean")
@@ -67,7 +67,8 @@ class PipelineSection:
     # hub: every block replica answers stage 0, which sends the next hop (each activation crosses
     # the driver's link twice per stage); p2p: each block replica sends its output straight to
     # the next stage's replica it chooses, the last one delivers to stage 0, and the backward
-    # walks the same replicas back (peer/pipeline/p2p.py). SPSA's paired streams stay hub-shaped.
+    # walks the same replicas back (peer/pipeline/p2p.py). SPSA's paired streams stay hub-shaped;
+    # auto: p2p, except under SPSA (`RunSpec.peer_to_peer`)
     hops: str = "hub"
     full_depth_every: int = 10
     checkfree_plus: bool = False
@@ -217,6 +218,12 @@ class RunSpec:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     data: DataSection = field(default_factory=DataSection)
 
+    @property
+    def peer_to_peer(self) -> bool:
+        """Whether block replicas pass microbatches on themselves (pipeline.hops)."""
+        hops = self.pipeline.hops
+        return hops == "p2p" or (hops == "auto" and self.sync.mode not in LEDGER_MODES)
+
     @classmethod
     def from_toml(cls, text: str) -> RunSpec:
         try:
@@ -291,8 +298,9 @@ class RunSpec:
         _check(p.target_batch >= p.microbatch, "pipeline.target_batch",
                f">= pipeline.microbatch ({p.microbatch})", p.target_batch)
         _check(p.hops in HOPS, "pipeline.hops", f"one of {HOPS}", p.hops)
-        _check(p.hops == "hub" or s.mode not in LEDGER_MODES, "pipeline.hops",
-               "hub with sync.mode spsa (its perturbed streams are compared at stage 0)", p.hops)
+        _check(p.hops != "p2p" or s.mode not in LEDGER_MODES, "pipeline.hops",
+               "hub or auto with sync.mode spsa (its perturbed streams are compared at stage 0)",
+               p.hops)
         _check(p.activations in ACTIVATION_ENCODINGS, "pipeline.activations",
                f"one of {ACTIVATION_ENCODINGS}", p.activations)
         _check(p.full_depth_every >= 1, "pipeline.full_depth_every", "an integer >= 1",

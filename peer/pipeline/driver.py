@@ -303,7 +303,7 @@ class Driver(HopCalls, P2PRoutes, StepClosing):
             compute = time.monotonic() - t0
             path = [s for s, _ in planned]
             keep = d.spec.pipeline.skip_ratio > 0  # SkipPipe: the planned replica first
-            p2p = d.spec.pipeline.hops == "p2p"
+            p2p = d.spec.peer_to_peer
             if p2p:  # the block replicas pass it on (peer/pipeline/p2p.py)
                 h, path, hops = await self.route_forward(step, mb_id, planned, h,
                                                          self.has_trained)

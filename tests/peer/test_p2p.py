@@ -73,3 +73,6 @@ def test_the_run_spec_keeps_spsa_hub_shaped() -> None:
         spec_with(**{"pipeline.hops": "p2p", "sync.mode": "spsa"})
     with pytest.raises(Exception, match=r"pipeline\.hops"):
         spec_with(**{"pipeline.hops": "ring"})
+    assert not spec_with(**{"pipeline.hops": "auto", "sync.mode": "spsa"}).peer_to_peer
+    assert spec_with(**{"pipeline.hops": "auto", "sync.mode": "demo"}).peer_to_peer
+    assert not spec_with(**{"pipeline.hops": "hub"}).peer_to_peer
