@@ -277,7 +277,8 @@ class StageService(pbg.StageServicer):
             sender = d.view.peer(h.sender) if d.view is not None else None
             try:
                 d.inbox.check(h.microbatch_id, h.kind, h.sender,
-                              sender.stage if sender is not None else -1)
+                              sender.stage if sender is not None else -1,
+                              h.meta.get(p2p.NONCE, ""))
             except p2p.NotExpected as exc:
                 raise NotYours(str(exc)) from None
 
@@ -291,7 +292,8 @@ class StageService(pbg.StageServicer):
             sender = d.view.peer(header.sender) if d.view is not None else None
             d.inbox.deliver(header.microbatch_id, header.kind, header.sender,
                             sender.stage if sender is not None else -1,
-                            torch.from_numpy(arrays["x"].copy()), taken)
+                            header.meta.get(p2p.NONCE, ""), torch.from_numpy(arrays["x"].copy()),
+                            taken)
         except (codec.CodecError, StageError, ValueError) as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Deliver: {exc}")
         except p2p.NotExpected as exc:  # it went away meanwhile (timed out, dropped)

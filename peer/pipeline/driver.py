@@ -108,6 +108,8 @@ class Driver(HopCalls, P2PRoutes, StepClosing):
         # peer-to-peer hops: the deliveries this driver waits for (Stage.Deliver resolves them)
         inbox = getattr(ctx, "inbox", None)
         self.inbox: Inbox = inbox if inbox is not None else Inbox()
+        self._acks: set[asyncio.Task] = set()  # p2p route calls whose acks are still out
+        self._nonces: dict[str, str] = {}  # p2p: a microbatch's nonce, forward to backward
 
     def stop(self) -> None:
         self._stop = True
@@ -341,6 +343,7 @@ class Driver(HopCalls, P2PRoutes, StepClosing):
         except MicrobatchDropped as exc:
             self.dropped += 1
             host.forget(mb_id)
+            self._nonces.pop(mb_id, None)
             log.info("microbatch %s dropped: %s", mb_id, exc)
             return None
         finally:

@@ -38,8 +38,10 @@ Bytes: with 2 block stages a microbatch crosses the network 8 times through the 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import random
+import secrets
 import time
 from dataclasses import dataclass, field
 
@@ -62,9 +64,10 @@ from protocols import shoal_pb2_grpc as pbg
 log = logging.getLogger("shoal.p2p")
 P2P = "p2p"
 #: header meta of a p2p call: the mode, the stage-0 peer that owns the microbatch, the plan's
-#: replica per stage of the path (comma-separated, "" where it has none), and in acks the
-#: replicas the route took (comma-separated "stage:peer")
-HOPS, ORIGIN, PLAN, TAKEN = "hops", "origin", "plan", "taken"
+#: replica per stage of the path (comma-separated, "" where it has none), the replicas the route
+#: took so far (comma-separated "stage:peer"), and the microbatch's nonce: a secret the driver
+#: draws per microbatch that only the replicas on its route see, and a delivery must carry
+HOPS, ORIGIN, PLAN, TAKEN, NONCE = "hops", "origin", "plan", "taken", "nonce"
 #: a nested call leaves its caller this much of the caller's deadline to answer in
 MARGIN_S = 0.25
 #: a replica re-reads its view for its router at most this often when the view object is the
@@ -101,6 +104,7 @@ class NotExpected(LookupError):
 @dataclass
 class _Waiting:
     future: asyncio.Future
+    nonce: str  # what the delivery must carry (the replicas on the route know it)
     senders: frozenset[str] | None  # who may deliver it (None: any block replica)
     stages: frozenset[int] = field(default_factory=frozenset)  # ... of these stages
 
@@ -112,17 +116,22 @@ class Inbox:
     def __init__(self) -> None:
         self._waiting: dict[tuple[str, str], _Waiting] = {}
 
-    def expect(self, mb_id: str, kind: str, senders: frozenset[str] | None = None,
+    def expect(self, mb_id: str, kind: str, nonce: str, senders: frozenset[str] | None = None,
                stages: frozenset[int] = frozenset()) -> asyncio.Future:
-        w = _Waiting(asyncio.get_running_loop().create_future(), senders, stages)
+        w = _Waiting(asyncio.get_running_loop().create_future(), nonce, senders, stages)
         self._waiting[(mb_id, kind)] = w
         return w.future
 
-    def check(self, mb_id: str, kind: str, sender: str, sender_stage: int) -> None:
-        """Raise NotExpected unless this delivery is awaited from `sender` (of `sender_stage`)."""
+    def check(self, mb_id: str, kind: str, sender: str, sender_stage: int,
+              nonce: str) -> None:
+        """Raise NotExpected unless this delivery is awaited, from `sender` (of
+        `sender_stage`), with the microbatch's nonce (a peer off its route cannot know it)."""
         w = self._waiting.get((mb_id, kind))
         if w is None or w.future.done():
             raise NotExpected(f"no {kind} delivery of microbatch {mb_id[:40]} is awaited here")
+        if not hmac.compare_digest(w.nonce.encode(), nonce.encode()):
+            raise NotExpected(f"the {kind} of microbatch {mb_id[:40]} carries the wrong nonce: "
+                              "only a replica on its route may deliver it")
         if w.senders is not None and sender not in w.senders:
             raise NotExpected(f"the {kind} of microbatch {mb_id[:40]} is awaited from another "
                               "replica")
@@ -130,10 +139,10 @@ class Inbox:
             raise NotExpected(f"the {kind} of microbatch {mb_id[:40]} is awaited from a replica "
                               f"of stage {sorted(w.stages)}, not {sender_stage}")
 
-    def deliver(self, mb_id: str, kind: str, sender: str, sender_stage: int,
+    def deliver(self, mb_id: str, kind: str, sender: str, sender_stage: int, nonce: str,
                 x: torch.Tensor, taken: list[tuple[int, str]]) -> None:
         """Resolve the awaited delivery with (x, sender, taken); NotExpected as `check`."""
-        self.check(mb_id, kind, sender, sender_stage)
+        self.check(mb_id, kind, sender, sender_stage, nonce)
         self._waiting[(mb_id, kind)].future.set_result((x, sender, taken))
 
     def drop(self, mb_id: str, kind: str) -> None:
@@ -152,7 +161,8 @@ class P2PRoutes:
     the route ends (with the acks) in the background."""
 
     inbox: Inbox
-    _acks: set[asyncio.Task]
+    _acks: set[asyncio.Task]  # route calls whose acks are still out
+    _nonces: dict[str, str]  # microbatch id -> its nonce, from its forward to its backward
 
     async def _start_and_await(self: HopCalls, call, fut: asyncio.Future, what: str):
         """Run the route's first call beside the delivery it should bring: the delivery's
@@ -166,9 +176,8 @@ class P2PRoutes:
             except TimeoutError:
                 raise MicrobatchDropped(f"{what}: the route answered but nothing was "
                                         "delivered") from None
-        acks = self.__dict__.setdefault("_acks", set())
-        acks.add(task)  # kept until its acks come back (the loop holds tasks weakly)
-        task.add_done_callback(_ack_done(acks, what))
+        self._acks.add(task)  # kept until its acks come back (the loop holds tasks weakly)
+        task.add_done_callback(_ack_done(self._acks, what))
         return fut.result()
 
     async def route_forward(self: HopCalls, step: int, mb_id: str, planned: list[tuple[int, str]],
@@ -180,9 +189,10 @@ class P2PRoutes:
         d = self.d
         path = [s for s, _ in planned]
         plan = ",".join(p for _, p in planned) if d.spec.pipeline.skip_ratio > 0 else ""
+        nonce = secrets.token_hex(16)
         while path:
-            meta = {HOPS: P2P, ORIGIN: d.peer_id, PLAN: plan}
-            fut = self.inbox.expect(mb_id, "forward", stages=frozenset(path))
+            meta = {HOPS: P2P, ORIGIN: d.peer_id, PLAN: plan, NONCE: nonce}
+            fut = self.inbox.expect(mb_id, "forward", nonce, stages=frozenset(path))
             call = self._call_hop("forward", path[0], step, mb_id, path, 0, h, meta=meta,
                                   prefer=planned[len(planned) - len(path)][1] if plan else None,
                                   hops_left=len(path) + 1)
@@ -192,6 +202,7 @@ class P2PRoutes:
                     raise MicrobatchDropped(
                         f"microbatch {mb_id}: its last activation came from {sender[:8]}, not "
                         "from the replica its route names last")
+                self._nonces[mb_id] = nonce  # the backward carries it too
                 return x, [s for s, _ in taken], taken
             except StageEmpty:
                 if not has_trained(path[0]):
@@ -208,12 +219,13 @@ class P2PRoutes:
                              taken: list[tuple[int, str]], g: torch.Tensor) -> torch.Tensor:
         """Send the head's gradient to the route's last replica; returns the gradient the
         route's first replica delivers (only it may: `Inbox.expect`)."""
+        nonce = self._nonces.pop(mb_id, "")
         if not taken:
             return g
-        fut = self.inbox.expect(mb_id, "backward", senders=frozenset({taken[0][1]}))
+        fut = self.inbox.expect(mb_id, "backward", nonce, senders=frozenset({taken[0][1]}))
         last_stage, last = taken[-1]
         call = self._call_hop("backward", last_stage, step, mb_id, path, len(taken) - 1, g,
-                              peer=last, meta={HOPS: P2P, ORIGIN: self.d.peer_id},
+                              peer=last, meta={HOPS: P2P, ORIGIN: self.d.peer_id, NONCE: nonce},
                               hops_left=len(taken) + 1)
         try:
             x, _, _ = await self._start_and_await(call, fut, f"microbatch {mb_id}'s backward")
@@ -297,7 +309,8 @@ class Forwarder(HopCalls):
                 await self._call_hop(
                     "forward", nxt, int(header.step), mb_id, path, hop + 1, y,
                     meta={HOPS: P2P, ORIGIN: origin, PLAN: ",".join(plan),
-                          TAKEN: format_taken(taken)}, prefer=prefer,
+                          TAKEN: format_taken(taken), NONCE: header.meta.get(NONCE, "")},
+                    prefer=prefer,
                     hops_left=len(path) - hop, time_left=_left(time_left),
                     on_target=lambda target: host.handed_to(mb_id, target))
             except StageEmpty as exc:
@@ -333,7 +346,9 @@ class Forwarder(HopCalls):
             try:
                 await self._call_hop("backward", stage, int(header.step), header.microbatch_id,
                                      list(header.path), hop - 1, g, peer=upstream,
-                                     meta={HOPS: P2P, ORIGIN: origin}, hops_left=hop + 1,
+                                     meta={HOPS: P2P, ORIGIN: origin,
+                                           NONCE: header.meta.get(NONCE, "")},
+                                     hops_left=hop + 1,
                                      time_left=_left(time_left))
             except MicrobatchDropped as exc:
                 raise Downstream(exc.args[0] if str(exc).startswith(DOWNSTREAM)
@@ -347,6 +362,7 @@ class Forwarder(HopCalls):
         out = pb.CallHeader(kind=kind, microbatch_id=header.microbatch_id, step=header.step,
                             stage=d.host.stage if d.host is not None else header.stage,
                             sender=d.peer_id, sent_at=time.time())
+        out.meta[NONCE] = header.meta.get(NONCE, "")
         if taken:
             out.meta[TAKEN] = format_taken(taken)
         chunks = wire.encode_chunks(out, {"x": x.float().numpy()},

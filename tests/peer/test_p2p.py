@@ -16,23 +16,26 @@ from tests.swarm.local_swarm import spec_with
 def test_the_inbox_takes_only_what_it_awaits() -> None:
     async def main() -> None:
         inbox = p2p.Inbox()
-        fwd = inbox.expect("mb", "forward", stages=frozenset({1, 2}))
-        bwd = inbox.expect("mb", "backward", senders=frozenset({"r1"}))
+        fwd = inbox.expect("mb", "forward", "n1", stages=frozenset({1, 2}))
+        bwd = inbox.expect("mb", "backward", "n1", senders=frozenset({"r1"}))
         with pytest.raises(p2p.NotExpected, match="no forward delivery of microbatch other"):
-            inbox.check("other", "forward", "r2", 2)
+            inbox.check("other", "forward", "r2", 2, "n1")
         with pytest.raises(p2p.NotExpected, match="stage"):
-            inbox.check("mb", "forward", "r3", 3)  # a replica of a stage off the route
+            inbox.check("mb", "forward", "r3", 3, "n1")  # a replica of a stage off the route
         with pytest.raises(p2p.NotExpected, match="another replica"):
-            inbox.check("mb", "backward", "r1b", 1)
+            inbox.check("mb", "backward", "r1b", 1, "n1")
+        for wrong in ("", "n2", "n1" * 2):  # a peer off the route does not know the nonce
+            with pytest.raises(p2p.NotExpected, match="nonce"):
+                inbox.check("mb", "forward", "r2", 2, wrong)
         x = torch.ones(2, 3)
-        inbox.deliver("mb", "forward", "r2", 2, x, [(1, "r1"), (2, "r2")])
+        inbox.deliver("mb", "forward", "r2", 2, "n1", x, [(1, "r1"), (2, "r2")])
         assert fwd.done() and fwd.result()[1] == "r2"
         with pytest.raises(p2p.NotExpected):  # delivered once; a second is refused
-            inbox.deliver("mb", "forward", "r2b", 2, x, [])
+            inbox.deliver("mb", "forward", "r2b", 2, "n1", x, [])
         inbox.drop("mb", "backward")
         assert bwd.cancelled()
         with pytest.raises(p2p.NotExpected):
-            inbox.check("mb", "backward", "r1", 1)
+            inbox.check("mb", "backward", "r1", 1, "n1")
         inbox.drop("mb", "forward")
         assert len(inbox) == 0
 

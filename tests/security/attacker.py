@@ -146,6 +146,17 @@ class Attacker:
             header.meta["mode"] = mode
         return await self.tensor_call(address, "Backward" if backward else "Forward", header, x)
 
+    async def deliver(self, address: str, header: pb.CallHeader, x: np.ndarray,
+                      timeout: float = 30.0) -> Outcome:
+        """Stage.Deliver (peer-to-peer hops' last activation or input gradient) with "x"."""
+        chunks = wire.encode_chunks(header, {"x": x}, pb.RAW)
+        try:
+            reply = await pbg.StageStub(self.channel(address)).Deliver(iter(chunks),
+                                                                        timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            return Outcome(exc.code(), exc.details() or "")
+        return Outcome(grpc.StatusCode.OK, "", reply)
+
     async def end_step(self, address: str, request: pb.StepEnd, timeout: float = 30.0
                        ) -> Outcome:
         try:
