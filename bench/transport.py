@@ -29,9 +29,10 @@ Loopback, server and client in separate processes (spawn, never fork after gRPC)
        project's machinery (gRPC call, ticket, decode, finiteness);
   (b'') the same with BLAKE3 hashed as (p) does it;
   (c)  synchronous gRPC streaming of ~4 MiB TensorChunks, for reference.
-  (d)  what a peer does today (peer/services.py StateService.Download, peer/recovery/transfer.py):
-       a grpc.aio stream of 2 MiB TensorChunks (peer/pipeline/wire.py encode_chunks / receive,
-       digest and finiteness checked), over protocols.tls.peer_channel, plaintext;
+  (d)  what a peer does today (peer/state_service.py StateService.Download,
+       peer/recovery/transfer.py): a grpc.aio stream of 2 MiB TensorChunks
+       (peer/pipeline/wire.py encode_chunks / receive, digest and finiteness checked), over
+       protocols.tls.peer_channel, plaintext;
   (d') the same over mTLS: swarm-CA leaves (P-256) on both ends, the callee's peer id checked,
        exactly the channel peers use between machines. (d)/(d') is what TLS costs.
 Paths take turns within each repeat; each row is the median of --repeats runs. Then, as root,
@@ -79,7 +80,7 @@ RAW = "(b) raw TCP socket"
 STREAM = "(d) peers' path: grpc.aio wire stream, peer_channel, plaintext"
 STREAM_TLS = "(d') peers' path over mTLS (swarm-CA leaves, peer_channel)"
 TARGET = Target("grpc/raw", 0.6)
-STATE_DATAPLANE_MIN_BYTES = 8 << 20  # peer/services.py's (checked in main): smaller go in-band
+STATE_DATAPLANE_MIN_BYTES = 8 << 20  # peer/state_service.py's (checked in main): smaller go in-band
 
 
 # ------------------------------------------------------------------ network namespace helpers
@@ -211,7 +212,7 @@ def bench_certificates(client_id: str = CLIENT_ID) -> tuple[tls.PeerTls, tls.Pee
 
 
 class _Host:
-    """What peer/services.py StateService uses of a StageHost: one stage holding `arrays`."""
+    """What peer/state_service.py StateService uses of a StageHost: one stage holding `arrays`."""
 
     def __init__(self, arrays: dict[str, np.ndarray], stage: int = 1) -> None:
         self.arrays, self.stage, self.step = arrays, stage, 0
@@ -622,14 +623,14 @@ def run_loopback(ctx: mp.context.SpawnContext, mib: float, repeats: int, with_gr
 
 
 def _snapshot_rows(nbytes: int, repeats: int = 2) -> list[tuple[str, float, str]]:
-    """What (p)'s sender does per download before the first byte moves: peer/services.py
+    """What (p)'s sender does per download before the first byte moves: peer/state_service.py
     encode_state (a copy into a snapshot buffer + BLAKE3 following it on another thread), timed
     in this process as the other context rows, with a SnapshotBuffers as StateService keeps
     them: a fresh buffer (a peer's first download of that size: pages faulted in on a helper
     thread during the copy), then the kept buffer right after the previous snapshot and after
     2.5 s idle, as (p)'s sender sees it (its last snapshot is a whole repeat old)."""
-    from peer.services import encode_state
     from peer.snapshot import SnapshotBuffers
+    from peer.state_service import encode_state
 
     arrays = {"weights": np.random.default_rng(0).random(nbytes // 4, dtype=np.float32)}
     rows = []
@@ -704,10 +705,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate-mbit", type=float, default=100)
     parser.add_argument("--mtu", type=int, default=1500, help="of the capped veth link")
     args = parser.parse_args(argv)
-    from peer import services
+    from peer import state_service
 
-    if services.STATE_DATAPLANE_MIN_BYTES != STATE_DATAPLANE_MIN_BYTES:
-        raise SystemExit("bench.transport: update STATE_DATAPLANE_MIN_BYTES to peer/services.py's")
+    if state_service.STATE_DATAPLANE_MIN_BYTES != STATE_DATAPLANE_MIN_BYTES:
+        raise SystemExit("bench.transport: update STATE_DATAPLANE_MIN_BYTES to "
+                         "peer/state_service.py's")
     ctx = mp.get_context("spawn")
     old_env = os.environ.get("SHOAL_TLS_ON_LOOPBACK")
     os.environ["SHOAL_TLS_ON_LOOPBACK"] = "1"  # (d') runs mTLS on 127.0.0.1 as between machines
@@ -734,7 +736,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<62} {mbps:>6.0f} {mbps / raw:>6.2f}  {spread:>10}")
     if args.mib * MIB < STATE_DATAPLANE_MIN_BYTES:
         print(f"note: (p) and (p') went in-band: states under {STATE_DATAPLANE_MIN_BYTES >> 20} "
-              "MiB do (peer/services.py STATE_DATAPLANE_MIN_BYTES)")
+              "MiB do (peer/state_service.py STATE_DATAPLANE_MIN_BYTES)")
     print(capped)
     ratio = by_name[PRODUCT] / raw
     print(targets_line([(TARGET, ratio)]))

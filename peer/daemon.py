@@ -602,7 +602,7 @@ class PeerDaemon:
     async def _start_dataplane(self, bind: str) -> None:
         """The data plane beside the gRPC server (same interfaces, a port of its own:
         --dataplane-port, else any free one): state downloads go over it to receivers that ask
-        (peer/services.py StateService). Its TLS is the gRPC server's: the peer's leaf, client
+        (peer/state_service.py StateService). Its TLS is the gRPC server's: the peer's leaf, client
         leaves of the swarm CA required. Receivers dial the host of the gRPC address they
         called, so the advertised host is informative. Without --dataplane-port a failure to
         listen leaves downloads from this peer in-band; with it, the peer leaves and exits."""

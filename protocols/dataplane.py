@@ -25,8 +25,8 @@ Protocol:
        or of the wrong size. Worker threads count NaN/Inf in RAW float tensors as their bytes
        land (`FiniteScan`); that verdict too is given only after the digest matched.
 
-Peers (peer/services.py StateService, peer/recovery/transfer.py) answer `State.Download` this way
-when the receiver asks (StateRequest.accept_dataplane) and the state is at least
+Peers (peer/state_service.py StateService, peer/recovery/transfer.py) answer `State.Download`
+this way when the receiver asks (StateRequest.accept_dataplane) and the state is at least
 STATE_MIN_BYTES; the receiver dials the host it made the gRPC call to (not the one the header
 names) with the header's port, over TLS with the swarm's mTLS leaves when its gRPC link is mTLS
 (`peer_server_context`, `peer_client_context`), and falls back to the in-band stream when the

@@ -2,7 +2,7 @@
 against what the coordinator attests.
 
 `State.Download` streams the sender's state arrays and the state hash it claims
-(peer/services.py's StateService). The download asks for the data plane (protocols.dataplane:
+(peer/state_service.py's StateService). The download asks for the data plane (protocols.dataplane:
 the payload over one raw TCP connection, mTLS when the peers' gRPC link is, BLAKE3 payload
 digest checked as bytes land; `receive_state`, and `receive_state_over` for a caller without a
 PeerContext: `shoal export`), and falls back to the in-band gRPC stream when the sender's data

@@ -1,7 +1,8 @@
-"""State downloads over the data plane (peer/services.py StateService, peer/recovery/transfer.py
-receive_state / fetch_state): the real serve() (AuthInterceptor, StateService) and a
-DataPlaneServer as the daemon runs them, a downloader with signed calls over peer_channel, on
-127.0.0.1, plaintext and mTLS (SHOAL_TLS_ON_LOOPBACK=1, swarm-CA leaves as issued at join).
+"""State downloads over the data plane (peer/state_service.py StateService,
+peer/recovery/transfer.py receive_state / fetch_state): the real serve() (AuthInterceptor,
+StateService) and a DataPlaneServer as the daemon runs them, a downloader with signed calls
+over peer_channel, on 127.0.0.1, plaintext and mTLS (SHOAL_TLS_ON_LOOPBACK=1, swarm-CA leaves as
+issued at join).
 
 Checked: a state goes over the data plane with a BLAKE3 digest and loads into a StageHost with
 its hash; corrupted, short and extra bytes are refused with a clear error and the peer keeps
@@ -25,7 +26,7 @@ import pytest
 import torch
 
 from bench import transport as harness
-from peer import services, snapshot
+from peer import snapshot, state_service
 from peer.pipeline import wire
 from peer.pipeline.stage_host import StageHost
 from peer.recovery import transfer
@@ -58,7 +59,7 @@ class Downloader(harness.ProductReceiver):
 
 @pytest.fixture(autouse=True)
 def small_states_over_the_data_plane(monkeypatch):
-    monkeypatch.setattr(services, "STATE_DATAPLANE_MIN_BYTES", 0)
+    monkeypatch.setattr(state_service, "STATE_DATAPLANE_MIN_BYTES", 0)
     transfer._IN_BAND_ONLY.clear()
     yield
     transfer._IN_BAND_ONLY.clear()
@@ -170,7 +171,7 @@ def test_in_band_when_the_receiver_does_not_ask_or_the_state_is_small(monkeypatc
         assert chunks[0].header.digest == ""  # SHA-256 tree, which an old receiver checks
         header, arrays = await tensor_stream.receive(_replay(chunks), ctx.state_limits())
         assert header.meta["state_hash"] == peer.host.state_hash() and arrays
-        monkeypatch.setattr(services, "STATE_DATAPLANE_MIN_BYTES", 1 << 40)
+        monkeypatch.setattr(state_service, "STATE_DATAPLANE_MIN_BYTES", 1 << 40)
         header, _ = await download(ctx, address)  # asks, but the state is below the threshold
         assert not dataplane.is_dataplane(header) and header.digest == ""
         assert peer.dataplane.served == 0
@@ -239,14 +240,14 @@ def test_the_senders_snapshot_encoding_is_codec_encode_byte_for_byte(alg) -> Non
         "mode.bits": rng.integers(0, 65535, 17, dtype=np.uint16),
         "mode.empty": np.zeros((0, 5), np.float64),
     }
-    fast, slow = services.encode_state(arrays, alg), codec.encode(arrays, pb.RAW, digest=alg)
+    fast, slow = state_service.encode_state(arrays, alg), codec.encode(arrays, pb.RAW, digest=alg)
     assert fast.tensors == slow.tensors and fast.alg == slow.alg == alg
     assert bytes(fast.payload) == slow.payload and bytes(fast.sha256) == bytes(slow.sha256)
     header = codec.fill_header(pb.CallHeader(), fast)
     out = codec.decode(header, fast.payload, codec.Limits())
     np.testing.assert_array_equal(out["model.w"], grid.T)
     big_endian = {"w": np.arange(4, dtype=">f4")}  # not the codec's storage: codec.encode's
-    fast, slow = services.encode_state(big_endian, alg), codec.encode(big_endian, digest=alg)
+    fast, slow = state_service.encode_state(big_endian, alg), codec.encode(big_endian, digest=alg)
     assert fast.tensors == slow.tensors and bytes(fast.payload) == slow.payload
 
 
@@ -255,7 +256,7 @@ def test_a_snapshot_copied_in_pieces_into_a_kept_buffer_is_codec_encode(alg, mon
                                                                         ) -> None:
     """The copy goes in pieces (the hash follows it on another thread) into a kept buffer whose
     old bytes are overwritten: the same payload and digest as codec.encode."""
-    monkeypatch.setattr(services, "SNAPSHOT_PIECE", 4096)
+    monkeypatch.setattr(state_service, "SNAPSHOT_PIECE", 4096)
     rng = np.random.default_rng(5)
     arrays = {"model.a": rng.standard_normal(10_000).astype(np.float32),  # 10 pieces
               "model.t": rng.standard_normal((40, 30)).astype(np.float32).T,  # strided, whole
@@ -266,12 +267,12 @@ def test_a_snapshot_copied_in_pieces_into_a_kept_buffer_is_codec_encode(alg, mon
         stale, _ = buffers.take(slow.total_bytes)
         stale[:] = 0xAB  # an earlier snapshot's bytes
         buffers.give_back(stale)
-        fast = services.encode_state(arrays, alg, buffers)
+        fast = state_service.encode_state(arrays, alg, buffers)
         assert fast.payload is stale and buffers.holds(fast.payload)
         assert bytes(fast.payload) == slow.payload and bytes(fast.sha256) == bytes(slow.sha256)
         buffers.give_back(fast.payload)
         odd = {"w": np.arange(4, dtype=">f4")}  # codec.encode's: no buffer is taken
-        assert bytes(services.encode_state(odd, alg, buffers).payload) == \
+        assert bytes(state_service.encode_state(odd, alg, buffers).payload) == \
             codec.encode(odd, digest=alg).payload
         assert buffers.held == 0
     finally:
@@ -292,7 +293,7 @@ def test_a_snapshot_being_sent_is_never_overwritten_and_buffers_are_reused(monke
     between them: each receiver gets the state as it was at its own call. Once both are sent
     the buffers are free, and the next download reuses one instead of faulting in another."""
     RecordedBuffers.made = []
-    monkeypatch.setattr(services, "SnapshotBuffers", RecordedBuffers)
+    monkeypatch.setattr(state_service, "SnapshotBuffers", RecordedBuffers)
 
     async def test(peer, ctx, address):
         (buffers,) = RecordedBuffers.made
@@ -320,7 +321,7 @@ def test_a_snapshot_being_sent_is_never_overwritten_and_buffers_are_reused(monke
 def test_a_snapshot_comes_back_when_its_ticket_expires_or_the_plane_is_full(monkeypatch
                                                                             ) -> None:
     RecordedBuffers.made = []
-    monkeypatch.setattr(services, "SnapshotBuffers", RecordedBuffers)
+    monkeypatch.setattr(state_service, "SnapshotBuffers", RecordedBuffers)
 
     async def test(peer, ctx, address):
         (buffers,) = RecordedBuffers.made
@@ -343,8 +344,8 @@ def test_a_download_cancelled_during_its_snapshot_gives_the_buffer_back(monkeypa
     """The receiver gives up (its deadline) while the snapshot is still being copied: the
     buffer is given back when the copy ends, not held for ever."""
     RecordedBuffers.made = []
-    monkeypatch.setattr(services, "SnapshotBuffers", RecordedBuffers)
-    real = services.encode_state
+    monkeypatch.setattr(state_service, "SnapshotBuffers", RecordedBuffers)
+    real = state_service.encode_state
     copying = threading.Event()
 
     def slow(arrays, alg, buffers=None):
@@ -352,7 +353,7 @@ def test_a_download_cancelled_during_its_snapshot_gives_the_buffer_back(monkeypa
         time.sleep(0.5)
         return real(arrays, alg, buffers)
 
-    monkeypatch.setattr(services, "encode_state", slow)
+    monkeypatch.setattr(state_service, "encode_state", slow)
 
     async def test(peer, ctx, address):
         (buffers,) = RecordedBuffers.made

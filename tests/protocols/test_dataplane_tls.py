@@ -63,7 +63,7 @@ def client_context(leaf: tls.PeerTls, ca_pem: bytes | None = None) -> ssl.SSLCon
 
 def make_call(mib: float) -> tuple[pb.CallHeader, np.ndarray, np.ndarray]:
     array = np.random.default_rng(1).standard_normal(int(mib * MIB) // 4).astype(np.float32)
-    from peer.services import encode_state  # the state's encoding: a numpy payload, BLAKE3
+    from peer.state_service import encode_state  # the state's encoding: a numpy payload, BLAKE3
 
     encoded = encode_state({"w": array}, digest.BLAKE3)
     return codec.fill_header(pb.CallHeader(kind="state", stage=1), encoded), encoded.payload, array
