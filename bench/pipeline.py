@@ -55,8 +55,7 @@ def run_arm(work: Path, router: str, steps: int, warmup: int, throttle: float) -
             extra = ["--stage", str(stage), "--grace", "5"]
             if stage > 0:
                 extra += ["--simulate-speed", str(FAST_RATE / slow)]
-            if stage == 0:
-                extra += ["--router", router]
+            extra += ["--router", router]  # the drivers' hops, and block replicas' (p2p)
             swarm.add_peer(i, extra)
         wait_for_steps(swarm, steps, 60 + steps * 30, router)
         rows = [r for r in read_metrics(swarm.logs) if r["step"] > warmup]

@@ -68,8 +68,9 @@ class PipelineSection:
     # the driver's link twice per stage); p2p: each block replica sends its output straight to
     # the next stage's replica it chooses, the last one delivers to stage 0, and the backward
     # walks the same replicas back (peer/pipeline/p2p.py). SPSA's paired streams stay hub-shaped;
-    # auto: p2p, except under SPSA (`RunSpec.peer_to_peer`)
-    hops: str = "hub"
+    # auto (the default): p2p, except under SPSA (`RunSpec.peer_to_peer`). p2p was faster in
+    # bench.hops (docs/benchmarks.md) and every swarm, lab and CLI test passes with it
+    hops: str = "auto"
     full_depth_every: int = 10
     checkfree_plus: bool = False
     # auto: bf16 autocast on CUDA, fp32 elsewhere; fp32: never; bf16: autocast on any device

@@ -219,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sha256:HEX as `shoal coordinator` prints it (default: the one in the "
                    "token file); needed with an allow-list, and for mDNS discovery")
     p.add_argument("--router", choices=("swarm", "round_robin"), default="swarm",
-                   help="stage 0: how the next replica is chosen (round_robin = the baseline)")
+                   help="how the next stage's replica is chosen: by stage 0, and by a block "
+                   "replica passing a microbatch on peer to peer (round_robin = the baseline)")
     p.add_argument("--init-model", help="first replica of a stage starts from this exported "
                    "model instead of the seeded initial weights")
     p.add_argument("--metrics-file", help="stage 0: append one JSON line per optimizer step")

@@ -57,7 +57,7 @@ from peer.pipeline.hops import (
     StageEmpty,
 )
 from peer.pipeline.links import LinkEstimates
-from peer.pipeline.router import Router
+from peer.pipeline.router import RoundRobinRouter, Router
 from protocols import shoal_pb2 as pb
 from protocols import shoal_pb2_grpc as pbg
 
@@ -249,7 +249,10 @@ class Forwarder(HopCalls):
 
     def __init__(self, ctx) -> None:
         self.d = ctx
-        self.router = Router(rng=random.Random(int(ctx.peer_id, 16) ^ 0x5EED))
+        rng = random.Random(int(ctx.peer_id, 16) ^ 0x5EED)
+        # `shoal peer --router round_robin` (the benches' baseline) holds for its hops too
+        kind = getattr(getattr(ctx, "args", None), "router", "swarm")
+        self.router = RoundRobinRouter(rng=rng) if kind == "round_robin" else Router(rng=rng)
         self.links = LinkEstimates()
         self.stalls = stalls.WATCH
         self._view, self._read_at = None, -1e18

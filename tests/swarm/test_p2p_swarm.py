@@ -1,17 +1,20 @@
-"""Peer-to-peer hops in a real swarm (`pipeline.hops = "p2p"`, peer/pipeline/p2p.py).
+"""Peer-to-peer hops in a real swarm (`pipeline.hops = "p2p"`, peer/pipeline/p2p.py), and the
+stage-0 hub (`"hub"`), which the default ("auto") no longer takes outside SPSA, the same way.
 
 Processes on 127.0.0.1: a coordinator, the stage-0 driver, two replicas of block stage 1 and one
 of stage 2. Each microbatch goes driver -> stage 1 -> stage 2 -> driver (Stage.Deliver), and its
-backward the same replicas back. What is checked: the loss falls and no microbatch is dropped;
-the block replicas' own byte counters show them sending activations to each other (a stage-1
-replica sends to stage 2, which the hub never does: there every hop answers the driver); and
-every stage's replicas end at one step with one state hash. Then a stage-1 replica is killed:
-the microbatches go on through the other one.
+backward the same replicas back. What is checked: the loss falls and (almost) no microbatch is
+dropped, each through both stages; the peers' own byte counters show who sent the activations:
+the driver sends 2 of a microbatch's 6 messages peer to peer (the first forward and the head's
+gradient) and 4 of 8 through the hub; every stage's replicas end at one step with one state
+hash. Then a stage-1 replica is killed: the microbatches go on through the other one.
 """
 
 from __future__ import annotations
 
 import signal
+
+import pytest
 
 from shoal.swarm import read_metrics
 from tests.swarm.local_swarm import (
@@ -23,8 +26,9 @@ from tests.swarm.local_swarm import (
 )
 
 
-def test_p2p_hops_train_and_survive_a_kill(swarm_factory) -> None:
-    spec = spec_with(**{"pipeline.hops": "p2p", "membership.heartbeat_s": 1.0})
+@pytest.mark.parametrize("hops", ["p2p", "hub"])
+def test_hops_train_and_survive_a_kill(swarm_factory, hops: str) -> None:
+    spec = spec_with(**{"pipeline.hops": hops, "membership.heartbeat_s": 1.0})
     swarm = swarm_factory(spec, [0, 1, 1, 2])
     wait_for("30 steps with their metrics",
              lambda: len([r for r in read_metrics(swarm.logs) if r["step"] <= 30]) >= 30, 240,
@@ -44,6 +48,11 @@ def test_p2p_hops_train_and_survive_a_kill(swarm_factory) -> None:
     assert last < first, (first, last)
     # replicas step many times a second: frozen drivers let them settle (as the hub tests do)
     check_replicas_of_an_endless_run(swarm, swarm.peers[:1], {0: 1, 1: 2, 2: 1})
+    peers = (swarm.status() or {}).get("peers") or []
+    sent = {p["peer_id"]: (p.get("bytes_by_kind") or {}).get("activations", 0) for p in peers}
+    driver = next(p["peer_id"] for p in peers if p["stage"] == 0)
+    share = sent[driver] / max(1, sum(sent.values()))  # 2/6 peer to peer, 4/8 through the hub
+    assert (share < 0.42) if hops == "p2p" else (share > 0.42), (hops, share, sent)
 
     swarm.peers[1].send_signal(signal.SIGKILL)
     swarm.peers[1].wait()
