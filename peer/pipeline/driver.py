@@ -165,14 +165,7 @@ class Driver(HopCalls, P2PRoutes, StepClosing):
                 self._view_retry_at = now + VIEW_BACKOFF_S
                 log.warning("swarm view refresh failed (%s); stepping on the last one, asking "
                             "again in %.0f s", exc, VIEW_BACKOFF_S)
-        relayed = {p.peer_id for p in d.view.peers if p.reach == "relayed"}
-        for s in range(1, d.spec.pipeline.stages + 1):
-            seeds = {}
-            for p in d.view.replicas(s):
-                if p.peer_id in d.live_replicas(s):
-                    seeds[p.peer_id] = max(p.stats.samples_per_s, p.benchmark.samples_per_s,
-                                           1e-3)
-            self.router.update_replicas(s, seeds, relayed)
+        self.read_replicas()
         self.links.keep_only({p for s in range(1, d.spec.pipeline.stages + 1)
                               for p in self.router.replicas(s)})
 

@@ -60,6 +60,17 @@ class HopCalls:
     links: LinkEstimates
     stalls: StallWatch
 
+    def read_replicas(self) -> None:
+        """The router's replicas of every block stage from the peer's view: the live ones,
+        seeded with their reported (else self-benchmarked) speed; relayed ones marked."""
+        d = self.d
+        relayed = {p.peer_id for p in d.view.peers if p.reach == "relayed"}
+        for s in range(1, d.spec.pipeline.stages + 1):
+            live = set(d.live_replicas(s))
+            seeds = {p.peer_id: max(p.stats.samples_per_s, p.benchmark.samples_per_s, 1e-3)
+                     for p in d.view.replicas(s) if p.peer_id in live}
+            self.router.update_replicas(s, seeds, relayed)
+
     def hop_failed(self, target: str, samples: int, t0: float, exc: grpc.aio.AioRpcError
                    ) -> bool:
         """A timed-out hop slows the replica's estimate (unless this process was stopped

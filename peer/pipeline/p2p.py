@@ -266,11 +266,7 @@ class Forwarder(HopCalls):
                             and not force):
             return
         self._view, self._read_at = view, now
-        relayed = {p.peer_id for p in view.peers if p.reach == "relayed"}
-        for s in range(1, self.d.spec.pipeline.stages + 1):
-            seeds = {p.peer_id: max(p.stats.samples_per_s, p.benchmark.samples_per_s, 1e-3)
-                     for p in view.replicas(s) if p.peer_id in self.d.live_replicas(s)}
-            self.router.update_replicas(s, seeds, relayed)
+        self.read_replicas()
 
     async def _ask_view(self) -> bool:
         """A fresh view from the coordinator (one request at a time, shared by the calls that
