@@ -263,6 +263,7 @@ class Driver(HopCalls, P2PRoutes, StepClosing):
         losses = [x for x in await asyncio.gather(*(one(i) for i in range(n_mb))) if x is not None]
         if self._stop and not losses:
             return
+        t_end = time.monotonic()
         await self._end_step(step, stage0, n_mb, len(losses) * mb)
         dt = time.monotonic() - t0
         tokens = len(losses) * mb * spec.model.seq_len
@@ -274,6 +275,7 @@ class Driver(HopCalls, P2PRoutes, StepClosing):
         self._metrics.append({
             "t": time.time(), "step": step, "loss": self.last_loss if losses else None,
             "microbatches": n_mb, "completed": len(losses), "tokens": tokens, "seconds": dt,
+            "end_seconds": time.monotonic() - t_end,  # of `seconds`: EndStep and the sync
             "tokens_per_s": self.tokens_per_s, "bytes": wire_bytes, "dropped": self.dropped,
             "skip_ratio": spec.pipeline.skip_ratio,
             "full_depth": all(len(p) == spec.pipeline.stages for p in paths),
@@ -336,10 +338,10 @@ class Driver(HopCalls, P2PRoutes, StepClosing):
         except MicrobatchDropped as exc:
             self.dropped += 1
             host.forget(mb_id)
-            self._nonces.pop(mb_id, None)
             log.info("microbatch %s dropped: %s", mb_id, exc)
             return None
         finally:
+            self._nonces.pop(mb_id, None)  # whatever ended it; the backward took it if it ran
             self._inflight -= 1
 
     async def _end_step(self, step: int, stage0: list[str], n_mb: int, samples: int) -> None:

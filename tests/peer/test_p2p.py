@@ -79,3 +79,39 @@ def test_the_run_spec_keeps_spsa_hub_shaped() -> None:
     assert not spec_with(**{"pipeline.hops": "auto", "sync.mode": "spsa"}).peer_to_peer
     assert spec_with(**{"pipeline.hops": "auto", "sync.mode": "demo"}).peer_to_peer
     assert not spec_with(**{"pipeline.hops": "hub"}).peer_to_peer
+
+
+class _HeadFails:
+    """A stage-0 host whose head raises what the driver does not expect (not a dropped
+    microbatch): the error goes up, and nothing of the microbatch's route may stay behind."""
+
+    def __init__(self) -> None:
+        self.embed = self.embed_backward = object()
+        self.head = object()
+
+    async def run(self, fn, mb_id, *args):
+        if fn is self.head:
+            raise RuntimeError("the head broke")
+        return torch.zeros(1, 4, 8)
+
+    def forget(self, mb_id: str) -> None:
+        pass
+
+
+def test_a_microbatch_that_fails_unexpectedly_leaves_no_nonce_behind() -> None:
+    from peer.pipeline.driver import Driver
+    from tests.fakes import FakePeer, FakeView, stage_infos
+
+    spec = spec_with(**{"pipeline.stages": 1, "pipeline.hops": "p2p"})
+    d = FakePeer(spec, host=_HeadFails(), view=FakeView(stage_infos(1), {1: ["r1"]}))
+    driver = Driver(d)
+
+    async def route_forward(step, mb_id, planned, h, has_trained):
+        driver._nonces[mb_id] = "secret"  # as the real one does once the route delivered
+        return h, [1], [(1, "r1")]
+
+    driver.route_forward = route_forward  # type: ignore[method-assign]
+    batch = torch.zeros(2, spec.model.seq_len + 1, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="the head broke"):
+        asyncio.run(driver._microbatch(1, 0, batch, [(1, "r1")]))
+    assert driver._nonces == {} and driver._inflight == 0
