@@ -10,18 +10,8 @@ SIGTERM or a spot-interruption notice drain: stop taking work, finish in-flight 
 within the grace period, tell the coordinator, exit 0. SIGKILL loses at most its in-flight
 microbatches: the coordinator expires its lease and routers resend elsewhere.
 
-Links (protocols/tls.py): unless `--plaintext`, the peer sends a CSR for its P-256 key
-(IDENTITY.tls.key, 0600) with its Join and gets a leaf naming its peer id from the coordinator (the
-swarm's CA). Its server serves mTLS whenever it is reachable from another machine (its --host or
---advertise address is not loopback), and it dials other peers with protocols.tls.peer_channel.
-The coordinator is verified against its fingerprint (the token file's, or
---coordinator-fingerprint); mDNS discovery is used only with one.
-
-Reachability (peer/reach.py): by default the peer serves on all interfaces and joins with
-":PORT", and the coordinator registers it at the host it sees the Join come from (the Join
-reply's address); 127.0.0.1 when the coordinator itself is on loopback. The coordinator then
-dials it back (Reach.Ping, answered with the peer's identity key); heartbeat replies say whether
-it is reached directly, and a peer nobody can dial logs what to do about it.
+Links and reachability (mTLS, where it listens, the data plane): peer/listening.py. Keeping
+the replica current (heartbeats, hash checks, falling behind): peer/upkeep.py.
 
 One asyncio event loop (uvloop) per process; torch runs on the StageHost's compute thread, so a
 long forward pass never delays a heartbeat.
@@ -38,15 +28,13 @@ import asyncio
 import contextlib
 import logging
 import signal
-import socket
 import time
 from pathlib import Path
 
 import grpc
 
 from peer import consistency, machine
-from peer.authz import attested_swarm_step
-from peer.consistency import READY_STATES
+from peer.listening import Listening, all_interfaces, check_dataplane_port
 from peer.metrics import PeerMetrics
 from peer.pipeline import stalls, wire
 from peer.pipeline.data import CorpusError, data_fingerprint_for, load_corpus_for
@@ -55,22 +43,19 @@ from peer.pipeline.p2p import Inbox
 from peer.pipeline.stage_host import StageHost
 from peer.pipeline.unreachable import UnreachableLog
 from peer.preemption import SpotWatcher
-from peer.progress import ProgressReporter, peer_stats, progress_text
+from peer.progress import ProgressReporter, peer_stats
 from peer.reach import ReachNotice, ReachService
 from peer.recovery.durable import DurableCheckpoints
 from peer.recovery.edge_copy import EdgeCopies
-from peer.recovery.rebuild import catch_up, snapshot_if_due
-from peer.recovery.transfer import download_state
 from peer.relayed import RelayLink, local_target, relay_hub
 from peer.services import serve
 from peer.sync.base import SyncMode
 from peer.sync.registry import make_driver, make_sync_mode
-from peer.sync.replay import replay_rounds
 from peer.sync.rounds import SyncRounds
+from peer.upkeep import Upkeep
 from protocols import auth, codec, dataplane, tls
 from protocols import shoal_pb2 as pb
 from protocols import shoal_pb2_grpc as pbg
-from protocols.admission import parse_token
 from protocols.coordinator_client import (
     OBSERVER_STAGE,
     Benchmark,
@@ -87,7 +72,7 @@ from protocols.runspec import RunSpec
 log = logging.getLogger("shoal.peer")
 
 
-class PeerDaemon:
+class PeerDaemon(Listening, Upkeep):
     """The peer process: joins, holds one stage, serves it, heartbeats, drains. Implements
     `PeerContext` (peer/context.py) and the services' `ServiceContext` for its collaborators."""
 
@@ -224,11 +209,11 @@ class PeerDaemon:
         await self.server.start()
         # no --advertise on all interfaces: the coordinator fills in the host it sees (":PORT")
         self.address = (f"{args.advertise}:{port}" if args.advertise else
-                        f":{port}" if _all_interfaces(bind) else f"{bind}:{port}")
+                        f":{port}" if all_interfaces(bind) else f"{bind}:{port}")
         if getattr(args, "metrics_port", None) is not None:
             bound = await self.metrics.start(bind, args.metrics_port)
             log.info("metrics at http://%s:%d/metrics", bind, bound)
-        _check_dataplane_port(bind, self._dataplane_port())  # before joining: fail fast
+        check_dataplane_port(bind, self._dataplane_port())  # before joining: fail fast
         tls_key = None if self.plaintext else tls.load_or_create_tls_key(
             Path(args.identity).with_suffix(".tls.key"))
         self.client = CoordinatorClient(coordinator, self.identity, token=self.token,
@@ -279,65 +264,6 @@ class PeerDaemon:
                         "fingerprint, it cannot drive stage 0", exc)
             return ""
 
-    def _bind_host(self, coordinator: str) -> str:
-        """--host, or by default all interfaces; 127.0.0.1 when neither --host nor --advertise
-        is given and the coordinator is on this machine's loopback (a plaintext link,
-        protocols.tls.link_is_local): it then sees the Join come from 127.0.0.1 and registers
-        this peer there, where no other machine reaches it, and peers dial loopback in
-        plaintext."""
-        if self.args.host:
-            return self.args.host
-        with contextlib.suppress(ValueError):
-            if not self.args.advertise and tls.link_is_local(tls.split_host_port(coordinator)[0]):
-                return "127.0.0.1"
-        return "0.0.0.0"
-
-    def _check_link(self, bind: str) -> None:
-        """The registered address and the server must agree on TLS, as other peers dial it
-        (protocols.tls.peer_channel: plaintext on loopback links, else mTLS)."""
-        host = tls.split_host_port(self.address)[0]
-        if self.server_tls is not None and tls.link_is_local(host):
-            raise SystemExit(f"shoal peer: the coordinator registered this peer at "
-                             f"{self.address}, a loopback address, but it serves mTLS on {bind}: "
-                             f"pass --host 127.0.0.1, or --advertise an address others reach")
-
-    def _server_tls(self, bind: str) -> tls.PeerServerTls | None:
-        """mTLS for this peer's server unless --plaintext or every address of it is loopback."""
-        args = self.args
-        advertise = args.advertise or bind  # a host: the port is appended to it
-        if self.plaintext or (tls.link_is_local(bind) and tls.link_is_local(advertise)):
-            return None
-        if tls.link_is_local(advertise):
-            raise SystemExit(f"shoal peer: --host {bind} is reachable from other machines but "
-                             f"the advertised address {advertise} is loopback: advertise an "
-                             f"address others can reach (--advertise), serve on 127.0.0.1, or "
-                             f"pass --plaintext")
-        return tls.PeerServerTls()
-
-    def _fingerprint(self) -> str | None:
-        given = getattr(self.args, "coordinator_fingerprint", None)
-        if given:
-            try:
-                return tls.check_fingerprint(given)
-            except ValueError as exc:
-                raise SystemExit(f"shoal peer: --coordinator-fingerprint: {exc}") from None
-        return parse_token(self.token)[1] if self.token else None
-
-    async def _discover(self, fingerprint: str | None) -> str:
-        """HOST:PORT of the coordinator with `fingerprint` that mDNS finds (SystemExit if none)."""
-        from protocols.discovery import DiscoveryRefused, discover, matching
-
-        if not fingerprint:  # say so before waiting for mDNS answers
-            try:
-                matching([], None)
-            except DiscoveryRefused as exc:
-                raise SystemExit(f"shoal peer: {exc}") from None
-        try:
-            host, port, _ = matching(await discover(timeout=5.0), fingerprint)
-        except DiscoveryRefused as exc:
-            raise SystemExit(f"shoal peer: {exc}") from None
-        return f"{host}:{port}"
-
     async def _take_stage(self, stage: int) -> None:
         """Hold `stage`: download it from a live replica; or, when the view says the stage lost
         every replica after training, rebuild it without one (CheckFree / CheckFree+ / snapshot,
@@ -382,47 +308,6 @@ class PeerDaemon:
             if self._running:  # moved to stage 0 while serving: drive from now on
                 self._driving.append(asyncio.ensure_future(self.driver.run()))
 
-    def fall_behind(self, why: str, behind_of: int = 0) -> None:
-        """This replica missed steps (`behind_of`: up to that one) or drifted: stop serving,
-        catch up by replay where it can, else re-download the stage (PeerContext.fall_behind)."""
-        if self._resync_task and not self._resync_task.done():
-            return
-        stage = self.host.stage
-        log.warning("stage %d replica is behind (%s): %s", stage, why,
-                    "replaying the rounds it missed" if behind_of else "re-downloading")
-        self.state = "syncing"
-
-        async def resync() -> None:
-            async with self.step_lock:
-                if behind_of:
-                    got = await replay_rounds(self, self.mode, self.rounds)
-                    if not got.download and self.host.step >= behind_of:
-                        log.info("stage %d: caught up by replaying %d rounds, after step %d",
-                                 stage, got.rounds, self.host.step)
-                        self.state = "training"
-                        return
-                    log.warning("stage %d: replayed %d rounds, after step %d: %s; "
-                                "re-downloading", stage, got.rounds, self.host.step,
-                                got.download or f"the swarm is after step {behind_of}")
-                sources = [p for p in self.live_replicas(stage) if p != self.peer_id]
-                if (not sources and behind_of and self.mode.fast_forwards
-                        and catch_up(self, min(behind_of, attested_swarm_step(self.view)),
-                                     holding_lock=True)):
-                    # the stage's only holder: nobody applied the steps it missed (the drivers
-                    # bypassed the stage), so the step counter is all it lacks; without this it
-                    # waited for the heartbeats' stall check (~12 s) while the swarm ran on
-                    self.state = "training"
-                    return
-                if await download_state(self, self.mode, sources):
-                    self.state_hash = await self.host.run(self.host.state_hash)
-                    got = await replay_rounds(self, self.mode, self.rounds)
-                    if got.rounds:  # the rounds that passed during the download
-                        log.info("stage %d: downloaded, then replayed %d rounds, after step %d",
-                                 stage, got.rounds, self.host.step)
-                self.state = "training"
-
-        self._resync_task = asyncio.ensure_future(resync())
-
     async def sync_step(self, step: int, replicas: list[str] | None = None) -> pb.StepDone:
         """Synchronise this replica's stage for `step` and apply the aggregate (the sync mode's
         `step` hook, under the step lock)."""
@@ -437,92 +322,6 @@ class PeerDaemon:
             await self.checkpoints.after_step(self)  # a durable checkpoint when one is due
             self.metrics.note_step(host.step)
             return done
-
-    # ------------------------------------------------------------------ heartbeats
-
-    def _heartbeat_s(self) -> float:
-        """The period the coordinator told this peer (coordinator/pacing.py: the spec's in small
-        swarms, slower in large ones); the spec's before the first Join."""
-        told = getattr(self.client, "heartbeat_s", 0.0)
-        return told if isinstance(told, (int, float)) and told > 0 else \
-            self.spec.membership.heartbeat_s
-
-    async def heartbeat_loop(self) -> None:
-        while not self.stopped.is_set():
-            try:
-                res = await self.client.heartbeat(self.stats(),
-                                                  unreachable=self.unreachable.take())
-                if self.server_tls is not None and self.client.tls() is not None:
-                    self.server_tls.update(self.client.tls())  # a re-join renews the leaf
-                    self._renew_dataplane_leaf(self.client.tls())
-                self.address = self.client.registered_address or self.address
-                self.reach_notice.update(res.reach, res.relay, self.address)
-                view = res.view
-                if view is not None:
-                    self.view = view
-                if self.relay_link is not None:  # after the view: it may name a relay peer
-                    await self.relay_link.update(res.reach, res.relay)
-                if (res.action == "move" and self.host and res.stage != self.host.stage
-                        and self._moving is None):
-                    log.info("coordinator moves this peer to stage %d", res.stage)
-                    # beside the heartbeats, which must go on while it downloads the stage (a
-                    # lapsed lease would make it a newcomer again)
-                    self._moving = asyncio.ensure_future(self._move(res.stage))
-                self._check_hash()
-                self._snapshot_step = await snapshot_if_due(self, self._snapshot_step)
-                self.edge_copies.poll(self)
-            except Exception as exc:  # the loop must outlive any one failure
-                log.warning("heartbeat failed: %s", exc)
-            self._report_progress()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopped.wait(), self._heartbeat_s())
-            self._write_metrics()
-
-    async def _move(self, stage: int) -> None:
-        try:
-            async with self.step_lock:
-                await self._take_stage(stage)
-        except Exception:
-            log.exception("moving to stage %d failed; the coordinator will say what next",
-                          stage)
-        finally:
-            self._moving = None
-
-    def _report_progress(self) -> None:
-        if self.host is None:
-            return
-        stats, now = self.stats(), time.monotonic()
-        if self.progress.due(stats, now):
-            fields = self.progress.take(self.host.stage, stats, now)
-            log.info("%s", progress_text(fields), extra={"fields": fields})
-
-    def _check_hash(self) -> None:
-        """Compare this replica with the view (peer/consistency.py's rules): re-download, or
-        adopt the swarm's step, when they say so."""
-        if (self.view is None or self.host is None or self.state not in READY_STATES
-                or not self.state_hash):
-            return
-        me, stage, step = self.peer_id, self.host.stage, self.host.step
-        verdict = consistency.differing_hash(self.view, me, stage, step, self.state_hash)
-        wait = max(3 * self.spec.membership.heartbeat_s, self.spec.sync.timeout_s)
-        if verdict is None and self._stall.stalled(step, time.monotonic(),
-                                                   2 * self.spec.membership.heartbeat_s):
-            verdict = consistency.behind_the_attestation(self.view, stage, step)
-        if verdict is None and self._stall.stalled(step, time.monotonic(), wait):
-            verdict = consistency.behind_the_swarm(self.view, me, stage, step,
-                                                   fast_forwards=self.mode.fast_forwards)
-        if verdict is None:
-            return
-        if verdict.action == "download":
-            self.fall_behind(verdict.why, behind_of=verdict.step)
-            return
-        log.warning("stage %d: every replica is behind the swarm (after step %d, the others "
-                    "after %d)", stage, step, verdict.step)
-        catch_up(self, verdict.step)  # recovery.catch_up: under the same conditions
-
-    def _write_metrics(self) -> None:
-        if self.metrics_file and self.driver:
-            self.driver.append_metrics(self.metrics_file)
 
     # ------------------------------------------------------------------ draining
 
@@ -597,80 +396,6 @@ class PeerDaemon:
             self.host.close()
         log.info("peer %s stopped", self.peer_id[:8])
         return 0
-
-
-    async def _start_dataplane(self, bind: str) -> None:
-        """The data plane beside the gRPC server (same interfaces, a port of its own:
-        --dataplane-port, else any free one): state downloads go over it to receivers that ask
-        (peer/state_service.py StateService). Its TLS is the gRPC server's: the peer's leaf, client
-        leaves of the swarm CA required. Receivers dial the host of the gRPC address they
-        called, so the advertised host is informative. Without --dataplane-port a failure to
-        listen leaves downloads from this peer in-band; with it, the peer leaves and exits."""
-        port = self._dataplane_port()
-        context = None
-        if self.server_tls is not None:
-            leaf = self.client.tls()
-            context = dataplane.peer_server_context(leaf.ca_pem, leaf.cert_pem, leaf.key_pem)
-            self._dataplane_leaf = leaf
-        plane = dataplane.DataPlaneServer(bind, port, advertise_host=self._own_host(),
-                                          ssl_context=context)
-        try:
-            await plane.start()
-        except OSError as exc:
-            if port:  # taken since the check before joining: the operator asked for this port
-                with contextlib.suppress(Exception):
-                    await self.client.leave("cannot serve the data plane")
-                raise SystemExit(_dataplane_port_error(bind, port, exc)) from None
-            log.warning("no data plane on %s (%s): state downloads from this peer go in-band",
-                        bind, exc)
-            return
-        self.dataplane = plane
-        log.info("data plane at %s:%d (%s)", bind, plane.port,
-                 "mTLS" if context is not None else "plaintext")
-
-    def _dataplane_port(self) -> int:
-        return int(getattr(self.args, "dataplane_port", 0) or 0)
-
-    def _renew_dataplane_leaf(self, leaf: tls.PeerTls) -> None:
-        plane = self.dataplane
-        if plane is None or plane.ssl_context is None or leaf == self._dataplane_leaf:
-            return
-        dataplane.renew_leaf(plane.ssl_context, leaf.cert_pem, leaf.key_pem)
-        self._dataplane_leaf = leaf
-
-    def _own_host(self) -> str:
-        """The host others reach this peer at (where a --relay peer's relayed ports are)."""
-        with contextlib.suppress(ValueError):
-            return tls.split_host_port(self.address)[0] or "127.0.0.1"
-        return "127.0.0.1"
-
-
-def _check_dataplane_port(bind: str, port: int) -> None:
-    """SystemExit with what to do when `bind`:`port` cannot be listened on (0: nothing to check).
-    The data plane itself starts after the join (its TLS needs the leaf the join issues); this
-    check, before it, keeps a peer whose --dataplane-port is taken from joining at all. It binds
-    as asyncio's server does (SO_REUSEADDR), so a port in TIME_WAIT passes as it would there."""
-    if not port:
-        return
-    try:
-        family = socket.getaddrinfo(bind or None, port, type=socket.SOCK_STREAM,
-                                    flags=socket.AI_PASSIVE)[0][0]
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((bind, port))
-            probe.listen(1)
-    except OSError as exc:
-        raise SystemExit(_dataplane_port_error(bind, port, exc)) from None
-
-
-def _dataplane_port_error(bind: str, port: int, exc: OSError) -> str:
-    return (f"shoal peer: cannot serve the data plane on {bind}:{port} "
-            f"({exc.strerror or exc}): pick another --dataplane-port (or SHOAL_DATAPLANE_PORT), "
-            "or 0 for any free one")
-
-
-def _all_interfaces(host: str) -> bool:
-    return host.strip("[]") in ("0.0.0.0", "::", "")
 
 
 def main(args: argparse.Namespace) -> int:

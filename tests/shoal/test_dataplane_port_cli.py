@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from peer.daemon import _check_dataplane_port
+from peer.listening import check_dataplane_port as _check_dataplane_port
 from shoal.cli import build_parser
 from shoal.swarm import Swarm, free_port
 from tests.swarm.dataplane_ports import add_peer_at_dataplane_port
