@@ -1,11 +1,12 @@
 """Who may call what on this peer: the one authorization policy of the Stage, Sync and State
 services, as a table of rules by method, checked against the coordinator's current view.
 
-Every handler of peer/services.py asks `Policy.authorize` first, on the call's header (or the
-unary request), before any payload is decoded. The *caller* is the identity that signed the call
-(protocols.auth.current_caller(), set by the AuthInterceptor, which has already refused bad
-signatures, expired certificates and revoked peers); no field of the message may name another
-sender: CallHeader.sender and StepEnd.sender must equal the caller, and are filled in when empty.
+Every handler of peer/services.py asks `Policy.authorize` (peer/policy.py) first, on the call's
+header (or the unary request), before any payload is decoded. The *caller* is the identity that
+signed the call (protocols.auth.current_caller(), set by the AuthInterceptor, which has already
+refused bad signatures, expired certificates and revoked peers); no field of the message may
+name another sender: CallHeader.sender and StepEnd.sender must equal the caller, and are filled
+in when empty.
 
 The rules (contract 2 of issue #12):
 
@@ -18,6 +19,10 @@ The rules (contract 2 of issue #12):
 |                             | members of the right stages only                  | the swarm   |
 | Sync.Exchange               | live replicas of the receiver's stage             | near own    |
 | State.Download              | any member, observers included                    | -           |
+| Stage.Forward / Backward,   | the route's origin (a live stage-0 replica), or a | next        |
+| peer to peer (`check_route`)| live replica of the stage before / after the hop  |             |
+| Stage.Deliver               | live block replicas, for a microbatch the driver  | -           |
+|                             | awaits, with its nonce (peer/pipeline/p2p.py)     |             |
 
 "Live" here means listed in the view at that stage, not revoked, and not departed (lost or
 left): a replica that is re-downloading ("syncing") still abstains from rounds, and a draining
@@ -31,10 +36,10 @@ END_SLACK steps past that bound (the attestation trails a fast swarm): the recei
 adopt such a step, it re-downloads its stage from its replicas.
 
 A denial that the view could explain by lagging (a caller it does not list yet, or at another
-stage; a step beyond what it attests) first costs one view refresh (`Refresher`: shared by the
-three services, at most one every MIN_REFRESH_S), then the rule is checked again. A driver that
-joined a moment ago is thus not refused, and a stranger cannot make the peer hammer the
-coordinator.
+stage; a step beyond what it attests) first costs one view refresh (peer/policy.py `Refresher`:
+shared by the three services, at most one every MIN_REFRESH_S), then the rule is checked
+again. A driver that joined a moment ago is thus not refused, and a stranger cannot make the
+peer hammer the coordinator.
 
 Pure where it can be: `decide` is a function of (caller, request, receiver, view) and raises
 `Denied`; the tests (tests/peer/test_authz.py) check the table rule by rule.
@@ -42,15 +47,9 @@ Pure where it can be: `decide` is a function of (caller, request, receiver, view
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import math
-import time
-import weakref
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import ClassVar
 
 import grpc
 
@@ -71,7 +70,7 @@ ROUND_LAG = 4
 REPLAY_LAG = 32
 #: an EndStep may name a step this far beyond the attested swarm step + 1 (the attestation
 #: trails a fast swarm by its heartbeats): the receiver then re-downloads its stage from its
-#: replicas instead of adopting the step (peer/services.py); beyond it, INVALID_ARGUMENT
+#: replicas instead of adopting the step (peer/step_barrier.py); beyond it, INVALID_ARGUMENT
 END_SLACK = 64
 #: how far the attested swarm step trails the drivers: a few heartbeats (the replicas' reports,
 #: then the coordinator's view) and the view refresh (`StepRate` turns it into steps)
@@ -345,100 +344,6 @@ def decide(rule: str, caller: auth.Caller | None, receiver: Receiver, *,
         check_step(rule, step_end.step, receiver, method)
         check_step_end_lists(step_end, receiver)
     return caller.peer_id
-
-
-class Refresher:
-    """Refreshes the peer's view for the policy: one refresh at a time (callers that arrive
-    meanwhile wait for it), and none within MIN_REFRESH_S of the last one."""
-
-    def __init__(self, refresh: Callable[[], Awaitable[None]],
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self._refresh = refresh
-        self._clock = clock
-        self._last = -1e18
-        self._task: asyncio.Task | None = None
-        self.count = 0
-
-    async def __call__(self) -> bool:
-        """Refresh unless one ran within MIN_REFRESH_S; returns whether the view may be new."""
-        if self._task is None or self._task.done():
-            if self._clock() - self._last < MIN_REFRESH_S:
-                return False
-            self._last = self._clock()
-            self.count += 1
-            self._task = asyncio.ensure_future(self._run())
-        with contextlib.suppress(Exception):
-            await asyncio.shield(self._task)
-        return True
-
-    async def _run(self) -> None:
-        try:
-            await asyncio.wait_for(self._refresh(), REFRESH_TIMEOUT_S)
-        except Exception as exc:  # the old view stays; the caller is judged on it
-            log.info("view refresh for an authorization check failed: %s", exc)
-
-
-class Policy:
-    """The policy of one peer (one per peer context, shared by its three services)."""
-
-    _of: ClassVar[weakref.WeakKeyDictionary] = weakref.WeakKeyDictionary()
-
-    def __init__(self, ctx) -> None:
-        self.ctx = ctx
-        self.refresh = Refresher(ctx.refresh_view)
-        self.denied = 0
-        self._logged_at, self._logged_count = -1e18, 0
-        self.rate = StepRate()
-
-    @classmethod
-    def of(cls, ctx) -> Policy:
-        """The policy of `ctx` (made on first use)."""
-        policy = cls._of.get(ctx)
-        if policy is None:
-            policy = cls._of[ctx] = cls(ctx)
-        return policy
-
-    def receiver(self) -> Receiver:
-        host = self.ctx.host
-        spec = getattr(self.ctx, "spec", None)
-        lag_s = LAG_HEARTBEATS * (spec.membership.heartbeat_s if spec is not None else 2.0) \
-            + LAG_EXTRA_S
-        return Receiver(host.stage if host is not None else None,
-                        host.step if host is not None else None, self.ctx.view,
-                        math.ceil(self.rate.per_s() * lag_s))
-
-    async def authorize(self, service_method: str, *, header: pb.CallHeader | None = None,
-                        step_end: pb.StepEnd | None = None) -> str:
-        """`decide` for the current call, with one view refresh before a stale denial becomes
-        final. Returns the caller's peer id; raises Denied."""
-        rule = method_of(service_method, header)
-        caller = auth.current_caller()
-        try:
-            return decide(rule, caller, self.receiver(), header=header, step_end=step_end)
-        except Denied as exc:
-            if not exc.stale or self.ctx.client is None:
-                self._log(rule, caller, exc)
-                raise
-        if await self.refresh():  # a fresh view: a sample of the attested step's pace
-            self.rate.note(attested_swarm_step(self.ctx.view), time.monotonic())
-        try:
-            return decide(rule, caller, self.receiver(), header=header, step_end=step_end)
-        except Denied as exc:
-            self._log(rule, caller, exc)
-            raise
-
-    def _log(self, rule: str, caller: auth.Caller | None, exc: Denied) -> None:
-        """One log line per second at most (a flood of refused calls must not flood the log);
-        the lines say how many refusals they stand for."""
-        self.denied += 1
-        now = time.monotonic()
-        if now - self._logged_at < 1.0:
-            return
-        more = self.denied - self._logged_count - 1
-        self._logged_at, self._logged_count = now, self.denied
-        log.info("refused %s from %s: %s %s%s", rule,
-                 _short(caller.peer_id) if caller else "?", exc.code.name, exc.message,
-                 f" (and {more} more refusals since the last line)" if more > 0 else "")
 
 
 def departed_senders(view: SwarmView | None, owners: Iterable[str]) -> set[str]:

@@ -22,6 +22,7 @@ import numpy as np
 from peer import authz
 from peer.consistency import READY_STATES
 from peer.pipeline import wire
+from peer.policy import Policy
 from peer.snapshot import SnapshotBuffers
 from protocols import codec, dataplane, digest, tensor_stream
 from protocols import shoal_pb2 as pb
@@ -54,7 +55,7 @@ class StateService(pbg.StateServicer):
 
     def __init__(self, ctx: ServiceContext) -> None:
         self.d = ctx
-        self.policy = authz.Policy.of(ctx)
+        self.policy = Policy.of(ctx)
         self.snapshots = SnapshotBuffers()
 
     async def Download(self, request: pb.StateRequest, context):

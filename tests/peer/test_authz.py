@@ -14,6 +14,7 @@ import grpc
 import pytest
 
 from peer import authz
+from peer.policy import Policy
 from protocols import auth
 from protocols import shoal_pb2 as pb
 from protocols.coordinator_client import Benchmark, PeerInfo, PeerStats
@@ -244,7 +245,7 @@ class Ctx:
 
 def test_an_unknown_caller_costs_one_rate_limited_refresh(monkeypatch) -> None:
     ctx = Ctx(swarm_view())
-    policy = authz.Policy(ctx)
+    policy = Policy(ctx)
     who = {"c": caller("newcomer")}
     monkeypatch.setattr(authz.auth, "current_caller", lambda: who["c"])
 
@@ -270,7 +271,7 @@ def test_an_unknown_caller_costs_one_rate_limited_refresh(monkeypatch) -> None:
 
 def test_concurrent_unknown_callers_share_one_refresh(monkeypatch) -> None:
     ctx = Ctx(swarm_view())
-    policy = authz.Policy(ctx)
+    policy = Policy(ctx)
     monkeypatch.setattr(authz.auth, "current_caller", lambda: caller("stranger"))
 
     async def one() -> grpc.StatusCode:

@@ -8,7 +8,8 @@ import socket
 
 import grpc
 
-from peer.services import StageService, _StepEnds
+from peer.services import StageService
+from peer.step_barrier import _StepEnds
 from protocols.runspec import RunSpec
 from tests.fakes import FakePeer, FakeView, stage_infos
 
