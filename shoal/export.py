@@ -30,7 +30,8 @@ import torch
 from peer import consistency
 from peer.pipeline import wire
 from peer.pipeline.checkpoint import assemble, save_model
-from peer.pipeline.stage_host import hash_of_arrays, model_config
+from peer.pipeline.stage_host import model_config
+from peer.pipeline.stage_state import hash_of_arrays
 from peer.recovery.transfer import ATTEST_TRIES, attested_first, receive_state_over
 from protocols import auth, tensor_stream
 from protocols import shoal_pb2 as pb

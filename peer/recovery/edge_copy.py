@@ -35,7 +35,8 @@ import torch
 
 from peer import consistency
 from peer.context import PeerContext
-from peer.pipeline.stage_host import StageHost, hash_of_arrays
+from peer.pipeline.stage_host import StageHost
+from peer.pipeline.stage_state import hash_of_arrays
 from peer.recovery.transfer import receive_state
 from protocols import shoal_pb2 as pb
 

@@ -132,7 +132,7 @@ def test_a_stage_can_start_from_an_exported_model(tmp_path) -> None:
 
 def test_agreed_arrays_are_the_shared_weights_under_diloco() -> None:
     """An export between DiLoCo outer steps gets the shared model, hashed as sent."""
-    from peer.pipeline.stage_host import tensor_hash
+    from peer.pipeline.stage_state import tensor_hash
 
     host = StageHost(RunSpec().replace(**{"pipeline.stages": 2, "model.d_model": 32,
                                           "model.n_heads": 4, "model.n_layers": 2}), 1)

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from peer.pipeline import wire
-from peer.pipeline.stage_host import StageError, StageHost, hash_of_arrays
+from peer.pipeline.stage_host import StageError, StageHost
+from peer.pipeline.stage_state import hash_of_arrays
 from peer.recovery import transfer
 from protocols import shoal_pb2 as pb
 from protocols import shoal_pb2_grpc as pbg

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from optim.checkfree import CheckFreeConfig, post_clip_norm
-from peer.pipeline.stage_host import tensor_hash
+from peer.pipeline.stage_state import tensor_hash
 from protocols import auth, tensor_stream
 from protocols import shoal_pb2 as pb
 from protocols import shoal_pb2_grpc as pbg
