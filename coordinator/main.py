@@ -4,6 +4,8 @@
         [--token-file F | --allow-file KEYS] [--no-mdns] [--host 0.0.0.0] [--tls-dir DIR]
     python -m coordinator.main ...          (the same, without the `shoal` wrapper)
 
+The flags and the serving process are coordinator/command.py's; this module is `serve`.
+
 One process, one uvloop event loop: gRPC (grpc.aio), HTTP (aiohttp), the once-a-second tick and
 the mDNS announcement share it; SQLite writes run on the journal's one thread.
 
@@ -14,7 +16,7 @@ epoch is bumped, members come back with a grace lease and their certificates sta
 
 Admission: --token-file (created with a fresh token when the file does not exist),
 --allow-file (hex Ed25519 public keys, one a line, `#` comments), or both. With neither, the
-token lives in DIR/join.token. There is no open mode.
+token lives in DIR/join.token. There is no open mode (coordinator/admission_files.py).
 
 TLS (issue #12): the coordinator is the swarm's CA (coordinator/ca.py: DIR/tls-ca.pem and
 DIR/tls-ca.key, 0600, made once, reused on restart). It serves gRPC over TLS with that CA unless
@@ -34,15 +36,11 @@ a hint is honoured only to re-attach a stage or fill an empty one).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import contextlib
 import gc
 import json
 import logging
-import os
 import secrets
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -52,16 +50,16 @@ from pathlib import Path
 import grpc
 
 from coordinator import checkpoints
+from coordinator.admission_files import CoordinatorStartError, read_admission, read_http_token
 from coordinator.ca import CaError, CoordinatorCA
 from coordinator.events import Event, EventLog, History
-from coordinator.gcpolicy import GcPolicy
 from coordinator.http import DEFAULT_MAX_SSE_CLIENTS, make_app, start_http
 from coordinator.membership import DEFAULT_REJOIN_COOLDOWN_S, RESTART_EPOCH_GAP, Membership
 from coordinator.pacing import Pacer
 from coordinator.service import CoordinatorService
 from coordinator.store import Batch, Journal, Store
 from protocols import shoal_pb2_grpc as pbg
-from protocols.auth import Admission, AuthInterceptor, new_token
+from protocols.auth import AuthInterceptor
 from protocols.identity import Identity
 from protocols.relay import RelayHub, parse_ports
 from protocols.runspec import RunSpec
@@ -71,15 +69,10 @@ from protocols.tls import coordinator_server_credentials, link_is_local
 log = logging.getLogger("shoal.coordinator")
 
 KEY_FILE = "coordinator.key"
-DEFAULT_TOKEN_FILE = "join.token"
 TICK_S = 1.0
 MAX_REQUEST_BYTES = 1 << 20  # nothing a peer sends the coordinator is near this
 MAX_PENDING_CALLS = 100_000  # calls grpc core queues before the handlers take them
 DEFAULT_JOIN_NONCE_CAPACITY = 100_000  # Joins by non-members remembered for replay protection
-
-
-class CoordinatorStartError(RuntimeError):
-    """The coordinator cannot start; the message says what to change."""
 
 
 @dataclass
@@ -145,63 +138,6 @@ def _connect_host(host: str) -> str:
     return host
 
 
-def _admission(state_dir: Path, token_file: str | None, allow_file: str | None
-               ) -> tuple[Admission, Path | None]:
-    token = None
-    path = None
-    if token_file is None and allow_file is None:
-        token_file = str(state_dir / DEFAULT_TOKEN_FILE)
-    if token_file is not None:
-        path = Path(token_file)
-        if not path.exists():
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(new_token() + "\n")
-            log.info("wrote a new join token to %s (give it to peers with --token-file)", path)
-        token = path.read_text().strip()
-        if not token:
-            raise CoordinatorStartError(f"token file {path} is empty; delete it to have a new "
-                                        f"token made, or write one (`shoal token new FILE`)")
-    allowed = None
-    if allow_file is not None:
-        allowed = set()
-        try:
-            lines = Path(allow_file).read_text().splitlines()
-        except OSError as exc:
-            raise CoordinatorStartError(f"cannot read allow-list {allow_file}: "
-                                        f"{exc.strerror}") from exc
-        for n, line in enumerate(lines, 1):
-            entry = line.split("#", 1)[0].strip()
-            if not entry:
-                continue
-            try:
-                key = bytes.fromhex(entry)
-            except ValueError:
-                key = b""
-            if len(key) != 32:
-                raise CoordinatorStartError(
-                    f"{allow_file}:{n}: {entry[:80]!r} is not a 64-hex-digit Ed25519 public key "
-                    f"(`shoal identity show KEYFILE` prints one)")
-            allowed.add(key)
-    return Admission(token=token, allowed_keys=allowed), path
-
-
-def _http_token(path: str | None) -> str | None:
-    """The HTTP API's bearer token from --http-token-file (None: no token)."""
-    if path is None:
-        return None
-    try:
-        token = Path(path).read_text().strip()
-    except OSError as exc:
-        raise CoordinatorStartError(f"cannot read --http-token-file {path}: "
-                                    f"{exc.strerror}") from exc
-    if len(token) < 16 or not token.isprintable() or " " in token:
-        raise CoordinatorStartError(f"--http-token-file {path} must hold one token of at least "
-                                    f"16 printable characters without spaces (`shoal token new "
-                                    f"FILE` makes one)")
-    return token
-
-
 async def serve(config: str | Path | RunSpec | None = None, port: int = 7000,
                 http_port: int = 8080, state_dir: str | Path = "./shoal-state",
                 token_file: str | None = None, allow_file: str | None = None,
@@ -252,10 +188,10 @@ async def serve(config: str | Path | RunSpec | None = None, port: int = 7000,
         events.restore(snapshot.events)
         history.restore(snapshot.history)
     spec = checkpoints.with_flags(spec, checkpoint_every, checkpoint_dir)
-    admission, token_path = _admission(state, token_file, allow_file)
+    admission, token_path = read_admission(state, token_file, allow_file)
     if token_path is not None:
         ca.stamp_token_file(token_path)  # peers verify this coordinator with the token alone
-    http_token = _http_token(http_token_file)
+    http_token = read_http_token(http_token_file)
     membership = Membership(spec, swarm_id, epoch=epoch, events=events, history=history,
                             trust_stage_hints=trust_stage_hints,
                             rejoin_cooldown_s=rejoin_cooldown_s)
@@ -409,113 +345,6 @@ async def _tick_loop(svc: CoordinatorService, clock: Callable[[], float]) -> Non
             log.exception("coordinator tick failed")
 
 
-# ---------------------------------------------------------------------- command line
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The coordinator's flags, shared by `shoal coordinator` and `python -m coordinator.main`."""
-    p.add_argument("--config", help="run spec TOML (first start; a restart keeps the stored one)")
-    p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=7000, help="gRPC port (0 = any free)")
-    p.add_argument("--http-port", type=int, default=8080, help="dashboard port (0 = any free)")
-    p.add_argument("--state-dir", default="./shoal-state")
-    p.add_argument("--token-file", help="join token peers must present")
-    p.add_argument("--allow-file", help="hex Ed25519 public keys allowed to join, one a line")
-    p.add_argument("--no-mdns", action="store_true", help="do not announce on the LAN")
-    p.add_argument("--tls-dir", help="serve gRPC over mTLS with the certificates in this folder "
-                   "(default: TLS with the swarm CA the coordinator keeps in --state-dir)")
-    p.add_argument("--http-token-file",
-                   help="bearer token the dashboard, /api/*, /metrics and SSE require "
-                        "(Authorization: Bearer TOKEN, or open the dashboard as /?token=TOKEN); "
-                        "without it they are open and bans are taken from loopback only")
-    p.add_argument("--max-sse-clients", type=int, default=DEFAULT_MAX_SSE_CLIENTS,
-                   help="event streams (/api/events) open at once; more get 503")
-    p.add_argument("--trust-stage-hints", action="store_true",
-                   help="honour every peer's --stage (an operator's lab or test swarm); by "
-                        "default a hint is honoured only to re-attach, or for an empty stage")
-    p.add_argument("--join-nonce-capacity", type=int, default=DEFAULT_JOIN_NONCE_CAPACITY,
-                   help="Joins by keys that are not members remembered (replay protection) "
-                        "within the clock-skew window; beyond it Joins get RESOURCE_EXHAUSTED, "
-                        "members' calls never do")
-    p.add_argument("--rejoin-cooldown", type=float, default=DEFAULT_REJOIN_COOLDOWN_S,
-                   help="seconds a peer that left must wait before joining again")
-    p.add_argument("--plaintext", action="store_true",
-                   help="serve gRPC without TLS even on a non-loopback address (lab only)")
-    p.add_argument("--no-relay", action="store_true",
-                   help="do not relay for peers nobody can dial (they then need a peer started "
-                        "with --relay)")
-    p.add_argument("--relay-ports", default=None,
-                   help="ports relayed peers are reached at, FIRST-LAST (e.g. 40000-40999; "
-                        "default: any free port); open them in the firewall")
-    p.add_argument("--relay-host", default=None,
-                   help="the host others dial to reach a relayed peer (default: this "
-                        "coordinator's address, as in its gRPC address; behind a cloud's 1:1 "
-                        "NAT give the public one)")
-    p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
-                   help="durable checkpoints every N steps (run spec checkpoint.every): the "
-                        "peers send their stages, this coordinator writes them and an index "
-                        "(docs/checkpoints.md)")
-    p.add_argument("--checkpoint-dir", default=None, metavar="DIR",
-                   help="where the checkpoints go (run spec checkpoint.dir)")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The same flags as `shoal coordinator` (shoal/cli.py), for `python -m coordinator.main`."""
-    ap = argparse.ArgumentParser(prog="python -m coordinator.main", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(ap)
-    from protocols.logs import add_logging_arguments
-
-    add_logging_arguments(ap)  # default: $SHOAL_LOG_FORMAT / $SHOAL_LOG_LEVEL, else text, INFO
-    return ap
-
-
-async def _run(args: argparse.Namespace) -> int:
-    try:
-        handle = await serve(args.config, args.port, args.http_port, args.state_dir,
-                             args.token_file, args.allow_file, not args.no_mdns, args.host,
-                             tls_dir=getattr(args, "tls_dir", None),
-                             plaintext=getattr(args, "plaintext", False),
-                             trust_stage_hints=getattr(args, "trust_stage_hints", False),
-                             rejoin_cooldown_s=getattr(args, "rejoin_cooldown",
-                                                       DEFAULT_REJOIN_COOLDOWN_S),
-                             http_token_file=getattr(args, "http_token_file", None),
-                             max_sse_clients=getattr(args, "max_sse_clients",
-                                                     DEFAULT_MAX_SSE_CLIENTS),
-                             join_nonce_capacity=getattr(args, "join_nonce_capacity",
-                                                         DEFAULT_JOIN_NONCE_CAPACITY),
-                             relay=not getattr(args, "no_relay", False),
-                             relay_ports=getattr(args, "relay_ports", None),
-                             relay_host=getattr(args, "relay_host", None),
-                             checkpoint_every=getattr(args, "checkpoint_every", None),
-                             checkpoint_dir=getattr(args, "checkpoint_dir", None))
-    except Exception as exc:  # RunSpecError, StoreError, KeyFileError, CoordinatorStartError
-        print(f"shoal coordinator: {exc}", file=sys.stderr)
-        return 2
-    svc = handle.service
-    tune_interpreter()
-    svc.gc_policy = GcPolicy()  # this process's collector pauses (coordinator/gcpolicy.py)
-    print(f"shoal coordinator: gRPC listening on {handle.grpc_address} (swarm {svc.swarm_id}, "
-          f"epoch {svc.membership.epoch}, {len(svc.membership.live_members())} live members)",
-          flush=True)
-    print(f"shoal coordinator: dashboard {handle.http_url} (JSON {handle.http_url}api/status, "
-          f"Prometheus {handle.http_url}metrics)", flush=True)
-    if handle.token_file is not None:
-        print(f"shoal coordinator: join token in {handle.token_file}", flush=True)
-    print(f"shoal coordinator: fingerprint {svc.ca.fingerprint} (in the token file; peers "
-          f"admitted by allow-list pass --coordinator-fingerprint); gRPC "
-          f"{'TLS' if svc.tls else 'plaintext'}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    print("shoal coordinator: stopping (saving state)", flush=True)
-    await handle.stop()
-    return 0
-
-
 def tune_interpreter() -> None:
     """Settings for a process whose latency is its product (measured in bench/coordinator.py).
 
@@ -530,26 +359,7 @@ def tune_interpreter() -> None:
     gc.freeze()
 
 
-def main(args: argparse.Namespace | list[str] | None = None) -> int:
-    """CLI entry: `shoal coordinator` passes its parsed args; `python -m` passes argv."""
-    if not isinstance(args, argparse.Namespace):
-        ap = build_parser()
-        args = ap.parse_args(args)
-        from protocols.logs import LogSettingError, logging_settings, setup_logging
+if __name__ == "__main__":  # python -m coordinator.main: the command line (coordinator/command.py)
+    from coordinator.command import main
 
-        try:
-            setup_logging(*logging_settings(args))
-        except LogSettingError as exc:
-            ap.error(str(exc))
-    try:
-        import uvloop
-
-        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    except ImportError:  # uvloop is optional where it does not exist (Windows)
-        runner = asyncio.Runner()
-    with runner:
-        return runner.run(_run(args))
-
-
-if __name__ == "__main__":
     raise SystemExit(main())

@@ -83,7 +83,7 @@ def _cmd_ban(args: argparse.Namespace) -> int:
 
 
 def _cmd_coordinator(args: argparse.Namespace) -> int:
-    from coordinator.main import main as coordinator_main
+    from coordinator.command import main as coordinator_main
 
     return coordinator_main(args)
 
@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("coordinator", help="the membership service and dashboard")
-    from coordinator.main import add_arguments as add_coordinator_arguments
+    from coordinator.command import add_arguments as add_coordinator_arguments
 
     add_coordinator_arguments(p)
     p.set_defaults(func=_cmd_coordinator)

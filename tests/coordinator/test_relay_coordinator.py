@@ -14,7 +14,8 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from coordinator.main import CoordinatorStartError, build_parser
+from coordinator.admission_files import CoordinatorStartError
+from coordinator.command import build_parser
 from coordinator.main import serve as serve_coordinator
 from peer.relayed import coordinator_channel
 from protocols import shoal_pb2 as pb
