@@ -1,6 +1,6 @@
 """Snapshot buffers for state downloads: kept between downloads, never reused while in use.
 
-Why: a state download's sender copies the stage's state into one buffer (peer/services.py
+Why: a state download's sender copies the stage's state into one buffer (peer/state_service.py
 `encode_state`) so that the next optimizer step cannot change what is being sent. A fresh
 buffer's pages must be faulted in during that copy, and on this project's VMs freed memory goes
 back to the host within seconds, so faulting it in again was most of the snapshot: 256 MiB
@@ -11,7 +11,7 @@ Rules (`SnapshotBuffers`):
 - `take(nbytes)` hands out a buffer of exactly `nbytes` that nobody holds: an idle one of that
   size, else a fresh one (its pages faulted in on a helper thread while the caller copies:
   protocols.dataplane.Prefault). The caller holds it until it calls `give_back` once, which it
-  does only when nothing reads the buffer any more (peer/services.py: when the data plane has
+  does only when nothing reads the buffer any more (peer/state_service.py: when the data plane has
   sent it, failed to, or dropped its ticket). A held buffer is never handed out again, so a
   snapshot being sent is never overwritten by the next one.
 - Idle buffers are freed `keep_s` after they were given back (a timer thread), and at most

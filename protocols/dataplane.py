@@ -60,7 +60,7 @@ and joins the workers. The receiver runs its blocking socket in a worker thread 
 (`fetch_async`), so neither end's loop is blocked by bulk I/O, and a helper thread faults its
 fresh buffer's pages in ahead of the reads (`Prefault`); over TLS it decrypts from memory, reading
 the socket 1 MiB at a time rather than a record at a time (`TlsOverBio`). A payload offered
-with `on_done` is the owner's again once that is called (peer/services.py reuses its snapshot
+with `on_done` is the owner's again once that is called (peer/state_service.py reuses its snapshot
 buffers so: peer/snapshot.py).
 """
 
