@@ -18,11 +18,10 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from bench.report import Target, machine, targets_line
+from bench.report import Target, fresh_out, machine, targets_line
 from shoal.lab.network import netns_available
 
 GOODPUT = Target("goodput", 0.7)
@@ -82,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if why:
         print(f"bench.churn: {why}", file=sys.stderr)
         return 2
-    work = Path(args.out or tempfile.mkdtemp(prefix="shoal-bench-churn-"))
+    work = fresh_out(args.out, "bench.churn")
     faults = ["--scenario", args.scenario] if args.scenario else ["--chaos", str(args.chaos)]
     calm = lab_run(args, work / "calm", [])
     stormy = lab_run(args, work / "faults", faults)

@@ -40,12 +40,11 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.report import Target, machine, targets_line
+from bench.report import Target, fresh_out, machine, targets_line
 from shoal.lab.network import LabNetwork, netns_available
 
 HOSTS = ("coord", "peer1", "peer2", "peer3")
@@ -165,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     if why:
         print(f"bench.hops: {why}", file=sys.stderr)
         return 2
-    work = Path(args.out or tempfile.mkdtemp(prefix="shoal-bench-hops-"))
+    work = fresh_out(args.out, "bench.hops")
     arms: dict[str, Arm] = {}
     for hops in ("hub", "p2p"):
         t, load0 = time.monotonic(), os.getloadavg()[0]

@@ -30,26 +30,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 from bench.churn import lab_run as churn_lab_run
-from bench.report import Target, machine, targets_line
+from bench.report import Target, fresh_out, machine, targets_line
 
 RATIO = Target("relayed/direct step time", 1.3, at_least=False)
 NAT_HOSTS = ("peer3", "peer4")
-
-
-def fresh_out(path: str | None) -> Path:
-    """The runs' folder: new, or an empty one (a reused one would mix in an old run's metrics)."""
-    if path is None:
-        return Path(tempfile.mkdtemp(prefix="shoal-bench-nat-"))
-    out = Path(path)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise SystemExit(f"bench.nat: --out {out} exists and is not an empty folder; give a new "
-                         "one (a reused folder would mix in an earlier run's metrics)")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def step_ends(logs: Path) -> dict[int, float]:
@@ -156,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     if why:
         print(f"bench.nat: {why}", file=sys.stderr)
         return 2
-    work = fresh_out(args.out)
+    work = fresh_out(args.out, "bench.nat")
     place = ["--place", "peer3=0"]
     nat = ["--nat", ",".join(NAT_HOSTS)]
     direct = lab_run(args, work / "direct", place)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from pathlib import Path
@@ -104,3 +105,17 @@ def machine() -> str:
     except OSError:
         load = "n/a"
     return f"{total} CPUs ({usable} usable by this process), {cpu_model()}, load {load}"
+
+
+def fresh_out(path: str | None, prog: str) -> Path:
+    """A bench's runs folder: `path` when it is new or empty, else SystemExit (a reused folder
+    would mix an earlier run's metrics files into this one's: bench.wan then "reached" its
+    target at once from the old rows); a fresh temporary folder without `path`."""
+    if path is None:
+        return Path(tempfile.mkdtemp(prefix=f"shoal-{prog.replace('.', '-')}-"))
+    out = Path(path)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SystemExit(f"{prog}: --out {out} exists and is not an empty folder; give a new "
+                         "one (a reused folder would mix in an earlier run's metrics)")
+    out.mkdir(parents=True, exist_ok=True)
+    return out

@@ -42,12 +42,11 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.report import Target, machine, rounded, targets_line
+from bench.report import Target, fresh_out, machine, rounded, targets_line
 from shoal.lab.network import LabNetwork, netns_available
 
 HOSTS = ("coord", "peer1", "peer2", "peer3", "peer4")
@@ -320,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     if why:
         print(f"bench.wan: {why}", file=sys.stderr)
         return 2
-    work = Path(args.out or tempfile.mkdtemp(prefix="shoal-bench-wan-"))
+    work = fresh_out(args.out, "bench.wan")
     results: dict[str, Result] = {}
     for mode in args.modes:
         if mode == "spsa" and (why := spsa_available()):

@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
-from bench.nat import fresh_out, steady_step_s, step_ends, verdict
+from bench.nat import steady_step_s, step_ends, verdict
 
 
 def write_rows(path: Path, rows: list[tuple[int, float]], tail: str = "") -> None:
@@ -74,11 +72,3 @@ def test_an_incomplete_run_gives_no_ratio() -> None:
     lines, code = verdict(summary(40.0, 1.0, []), summary(40.0, 1.0, [], completed=False))
     assert code == 1
     assert lines[-1] == "nat: relayed/direct step time = n/a (a run did not complete)"
-
-
-def test_out_must_be_new_or_empty(tmp_path: Path) -> None:
-    assert fresh_out(str(tmp_path / "new")).is_dir()
-    assert fresh_out(str(tmp_path / "new")) == tmp_path / "new"  # empty: fine
-    (tmp_path / "new" / "direct").mkdir()
-    with pytest.raises(SystemExit, match="not an empty folder"):
-        fresh_out(str(tmp_path / "new"))

@@ -4,8 +4,11 @@ verdict always agrees with the printed figure."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
-from bench.report import Target, cpu_model, machine, rounded, targets_line
+import pytest
+
+from bench.report import Target, cpu_model, fresh_out, machine, rounded, targets_line
 
 
 def test_a_floor_target_rounds_down_so_a_near_miss_never_prints_as_met() -> None:
@@ -47,3 +50,11 @@ def test_the_machine_line_reads_what_the_kernel_reports() -> None:
     line = machine()
     assert line.split()[1] == "CPUs" and int(line.split()[0]) >= 1
     assert "usable by this process" in line and "load " in line
+
+
+def test_out_must_be_new_or_empty(tmp_path: Path) -> None:
+    assert fresh_out(str(tmp_path / "new"), "bench.wan").is_dir()
+    assert fresh_out(str(tmp_path / "new"), "bench.wan") == tmp_path / "new"  # empty: fine
+    (tmp_path / "new" / "direct").mkdir()
+    with pytest.raises(SystemExit, match="not an empty folder"):
+        fresh_out(str(tmp_path / "new"), "bench.wan")
