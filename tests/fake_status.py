@@ -36,7 +36,8 @@ from typing import Any
 
 from aiohttp import web
 
-from coordinator.http import GZIP_LEVEL, accepts_gzip
+from coordinator.http import accepts_gzip
+from coordinator.status_doc import GZIP_LEVEL
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "coordinator" / "static"
 DEVICES = ("cuda:0 (A10G)", "cuda:0 (T4)", "cpu (8 cores)", "mps (M2)", "cuda:0 (L4)")

@@ -9,7 +9,7 @@ import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
-from coordinator.http import join_info
+from coordinator.status_doc import join_info
 from protocols.identity import Identity
 from tests.sim_peer import CoordinatorProcess
 
