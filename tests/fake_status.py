@@ -13,7 +13,7 @@ is a real closed port. By hand, for looking at the page:
     python -m tests.fake_status --port 8080 --peers 24 --animate
 
 The builders (`make_status`, `make_peer`, `join_peer`, `lose_peer`, `leave_peer`) write documents
-of the /api/status shape (coordinator/http.py, `build_status`), deterministic for a given seed.
+of the /api/status shape (coordinator/status_doc.py `build_status`), deterministic for a given seed.
 """
 
 from __future__ import annotations
