@@ -16,19 +16,23 @@ counting; only garbage *cycles* among them wait for the next thaw. Every THAW_EV
 policy unfreezes and runs one full collection (one pause an hour rather than one every few
 seconds), then freezes again.
 
-`pauses` records each collection's duration (gc.callbacks); /metrics shows the worst of the
-last minute (coordinator/metrics.py).
+Each collection's duration (gc.callbacks) goes into the worst of its second, in one slot per
+second of the last PAUSE_WINDOW_S; /metrics shows the worst of the last minute
+(coordinator/metrics.py). The slots are a list of fixed length whose items are only replaced:
+gc callbacks run in whichever thread collects, at any allocation, so a reader iterating a
+growing record (the deque this replaced) could see it change under it and fail the scrape with
+"deque mutated during iteration" (a 500 from /metrics, seen in CI).
 """
 
 from __future__ import annotations
 
 import gc
 import time
-from collections import deque
 
 FREEZE_EVERY_S = 5.0
 THAW_EVERY_S = 3600.0
-PAUSE_WINDOW_S = 60.0
+PAUSE_WINDOW_S = 60
+SLOTS = PAUSE_WINDOW_S
 
 
 class GcPolicy:
@@ -39,7 +43,8 @@ class GcPolicy:
         self.frozen_at = clock()
         self.thawed_at = clock()
         self.freezes = 0
-        self.pauses: deque[tuple[float, float]] = deque()  # (when, seconds), last minute
+        # slot i: (the second, worst pause in it) for the seconds s with s % SLOTS == i
+        self.slots: list[tuple[int, float]] = [(-1, 0.0)] * SLOTS
         self._started: float | None = None
         gc.callbacks.append(self._callback)
 
@@ -52,19 +57,16 @@ class GcPolicy:
         if phase == "start":
             self._started = now
         elif self._started is not None:
-            when = self.clock()
-            self.pauses.append((when, now - self._started))
+            pause, second = now - self._started, int(self.clock())
             self._started = None
-            self._forget_before(when - PAUSE_WINDOW_S)  # bounded whether /metrics is read or not
-
-    def _forget_before(self, cutoff: float) -> None:
-        while self.pauses and self.pauses[0][0] < cutoff:
-            self.pauses.popleft()
+            at, worst = self.slots[second % SLOTS]
+            self.slots[second % SLOTS] = (second, max(worst, pause) if at == second else pause)
 
     def worst_pause_s(self) -> float:
-        """The longest collection of the last PAUSE_WINDOW_S."""
-        self._forget_before(self.clock() - PAUSE_WINDOW_S)
-        return max((s for _, s in self.pauses), default=0.0)
+        """The longest collection of the last PAUSE_WINDOW_S (whole seconds)."""
+        now = int(self.clock())
+        return max((w for at, w in list(self.slots) if 0 <= now - at < PAUSE_WINDOW_S),
+                   default=0.0)
 
     def tick(self) -> None:
         now = self.clock()

@@ -4,8 +4,10 @@ hour, and the collector's pauses recorded."""
 from __future__ import annotations
 
 import gc
+import sys
+import threading
 
-from coordinator.gcpolicy import FREEZE_EVERY_S, PAUSE_WINDOW_S, THAW_EVERY_S, GcPolicy
+from coordinator.gcpolicy import FREEZE_EVERY_S, PAUSE_WINDOW_S, SLOTS, THAW_EVERY_S, GcPolicy
 
 
 def test_freezes_on_schedule_thaws_hourly_and_records_pauses() -> None:
@@ -42,6 +44,36 @@ def test_the_pause_record_stays_bounded_when_nobody_reads_it() -> None:
             t[0] = i * 1.0  # one collection a second for 2000 s
             policy._callback("start", {})
             policy._callback("stop", {})
-        assert len(policy.pauses) <= PAUSE_WINDOW_S + 1
+        assert len(policy.slots) == SLOTS  # one per second of the window, whatever the rate
+        assert policy.worst_pause_s() > 0  # the last minute's collections are still seen
     finally:
+        policy.close()
+
+
+def test_reading_the_pauses_while_collections_record_them() -> None:
+    """gc callbacks run in whichever thread collects, at any allocation, so /metrics reads the
+    record while other threads write it. With a growing record (a deque) the reader failed
+    with "deque mutated during iteration" and the scrape answered 500 (seen in CI); this
+    hammers both at a tiny switch interval."""
+    t = [0.0]
+    policy = GcPolicy(clock=lambda: t[0])
+    stop = threading.Event()
+
+    def collections() -> None:
+        while not stop.is_set():
+            policy._callback("start", {})
+            policy._callback("stop", {})
+            t[0] += 0.01
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    writer = threading.Thread(target=collections)
+    writer.start()
+    try:
+        for _ in range(20000):
+            assert policy.worst_pause_s() >= 0.0
+    finally:
+        stop.set()
+        writer.join()
+        sys.setswitchinterval(interval)
         policy.close()
