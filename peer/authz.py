@@ -175,7 +175,7 @@ def attested_swarm_step(view: SwarmView | None) -> int:
     return 0
 
 
-def _short(peer_id: str) -> str:
+def short_id(peer_id: str) -> str:
     return peer_id[:12]
 
 
@@ -184,9 +184,9 @@ def bind_sender(caller: str, named: str, what: str) -> str:
     refused."""
     if named and named != caller:
         raise Denied(grpc.StatusCode.PERMISSION_DENIED,
-                     f"{what} names sender {_short(named)} but the call is signed by "
-                     f"{_short(caller)}: a peer sends only as itself (leave it empty or set it to "
-                     "your own peer id)")
+                     f"{what} names sender {short_id(named)} but the call is signed by "
+                     f"{short_id(caller)}: a peer sends only as itself (leave it empty or set it "
+                     "to your own peer id)")
     return caller
 
 
@@ -208,14 +208,14 @@ def check_caller(rule: str, caller: auth.Caller, receiver: Receiver, method: str
     if role not in ("peer", ""):
         raise Denied(grpc.StatusCode.PERMISSION_DENIED,
                      f"{method} is only for {what}; an {role or 'unknown'} identity "
-                     f"({_short(caller.peer_id)}) may only download state or run inference "
+                     f"({short_id(caller.peer_id)}) may only download state or run inference "
                      "forwards")
     if not holds(receiver.view, caller.peer_id, stage):
         p = receiver.view.peer(caller.peer_id) if receiver.view is not None else None
         where = (f"listed at stage {p.stage} ({p.state})" if p is not None
                  else "not in this peer's swarm view")
         raise Denied(grpc.StatusCode.PERMISSION_DENIED,
-                     f"{method} is only for {what}; peer {_short(caller.peer_id)} is {where}. "
+                     f"{method} is only for {what}; peer {short_id(caller.peer_id)} is {where}. "
                      "Join (or wait to be assigned) that stage first", stale=True)
 
 
@@ -231,7 +231,7 @@ def check_route(rule: str, caller: auth.Caller, receiver: Receiver, header: pb.C
                      f"{method}: hop {hop} of path {path[:16]} is not stage {header.stage}")
     if not holds(receiver.view, origin, 0):
         raise Denied(grpc.StatusCode.PERMISSION_DENIED,
-                     f"{method}: the route's origin {_short(origin) or '(none)'} is not a live "
+                     f"{method}: the route's origin {short_id(origin) or '(none)'} is not a live "
                      "stage-0 replica in this peer's view", stale=True)
     if caller.peer_id == origin and (hop == 0 or rule == BACKWARD):
         return
@@ -242,7 +242,7 @@ def check_route(rule: str, caller: auth.Caller, receiver: Receiver, header: pb.C
     if caller.role not in ("peer", "") or not holds(receiver.view, caller.peer_id, stage):
         raise Denied(grpc.StatusCode.PERMISSION_DENIED,
                      f"{method} at hop {hop} of its route is only for a replica of stage "
-                     f"{stage}; {_short(caller.peer_id)} is not one in this peer's view",
+                     f"{stage}; {short_id(caller.peer_id)} is not one in this peer's view",
                      stale=True)
 
 
@@ -307,7 +307,7 @@ def check_step_end_lists(request: pb.StepEnd, receiver: Receiver) -> None:
         bad = [p for p in pids if not _member_of(view, p, stage)]
         if bad:
             raise Denied(grpc.StatusCode.INVALID_ARGUMENT,
-                         f"EndStep.{name} names {', '.join(_short(p) for p in bad[:3])}, not "
+                         f"EndStep.{name} names {', '.join(short_id(p) for p in bad[:3])}, not "
                          f"replicas of stage {stage} in this peer's swarm view: list the live "
                          "replicas of that stage from your view only", stale=True)
 

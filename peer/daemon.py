@@ -11,7 +11,7 @@ within the grace period, tell the coordinator, exit 0. SIGKILL loses at most its
 microbatches: the coordinator expires its lease and routers resend elsewhere.
 
 Links and reachability (mTLS, where it listens, the data plane): peer/listening.py. Keeping
-the replica current (heartbeats, hash checks, falling behind): peer/upkeep.py.
+the replica current (heartbeats, hash checks, falling behind) and draining: peer/upkeep.py.
 
 One asyncio event loop (uvloop) per process; torch runs on the StageHost's compute thread, so a
 long forward pass never delays a heartbeat.
@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import signal
-import time
 from pathlib import Path
 
 import grpc
@@ -322,46 +320,6 @@ class PeerDaemon(Listening, Upkeep):
             await self.checkpoints.after_step(self)  # a durable checkpoint when one is due
             self.metrics.note_step(host.step)
             return done
-
-    # ------------------------------------------------------------------ draining
-
-    async def drain(self, reason: str) -> None:
-        """Stop taking work, let in-flight microbatches finish, leave; all within the grace.
-
-        The grace is split so that the coordinator hears of the drain at once (its routers stop
-        sending here), in-flight work gets all but a reserve, and the reserve covers the leave
-        call and the shutdown; every network wait is bounded by what is left of the grace.
-        """
-        if self.draining:
-            return
-        self.draining = True
-        self.state = "draining"
-        grace = self.args.grace
-        log.info("draining (%s): %.0f s grace", reason, grace)
-        t0 = time.monotonic()
-        deadline = t0 + grace
-        reserve = min(2.0, 0.25 * grace)
-
-        def left(cap: float) -> float:
-            return max(0.05, min(cap, deadline - reserve / 2 - time.monotonic()))
-
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.client.heartbeat(self.stats()), left(2.0))
-        self.edge_copies.stop()
-        if self.driver:
-            self.driver.stop()
-        while time.monotonic() < deadline - reserve:
-            busy = (self.host and self.host.pending) or (self.driver and self.driver.busy())
-            if not busy:
-                break
-            await asyncio.sleep(0.1)
-        unfinished = len(self.host.pending) if self.host else 0
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.client.leave(reason), left(2.0))
-        self._write_metrics()
-        log.info("drained in %.1f s of %.0f s grace; %d in-flight microbatches handed back",
-                 time.monotonic() - t0, grace, unfinished)
-        self.stopped.set()
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()

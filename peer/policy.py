@@ -25,10 +25,10 @@ from peer.authz import (
     Denied,
     Receiver,
     StepRate,
-    _short,
     attested_swarm_step,
     decide,
     method_of,
+    short_id,
 )
 from protocols import auth
 from protocols import shoal_pb2 as pb
@@ -126,5 +126,5 @@ class Policy:
         more = self.denied - self._logged_count - 1
         self._logged_at, self._logged_count = now, self.denied
         log.info("refused %s from %s: %s %s%s", rule,
-                 _short(caller.peer_id) if caller else "?", exc.code.name, exc.message,
+                 short_id(caller.peer_id) if caller else "?", exc.code.name, exc.message,
                  f" (and {more} more refusals since the last line)" if more > 0 else "")

@@ -1,6 +1,7 @@
 """Keeping a replica current while it serves: the heartbeat loop (the view, the leaf, the
 coordinator's moves, snapshots, CheckFree+'s edge copies), the hash and stall checks against
-the view, and falling behind: replay the rounds it missed, else re-download the stage.
+the view, falling behind (replay the rounds it missed, else re-download the stage), and the
+drain on SIGTERM or a spot notice (stop taking work, finish in-flight microbatches, leave).
 
 A mixin of `PeerDaemon` (peer/daemon.py), split out of it by responsibility; the rules it
 applies are peer/consistency.py's.
@@ -25,7 +26,7 @@ log = logging.getLogger("shoal.peer")
 
 
 class Upkeep:
-    """`fall_behind`, `heartbeat_loop` and the checks each beat runs (see the module
+    """`fall_behind`, `heartbeat_loop`, the checks each beat runs, and `drain` (see the module
     docstring). Uses the daemon's state, client, view, host, mode, rounds and step lock."""
 
     def fall_behind(self, why: str, behind_of: int = 0) -> None:
@@ -152,3 +153,41 @@ class Upkeep:
     def _write_metrics(self) -> None:
         if self.metrics_file and self.driver:
             self.driver.append_metrics(self.metrics_file)
+
+    async def drain(self, reason: str) -> None:
+        """Stop taking work, let in-flight microbatches finish, leave; all within the grace.
+
+        The grace is split so that the coordinator hears of the drain at once (its routers stop
+        sending here), in-flight work gets all but a reserve, and the reserve covers the leave
+        call and the shutdown; every network wait is bounded by what is left of the grace.
+        """
+        if self.draining:
+            return
+        self.draining = True
+        self.state = "draining"
+        grace = self.args.grace
+        log.info("draining (%s): %.0f s grace", reason, grace)
+        t0 = time.monotonic()
+        deadline = t0 + grace
+        reserve = min(2.0, 0.25 * grace)
+
+        def left(cap: float) -> float:
+            return max(0.05, min(cap, deadline - reserve / 2 - time.monotonic()))
+
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.client.heartbeat(self.stats()), left(2.0))
+        self.edge_copies.stop()
+        if self.driver:
+            self.driver.stop()
+        while time.monotonic() < deadline - reserve:
+            busy = (self.host and self.host.pending) or (self.driver and self.driver.busy())
+            if not busy:
+                break
+            await asyncio.sleep(0.1)
+        unfinished = len(self.host.pending) if self.host else 0
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.client.leave(reason), left(2.0))
+        self._write_metrics()
+        log.info("drained in %.1f s of %.0f s grace; %d in-flight microbatches handed back",
+                 time.monotonic() - t0, grace, unfinished)
+        self.stopped.set()
